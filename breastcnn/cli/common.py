@@ -1,0 +1,113 @@
+"""Shared CLI plumbing: consoles, JSON output, progress bars, "not ready" exits.
+
+Conventions (clig.dev): data goes to stdout, messages and progress to stderr;
+``--json`` prints exactly one JSON document on stdout and nothing else there;
+progress bars are drawn only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+
+
+def stdout() -> Console:
+    """Console for data (tables, CSV, JSON). Created per call so CliRunner captures it."""
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def stderr() -> Console:
+    """Console for messages, warnings and progress."""
+    return Console(file=sys.stderr, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    """A status message on stderr."""
+    stderr().print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, in yellow."""
+    stderr().print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as one JSON document on stdout (plain, no colours)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(obj: Any):
+    """Make NumPy scalars/arrays and paths JSON-serialisable."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """Draw progress bars only on an interactive stderr and never with ``--json``."""
+    if quiet or os.environ.get("BREASTCNN_NO_PROGRESS"):
+        return False
+    return sys.stderr.isatty()
+
+
+def make_progress(quiet: bool = False, *extra_columns) -> Progress:
+    """A rich Progress on stderr; disabled (draws nothing) when not a terminal."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        *extra_columns,
+        console=stderr(),
+        disable=not progress_enabled(quiet),
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:
+    """Iterate with a progress bar on stderr (silent when not a terminal)."""
+    with make_progress(quiet) as progress:
+        task = progress.add_task(description, total=total if total is not None else _len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
+def _len(items) -> int | None:
+    try:
+        return len(items)
+    except TypeError:
+        return None
+
+
+def not_ready(command: str, issue: int) -> None:
+    """Exit 2 with a clear message: this command is not implemented yet."""
+    stderr().print(
+        f"[red]error:[/red] 'breastcnn {command}' is not implemented yet (tracked in issue #{issue})",
+        highlight=False,
+    )
+    raise typer.Exit(2)
