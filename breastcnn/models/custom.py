@@ -1,0 +1,64 @@
+"""The report's custom CNN on the NumPy engine.
+
+conv 3x3/s4 16 -> BN -> act; conv 3x3/s2 32 -> BN -> act; maxpool 2;
+conv 3x3/s2 64 -> BN -> act; flatten (6x6x64 = 2304 at 224); dense 128 -> act;
+dense num_classes -> softmax. Valid padding, biases on the convolutions.
+At 224x224x3: 319,106 trainable and 224 non-trainable parameters.
+"""
+
+from __future__ import annotations
+
+import breastcnn
+from breastcnn.errors import UserInputError
+from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, LeakyReLU, MaxPool2D, ReLU, Sequential, ShapeError, Softmax
+
+ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def custom_layers(num_classes: int = 2, activation: str = "relu") -> list:
+    """Fresh (unbuilt) layers of the report's architecture."""
+    if activation not in ACTIVATIONS:
+        raise UserInputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    act = (lambda: ReLU()) if activation == "relu" else (lambda: LeakyReLU(0.01))
+    conv = dict(kernel_size=3, padding="valid", use_bias=True, kernel_initializer="he_normal")
+    return [
+        Conv2D(16, strides=4, **conv), BatchNorm(), act(),
+        Conv2D(32, strides=2, **conv), BatchNorm(), act(),
+        MaxPool2D(2),
+        Conv2D(64, strides=2, **conv), BatchNorm(), act(),
+        Flatten(),
+        Dense(128, kernel_initializer="he_normal"), act(),
+        Dense(num_classes, kernel_initializer="glorot_uniform"), Softmax(),
+    ]
+
+
+def minimum_input_size(layers: list, channels: int = 3, limit: int = 4096) -> int:
+    """Smallest square input side for which every layer has a non-empty output."""
+    for side in range(1, limit + 1):
+        shape = (side, side, channels)
+        try:
+            for layer in layers:
+                shape = layer.compute_output_shape(shape)
+        except ShapeError:
+            continue
+        return side
+    raise ValueError("no input size up to {limit} fits these layers")
+
+
+def create_custom(input_shape=(224, 224, 3), num_classes: int = 2, seed: int = 0, activation: str = "relu",
+                  **kwargs) -> Sequential:
+    """The report's architecture as a built ``Sequential`` (deterministic for ``seed``)."""
+    if kwargs:
+        raise UserInputError(f"unexpected options for the custom model: {', '.join(sorted(kwargs))}")
+    layers = custom_layers(num_classes, activation)
+    h, w, c = input_shape
+    minimum = minimum_input_size(layers, c)
+    if min(h, w) < minimum:
+        raise UserInputError(
+            f"input size {h}x{w} is too small for the custom model: its valid-padding stack needs at least "
+            f"{minimum}x{minimum}"
+        )
+    classes = list(breastcnn.CLASSES) if num_classes == len(breastcnn.CLASSES) else [str(i) for i in range(num_classes)]
+    meta = {"arch": "custom", "classes": classes, "preprocess": "caffe", "image_size": int(h),
+            "activation": activation}
+    return Sequential(layers, input_shape=(h, w, c), seed=seed, meta=meta)

@@ -1,0 +1,187 @@
+"""Stateless building blocks of the engine: output shapes, padding, im2col/col2im.
+
+Everything is NHWC. A convolution is computed as one GEMM between the
+"columns" matrix (one row per output pixel, ``kh*kw*c_in`` values ordered
+like the Keras kernel ``(kh, kw, c_in, c_out)``) and the kernel reshaped to
+``(kh*kw*c_in, c_out)``. ``conv2d_reference`` is the slow, obviously correct
+loop version the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+PADDINGS = ("valid", "same")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    """Output length along one axis (Keras/TF convention); 0 when the input is too small."""
+    if padding == "same":
+        return math.ceil(size / stride)
+    if padding == "valid":
+        return max((size - kernel) // stride + 1, 0)
+    raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding of TF's "same" mode: the extra pixel goes after."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: np.ndarray, kernel: tuple[int, int], stride: int) -> tuple[np.ndarray, tuple]:
+    """Zero-pad ``x`` (N, H, W, C) for "same" convolution; returns (padded, ((top, bottom), (left, right)))."""
+    ph = same_padding(x.shape[1], kernel[0], stride)
+    pw = same_padding(x.shape[2], kernel[1], stride)
+    if ph == (0, 0) and pw == (0, 0):
+        return x, (ph, pw)
+    return np.pad(x, ((0, 0), ph, pw, (0, 0))), (ph, pw)
+
+
+def window_view(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
+    """Read-only strided view (N, Ho, Wo, kh, kw, C) of the valid windows of ``x`` (N, H, W, C)."""
+    n, h, w, c = x.shape
+    ho = (h - kh) // stride + 1
+    wo = (w - kw) // stride + 1
+    sn, sh, sw, sc = x.strides
+    return as_strided(
+        x,
+        shape=(n, ho, wo, kh, kw, c),
+        strides=(sn, sh * stride, sw * stride, sh, sw, sc),
+        writeable=False,
+    )
+
+
+def im2col(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
+    """Columns matrix of a valid convolution.
+
+    x: (N, H, W, C) -> (N*Ho*Wo, kh*kw*C), rows in (n, i, j) order, columns
+    in (dy, dx, c) order (the Keras kernel order). One copy; the kernel rows
+    are copied one at a time because each (kw, C) run is contiguous in ``x``,
+    which is several times faster than letting NumPy copy the 6-D view.
+    """
+    n, h, w, c = x.shape
+    ho = (h - kh) // stride + 1
+    wo = (w - kw) // stride + 1
+    cols = np.empty((n, ho, wo, kh, kw * c), dtype=x.dtype)
+    sn, sh, sw, sc = x.strides
+    if sc * c == sw:  # (kw, C) contiguous: copy kernel rows as (kw*C)-long runs
+        for dy in range(kh):
+            rows = as_strided(
+                x[:, dy:],
+                shape=(n, ho, wo, kw * c),
+                strides=(sn, sh * stride, sw * stride, sc),
+                writeable=False,
+            )
+            cols[:, :, :, dy, :] = rows
+    else:
+        cols.reshape(n, ho, wo, kh, kw, c)[...] = window_view(x, kh, kw, stride)
+    return cols.reshape(n * ho * wo, kh * kw * c)
+
+
+def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int) -> np.ndarray:
+    """Adjoint of :func:`im2col`: scatter-add columns back to an image.
+
+    cols: (N*Ho*Wo, kh*kw*C) -> (N, H, W, C). Loops over the kh*kw kernel
+    offsets with strided slice adds (no ``np.add.at``). Offsets whose pixels do
+    not overlap any earlier offset are assigned instead of added.
+    """
+    n, h, w, c = x_shape
+    ho = (h - kh) // stride + 1
+    wo = (w - kw) // stride + 1
+    patches = cols.reshape(n, ho, wo, kh, kw, c)
+    dx = np.zeros(x_shape, dtype=cols.dtype)
+    for dy in range(kh):
+        for dxo in range(kw):
+            target = dx[:, dy : dy + stride * (ho - 1) + 1 : stride, dxo : dxo + stride * (wo - 1) + 1 : stride, :]
+            # With stride >= kernel offset spacing, offsets (dy, dx) with dy < stride and
+            # dx < stride touch pixels no other such offset touches: plain assignment.
+            if dy < stride and dxo < stride:
+                target[...] = patches[:, :, :, dy, dxo, :]
+            else:
+                target += patches[:, :, :, dy, dxo, :]
+    return dx
+
+
+def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, stride: int) -> np.ndarray:
+    """dL/dx of a valid convolution: the fused equivalent of ``col2im(grad @ W_mat.T)``.
+
+    grad_out: (N, Ho, Wo, C_out), kernel: (kh, kw, C_in, C_out) -> (N, H, W, C_in).
+    Still one loop over the kh*kw kernel offsets, but organised for memory
+    speed: one batched GEMM gives each offset's contribution as a contiguous
+    (N, Ho, Wo, C_in) block, and the blocks are added into ``stride**2``
+    contiguous "phase planes" (pixels with the same (row % stride, col % stride)),
+    so every slice add runs over whole rows (Wo*C_in floats) instead of
+    C_in-float runs; the planes are interleaved into NHWC once at the end.
+    """
+    n, ho, wo, cout = grad_out.shape
+    kh, kw, cin, _ = kernel.shape
+    _, h, w, _ = x_shape
+    s = stride
+    g = grad_out.reshape(-1, cout)
+    # (kh*kw, Cout, Cin): per-offset transposed kernels; matmul -> (kh*kw, M, Cin), one BLAS call per offset
+    blocks = np.matmul(g, kernel.reshape(kh * kw, cin, cout).transpose(0, 2, 1))
+    hp = (kh - 1) // s + ho        # plane size: enough for the furthest offset
+    wp = (kw - 1) // s + wo
+    planes = {}
+    for dy in range(kh):
+        for dxo in range(kw):
+            block = blocks[dy * kw + dxo].reshape(n, ho, wo, cin)
+            key = (dy % s, dxo % s)
+            qy, qx = dy // s, dxo // s
+            plane = planes.get(key)
+            if plane is None:
+                plane = planes[key] = np.zeros((n, hp, wp, cin), dtype=blocks.dtype)
+            plane[:, qy : qy + ho, qx : qx + wo, :] += block
+    if s == 1:
+        dx = planes[(0, 0)]
+        return dx if (hp, wp) == (h, w) else _crop_or_pad(dx, h, w)
+    full = np.zeros((n, hp, s, wp, s, cin), dtype=blocks.dtype)
+    for (ry, rx), plane in planes.items():
+        full[:, :, ry, :, rx, :] = plane
+    full = full.reshape(n, hp * s, wp * s, cin)
+    return _crop_or_pad(full, h, w)
+
+
+def _crop_or_pad(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Crop (or zero-pad) the spatial axes of ``a`` (N, H', W', C) to (h, w); contiguous result."""
+    if a.shape[1] == h and a.shape[2] == w:
+        return a
+    out = np.zeros((a.shape[0], h, w, a.shape[3]), dtype=a.dtype)
+    hh, ww = min(h, a.shape[1]), min(w, a.shape[2])
+    out[:, :hh, :ww, :] = a[:, :hh, :ww, :]
+    return out
+
+
+def conv2d_reference(x: np.ndarray, kernel: np.ndarray, bias=None, stride: int = 1, padding: str = "valid") -> np.ndarray:
+    """Naive loop convolution (cross-correlation, like Keras) for tests.
+
+    x: (N, H, W, C_in), kernel: (kh, kw, C_in, C_out) -> (N, Ho, Wo, C_out).
+    """
+    kh, kw, _, cout = kernel.shape
+    if padding == "same":
+        x, _ = pad_same(x, (kh, kw), stride)
+    n, h, w, _ = x.shape
+    ho = (h - kh) // stride + 1
+    wo = (w - kw) // stride + 1
+    out = np.zeros((n, ho, wo, cout), dtype=np.result_type(x, kernel))
+    for i in range(ho):
+        for j in range(wo):
+            patch = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
+            for f in range(cout):
+                out[:, i, j, f] = np.sum(patch * kernel[:, :, :, f], axis=(1, 2, 3))
+    if bias is not None:
+        out += bias
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z

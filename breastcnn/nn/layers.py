@@ -1,0 +1,572 @@
+"""Layers of the NumPy engine, NHWC, forward and backward side by side.
+
+Every layer follows the same small protocol (see docs/internals.md):
+
+- ``build(input_shape, rng) -> output_shape`` creates the parameters (shapes
+  without the batch axis);
+- ``forward(x, training=False, cache=True)`` computes the output and, when
+  ``cache`` is true, keeps what ``backward`` needs (one cache per call; with
+  ``cache=False`` the call does not touch the layer, so threads can share it);
+- ``backward(grad_out, need_input_grad=True)`` fills ``grads`` (unless the layer
+  is frozen) and returns dL/dx, or ``None`` when ``need_input_grad`` is false;
+- ``get_config()`` returns the JSON-able constructor arguments plus ``class`` and ``name``.
+
+Computation follows the input dtype (float32 in use, float64 in gradient
+checks: cast a layer with :meth:`Layer.astype`). Weights are laid out like
+Keras, so exporting to Keras is copying arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from breastcnn.errors import UserInputError
+from breastcnn.nn import functional as F
+
+
+class Layer:
+    """Base class. ``params``/``grads`` share keys; ``state`` holds non-trainable buffers."""
+
+    #: parameter keys that the L2 penalty of ``Sequential.compile(l2=...)`` applies to
+    regularized: tuple[str, ...] = ()
+
+    def __init__(self, name: str | None = None, trainable: bool = True):
+        self.name = name
+        self.trainable = bool(trainable)
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.state: dict[str, np.ndarray] = {}
+        self.input_shape: tuple | None = None
+        self.output_shape: tuple | None = None
+        self._cache = None
+
+    # -- protocol -------------------------------------------------------------
+    def build(self, input_shape: tuple, rng: np.random.Generator) -> tuple:
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.output_shape = self.compute_output_shape(self.input_shape)
+        return self.output_shape
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """Output shape (without batch) for ``input_shape``; raises ShapeError if impossible."""
+        return tuple(input_shape)
+
+    def forward(self, x: np.ndarray, training: bool = False, cache: bool = True) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, grad_out: np.ndarray, need_input_grad: bool = True):
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {"class": type(self).__name__, "name": self.name, "trainable": self.trainable}
+
+    # -- helpers --------------------------------------------------------------
+    def astype(self, dtype) -> "Layer":
+        """Cast parameters and buffers in place (float64 for gradient checks)."""
+        for store in (self.params, self.state):
+            for key, value in store.items():
+                store[key] = value.astype(dtype)
+        self.grads = {}
+        return self
+
+    def _need_cache(self):
+        if self._cache is None:
+            raise RuntimeError(f"{self.name or type(self).__name__}: backward() called without a cached forward()")
+        return self._cache
+
+    def _set_grad(self, key: str, value: np.ndarray) -> None:
+        if self.trainable:
+            self.grads[key] = value
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "class")
+        return f"{type(self).__name__}({args})"
+
+
+class ShapeError(UserInputError):
+    """An input is too small (or has the wrong rank) for a layer."""
+
+
+def _check_rank(layer: Layer, input_shape: tuple, rank: int, what: str) -> None:
+    if len(input_shape) != rank:
+        raise ShapeError(
+            f"{type(layer).__name__} expects {what} input (without batch), got shape {tuple(input_shape)}"
+        )
+
+
+def _init_kernel(rng: np.random.Generator, shape: tuple, fan_in: int, fan_out: int, method: str) -> np.ndarray:
+    if method == "he_normal":  # Keras: truncated normal, std sqrt(2/fan_in); plain normal here
+        w = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape)
+    elif method == "glorot_uniform":
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        w = rng.uniform(-limit, limit, size=shape)
+    else:
+        raise ValueError(f"kernel_initializer must be 'he_normal' or 'glorot_uniform', got {method!r}")
+    return w.astype(np.float32)
+
+
+def _as_pair(value, what: str) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{what} must be an int or a square pair, got {value!r}")
+        value = value[0]
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}")
+    return value, value
+
+
+class Conv2D(Layer):
+    """2-D convolution (cross-correlation, like Keras), NHWC.
+
+    W: (kh, kw, c_in, filters), b: (filters,). x: (N, H, W, c_in) -> (N, Ho, Wo, filters).
+    Forward is im2col + one GEMM; backward is two GEMMs (dW, dcols) + col2im.
+    """
+
+    regularized = ("W",)
+
+    def __init__(self, filters: int, kernel_size=3, strides=1, padding: str = "valid", use_bias: bool = True,
+                 kernel_initializer: str = "glorot_uniform", name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.filters = int(filters)
+        self.kernel_size = _as_pair(kernel_size, "kernel_size")[0]
+        self.strides = _as_pair(strides, "strides")[0]
+        if padding not in F.PADDINGS:
+            raise ValueError(f"padding must be one of {F.PADDINGS}, got {padding!r}")
+        self.padding = padding
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = kernel_initializer
+
+    def compute_output_shape(self, input_shape):
+        _check_rank(self, input_shape, 3, "(H, W, C)")
+        h, w, _ = input_shape
+        k, s = self.kernel_size, self.strides
+        ho, wo = F.conv_output_size(h, k, s, self.padding), F.conv_output_size(w, k, s, self.padding)
+        if ho < 1 or wo < 1:
+            raise ShapeError(
+                f"{self.name or 'Conv2D'}: input {h}x{w} is smaller than its {k}x{k} kernel (valid padding)"
+            )
+        return (ho, wo, self.filters)
+
+    def build(self, input_shape, rng):
+        out = super().build(input_shape, rng)
+        k, cin = self.kernel_size, self.input_shape[2]
+        self.params["W"] = _init_kernel(rng, (k, k, cin, self.filters), k * k * cin, k * k * self.filters,
+                                        self.kernel_initializer)
+        if self.use_bias:
+            self.params["b"] = np.zeros(self.filters, np.float32)
+        return out
+
+    def forward(self, x, training=False, cache=True):
+        k, s = self.kernel_size, self.strides
+        pads = None
+        if self.padding == "same":
+            x, pads = F.pad_same(x, (k, k), s)
+        n = x.shape[0]
+        cols = F.im2col(x, k, k, s)                       # (N*Ho*Wo, k*k*c_in)
+        w_mat = self.params["W"].reshape(-1, self.filters)
+        out = cols @ w_mat                                # (N*Ho*Wo, filters): the one GEMM
+        if self.use_bias:
+            out += self.params["b"]
+        ho = (x.shape[1] - k) // s + 1
+        wo = (x.shape[2] - k) // s + 1
+        if cache:
+            self._cache = (cols, x.shape, pads)
+        return out.reshape(n, ho, wo, self.filters)
+
+    def backward(self, grad_out, need_input_grad=True):
+        cols, padded_shape, pads = self._need_cache()
+        k, s = self.kernel_size, self.strides
+        g = grad_out.reshape(-1, self.filters)            # (N*Ho*Wo, filters)
+        if self.trainable:
+            self.grads["W"] = (cols.T @ g).reshape(self.params["W"].shape)
+            if self.use_bias:
+                self.grads["b"] = np.ones(g.shape[0], g.dtype) @ g   # GEMV: faster than g.sum(axis=0)
+        if not need_input_grad:
+            return None
+        # = col2im(g @ W_mat.T), organised so that memory traffic stays in long runs
+        dx = F.conv_input_grad(grad_out, self.params["W"], padded_shape, s)
+        if pads is not None:
+            (top, bottom), (left, right) = pads
+            dx = dx[:, top : padded_shape[1] - bottom, left : padded_shape[2] - right, :]
+        return dx
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "padding": self.padding, "use_bias": self.use_bias,
+                "kernel_initializer": self.kernel_initializer}
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over the channel axis (last), Keras semantics.
+
+    Training: normalise with the batch mean and biased variance and update the
+    moving statistics (``moving = momentum*moving + (1-momentum)*batch``).
+    Inference, or a frozen layer (Keras: ``trainable=False`` BN runs in
+    inference mode): use the moving statistics.
+    gamma, beta, moving_mean, moving_variance: (C,).
+    """
+
+    def __init__(self, momentum: float = 0.9, epsilon: float = 1e-3, name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape, rng):
+        out = super().build(input_shape, rng)
+        c = self.input_shape[-1]
+        self.params["gamma"] = np.ones(c, np.float32)
+        self.params["beta"] = np.zeros(c, np.float32)
+        self.state["moving_mean"] = np.zeros(c, np.float32)
+        self.state["moving_variance"] = np.ones(c, np.float32)
+        return out
+
+    def forward(self, x, training=False, cache=True):
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        c = x.shape[-1]
+        flat = x.reshape(-1, c)
+        m = flat.shape[0]
+        batch_stats = bool(training and self.trainable)
+        if batch_stats:
+            # Per-channel sums as a GEMV (much faster than a reduction over axis 0 of an (M, C) array)
+            mean = (np.ones(m, x.dtype) @ flat) / m
+            xc = flat - mean                                   # centred once, kept for backward
+            var = np.einsum("ij,ij->j", xc, xc) / m            # biased, like Keras
+            mom = self.momentum
+            for key, value in (("moving_mean", mean), ("moving_variance", var)):
+                self.state[key] = (mom * self.state[key] + (1 - mom) * value).astype(self.state[key].dtype)
+        else:
+            mean = self.state["moving_mean"].astype(x.dtype)
+            var = self.state["moving_variance"].astype(x.dtype)
+            xc = None
+        inv_std = (1.0 / np.sqrt(var + self.epsilon)).astype(x.dtype)
+        scale = gamma * inv_std
+        if xc is not None:
+            out = xc * scale
+            out += beta
+        else:  # inference: one fused affine x*scale + shift
+            out = flat * scale
+            out += beta - mean * scale
+        if cache:
+            self._cache = (x if xc is None else None, xc, mean, inv_std)
+        return out.reshape(x.shape)
+
+    def backward(self, grad_out, need_input_grad=True):
+        x, xc, mean, inv_std, = self._need_cache()
+        batch_stats = xc is not None
+        shape = grad_out.shape
+        c = shape[-1]
+        g = grad_out.reshape(-1, c)
+        m = g.shape[0]
+        if xc is None:
+            xc = x.reshape(-1, c) - mean
+        dbeta = np.ones(m, g.dtype) @ g
+        dgamma = np.einsum("ij,ij->j", g, xc) * inv_std        # sum(g * x_hat)
+        self._set_grad("gamma", dgamma)
+        self._set_grad("beta", dbeta)
+        if not need_input_grad:
+            return None
+        scale = self.params["gamma"] * inv_std
+        if not batch_stats:
+            return (g * scale).reshape(shape)
+        # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) = g*scale - (xc*a + b)
+        a = scale * inv_std * dgamma / m
+        b = scale * dbeta / m
+        correction = xc * a
+        correction += b
+        dx = g * scale
+        dx -= correction
+        return dx.reshape(shape)
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
+
+
+class ReLU(Layer):
+    """max(x, 0), element-wise."""
+
+    def forward(self, x, training=False, cache=True):
+        out = np.maximum(x, 0)
+        if cache:
+            self._cache = out
+        return out
+
+    def backward(self, grad_out, need_input_grad=True):
+        out = self._need_cache()
+        if not need_input_grad:
+            return None
+        return grad_out * (out > 0)
+
+
+class LeakyReLU(Layer):
+    """x if x > 0 else negative_slope * x."""
+
+    def __init__(self, negative_slope: float = 0.01, name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x, training=False, cache=True):
+        positive = x > 0
+        out = np.where(positive, x, x * np.asarray(self.negative_slope, x.dtype))
+        if cache:
+            self._cache = positive
+        return out
+
+    def backward(self, grad_out, need_input_grad=True):
+        positive = self._need_cache()
+        if not need_input_grad:
+            return None
+        return np.where(positive, grad_out, grad_out * np.asarray(self.negative_slope, grad_out.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "negative_slope": self.negative_slope}
+
+
+class MaxPool2D(Layer):
+    """Max pooling, valid padding (Keras default). x: (N, H, W, C) -> (N, Ho, Wo, C).
+
+    The gradient of each window goes to its first maximum (row-major), like TF.
+    """
+
+    def __init__(self, pool_size=2, strides=None, name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.pool_size = _as_pair(pool_size, "pool_size")[0]
+        self.strides = self.pool_size if strides is None else _as_pair(strides, "strides")[0]
+
+    def compute_output_shape(self, input_shape):
+        _check_rank(self, input_shape, 3, "(H, W, C)")
+        h, w, c = input_shape
+        p, s = self.pool_size, self.strides
+        ho, wo = F.conv_output_size(h, p, s, "valid"), F.conv_output_size(w, p, s, "valid")
+        if ho < 1 or wo < 1:
+            raise ShapeError(f"{self.name or 'MaxPool2D'}: input {h}x{w} is smaller than its {p}x{p} pool")
+        return (ho, wo, c)
+
+    def _windows(self, shape):
+        """Slices (one per pool offset) selecting that offset of every window."""
+        _, h, w, _ = shape
+        p, s = self.pool_size, self.strides
+        ho, wo = (h - p) // s + 1, (w - p) // s + 1
+        for dy in range(p):
+            for dx in range(p):
+                yield (slice(None), slice(dy, dy + s * (ho - 1) + 1, s), slice(dx, dx + s * (wo - 1) + 1, s))
+
+    def forward(self, x, training=False, cache=True):
+        n, h, w, c = x.shape
+        p, s = self.pool_size, self.strides
+        ho, wo = (h - p) // s + 1, (w - p) // s + 1
+        if p == s:  # non-overlapping windows: crop and reshape
+            out = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c).max(axis=(2, 4))
+        else:
+            out = None
+            for sl in self._windows(x.shape):
+                out = x[sl].copy() if out is None else np.maximum(out, x[sl], out=out)
+        if cache:
+            self._cache = (x, out)
+        return out
+
+    def backward(self, grad_out, need_input_grad=True):
+        x, out = self._need_cache()
+        if not need_input_grad:
+            return None
+        if self.pool_size == self.strides:
+            return self._backward_disjoint(x, out, grad_out)
+        dx = np.zeros_like(x, dtype=grad_out.dtype)
+        unrouted = np.ones(out.shape, dtype=bool)
+        for sl in self._windows(x.shape):
+            hit = x[sl] == out
+            hit &= unrouted
+            unrouted &= ~hit
+            dx[sl] += np.where(hit, grad_out, 0)
+        return dx
+
+    def _backward_disjoint(self, x, out, grad_out):
+        """pool == stride: one broadcast compare over the (N, Ho, p, Wo, p, C) view, ties broken in order."""
+        n, h, w, c = x.shape
+        p = self.pool_size
+        ho, wo = out.shape[1], out.shape[2]
+        windows = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c)
+        hit = windows == out[:, :, None, :, None, :]
+        seen = None
+        for dy in range(p):        # keep only the first maximum of each window (TF routes to one element)
+            for dx in range(p):
+                cell = hit[:, :, dy, :, dx, :]
+                if seen is None:
+                    seen = cell.copy()
+                else:
+                    cell &= ~seen
+                    seen |= cell
+        grad = hit * grad_out[:, :, None, :, None, :]
+        grad = grad.reshape(n, ho * p, wo * p, c)
+        if (ho * p, wo * p) == (h, w):
+            return grad
+        dx_full = np.zeros(x.shape, dtype=grad.dtype)
+        dx_full[:, : ho * p, : wo * p, :] = grad
+        return dx_full
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides}
+
+
+class GlobalAveragePooling2D(Layer):
+    """Mean over H and W. x: (N, H, W, C) -> (N, C)."""
+
+    def compute_output_shape(self, input_shape):
+        _check_rank(self, input_shape, 3, "(H, W, C)")
+        return (input_shape[2],)
+
+    def forward(self, x, training=False, cache=True):
+        if cache:
+            self._cache = x.shape
+        return x.mean(axis=(1, 2))
+
+    def backward(self, grad_out, need_input_grad=True):
+        shape = self._need_cache()
+        if not need_input_grad:
+            return None
+        g = grad_out / (shape[1] * shape[2])
+        return np.broadcast_to(g[:, None, None, :], shape).copy()
+
+
+class Flatten(Layer):
+    """(N, ...) -> (N, prod(...)), C order (same as Keras on NHWC)."""
+
+    def compute_output_shape(self, input_shape):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, training=False, cache=True):
+        if cache:
+            self._cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out, need_input_grad=True):
+        shape = self._need_cache()
+        if not need_input_grad:
+            return None
+        return grad_out.reshape(shape)
+
+
+class Dense(Layer):
+    """Fully connected. W: (in, units), b: (units,). x: (N, in) -> (N, units)."""
+
+    regularized = ("W",)
+
+    def __init__(self, units: int, use_bias: bool = True, kernel_initializer: str = "glorot_uniform",
+                 name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.units = int(units)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = kernel_initializer
+
+    def compute_output_shape(self, input_shape):
+        _check_rank(self, input_shape, 1, "flat (features,)")
+        return (self.units,)
+
+    def build(self, input_shape, rng):
+        out = super().build(input_shape, rng)
+        fan_in = self.input_shape[0]
+        self.params["W"] = _init_kernel(rng, (fan_in, self.units), fan_in, self.units, self.kernel_initializer)
+        if self.use_bias:
+            self.params["b"] = np.zeros(self.units, np.float32)
+        return out
+
+    def forward(self, x, training=False, cache=True):
+        out = x @ self.params["W"]
+        if self.use_bias:
+            out += self.params["b"]
+        if cache:
+            self._cache = x
+        return out
+
+    def backward(self, grad_out, need_input_grad=True):
+        x = self._need_cache()
+        if self.trainable:
+            self.grads["W"] = x.T @ grad_out
+            if self.use_bias:
+                self.grads["b"] = np.ones(grad_out.shape[0], grad_out.dtype) @ grad_out
+        if not need_input_grad:
+            return None
+        return grad_out @ self.params["W"].T
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
+                "kernel_initializer": self.kernel_initializer}
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, zero a fraction ``rate`` and scale the rest by 1/(1-rate).
+
+    The mask comes from ``self.rng`` (a Generator derived from the build rng);
+    tests may replace it to fix the mask.
+    """
+
+    def __init__(self, rate: float, name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.rate = float(rate)
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
+        self.rng = np.random.default_rng(0)
+
+    def build(self, input_shape, rng):
+        self.rng = np.random.default_rng(rng.integers(2**63))
+        return super().build(input_shape, rng)
+
+    def forward(self, x, training=False, cache=True):
+        if not training or self.rate == 0.0:
+            if cache:
+                self._cache = None, x.dtype
+            return x
+        keep = self.rng.random(x.shape, dtype=np.float32) >= self.rate
+        mask = keep.astype(x.dtype) * np.asarray(1.0 / (1.0 - self.rate), x.dtype)
+        if cache:
+            self._cache = mask, x.dtype
+        return x * mask
+
+    def backward(self, grad_out, need_input_grad=True):
+        mask, _ = self._need_cache()
+        if not need_input_grad:
+            return None
+        return grad_out if mask is None else grad_out * mask
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+class Softmax(Layer):
+    """Softmax over the last axis (probabilities)."""
+
+    def forward(self, x, training=False, cache=True):
+        out = F.softmax(x)
+        if cache:
+            self._cache = out
+        return out
+
+    def backward(self, grad_out, need_input_grad=True):
+        y = self._need_cache()
+        if not need_input_grad:
+            return None
+        return y * (grad_out - np.sum(grad_out * y, axis=-1, keepdims=True))
+
+
+#: The only classes a model file may name (io.py builds nothing else).
+LAYER_CLASSES: dict[str, type[Layer]] = {
+    cls.__name__: cls
+    for cls in (Conv2D, BatchNorm, ReLU, LeakyReLU, MaxPool2D, GlobalAveragePooling2D, Flatten, Dense, Dropout,
+                Softmax)
+}
+
+
+def layer_from_config(config: dict) -> Layer:
+    """Build a layer from ``get_config()`` output; only classes in LAYER_CLASSES."""
+    if not isinstance(config, dict) or "class" not in config:
+        raise UserInputError(f"layer config must be a dict with a 'class' key, got {config!r}")
+    kwargs = dict(config)
+    cls_name = kwargs.pop("class")
+    cls = LAYER_CLASSES.get(cls_name)
+    if cls is None:
+        raise UserInputError(
+            f"unknown layer class {cls_name!r}; supported: {', '.join(sorted(LAYER_CLASSES))}"
+        )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"bad config for layer {cls_name}: {exc}") from None

@@ -1,0 +1,323 @@
+"""``Sequential``: a stack of layers with training, inference and introspection.
+
+Parameter names are ``layers.{i}.{key}`` (``i`` = position in ``layers``);
+they key the optimizer state and the ``.npz`` file.
+
+Backward conventions (used by training, Grad-CAM and gradient tests):
+
+- ``backward(grad, start=None, stop=0, need_input_grad=True)``: ``grad`` is
+  dL/d(output of layer ``start``) (default: the logits layer, i.e. the last
+  layer that is not a final Softmax); propagates through layers
+  ``start, start-1, ..., stop`` filling their ``grads`` and returns
+  dL/d(input of layer ``stop``) (= dL/d(output of layer ``stop-1``)), or None
+  when ``need_input_grad`` is false (the first GEMM + col2im is then skipped:
+  training never needs dL/d(image)).
+- ``forward(x, return_activations=True)`` returns ``(output, activations)``
+  with ``activations[i]`` the output of layer ``i`` (the caches needed by
+  ``backward`` are kept, so Grad-CAM is one forward and one backward).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from breastcnn.errors import UserInputError
+from breastcnn.nn.layers import Layer, Softmax
+from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
+from breastcnn.nn.optim import Adam
+from breastcnn.nn.parallel import blas_threads, map_batches
+
+
+
+_DEFAULT_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "BatchNorm": "batch_norm", "MaxPool2D": "max_pool2d",
+                  "GlobalAveragePooling2D": "global_average_pooling2d"}
+
+
+def _snake(name: str) -> str:
+    return _DEFAULT_NAMES.get(name) or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("2_d", "2d")
+
+
+class Sequential:
+    """A linear stack of layers, NHWC float32.
+
+    ``Sequential(layers, input_shape=None, seed=0, meta=None)``: when
+    ``input_shape`` (without batch) is given the model is built at once with
+    ``np.random.default_rng(seed)``.
+    """
+
+    framework = "numpy"
+    #: BLAS threads used by predict / compute_gradients / train_on_batch (None: leave the process setting).
+    #: Default 1: the engine's GEMMs are small, and OpenBLAS threads that spin-wait make a train step
+    #: 6x slower on a busy 2-core machine (measured: 85 ms with 1 thread vs 553 ms with 2, see
+    #: benchmarks/bench_engine.py); predict(jobs=N) shards batches over threads instead.
+    blas_threads: int | None = 1
+
+    def __init__(self, layers: list[Layer], input_shape: tuple | None = None, seed: int = 0,
+                 meta: dict | None = None):
+        self.layers: list[Layer] = list(layers)
+        self.meta: dict = dict(meta or {})
+        self.input_shape: tuple | None = None
+        self.output_shape: tuple | None = None
+        self.optimizer = None
+        self.loss = None
+        self.l2 = 0.0
+        self._name_layers()
+        if input_shape is not None:
+            self.build(input_shape, np.random.default_rng(seed))
+
+    def _name_layers(self) -> None:
+        taken = {layer.name for layer in self.layers if layer.name}
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            if layer.name:
+                continue
+            base = _snake(type(layer).__name__)
+            while True:
+                counts[base] = counts.get(base, 0) + 1
+                candidate = f"{base}_{counts[base]}"
+                if candidate not in taken:
+                    break
+            layer.name = candidate
+            taken.add(candidate)
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise UserInputError(f"layer names must be unique, got {names}")
+
+    def build(self, input_shape: tuple, rng: np.random.Generator) -> tuple:
+        """Create every layer's parameters; raises ShapeError if the input is too small."""
+        shape = tuple(int(d) for d in input_shape)
+        self.input_shape = shape
+        for layer in self.layers:
+            shape = layer.build(shape, rng)
+        self.output_shape = shape
+        return shape
+
+    @property
+    def built(self) -> bool:
+        return self.output_shape is not None
+
+    @property
+    def dtype(self):
+        for layer in self.layers:
+            for p in layer.params.values():
+                return p.dtype
+        return np.dtype(np.float32)
+
+    def astype(self, dtype) -> "Sequential":
+        """Cast all parameters and buffers in place (float64 for gradient checks)."""
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+    # -- forward / backward ---------------------------------------------------
+    @property
+    def logits_index(self) -> int:
+        """Index of the layer whose output is the logits (the last layer before a final Softmax)."""
+        n = len(self.layers)
+        return n - 2 if n and isinstance(self.layers[-1], Softmax) else n - 1
+
+    def _check_input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise UserInputError(
+                f"input batch must have shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}"
+            )
+        dtype = self.dtype
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    def _run(self, x, training: bool, stop: int, cache: bool, activations: list | None = None):
+        for layer in self.layers[:stop]:
+            x = layer.forward(x, training=training, cache=cache)
+            if activations is not None:
+                activations.append(x)
+        return x
+
+    def forward(self, x, training: bool = False, return_activations: bool = False):
+        """(N, *input_shape) -> output (probabilities when the last layer is Softmax).
+
+        With ``return_activations=True`` returns ``(output, [output of layer i for each i])``.
+        """
+        x = self._check_input(x)
+        if return_activations:
+            acts: list[np.ndarray] = []
+            out = self._run(x, training, len(self.layers), True, acts)
+            return out, acts
+        return self._run(x, training, len(self.layers), True)
+
+    def logits(self, x, training: bool = False) -> np.ndarray:
+        """Output of the logits layer (before a final Softmax)."""
+        return self._run(self._check_input(x), training, self.logits_index + 1, True)
+
+    def activations(self, x, training: bool = False) -> list[np.ndarray]:
+        """Outputs of every layer for ``x`` in one forward pass (caches kept for ``backward``)."""
+        return self.forward(x, training=training, return_activations=True)[1]
+
+    def backward(self, grad, start: int | None = None, stop: int = 0, need_input_grad: bool = True):
+        """Back-propagate dL/d(output of layer ``start``) down to the input of layer ``stop``.
+
+        Uses the caches of the last forward pass. Returns dL/d(input of layer
+        ``stop``), or None when ``need_input_grad`` is false.
+        """
+        start = self.logits_index if start is None else int(start)
+        if not 0 <= stop <= start < len(self.layers):
+            raise ValueError(f"need 0 <= stop <= start < {len(self.layers)}, got start={start}, stop={stop}")
+        for i in range(start, stop - 1, -1):
+            last = i == stop
+            grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or not last)
+        return grad
+
+    def predict(self, x, batch_size: int = 64, jobs: int = 1) -> np.ndarray:
+        """Inference-mode probabilities, float32 (N, num_classes); ``jobs`` > 1 shards batches over threads."""
+        x = self._check_input(x)
+        if batch_size < 1:
+            raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+        n_layers = len(self.layers)
+        with blas_threads(self.blas_threads):
+            out = map_batches(lambda xb: self._run(xb, False, n_layers, False), x, batch_size, jobs)
+        if x.shape[0] == 0:
+            return np.empty((0, *self.output_shape), np.float32)
+        return out.astype(np.float32, copy=False)
+
+    # -- training -------------------------------------------------------------
+    def compile(self, optimizer=None, loss=None, l2: float = 0.0) -> "Sequential":
+        """Set optimizer (default Adam(1e-3)), loss (default WeightedSoftmaxCrossEntropy()) and L2 factor."""
+        self.optimizer = optimizer if optimizer is not None else Adam(1e-3)
+        self.loss = loss if loss is not None else WeightedSoftmaxCrossEntropy()
+        if l2 < 0:
+            raise UserInputError(f"l2 must be >= 0, got {l2}")
+        self.l2 = float(l2)
+        return self
+
+    def l2_penalty(self) -> float:
+        """l2 * sum(W**2) over the regularized kernels (Conv2D/Dense) of trainable layers."""
+        if not self.l2:
+            return 0.0
+        total = 0.0
+        for layer in self.layers:
+            if layer.trainable:
+                for key in layer.regularized:
+                    w = layer.params[key]
+                    total += float(np.dot(w.ravel(), w.ravel()))
+        return self.l2 * total
+
+    def compute_gradients(self, x, y, class_weights=None, training: bool = True) -> float:
+        """Forward + loss + backward (gradients include the L2 term); returns the loss (incl. L2)."""
+        if self.loss is None:
+            self.compile()
+        with blas_threads(self.blas_threads):
+            logits = self.logits(x, training=training)
+            loss, grad_logits = self.loss(logits, y, class_weights)
+            self.backward(grad_logits, need_input_grad=False)
+        if self.l2:
+            for layer in self.layers:
+                if layer.trainable:
+                    for key in layer.regularized:
+                        layer.grads[key] += (2.0 * self.l2) * layer.params[key]
+            loss += self.l2_penalty()
+        return loss
+
+    def train_on_batch(self, x, y, class_weights=None) -> float:
+        """One optimizer step on (x (N, *input_shape) float32, y (N,) int); returns the loss incl. L2."""
+        if self.optimizer is None:
+            self.compile()
+        loss = self.compute_gradients(x, y, class_weights)
+        self.optimizer.step(self.parameters(), self.gradients())
+        return loss
+
+    # -- parameters -----------------------------------------------------------
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Trainable arrays (the live arrays, updated in place by the optimizer)."""
+        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) if layer.trainable
+                for k, v in layer.params.items()}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Gradients from the last backward, same keys as ``parameters()``."""
+        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) if layer.trainable
+                for k, v in layer.grads.items()}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """Non-trainable state (BatchNorm moving statistics)."""
+        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.state.items()}
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """All parameters (frozen ones included) and buffers, copied."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for store in (layer.params, layer.state):
+                for k, v in store.items():
+                    out[f"layers.{i}.{k}"] = v.copy()
+        return out
+
+    def set_weights(self, weights: dict) -> None:
+        """Copy arrays into the model; every key must exist with the same shape."""
+        expected = {}
+        for i, layer in enumerate(self.layers):
+            for store in (layer.params, layer.state):
+                for k in store:
+                    expected[f"layers.{i}.{k}"] = (store, k)
+        missing = sorted(set(expected) - set(weights))
+        unknown = sorted(set(weights) - set(expected))
+        if missing or unknown:
+            raise UserInputError(f"set_weights: missing keys {missing}, unexpected keys {unknown}")
+        for key, (store, k) in expected.items():
+            value = np.asarray(weights[key])
+            if value.shape != store[k].shape:
+                raise UserInputError(f"set_weights: {key} has shape {value.shape}, expected {store[k].shape}")
+            store[k] = value.astype(store[k].dtype, copy=True)
+
+    def count_params(self) -> dict[str, int]:
+        """{"trainable", "non_trainable"} like Keras (a frozen layer's params count as non-trainable)."""
+        trainable = non_trainable = 0
+        for layer in self.layers:
+            n_params = sum(int(v.size) for v in layer.params.values())
+            n_state = sum(int(v.size) for v in layer.state.values())
+            if layer.trainable:
+                trainable += n_params
+            else:
+                non_trainable += n_params
+            non_trainable += n_state
+        return {"trainable": trainable, "non_trainable": non_trainable}
+
+    def summary(self) -> str:
+        """Keras-like table: layer (type), output shape, parameters; totals at the bottom."""
+        rows = [("Layer (type)", "Output Shape", "Param #")]
+        for layer in self.layers:
+            n = sum(int(v.size) for v in layer.params.values()) + sum(int(v.size) for v in layer.state.values())
+            shape = "(None, " + ", ".join(map(str, layer.output_shape or ())) + ")"
+            frozen = "" if layer.trainable else " [frozen]"
+            rows.append((f"{layer.name} ({type(layer).__name__}){frozen}", shape, f"{n:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        line = "-" * (sum(widths) + 6)
+        fmt = lambda r: f"{r[0]:<{widths[0]}}   {r[1]:<{widths[1]}}   {r[2]:>{widths[2]}}"  # noqa: E731
+        counts = self.count_params()
+        total = counts["trainable"] + counts["non_trainable"]
+        body = [fmt(rows[0]), line, *map(fmt, rows[1:]), line,
+                f"Input shape: (None, {', '.join(map(str, self.input_shape or ()))})",
+                f"Total params: {total:,}", f"Trainable params: {counts['trainable']:,}",
+                f"Non-trainable params: {counts['non_trainable']:,}"]
+        return "\n".join(body)
+
+    def freeze(self, upto: int) -> None:
+        """Freeze layers ``0..upto-1`` (no parameter updates; frozen BN uses moving statistics)."""
+        for i, layer in enumerate(self.layers):
+            layer.trainable = i >= upto
+            if not layer.trainable:
+                layer.grads = {}
+
+    def get_config(self) -> dict:
+        return {"input_shape": list(self.input_shape or ()), "layers": [layer.get_config() for layer in self.layers],
+                "meta": self.meta}
+
+    def save(self, path, optimizer=None, extra=None) -> None:
+        """Write an ``.npz`` (see ``breastcnn.models.io.save_model``)."""
+        from breastcnn.models.io import save_model
+
+        save_model(self, path, optimizer=optimizer, extra=extra)
+
+    def __repr__(self) -> str:
+        return f"Sequential({len(self.layers)} layers, input_shape={self.input_shape}, meta={self.meta})"
+
+
+__all__ = ["Sequential"]
