@@ -1,0 +1,280 @@
+"""Parse a BreakHis tree (or a plain folder-per-class tree) into records.
+
+BreakHis layout (see ``docs/internals.md`` and the dataset reference)::
+
+    BreaKHis_v1/histology_slides/breast/{benign,malignant}/SOB/<subtype>/<slide>/<mag>X/<file>.png
+    e.g. .../benign/SOB/adenosis/SOB_B_A_14-22549AB/200X/SOB_B_A-14-22549AB-200-001.png
+
+Class, subtype, patient (the slide folder) and magnification are read from the
+path. A plain tree ``ROOT/benign/*.png``, ``ROOT/malignant/*.png`` is also
+accepted; it has no patient information, so each image is its own "patient"
+(``patient`` = ``""``) and such trees can only be split by image.
+
+Every candidate image is decoded once (in parallel) so that unreadable files
+are reported up front instead of crashing a training run an hour later. Files
+that are not images by extension (``Thumbs.db``, ``.DS_Store``, text) are
+ignored silently; the source tree is only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from breastcnn import CLASSES
+from breastcnn.errors import UserInputError
+
+BREAKHIS_URL = "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"
+"""Where to get the real data set."""
+
+MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
+"""The four BreakHis magnifications, in increasing order."""
+
+SUBTYPES: dict[str, tuple[str, str]] = {
+    # tumour code -> (class, subtype folder name)
+    "A": ("benign", "adenosis"),
+    "F": ("benign", "fibroadenoma"),
+    "PT": ("benign", "phyllodes_tumor"),
+    "TA": ("benign", "tubular_adenoma"),
+    "DC": ("malignant", "ductal_carcinoma"),
+    "LC": ("malignant", "lobular_carcinoma"),
+    "MC": ("malignant", "mucinous_carcinoma"),
+    "PC": ("malignant", "papillary_carcinoma"),
+}
+"""Tumour codes used in BreakHis slide and file names."""
+
+SUBTYPE_CODES = {name: code for code, (_, name) in SUBTYPES.items()}
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+"""Extensions (compared in lower case) treated as image candidates; everything else is ignored."""
+
+# SOB_B_A-14-22549AB-200-001.png -> class B, tumour A, slide 14-22549AB, mag 200, seq 001
+FILE_NAME_RE = re.compile(
+    r"^SOB_(?P<cls>[BM])_(?P<tumour>[A-Z]+)-(?P<slide>\d+-[0-9A-Z]+)-(?P<mag>\d+)-(?P<seq>\d+)\.[A-Za-z]+$"
+)
+# SOB_B_A_14-22549AB -> class B, tumour A, slide 14-22549AB
+SLIDE_DIR_RE = re.compile(r"^SOB_(?P<cls>[BM])_(?P<tumour>[A-Z]+)_(?P<slide>\d+-[0-9A-Z]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Record:
+    """One image of the data set.
+
+    ``path`` is relative to the data root with POSIX separators; ``label`` is
+    ``"benign"`` or ``"malignant"``; ``subtype`` the subtype folder name (``""``
+    in folder-per-class trees); ``patient`` the slide folder name (``""`` when
+    unknown); ``magnification`` e.g. ``"200X"`` (``""`` when unknown).
+    """
+
+    path: str
+    label: str
+    subtype: str
+    patient: str
+    magnification: str
+
+    @property
+    def y(self) -> int:
+        """Integer label: 0 = benign, 1 = malignant."""
+        return CLASSES.index(self.label)
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` found: kept ``records`` (sorted by path), ``warnings`` (one line each).
+
+    ``layout`` is ``"breakhis"`` or ``"folders"``; ``root`` the absolute data
+    root that record paths are relative to; ``ignored`` counts non-image files
+    skipped; ``unreadable`` lists the relative paths of images that failed to decode.
+    """
+
+    records: list[Record]
+    warnings: list[str] = field(default_factory=list)
+    layout: str = "breakhis"
+    root: Path | None = None
+    ignored: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def accession(patient: str) -> str:
+    """The accession number of a slide id, for a stricter patient grouping.
+
+    A few BreakHis slide ids share an accession number across folders
+    (``SOB_B_A_14-22549AB`` and ``SOB_B_A_14-22549G``); grouping by
+    ``accession`` keeps them together: ``"SOB_B_A_14-22549AB"`` -> ``"14-22549"``.
+    """
+    match = SLIDE_DIR_RE.match(patient)
+    slide = match.group("slide") if match else patient
+    return re.sub(r"[A-Z]+$", "", slide)
+
+
+def parse_mag(mag: str, allow_all: bool = True) -> str | None:
+    """Normalise a magnification option: ``"200"``, ``"200x"``, ``"200X"`` -> ``"200X"``; ``"all"`` -> None."""
+    text = str(mag).strip().upper()
+    if allow_all and text == "ALL":
+        return None
+    if not text.endswith("X"):
+        text += "X"
+    if text not in MAGNIFICATIONS:
+        valid = ", ".join(MAGNIFICATIONS) + (", all" if allow_all else "")
+        raise UserInputError(f"--mag: unknown magnification {mag!r}; valid values: {valid}")
+    return text
+
+
+def is_image_name(name: str) -> bool:
+    """True for visible files whose extension marks an image (case-insensitive)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def find_breakhis_root(root: Path) -> tuple[Path, str] | None:
+    """Locate the data under ``root``: ``(data_root, layout)`` or None.
+
+    Accepts the ``BreaKHis_v1`` folder itself, its parent, the ``breast`` folder,
+    or a folder-per-class tree (``root/benign``, ``root/malignant`` holding images).
+    Record paths are relative to the returned data root.
+    """
+    for candidate in (root, root / "BreaKHis_v1"):
+        if (candidate / "histology_slides" / "breast").is_dir():
+            return candidate, "breakhis"
+    if any((root / cls / "SOB").is_dir() for cls in CLASSES):  # the "breast" folder itself
+        return root, "breakhis"
+    if all((root / cls).is_dir() for cls in CLASSES):
+        return root, "folders"
+    return None
+
+
+def missing_data_message(root: Path) -> str:
+    """One line: where we looked, how to get BreakHis, and that `breastcnn synth` makes sample data."""
+    return (
+        f"no BreakHis data found at {root} (looked for BreaKHis_v1/histology_slides/breast or "
+        f"benign/ and malignant/ folders; set --data or $BREAKHIS_DIR); download BreakHis from "
+        f"{BREAKHIS_URL} or run 'breastcnn synth' to make synthetic sample data"
+    )
+
+
+def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record], int, list[str]]:
+    """Walk the BreakHis tree: image records (not yet decode-checked), ignored count, warnings."""
+    breast = data_root / "histology_slides" / "breast" if (data_root / "histology_slides").is_dir() else data_root
+    records: list[Record] = []
+    warnings: list[str] = []
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(breast):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not is_image_name(name):
+                ignored += 1
+                continue
+            full = Path(dirpath) / name
+            rel_breast = full.relative_to(breast).parts
+            rel = full.relative_to(data_root).as_posix()
+            # {benign,malignant}/SOB/<subtype>/<slide>/<mag>/<file>
+            if len(rel_breast) != 6 or rel_breast[0] not in CLASSES:
+                warnings.append(f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; skipped")
+                continue
+            label, _, subtype, slide, mag_dir, _ = rel_breast
+            magnification = mag_dir.upper()
+            match = FILE_NAME_RE.match(name)
+            if magnification not in MAGNIFICATIONS and match:
+                magnification = f"{match.group('mag')}X"
+            if magnification not in MAGNIFICATIONS:
+                warnings.append(f"{rel}: unknown magnification folder {mag_dir!r}; skipped")
+                continue
+            if mag is not None and magnification != mag:
+                continue
+            records.append(Record(rel, label, subtype, slide, magnification))
+    return records, ignored, warnings
+
+
+def _folder_candidates(data_root: Path) -> tuple[list[Record], int, list[str]]:
+    """Images under ``root/<class>/`` (any depth): records without patient or magnification."""
+    records: list[Record] = []
+    ignored = 0
+    for label in CLASSES:
+        for dirpath, dirnames, filenames in os.walk(data_root / label):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not is_image_name(name):
+                    ignored += 1
+                    continue
+                rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
+                records.append(Record(rel, label, "", "", ""))
+    return records, ignored, []
+
+
+def check_decodes(path: str | os.PathLike) -> str | None:
+    """Decode ``path`` fully; None when fine, else a short reason."""
+    from breastcnn.data.images import open_rgb
+
+    try:
+        open_rgb(path)
+    except Exception as exc:  # any decoder failure makes the file unusable
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None
+
+
+def _check_chunk(paths: Sequence[str]) -> list[str | None]:
+    return [check_decodes(p) for p in paths]
+
+
+def scan(
+    root: str | os.PathLike,
+    mag: str | None = "200X",
+    verify: bool = True,
+    jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> ScanResult:
+    """Find the images of a BreakHis (or folder-per-class) tree.
+
+    ``mag``: ``"200X"`` (or ``"200"``), or None / ``"all"`` for every
+    magnification (ignored for folder-per-class trees). With ``verify`` every
+    candidate is decoded (``jobs`` processes, ``progress(n)`` after each chunk);
+    unreadable ones are left out and listed in ``warnings`` and ``unreadable``.
+    Raises ``UserInputError`` when ``root`` holds no recognisable data.
+    """
+    root = Path(root).expanduser()
+    mag = None if mag is None else parse_mag(mag)
+    found = find_breakhis_root(root) if root.is_dir() else None
+    if found is None:
+        raise UserInputError(missing_data_message(root))
+    data_root, layout = found
+    data_root = data_root.resolve()
+    if layout == "breakhis":
+        candidates, ignored, warnings = _breakhis_candidates(data_root, mag)
+    else:
+        candidates, ignored, warnings = _folder_candidates(data_root)
+    candidates.sort()
+
+    unreadable: list[str] = []
+    if verify and candidates:
+        reasons = _map_chunks(_check_chunk, [str(data_root / r.path) for r in candidates], jobs, progress)
+        kept = []
+        for record, reason in zip(candidates, reasons):
+            if reason is None:
+                kept.append(record)
+            else:
+                unreadable.append(record.path)
+                warnings.append(f"{record.path}: unreadable image ({reason}); left out")
+        candidates = kept
+    return ScanResult(candidates, warnings, layout, data_root, ignored, unreadable)
+
+
+def _map_chunks(fn, items: list, jobs: int, progress, chunk: int = 64) -> list:
+    """Apply ``fn`` (list -> list) to chunks of ``items`` with joblib; results in order."""
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    out: list = []
+    if jobs == 1 or len(chunks) == 1:
+        for part in chunks:
+            out.extend(fn(part))
+            if progress:
+                progress(len(part))
+        return out
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=jobs, return_as="generator")(delayed(fn)(part) for part in chunks)
+    for part, result in zip(chunks, results):
+        out.extend(result)
+        if progress:
+            progress(len(part))
+    return out

@@ -1,0 +1,230 @@
+"""Safe image decoding, resizing, the on-disk array cache, and preprocessing.
+
+- :func:`decode_image`: Pillow, always RGB (RGBA/LA/palette composited on
+  white, grayscale and 16-bit scaled to 8 bit), guarded against decompression
+  bombs, resized to ``(size, size)`` with an antialiasing filter.
+- :func:`load_subset`: decoded, resized uint8 arrays of a split subset, cached
+  as plain ``.npy`` files in ``<split dir>/cache/``; the file name carries the
+  manifest hash and the size, so a new manifest or size builds a new cache.
+- :func:`preprocess`: ``caffe`` (Keras VGG16/ResNet50 ``preprocess_input``) or
+  ``minmax`` ([0, 1]); always a new float32 array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from PIL import Image
+
+from breastcnn import CLASSES
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:
+    from breastcnn.data.split import Split
+
+MAX_PIXELS = 64_000_000
+"""Refuse images larger than this many pixels (decompression-bomb guard; BreakHis images are 0.32 MP)."""
+
+IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+"""ImageNet channel means in BGR order, as Keras ``preprocess_input`` (caffe mode) subtracts them."""
+
+PREPROCESS_MODES = ("caffe", "minmax")
+
+RESAMPLE = Image.Resampling.LANCZOS
+"""Resize filter: antialiased Lanczos (Pillow widens the kernel when downsampling)."""
+
+_16BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode ``path`` as an 8-bit RGB Pillow image.
+
+    Transparent pixels are composited on white (like a bare glass slide);
+    16-bit grayscale is scaled (not clipped) to 8 bit. Raises ``UserInputError``
+    for images above :data:`MAX_PIXELS`; decoder errors propagate.
+    """
+    with Image.open(path) as im:
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise UserInputError(f"{path}: image of {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit")
+        im.load()
+        return _to_rgb(im)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in _16BIT_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        # 16-bit PNG data span 0..65535; 32-bit "I" images may span anything: scale by the type's range
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if im.mode == "F":
+        arr8 = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode ``path`` to a uint8 array of shape ``(size, size, 3)`` (RGB, aspect ratio not kept).
+
+    The whole image is resized to a square, as Keras ``flow_from_directory`` does.
+    """
+    im = open_rgb(path)
+    if im.size != (size, size):
+        im = im.resize((size, size), RESAMPLE, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_many(paths: list[str], size: int) -> np.ndarray:
+    """Decode a list of paths into one uint8 array ``(len(paths), size, size, 3)``."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        out[i] = decode_image(path, size)
+    return out
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(x: np.ndarray, mode: str) -> np.ndarray:
+    """Model input from uint8 images ``(..., H, W, 3)`` RGB -> new float32 array, same shape.
+
+    ``caffe``: RGB -> BGR, then the ImageNet mean subtracted per channel (no
+    scaling), exactly like ``keras.applications.vgg16.preprocess_input`` (which
+    modifies float arrays in place; this never does). ``minmax``: ``x / 255``.
+    """
+    if mode == "caffe":
+        return np.asarray(x)[..., ::-1].astype(np.float32) - IMAGENET_MEAN_BGR
+    if mode == "minmax":
+        return np.asarray(x).astype(np.float32) * np.float32(1.0 / 255.0)
+    raise UserInputError(f"preprocess mode {mode!r} is unknown; valid: {', '.join(PREPROCESS_MODES)}")
+
+
+def deprocess(x: np.ndarray, mode: str) -> np.ndarray:
+    """Inverse of :func:`preprocess`: float32 model input -> uint8 RGB images (for plots)."""
+    x = np.asarray(x, dtype=np.float32)
+    if mode == "caffe":
+        rgb = (x + IMAGENET_MEAN_BGR)[..., ::-1]
+    elif mode == "minmax":
+        rgb = x * 255.0
+    else:
+        raise UserInputError(f"preprocess mode {mode!r} is unknown; valid: {', '.join(PREPROCESS_MODES)}")
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- cache
+
+CACHE_DIR_NAME = "cache"
+
+
+def cache_paths(split: "Split", subset: str, image_size: int) -> tuple[Path, Path, Path]:
+    """``(x.npy, y.npy, meta.json)`` paths of the cache of ``subset`` at ``image_size``."""
+    stem = f"{subset}-{image_size}-{split.hash[:16]}"
+    base = Path(split.dir) / CACHE_DIR_NAME
+    return base / f"{stem}.x.npy", base / f"{stem}.y.npy", base / f"{stem}.json"
+
+
+def load_subset(
+    split: "Split",
+    subset: str,
+    image_size: int,
+    jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one subset: ``x`` uint8 ``(N, S, S, 3)`` RGB, ``y`` int64 ``(N,)``.
+
+    Rows are in manifest order. The first call decodes every image (``jobs``
+    joblib workers, ``progress(n)`` per chunk) and writes the cache next to the
+    split; later calls read two ``.npy`` files. Caches of other manifest
+    hashes for the same subset and size are removed when a new one is built.
+    """
+    if image_size < 8 or image_size > 2048:
+        raise UserInputError(f"--image-size must be between 8 and 2048, got {image_size}")
+    rows = split.subset(subset)
+    y = np.array([CLASSES.index(r.label) for r in rows], dtype=np.int64)
+    x_path, y_path, meta_path = cache_paths(split, subset, image_size)
+    cached = _read_cache(x_path, y_path, meta_path, split.hash, len(rows), image_size)
+    if cached is not None and np.array_equal(cached[1], y):
+        if progress:
+            progress(len(rows))
+        return cached
+
+    paths = [str(Path(split.root) / r.path) for r in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserInputError(
+            f"{len(missing)} image(s) of split {split.dir} are missing under data root {split.root}, "
+            f"e.g. {missing[0]}; re-run 'breastcnn split'"
+        )
+    x = np.empty((len(rows), image_size, image_size, 3), dtype=np.uint8)
+    offset = 0
+    for part in _decode_chunks(paths, image_size, jobs, progress):
+        x[offset : offset + len(part)] = part
+        offset += len(part)
+
+    _remove_stale(x_path.parent, subset, image_size, keep=x_path.name.split(".")[0])
+    with atomic_write(x_path, "wb") as fh:
+        np.save(fh, x, allow_pickle=False)
+    with atomic_write(y_path, "wb") as fh:
+        np.save(fh, y, allow_pickle=False)
+    atomic_write_json(
+        meta_path,
+        {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": len(rows),
+         "resample": "lanczos", "layout": "NHWC uint8 RGB"},
+    )
+    return x, y
+
+
+def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk: int = 32):
+    """Yield decoded uint8 chunks of ``paths`` in order (joblib processes when ``jobs != 1``)."""
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    if jobs == 1 or len(chunks) <= 1:
+        results = (decode_many(c, image_size) for c in chunks)
+    else:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=jobs, return_as="generator")(delayed(decode_many)(c, image_size) for c in chunks)
+    for c, part in zip(chunks, results):
+        if progress:
+            progress(len(c))
+        yield part
+
+
+def _read_cache(x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str, n: int, size: int):
+    """The cached ``(x, y)`` when present and consistent, else None."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("manifest_hash") != manifest_hash or meta.get("image_size") != size or meta.get("n") != n:
+            return None
+        x = np.load(x_path, allow_pickle=False)
+        y = np.load(y_path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if x.shape != (n, size, size, 3) or x.dtype != np.uint8 or y.shape != (n,):
+        return None
+    return x, y.astype(np.int64, copy=False)
+
+
+def _remove_stale(cache_dir: Path, subset: str, image_size: int, keep: str) -> None:
+    """Delete cache files of ``subset``/``image_size`` built from other manifests."""
+    if not cache_dir.is_dir():
+        return
+    prefix = f"{subset}-{image_size}-"
+    for path in cache_dir.iterdir():
+        if path.name.startswith(prefix) and not path.name.startswith(keep + "."):
+            with contextlib.suppress(OSError):
+                path.unlink()
