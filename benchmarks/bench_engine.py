@@ -2,13 +2,18 @@
 
 Prints medians after warm-up, with thread counts:
 - train step (forward + backward + Adam, L2 on) at batch 32 on 224x224x3:
-  NumPy ``train_on_batch`` vs Keras compiled ``tf.function`` train step (not fit);
+  NumPy ``train_on_batch`` vs Keras compiled ``tf.function`` train step (not fit),
+  for the NumPy thread settings given by ``--threads`` (engine threads, BLAS at
+  ``--blas-threads``), all timed alternately with Keras in the same loop;
 - batch-1 inference: NumPy ``predict`` vs Keras compiled ``tf.function`` call (not predict);
 - large-batch prediction with and without joblib sharding (``predict(jobs=N)``);
 - per-layer forward/backward times of the NumPy train step (``--profile``).
 
-Usage: python benchmarks/bench_engine.py [--repeats 20] [--no-keras] [--profile]
+Usage: python benchmarks/bench_engine.py [--repeats 20] [--no-keras] [--profile] [--threads 0,1]
+       [--blas-threads 1] [--blas2]
 Timings on a shared machine are noisy: compare the ratios from the same run.
+``--blas2`` adds threads=1 with 2 OpenBLAS threads as a separate (not interleaved)
+measurement: spinning OpenBLAS threads would slow whatever runs right after them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 
 from breastcnn.models import create_model
 from breastcnn.nn import Adam
-from breastcnn.nn.parallel import blas_thread_count, resolve_jobs
+from breastcnn.nn.parallel import blas_thread_count, blas_threads, engine_threads, resolve_jobs
 
 BATCH = 32
 SHAPE = (224, 224, 3)
@@ -30,13 +35,20 @@ L2 = 0.1
 
 
 def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median ms of each callable, timed alternately (fair under a fluctuating machine load)."""
+    """Median ms of each callable, timed alternately (fair under a fluctuating machine load).
+
+    The order is shuffled every round (fixed seed): whatever runs right after Keras meets its
+    still-spinning Eigen threads, and that must not always be the same contestant.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    order = list(fns)
+    rng = np.random.default_rng(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in rng.permutation(order):
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - start) * 1e3)
@@ -66,6 +78,15 @@ def profile_layers(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
     fwd = {i: [] for i in range(len(model.layers))}
     bwd = {i: [] for i in range(len(model.layers))}
     last = model.logits_index
+    with blas_threads(model.blas_threads), engine_threads(model.threads):
+        _profile_passes(model, x, y, repeats, fwd, bwd, last)
+    rows = []
+    for i, layer in enumerate(model.layers[: last + 1]):
+        rows.append((layer.name, statistics.median(fwd[i][2:]) * 1e3, statistics.median(bwd[i][2:]) * 1e3))
+    return rows
+
+
+def _profile_passes(model, x, y, repeats, fwd, bwd, last) -> None:
     for r in range(repeats + 2):
         h = x
         for i, layer in enumerate(model.layers[: last + 1]):
@@ -77,10 +98,6 @@ def profile_layers(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
             t = time.perf_counter()
             g = model.layers[i].backward(g, need_input_grad=i > 0)
             bwd[i].append(time.perf_counter() - t)
-    rows = []
-    for i, layer in enumerate(model.layers[: last + 1]):
-        rows.append((layer.name, statistics.median(fwd[i][2:]) * 1e3, statistics.median(bwd[i][2:]) * 1e3))
-    return rows
 
 
 def keras_side(model, x, y, x1, repeats: int) -> dict:
@@ -123,57 +140,77 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-keras", action="store_true")
     parser.add_argument("--profile", action="store_true", help="per-layer NumPy times")
+    parser.add_argument("--threads", default="0,1",
+                        help="comma-separated Sequential.threads values to compare (0: all cores); the first "
+                             "one is used for the inference, profile and prediction figures")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="Sequential.blas_threads for the NumPy model (0: process default, all cores)")
+    parser.add_argument("--blas2", action="store_true",
+                        help="also time threads=1 with 2 BLAS threads (separately, after the rest)")
     parser.add_argument("--predict-batch", type=int, default=256, help="images for the sharding comparison")
     args = parser.parse_args()
     args.blas_threads = args.blas_threads or None
+    args.threads = [int(t) for t in args.threads.split(",")]
     run(args)
 
 
-def run(args) -> None:
+def _label(threads: int, blas) -> str:
+    return f"numpy threads={resolve_jobs(threads)} blas={blas or blas_thread_count()}"
 
+
+def run(args) -> None:
     x, y = data(BATCH)
     x1 = x[:1].copy()
     model = create_model("custom", input_shape=SHAPE, seed=0)
     model.compile(optimizer=Adam(1e-3), l2=L2)
     print(f"cores: {os.cpu_count()}, NumPy {np.__version__}, BLAS threads (threadpoolctl): {blas_thread_count()}")
-
     model.blas_threads = args.blas_threads  # None: the process default (all cores)
-    print(f"numpy model.blas_threads = {model.blas_threads} (None = process default)")
-    np_train_fn = lambda: model.train_on_batch(x, y)  # noqa: E731
+
+    def train_fn(threads, blas):
+        def step():
+            model.threads, model.blas_threads = threads, blas
+            return model.train_on_batch(x, y)
+        return step
+
+    np_fns = {_label(t, args.blas_threads): train_fn(t, args.blas_threads) for t in args.threads}
+    main_label = next(iter(np_fns))
+    model.threads = args.threads[0]
     np_infer_fn = lambda: model.predict(x1, batch_size=1)  # noqa: E731
     k = None if args.no_keras else keras_side(model, x, y, x1, args.repeats)
-    if k is None:
-        np_train = median_ms(np_train_fn, args.repeats)
-        np_infer = median_ms(np_infer_fn, args.repeats * 10, warmup=20)
-    else:  # numpy and keras alternate, so that both see the same load
-        train = interleaved_ms({"numpy": np_train_fn, "keras": k["train"]}, args.repeats)
-        infer = interleaved_ms({"numpy": np_infer_fn, "keras": k["infer1"]}, args.repeats * 10, warmup=20)
-        np_train, np_infer = train["numpy"], infer["numpy"]
-    print(f"numpy train step  (batch {BATCH}, 224x224x3): {np_train:8.2f} ms")
-    print(f"numpy inference   (batch 1):                {np_infer:8.3f} ms")
+    # numpy settings and keras alternate, so that all see the same load
+    train = interleaved_ms({**np_fns, **({} if k is None else {"keras": k["train"]})}, args.repeats)
+    model.threads = args.threads[0]
+    infer = interleaved_ms({"numpy": np_infer_fn, **({} if k is None else {"keras": k["infer1"]})},
+                           args.repeats * 10, warmup=20)
+    if args.blas2:  # after the rest: spinning OpenBLAS threads would slow the next timed call
+        train[_label(1, 2) + " (timed alone)"] = median_ms(train_fn(1, 2), args.repeats)
+        model.threads, model.blas_threads = args.threads[0], args.blas_threads
     if k is not None:
         print(f"keras ({k['versions']}; {k['threads']})")
-        print(f"keras train step  (compiled tf.function):   {train['keras']:8.2f} ms")
-        print(f"keras inference   (compiled tf.function):   {infer['keras']:8.3f} ms")
-        print(f"ratio train numpy/keras: {np_train / train['keras']:.2f} (target <= 1.0)")
-        print(f"ratio infer numpy/keras: {np_infer / infer['keras']:.2f} (target <= 0.5)")
+    print(f"train step, batch {BATCH}, 224x224x3, median ms after warm-up:")
+    for name, ms in train.items():
+        ratio = f"   ratio numpy/keras {ms / train['keras']:.2f} (target <= 1.0)" if k and name != "keras" else ""
+        print(f"  {name:<44} {ms:8.2f}{ratio}")
+    print(f"batch-1 inference ({main_label}), median ms:")
+    print(f"  numpy {infer['numpy']:8.3f}")
+    if k is not None:
+        print(f"  keras {infer['keras']:8.3f}   ratio numpy/keras {infer['numpy'] / infer['keras']:.2f} (target <= 0.5)")
 
     if args.profile:
-        print("per-layer median ms within a train step (forward / backward):")
+        print(f"per-layer median ms within a train step (forward / backward), {main_label}:")
         for name, f, b in profile_layers(model, x, y, max(args.repeats // 2, 3)):
             print(f"  {name:<16} {f:7.2f} {b:7.2f}")
 
-    # joblib sharding vs plain BLAS threading on a large prediction batch
+    # joblib sharding vs engine threads on a large prediction batch
     xb, _ = data(args.predict_batch, seed=1)
     jobs = resolve_jobs(-1)
     reps = max(args.repeats // 4, 3)
-    threads = model.blas_threads or blas_thread_count()
     plain = median_ms(lambda: model.predict(xb, batch_size=64, jobs=1), reps, warmup=1)
     sharded = median_ms(lambda: model.predict(xb, batch_size=64, jobs=jobs), reps, warmup=1)
-    print(f"predict {args.predict_batch} images, batch 64: jobs=1 with BLAS {threads} thread(s) {plain:.1f} ms; "
-          f"jobs={jobs} (joblib threads, BLAS 1 thread each) {sharded:.1f} ms; sharded/plain = {sharded / plain:.2f}")
+    print(f"predict {args.predict_batch} images, batch 64: jobs=1 ({main_label}) {plain:.1f} ms; "
+          f"jobs={jobs} (joblib threads, 1 engine + 1 BLAS thread each) {sharded:.1f} ms; "
+          f"sharded/plain = {sharded / plain:.2f}")
+
 
 if __name__ == "__main__":
     main()

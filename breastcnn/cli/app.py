@@ -14,6 +14,7 @@ import functools
 from typing import Callable
 
 import typer
+from rich.markup import escape
 
 from breastcnn import __version__
 from breastcnn.cli import (
@@ -53,13 +54,13 @@ def handle_errors(command: Callable) -> Callable:
         except _EXPECTED_ERRORS as exc:
             if _debug_enabled():
                 raise
-            stderr().print(f"[red]error:[/red] {_one_line(exc)}", highlight=False)
+            stderr().print(f"[red]error:[/red] {escape(_one_line(exc))}", highlight=False)
             raise typer.Exit(2)
         except Exception as exc:  # a bug: still one line, the traceback behind --debug
             if _debug_enabled():
                 raise
             stderr().print(
-                f"[red]internal error:[/red] {type(exc).__name__}: {_one_line(exc)} "
+                f"[red]internal error:[/red] {type(exc).__name__}: {escape(_one_line(exc))} "
                 "(run with --debug for the traceback)",
                 highlight=False,
             )

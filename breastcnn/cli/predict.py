@@ -2,9 +2,88 @@
 
 from __future__ import annotations
 
-from breastcnn.cli.common import not_ready
+import csv
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from breastcnn.cli.common import make_progress, print_json, stderr, stdout
+from breastcnn.errors import UserInputError
 
 
-def predict() -> None:
-    """Classify images with a trained model."""
-    not_ready("predict", 4)
+def predict(
+    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
+    csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
+    jobs: int = typer.Option(1, "--jobs", help="Parallel image decoding threads (-1 = all cores)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
+) -> None:
+    """Classify images with a trained model.
+
+    Prints path, label (benign/malignant) and the probability of malignant per
+    image: a table by default, --json or --csv for scripts. Images stream in
+    parallel batches, so thousands of files use bounded memory. A file that
+    cannot be read gets an error line on stderr naming it, the others are
+    still classified, and the exit code is 1 at the end (2 for bad options or
+    a missing model).
+    """
+    from breastcnn.inference import collect_images, predict_paths
+    from breastcnn.models import load_model
+    from breastcnn.runs import resolve_model_path
+
+    if json_output and csv_output:
+        raise UserInputError("--json and --csv are exclusive; pick one")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
+    if jobs == 0 or jobs < -1:
+        raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
+    classifier = load_model(resolve_model_path(model))
+    paths, problems = collect_images(images)
+    errors = 0
+    for problem in problems:
+        _error_line(problem.error)
+        errors += 1
+
+    results = []
+    writer = None
+    if csv_output:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["path", "label", "probability"])
+    with make_progress(json_output or csv_output) as progress:
+        task = progress.add_task("classifying", total=len(paths))
+        for result in predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
+                                    progress=lambda k: progress.advance(task, k)):
+            if result.error is not None:
+                _error_line(result.error)
+                errors += 1
+            elif writer is not None:
+                writer.writerow([result.path, result.label, f"{result.probability:.6f}"])
+                sys.stdout.flush()
+            else:
+                results.append(result.as_dict())
+    if json_output:
+        print_json(results)
+    elif not csv_output:
+        table = Table(title=f"{len(results)} image(s), threshold {threshold:g}")
+        table.add_column("path", overflow="fold")
+        table.add_column("label")
+        table.add_column("P(malignant)", justify="right")
+        for row in results:
+            colour = "red" if row["label"] == "malignant" else "green"
+            table.add_row(escape(row["path"]), f"[{colour}]{row['label']}[/{colour}]", f"{row['probability']:.4f}")
+        stdout().print(table)
+    if errors:
+        stderr().print(f"[red]{errors} input(s) could not be classified[/red]", highlight=False)
+        raise typer.Exit(1)
+
+
+def _error_line(message: str) -> None:
+    stderr().print(f"[red]error:[/red] {escape(message)}", highlight=False)

@@ -52,6 +52,7 @@ def create_model(name: str, input_shape=(224, 224, 3), num_classes: int = 2, see
 
 def _register_builtins() -> None:
     register_model("custom", "breastcnn.models.custom:create_custom")
+    register_model("custom-k4", "breastcnn.models.custom:create_custom_k4")
     register_model("vgg16", "breastcnn.models.keras_models:create_vgg16")
     register_model("resnet50", "breastcnn.models.keras_models:create_resnet50")
     register_model("custom-keras", "breastcnn.models.keras_models:create_custom_keras")

@@ -56,31 +56,30 @@ def window_view(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
     )
 
 
-def im2col(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
+def im2col(x: np.ndarray, kh: int, kw: int, stride: int, out: np.ndarray | None = None) -> np.ndarray:
     """Columns matrix of a valid convolution.
 
     x: (N, H, W, C) -> (N*Ho*Wo, kh*kw*C), rows in (n, i, j) order, columns
-    in (dy, dx, c) order (the Keras kernel order). One copy; the kernel rows
-    are copied one at a time because each (kw, C) run is contiguous in ``x``,
-    which is several times faster than letting NumPy copy the 6-D view.
+    in (dy, dx, c) order (the Keras kernel order). One copy from a strided
+    view whose innermost axis is a whole (kw*C)-long kernel row (contiguous in
+    ``x`` when C is its last, unit-stride axis), which NumPy copies much
+    faster than the 6-D window view. ``out``: optional (N*Ho*Wo, kh*kw*C)
+    array to fill (e.g. a reused buffer).
     """
     n, h, w, c = x.shape
     ho = (h - kh) // stride + 1
     wo = (w - kw) // stride + 1
-    cols = np.empty((n, ho, wo, kh, kw * c), dtype=x.dtype)
+    if out is None:
+        out = np.empty((n * ho * wo, kh * kw * c), dtype=x.dtype)
+    cols = out.reshape(n, ho, wo, kh, kw * c)
     sn, sh, sw, sc = x.strides
     if sc * c == sw:  # (kw, C) contiguous: copy kernel rows as (kw*C)-long runs
-        for dy in range(kh):
-            rows = as_strided(
-                x[:, dy:],
-                shape=(n, ho, wo, kw * c),
-                strides=(sn, sh * stride, sw * stride, sc),
-                writeable=False,
-            )
-            cols[:, :, :, dy, :] = rows
+        rows = as_strided(x, shape=(n, ho, wo, kh, kw * c), strides=(sn, sh * stride, sw * stride, sh, sc),
+                          writeable=False)
+        np.copyto(cols, rows)
     else:
         cols.reshape(n, ho, wo, kh, kw, c)[...] = window_view(x, kh, kw, stride)
-    return cols.reshape(n * ho * wo, kh * kw * c)
+    return out
 
 
 def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int) -> np.ndarray:
@@ -107,7 +106,8 @@ def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int) -> n
     return dx
 
 
-def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, stride: int) -> np.ndarray:
+def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, stride: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """dL/dx of a valid convolution: the fused equivalent of ``col2im(grad @ W_mat.T)``.
 
     grad_out: (N, Ho, Wo, C_out), kernel: (kh, kw, C_in, C_out) -> (N, H, W, C_in).
@@ -139,12 +139,26 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
             plane[:, qy : qy + ho, qx : qx + wo, :] += block
     if s == 1:
         dx = planes[(0, 0)]
-        return dx if (hp, wp) == (h, w) else _crop_or_pad(dx, h, w)
-    full = np.zeros((n, hp, s, wp, s, cin), dtype=blocks.dtype)
-    for (ry, rx), plane in planes.items():
-        full[:, :, ry, :, rx, :] = plane
-    full = full.reshape(n, hp * s, wp * s, cin)
-    return _crop_or_pad(full, h, w)
+        dx = dx if (hp, wp) == (h, w) else _crop_or_pad(dx, h, w)
+    elif out is not None and (hp * s, wp * s) == (h, w):   # interleave straight into ``out``
+        full = out.reshape(n, hp, s, wp, s, cin)
+        for ry in range(s):
+            for rx in range(s):
+                plane = planes.get((ry, rx))
+                if plane is None:    # a phase no kernel offset reaches (stride > kernel)
+                    full[:, :, ry, :, rx, :] = 0
+                else:
+                    full[:, :, ry, :, rx, :] = plane
+        return out
+    else:
+        full = np.zeros((n, hp, s, wp, s, cin), dtype=blocks.dtype)
+        for (ry, rx), plane in planes.items():
+            full[:, :, ry, :, rx, :] = plane
+        dx = _crop_or_pad(full.reshape(n, hp * s, wp * s, cin), h, w)
+    if out is None:
+        return dx
+    out[...] = dx
+    return out
 
 
 def _crop_or_pad(a: np.ndarray, h: int, w: int) -> np.ndarray:

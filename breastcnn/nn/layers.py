@@ -22,6 +22,7 @@ import numpy as np
 
 from breastcnn.errors import UserInputError
 from breastcnn.nn import functional as F
+from breastcnn.nn.parallel import chunk_size, map_chunks, ordered_sum
 
 
 class Layer:
@@ -156,38 +157,72 @@ class Conv2D(Layer):
             self.params["b"] = np.zeros(self.filters, np.float32)
         return out
 
+    def _chunk(self, x_shape, dtype) -> int:
+        """Images per chunk: input + columns + output of a chunk stay in cache (shape-dependent only)."""
+        _, h, w, cin = x_shape
+        k, s = self.kernel_size, self.strides
+        ho, wo = (h - k) // s + 1, (w - k) // s + 1
+        per_image = (h * w * cin + ho * wo * (k * k * cin + 2 * self.filters)) * np.dtype(dtype).itemsize
+        return chunk_size(per_image)
+
     def forward(self, x, training=False, cache=True):
         k, s = self.kernel_size, self.strides
         pads = None
         if self.padding == "same":
             x, pads = F.pad_same(x, (k, k), s)
-        n = x.shape[0]
-        cols = F.im2col(x, k, k, s)                       # (N*Ho*Wo, k*k*c_in)
+        n, h, w, _ = x.shape
+        ho, wo = (h - k) // s + 1, (w - k) // s + 1
         w_mat = self.params["W"].reshape(-1, self.filters)
-        out = cols @ w_mat                                # (N*Ho*Wo, filters): the one GEMM
-        if self.use_bias:
-            out += self.params["b"]
-        ho = (x.shape[1] - k) // s + 1
-        wo = (x.shape[2] - k) // s + 1
+        # bias tiled along a whole output row: the add then runs over long rows, not C-long runs
+        bias = np.tile(self.params["b"], wo) if self.use_bias else None
+        out = np.empty((n, ho, wo, self.filters), dtype=np.result_type(x.dtype, w_mat.dtype))
+        pixels = ho * wo
+        # Keep the columns for backward only when they are smaller than the input (stride > kernel,
+        # e.g. the first layer): otherwise backward rebuilds each chunk's columns from x while in cache.
+        keep_cols = cache and self.trainable and pixels * w_mat.shape[0] <= h * w * x.shape[3]
+        all_cols = np.empty((n * pixels, w_mat.shape[0]), x.dtype) if keep_cols else None
+
+        def chunk(a, b):   # im2col + the one GEMM on a cache-sized chunk of images, written in place
+            rows = out[a:b].reshape(-1, self.filters)
+            cols = F.im2col(x[a:b], k, k, s, out=None if all_cols is None else all_cols[a * pixels : b * pixels])
+            np.matmul(cols, w_mat, out=rows)
+            if bias is not None:
+                out[a:b].reshape(-1, bias.shape[0])[...] += bias
+
+        map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
         if cache:
-            self._cache = (cols, x.shape, pads)
-        return out.reshape(n, ho, wo, self.filters)
+            self._cache = (x, all_cols, pads)
+        return out
 
     def backward(self, grad_out, need_input_grad=True):
-        cols, padded_shape, pads = self._need_cache()
-        k, s = self.kernel_size, self.strides
-        g = grad_out.reshape(-1, self.filters)            # (N*Ho*Wo, filters)
-        if self.trainable:
-            self.grads["W"] = (cols.T @ g).reshape(self.params["W"].shape)
-            if self.use_bias:
-                self.grads["b"] = np.ones(g.shape[0], g.dtype) @ g   # GEMV: faster than g.sum(axis=0)
-        if not need_input_grad:
+        x, all_cols, pads = self._need_cache()
+        k, s, f = self.kernel_size, self.strides, self.filters
+        n = x.shape[0]
+        dtype = np.result_type(grad_out.dtype, self.params["W"].dtype)
+        dx = np.empty(x.shape, dtype=dtype) if need_input_grad else None
+
+        def chunk(a, b):   # (dW, db) partials of the chunk; dx rows written in place
+            g = grad_out[a:b].reshape(-1, f)
+            parts = None
+            if self.trainable:
+                pixels = g.shape[0] // (b - a)
+                cols = F.im2col(x[a:b], k, k, s) if all_cols is None else all_cols[a * pixels : b * pixels]
+                parts = (cols.T @ g, np.ones(g.shape[0], g.dtype) @ g if self.use_bias else None)
+            if dx is not None:
+                # = col2im(g @ W_mat.T), organised so that memory traffic stays in long runs
+                F.conv_input_grad(grad_out[a:b], self.params["W"], x[a:b].shape, s, out=dx[a:b])
+            return parts
+
+        parts = map_chunks(chunk, n, self._chunk(x.shape, dtype))
+        if self.trainable:   # chunk partials summed in chunk order: same result for any thread count
+            self.grads["W"] = ordered_sum([p[0] for p in parts]).reshape(self.params["W"].shape)
+            if self.use_bias:   # GEMV sums: faster than g.sum(axis=0)
+                self.grads["b"] = ordered_sum([p[1] for p in parts])
+        if dx is None:
             return None
-        # = col2im(g @ W_mat.T), organised so that memory traffic stays in long runs
-        dx = F.conv_input_grad(grad_out, self.params["W"], padded_shape, s)
         if pads is not None:
             (top, bottom), (left, right) = pads
-            dx = dx[:, top : padded_shape[1] - bottom, left : padded_shape[2] - right, :]
+            dx = dx[:, top : x.shape[1] - bottom, left : x.shape[2] - right, :]
         return dx
 
     def get_config(self):
@@ -220,72 +255,142 @@ class BatchNorm(Layer):
         self.state["moving_variance"] = np.ones(c, np.float32)
         return out
 
+    @staticmethod
+    def _view(x: np.ndarray) -> tuple[np.ndarray, int]:
+        """x as a 2-D (rows, W*C) array and the repeat W: per-channel vectors are tiled W times so
+        that every broadcast operation runs over long rows (much faster than (M, C) with a small C)."""
+        reps = x.shape[-2] if x.ndim >= 3 and x.size >= 4096 else 1   # tiny: tiling costs more than it saves
+        return x.reshape(-1, reps * x.shape[-1]), reps
+
+    @staticmethod
+    def _rows_per_chunk(row: np.ndarray) -> int:
+        # rows per chunk: the few (rows, W*C) arrays a pass touches stay in cache
+        return chunk_size(4 * row.shape[-1] * row.itemsize)
+
     def forward(self, x, training=False, cache=True):
-        gamma, beta = self.params["gamma"], self.params["beta"]
         c = x.shape[-1]
-        flat = x.reshape(-1, c)
-        m = flat.shape[0]
+        flat, reps = self._view(x)                      # (R, W*C)
+        r = flat.shape[0]
+        m = r * reps                                     # values per channel
+        rows = self._rows_per_chunk(flat)
+        fold = lambda v: v.reshape(reps, c).sum(axis=0)  # noqa: E731  (W*C,) -> (C,), fixed order
         batch_stats = bool(training and self.trainable)
         if batch_stats:
-            # Per-channel sums as a GEMV (much faster than a reduction over axis 0 of an (M, C) array)
-            mean = (np.ones(m, x.dtype) @ flat) / m
-            xc = flat - mean                                   # centred once, kept for backward
-            var = np.einsum("ij,ij->j", xc, xc) / m            # biased, like Keras
+            # Two passes over cache-sized row chunks (mean, then the centred sum of squares: as exact as
+            # Keras' two-pass moments); column sums as GEMVs (much faster than reducing axis 0)
+            def sums(a, b):
+                return np.ones(b - a, x.dtype) @ flat[a:b]
+
+            mean = fold(ordered_sum(map_chunks(sums, r, rows))) / m
+            mean_t = np.tile(mean, reps)
+
+            def squares(a, b):
+                xc = flat[a:b] - mean_t
+                return np.einsum("ij,ij->j", xc, xc)
+
+            var = fold(ordered_sum(map_chunks(squares, r, rows))) / m      # biased, like Keras
             mom = self.momentum
             for key, value in (("moving_mean", mean), ("moving_variance", var)):
                 self.state[key] = (mom * self.state[key] + (1 - mom) * value).astype(self.state[key].dtype)
         else:
             mean = self.state["moving_mean"].astype(x.dtype)
             var = self.state["moving_variance"].astype(x.dtype)
-            xc = None
         inv_std = (1.0 / np.sqrt(var + self.epsilon)).astype(x.dtype)
-        scale = gamma * inv_std
-        if xc is not None:
-            out = xc * scale
-            out += beta
-        else:  # inference: one fused affine x*scale + shift
-            out = flat * scale
-            out += beta - mean * scale
-        if cache:
-            self._cache = (x if xc is None else None, xc, mean, inv_std)
+        scale = (self.params["gamma"] * inv_std).astype(x.dtype)
+        out = np.empty_like(flat)
+        if batch_stats:
+            scale_t, beta_t = np.tile(scale, reps), np.tile(self.params["beta"].astype(x.dtype), reps)
+
+            def normalise(a, b):   # (x - mean) * scale + beta, in place in the output rows
+                o = out[a:b]
+                np.subtract(flat[a:b], mean_t, out=o)
+                o *= scale_t
+                o += beta_t
+        else:   # moving statistics: one affine map x * scale + shift
+            shift = (self.params["beta"] - mean * scale).astype(x.dtype)
+            if reps > 1:
+                scale, shift = np.tile(scale, reps), np.tile(shift, reps)
+
+            def normalise(a, b):
+                o = out[a:b]
+                np.multiply(flat[a:b], scale, out=o)
+                o += shift
+
+        map_chunks(normalise, r, rows)
+        if cache:   # the input (not x - mean): backward recomputes the centring chunk by chunk
+            self._cache = (x, mean, inv_std, batch_stats)
         return out.reshape(x.shape)
 
     def backward(self, grad_out, need_input_grad=True):
-        x, xc, mean, inv_std, = self._need_cache()
-        batch_stats = xc is not None
-        shape = grad_out.shape
-        c = shape[-1]
-        g = grad_out.reshape(-1, c)
-        m = g.shape[0]
-        if xc is None:
-            xc = x.reshape(-1, c) - mean
-        dbeta = np.ones(m, g.dtype) @ g
-        dgamma = np.einsum("ij,ij->j", g, xc) * inv_std        # sum(g * x_hat)
+        x, mean, inv_std, batch_stats = self._need_cache()
+        c = x.shape[-1]
+        g, reps = self._view(grad_out)
+        flat, _ = self._view(x)
+        r = g.shape[0]
+        m = r * reps
+        rows = self._rows_per_chunk(g)
+        fold = lambda v: v.reshape(reps, c).sum(axis=0)  # noqa: E731
+        mean_t = np.tile(mean, reps)
+
+        def sums(a, b):   # (sum g, sum g * (x - mean)) of a row chunk, per column
+            gc = g[a:b]
+            return np.ones(b - a, g.dtype) @ gc, np.einsum("ij,ij->j", gc, flat[a:b] - mean_t)
+
+        parts = map_chunks(sums, r, rows)
+        dbeta = fold(ordered_sum([p[0] for p in parts]))
+        dgamma = fold(ordered_sum([p[1] for p in parts])) * inv_std      # sum(g * x_hat)
         self._set_grad("gamma", dgamma)
         self._set_grad("beta", dbeta)
         if not need_input_grad:
             return None
         scale = self.params["gamma"] * inv_std
-        if not batch_stats:
-            return (g * scale).reshape(shape)
-        # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) = g*scale - (xc*a + b)
-        a = scale * inv_std * dgamma / m
-        b = scale * dbeta / m
-        correction = xc * a
-        correction += b
-        dx = g * scale
-        dx -= correction
-        return dx.reshape(shape)
+        scale_t = np.tile(scale, reps).astype(g.dtype)
+        dx = np.empty_like(g)
+        if batch_stats:
+            # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) = g*scale - ((x - mean)*a + b)
+            a_t = np.tile(scale * inv_std * dgamma / m, reps).astype(g.dtype)
+            b_t = np.tile(scale * dbeta / m, reps).astype(g.dtype)
+
+            def input_grad(a, b):
+                correction = flat[a:b] - mean_t
+                correction *= a_t
+                correction += b_t
+                d = dx[a:b]
+                np.multiply(g[a:b], scale_t, out=d)
+                d -= correction
+        else:
+            def input_grad(a, b):
+                np.multiply(g[a:b], scale_t, out=dx[a:b])
+
+        map_chunks(input_grad, r, rows)
+        return dx.reshape(grad_out.shape)
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
+
+
+#: arrays with fewer elements skip chunking and tiling (their per-call overhead would dominate)
+_SMALL = 1 << 15
+
+
+def _elementwise_chunk(flat: np.ndarray) -> int:
+    """Samples per chunk for an element-wise layer on ``flat`` (N, features)."""
+    return chunk_size(2 * flat.shape[1] * flat.itemsize)
 
 
 class ReLU(Layer):
     """max(x, 0), element-wise."""
 
     def forward(self, x, training=False, cache=True):
-        out = np.maximum(x, 0)
+        if x.size < _SMALL:   # not worth the chunk machinery
+            out = np.maximum(x, 0)
+            if cache:
+                self._cache = out
+            return out
+        out = np.empty_like(x)
+        flat_x, flat_out = x.reshape(x.shape[0], -1), out.reshape(x.shape[0], -1)
+        map_chunks(lambda a, b: np.maximum(flat_x[a:b], 0, out=flat_out[a:b]), x.shape[0],
+                   _elementwise_chunk(flat_x))
         if cache:
             self._cache = out
         return out
@@ -294,7 +399,13 @@ class ReLU(Layer):
         out = self._need_cache()
         if not need_input_grad:
             return None
-        return grad_out * (out > 0)
+        if grad_out.size < _SMALL:
+            return grad_out * (out > 0)
+        dx = np.empty_like(grad_out)
+        flat_g, flat_out, flat_dx = (a.reshape(a.shape[0], -1) for a in (grad_out, out, dx))
+        map_chunks(lambda a, b: np.multiply(flat_g[a:b], flat_out[a:b] > 0, out=flat_dx[a:b]), dx.shape[0],
+                   _elementwise_chunk(flat_g))
+        return dx
 
 
 class LeakyReLU(Layer):
@@ -354,8 +465,13 @@ class MaxPool2D(Layer):
         n, h, w, c = x.shape
         p, s = self.pool_size, self.strides
         ho, wo = (h - p) // s + 1, (w - p) // s + 1
-        if p == s:  # non-overlapping windows: crop and reshape
-            out = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c).max(axis=(2, 4))
+        if p == s:  # non-overlapping windows: crop and reshape, in batch chunks (engine threads)
+            out = np.empty((n, ho, wo, c), dtype=x.dtype)
+
+            def chunk(a, b):
+                out[a:b] = x[a:b, : ho * p, : wo * p, :].reshape(b - a, ho, p, wo, p, c).max(axis=(2, 4))
+
+            map_chunks(chunk, n, chunk_size(3 * h * w * c * x.itemsize))
         else:
             out = None
             for sl in self._windows(x.shape):
@@ -369,7 +485,13 @@ class MaxPool2D(Layer):
         if not need_input_grad:
             return None
         if self.pool_size == self.strides:
-            return self._backward_disjoint(x, out, grad_out)
+            dx = np.empty(x.shape, dtype=grad_out.dtype)
+
+            def chunk(a, b):
+                dx[a:b] = self._backward_disjoint(x[a:b], out[a:b], grad_out[a:b])
+
+            map_chunks(chunk, x.shape[0], chunk_size(4 * x[0].size * x.itemsize))
+            return dx
         dx = np.zeros_like(x, dtype=grad_out.dtype)
         unrouted = np.ones(out.shape, dtype=bool)
         for sl in self._windows(x.shape):

@@ -27,7 +27,7 @@ from breastcnn.errors import UserInputError
 from breastcnn.nn.layers import Layer, Softmax
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.optim import Adam
-from breastcnn.nn.parallel import blas_threads, map_batches
+from breastcnn.nn.parallel import blas_threads, engine_threads, map_batches
 
 
 
@@ -49,10 +49,14 @@ class Sequential:
 
     framework = "numpy"
     #: BLAS threads used by predict / compute_gradients / train_on_batch (None: leave the process setting).
-    #: Default 1: the engine's GEMMs are small, and OpenBLAS threads that spin-wait make a train step
-    #: 6x slower on a busy 2-core machine (measured: 85 ms with 1 thread vs 553 ms with 2, see
-    #: benchmarks/bench_engine.py); predict(jobs=N) shards batches over threads instead.
+    #: Default 1: OpenBLAS threads spin-wait, so on a busy 2-core machine a train step with 2 BLAS threads
+    #: was 1.4-2x slower than with 1 (and batch-1 inference ~10x), and even on an idle machine it lost to
+    #: engine threads (benchmarks/bench_engine.py). Parallelism comes from ``threads`` instead.
     blas_threads: int | None = 1
+    #: Engine threads that run each layer's batch chunks (nn/parallel.py ``map_chunks``, BLAS at 1 thread
+    #: each), used by predict / compute_gradients / train_on_batch. Default 0 = all cores. None: leave the
+    #: caller's ``engine_threads`` setting. Results are bit-identical for any value (fixed chunking).
+    threads: int | None = 0
 
     def __init__(self, layers: list[Layer], input_shape: tuple | None = None, seed: int = 0,
                  meta: dict | None = None):
@@ -174,7 +178,7 @@ class Sequential:
         if batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
         n_layers = len(self.layers)
-        with blas_threads(self.blas_threads):
+        with blas_threads(self.blas_threads), engine_threads(self.threads if jobs == 1 else None):
             out = map_batches(lambda xb: self._run(xb, False, n_layers, False), x, batch_size, jobs)
         if x.shape[0] == 0:
             return np.empty((0, *self.output_shape), np.float32)
@@ -206,7 +210,7 @@ class Sequential:
         """Forward + loss + backward (gradients include the L2 term); returns the loss (incl. L2)."""
         if self.loss is None:
             self.compile()
-        with blas_threads(self.blas_threads):
+        with blas_threads(self.blas_threads), engine_threads(self.threads):
             logits = self.logits(x, training=training)
             loss, grad_logits = self.loss(logits, y, class_weights)
             self.backward(grad_logits, need_input_grad=False)

@@ -1,13 +1,24 @@
-"""BLAS thread control (threadpoolctl) and joblib sharding of big batches.
+"""BLAS thread control (threadpoolctl), batch chunking over engine threads, joblib sharding.
 
-Sharding runs shards of a batch in joblib *threads* (NumPy releases the GIL)
-with BLAS limited to one thread each, so the two never oversubscribe cores.
+Two levels of parallelism, both with threads (NumPy releases the GIL):
+
+- inside one forward/backward pass, layers cut the batch into fixed-size
+  *chunks* (sized to stay in cache) and run them with :func:`map_chunks` on
+  the engine threads set by :func:`engine_threads` (``Sequential.threads``);
+  the chunking never depends on the thread count and partial results are
+  combined in chunk order, so 1 and N threads give bit-identical results;
+- ``predict(jobs=N)`` shards whole batches over joblib threads (:func:`map_batches`).
+
+In both, BLAS is limited to one thread per worker so the levels never oversubscribe cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -68,3 +79,96 @@ def map_batches(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_siz
                 delayed(fn)(x[s : s + batch_size]) for s in starts
             )
     return np.concatenate(outs, axis=0) if outs else np.empty((0,), np.float32)
+
+
+# -- engine threads: chunks of one batch, inside a layer ----------------------------------------------------------
+
+_local = threading.local()          # per calling thread: how many engine threads its layers may use
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def current_threads() -> int:
+    """Engine threads available to layers called from this thread (1 unless inside :func:`engine_threads`)."""
+    return getattr(_local, "threads", 1)
+
+
+@contextlib.contextmanager
+def engine_threads(n: int | None) -> Iterator[None]:
+    """Let layers run their batch chunks on ``n`` threads inside the block (None: leave as is; <= 0: all cores).
+
+    Only the calling thread is affected (joblib workers of ``predict(jobs=...)`` keep 1).
+    """
+    if n is None:
+        yield
+        return
+    previous = current_threads()
+    _local.threads = resolve_jobs(n)
+    try:
+        yield
+    finally:
+        _local.threads = previous
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    # One persistent pool (threads are reused: starting them per call would cost more than a small layer)
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="breastcnn-engine")
+        return _pool
+
+
+def chunk_size(bytes_per_sample: int, budget: int = 4 << 20) -> int:
+    """Samples per chunk so that a chunk's working set is about ``budget`` bytes (at least 1).
+
+    Depends on the layer's shapes only, never on the thread count (determinism).
+    The default 4 MiB was the fastest of 0.5-32 MiB for the custom model's train
+    step with 1 and 2 threads (benchmarks/bench_engine.py): smaller chunks pay
+    more per-call overhead and GIL hand-offs, larger ones fall out of cache.
+    """
+    return max(1, int(budget) // max(int(bytes_per_sample), 1))
+
+
+def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
+    """``[fn(start, stop) for each chunk of range(n)]``, the chunks run on the engine threads.
+
+    Results come back in chunk order whatever thread ran them, so reductions
+    over them are deterministic. Chunks are taken from a shared counter
+    (a busy core simply takes fewer); the calling thread works too. ``fn``
+    must only write to its own rows of shared outputs.
+    """
+    if n <= chunk:            # one chunk (small batches, batch-1 inference): no bookkeeping
+        return [fn(0, n)]
+    chunk = max(int(chunk), 1)
+    ranges = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    threads = min(current_threads(), len(ranges))
+    if threads <= 1:
+        return [fn(a, b) for a, b in ranges]
+    results: list = [None] * len(ranges)
+    counter = itertools.count()            # next() on it is atomic under the GIL
+
+    def work() -> None:
+        for i in iter(counter.__next__, None):
+            if i >= len(ranges):
+                return
+            results[i] = fn(*ranges[i])
+
+    with blas_threads(1):                  # BLAS limits are process-wide: one BLAS thread per engine thread
+        futures = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
+        try:
+            work()
+        finally:
+            for future in futures:
+                future.result()            # re-raises a worker's exception
+    return results
+
+
+def ordered_sum(parts: list):
+    """Sum of ``parts`` left to right (a fixed order: deterministic float results)."""
+    total = parts[0].copy() if isinstance(parts[0], np.ndarray) else parts[0]
+    for part in parts[1:]:
+        total += part
+    return total

@@ -1,0 +1,233 @@
+"""Inference for any classifier: evaluate on a split subset, predict image files.
+
+Works only through the classifier interface (``model.predict(x_pre,
+batch_size)``, ``model.meta["image_size"]``, ``model.meta["preprocess"]``,
+``model.framework``), so NumPy ``.npz`` and Keras ``.keras`` models are
+treated the same.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from breastcnn import CLASSES
+from breastcnn.errors import UserInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+"""File types picked up when a folder is given (case-insensitive)."""
+
+PREDICTION_COLUMNS = ("path", "true_label", "probability", "predicted_label", "patient")
+"""Columns of ``predictions.csv`` written by ``evaluate`` (probability = P(malignant))."""
+
+
+def model_input_spec(model) -> tuple[int, str]:
+    """``(image_size, preprocess mode)`` from a model's meta, with a clear error when absent."""
+    meta = getattr(model, "meta", None) or {}
+    try:
+        size = int(meta["image_size"])
+        mode = str(meta["preprocess"])
+    except (KeyError, TypeError, ValueError):
+        raise UserInputError(
+            f"the model's metadata lacks image_size/preprocess (got {sorted(meta)}); it cannot preprocess images"
+        ) from None
+    return size, mode
+
+
+def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512) -> np.ndarray:
+    """P(malignant) ``(N,)`` float32 for uint8 images ``(N, S, S, 3)``, preprocessing chunk by chunk.
+
+    Chunks keep the float32 copy small (a 224px float image is 600 KB).
+    """
+    from breastcnn.data.images import preprocess
+
+    _, mode = model_input_spec(model)
+    out = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), chunk):
+        probs = model.predict(preprocess(x[start : start + chunk], mode), batch_size=batch_size)
+        out[start : start + chunk] = probs[:, 1]
+    return out
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate_model(
+    model,
+    split,
+    subset: str = "test",
+    threshold: float = 0.5,
+    jobs: int = 1,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Score ``model`` on ``subset`` of ``split`` (a loaded ``Split``).
+
+    Returns ``(metrics, rows)``: metrics from :func:`breastcnn.metrics.classification_metrics`
+    (patient-level accuracy included) and one row per image with
+    :data:`PREDICTION_COLUMNS` (path relative to the data root).
+    """
+    from breastcnn.data.images import load_subset
+    from breastcnn.metrics import classification_metrics
+
+    size, _ = model_input_spec(model)
+    records = split.subset(subset)
+    if not records:
+        raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
+    x, y = load_subset(split, subset, size, jobs=jobs, progress=progress)
+    p = predict_uint8(model, x, batch_size=batch_size)
+    patients = split.patients(subset)
+    metrics = classification_metrics(y, p, threshold=threshold, patients=patients)
+    metrics["subset"] = subset
+    rows = [
+        {
+            "path": record.path,
+            "true_label": CLASSES[int(label)],
+            "probability": float(prob),
+            "predicted_label": CLASSES[int(prob >= threshold)],
+            "patient": patient,
+        }
+        for record, label, prob, patient in zip(records, y, p, patients)
+    ]
+    return metrics, rows
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@dataclass
+class Prediction:
+    """One image's result: ``probability`` of malignant and ``label``, or ``error`` when unreadable."""
+
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.label, "probability": self.probability}
+
+
+def collect_images(items: Sequence[str | os.PathLike]) -> tuple[list[str], list[Prediction]]:
+    """Expand files, folders (recursive, :data:`IMAGE_EXTENSIONS`) and glob patterns.
+
+    Returns ``(paths, problems)``: existing files in argument order without
+    duplicates, and a :class:`Prediction` with ``error`` for each argument that
+    matched nothing. A file given explicitly is kept whatever its extension
+    (decoding then decides).
+    """
+    paths: list[str] = []
+    seen: set[str] = set()
+    problems: list[Prediction] = []
+
+    def add(path: str) -> None:
+        key = os.path.normpath(path)
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+
+    for item in items:
+        text = os.fspath(item)
+        if os.path.isdir(text):
+            found = sorted(
+                str(p) for p in Path(text).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                problems.append(Prediction(text, error=f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {text}"))
+            for p in found:
+                add(p)
+        elif os.path.isfile(text):
+            add(text)
+        elif glob.has_magic(text):
+            matches = sorted(m for m in glob.glob(text, recursive=True) if os.path.isfile(m))
+            if not matches:
+                problems.append(Prediction(text, error=f"no file matches {text}"))
+            for m in matches:
+                add(m)
+        else:
+            problems.append(Prediction(text, error=f"{text}: no such file or directory"))
+    return paths, problems
+
+
+def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    from breastcnn.data.images import decode_image
+
+    try:
+        return decode_image(path, size), None
+    except Exception as exc:  # any decoder failure is reported per file, the others go on
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        return None, f"{path}: cannot read image ({type(exc).__name__}: {message})"
+
+
+def _decode_chunk(paths: Sequence[str], size: int) -> list[tuple[np.ndarray | None, str | None]]:
+    return [_decode_one(p, size) for p in paths]
+
+
+def predict_paths(
+    model,
+    paths: Sequence[str],
+    threshold: float = 0.5,
+    batch_size: int = 64,
+    jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[Prediction]:
+    """Classify image files, streaming: decode a chunk in parallel, predict it, yield its results.
+
+    Memory stays bounded by the chunk (``batch_size * 4 * jobs`` images) however
+    many paths are given. Decoding runs in ``jobs`` joblib threads (Pillow
+    releases the GIL). Unreadable files yield a :class:`Prediction` with ``error``.
+    Results come in input order.
+    """
+    from joblib import Parallel, delayed
+
+    from breastcnn.data.images import preprocess
+    from breastcnn.nn.parallel import resolve_jobs
+
+    if not 0.0 <= threshold <= 1.0:
+        raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
+    size, mode = model_input_spec(model)
+    jobs = resolve_jobs(jobs)
+    chunk = max(1, batch_size) * 4 * jobs
+    per_worker = max(1, -(-chunk // jobs))
+    with Parallel(n_jobs=jobs, prefer="threads") as parallel:
+        for start in range(0, len(paths), chunk):
+            part = list(paths[start : start + chunk])
+            if jobs == 1:
+                decoded = _decode_chunk(part, size)
+            else:
+                pieces = [part[i : i + per_worker] for i in range(0, len(part), per_worker)]
+                decoded = [d for piece in parallel(delayed(_decode_chunk)(p, size) for p in pieces) for d in piece]
+            good = [i for i, (img, _) in enumerate(decoded) if img is not None]
+            probs = np.empty(0, np.float32)
+            if good:
+                x = np.stack([decoded[i][0] for i in good])
+                probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
+            by_index = dict(zip(good, probs))
+            for i, path in enumerate(part):
+                if i in by_index:
+                    p = float(by_index[i])
+                    yield Prediction(path, CLASSES[int(p >= threshold)], p)
+                else:
+                    yield Prediction(path, error=decoded[i][1])
+            if progress:
+                progress(len(part))
+
+
+def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:
+    """CSV text (header + rows) for ``columns``; floats with full precision."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()

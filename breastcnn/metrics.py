@@ -1,0 +1,151 @@
+"""Classification metrics: a thin layer over scikit-learn plus patient-level scores.
+
+Positive class = malignant (label 1). Every function takes plain arrays and
+returns JSON-serialisable Python values (floats, ints, lists, None).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from breastcnn.errors import UserInputError
+
+METRIC_KEYS = (
+    "n",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "benign_recall",
+    "roc_auc",
+    "confusion_matrix",
+    "patient_accuracy",
+    "threshold",
+)
+"""Keys of :func:`classification_metrics` (the ``evaluate --json`` contract)."""
+
+SCALAR_KEYS = ("accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "patient_accuracy")
+"""The float metrics that :func:`aggregate_metrics` summarises as mean +- std."""
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    p_malignant: Sequence[float] | np.ndarray,
+    threshold: float = 0.5,
+    patients: Sequence[str] | None = None,
+) -> dict:
+    """Scores of P(malignant) against the true labels (0 benign, 1 malignant).
+
+    Args:
+        y_true: ``(N,)`` int labels.
+        p_malignant: ``(N,)`` probabilities of the malignant class.
+        threshold: predict malignant when ``p >= threshold``.
+        patients: optional ``(N,)`` patient ids for the patient-level recognition
+            rate (mean over patients of the share of their images classified right,
+            Spanhol et al. 2016). ``None`` -> ``patient_accuracy`` is ``None``.
+
+    Returns:
+        dict with :data:`METRIC_KEYS`. Precision/recall/F1 are for the malignant
+        class and are 0.0 when undefined (no predicted/true positives, sklearn
+        ``zero_division=0``). ``roc_auc`` is ``None`` when only one class is
+        present, with the reason in ``roc_auc_note``.
+    """
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(p_malignant, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise UserInputError(f"y_true has {y.size} labels but p_malignant has {p.size} probabilities")
+    if y.size == 0:
+        raise UserInputError("cannot compute metrics on 0 images")
+    if not np.isin(y, (0, 1)).all():
+        raise UserInputError(f"labels must be 0 (benign) or 1 (malignant), got {sorted(set(y.tolist()))}")
+    if not np.isfinite(p).all():
+        raise UserInputError("p_malignant contains NaN or infinite values")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
+    y_pred = (p >= threshold).astype(np.int64)
+
+    cm = confusion_matrix(y, y_pred, labels=[0, 1])
+    result: dict = {
+        "n": int(y.size),
+        "accuracy": float(accuracy_score(y, y_pred)),
+        "precision": float(precision_score(y, y_pred, pos_label=1, labels=[0, 1], zero_division=0)),
+        "recall": float(recall_score(y, y_pred, pos_label=1, labels=[0, 1], zero_division=0)),
+        "f1": float(f1_score(y, y_pred, pos_label=1, labels=[0, 1], zero_division=0)),
+        "benign_recall": float(recall_score(y, y_pred, pos_label=0, labels=[0, 1], zero_division=0)),
+        "roc_auc": None,
+        "confusion_matrix": [[int(v) for v in row] for row in cm],
+        "patient_accuracy": None,
+        "threshold": float(threshold),
+    }
+    if np.unique(y).size == 2:
+        result["roc_auc"] = float(roc_auc_score(y, p))
+    else:
+        result["roc_auc_note"] = f"undefined: only class {int(y[0])} present in y_true"
+    if patients is not None:
+        result["patient_accuracy"] = patient_accuracy(y, y_pred, patients)
+    return result
+
+
+def patient_accuracy(y_true, y_pred, patients: Sequence[str]) -> float:
+    """Patient-level recognition rate: mean over patients of their share of correct images."""
+    y_true = np.asarray(y_true).ravel()
+    y_pred = np.asarray(y_pred).ravel()
+    patients = np.asarray([str(p) for p in patients])
+    if patients.shape != y_true.shape:
+        raise UserInputError(f"patients has {patients.size} entries but y_true has {y_true.size}")
+    correct = (y_true == y_pred).astype(np.float64)
+    ids, inverse = np.unique(patients, return_inverse=True)
+    per_patient = np.bincount(inverse, weights=correct) / np.bincount(inverse)
+    return float(per_patient.mean())
+
+
+def aggregate_metrics(results: Iterable[dict]) -> dict:
+    """Mean and (population) std of the scalar metrics over k folds / repetitions.
+
+    Returns ``{"folds": k, "accuracy": {"mean": .., "std": ..}, ...}``; a metric
+    that is ``None`` in some folds is averaged over the others (``None`` if in all).
+    The summed confusion matrix and ``n`` are included as well.
+    """
+    results = list(results)
+    if not results:
+        raise UserInputError("no results to aggregate")
+    summary: dict = {"folds": len(results), "n": int(sum(r["n"] for r in results))}
+    for key in SCALAR_KEYS:
+        values = [r.get(key) for r in results if r.get(key) is not None]
+        values = [float(v) for v in values if not (isinstance(v, float) and math.isnan(v))]
+        if values:
+            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        else:
+            summary[key] = None
+    summary["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in results], axis=0).astype(int).tolist()
+    summary["threshold"] = results[0].get("threshold")
+    return summary
+
+
+def fast_validation_scores(y_true: np.ndarray, p_malignant: np.ndarray, threshold: float = 0.5) -> dict:
+    """accuracy / malignant F1 / malignant recall with plain NumPy (hot path in training).
+
+    Same values as :func:`classification_metrics` (tested), without sklearn's
+    per-call overhead, because the training loop scores the validation subset
+    many times per epoch.
+    """
+    y = np.asarray(y_true).ravel().astype(np.int64)
+    pred = (np.asarray(p_malignant).ravel() >= threshold).astype(np.int64)
+    tp = int(np.sum((pred == 1) & (y == 1)))
+    fp = int(np.sum((pred == 1) & (y == 0)))
+    fn = int(np.sum((pred == 0) & (y == 1)))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": float(np.mean(pred == y)), "f1": float(f1), "recall": float(recall)}

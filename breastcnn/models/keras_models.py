@@ -1,0 +1,551 @@
+"""VGG16 / ResNet50 / custom-on-Keras behind the classifier interface.
+
+TensorFlow is an optional extra: nothing here imports it at module import
+time; :func:`require_keras` does, on first use, and turns its absence into a
+:class:`~breastcnn.errors.MissingDependencyError`.
+
+Models are plain functional ``keras.Model`` objects whose layers are flat (the
+``keras.applications`` base is not nested), so every layer, including the
+Grad-CAM one, is reachable with ``model.get_layer(name)``. They are wrapped in
+:class:`KerasClassifier`, which implements the same classifier interface as the
+NumPy ``Sequential`` (``framework``, ``meta``, ``predict``, ``count_params``,
+``save``) so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
+
+On disk a Keras model is ``model.keras`` (Keras v3 zip, without optimizer
+state) plus the sidecar ``breastcnn.json`` next to it (classes,
+preprocessing, image size, architecture, split hash, seed, versions); it is
+loaded with Keras ``safe_mode=True`` (no lambda deserialisation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from breastcnn import CLASSES, __version__
+from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.fsutil import atomic_write_json
+
+SIDECAR_NAME = "breastcnn.json"
+"""The JSON file saved next to every ``.keras`` model."""
+
+SIDECAR_FORMAT = 1
+
+KERAS_ARCHS = ("vgg16", "resnet50", "custom-keras")
+"""Architectures built here (registered in ``models.registry`` under these names)."""
+
+GRADCAM_LAYERS = {"vgg16": "block5_conv3", "resnet50": "conv5_block3_out"}
+"""Grad-CAM target layer per architecture (custom-keras: its last Conv2D, found at build time)."""
+
+IMAGENET_WEIGHTS = {
+    # arch: (file name in the Keras cache, download URL, md5 published by keras.applications)
+    "vgg16": (
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "6d6bbae143d832006294945121d1f1fc",
+    ),
+    "resnet50": (
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "4d473c1dd8becc155b73f8504c6f6626",
+    ),
+}
+
+OFFLINE_ENV = "BREASTCNN_OFFLINE"
+"""Set to 1 to never try a download (the missing-weights error comes at once)."""
+
+DOWNLOAD_TIMEOUT_S = 20.0
+"""Socket timeout for the ImageNet weights download (a dead network fails this fast)."""
+
+DEFAULT_DROPOUT = 0.5
+DEFAULT_TRAINABLE_LAYERS = 20
+
+
+# --------------------------------------------------------------------------- lazy TensorFlow
+
+
+def require_keras():
+    """Import and return ``keras`` (TensorFlow backend), or raise MissingDependencyError.
+
+    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) before the import so
+    TensorFlow's C++ info/warning lines do not flood stderr.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    try:
+        import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
+        import keras
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"TensorFlow is not installed: pip install 'breastcnn[keras]' ({exc})"
+        ) from None
+    if keras.backend.backend() != "tensorflow":
+        raise MissingDependencyError(
+            f"the Keras models need the TensorFlow backend, but KERAS_BACKEND={keras.backend.backend()}; "
+            "unset KERAS_BACKEND or set it to tensorflow"
+        )
+    return keras
+
+
+def _tf():
+    require_keras()
+    import tensorflow as tf
+
+    return tf
+
+
+def library_versions() -> dict:
+    """Versions recorded in the sidecar (TensorFlow/Keras included: they are loaded here)."""
+    keras = require_keras()
+    tf = _tf()
+    return {
+        "breastcnn": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+class KerasClassifier:
+    """A ``keras.Model`` (probabilities out) behind the breastcnn classifier interface.
+
+    Attributes:
+        model: the functional ``keras.Model``; input ``(N, S, S, 3)`` float32
+            already preprocessed with ``meta["preprocess"]``, output ``(N, 2)``
+            softmax probabilities.
+        meta: ``classes``, ``preprocess``, ``image_size``, ``arch``,
+            ``gradcam_layer``, and when trained ``split_hash``, ``seed``,
+            ``versions``, ... (written to ``breastcnn.json``).
+        framework: ``"keras"``.
+    """
+
+    framework = "keras"
+
+    def __init__(self, model, meta: dict):
+        self.model = model
+        self.meta = dict(meta)
+        self._infer = None  # compiled tf.function, built on first predict
+
+    # -- shape / names ---------------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple:
+        """Input shape without the batch axis, e.g. ``(224, 224, 3)``."""
+        return tuple(int(d) for d in self.model.input_shape[1:])
+
+    @property
+    def output_shape(self) -> tuple:
+        return tuple(int(d) for d in self.model.output_shape[1:])
+
+    @property
+    def gradcam_layer(self) -> str:
+        """Name of the layer Grad-CAM uses (``model.get_layer(name)``)."""
+        return self.meta["gradcam_layer"]
+
+    @property
+    def layers(self) -> list:
+        """The Keras layers in order (input layer included)."""
+        return list(self.model.layers)
+
+    # -- inference -------------------------------------------------------------------
+
+    def _inference_fn(self):
+        """A tf.function over the model in inference mode (one trace for any batch size)."""
+        if self._infer is None:
+            tf = _tf()
+            model = self.model
+
+            @tf.function(
+                input_signature=[tf.TensorSpec((None, *self.input_shape), tf.float32)],
+                reduce_retracing=True,
+            )
+            def infer(x):
+                return model(x, training=False)
+
+            self._infer = infer
+        return self._infer
+
+    def predict(self, x: np.ndarray, batch_size: int = 64, jobs: int = 1, progress=None) -> np.ndarray:
+        """Class probabilities for preprocessed images.
+
+        Args:
+            x: ``(N, S, S, 3)`` float32, preprocessed with ``meta["preprocess"]``.
+            batch_size: images per forward pass.
+            jobs: accepted for interface parity with ``Sequential``; TensorFlow
+                manages its own thread pools.
+            progress: optional ``callable(advance: int)`` called after each batch.
+
+        Returns:
+            float32 ``(N, num_classes)``.
+        """
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise UserInputError(
+                f"{self.meta.get('arch', 'keras')} model expects images of shape "
+                f"(N, {', '.join(map(str, self.input_shape))}), received {tuple(x.shape)}"
+            )
+        if batch_size < 1:
+            raise UserInputError(f"batch_size must be >= 1, received {batch_size}")
+        infer = self._inference_fn()
+        out = np.empty((x.shape[0], self.output_shape[-1]), dtype=np.float32)
+        for start in range(0, x.shape[0], batch_size):
+            batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+            out[start : start + len(batch)] = infer(batch).numpy()
+            if progress is not None:
+                progress(len(batch))
+        return out
+
+    # -- introspection ---------------------------------------------------------------
+
+    def count_params(self) -> dict:
+        """``{"trainable": int, "non_trainable": int}`` (frozen layers and BN statistics are non-trainable)."""
+        trainable = sum(int(np.prod(w.shape)) for w in self.model.trainable_weights)
+        frozen = sum(int(np.prod(w.shape)) for w in self.model.non_trainable_weights)
+        return {"trainable": trainable, "non_trainable": frozen}
+
+    def summary(self) -> str:
+        """Keras' summary table as text."""
+        lines: list[str] = []
+        self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+        return "\n".join(lines)
+
+    # -- saving ----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, optimizer=None, extra=None) -> Path:
+        """Write ``path`` (``.keras``) and ``breastcnn.json`` next to it, both atomically.
+
+        The optimizer state is not saved (an inference model, a third of the
+        size for a fully trainable network); ``optimizer``/``extra`` are
+        accepted for parity with ``Sequential.save`` and ignored.
+        """
+        keras = require_keras()
+        path = Path(path)
+        if path.suffix != ".keras":
+            raise UserInputError(f"a Keras model is saved as .keras, received {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if getattr(model, "optimizer", None) is not None:
+            # A compiled model would drag its optimizer variables into the file.
+            # (clone_model would compile the clone too; from_config does not.)
+            model = keras.Model.from_config(self.model.get_config())
+            model.set_weights(self.model.get_weights())
+        # Keras insists on the .keras suffix, so the temporary file keeps it.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.keras", dir=path.parent)
+        os.close(fd)
+        try:
+            model.save(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a model file is shareable
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        sidecar = dict(self.meta)
+        sidecar.update({"format": SIDECAR_FORMAT, "framework": "keras", "model_file": path.name})
+        atomic_write_json(sidecar_path(path), _jsonable(sidecar))
+        return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """``breastcnn.json`` beside ``model_path``."""
+    return Path(model_path).with_name(SIDECAR_NAME)
+
+
+def _jsonable(obj: Any):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
+    """Load ``model.keras`` + ``breastcnn.json`` with Keras safe mode on.
+
+    Raises UserInputError when the file or its sidecar is missing or invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--model {path}: no such file")
+    if path.suffix != ".keras":
+        raise UserInputError(f"--model {path}: a Keras model file ends in .keras")
+    meta = read_sidecar(path)
+    keras = require_keras()
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # corrupt zip, unknown layer, unsafe lambda under safe mode...
+        raise UserInputError(f"--model {path}: cannot load this Keras model ({' '.join(str(exc).split())})") from None
+    shape = tuple(int(d) for d in model.input_shape[1:])
+    if meta.get("image_size") is not None and shape[:2] != (meta["image_size"],) * 2:
+        raise UserInputError(
+            f"{sidecar_path(path)}: image_size {meta['image_size']} does not match the model input {shape}"
+        )
+    meta.setdefault("image_size", shape[0])
+    if "gradcam_layer" not in meta or meta["gradcam_layer"] not in {layer.name for layer in model.layers}:
+        meta["gradcam_layer"] = last_conv_name(model)
+    return KerasClassifier(model, meta)
+
+
+def read_sidecar(model_path: str | os.PathLike) -> dict:
+    """The ``breastcnn.json`` of a ``.keras`` model, checked."""
+    side = sidecar_path(model_path)
+    if not side.is_file():
+        raise UserInputError(
+            f"--model {model_path}: its metadata file {side} is missing (a breastcnn Keras model is "
+            f"saved as {Path(model_path).name} + {SIDECAR_NAME}); re-export or copy both files"
+        )
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{side}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise UserInputError(f"{side}: expected a JSON object, received {type(meta).__name__}")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise UserInputError(f"{side}: 'classes' must be a list of class names, received {classes!r}")
+    if meta.get("preprocess") not in ("caffe", "minmax"):
+        raise UserInputError(f"{side}: 'preprocess' must be caffe or minmax, received {meta.get('preprocess')!r}")
+    size = meta.get("image_size")
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise UserInputError(f"{side}: 'image_size' must be a positive integer, received {size!r}")
+    return meta
+
+
+def last_conv_name(model) -> str | None:
+    """Name of the last Conv2D layer of a Keras model (the Grad-CAM layer of custom-keras), or None."""
+    keras = require_keras()
+    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    return convs[-1] if convs else None
+
+
+# --------------------------------------------------------------------------- ImageNet weights
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches downloads: ``$KERAS_HOME`` or ``~/.keras`` (read now, not at TF import)."""
+    home = os.environ.get("KERAS_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".keras"
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """The cached ImageNet (no-top) weights file of ``arch``; downloaded if absent and online.
+
+    Raises UserInputError with one line naming the file, where to put it and
+    the ``--weights PATH`` / ``--weights none`` alternatives when the file is
+    absent and cannot be downloaded (offline machines; set BREASTCNN_OFFLINE=1
+    to skip the attempt altogether).
+    """
+    fname, url, md5 = IMAGENET_WEIGHTS[arch]
+    cache = keras_cache_dir()
+    cached = cache / "models" / fname
+    if cached.is_file():
+        return cached
+
+    def missing(reason: str) -> UserInputError:
+        return UserInputError(
+            f"--weights imagenet: the ImageNet weights for {arch} ({fname}) are not in the Keras cache "
+            f"and {reason}; download {url} and put it in {cache / 'models'} "
+            f"(the cache is $KERAS_HOME/models or ~/.keras/models), or pass --weights PATH to a local "
+            f"copy, or --weights none to start from random weights"
+        )
+
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise missing(f"{OFFLINE_ENV} is set (no download attempted)")
+    keras = require_keras()
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        # Keras prints "Downloading data from ..." on stdout; stdout is for data.
+        with contextlib.redirect_stdout(sys.stderr):
+            got = keras.utils.get_file(fname, url, cache_subdir="models", file_hash=md5, cache_dir=str(cache))
+    except Exception as exc:  # URL errors, timeouts, hash mismatch, unwritable cache
+        reason = " ".join(str(exc).split()).rsplit(" -- ", 1)[-1]  # Keras repeats the URL before " -- "
+        raise missing(f"the download failed ({reason[:160]})") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return Path(got)
+
+
+def _resolve_weights(weights: str | os.PathLike | None, arch: str) -> Path | None:
+    """``"imagenet"`` -> the cached file, ``"none"``/None -> None, a path -> that file (checked)."""
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        if arch not in IMAGENET_WEIGHTS:
+            raise UserInputError(
+                f"--weights imagenet: there are no ImageNet weights for {arch}; use --weights none or PATH"
+            )
+        return imagenet_weights_path(arch)
+    path = Path(weights)
+    if not path.is_file():
+        raise UserInputError(f"--weights {weights}: no such file (expected imagenet, none or a weights file)")
+    return path
+
+
+def _load_weights(target, path: Path, option_value) -> None:
+    try:
+        target.load_weights(str(path))
+    except Exception as exc:
+        raise UserInputError(
+            f"--weights {option_value}: cannot load {path} into {target.name} ({' '.join(str(exc).split())[:200]})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _check_common(input_shape, num_classes: int, trainable_layers: int, dropout: float) -> tuple:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or shape[-1] != 3 or shape[0] != shape[1]:
+        raise UserInputError(f"input_shape must be (S, S, 3), received {tuple(input_shape)}")
+    if shape[0] < 32:
+        raise UserInputError(f"--image-size must be at least 32 for VGG16/ResNet50, received {shape[0]}")
+    if num_classes < 2:
+        raise UserInputError(f"num_classes must be >= 2, received {num_classes}")
+    if trainable_layers < 0:
+        raise UserInputError(f"--trainable-layers must be >= 0, received {trainable_layers}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserInputError(f"dropout must be in [0, 1), received {dropout}")
+    return shape
+
+
+def _pretrained(arch: str, app_fn, input_shape, num_classes, seed, weights, trainable_layers, dropout):
+    """Base from keras.applications + GAP -> Dropout -> Dense softmax; last layers trainable."""
+    keras = require_keras()
+    shape = _check_common(input_shape, num_classes, trainable_layers, dropout)
+    weights_file = _resolve_weights(weights, arch)
+    keras.utils.set_random_seed(int(seed))
+    base = app_fn(include_top=False, weights=None, input_shape=shape)
+    if weights_file is not None:
+        _load_weights(base, weights_file, weights)
+    # Freeze all but the last `trainable_layers` layers of `base.layers` (the weightless input
+    # and pooling layers count too). Frozen BatchNorm layers run in inference mode (Keras 3).
+    n_base = len(base.layers)
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= n_base - trainable_layers
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    out = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(base.input, out, name=arch)
+    meta = {
+        "arch": arch,
+        "classes": list(CLASSES) if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)],
+        "preprocess": "caffe",
+        "image_size": shape[0],
+        "seed": int(seed),
+        "weights": "none" if weights_file is None else ("imagenet" if str(weights).lower() == "imagenet" else str(weights)),
+        "trainable_layers": int(trainable_layers),
+        "base_layers": n_base,
+        "dropout": float(dropout),
+        "gradcam_layer": GRADCAM_LAYERS[arch],
+        "versions": library_versions(),
+    }
+    return KerasClassifier(model, meta)
+
+
+def create_vgg16(
+    input_shape=(224, 224, 3),
+    num_classes: int = 2,
+    seed: int = 0,
+    weights: str | os.PathLike | None = "imagenet",
+    trainable_layers: int = DEFAULT_TRAINABLE_LAYERS,
+    dropout: float = DEFAULT_DROPOUT,
+) -> KerasClassifier:
+    """VGG16 (no top) + GAP + dropout + dense softmax.
+
+    The VGG16 base has 19 layers (input, 13 conv, 5 pool), so the report's 20
+    trainable layers make the whole network trainable; the report's 7.08 M
+    trainable parameters correspond to ``trainable_layers=4`` (block5 only).
+    ``weights``: ``"imagenet"`` (Keras cache or download), ``"none"``, or a
+    path to a no-top weights file (``.h5``/``.weights.h5``).
+    """
+    keras = require_keras()
+    return _pretrained("vgg16", keras.applications.VGG16, input_shape, num_classes, seed, weights,
+                       trainable_layers, dropout)
+
+
+def create_resnet50(
+    input_shape=(224, 224, 3),
+    num_classes: int = 2,
+    seed: int = 0,
+    weights: str | os.PathLike | None = "imagenet",
+    trainable_layers: int = DEFAULT_TRAINABLE_LAYERS,
+    dropout: float = DEFAULT_DROPOUT,
+) -> KerasClassifier:
+    """ResNet50 (no top, 175 layers) + GAP + dropout + dense softmax; last layers trainable."""
+    keras = require_keras()
+    return _pretrained("resnet50", keras.applications.ResNet50, input_shape, num_classes, seed, weights,
+                       trainable_layers, dropout)
+
+
+def create_custom_keras(
+    input_shape=(224, 224, 3),
+    num_classes: int = 2,
+    seed: int = 0,
+    weights: str | os.PathLike | None = "none",
+    trainable_layers: int | None = None,
+    dropout: float | None = None,
+    **custom_kwargs,
+) -> KerasClassifier:
+    """The report's custom CNN in Keras, converted from the NumPy definition (one source of truth).
+
+    Built as ``convert.to_keras(create_model("custom", ...))``, so its initial
+    weights equal the NumPy model's for the same seed. ``trainable_layers``
+    and ``dropout`` are accepted and ignored (the whole network trains; the
+    architecture has no dropout). ``weights``: ``"none"`` or a path
+    to a Keras weights file (``.weights.h5``) or a ``.keras`` model of this
+    architecture. ``custom_kwargs`` go to the NumPy builder.
+    """
+    keras = require_keras()
+    from breastcnn.models import create_model
+    from breastcnn.models.convert import to_keras
+
+    shape = tuple(int(d) for d in input_shape)
+    if str(weights).lower() == "imagenet":
+        raise UserInputError("--weights imagenet: custom-keras has no ImageNet weights; use --weights none or PATH")
+    weights_file = _resolve_weights(weights, "custom-keras")
+    numpy_model = create_model("custom", input_shape=shape, num_classes=num_classes, seed=seed, **custom_kwargs)
+    keras.utils.set_random_seed(int(seed))
+    kmodel = to_keras(numpy_model)
+    if weights_file is not None:
+        _load_weights(kmodel, weights_file, weights)
+    meta = dict(getattr(numpy_model, "meta", {}) or {})
+    meta.update({
+        "arch": "custom-keras",
+        "classes": list(meta.get("classes") or CLASSES),
+        "preprocess": meta.get("preprocess", "caffe"),
+        "image_size": shape[0],
+        "seed": int(seed),
+        "weights": "none" if weights_file is None else str(weights),
+        "gradcam_layer": last_conv_name(kmodel),
+        "versions": library_versions(),
+    })
+    return KerasClassifier(kmodel, meta)
+
+
+BUILDERS = {"vgg16": create_vgg16, "resnet50": create_resnet50, "custom-keras": create_custom_keras}

@@ -1,0 +1,393 @@
+"""Fine-tune VGG16 / ResNet50 / custom-keras on a breastcnn split.
+
+The comparison with the NumPy model is fair because everything but the
+network is shared: the same split manifest, the same uint8 image cache
+(``data.images.load_subset``), the same :class:`~breastcnn.data.augment.Augmenter`
+(seeded, new draws every epoch), the same preprocessing
+(``data.images.preprocess``), the same balanced class weights, the same
+``history.csv`` columns (:data:`breastcnn.runs.HISTORY_COLUMNS`) and the same
+progress hooks (:class:`breastcnn.runs.TrainingCallback`). Batches reach Keras
+through a ``keras.utils.PyDataset`` (no deprecated ``ImageDataGenerator``).
+
+Validation runs once per epoch on the validation subset (never test);
+``EarlyStopping`` and ``ReduceLROnPlateau`` watch it, and the best model by
+``monitor`` is written to ``RUN_DIR/model.keras`` (+ ``breastcnn.json``) every
+time it improves, so an interrupted run keeps its best model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write_json, check_overwrite
+from breastcnn.models.keras_models import (
+    BUILDERS,
+    DEFAULT_DROPOUT,
+    DEFAULT_TRAINABLE_LAYERS,
+    KERAS_ARCHS,
+    library_versions,
+    require_keras,
+)
+from breastcnn.runs import TrainingCallback
+from breastcnn.train import SUMMARY_NAME, TrainingDiverged, _validation_scores
+
+MONITORS = ("val_accuracy", "val_f1", "val_recall")
+STRATEGIES = ("default", "mirrored")
+LR_FACTOR = 0.5
+"""ReduceLROnPlateau factor; it waits ``max(1, patience // 2)`` epochs without a lower val_loss."""
+MIN_LR = 1e-7
+
+
+def _batches(keras):
+    """The PyDataset class, defined on first use so that importing this module never imports TF."""
+
+    class AugmentedBatches(keras.utils.PyDataset):
+        """Shuffled, augmented, preprocessed training batches from the uint8 cache.
+
+        Batch ``i`` of epoch ``e`` (0-based) is drawn from ``np.random.default_rng([seed, e, i])``
+        and the order of epoch ``e`` from ``default_rng([seed, e])``: the stream depends only
+        on the seed, not on when or in which thread Keras asks for a batch, and every epoch
+        sees fresh draws.
+
+        ``x``: uint8 ``(N, S, S, 3)``; ``y``: int64 ``(N,)``. Yields ``(float32 (B, S, S, 3), int64 (B,))``.
+        """
+
+        def __init__(self, x, y, batch_size, preprocess_mode, augmenter, seed):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.x, self.y = x, y
+            self.batch_size = int(batch_size)
+            self.preprocess_mode = preprocess_mode
+            self.augmenter = augmenter
+            self.seed = int(seed)
+            self.epoch = 0
+            self._order_epoch = -1
+            self._order = None
+
+        @property
+        def num_batches(self) -> int:
+            return math.ceil(len(self.x) / self.batch_size)
+
+        def batch_sizes(self) -> list[int]:
+            n, b = len(self.x), self.batch_size
+            return [min(b, n - i * b) for i in range(self.num_batches)]
+
+        def _epoch_order(self) -> np.ndarray:
+            if self._order_epoch != self.epoch:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+                self._order_epoch = self.epoch
+            return self._order
+
+        def __getitem__(self, index: int):
+            from breastcnn.data.images import preprocess
+
+            idx = self._epoch_order()[index * self.batch_size : (index + 1) * self.batch_size]
+            xb = self.x[idx]
+            if self.augmenter is not None:
+                xb = self.augmenter(xb, np.random.default_rng([self.seed, self.epoch, index]))
+            return preprocess(xb, self.preprocess_mode), self.y[idx]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+
+    return AugmentedBatches
+
+
+def default_weights(arch: str) -> str:
+    """``--weights`` when not given: imagenet for vgg16/resnet50 (the report's), none for custom-keras."""
+    return "none" if arch == "custom-keras" else "imagenet"
+
+
+def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size):
+    if arch not in KERAS_ARCHS:
+        raise UserInputError(f"--model {arch!r}: expected one of {', '.join(KERAS_ARCHS)} or a .npz file")
+    if epochs < 1:
+        raise UserInputError(f"--epochs must be >= 1, received {epochs}")
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, received {batch_size}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserInputError(f"--lr must be a positive number, received {lr}")
+    if patience < 1:
+        raise UserInputError(f"--patience must be >= 1, received {patience}")
+    if monitor not in MONITORS:
+        raise UserInputError(f"--monitor must be one of {', '.join(MONITORS)}, received {monitor!r}")
+    if strategy not in STRATEGIES:
+        raise UserInputError(f"--strategy must be one of {', '.join(STRATEGIES)}, received {strategy!r}")
+    minimum = 51 if arch == "custom-keras" else 32
+    if image_size < minimum:
+        raise UserInputError(f"--image-size must be at least {minimum} for {arch}, received {image_size}")
+
+
+def finetune_keras(
+    arch: str,
+    split_dir="splits/200X",
+    out=None,
+    *,
+    weights: str | None = None,
+    trainable_layers: int = DEFAULT_TRAINABLE_LAYERS,
+    dropout: float = DEFAULT_DROPOUT,
+    epochs: int = 200,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    patience: int = 10,
+    class_weights: str | None = "balanced",
+    image_size: int = 224,
+    monitor: str = "val_accuracy",
+    augment: bool = True,
+    seed: int = 0,
+    deterministic: bool = False,
+    strategy: str = "default",
+    jobs: int = 1,
+    force: bool = False,
+    callback: TrainingCallback | None = None,
+    runs_root=None,
+    options: dict | None = None,
+) -> dict:
+    """Fine-tune ``arch`` (vgg16 | resnet50 | custom-keras) on ``split_dir``; return the run summary.
+
+    Writes to the run directory (``out`` or a new ``runs/<arch>-<stamp>``):
+    ``config.json``, ``history.csv`` (one row per epoch), ``model.keras`` +
+    ``breastcnn.json`` (best by ``monitor``) and ``training.png``.
+
+    ``weights``: ``"imagenet"``/``"none"``/a path; None -> imagenet for
+    vgg16/resnet50, none for custom-keras. ``options``: what to record as the
+    run's options in ``config.json`` (default: these arguments).
+
+    Returns a dict with ``run_dir``, ``model_path``, ``arch``, ``stopped``
+    (``completed`` | ``early_stopping`` | ``interrupted`` | ``nan``),
+    ``epochs_run``, ``steps``, ``best_score``, ``best_epoch``, ``best_step``,
+    ``monitor``, ``elapsed_s``, ``params``, ``strategy``, ``devices``. A
+    KeyboardInterrupt is caught: the best model so far stays on disk and the
+    summary says ``interrupted``.
+    """
+    from breastcnn import runs
+    from breastcnn.data.augment import Augmenter
+    from breastcnn.data.augment import class_weights as compute_class_weights
+    from breastcnn.data.images import load_subset, preprocess
+    from breastcnn.data.split import load_split
+
+    _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size)
+    hooks = callback if callback is not None else TrainingCallback()
+    weights = default_weights(arch) if weights is None else weights
+    split = load_split(split_dir)
+    if out is not None:  # refuse an existing run directory before the (slow) model build
+        check_overwrite(out, force)
+    keras = require_keras()
+    import tensorflow as tf
+
+    # Seeds before anything random is built; op determinism must precede graph building.
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    recorded = dict(options) if options is not None else {
+        "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
+        "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+        "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
+        "seed": seed, "deterministic": deterministic, "strategy": strategy,
+    }
+    recorded.setdefault("seed", seed)
+
+    # Build the model before creating the run directory: a missing-weights error leaves nothing behind.
+    gpus = tf.config.list_physical_devices("GPU")
+    if strategy == "mirrored":
+        dist = tf.distribute.MirroredStrategy()
+        if not gpus:
+            hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
+    else:
+        dist = tf.distribute.get_strategy()
+    devices = [d.name for d in gpus] or ["CPU"]
+    with dist.scope():
+        builder_kwargs = {"weights": weights}
+        if arch != "custom-keras":
+            builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
+        classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
+                                    **builder_kwargs)
+        model = classifier.model
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=lr),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+
+    run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
+    run_dir = runs.new_run_dir(arch, out, force=force, **run_kwargs)
+    runs.write_run_config(run_dir, recorded, split)
+
+    hooks.on_message(f"loading {split.dir} at {image_size}x{image_size} (cached after the first run)")
+    x_train, y_train = load_subset(split, "train", image_size, jobs=jobs)
+    x_val, y_val = load_subset(split, "val", image_size, jobs=jobs)
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise UserInputError(
+            f"--split {split.dir}: fine-tuning needs train and val images, found {len(x_train)} train / {len(x_val)} val"
+        )
+    mode = classifier.meta["preprocess"]
+    x_val_pre = preprocess(x_val, mode)
+    weights_by_class = compute_class_weights(y_train, class_weights)
+    batches = _batches(keras)(
+        x_train, y_train, batch_size, mode, Augmenter() if augment else None, seed
+    )
+
+    classifier.meta.update({
+        "split_hash": split.hash,
+        "split_dir": str(split.dir),
+        "seed": int(seed),
+        "deterministic": bool(deterministic),
+        "monitor": monitor,
+        "versions": library_versions(),
+    })
+    model_path = Path(run_dir) / "model.keras"
+    history = runs.HistoryLogger(Path(run_dir) / "history.csv")
+    adapter = _make_keras_hooks(keras)(
+        classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
+    )
+    early = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience, verbose=0)
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", mode="min", factor=LR_FACTOR, patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0
+    )
+    hooks.on_train_begin(
+        total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
+        n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
+    )
+    stopped = "completed"
+    try:
+        # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
+        model.fit(
+            batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
+            callbacks=[adapter, keras.callbacks.TerminateOnNaN(), early, plateau],
+        )
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    if stopped != "interrupted":
+        if adapter.nan:
+            stopped = "nan"
+        elif early.stopped_epoch > 0:
+            stopped = "early_stopping"
+
+    rows = history.rows()
+    if rows:
+        from breastcnn.plots import plot_training
+
+        plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
+    summary = {
+        "run_dir": str(run_dir),
+        "model_path": str(model_path) if adapter.best_epoch is not None else None,
+        "arch": arch,
+        "framework": "keras",
+        "stopped": stopped,
+        "epochs_run": adapter.epochs_run,
+        "steps": adapter.step,
+        "best_score": adapter.best_score,
+        "best_epoch": adapter.best_epoch,
+        "best_step": adapter.best_step,
+        "monitor": monitor,
+        "elapsed_s": round(time.perf_counter() - adapter.start, 3) if adapter.start else 0.0,
+        "params": classifier.count_params(),
+        "strategy": strategy,
+        "devices": devices,
+        "n_train": int(len(x_train)),
+        "n_val": int(len(x_val)),
+        "weights": str(weights),
+    }
+    if stopped != "interrupted":
+        atomic_write_json(Path(run_dir) / SUMMARY_NAME, summary)
+    hooks.on_train_end(summary)
+    if stopped == "nan":
+        raise TrainingDiverged(
+            f"{arch}: the training loss became NaN or infinite after {adapter.step} steps; "
+            f"the best model so far is in {run_dir} (try a lower --lr)",
+            summary,
+        )
+    return summary
+
+
+def _make_keras_hooks(keras):
+    """The callback adapter class, defined on first use (subclassing keras needs keras imported)."""
+
+    class KerasHooks(keras.callbacks.Callback):
+        """Adapter: Keras callback events -> TrainingCallback hooks, history.csv and best-model saving.
+
+        Keras reports running means over the epoch; the display wants per-batch
+        values, recovered from consecutive means weighted by batch sizes.
+        """
+
+        def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
+                     monitor):
+            super().__init__()
+            self.classifier = classifier
+            self.hooks = hooks
+            self.history = history
+            self.model_path = model_path
+            self.sizes = batches.batch_sizes()
+            self.x_val_pre, self.y_val = x_val_pre, y_val
+            self.batch_size = batch_size
+            self.monitor = monitor
+            self.step = 0
+            self.epochs_run = 0
+            self.best_score = None
+            self.best_epoch = None
+            self.best_step = None
+            self.nan = False
+            self.start = None
+            self._seen = 0
+            self._loss_sum = 0.0
+            self._acc_sum = 0.0
+
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._seen = 0
+            self._loss_sum = self._acc_sum = 0.0
+            self.hooks.on_epoch_begin(epoch + 1)
+
+        def on_train_batch_end(self, batch, logs=None):
+            logs = logs or {}
+            self.step += 1
+            size = self.sizes[batch] if batch < len(self.sizes) else self.sizes[-1]
+            seen = self._seen + size
+            mean_loss = float(logs.get("loss", float("nan")))
+            mean_acc = float(logs.get("accuracy", float("nan")))
+            batch_loss = (mean_loss * seen - self._loss_sum) / size
+            batch_acc = (mean_acc * seen - self._acc_sum) / size
+            self._seen, self._loss_sum, self._acc_sum = seen, mean_loss * seen, mean_acc * seen
+            if not math.isfinite(mean_loss):
+                self.nan = True
+            self.hooks.on_batch_end(step=self.step, loss=batch_loss, accuracy=batch_acc)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            self.epochs_run = epoch + 1
+            probs = self.classifier.predict(self.x_val_pre, batch_size=self.batch_size)
+            val = _validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
+            logs.update(val)  # EarlyStopping / ReduceLROnPlateau (after us in the list) read these
+            row = {
+                "step": self.step,
+                "epoch": epoch + 1,
+                "loss": logs.get("loss"),
+                "accuracy": logs.get("accuracy"),
+                **val,
+                "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                "elapsed_s": round(time.perf_counter() - self.start, 3),
+            }
+            loss = row["loss"]
+            if loss is not None and not math.isfinite(float(loss)):
+                self.nan = True
+            score = val[self.monitor]
+            improved = not self.nan and (self.best_score is None or score > self.best_score)
+            if improved:
+                self.best_score, self.best_epoch, self.best_step = float(score), epoch + 1, self.step
+                self.classifier.meta.update({
+                    "best_epoch": epoch + 1, "best_step": self.step, "best_score": float(score),
+                })
+                self.classifier.save(self.model_path)
+            self.history.log(row)
+            self.hooks.on_evaluation({**row, "improved": improved, "monitor": self.monitor})
+            self.hooks.on_epoch_end(epoch + 1)
+
+    return KerasHooks

@@ -1,0 +1,105 @@
+"""PNG plots with matplotlib's Agg backend, written atomically.
+
+``training.png`` (loss and accuracy curves from history rows), ``roc.png`` and
+``confusion.png``. Figures are built with the object API (no pyplot state), so
+nothing leaks between calls and no display is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from breastcnn import CLASSES
+from breastcnn.fsutil import atomic_write
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", bbox_inches="tight")
+    return path
+
+
+def _column(rows: Sequence[dict], key: str) -> np.ndarray:
+    values = []
+    for row in rows:
+        value = row.get(key)
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            values.append(np.nan)
+    return np.asarray(values, dtype=np.float64)
+
+
+def plot_training(history: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Loss and accuracy (train running mean and validation) against the step.
+
+    ``history`` rows have the ``HISTORY_COLUMNS`` of :mod:`breastcnn.runs`
+    (values may be strings as read back from the CSV).
+    """
+    fig, (ax_loss, ax_acc) = _figure(11, 4, ncols=2)
+    steps = _column(history, "step")
+    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+        ax.plot(steps, _column(history, metric), label=f"train {label}", marker=".")
+        ax.plot(steps, _column(history, f"val_{metric}"), label=f"validation {label}", marker=".")
+        ax.set_xlabel("step (batches)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_acc.set_ylim(-0.02, 1.02)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_roc(y_true, p_malignant, path: str | os.PathLike, auc: float | None = None) -> Path:
+    """ROC curve of P(malignant) (positive class malignant)."""
+    from sklearn.metrics import roc_curve
+
+    fig, ax = _figure(5, 5)
+    y = np.asarray(y_true).ravel()
+    if np.unique(y).size == 2:
+        fpr, tpr, _ = roc_curve(y, np.asarray(p_malignant).ravel(), pos_label=1)
+        label = "ROC" if auc is None else f"ROC (AUC = {auc:.3f})"
+        ax.plot(fpr, tpr, label=label)
+    else:
+        ax.text(0.5, 0.5, "ROC undefined:\nonly one class present", ha="center", va="center")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    ax.set_xlabel("false positive rate (benign called malignant)")
+    ax.set_ylabel("true positive rate (malignant recall)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], path: str | os.PathLike, classes=CLASSES) -> Path:
+    """Confusion matrix ``[[tn, fp], [fn, tp]]`` (rows true, columns predicted)."""
+    fig, ax = _figure(4.5, 4)
+    cm = np.asarray(matrix, dtype=np.int64)
+    image = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(classes)), labels=list(classes))
+    ax.set_yticks(range(len(classes)), labels=list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
+    return _save(fig, path)

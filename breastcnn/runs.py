@@ -1,0 +1,371 @@
+"""Run directories: where a training run writes, and how later commands find it.
+
+A run directory (default ``./runs/<arch>-<YYYYmmdd-HHMMSS>/``) holds
+``config.json``, ``history.csv``, the best model (``model.npz`` or
+``model.keras``), the resumable checkpoint ``last.npz`` and ``training.png``.
+``./runs/latest`` is a relative symlink to the newest default run (a text file
+``runs/LATEST`` holding the directory name where symlinks are impossible), so
+``evaluate`` and ``predict`` find the latest model without ``--model``.
+
+Shared by the NumPy training loop (:mod:`breastcnn.train`) and the Keras
+fine-tuning; both write the same :data:`HISTORY_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from breastcnn import __version__
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
+
+HISTORY_COLUMNS = [
+    "step",
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_f1",
+    "val_recall",
+    "lr",
+    "elapsed_s",
+]
+"""Columns of ``history.csv``: one row per validation evaluation.
+
+``loss``/``accuracy`` are the running means over the training batches since the
+previous evaluation; ``val_*`` are scored on the validation subset (never test);
+``elapsed_s`` is wall-clock seconds of training since the run started; a
+resumed run continues from the checkpointed value (the pause is not counted)."""
+
+RUNS_ROOT = Path("runs")
+LATEST_LINK = "latest"
+LATEST_FILE = "LATEST"
+MODEL_FILES = ("model.npz", "model.keras")
+"""Model file names looked up in a run directory, in this order."""
+
+
+# --------------------------------------------------------------------------- run dirs
+
+
+def new_run_dir(arch: str, out: str | os.PathLike | None = None, force: bool = False,
+                runs_root: str | os.PathLike = RUNS_ROOT) -> Path:
+    """Create the directory a new run writes to and return it.
+
+    ``out=None``: a fresh ``<runs_root>/<arch>-<YYYYmmdd-HHMMSS>`` (a ``-2``,
+    ``-3``... suffix when two runs start in the same second) and
+    ``<runs_root>/latest`` is pointed at it. An explicit ``out`` that exists and
+    is not empty is refused unless ``force``; ``latest`` is then left alone
+    (pass ``--model`` to later commands).
+    """
+    if out is not None:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise UserInputError(f"--out {path} exists and is not a directory")
+        check_overwrite(path, force, option="--force")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root = Path(runs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{arch}-{stamp}"
+    path = root / base
+    counter = 2
+    while True:
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            path = root / f"{base}-{counter}"
+            counter += 1
+    point_latest(path, root)
+    return path
+
+
+def point_latest(run_dir: str | os.PathLike, runs_root: str | os.PathLike = RUNS_ROOT) -> None:
+    """Point ``<runs_root>/latest`` (relative symlink) at ``run_dir``, replacing it atomically.
+
+    Falls back to writing the directory name into ``<runs_root>/LATEST`` where
+    the filesystem refuses symlinks.
+    """
+    root = Path(runs_root)
+    target = os.path.relpath(Path(run_dir).resolve(), root.resolve())
+    link = root / LATEST_LINK
+    tmp = root / f".{LATEST_LINK}.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+        # A stale LATEST file from a symlink-less past would shadow nothing, but remove it.
+        stale = root / LATEST_FILE
+        if stale.is_file():
+            stale.unlink()
+    except (OSError, NotImplementedError):
+        if tmp.is_symlink():
+            tmp.unlink()
+        atomic_write_text(root / LATEST_FILE, target + "\n")
+
+
+def latest_run_dir(runs_root: str | os.PathLike = RUNS_ROOT) -> Path | None:
+    """The run ``latest`` points to, or ``None`` when there is none."""
+    root = Path(runs_root)
+    link = root / LATEST_LINK
+    if link.is_dir():
+        return link
+    marker = root / LATEST_FILE
+    if marker.is_file():
+        candidate = root / marker.read_text(encoding="utf-8").strip()
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def model_in_dir(run_dir: Path) -> Path | None:
+    """The model file of a run directory (``model.npz`` before ``model.keras``), if any."""
+    for name in MODEL_FILES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def fold_run_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """``fold1``, ``fold2``, ... sub-directories of a k-fold run, in fold order (empty otherwise)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    folds = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("fold") and p.name[4:].isdigit()]
+    return sorted(folds, key=lambda p: int(p.name[4:]))
+
+
+def resolve_model_path(model: str | os.PathLike | None, runs_root: str | os.PathLike = RUNS_ROOT) -> Path:
+    """Turn ``--model`` into a model file.
+
+    ``None`` -> the model of ``runs/latest``; a run directory -> its
+    ``model.npz``/``model.keras``; a file -> itself. Raises
+    :class:`UserInputError` naming what was looked for when nothing is found.
+    """
+    if model is None:
+        run_dir = latest_run_dir(runs_root)
+        if run_dir is None:
+            raise UserInputError(
+                f"no trained model found: {Path(runs_root) / LATEST_LINK} does not exist; "
+                "run `breastcnn train` first or pass --model PATH"
+            )
+        found = model_in_dir(run_dir)
+        if found is None:
+            raise UserInputError(
+                f"no model file ({' or '.join(MODEL_FILES)}) in the latest run {run_dir}; "
+                "run `breastcnn train` first or pass --model PATH"
+            )
+        return found
+    path = Path(model)
+    if path.is_dir():
+        found = model_in_dir(path)
+        if found is None:
+            hint = " (a k-fold run: use its fold directories)" if fold_run_dirs(path) else ""
+            raise UserInputError(
+                f"--model {path}: no {' or '.join(MODEL_FILES)} in this directory{hint}; "
+                "run `breastcnn train` first"
+            )
+        return found
+    if not path.is_file():
+        raise UserInputError(f"--model {path}: no such file or directory; run `breastcnn train` first")
+    return path
+
+
+# --------------------------------------------------------------------------- history.csv
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if value != value or value in (float("inf"), float("-inf")) else f"{value:.6g}"
+    if hasattr(value, "item"):  # NumPy scalar
+        return _format_cell(value.item())
+    return str(value)
+
+
+class HistoryLogger:
+    """Append one CSV row per evaluation to ``history.csv``.
+
+    The header is written once (when the file is new or empty); each row is
+    flushed and fsynced as it is written, so an interrupted run keeps every
+    evaluation logged so far. ``truncate(n)`` rewrites the file with its first
+    ``n`` rows, which a resume uses to drop rows logged after the checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Iterable[str] = HISTORY_COLUMNS):
+        self.path = Path(path)
+        self.columns = list(columns)
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle), [])
+            if header != self.columns:
+                raise UserInputError(
+                    f"{self.path}: unexpected history columns {header}, expected {self.columns}"
+                )
+        else:
+            atomic_write_text(self.path, ",".join(self.columns) + "\n")
+
+    def log(self, row: dict) -> None:
+        """Append ``row`` (missing columns empty, unknown keys ignored)."""
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow([_format_cell(row.get(c)) for c in self.columns])
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rows(self) -> list[dict]:
+        """The rows logged so far, as dicts of strings."""
+        return read_history(self.path)
+
+    def truncate(self, n_rows: int) -> None:
+        """Keep only the first ``n_rows`` rows (atomically)."""
+        rows = self.rows()[:n_rows]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """Read ``history.csv`` into a list of dicts (string values)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------- environment / config
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info() -> dict:
+    """Versions, platform, CPU and thread pools (for ``config.json`` and benchmarks)."""
+    import numpy as np
+
+    info: dict[str, Any] = {
+        "breastcnn": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        info["cpu_affinity"] = None
+    if "tensorflow" in sys.modules:  # report TF only when this process uses it
+        info["tensorflow"] = getattr(sys.modules["tensorflow"], "__version__", None)
+    if "keras" in sys.modules:
+        info["keras"] = getattr(sys.modules["keras"], "__version__", None)
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["threadpools"] = [
+            {k: pool.get(k) for k in ("user_api", "internal_api", "num_threads", "version")}
+            for pool in threadpool_info()
+        ]
+    except Exception:  # threadpoolctl is best-effort diagnostics
+        info["threadpools"] = []
+    return info
+
+
+def write_run_config(run_dir: str | os.PathLike, options: dict, split=None) -> Path:
+    """Write ``run_dir/config.json``: every option, seed, versions, split hash, CPU/threads.
+
+    ``options`` must be JSON-serialisable (paths as strings); ``split`` is a
+    ``breastcnn.data`` ``Split`` (its ``hash`` and ``dir`` are recorded) or ``None``.
+    """
+    payload = {
+        "format": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": list(sys.argv),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "seed": options.get("seed"),
+        "split": None,
+        "environment": environment_info(),
+    }
+    if split is not None:
+        payload["split"] = {
+            "dir": str(getattr(split, "dir", "")),
+            "hash": getattr(split, "hash", None),
+        }
+    path = Path(run_dir) / "config.json"
+    atomic_write_json(path, payload)
+    return path
+
+
+def read_run_config(path: str | os.PathLike) -> dict:
+    """Read a ``config.json`` (a run directory or the file itself); clear error when missing."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such config file (expected RUN_DIR/config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{path}: not a valid config.json ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("options"), dict):
+        raise UserInputError(f"{path}: not a breastcnn config.json (no 'options' object)")
+    return data
+
+
+# --------------------------------------------------------------------------- training hooks
+
+
+class TrainingCallback:
+    """Hooks a training loop calls (NumPy ``train.py`` and the Keras fine-tuning alike).
+
+    Subclass and override what you need; every method is a no-op here. Order:
+    ``on_train_begin`` once, then per epoch ``on_epoch_begin``, ``on_batch_end``
+    per optimizer step, ``on_evaluation`` per validation pass (``row`` has the
+    :data:`HISTORY_COLUMNS`), ``on_epoch_end``; finally ``on_train_end`` with the
+    summary dict (also after an early stop, an interruption or a NaN loss).
+    ``on_message`` carries one-line notes (cache building, early stop, resume).
+    A hook may raise ``KeyboardInterrupt`` to interrupt the run as Ctrl-C would.
+    """
+
+    def on_train_begin(self, total_epochs: int, steps_per_epoch: int, **info) -> None:
+        """``info``: ``initial_epoch`` (1-based), ``initial_step`` (within it), ``n_train``, ``n_val``, ``run_dir``, ``fold``."""
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        """``epoch`` is 1-based."""
+
+    def on_batch_end(self, step: int, loss: float, accuracy: float) -> None:
+        """``step``: global optimizer step (1-based); ``loss``/``accuracy`` of this batch."""
+
+    def on_evaluation(self, row: dict) -> None:
+        """One ``history.csv`` row, plus ``improved`` (bool) and ``monitor`` (the metric name)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """After the last batch (and evaluation) of ``epoch``."""
+
+    def on_message(self, text: str) -> None:
+        """A one-line note for the user."""
+
+    def on_train_end(self, summary: dict) -> None:
+        """The run's summary dict (``stopped``: ``"completed"``, ``"early_stopping"``, ``"interrupted"``, ``"nan"``)."""

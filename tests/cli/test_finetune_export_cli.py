@@ -1,0 +1,201 @@
+"""`breastcnn finetune` (Keras and NumPy paths) and `breastcnn export`, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from breastcnn.cli.app import app
+
+SIZES = {"vgg16": 32, "resnet50": 32, "custom-keras": 64}
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny synthetic 200X tree + split (82 images: 64 train / 9 val / 9 test), made once per module."""
+    root = tmp_path_factory.mktemp("finetune_cli")
+    result = invoke("synth", "--out", root, "--scale", "0.02", "--mags", "200X", "--jobs", "1")
+    assert result.exit_code == 0, result.output
+    split = root / "split"
+    result = invoke("split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1")
+    assert result.exit_code == 0, result.output
+    images = sorted((root / "BreaKHis_v1").rglob("*.png"))[:6]
+    return {"root": root, "split": split, "images": images}
+
+
+@pytest.fixture(scope="module")
+def runs(keras, data):
+    """One short epoch of each Keras model, --weights none (module-scoped: TF work is slow)."""
+    out = {}
+    for model, size in SIZES.items():
+        run = data["root"] / "runs" / model
+        result = invoke("finetune", "--model", model, "--split", data["split"], "--weights", "none",
+                        "--epochs", 1, "--batch-size", 32, "--image-size", size, "--out", run, "--json")
+        assert result.exit_code == 0, result.output
+        out[model] = (run, json.loads(result.stdout))
+    return out
+
+
+def _predict(model_path, images):
+    result = invoke("predict", "--model", model_path, *images, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["path"] for r in rows] == [str(p) for p in images]
+    return np.array([r["probability"] for r in rows])
+
+
+@pytest.mark.parametrize("model", list(SIZES))
+def test_finetune_then_evaluate_and_predict(runs, data, model):
+    run, summary = runs[model]
+    assert summary["arch"] == model and summary["epochs_run"] == 1 and summary["stopped"] == "completed"
+    assert summary["model_path"] == str(run / "model.keras")
+    side = json.loads((run / "breastcnn.json").read_text())
+    assert side["image_size"] == SIZES[model] and side["preprocess"] == "caffe"
+    header = (run / "history.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,loss,accuracy,val_loss,val_accuracy,val_f1,val_recall,lr,elapsed_s"
+    config = json.loads((run / "config.json").read_text())["options"]
+    assert config["lr"] == 1e-4 and config["weights"] == "none" and config["epochs"] == 1
+
+    result = invoke("evaluate", "--model", run, "--split", data["split"], "--json", "--out", run / "eval")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert scores["n"] == 9 and 0.0 <= scores["accuracy"] <= 1.0 and len(scores["confusion_matrix"]) == 2
+    probs = _predict(run / "model.keras", data["images"])
+    assert np.all((probs >= 0) & (probs <= 1))
+
+
+def test_export_numpy_to_keras_and_back_gives_the_same_probabilities(keras, data, tmp_path):
+    from breastcnn.models import create_model
+
+    npz = tmp_path / "custom" / "model.npz"
+    numpy_model = create_model("custom", (64, 64, 3), 2, seed=4)
+    # minmax inputs keep an untrained model's softmax away from saturation, so the match is informative
+    numpy_model.meta["preprocess"] = "minmax"
+    numpy_model.save(npz)
+    kpath = tmp_path / "exported" / "model.keras"
+    result = invoke("export", "--model", npz, "--to", "keras", "--out", kpath)
+    assert result.exit_code == 0, result.output
+    assert (kpath.parent / "breastcnn.json").is_file()
+    p_numpy = _predict(npz, data["images"])
+    p_keras = _predict(kpath, data["images"])
+    np.testing.assert_allclose(p_keras, p_numpy, atol=1e-4)
+    assert np.ptp(p_numpy) > 0.01  # not a constant output that would match trivially
+
+    back = tmp_path / "back.npz"
+    result = invoke("export", "--model", kpath, "--to", "numpy", "--out", back, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"]["trainable"] == 32386
+    assert json.loads(kpath.with_name("breastcnn.json").read_text())["preprocess"] == "minmax"
+    np.testing.assert_allclose(_predict(back, data["images"]), p_numpy, atol=1e-4)
+
+    # no overwrite without --force
+    result = invoke("export", "--model", npz, "--to", "keras", "--out", kpath)
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert invoke("export", "--model", npz, "--to", "keras", "--out", kpath, "--force").exit_code == 0
+
+
+def test_export_trained_custom_keras_to_numpy(runs, data, tmp_path):
+    run, _ = runs["custom-keras"]
+    out = tmp_path / "model.npz"
+    result = invoke("export", "--model", run / "model.keras", "--to", "numpy", "--out", out)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(_predict(out, data["images"]), _predict(run / "model.keras", data["images"]),
+                               atol=1e-4)
+    result = invoke("finetune", "--model", out, "--split", data["split"], "--weights", "none")
+    assert result.exit_code == 2 and "--weights applies to Keras models" in result.output
+
+
+def test_export_errors(runs, tmp_path):
+    vgg_run, _ = runs["vgg16"]
+    result = invoke("export", "--model", vgg_run / "model.keras", "--to", "numpy", "--out", tmp_path / "v.npz")
+    assert result.exit_code == 2 and "custom-keras models only" in result.output and "'vgg16'" in result.output
+    result = invoke("export", "--model", vgg_run / "model.keras", "--to", "onnx", "--out", tmp_path / "v.onnx")
+    assert result.exit_code == 2 and "--to must be one of keras, numpy, received 'onnx'" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_imagenet_weights_is_one_line_exit_2(keras, data, tmp_path):
+    env = {"KERAS_HOME": str(tmp_path / "empty"), "BREASTCNN_OFFLINE": "1"}
+    for model in ("vgg16", "resnet50"):
+        result = invoke("finetune", "--model", model, "--split", data["split"], "--image-size", 32,
+                        "--out", tmp_path / model, env=env)
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and f"{model}_weights_tf_dim_ordering_tf_kernels_notop.h5" in line
+        assert "--weights none" in line and "--weights PATH" in line
+        assert not (tmp_path / model).exists()  # nothing written before the error
+
+
+def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
+    from breastcnn.models import create_model
+
+    npz = tmp_path / "start.npz"
+    create_model("custom", (64, 64, 3), 2, seed=0).save(npz)
+    run = tmp_path / "run"
+    result = invoke("finetune", "--model", npz, "--split", data["split"], "--epochs", 1, "--freeze", 3,
+                    "--out", run, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["model_path"] == str(run / "model.npz") and summary["stopped"] == "completed"
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert options["lr"] == 1e-3 and options["batch_size"] == 32 and options["freeze"] == 3
+    result = invoke("finetune", "--model", npz, "--split", data["split"], "--image-size", 32, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "takes 64x64 images" in result.output
+    result = invoke("finetune", "--model", npz, "--split", data["split"], "--strategy", "mirrored")
+    assert result.exit_code == 2 and "--strategy applies to Keras models" in result.output
+
+
+def test_finetune_option_errors(data, tmp_path):
+    result = invoke("finetune", "--model", "alexnet", "--split", data["split"])
+    assert result.exit_code == 2 and "expected vgg16, resnet50, custom-keras or a NumPy model .npz" in result.output
+    result = invoke("finetune", "--model", "vgg16", "--freeze", 3, "--split", data["split"])
+    assert result.exit_code == 2 and "--freeze applies to NumPy .npz models" in result.output
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "BREASTCNN_NO_PROGRESS": "1"})
+
+
+def test_cli_and_numpy_commands_never_import_tensorflow(data, tmp_path):
+    from breastcnn.models import create_model
+
+    npz = tmp_path / "start.npz"
+    create_model("custom", (64, 64, 3), 2, seed=0).save(npz)
+    finetune = ["finetune", "--model", str(npz), "--split", str(data["split"]), "--epochs", "1",
+                "--out", str(tmp_path / "run")]
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from breastcnn.cli.app import app\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        f"for args in (['--help'], ['finetune', '--help'], ['export', '--help'], {finetune!r}):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0, r.output\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    out = _run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_keras_model_without_tensorflow_says_how_to_install(data):
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
+        "from breastcnn.cli.app import main\n"
+        f"sys.argv = ['breastcnn', 'finetune', '--model', 'vgg16', '--split', {str(data['split'])!r}]\n"
+        "main()\n"
+    )
+    out = _run_python(code)
+    assert out.returncode == 2
+    assert "TensorFlow is not installed: pip install 'breastcnn[keras]'" in out.stderr

@@ -1,0 +1,138 @@
+"""The bench harness: timing helpers, the JSON contract, skipped models, metrics, rendering."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from breastcnn import bench
+from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.metrics import METRIC_KEYS
+from breastcnn.models import create_model
+
+REQUIRED = ("model", "params_total", "params_trainable", "size_kb", "latency_ms_p50", "latency_ms_p95",
+            "throughput_ips", "train_step_ms", "skipped")
+TINY = dict(image_size=64, batch_sizes=(1, 4), repeats=3, warmup=1, train_steps=1, keras_train_batch_size=4,
+            max_seconds=1.0, threads=1)
+
+
+def test_time_calls_counts_repeats_and_stops_on_the_time_budget():
+    calls = []
+    times = bench.time_calls(lambda: calls.append(1), repeats=7, warmup=2, max_seconds=1e9)
+    assert len(times) == 7 and len(calls) == 9 and (times >= 0).all()
+    slow = bench.time_calls(lambda: time.sleep(0.02), repeats=100, warmup=0, max_seconds=0.05, min_calls=3)
+    assert 3 <= len(slow) <= 4                                 # budget hit after 3 calls (60 ms > 50 ms)
+    assert slow.min() >= 19.0                                   # milliseconds
+    floor = bench.time_calls(lambda: time.sleep(0.02), repeats=100, warmup=0, max_seconds=1e-6, min_calls=3)
+    assert len(floor) == 3
+
+
+def test_summarise_ms_percentiles():
+    stats = bench.summarise_ms(np.arange(1, 101, dtype=float))
+    assert stats["p50"] == pytest.approx(50.5) and stats["p95"] == pytest.approx(95.05)
+    assert stats["calls"] == 100 and stats["min"] == 1.0
+
+
+def test_parsers_name_the_option_and_value(tmp_path):
+    assert bench.parse_int_list("1,32,1", "--batch-sizes") == (1, 32)
+    with pytest.raises(UserInputError, match=r"--batch-sizes .*'1,x'"):
+        bench.parse_int_list("1,x", "--batch-sizes")
+    with pytest.raises(UserInputError, match="--batch-sizes"):
+        bench.parse_int_list("0", "--batch-sizes")
+    assert bench.parse_model_names("custom, VGG16", ["custom", "vgg16"]) == ["custom", "vgg16"]
+    with pytest.raises(UserInputError, match="unknown model 'alexnet'; known: custom, vgg16"):
+        bench.parse_model_names("custom,alexnet", ["custom", "vgg16"])
+    with pytest.raises(UserInputError, match="NAME=PATH"):
+        bench.parse_model_files(["model.npz"], ["custom"])
+    with pytest.raises(UserInputError, match="not in --models"):
+        bench.parse_model_files([f"vgg16={tmp_path}"], ["custom"])
+    with pytest.raises(UserInputError, match="no such file"):
+        bench.parse_model_files([f"custom={tmp_path / 'missing.npz'}"], ["custom"])
+    with pytest.raises(UserInputError, match="--repeats"):
+        bench.BenchOptions(repeats=0).validate()
+    with pytest.raises(UserInputError, match="--weights"):
+        bench.BenchOptions(weights="random").validate()
+
+
+def _check_entry(entry: dict, batch_sizes=(1, 4)) -> None:
+    for key in REQUIRED:
+        assert key in entry, key
+    assert entry["skipped"] is None
+    assert entry["params_total"] >= entry["params_trainable"] > 0
+    assert entry["size_kb"] > 0
+    assert 0 < entry["latency_ms_p50"] <= entry["latency_ms_p95"]
+    assert set(entry["throughput_ips"]) == {str(b) for b in batch_sizes}
+    assert all(v > 0 for v in entry["throughput_ips"].values())
+    assert entry["train_step_ms"] > 0 and entry["e2e_ms_p50"] > 0
+
+
+def test_custom_model_json_contract_and_sane_values():
+    result = bench.run_bench(["custom"], options=bench.BenchOptions(**TINY))
+    assert set(result) >= {"machine", "models"}
+    machine = result["machine"]
+    assert machine["cpu_model"] and machine["cpu_count"] >= 1 and machine["numpy"] == np.__version__
+    assert machine["threads"]["requested"] == 1 and machine["threads"]["blas"] == 1
+    (entry,) = result["models"]
+    _check_entry(entry)
+    counts = create_model("custom", input_shape=(64, 64, 3)).count_params()
+    assert entry["params_trainable"] == counts["trainable"]
+    assert entry["params_total"] == counts["trainable"] + counts["non_trainable"]
+    assert entry["train_batch_size"] == 32 and entry["image_size"] == 64
+    # forward at batch 1 is a lower bound of the end-to-end time (which adds decoding a 700x460 PNG)
+    assert entry["e2e_ms_p50"] > entry["latency_ms_p50"]
+    assert entry["ratio_to_custom"]["latency_ms_p50"] == 1.0
+    json.dumps(result)  # serialisable as is
+
+
+def test_missing_dependency_is_reported_as_skipped(monkeypatch):
+    from breastcnn.models import keras_models
+
+    def missing(*args, **kwargs):
+        raise MissingDependencyError("TensorFlow is not installed: pip install 'breastcnn[keras]'")
+
+    monkeypatch.setattr(keras_models, "create_vgg16", missing)
+    result = bench.run_bench(["custom", "vgg16"], options=bench.BenchOptions(**{**TINY, "train_steps": 0}))
+    custom, vgg = result["models"]
+    assert custom["skipped"] is None and custom["latency_ms_p50"] > 0
+    assert "pip install 'breastcnn[keras]'" in vgg["skipped"]
+    assert vgg["latency_ms_p50"] is None and vgg["ratio_to_custom"] is None
+    markdown = bench.to_markdown(result)
+    assert "| vgg16 | skipped: TensorFlow is not installed" in markdown
+
+
+def test_metrics_from_a_split_and_a_model_file(tmp_path):
+    from breastcnn.data import synth
+    from breastcnn.data.split import create_split
+
+    tree = synth.generate(tmp_path / "data", scale=0.01, seed=0, jobs=2)
+    create_split(tree["root"], mag="200X", out=tmp_path / "split")
+    model_file = tmp_path / "model.npz"
+    create_model("custom", input_shape=(64, 64, 3)).save(model_file)
+    result = bench.run_bench(["custom"], {"custom": model_file}, bench.BenchOptions(**{**TINY, "train_steps": 0}),
+                             split_dir=tmp_path / "split")
+    (entry,) = result["models"]
+    assert entry["file"] == str(model_file)
+    assert entry["size_kb"] == pytest.approx(model_file.stat().st_size / 1024, abs=0.1)
+    for key in METRIC_KEYS:
+        assert key in entry, key
+    assert entry["n"] > 0 and 0 <= entry["accuracy"] <= 1
+    headers, rows = bench.table_rows(result)
+    assert "test accuracy" in headers and "F1 (malignant)" in headers
+    assert rows[0][headers.index("test accuracy")] == f"{entry['accuracy']:.4f}"
+
+
+def test_keras_model_at_tiny_size(keras):
+    result = bench.run_bench(["custom", "custom-keras"], options=bench.BenchOptions(**TINY))
+    custom, ckeras = result["models"]
+    _check_entry(custom)
+    _check_entry(ckeras)
+    assert ckeras["framework"] == "keras" and ckeras["train_batch_size"] == 4
+    # the same architecture on both sides: the same parameter count
+    assert ckeras["params_total"] == custom["params_total"]
+    assert ckeras["keras_predict_ms_p50"] > 0
+    assert result["machine"]["threads"]["tf_intra_op"] in (1, "default")
+    assert any("tf.function" in note for note in result["notes"])
+    assert ckeras["ratio_to_custom"]["params_total"] == 1.0

@@ -1,0 +1,119 @@
+"""breastcnn.metrics against hand-computed values, scikit-learn, and edge cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from breastcnn.errors import UserInputError
+from breastcnn.metrics import (
+    METRIC_KEYS,
+    aggregate_metrics,
+    classification_metrics,
+    fast_validation_scores,
+    patient_accuracy,
+)
+
+
+def test_hand_computed_example():
+    # 4 benign, 6 malignant; predictions at 0.5: benign -> [0, 0, 1, 0], malignant -> [1, 1, 1, 0, 1, 0]
+    y = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    p = [0.1, 0.4, 0.7, 0.2, 0.9, 0.6, 0.5, 0.3, 0.8, 0.45]
+    m = classification_metrics(y, p)
+    assert set(METRIC_KEYS) <= set(m)
+    tn, fp, fn, tp = 3, 1, 2, 4
+    assert m["confusion_matrix"] == [[tn, fp], [fn, tp]]
+    assert m["n"] == 10
+    assert m["accuracy"] == pytest.approx((tp + tn) / 10)
+    assert m["precision"] == pytest.approx(tp / (tp + fp))
+    assert m["recall"] == pytest.approx(tp / (tp + fn))
+    assert m["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+    assert m["benign_recall"] == pytest.approx(tn / (tn + fp))
+    # AUC by counting ordered (malignant, benign) pairs: 21 of 24 pairs ranked right
+    pos = [pi for pi, yi in zip(p, y) if yi == 1]
+    neg = [pi for pi, yi in zip(p, y) if yi == 0]
+    pairs = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    assert m["roc_auc"] == pytest.approx(pairs / (len(pos) * len(neg)))
+    assert m["threshold"] == 0.5
+    assert m["patient_accuracy"] is None
+    json.dumps(m)  # plain Python types only
+
+
+def test_threshold_is_inclusive_and_changes_predictions():
+    y = [0, 1, 1]
+    p = [0.3, 0.5, 0.7]
+    assert classification_metrics(y, p, threshold=0.5)["recall"] == 1.0
+    assert classification_metrics(y, p, threshold=0.6)["recall"] == 0.5
+    assert classification_metrics(y, p, threshold=0.2)["benign_recall"] == 0.0
+
+
+def test_matches_sklearn_on_random_data():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(y * 0.3 + rng.random(500) * 0.7, 0, 1)
+    m = classification_metrics(y, p, threshold=0.45)
+    pred = (p >= 0.45).astype(int)
+    assert m["precision"] == pytest.approx(precision_score(y, pred))
+    assert m["recall"] == pytest.approx(recall_score(y, pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    assert m["benign_recall"] == pytest.approx(recall_score(y, pred, pos_label=0))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    fast = fast_validation_scores(y, p, threshold=0.45)
+    assert fast["accuracy"] == pytest.approx(m["accuracy"])
+    assert fast["f1"] == pytest.approx(m["f1"])
+    assert fast["recall"] == pytest.approx(m["recall"])
+
+
+def test_patient_accuracy_is_mean_of_per_patient_rates():
+    y = [1, 1, 1, 1, 0, 0]
+    p = [0.9, 0.9, 0.9, 0.1, 0.1, 0.9]  # patient a: 3/4 right, b: 1/2 right
+    patients = ["a", "a", "a", "a", "b", "b"]
+    m = classification_metrics(y, p, patients=patients)
+    assert m["patient_accuracy"] == pytest.approx((0.75 + 0.5) / 2)
+    assert m["accuracy"] == pytest.approx(4 / 6)  # differs from the patient-level rate
+    assert patient_accuracy([1, 0], [1, 1], ["x", "y"]) == pytest.approx(0.5)
+
+
+def test_single_class_edge_cases():
+    m = classification_metrics([1, 1, 1], [0.9, 0.2, 0.8])
+    assert m["roc_auc"] is None and "only class 1" in m["roc_auc_note"]
+    assert m["benign_recall"] == 0.0  # zero_division: no benign images
+    assert m["confusion_matrix"] == [[0, 0], [1, 2]]
+    m = classification_metrics([0, 0], [0.1, 0.2])
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+    assert m["accuracy"] == 1.0 and m["benign_recall"] == 1.0
+    assert fast_validation_scores(np.array([0, 0]), np.array([0.1, 0.2]))["f1"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "y, p, kwargs, message",
+    [
+        ([0, 1], [0.5], {}, "1 probabilities"),
+        ([], [], {}, "0 images"),
+        ([0, 2], [0.1, 0.2], {}, "labels must be 0"),
+        ([0, 1], [0.1, float("nan")], {}, "NaN"),
+        ([0, 1], [0.1, 0.2], {"threshold": 1.5}, "--threshold"),
+        ([0, 1], [0.1, 0.2], {"patients": ["a"]}, "patients has 1"),
+    ],
+)
+def test_bad_input_raises_user_error(y, p, kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        classification_metrics(y, p, **kwargs)
+
+
+def test_aggregate_mean_std_over_folds():
+    a = classification_metrics([0, 1, 1, 0], [0.2, 0.8, 0.3, 0.1], patients=["a", "b", "b", "c"])
+    b = classification_metrics([0, 1, 1, 1], [0.6, 0.8, 0.7, 0.9], patients=["a", "b", "b", "c"])
+    c = classification_metrics([1, 1], [0.9, 0.8])  # roc_auc None, patient_accuracy None
+    s = aggregate_metrics([a, b, c])
+    assert s["folds"] == 3 and s["n"] == 10
+    accs = [a["accuracy"], b["accuracy"], c["accuracy"]]
+    assert s["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert s["accuracy"]["std"] == pytest.approx(np.std(accs))
+    assert s["roc_auc"]["mean"] == pytest.approx(np.mean([a["roc_auc"], b["roc_auc"]]))  # None skipped
+    assert s["confusion_matrix"] == (np.array(a["confusion_matrix"]) + b["confusion_matrix"] + c["confusion_matrix"]).tolist()
+    with pytest.raises(UserInputError):
+        aggregate_metrics([])

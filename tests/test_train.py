@@ -1,0 +1,299 @@
+"""The NumPy training loop (breastcnn.train): learning, exact resume, reproducibility, stopping rules.
+
+All runs use one small synthetic BreakHis split (built once per session, see
+:func:`synth_split`) at 64x64 pixels, so each training takes about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from breastcnn.errors import UserInputError
+from breastcnn.runs import TrainingCallback
+
+IMAGE_SIZE = 64
+SYNTH_SCALE = 0.1  # 202 images at 200X, 82 patients
+
+
+def synth_split(tmp_path_factory, folds: int = 0) -> Path:
+    """A synthetic 200X split shared by every test of the session (built on first use).
+
+    Lives under pytest's session base temp dir, so the image cache built by the
+    first test is reused by the others.
+    """
+    from breastcnn.data.split import create_split
+    from breastcnn.data.synth import generate
+
+    base = tmp_path_factory.getbasetemp() / "breastcnn-synth"
+    data = base / "data"
+    if not (data / "BreaKHis_v1").is_dir():
+        generate(data, scale=SYNTH_SCALE, seed=0, jobs=2)
+    split_dir = base / (f"split-k{folds}" if folds else "split")
+    if not (split_dir / "split.json").is_file():
+        create_split(data, out=split_dir, folds=folds, seed=0, jobs=1)
+    return split_dir
+
+
+def small_config(split_dir: Path, out: Path, **overrides):
+    from breastcnn.train import TrainConfig
+
+    options = dict(split=str(split_dir), out=str(out), image_size=IMAGE_SIZE, epochs=2, evals_per_epoch=2,
+                   patience=50, seed=0, force=True)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def final_weights(run_dir: Path) -> dict:
+    from breastcnn.models import load_checkpoint
+
+    return load_checkpoint(run_dir / "last.npz")[0].get_weights()
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class InterruptAt(TrainingCallback):
+    """Raise KeyboardInterrupt (as Ctrl-C would) after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_batch_end(self, step, loss, accuracy):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+class Recorder(TrainingCallback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, total_epochs, steps_per_epoch, **info):
+        self.calls.append(("begin", total_epochs, steps_per_epoch))
+
+    def on_evaluation(self, row):
+        self.calls.append(("eval", row["step"]))
+
+    def on_train_end(self, summary):
+        self.calls.append(("end", summary["stopped"]))
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    return synth_split(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_evaluation_points_spread_and_end_on_last_batch():
+    from breastcnn.train import evaluation_points
+
+    assert evaluation_points(51, 20)[-1] == 51
+    assert len(evaluation_points(51, 20)) == 20
+    assert evaluation_points(10, 2) == [5, 10]
+    assert evaluation_points(3, 20) == [1, 2, 3]  # never more than one per batch
+
+
+@pytest.mark.parametrize(
+    "field, value, option",
+    [("epochs", 0, "--epochs"), ("lr", -1.0, "--lr"), ("monitor", "loss", "--monitor"),
+     ("class_weights", "auto", "--class-weights"), ("lr_decay", 1.5, "--lr-decay"), ("arch", "vgg16", "--arch"),
+     ("preprocess", "zscore", "--preprocess"), ("activation", "tanh", "--activation")],
+)
+def test_config_validation_names_the_option(field, value, option):
+    from breastcnn.train import TrainConfig
+
+    with pytest.raises(UserInputError, match=option):
+        TrainConfig(**{field: value}).validate()
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_training_learns_and_writes_run_outputs(split_dir, tmp_path):
+    from breastcnn.data.split import load_split
+    from breastcnn.inference import evaluate_model
+    from breastcnn.models import load_model
+    from breastcnn.runs import HISTORY_COLUMNS
+    from breastcnn.train import run_training
+
+    recorder = Recorder()
+    out = tmp_path / "run"
+    summary = run_training(small_config(split_dir, out, epochs=15, patience=20), [recorder])
+    for name in ("model.npz", "last.npz", "history.csv", "training.png", "config.json", "summary.json"):
+        assert (out / name).is_file(), name
+    with open(out / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == HISTORY_COLUMNS
+    assert len(rows) == summary["evaluations"] == len([c for c in recorder.calls if c[0] == "eval"])
+    assert recorder.calls[0][0] == "begin" and recorder.calls[-1] == ("end", summary["stopped"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["lr"] == 0.01 and config["seed"] == 0 and config["split"]["hash"]
+    assert config["environment"]["numpy"] == np.__version__
+
+    model = load_model(out / "model.npz")
+    assert model.meta["image_size"] == IMAGE_SIZE and model.meta["preprocess"] == "caffe"
+    metrics, _ = evaluate_model(model, load_split(split_dir), "test")
+    assert metrics["accuracy"] >= 0.90, metrics  # the issue's end-to-end bar
+    # the kept model is the best by val_accuracy: its history row holds the max
+    best = max(float(r["val_accuracy"]) for r in rows)
+    assert summary["best_score"] == pytest.approx(best)
+
+
+def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, tmp_path):
+    from breastcnn.train import run_training
+
+    run_a = run_training(small_config(split_dir, tmp_path / "a"))
+    run_training(small_config(split_dir, tmp_path / "b"))
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+    # interrupt mid-epoch, between two evaluations (step 4 of 6), then resume
+    interrupted = run_training(small_config(split_dir, tmp_path / "c"), [InterruptAt(4)])
+    assert interrupted["stopped"] == "interrupted" and interrupted["steps"] == 4
+    resumed = run_training(small_config(split_dir, tmp_path / "ignored"), resume=tmp_path / "c")
+    assert resumed["stopped"] == "completed" and resumed["steps"] == run_a["steps"]
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "c"))
+    from breastcnn.models import load_model
+
+    assert_same_weights(load_model(tmp_path / "a" / "model.npz").get_weights(),
+                        load_model(tmp_path / "c" / "model.npz").get_weights())
+    history_a = [r.split(",")[:-1] for r in (tmp_path / "a" / "history.csv").read_text().splitlines()]
+    history_c = [r.split(",")[:-1] for r in (tmp_path / "c" / "history.csv").read_text().splitlines()]
+    assert history_a == history_c  # same rows except elapsed_s
+
+    other_seed = run_training(small_config(split_dir, tmp_path / "d", seed=1))
+    assert other_seed["steps"] == run_a["steps"]
+    assert not np.array_equal(final_weights(tmp_path / "a")["layers.0.W"], final_weights(tmp_path / "d")["layers.0.W"])
+
+
+def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_path):
+    from breastcnn.runs import read_history
+    from breastcnn.train import run_training
+
+    # lr decays every 2 evaluations by 0.5; 3 evaluations per epoch -> a decay falls mid-epoch 1
+    summary = run_training(small_config(split_dir, tmp_path / "run", epochs=6, evals_per_epoch=3, patience=4,
+                                        lr_decay=0.5, lr_decay_every=2, lr=1e-6))
+    assert summary["stopped"] == "early_stopping"
+    rows = read_history(tmp_path / "run" / "history.csv")
+    assert len(rows) == 5  # best at the first evaluation (lr 1e-6 barely moves), then 4 without improvement
+    assert summary["steps"] < 6 * 6
+    lrs = [float(r["lr"]) for r in rows]
+    # the lr logged is the one used since the previous evaluation; epoch 2 (evaluations 4-5) does not reset it
+    assert lrs == pytest.approx([1e-6, 1e-6, 0.5e-6, 0.5e-6, 0.25e-6])
+
+    # patience 1 would stop at evaluation 2, but never within the first --min-epochs (1) epoch
+    summary = run_training(small_config(split_dir, tmp_path / "run1", epochs=6, evals_per_epoch=3, patience=1,
+                                        lr=1e-6))
+    assert summary["stopped"] == "early_stopping" and summary["evaluations"] == 4 and summary["steps"] == 6 + 2
+
+
+def test_nan_loss_stops_with_message_and_keeps_best_model(split_dir, tmp_path, monkeypatch):
+    import breastcnn.train as train_module
+
+    real_step = train_module._train_step
+    calls = {"n": 0}
+
+    def exploding_step(model, xb, yb, class_weights):
+        calls["n"] += 1
+        loss, accuracy = real_step(model, xb, yb, class_weights)
+        return (float("nan") if calls["n"] == 5 else loss), accuracy
+
+    monkeypatch.setattr(train_module, "_train_step", exploding_step)
+    out = tmp_path / "run"
+    with pytest.raises(train_module.TrainingDiverged, match="loss is nan at step 5") as info:
+        train_module.run_training(small_config(split_dir, out, evals_per_epoch=6))
+    assert info.value.summary["stopped"] == "nan"
+    assert "best model so far is kept" in str(info.value)
+    from breastcnn.models import load_model
+
+    model = load_model(out / "model.npz")  # loads: every array finite (load_model checks)
+    assert model.meta["image_size"] == IMAGE_SIZE
+
+
+def test_class_weights_and_l2_change_training(split_dir, tmp_path):
+    from breastcnn.train import run_training
+
+    common = dict(epochs=1, evals_per_epoch=1)
+    run_training(small_config(split_dir, tmp_path / "balanced", **common))
+    run_training(small_config(split_dir, tmp_path / "none", class_weights="none", **common))
+    run_training(small_config(split_dir, tmp_path / "no-l2", l2=0.0, **common))
+    balanced = final_weights(tmp_path / "balanced")["layers.13.W"]
+    assert not np.allclose(balanced, final_weights(tmp_path / "none")["layers.13.W"])
+    # the default L2 (0.1) reaches the gradient: the dense kernel ends smaller than without it
+    assert np.sum(final_weights(tmp_path / "balanced")["layers.11.W"] ** 2) < np.sum(
+        final_weights(tmp_path / "no-l2")["layers.11.W"] ** 2)
+
+
+def test_kfold_split_trains_one_model_per_fold(tmp_path_factory, tmp_path):
+    from breastcnn.train import run_training
+
+    kfold = synth_split(tmp_path_factory, folds=2)
+    messages = []
+
+    class Messages(TrainingCallback):
+        def on_message(self, text):
+            messages.append(text)
+
+    result = run_training(small_config(kfold, tmp_path / "run", epochs=1), [Messages()])
+    assert [s["fold"] for s in result["folds"]] == [1, 2]
+    for k in (1, 2):
+        assert (tmp_path / "run" / f"fold{k}" / "model.npz").is_file()
+    # 70/30 folds have no val subset: validation is carved from training patients, never test
+    assert any("no validation subset" in m for m in messages)
+
+
+def test_finetune_numpy_freezes_layers(split_dir, tmp_path):
+    from breastcnn.models import load_model
+    from breastcnn.train import finetune_numpy, run_training
+
+    run_training(small_config(split_dir, tmp_path / "base", epochs=1, evals_per_epoch=1))
+    base = load_model(tmp_path / "base" / "model.npz").get_weights()
+    summary = finetune_numpy(tmp_path / "base" / "model.npz",
+                             small_config(split_dir, tmp_path / "ft", epochs=1, lr=1e-3), freeze=3)
+    tuned = load_model(Path(summary["run_dir"]) / "model.npz")
+    weights = tuned.get_weights()
+    np.testing.assert_array_equal(weights["layers.0.W"], base["layers.0.W"])  # frozen conv
+    np.testing.assert_array_equal(weights["layers.1.moving_mean"], base["layers.1.moving_mean"])  # frozen BN
+    assert not np.array_equal(weights["layers.3.W"], base["layers.3.W"])  # trained
+    assert tuned.meta["frozen_layers"] == 3
+    with pytest.raises(UserInputError, match="--freeze"):
+        finetune_numpy(tmp_path / "base" / "model.npz", small_config(split_dir, tmp_path / "x"), freeze=99)
+
+
+def test_missing_split_and_existing_out_are_user_errors(tmp_path):
+    from breastcnn.train import TrainConfig, run_training
+
+    with pytest.raises(UserInputError, match="--split"):
+        run_training(TrainConfig(split=str(tmp_path / "nope"), out=str(tmp_path / "run")))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(UserInputError, match="--force"):
+        run_training(TrainConfig(split=str(tmp_path), out=str(tmp_path / "full")))
+    with pytest.raises(UserInputError, match="--resume"):
+        run_training(TrainConfig(), resume=tmp_path / "nope")
+
+
+def test_ctrl_c_is_deferred_to_the_end_of_the_step(split_dir, tmp_path):
+    import os
+    import signal
+
+    from breastcnn.train import run_training
+
+    class SendSigint(TrainingCallback):
+        def on_batch_end(self, step, loss, accuracy):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C in the terminal
+
+    summary = run_training(small_config(split_dir, tmp_path / "run"), [SendSigint()])
+    assert summary["stopped"] == "interrupted" and summary["steps"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = run_training(small_config(split_dir, tmp_path / "x"), resume=tmp_path / "run")
+    assert resumed["stopped"] == "completed" and resumed["steps"] == 12
