@@ -268,6 +268,14 @@ class BatchNorm(Layer):
         return chunk_size(4 * row.shape[-1] * row.itemsize)
 
     def forward(self, x, training=False, cache=True):
+        return self.forward_relu(x, None, training, cache)
+
+    def forward_relu(self, x, relu: "ReLU | None", training=False, cache=True):
+        """``forward``, then ``relu.forward`` fused into the same chunk pass when ``relu`` is given.
+
+        Same values and caches (this layer's and ``relu``'s) as the two separate calls; used by
+        ``Sequential`` for a BatchNorm directly followed by a ReLU.
+        """
         c = x.shape[-1]
         flat, reps = self._view(x)                      # (R, W*C)
         r = flat.shape[0]
@@ -306,6 +314,8 @@ class BatchNorm(Layer):
                 np.subtract(flat[a:b], mean_t, out=o)
                 o *= scale_t
                 o += beta_t
+                if relu is not None:
+                    np.maximum(o, 0, out=o)
         else:   # moving statistics: one affine map x * scale + shift
             shift = (self.params["beta"] - mean * scale).astype(x.dtype)
             if reps > 1:
@@ -315,13 +325,23 @@ class BatchNorm(Layer):
                 o = out[a:b]
                 np.multiply(flat[a:b], scale, out=o)
                 o += shift
+                if relu is not None:
+                    np.maximum(o, 0, out=o)
 
         map_chunks(normalise, r, rows)
+        out = out.reshape(x.shape)
         if cache:   # the input (not x - mean): backward recomputes the centring chunk by chunk
             self._cache = (x, mean, inv_std, batch_stats)
-        return out.reshape(x.shape)
+            if relu is not None:
+                relu._cache = out
+        return out
 
     def backward(self, grad_out, need_input_grad=True):
+        return self.backward_relu(grad_out, None, need_input_grad)
+
+    def backward_relu(self, grad_out, relu: "ReLU | None", need_input_grad=True):
+        """``backward`` of ``relu`` (given: the ReLU that follows, with ``grad_out`` its output gradient)
+        and of this layer in the same chunk passes; same values as ``self.backward(relu.backward(g))``."""
         x, mean, inv_std, batch_stats = self._need_cache()
         c = x.shape[-1]
         g, reps = self._view(grad_out)
@@ -331,9 +351,17 @@ class BatchNorm(Layer):
         rows = self._rows_per_chunk(g)
         fold = lambda v: v.reshape(reps, c).sum(axis=0)  # noqa: E731
         mean_t = np.tile(mean, reps)
+        dx = np.empty_like(g)
+        if relu is not None:   # masked gradient written into dx chunk by chunk, then updated in place
+            relu_out = relu._need_cache().reshape(g.shape)
+            src = dx
+        else:
+            src = g
 
         def sums(a, b):   # (sum g, sum g * (x - mean)) of a row chunk, per column
-            gc = g[a:b]
+            if relu is not None:
+                np.multiply(g[a:b], relu_out[a:b] > 0, out=dx[a:b])
+            gc = src[a:b]
             return np.ones(b - a, g.dtype) @ gc, np.einsum("ij,ij->j", gc, flat[a:b] - mean_t)
 
         parts = map_chunks(sums, r, rows)
@@ -345,7 +373,6 @@ class BatchNorm(Layer):
             return None
         scale = self.params["gamma"] * inv_std
         scale_t = np.tile(scale, reps).astype(g.dtype)
-        dx = np.empty_like(g)
         if batch_stats:
             # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)) = g*scale - ((x - mean)*a + b)
             a_t = np.tile(scale * inv_std * dgamma / m, reps).astype(g.dtype)
@@ -356,11 +383,11 @@ class BatchNorm(Layer):
                 correction *= a_t
                 correction += b_t
                 d = dx[a:b]
-                np.multiply(g[a:b], scale_t, out=d)
+                np.multiply(src[a:b], scale_t, out=d)
                 d -= correction
         else:
             def input_grad(a, b):
-                np.multiply(g[a:b], scale_t, out=dx[a:b])
+                np.multiply(src[a:b], scale_t, out=dx[a:b])
 
         map_chunks(input_grad, r, rows)
         return dx.reshape(grad_out.shape)

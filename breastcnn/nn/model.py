@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from breastcnn.errors import UserInputError
-from breastcnn.nn.layers import Layer, Softmax
+from breastcnn.nn.layers import BatchNorm, Layer, ReLU, Softmax
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.optim import Adam
 from breastcnn.nn.parallel import blas_threads, engine_threads, map_batches
@@ -131,11 +131,29 @@ class Sequential:
         dtype = self.dtype
         return x if x.dtype == dtype else x.astype(dtype)
 
+    def _fused_relu(self, i: int):
+        """The ReLU at ``i + 1`` when layer ``i`` is a BatchNorm directly followed by a plain ReLU, else None.
+
+        Such a pair runs fused (one chunk pass instead of two, forward and backward) with the same
+        values and caches as the separate layers; the layers themselves stay separate."""
+        layers = self.layers
+        if i + 1 < len(layers) and type(layers[i]) is BatchNorm and type(layers[i + 1]) is ReLU:
+            return layers[i + 1]
+        return None
+
     def _run(self, x, training: bool, stop: int, cache: bool, activations: list | None = None):
-        for layer in self.layers[:stop]:
+        i = 0
+        while i < stop:
+            layer = self.layers[i]
+            relu = self._fused_relu(i) if activations is None and i + 1 < stop else None
+            if relu is not None:
+                x = layer.forward_relu(x, relu, training=training, cache=cache)
+                i += 2
+                continue
             x = layer.forward(x, training=training, cache=cache)
             if activations is not None:
                 activations.append(x)
+            i += 1
         return x
 
     def forward(self, x, training: bool = False, return_activations: bool = False):
@@ -167,9 +185,15 @@ class Sequential:
         start = self.logits_index if start is None else int(start)
         if not 0 <= stop <= start < len(self.layers):
             raise ValueError(f"need 0 <= stop <= start < {len(self.layers)}, got start={start}, stop={stop}")
-        for i in range(start, stop - 1, -1):
-            last = i == stop
-            grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or not last)
+        i = start
+        while i >= stop:
+            if i - 1 >= stop and self._fused_relu(i - 1) is not None:   # ReLU then its BatchNorm, fused
+                grad = self.layers[i - 1].backward_relu(grad, self.layers[i],
+                                                        need_input_grad=need_input_grad or i - 1 != stop)
+                i -= 2
+                continue
+            grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or i != stop)
+            i -= 1
         return grad
 
     def predict(self, x, batch_size: int = 64, jobs: int = 1) -> np.ndarray:

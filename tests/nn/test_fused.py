@@ -1,0 +1,93 @@
+"""Sequential's fused BatchNorm + ReLU path equals the separate layers and passes finite differences."""
+
+import numpy as np
+import pytest
+
+from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax
+from breastcnn.nn.parallel import engine_threads
+from tests.nn.gradcheck import assert_close_grads, numeric_grad, sample_indices
+
+
+def _model(seed=0, shape=(12, 12, 3), frozen_bn=False):
+    layers = [Conv2D(4, 3, strides=2), BatchNorm(), ReLU(), Conv2D(6, 3), BatchNorm(), ReLU(),
+              Flatten(), Dense(5), BatchNorm(), ReLU(), Dense(2), Softmax()]
+    m = Sequential(layers, input_shape=shape, seed=seed)
+    if frozen_bn:
+        m.layers[4].trainable = False
+    return m
+
+
+def _unfused(m):
+    m._fused_relu = lambda i: None   # instance override: every layer runs on its own
+    return m
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("frozen_bn", [False, True])
+@pytest.mark.parametrize("big", [False, True])
+def test_fused_equals_unfused(training, frozen_bn, big, monkeypatch):
+    calls = []
+    for name in ("forward_relu", "backward_relu"):
+        orig = getattr(BatchNorm, name)
+        monkeypatch.setattr(BatchNorm, name, lambda self, a, relu, *args, _o=orig, _n=name, **kw: (
+            calls.append((_n, relu is not None)), _o(self, a, relu, *args, **kw))[1])
+    shape = (60, 60, 3) if big else (12, 12, 3)   # big: tiled BN views and several chunks
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(7, *shape)).astype(np.float32)
+    fused, plain = _model(shape=shape, frozen_bn=frozen_bn), _unfused(_model(shape=shape, frozen_bn=frozen_bn))
+    assert fused._fused_relu(1) is fused.layers[2] and plain._fused_relu(1) is None
+    for _ in range(2):   # twice: running statistics updated from updated ones
+        with engine_threads(2):
+            out_f, out_p = fused.logits(x, training=training), plain.logits(x, training=training)
+            g = rng.normal(size=out_f.shape).astype(np.float32)
+            dx_f, dx_p = fused.backward(g), plain.backward(g)
+        np.testing.assert_array_equal(out_f, out_p)
+        np.testing.assert_array_equal(dx_f, dx_p)
+        for (k, a), (_, b) in zip(fused.gradients().items(), plain.gradients().items()):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+        for (k, a), (_, b) in zip(fused.buffers().items(), plain.buffers().items()):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+    assert [l.get_config() for l in fused.layers] == [l.get_config() for l in plain.layers]
+    assert calls.count(("forward_relu", True)) == 6 and calls.count(("backward_relu", True)) == 6
+
+
+def test_fused_forward_leaves_caches_for_the_separate_backward():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
+    fused, plain = _model(), _unfused(_model())
+    fused.logits(x, training=True), plain.logits(x, training=True)
+    g = rng.normal(size=(3, 2)).astype(np.float32)
+    # starts/stops between a BatchNorm and its ReLU run the lone layer on its own
+    for start, stop in [(2, 2), (2, 1), (5, 2), (4, 3), (10, 3), (10, 0), (9, 1)]:
+        gs = rng.normal(size=fused.layers[start].output_shape).astype(np.float32)
+        gs = np.broadcast_to(gs, (3, *gs.shape)).copy()
+        np.testing.assert_array_equal(fused.backward(gs, start=start, stop=stop),
+                                      plain.backward(gs, start=start, stop=stop))
+        for (k, a), (_, b) in zip(fused.gradients().items(), plain.gradients().items()):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+    acts_f = fused.activations(x, training=False)
+    acts_p = plain.activations(x, training=False)
+    assert len(acts_f) == len(fused.layers)
+    for a, b in zip(acts_f, acts_p):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_path_finite_differences():
+    rng = np.random.default_rng(3)
+    m = _model().astype(np.float64)
+    x = rng.normal(size=(4, 12, 12, 3))
+    proj = rng.normal(size=(4, 2))
+
+    def loss():
+        return float(np.sum(m.logits(x, training=True) * proj))
+
+    m.logits(x, training=True)
+    dx = m.backward(proj)
+    idx = sample_indices(x.shape, rng, 20)
+    assert_close_grads([dx[i] for i in idx], numeric_grad(loss, x, idx), 1e-5, 1e-7, "dL/dx")
+    m.logits(x, training=True)
+    m.backward(proj)
+    grads = {k: v.copy() for k, v in m.gradients().items()}
+    for key, p in m.parameters().items():
+        idx = sample_indices(p.shape, rng, 10)
+        assert_close_grads([grads[key][i] for i in idx], numeric_grad(loss, p, idx), 1e-5, 1e-7, key)
