@@ -116,6 +116,11 @@ def _as_pair(value, what: str) -> tuple[int, int]:
     return value, value
 
 
+#: a conv layer whose batch fits one chunk is still cut in two when its working set is at least this
+#: big (below it, the chunk bookkeeping costs more than a second thread saves)
+_SPLIT_BYTES = 1 << 20
+
+
 class Conv2D(Layer):
     """2-D convolution (cross-correlation, like Keras), NHWC.
 
@@ -163,7 +168,13 @@ class Conv2D(Layer):
         k, s = self.kernel_size, self.strides
         ho, wo = (h - k) // s + 1, (w - k) // s + 1
         per_image = (h * w * cin + ho * wo * (k * k * cin + 2 * self.filters)) * np.dtype(dtype).itemsize
-        return chunk_size(per_image)
+        chunk = chunk_size(per_image)
+        n = x_shape[0]
+        if n <= chunk and n * per_image >= _SPLIT_BYTES:
+            # the whole batch fits one chunk (small late layers, e.g. the third conv): still cut it in
+            # two so that two engine threads share it (fixed by the shapes: deterministic)
+            chunk = -(-n // 2)
+        return chunk
 
     def forward(self, x, training=False, cache=True):
         k, s = self.kernel_size, self.strides

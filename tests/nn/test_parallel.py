@@ -184,3 +184,28 @@ def test_predict_with_engine_threads_matches_one_thread():
     p1 = model.predict(x, batch_size=9)
     model.threads = 2
     np.testing.assert_array_equal(model.predict(x, batch_size=9), p1)
+
+
+def test_conv_batch_in_one_chunk_is_split_in_two_deterministically():
+    # third conv of the custom model at batch 32: the batch fits one cache chunk but is cut in two
+    conv = _built(Conv2D(64, 3, strides=2), (13, 13, 32))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 13, 13, 32)).astype(np.float32)
+    g = rng.normal(size=(32, 6, 6, 64)).astype(np.float32)
+    assert conv._chunk(x.shape, np.float32) == 16
+    assert conv._chunk((4, 13, 13, 32), np.float32) >= 4   # small batch: one chunk
+    results = []
+    for threads in (1, 2, 1):
+        with P.engine_threads(threads):
+            out = conv.forward(x, training=True)
+            dx = conv.backward(g)
+        results.append((out, dx, conv.grads["W"].copy(), conv.grads["b"].copy()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(results[0][0], F.conv2d_reference(x, conv.params["W"], conv.params["b"], 2),
+                               rtol=1e-4, atol=1e-4)
+    with P.engine_threads(2):   # float64: twice the bytes, still split; finite differences
+        conv64 = _built(Conv2D(64, 3, strides=2), (13, 13, 32))
+        assert conv64._chunk((20, 13, 13, 32), np.float64) == 10
+        check_layer(conv64, x[:20], rng, count=10)
