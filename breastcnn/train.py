@@ -187,7 +187,7 @@ def _dropout_layers(model) -> list:
     return [layer for layer in getattr(model, "layers", []) if isinstance(getattr(layer, "rng", None), np.random.Generator)]
 
 
-def _validation_scores(probs: np.ndarray, y: np.ndarray) -> dict:
+def validation_scores(probs: np.ndarray, y: np.ndarray) -> dict:
     """Unweighted mean cross-entropy (no L2) and accuracy/F1/recall of the malignant class."""
     from breastcnn.metrics import fast_validation_scores
 
@@ -453,7 +453,7 @@ def _fit(
         t0 = time.perf_counter()
         probs = model.predict(data.x_val, batch_size=config.eval_batch_size)
         timing["validation_s"] += time.perf_counter() - t0
-        scores = _validation_scores(probs, data.y_val)
+        scores = validation_scores(probs, data.y_val)
         state["evaluations"] += 1
         row = {
             "step": state["global_step"],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from breastcnn import CLASSES
 from breastcnn.cli.common import info, print_json, stdout
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import check_overwrite
@@ -71,7 +72,7 @@ def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
         "versions": library_versions(),
     })
     meta.setdefault("preprocess", "caffe")
-    meta.setdefault("classes", ["benign", "malignant"])
+    meta.setdefault("classes", list(CLASSES))
     classifier = KerasClassifier(kmodel, meta)
     classifier.save(out)
     return {"from": str(source), "out": str(out), "sidecar": str(sidecar_path(out)), "to": "keras",

@@ -42,20 +42,10 @@ _FOLD_RE = re.compile(r"^fold(\d+)$")
 
 
 @dataclass(frozen=True)
-class Row:
+class Row(Record):
     """One manifest row: a :class:`Record` plus its subset (``train``/``val``/``test``)."""
 
-    path: str
-    label: str
-    subtype: str
-    patient: str
-    magnification: str
     split: str
-
-    @property
-    def y(self) -> int:
-        """Integer label: 0 = benign, 1 = malignant."""
-        return CLASSES.index(self.label)
 
     @property
     def record(self) -> Record:

@@ -35,7 +35,7 @@ from breastcnn.models.keras_models import (
     require_keras,
 )
 from breastcnn.runs import TrainingCallback
-from breastcnn.train import SUMMARY_NAME, TrainingDiverged, _validation_scores
+from breastcnn.train import SUMMARY_NAME, TrainingDiverged, validation_scores
 
 MONITORS = ("val_accuracy", "val_f1", "val_recall")
 STRATEGIES = ("default", "mirrored")
@@ -364,7 +364,7 @@ def _make_keras_hooks(keras):
             logs = logs if logs is not None else {}
             self.epochs_run = epoch + 1
             probs = self.classifier.predict(self.x_val_pre, batch_size=self.batch_size)
-            val = _validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
+            val = validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
             logs.update(val)  # EarlyStopping / ReduceLROnPlateau (after us in the list) read these
             row = {
                 "step": self.step,
