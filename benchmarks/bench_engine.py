@@ -34,11 +34,14 @@ SHAPE = (224, 224, 3)
 L2 = 0.1
 
 
-def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median ms of each callable, timed alternately (fair under a fluctuating machine load).
+def interleaved_ms(fns: dict, repeats: int, warmup: int = 3, block: int = 1, settle: int = 0) -> dict:
+    """Median ms of each callable, timed in alternation (fair under a fluctuating machine load).
 
-    The order is shuffled every round (fixed seed): whatever runs right after Keras meets its
-    still-spinning Eigen threads, and that must not always be the same contestant.
+    Every round runs each callable (order shuffled per round, fixed seed) for ``settle`` untimed
+    calls and then ``block`` timed ones. ``settle`` keeps one contestant from paying for the
+    other: TensorFlow's Eigen threads keep spinning for a while after a Keras call, and on two
+    cores whatever runs right then gets about half the machine (NumPy's train step measured
+    +10-40% and its batch-1 inference +60-90% when timed right after a Keras call).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -46,12 +49,15 @@ def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
     times = {name: [] for name in fns}
     order = list(fns)
     rng = np.random.default_rng(0)
-    for _ in range(repeats):
+    for _ in range(max(repeats // block, 1)):
         for name in rng.permutation(order):
             fn = fns[name]
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(settle):
+                fn()
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -147,6 +153,9 @@ def main() -> None:
                         help="Sequential.blas_threads for the NumPy model (0: process default, all cores)")
     parser.add_argument("--blas2", action="store_true",
                         help="also time threads=1 with 2 BLAS threads (separately, after the rest)")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed calls before each timed block (train: blocks of 2 steps, inference: 10 "
+                             "calls after 5x as many untimed); 0: alternate call by call, every call timed")
     parser.add_argument("--predict-batch", type=int, default=256, help="images for the sharding comparison")
     args = parser.parse_args()
     args.blas_threads = args.blas_threads or None
@@ -178,10 +187,12 @@ def run(args) -> None:
     np_infer_fn = lambda: model.predict(x1, batch_size=1)  # noqa: E731
     k = None if args.no_keras else keras_side(model, x, y, x1, args.repeats)
     # numpy settings and keras alternate, so that all see the same load
-    train = interleaved_ms({**np_fns, **({} if k is None else {"keras": k["train"]})}, args.repeats)
+    settle = args.settle
+    train = interleaved_ms({**np_fns, **({} if k is None else {"keras": k["train"]})}, args.repeats,
+                           block=2 if settle else 1, settle=settle)
     model.threads = args.threads[0]
     infer = interleaved_ms({"numpy": np_infer_fn, **({} if k is None else {"keras": k["infer1"]})},
-                           args.repeats * 10, warmup=20)
+                           args.repeats * 10, warmup=20, block=10 if settle else 1, settle=5 * settle)
     if args.blas2:  # after the rest: spinning OpenBLAS threads would slow the next timed call
         train[_label(1, 2) + " (timed alone)"] = median_ms(train_fn(1, 2), args.repeats)
         model.threads, model.blas_threads = args.threads[0], args.blas_threads

@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from breastcnn.errors import UserInputError
-from breastcnn.nn.layers import BatchNorm, Layer, ReLU, Softmax
+from breastcnn.nn.layers import BatchNorm, Conv2D, Layer, ReLU, Softmax
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.optim import Adam
 from breastcnn.nn.parallel import blas_threads, engine_threads, map_batches
@@ -141,10 +141,24 @@ class Sequential:
             return layers[i + 1]
         return None
 
+    def _folded_bn(self, i: int, stop: int):
+        """The BatchNorm at ``i + 1`` when layer ``i`` is a Conv2D directly followed by one (both before ``stop``)."""
+        layers = self.layers
+        if i + 1 < stop and type(layers[i]) is Conv2D and type(layers[i + 1]) is BatchNorm:
+            return layers[i + 1]
+        return None
+
     def _run(self, x, training: bool, stop: int, cache: bool, activations: list | None = None):
         i = 0
+        fold = not training and not cache and activations is None   # inference without caches (predict)
         while i < stop:
             layer = self.layers[i]
+            bn = self._folded_bn(i, stop) if fold else None
+            if bn is not None:   # Conv2D + BatchNorm (+ ReLU) as one conv with folded weights
+                relu = i + 2 < stop and type(self.layers[i + 2]) is ReLU
+                x = layer.forward_folded(x, bn, relu=relu)
+                i += 3 if relu else 2
+                continue
             relu = self._fused_relu(i) if activations is None and i + 1 < stop else None
             if relu is not None:
                 x = layer.forward_relu(x, relu, training=training, cache=cache)

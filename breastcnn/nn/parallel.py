@@ -15,6 +15,7 @@ In both, BLAS is limited to one thread per worker so the levels never oversubscr
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -51,9 +52,15 @@ def blas_thread_count() -> int:
     return max(counts) if counts else 1
 
 
+@functools.lru_cache(maxsize=1)
+def _cores() -> int:
+    # os.cpu_count() costs ~10 us (a sysconf call): too much for batch-1 inference, which asks twice
+    return os.cpu_count() or 1
+
+
 def resolve_jobs(jobs: int | None) -> int:
     """jobs <= 0 or None means all cores."""
-    cores = os.cpu_count() or 1
+    cores = _cores()
     if jobs is None or jobs <= 0:
         return cores
     return int(jobs)

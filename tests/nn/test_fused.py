@@ -91,3 +91,39 @@ def test_fused_path_finite_differences():
     for key, p in m.parameters().items():
         idx = sample_indices(p.shape, rng, 10)
         assert_close_grads([grads[key][i] for i in idx], numeric_grad(loss, p, idx), 1e-5, 1e-7, key)
+
+
+def _with_moving_stats(m, rng):
+    """Give every BatchNorm non-trivial moving statistics and affine parameters (folding must use them)."""
+    for layer in m.layers:
+        if isinstance(layer, BatchNorm):
+            c = layer.params["gamma"].shape[0]
+            layer.params["gamma"][...] = rng.uniform(0.5, 2.0, c)
+            layer.params["beta"][...] = rng.normal(size=c)
+            layer.state["moving_mean"][...] = rng.normal(size=c)
+            layer.state["moving_variance"][...] = rng.uniform(0.2, 3.0, c)
+    return m
+
+
+@pytest.mark.parametrize("padding, use_bias", [("valid", True), ("same", False)])
+def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
+    """predict() runs Conv2D + BatchNorm (+ ReLU) as one conv with folded weights: same probabilities
+    as the separate inference layers, whether a ReLU follows or not."""
+    rng = np.random.default_rng(4)
+    layers = [Conv2D(4, 3, strides=2, padding=padding, use_bias=use_bias), BatchNorm(), ReLU(),
+              Conv2D(6, 3, padding=padding, use_bias=use_bias), BatchNorm(),          # no ReLU after this one
+              Flatten(), Dense(2), Softmax()]
+    m = _with_moving_stats(Sequential(layers, input_shape=(13, 13, 3), seed=0), rng)
+    x = rng.normal(size=(5, 13, 13, 3)).astype(np.float32)
+    folded = []
+    orig = Conv2D.forward_folded
+    monkeypatch.setattr(Conv2D, "forward_folded",
+                        lambda self, *a, **kw: (folded.append(kw.get("relu")), orig(self, *a, **kw))[1])
+    expected = m.forward(x, training=False)           # cached forward: the separate layers
+    assert folded == []
+    got = m.predict(x, batch_size=2)
+    assert folded == [True, False] * 3                # three batches, two folded convs each
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # in float64 the folding is exact up to float64 rounding (predict returns float32)
+    m.astype(np.float64)
+    np.testing.assert_allclose(m.predict(x), m.forward(x).astype(np.float32), rtol=2e-7, atol=1e-8)

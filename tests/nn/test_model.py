@@ -17,7 +17,8 @@ def test_forward_probabilities_and_predict_agree(small):
     p = small.predict(x, batch_size=2)
     assert p.dtype == np.float32 and p.shape == (5, 2)
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(small.forward(x), p, rtol=1e-6)
+    # predict folds each BatchNorm into the conv before it: equal up to float32 rounding
+    np.testing.assert_allclose(small.forward(x), p, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(small.predict(x, batch_size=1, jobs=2), p, rtol=1e-5, atol=1e-6)
     logits = small.logits(x)
     np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), p, rtol=1e-5)
