@@ -199,3 +199,35 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
     return z
+
+
+def channel_moments(rows: np.ndarray, reps: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel (count, mean, sum of squared deviations) of a chunk, for :func:`combine_moments`.
+
+    rows: (R, reps*C), the channel vector repeated ``reps`` times along a row (a (N*H, W*C) view of
+    NHWC data has reps = W). Two passes over the chunk (it is in cache): the mean, then the centred
+    squares, so the result is as exact as a two-pass variance. Returns float64 (C,) vectors.
+    """
+    c = rows.shape[1] // reps
+    count = rows.shape[0] * reps
+    sums = np.ones(rows.shape[0], rows.dtype) @ rows          # column sums as a GEMV (fast)
+    mean = sums.reshape(reps, c).sum(axis=0, dtype=np.float64) / max(count, 1)
+    centred = rows - np.tile(mean.astype(rows.dtype), reps)
+    m2 = np.einsum("ij,ij->j", centred, centred).reshape(reps, c).sum(axis=0, dtype=np.float64)
+    return count, mean, m2
+
+
+def combine_moments(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, biased variance) float64 (C,) of the union of chunks from :func:`channel_moments`.
+
+    Chan et al.'s pairwise update, in list order (deterministic): exact, no E[x^2] - E[x]^2 cancellation.
+    """
+    count, mean, m2 = parts[0]
+    mean, m2 = mean.copy(), m2.copy()
+    for n_b, mean_b, m2_b in parts[1:]:
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
+        count = total
+    return mean, m2 / max(count, 1)

@@ -176,11 +176,20 @@ class Conv2D(Layer):
             chunk = -(-n // 2)
         return chunk
 
-    def forward(self, x, training=False, cache=True):
-        bias = self.params["b"] if self.use_bias else None
-        return self._conv(x, self.params["W"], bias, relu=False, cache=cache)
+    @property
+    def chunk_hooks(self) -> bool:
+        """Whether forward/backward take ``prologue``/``epilogue`` chunk hooks (valid padding: the chunks
+        read the caller's arrays directly; "same" padding copies the input first)."""
+        return self.padding == "valid"
 
-    def forward_folded(self, x, bn: "BatchNorm", relu: bool = False):
+    def forward(self, x, training=False, cache=True, prologue=None, moments=False):
+        """prologue(a, b): fills images ``a:b`` of ``x`` (a deferred BatchNorm) before this chunk reads them.
+        moments: also return the per-channel batch (mean, variance) of the output, computed chunk by
+        chunk while in cache, for the BatchNorm after this layer: ``(out, (mean, var))``."""
+        bias = self.params["b"] if self.use_bias else None
+        return self._conv(x, self.params["W"], bias, relu=False, cache=cache, prologue=prologue, moments=moments)
+
+    def forward_folded(self, x, bn: "BatchNorm", relu: bool = False, prologue=None):
         """Inference forward of this conv, the BatchNorm ``bn`` after it and optionally a ReLU, in one pass.
 
         The BatchNorm's moving statistics are folded into the kernel and bias
@@ -191,13 +200,15 @@ class Conv2D(Layer):
         scale, shift = bn.inference_affine()
         w = (self.params["W"] * scale).astype(self.params["W"].dtype)
         bias = shift if not self.use_bias else self.params["b"] * scale + shift
-        return self._conv(x, w, bias.astype(w.dtype), relu=relu, cache=False)
+        return self._conv(x, w, bias.astype(w.dtype), relu=relu, cache=False, prologue=prologue)
 
-    def _conv(self, x, kernel, bias, relu: bool, cache: bool):
+    def _conv(self, x, kernel, bias, relu: bool, cache: bool, prologue=None, moments=False):
         """x (N, H, W, C_in) conv ``kernel`` (kh, kw, C_in, F) + ``bias`` (F,) or None, then max(., 0) if ``relu``."""
         k, s = self.kernel_size, self.strides
         pads = None
         if self.padding == "same":
+            if prologue is not None:
+                raise ValueError("chunk hooks need valid padding")
             x, pads = F.pad_same(x, (k, k), s)
         n, h, w, _ = x.shape
         ho, wo = (h - k) // s + 1, (w - k) // s + 1
@@ -212,29 +223,37 @@ class Conv2D(Layer):
         all_cols = np.empty((n * pixels, w_mat.shape[0]), x.dtype) if keep_cols else None
 
         def chunk(a, b):   # im2col + the one GEMM on a cache-sized chunk of images, written in place
+            if prologue is not None:
+                prologue(a, b)
             rows = out[a:b].reshape(-1, self.filters)
             cols = F.im2col(x[a:b], k, k, s, out=None if all_cols is None else all_cols[a * pixels : b * pixels])
             np.matmul(cols, w_mat, out=rows)
-            if bias is not None or relu:
-                long_rows = out[a:b].reshape(-1, wo * self.filters)
-                if bias is not None:
-                    long_rows += bias
-                if relu:
-                    np.maximum(long_rows, 0, out=long_rows)
+            long_rows = out[a:b].reshape(-1, wo * self.filters)
+            if bias is not None:
+                long_rows += bias
+            if relu:
+                np.maximum(long_rows, 0, out=long_rows)
+            return F.channel_moments(long_rows, wo) if moments else None
 
-        map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
+        parts = map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
         if cache:
             self._cache = (x, all_cols, pads)
-        return out
+        return (out, F.combine_moments(parts)) if moments else out
 
-    def backward(self, grad_out, need_input_grad=True):
+    def backward(self, grad_out, need_input_grad=True, prologue=None, epilogue=None):
+        """prologue(a, b): fills images ``a:b`` of ``grad_out`` (a deferred BatchNorm input gradient)
+        before this chunk reads them. epilogue(dx, a, b): called on each chunk of the input gradient
+        right after it is written (e.g. ``BatchNorm.grad_sums_epilogue``); returns ``(dx, [results])``."""
         x, all_cols, pads = self._need_cache()
         k, s, f = self.kernel_size, self.strides, self.filters
         n = x.shape[0]
         dtype = np.result_type(grad_out.dtype, self.params["W"].dtype)
+        need_input_grad = need_input_grad or epilogue is not None
         dx = np.empty(x.shape, dtype=dtype) if need_input_grad else None
 
         def chunk(a, b):   # (dW, db) partials of the chunk; dx rows written in place
+            if prologue is not None:
+                prologue(a, b)
             g = grad_out[a:b].reshape(-1, f)
             parts = None
             if self.trainable:
@@ -244,19 +263,19 @@ class Conv2D(Layer):
             if dx is not None:
                 # = col2im(g @ W_mat.T), organised so that memory traffic stays in long runs
                 F.conv_input_grad(grad_out[a:b], self.params["W"], x[a:b].shape, s, out=dx[a:b])
-            return parts
+            return parts, None if epilogue is None else epilogue(dx, a, b)
 
-        parts = map_chunks(chunk, n, self._chunk(x.shape, dtype))
+        results = map_chunks(chunk, n, self._chunk(x.shape, dtype))
         if self.trainable:   # chunk partials summed in chunk order: same result for any thread count
-            self.grads["W"] = ordered_sum([p[0] for p in parts]).reshape(self.params["W"].shape)
+            self.grads["W"] = ordered_sum([p[0][0] for p in results]).reshape(self.params["W"].shape)
             if self.use_bias:   # GEMV sums: faster than g.sum(axis=0)
-                self.grads["b"] = ordered_sum([p[1] for p in parts])
+                self.grads["b"] = ordered_sum([p[0][1] for p in results])
         if dx is None:
             return None
         if pads is not None:
             (top, bottom), (left, right) = pads
             dx = dx[:, top : x.shape[1] - bottom, left : x.shape[2] - right, :]
-        return dx
+        return dx if epilogue is None else (dx, [p[1] for p in results])
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
@@ -309,78 +328,94 @@ class BatchNorm(Layer):
     def forward(self, x, training=False, cache=True):
         return self.forward_relu(x, None, training, cache)
 
-    def forward_relu(self, x, relu: "ReLU | None", training=False, cache=True):
+    def forward_relu(self, x, relu: "ReLU | None", training=False, cache=True, moments=None, defer=False):
         """``forward``, then ``relu.forward`` fused into the same chunk pass when ``relu`` is given.
 
         Same values and caches (this layer's and ``relu``'s) as the two separate calls; used by
         ``Sequential`` for a BatchNorm directly followed by a ReLU.
+        moments: the batch (mean, variance) (C,) when the layer before already computed them
+        (``Conv2D.forward(moments=True)``); otherwise two passes over ``x`` compute them.
+        defer: return ``(out, fill)`` with ``out`` not yet written: ``fill(a, b)`` normalises images
+        ``a:b`` into it; the next layer calls it chunk by chunk (while its chunk is in cache) and must
+        cover every image.
         """
         c = x.shape[-1]
         flat, reps = self._view(x)                      # (R, W*C)
         r = flat.shape[0]
-        m = r * reps                                     # values per channel
         rows = self._rows_per_chunk(flat)
-        fold = lambda v: v.reshape(reps, c).sum(axis=0)  # noqa: E731  (W*C,) -> (C,), fixed order
         batch_stats = bool(training and self.trainable)
         if batch_stats:
-            # Two passes over cache-sized row chunks (mean, then the centred sum of squares: as exact as
-            # Keras' two-pass moments); column sums as GEMVs (much faster than reducing axis 0)
-            def sums(a, b):
-                return np.ones(b - a, x.dtype) @ flat[a:b]
-
-            mean = fold(ordered_sum(map_chunks(sums, r, rows))) / m
-            mean_t = np.tile(mean, reps)
-
-            def squares(a, b):
-                xc = flat[a:b] - mean_t
-                return np.einsum("ij,ij->j", xc, xc)
-
-            var = fold(ordered_sum(map_chunks(squares, r, rows))) / m      # biased, like Keras
+            if moments is None:   # per-chunk moments combined exactly (Chan): as exact as a two-pass variance
+                moments = F.combine_moments(map_chunks(lambda a, b: F.channel_moments(flat[a:b], reps), r, rows))
+            mean, var = moments
             mom = self.momentum
             for key, value in (("moving_mean", mean), ("moving_variance", var)):
                 self.state[key] = (mom * self.state[key] + (1 - mom) * value).astype(self.state[key].dtype)
+            mean, var = mean.astype(x.dtype), var.astype(x.dtype)
         else:
             mean = self.state["moving_mean"].astype(x.dtype)
             var = self.state["moving_variance"].astype(x.dtype)
         inv_std = (1.0 / np.sqrt(var + self.epsilon)).astype(x.dtype)
         scale = (self.params["gamma"] * inv_std).astype(x.dtype)
+        shift = (self.params["beta"] - mean * scale).astype(x.dtype)
+        scale_t, shift_t = np.tile(scale, reps), np.tile(shift, reps)
         out = np.empty_like(flat)
-        if batch_stats:
-            scale_t, beta_t = np.tile(scale, reps), np.tile(self.params["beta"].astype(x.dtype), reps)
 
-            def normalise(a, b):   # (x - mean) * scale + beta, in place in the output rows
-                o = out[a:b]
-                np.subtract(flat[a:b], mean_t, out=o)
-                o *= scale_t
-                o += beta_t
-                if relu is not None:
-                    np.maximum(o, 0, out=o)
-        else:   # moving statistics: one affine map x * scale + shift
-            shift = (self.params["beta"] - mean * scale).astype(x.dtype)
-            if reps > 1:
-                scale, shift = np.tile(scale, reps), np.tile(shift, reps)
+        def normalise(a, b):   # x * scale + shift (then max(., 0)), in place in the output rows
+            o = out[a:b]
+            np.multiply(flat[a:b], scale_t, out=o)
+            o += shift_t
+            if relu is not None:
+                np.maximum(o, 0, out=o)
 
-            def normalise(a, b):
-                o = out[a:b]
-                np.multiply(flat[a:b], scale, out=o)
-                o += shift
-                if relu is not None:
-                    np.maximum(o, 0, out=o)
-
-        map_chunks(normalise, r, rows)
-        out = out.reshape(x.shape)
+        out_nhwc = out.reshape(x.shape)
         if cache:   # the input (not x - mean): backward recomputes the centring chunk by chunk
             self._cache = (x, mean, inv_std, batch_stats)
             if relu is not None:
-                relu._cache = out
-        return out
+                relu._cache = out_nhwc
+        if defer:
+            per = r // x.shape[0]    # rows per image
+            return out_nhwc, lambda a, b: normalise(a * per, b * per)
+        map_chunks(normalise, r, rows)
+        return out_nhwc
 
     def backward(self, grad_out, need_input_grad=True):
         return self.backward_relu(grad_out, None, need_input_grad)
 
-    def backward_relu(self, grad_out, relu: "ReLU | None", need_input_grad=True):
+    def grad_sums_epilogue(self, relu: "ReLU | None"):
+        """For the layer whose backward produces this layer's output gradient (in chunks of images).
+
+        Returns ``epilogue(g, a, b)``: masks images ``a:b`` of ``g`` (N, ...) in place by ``relu``'s
+        output (the ReLU backward) and returns their partial sums (sum g, sum g * (x - mean)) while
+        the chunk is still in cache; hand the list of results to ``backward_relu(sums=...)``.
+        """
+        x, mean, _, _ = self._need_cache()
+        flat, reps = self._view(x)
+        per = flat.shape[0] // x.shape[0]
+        mean_t = np.tile(mean, reps)
+        relu_out = None if relu is None else relu._need_cache().reshape(flat.shape)
+
+        def epilogue(g, a, b):
+            gc = g.reshape(flat.shape)[a * per : b * per]
+            if relu_out is not None:
+                np.multiply(gc, relu_out[a * per : b * per] > 0, out=gc)
+            return self._grad_sums(gc, flat[a * per : b * per], mean_t)
+
+        return epilogue
+
+    @staticmethod
+    def _grad_sums(g, x, mean_t):
+        """(sum over rows of g, of g * (x - mean)), tiled (W*C,); column sums as GEMVs (faster than axis-0)."""
+        return np.ones(g.shape[0], g.dtype) @ g, np.einsum("ij,ij->j", g, x - mean_t)
+
+    def backward_relu(self, grad_out, relu: "ReLU | None", need_input_grad=True, sums=None, defer=False):
         """``backward`` of ``relu`` (given: the ReLU that follows, with ``grad_out`` its output gradient)
-        and of this layer in the same chunk passes; same values as ``self.backward(relu.backward(g))``."""
+        and of this layer in the same chunk passes; same values as ``self.backward(relu.backward(g))``.
+
+        sums: the per-chunk results of :meth:`grad_sums_epilogue` (``grad_out`` then already masked in
+        place); skips the pass that computes them. defer: return ``(dx, fill)`` with ``fill(a, b)``
+        computing images ``a:b`` of ``dx`` in place, for the next layer down to call chunk by chunk.
+        """
         x, mean, inv_std, batch_stats = self._need_cache()
         c = x.shape[-1]
         g, reps = self._view(grad_out)
@@ -388,24 +423,26 @@ class BatchNorm(Layer):
         r = g.shape[0]
         m = r * reps
         rows = self._rows_per_chunk(g)
-        fold = lambda v: v.reshape(reps, c).sum(axis=0)  # noqa: E731
+        fold = lambda v: v.reshape(reps, c).sum(axis=0)  # noqa: E731  (W*C,) -> (C,), fixed order
         mean_t = np.tile(mean, reps)
-        dx = np.empty_like(g)
-        if relu is not None:   # masked gradient written into dx chunk by chunk, then updated in place
-            relu_out = relu._need_cache().reshape(g.shape)
-            src = dx
+        if sums is not None:   # masked in place by the epilogue: dx overwrites the masked gradient
+            dx, src = g, g
         else:
-            src = g
+            dx = np.empty_like(g)
+            if relu is not None:   # masked gradient written into dx chunk by chunk, then updated in place
+                relu_out = relu._need_cache().reshape(g.shape)
+                src = dx
+            else:
+                src = g
 
-        def sums(a, b):   # (sum g, sum g * (x - mean)) of a row chunk, per column
-            if relu is not None:
-                np.multiply(g[a:b], relu_out[a:b] > 0, out=dx[a:b])
-            gc = src[a:b]
-            return np.ones(b - a, g.dtype) @ gc, np.einsum("ij,ij->j", gc, flat[a:b] - mean_t)
+            def chunk_sums(a, b):
+                if relu is not None:
+                    np.multiply(g[a:b], relu_out[a:b] > 0, out=dx[a:b])
+                return self._grad_sums(src[a:b], flat[a:b], mean_t)
 
-        parts = map_chunks(sums, r, rows)
-        dbeta = fold(ordered_sum([p[0] for p in parts]))
-        dgamma = fold(ordered_sum([p[1] for p in parts])) * inv_std      # sum(g * x_hat)
+            sums = map_chunks(chunk_sums, r, rows)
+        dbeta = fold(ordered_sum([p[0] for p in sums]))
+        dgamma = fold(ordered_sum([p[1] for p in sums])) * inv_std      # sum(g * x_hat)
         self._set_grad("gamma", dgamma)
         self._set_grad("beta", dbeta)
         if not need_input_grad:
@@ -428,8 +465,12 @@ class BatchNorm(Layer):
             def input_grad(a, b):
                 np.multiply(src[a:b], scale_t, out=dx[a:b])
 
+        dx_nhwc = dx.reshape(grad_out.shape)
+        if defer:
+            per = r // x.shape[0]
+            return dx_nhwc, lambda a, b: input_grad(a * per, b * per)
         map_chunks(input_grad, r, rows)
-        return dx.reshape(grad_out.shape)
+        return dx_nhwc
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
@@ -527,15 +568,32 @@ class MaxPool2D(Layer):
             for dx in range(p):
                 yield (slice(None), slice(dy, dy + s * (ho - 1) + 1, s), slice(dx, dx + s * (wo - 1) + 1, s))
 
-    def forward(self, x, training=False, cache=True):
+    @property
+    def chunk_hooks(self) -> bool:
+        """Whether forward/backward take ``prologue``/``epilogue`` chunk hooks (see Conv2D): pool == stride."""
+        return self.pool_size == self.strides
+
+    def forward(self, x, training=False, cache=True, prologue=None):
+        """prologue(a, b): fills images ``a:b`` of ``x`` before this chunk reads them (pool == stride only)."""
         n, h, w, c = x.shape
         p, s = self.pool_size, self.strides
         ho, wo = (h - p) // s + 1, (w - p) // s + 1
+        if prologue is not None and p != s:
+            raise ValueError("chunk hooks need pool_size == strides")
         if p == s:  # non-overlapping windows: crop and reshape, in batch chunks (engine threads)
             out = np.empty((n, ho, wo, c), dtype=x.dtype)
 
             def chunk(a, b):
-                out[a:b] = x[a:b, : ho * p, : wo * p, :].reshape(b - a, ho, p, wo, p, c).max(axis=(2, 4))
+                if prologue is not None:
+                    prologue(a, b)
+                # one np.maximum per window offset over strided views: ~7x faster than .max(axis=(2, 4))
+                windows = x[a:b, : ho * p, : wo * p, :].reshape(b - a, ho, p, wo, p, c)
+                o = out[a:b]
+                o[...] = windows[:, :, 0, :, 0, :]
+                for dy in range(p):
+                    for dx in range(p):
+                        if dy or dx:
+                            np.maximum(o, windows[:, :, dy, :, dx, :], out=o)
 
             map_chunks(chunk, n, chunk_size(3 * h * w * c * x.itemsize))
         else:
@@ -546,18 +604,28 @@ class MaxPool2D(Layer):
             self._cache = (x, out)
         return out
 
-    def backward(self, grad_out, need_input_grad=True):
+    def backward(self, grad_out, need_input_grad=True, prologue=None, epilogue=None):
+        """prologue(a, b): fills images ``a:b`` of ``grad_out`` before this chunk reads them.
+        epilogue(dx, a, b): called on each chunk of the input gradient right after it is written;
+        returns ``(dx, [results])``. Hooks need pool == stride."""
         x, out = self._need_cache()
-        if not need_input_grad:
+        if (prologue is not None or epilogue is not None) and not self.chunk_hooks:
+            raise ValueError("chunk hooks need pool_size == strides")
+        if not need_input_grad and epilogue is None:
+            if prologue is not None:   # the deferred gradient must still be completed for its owner
+                map_chunks(prologue, x.shape[0], x.shape[0])
             return None
         if self.pool_size == self.strides:
             dx = np.empty(x.shape, dtype=grad_out.dtype)
 
             def chunk(a, b):
-                dx[a:b] = self._backward_disjoint(x[a:b], out[a:b], grad_out[a:b])
+                if prologue is not None:
+                    prologue(a, b)
+                self._backward_disjoint(x[a:b], out[a:b], grad_out[a:b], dx[a:b])
+                return None if epilogue is None else epilogue(dx, a, b)
 
-            map_chunks(chunk, x.shape[0], chunk_size(4 * x[0].size * x.itemsize))
-            return dx
+            results = map_chunks(chunk, x.shape[0], chunk_size(4 * x[0].size * x.itemsize))
+            return dx if epilogue is None else (dx, results)
         dx = np.zeros_like(x, dtype=grad_out.dtype)
         unrouted = np.ones(out.shape, dtype=bool)
         for sl in self._windows(x.shape):
@@ -567,8 +635,9 @@ class MaxPool2D(Layer):
             dx[sl] += np.where(hit, grad_out, 0)
         return dx
 
-    def _backward_disjoint(self, x, out, grad_out):
-        """pool == stride: one broadcast compare over the (N, Ho, p, Wo, p, C) view, ties broken in order."""
+    def _backward_disjoint(self, x, out, grad_out, dx):
+        """pool == stride: one broadcast compare over the (N, Ho, p, Wo, p, C) view, ties broken in order;
+        the gradient is written straight into ``dx`` (N, H, W, C) (rows/columns no window covers get 0)."""
         n, h, w, c = x.shape
         p = self.pool_size
         ho, wo = out.shape[1], out.shape[2]
@@ -576,20 +645,17 @@ class MaxPool2D(Layer):
         hit = windows == out[:, :, None, :, None, :]
         seen = None
         for dy in range(p):        # keep only the first maximum of each window (TF routes to one element)
-            for dx in range(p):
-                cell = hit[:, :, dy, :, dx, :]
+            for dx_ in range(p):
+                cell = hit[:, :, dy, :, dx_, :]
                 if seen is None:
                     seen = cell.copy()
                 else:
                     cell &= ~seen
                     seen |= cell
-        grad = hit * grad_out[:, :, None, :, None, :]
-        grad = grad.reshape(n, ho * p, wo * p, c)
-        if (ho * p, wo * p) == (h, w):
-            return grad
-        dx_full = np.zeros(x.shape, dtype=grad.dtype)
-        dx_full[:, : ho * p, : wo * p, :] = grad
-        return dx_full
+        np.multiply(hit, grad_out[:, :, None, :, None, :],
+                    out=dx[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c))
+        dx[:, ho * p :, :, :] = 0
+        dx[:, : ho * p, wo * p :, :] = 0
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides}

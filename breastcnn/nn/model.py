@@ -57,6 +57,10 @@ class Sequential:
     #: each), used by predict / compute_gradients / train_on_batch. Default 0 = all cores. None: leave the
     #: caller's ``engine_threads`` setting. Results are bit-identical for any value (fixed chunking).
     threads: int | None = 0
+    #: Run BatchNorm (+ ReLU) inside the chunks of the layers around it (batch moments computed by the conv
+    #: before it, normalisation and input gradient by the layer after/below it, ReLU fused) and fold
+    #: Conv2D + BatchNorm in inference. False: every layer runs on its own (same values up to float rounding).
+    fuse: bool = True
 
     def __init__(self, layers: list[Layer], input_shape: tuple | None = None, seed: int = 0,
                  meta: dict | None = None):
@@ -137,34 +141,63 @@ class Sequential:
         Such a pair runs fused (one chunk pass instead of two, forward and backward) with the same
         values and caches as the separate layers; the layers themselves stay separate."""
         layers = self.layers
-        if i + 1 < len(layers) and type(layers[i]) is BatchNorm and type(layers[i + 1]) is ReLU:
+        if self.fuse and i + 1 < len(layers) and type(layers[i]) is BatchNorm and type(layers[i + 1]) is ReLU:
             return layers[i + 1]
         return None
 
     def _folded_bn(self, i: int, stop: int):
         """The BatchNorm at ``i + 1`` when layer ``i`` is a Conv2D directly followed by one (both before ``stop``)."""
         layers = self.layers
-        if i + 1 < stop and type(layers[i]) is Conv2D and type(layers[i + 1]) is BatchNorm:
+        if self.fuse and i + 1 < stop and type(layers[i]) is Conv2D and type(layers[i + 1]) is BatchNorm:
             return layers[i + 1]
         return None
 
+    def _hooked(self, i: int, stop: int, step: int) -> bool:
+        """Whether layer ``i`` exists within the pass (``step`` +1: forward up to ``stop``, -1: backward down to
+        ``stop``) and takes chunk hooks (Conv2D with valid padding, MaxPool2D with pool == stride)."""
+        inside = i < stop if step > 0 else i >= stop
+        return self.fuse and inside and getattr(self.layers[i], "chunk_hooks", False)
+
     def _run(self, x, training: bool, stop: int, cache: bool, activations: list | None = None):
-        i = 0
+        """Forward through layers ``0..stop-1``.
+
+        With ``fuse`` (and no activations wanted), a BatchNorm (+ ReLU) works inside its neighbours'
+        chunks: the conv before it computes the batch moments while its output chunk is in cache, and
+        the normalisation runs as the prologue of each chunk of the layer after it. Inference without
+        caches folds Conv2D + BatchNorm (+ ReLU) into one conv.
+        """
+        layers = self.layers
         fold = not training and not cache and activations is None   # inference without caches (predict)
+        chain = self.fuse and activations is None
+        prologue = None      # deferred normalisation of layer i's input, run by layer i chunk by chunk
+        moments = None       # batch moments of layer i's input, computed by the conv before it
+        i = 0
         while i < stop:
-            layer = self.layers[i]
+            layer = layers[i]
             bn = self._folded_bn(i, stop) if fold else None
             if bn is not None:   # Conv2D + BatchNorm (+ ReLU) as one conv with folded weights
-                relu = i + 2 < stop and type(self.layers[i + 2]) is ReLU
-                x = layer.forward_folded(x, bn, relu=relu)
+                relu = i + 2 < stop and type(layers[i + 2]) is ReLU
+                x = layer.forward_folded(x, bn, relu=relu, prologue=prologue)
+                prologue = None
                 i += 3 if relu else 2
                 continue
-            relu = self._fused_relu(i) if activations is None and i + 1 < stop else None
-            if relu is not None:
-                x = layer.forward_relu(x, relu, training=training, cache=cache)
-                i += 2
+            if chain and type(layer) is BatchNorm:
+                relu = self._fused_relu(i) if i + 1 < stop else None
+                nxt = i + (1 if relu is None else 2)
+                defer = self._hooked(nxt, stop, +1)
+                x = layer.forward_relu(x, relu, training=training, cache=cache, moments=moments, defer=defer)
+                if defer:
+                    x, prologue = x
+                moments = None
+                i = nxt
                 continue
-            x = layer.forward(x, training=training, cache=cache)
+            hooks = {} if prologue is None else {"prologue": prologue}
+            prologue = None
+            if chain and training and self._hooked(i, stop, +1) and self._folded_bn(i, stop) is not None \
+                    and layers[i + 1].trainable and type(layer) is Conv2D:
+                x, moments = layer.forward(x, training=training, cache=cache, moments=True, **hooks)
+            else:
+                x = layer.forward(x, training=training, cache=cache, **hooks)
             if activations is not None:
                 activations.append(x)
             i += 1
@@ -199,16 +232,49 @@ class Sequential:
         start = self.logits_index if start is None else int(start)
         if not 0 <= stop <= start < len(self.layers):
             raise ValueError(f"need 0 <= stop <= start < {len(self.layers)}, got start={start}, stop={stop}")
+        layers = self.layers
+        prologue = None      # deferred BatchNorm input gradient, completed by layer i chunk by chunk
         i = start
         while i >= stop:
+            layer = layers[i]
             if i - 1 >= stop and self._fused_relu(i - 1) is not None:   # ReLU then its BatchNorm, fused
-                grad = self.layers[i - 1].backward_relu(grad, self.layers[i],
-                                                        need_input_grad=need_input_grad or i - 1 != stop)
-                i -= 2
+                grad, prologue, i = self._bn_backward(i - 1, layer, grad, None, stop, need_input_grad)
                 continue
-            grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or i != stop)
+            if self.fuse and type(layer) is BatchNorm:
+                grad, prologue, i = self._bn_backward(i, None, grad, None, stop, need_input_grad)
+                continue
+            hooks = {} if prologue is None else {"prologue": prologue}
+            prologue = None
+            below = self._bn_below(i, stop)
+            if below is not None:   # the BatchNorm (+ ReLU) below sums its gradient inside this layer's chunks
+                b, relu = below
+                grad, sums = layer.backward(grad, True, epilogue=layers[b].grad_sums_epilogue(relu), **hooks)
+                grad, prologue, i = self._bn_backward(b, relu, grad, sums, stop, need_input_grad)
+                continue
+            grad = layer.backward(grad, need_input_grad=need_input_grad or i != stop, **hooks)
             i -= 1
         return grad
+
+    def _bn_below(self, i: int, stop: int):
+        """(index, ReLU or None) of a BatchNorm (+ ReLU) directly below layer ``i`` (within ``stop``) when layer
+        ``i`` takes chunk hooks, else None."""
+        if not self._hooked(i, stop, -1):
+            return None
+        if i - 2 >= stop and self._fused_relu(i - 2) is not None:
+            return i - 2, self.layers[i - 1]
+        if i - 1 >= stop and type(self.layers[i - 1]) is BatchNorm:
+            return i - 1, None
+        return None
+
+    def _bn_backward(self, b: int, relu, grad, sums, stop: int, need_input_grad: bool):
+        """Backward of the BatchNorm at ``b`` (and its ``relu``); returns (grad, prologue, next index).
+
+        The input gradient is left to the layer below (``prologue``) when that layer takes chunk hooks."""
+        need = need_input_grad or b != stop
+        defer = need and self._hooked(b - 1, stop, -1)
+        out = self.layers[b].backward_relu(grad, relu, need_input_grad=need, sums=sums, defer=defer)
+        grad, prologue = out if defer else (out, None)
+        return grad, prologue, b - 1
 
     def predict(self, x, batch_size: int = 64, jobs: int = 1) -> np.ndarray:
         """Inference-mode probabilities, float32 (N, num_classes); ``jobs`` > 1 shards batches over threads."""
