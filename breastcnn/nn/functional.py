@@ -74,8 +74,11 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, out: np.ndarray | None 
     cols = out.reshape(n, ho, wo, kh, kw * c)
     sn, sh, sw, sc = x.strides
     if sc * c == sw:  # (kw, C) contiguous: copy kernel rows as (kw*C)-long runs
-        rows = as_strided(x, shape=(n, ho, wo, kh, kw * c), strides=(sn, sh * stride, sw * stride, sh, sc),
-                          writeable=False)
+        shape, strides = (n, ho, wo, kh, kw * c), (sn, sh * stride, sw * stride, sh, sc)
+        if x.flags.c_contiguous:   # a view straight on the buffer: ~0.5 us instead of as_strided's ~3 (batch 1)
+            rows = np.ndarray(shape, x.dtype, x, 0, strides)
+        else:
+            rows = as_strided(x, shape=shape, strides=strides, writeable=False)
         np.copyto(cols, rows)
     else:
         cols.reshape(n, ho, wo, kh, kw, c)[...] = window_view(x, kh, kw, stride)

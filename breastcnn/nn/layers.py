@@ -198,9 +198,10 @@ class Conv2D(Layer):
         separate inference layers up to float rounding. No cache (thread-safe).
         """
         scale, shift = bn.inference_affine()
-        w = (self.params["W"] * scale).astype(self.params["W"].dtype)
+        dtype = self.params["W"].dtype
+        w = (self.params["W"] * scale).astype(dtype, copy=False)
         bias = shift if not self.use_bias else self.params["b"] * scale + shift
-        return self._conv(x, w, bias.astype(w.dtype), relu=relu, cache=False, prologue=prologue)
+        return self._conv(x, w, bias.astype(dtype, copy=False), relu=relu, cache=False, prologue=prologue)
 
     def _conv(self, x, kernel, bias, relu: bool, cache: bool, prologue=None, moments=False):
         """x (N, H, W, C_in) conv ``kernel`` (kh, kw, C_in, F) + ``bias`` (F,) or None, then max(., 0) if ``relu``."""
@@ -235,7 +236,7 @@ class Conv2D(Layer):
                 np.maximum(long_rows, 0, out=long_rows)
             return F.channel_moments(long_rows, wo) if moments else None
 
-        parts = map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
+        parts = [chunk(0, 1)] if n == 1 else map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
         if cache:
             self._cache = (x, all_cols, pads)
         return (out, F.combine_moments(parts)) if moments else out
@@ -321,8 +322,7 @@ class BatchNorm(Layer):
 
     def inference_affine(self) -> tuple[np.ndarray, np.ndarray]:
         """(scale, shift) (C,) of inference mode: ``y = x * scale + shift`` with the moving statistics."""
-        inv_std = 1.0 / np.sqrt(self.state["moving_variance"] + self.epsilon)
-        scale = self.params["gamma"] * inv_std
+        scale = self.params["gamma"] / np.sqrt(self.state["moving_variance"] + self.epsilon)
         return scale, self.params["beta"] - self.state["moving_mean"] * scale
 
     def forward(self, x, training=False, cache=True):

@@ -209,3 +209,32 @@ def test_conv_batch_in_one_chunk_is_split_in_two_deterministically():
         conv64 = _built(Conv2D(64, 3, strides=2), (13, 13, 32))
         assert conv64._chunk((20, 13, 13, 32), np.float64) == 10
         check_layer(conv64, x[:20], rng, count=10)
+
+
+def test_blas_threads_limits_and_restores():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    if not blas():
+        pytest.skip("no BLAS library visible to threadpoolctl")
+    with threadpool_limits(2, user_api="blas"):
+        with P.blas_threads(1):
+            assert blas() == [1] * len(blas())
+            with P.blas_threads(1):          # already there: nothing to change or restore
+                assert set(blas()) == {1}
+            assert set(blas()) == {1}
+            with P.blas_threads(None):
+                assert set(blas()) == {1}
+        assert set(blas()) == {2}
+        with pytest.raises(RuntimeError):    # restored on errors too
+            with P.blas_threads(1):
+                raise RuntimeError("boom")
+        assert set(blas()) == {2}
+
+
+def test_batch_one_inference_skips_chunking_but_matches_batches():
+    model = create_model("custom", input_shape=(64, 64, 3), seed=0)
+    x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, batch_size=1), model.predict(x, batch_size=3), rtol=1e-5, atol=1e-7)
