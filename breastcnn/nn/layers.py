@@ -214,8 +214,9 @@ class Conv2D(Layer):
         n, h, w, _ = x.shape
         ho, wo = (h - k) // s + 1, (w - k) // s + 1
         w_mat = kernel.reshape(-1, self.filters)
-        # bias tiled along a whole output row: the add then runs over long rows, not C-long runs
-        bias = None if bias is None else np.tile(bias, wo)
+        # bias tiled over a whole output image: the add then runs as one long inner loop per image
+        bias = None if bias is None else np.tile(bias, ho * wo)
+        zeros = np.zeros(ho * wo * self.filters, w_mat.dtype) if relu else None   # max(x, 0-vector): fast
         out = np.empty((n, ho, wo, self.filters), dtype=np.result_type(x.dtype, w_mat.dtype))
         pixels = ho * wo
         # Keep the columns for backward only when they are smaller than the input (stride > kernel,
@@ -229,12 +230,12 @@ class Conv2D(Layer):
             rows = out[a:b].reshape(-1, self.filters)
             cols = F.im2col(x[a:b], k, k, s, out=None if all_cols is None else all_cols[a * pixels : b * pixels])
             np.matmul(cols, w_mat, out=rows)
-            long_rows = out[a:b].reshape(-1, wo * self.filters)
+            images = out[a:b].reshape(b - a, -1)
             if bias is not None:
-                long_rows += bias
+                images += bias
             if relu:
-                np.maximum(long_rows, 0, out=long_rows)
-            return F.channel_moments(long_rows, wo) if moments else None
+                np.maximum(images, zeros, out=images)
+            return F.channel_moments(out[a:b].reshape(-1, wo * self.filters), wo) if moments else None
 
         parts = [chunk(0, 1)] if n == 1 else map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
         if cache:
@@ -492,14 +493,16 @@ class ReLU(Layer):
     """max(x, 0), element-wise."""
 
     def forward(self, x, training=False, cache=True):
+        flat_x = x.reshape(x.shape[0], -1)
+        zeros = np.zeros(flat_x.shape[1], x.dtype)   # max with a zero vector: 2.5x faster than with a scalar 0
         if x.size < _SMALL:   # not worth the chunk machinery
-            out = np.maximum(x, 0)
+            out = np.maximum(flat_x, zeros).reshape(x.shape)
             if cache:
                 self._cache = out
             return out
         out = np.empty_like(x)
-        flat_x, flat_out = x.reshape(x.shape[0], -1), out.reshape(x.shape[0], -1)
-        map_chunks(lambda a, b: np.maximum(flat_x[a:b], 0, out=flat_out[a:b]), x.shape[0],
+        flat_out = out.reshape(x.shape[0], -1)
+        map_chunks(lambda a, b: np.maximum(flat_x[a:b], zeros, out=flat_out[a:b]), x.shape[0],
                    _elementwise_chunk(flat_x))
         if cache:
             self._cache = out
