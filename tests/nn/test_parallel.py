@@ -34,7 +34,9 @@ def test_map_chunks_order_threads_and_errors():
 
     with P.engine_threads(2):
         assert P.current_threads() == 2
-        assert P.map_chunks(fn, 10, 3) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+        # 10 items in chunks of at most 3: four near-equal parts (an even count, for two threads)
+        assert P.map_chunks(fn, 10, 3) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+        assert P.map_chunks(fn, 32, 5) == [(i, i + 4) for i in range(0, 32, 4)]
     assert P.current_threads() == 1
     assert P.map_chunks(fn, 2, 5) == [(0, 2)]
 
@@ -46,6 +48,16 @@ def test_map_chunks_order_threads_and_errors():
         P.map_chunks(boom, 8, 1)
     with P.engine_threads(0):
         assert P.current_threads() == P.resolve_jobs(0)
+
+
+@pytest.mark.parametrize("n, chunk", [(1, 1), (2, 1), (7, 3), (32, 3), (32, 5), (33, 4), (5, 100)])
+def test_chunk_ranges_cover_everything_in_even_balanced_parts(n, chunk):
+    ranges = P.chunk_ranges(n, chunk)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))      # contiguous, in order
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert len(ranges) % 2 == 0 or len(ranges) == n
 
 
 def test_chunk_size_depends_on_shape_only():
