@@ -705,6 +705,10 @@ class Flatten(Layer):
         return grad_out.reshape(shape)
 
 
+#: a Dense layer whose batch * weights is at least this splits its GEMMs over two engine threads
+_DENSE_SPLIT = 1 << 22
+
+
 class Dense(Layer):
     """Fully connected. W: (in, units), b: (units,). x: (N, in) -> (N, units)."""
 
@@ -730,7 +734,17 @@ class Dense(Layer):
         return out
 
     def forward(self, x, training=False, cache=True):
-        out = x @ self.params["W"]
+        w = self.params["W"]
+        out = np.empty((x.shape[0], self.units), np.result_type(x.dtype, w.dtype))
+        # a large layer (the custom model's 2304 -> 128) in two column halves, one per engine thread
+        halves = 2 if x.shape[0] * w.size >= _DENSE_SPLIT else 1
+        bounds = [self.units * i // halves for i in range(halves + 1)]
+
+        def part(i, _):
+            a, b = bounds[i], bounds[i + 1]
+            np.matmul(x, w[:, a:b], out=out[:, a:b])
+
+        map_chunks(part, halves, 1)
         if self.use_bias:
             out += self.params["b"]
         if cache:
@@ -739,13 +753,23 @@ class Dense(Layer):
 
     def backward(self, grad_out, need_input_grad=True):
         x = self._need_cache()
+        tasks = []
         if self.trainable:
-            self.grads["W"] = x.T @ grad_out
-            if self.use_bias:
-                self.grads["b"] = np.ones(grad_out.shape[0], grad_out.dtype) @ grad_out
-        if not need_input_grad:
-            return None
-        return grad_out @ self.params["W"].T
+            def weight_grads():
+                self.grads["W"] = x.T @ grad_out
+                if self.use_bias:
+                    self.grads["b"] = np.ones(grad_out.shape[0], grad_out.dtype) @ grad_out
+            tasks.append(weight_grads)
+        dx = []
+        if need_input_grad:
+            tasks.append(lambda: dx.append(grad_out @ self.params["W"].T))
+        # the two GEMMs are independent: on a large layer, one per engine thread
+        if len(tasks) == 2 and x.shape[0] * self.params["W"].size >= _DENSE_SPLIT:
+            map_chunks(lambda i, _: tasks[i](), 2, 1)
+        else:
+            for task in tasks:
+                task()
+        return dx[0] if dx else None
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,

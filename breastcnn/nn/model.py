@@ -331,7 +331,8 @@ class Sequential:
         if self.optimizer is None:
             self.compile()
         loss = self.compute_gradients(x, y, class_weights)
-        self.optimizer.step(self.parameters(), self.gradients())
+        with engine_threads(self.threads):
+            self.optimizer.step(self.parameters(), self.gradients())
         return loss
 
     # -- parameters -----------------------------------------------------------

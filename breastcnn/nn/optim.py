@@ -12,6 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from breastcnn.errors import UserInputError
+from breastcnn.nn.parallel import map_chunks
+
+#: element-wise optimizer updates run in slices of this many values (large tensors: on the engine threads)
+_ELEMENTS_PER_CHUNK = 1 << 18
 
 
 class Optimizer:
@@ -114,6 +118,7 @@ class Adam(Optimizer):
         self.iterations += 1
         t = self.iterations
         alpha = self.lr * np.sqrt(1.0 - self.beta_2**t) / (1.0 - self.beta_1**t)
+        b1, b2, eps = self.beta_1, self.beta_2, self.epsilon
         for name, g in grads.items():
             p = params[name]
             m = self.m.get(name)
@@ -121,15 +126,26 @@ class Adam(Optimizer):
                 m = self.m[name] = np.zeros_like(p)
                 self.v[name] = np.zeros_like(p)
             v = self.v[name]
-            m *= self.beta_1
-            m += (1.0 - self.beta_1) * g
-            v *= self.beta_2
-            v += (1.0 - self.beta_2) * np.square(g)
-            update = np.sqrt(v)
-            update += self.epsilon
-            np.divide(m, update, out=update)
-            update *= alpha
-            p -= update
+            flat = [a.reshape(-1) for a in (p, g, m, v)]
+
+            def update(a, b, p=flat[0], g=flat[1], m=flat[2], v=flat[3]):
+                # element-wise, in place, one scratch buffer; slices of large tensors run on the engine
+                # threads (same values for any thread count: nothing is summed)
+                p, g, m, v = p[a:b], g[a:b], m[a:b], v[a:b]
+                tmp = np.multiply(g, 1.0 - b1, dtype=p.dtype)
+                m *= b1
+                m += tmp
+                np.square(g, out=tmp)
+                tmp *= 1.0 - b2
+                v *= b2
+                v += tmp
+                np.sqrt(v, out=tmp)
+                tmp += eps
+                np.divide(m, tmp, out=tmp)
+                tmp *= alpha
+                p -= tmp
+
+            map_chunks(update, p.size, _ELEMENTS_PER_CHUNK)
 
 
 OPTIMIZERS = {"Adam": Adam, "SGD": SGD}
