@@ -80,30 +80,43 @@ def data(n: int, seed: int = 0):
 
 
 def profile_layers(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
-    """Median forward / backward ms per layer within a training step."""
-    fwd = {i: [] for i in range(len(model.layers))}
-    bwd = {i: [] for i in range(len(model.layers))}
-    last = model.logits_index
-    with blas_threads(model.blas_threads), engine_threads(model.threads):
-        _profile_passes(model, x, y, repeats, fwd, bwd, last)
+    """Median forward / backward ms per layer within real ``train_on_batch`` steps (the fused path).
+
+    Each layer's methods are timed where Sequential calls them; BatchNorm work that runs inside its
+    neighbours' chunks (normalisation, moments, gradient sums) counts for those neighbours.
+    """
+    times = {(i, d): [] for i in range(len(model.layers)) for d in ("forward", "backward")}
+    originals = []
+    for i, layer in enumerate(model.layers):
+        for method, direction in (("forward", "forward"), ("forward_relu", "forward"), ("forward_folded", "forward"),
+                                  ("backward", "backward"), ("backward_relu", "backward")):
+            if not hasattr(layer, method):
+                continue
+            original = getattr(layer, method)
+
+            def timed(*args, _f=original, _key=(i, direction), **kwargs):
+                start = time.perf_counter()
+                result = _f(*args, **kwargs)
+                times[_key].append(time.perf_counter() - start)
+                return result
+
+            setattr(layer, method, timed)
+            originals.append((layer, method))
+    try:
+        for _ in range(repeats + 2):
+            model.train_on_batch(x, y)
+    finally:
+        for layer, method in originals:
+            delattr(layer, method)   # back to the class methods
     rows = []
-    for i, layer in enumerate(model.layers[: last + 1]):
-        rows.append((layer.name, statistics.median(fwd[i][2:]) * 1e3, statistics.median(bwd[i][2:]) * 1e3))
+    for i, layer in enumerate(model.layers[: model.logits_index + 1]):
+        def per_step(direction):
+            t = times[(i, direction)]
+            per = len(t) // (repeats + 2) or 1
+            sums = [sum(t[k * per : (k + 1) * per]) for k in range(2, repeats + 2)] if t else [0.0]
+            return statistics.median(sums) * 1e3
+        rows.append((layer.name, per_step("forward"), per_step("backward")))
     return rows
-
-
-def _profile_passes(model, x, y, repeats, fwd, bwd, last) -> None:
-    for r in range(repeats + 2):
-        h = x
-        for i, layer in enumerate(model.layers[: last + 1]):
-            t = time.perf_counter()
-            h = layer.forward(h, training=True)
-            fwd[i].append(time.perf_counter() - t)
-        _, g = model.loss(h, y)
-        for i in range(last, -1, -1):
-            t = time.perf_counter()
-            g = model.layers[i].backward(g, need_input_grad=i > 0)
-            bwd[i].append(time.perf_counter() - t)
 
 
 def keras_side(model, x, y, x1, repeats: int) -> dict:

@@ -61,3 +61,18 @@ def test_fused_conv_input_grad_equals_col2im(shape, k, s):
     kernel = rng.normal(size=(k, k, c, 5))
     expected = F.col2im(g.reshape(-1, 5) @ kernel.reshape(-1, 5).T, shape, k, k, s)
     np.testing.assert_allclose(F.conv_input_grad(g, kernel, shape, s), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_channel_moments_combined_over_chunks_match_numpy(offset):
+    """Per-chunk moments combined with Chan's formula equal a two-pass mean / biased variance, also with a
+    large mean (a one-pass E[x^2] - E[x]^2 in float32 would lose every digit at offset 1e3)."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(7, 5, 6, 3)) * [1.0, 2.0, 0.5] + offset).astype(np.float32)
+    rows = x.reshape(-1, 6 * 3)                           # (N*H, W*C), channel vector repeated W = 6 times
+    parts = [F.channel_moments(rows[a:b], 6) for a, b in [(0, 4), (4, 5), (5, 20), (20, 35)]]
+    mean, var = F.combine_moments(parts)
+    ref = x.astype(np.float64).reshape(-1, 3)
+    np.testing.assert_allclose(mean, ref.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(var, ref.var(axis=0), rtol=1e-4)
+    assert parts[0][0] == 4 * 6 and sum(p[0] for p in parts) == ref.shape[0]
