@@ -119,13 +119,17 @@ def profile_layers(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-def keras_side(model, x, y, x1, repeats: int) -> dict:
+def keras_side(model, x, y, x1, repeats: int, keras_threads: int = 0) -> dict:
     """Compiled Keras train step and batch-1 inference callables for the same model and weights."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
 
     from breastcnn.models.convert import to_keras
+
+    if keras_threads:   # before TensorFlow runs anything
+        tf.config.threading.set_intra_op_parallelism_threads(keras_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(keras_threads)
 
     kmodel = to_keras(model, l2=L2)
     optimizer = keras.optimizers.Adam(1e-3)
@@ -169,6 +173,9 @@ def main() -> None:
     parser.add_argument("--settle", type=int, default=1,
                         help="untimed calls before each timed block (train: blocks of 2 steps, inference: 10 "
                              "calls after 5x as many untimed); 0: alternate call by call, every call timed")
+    parser.add_argument("--keras-threads", type=int, default=0,
+                        help="TensorFlow intra/inter-op threads (0: its default, all cores); with --threads 1 "
+                             "this compares the two engines per core")
     parser.add_argument("--predict-batch", type=int, default=256, help="images for the sharding comparison")
     args = parser.parse_args()
     args.blas_threads = args.blas_threads or None
@@ -198,7 +205,7 @@ def run(args) -> None:
     main_label = next(iter(np_fns))
     model.threads = args.threads[0]
     np_infer_fn = lambda: model.predict(x1, batch_size=1)  # noqa: E731
-    k = None if args.no_keras else keras_side(model, x, y, x1, args.repeats)
+    k = None if args.no_keras else keras_side(model, x, y, x1, args.repeats, args.keras_threads)
     # numpy settings and keras alternate, so that all see the same load
     settle = args.settle
     train = interleaved_ms({**np_fns, **({} if k is None else {"keras": k["train"]})}, args.repeats,

@@ -165,3 +165,21 @@ def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
     # in float64 the folding is exact up to float64 rounding (predict returns float32)
     m.astype(np.float64)
     np.testing.assert_allclose(m.predict(x), m.forward(x).astype(np.float32), rtol=2e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("upto", [1, 3, 4])
+def test_fused_with_frozen_layers_equals_unfused(upto):
+    """finetune --freeze N: frozen convs / BatchNorms (inference statistics) inside the hooked chain."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(6, 30, 30, 3))
+    fused, plain = _model(shape=(30, 30, 3)).astype(np.float64), _unfused(_model(shape=(30, 30, 3)).astype(np.float64))
+    for m in (fused, plain):
+        _with_moving_stats(m, np.random.default_rng(7))
+        m.freeze(upto)
+    out_f, out_p = fused.logits(x, training=True), plain.logits(x, training=True)
+    g = rng.normal(size=out_f.shape)
+    _close(out_f, out_p, np.float64)
+    _close(fused.backward(g), plain.backward(g), np.float64)
+    assert fused.gradients().keys() == plain.gradients().keys()
+    for k in fused.gradients():
+        _close(fused.gradients()[k], plain.gradients()[k], np.float64, err_msg=k)
