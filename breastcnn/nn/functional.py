@@ -138,9 +138,15 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
             key = (dy % s, dxo % s)
             qy, qx = dy // s, dxo // s
             plane = planes.get(key)
-            if plane is None:
-                plane = planes[key] = np.zeros((n, hp, wp, cin), dtype=blocks.dtype)
-            plane[:, qy : qy + ho, qx : qx + wo, :] += block
+            if plane is None:   # first offset of this phase: assign (no zero fill + add), zero only the rest
+                plane = planes[key] = np.empty((n, hp, wp, cin), dtype=blocks.dtype)
+                plane[:, :qy] = 0
+                plane[:, qy + ho :] = 0
+                plane[:, qy : qy + ho, :qx] = 0
+                plane[:, qy : qy + ho, qx + wo :] = 0
+                plane[:, qy : qy + ho, qx : qx + wo, :] = block
+            else:
+                plane[:, qy : qy + ho, qx : qx + wo, :] += block
     if s == 1:
         dx = planes[(0, 0)]
         dx = dx if (hp, wp) == (h, w) else _crop_or_pad(dx, h, w)
