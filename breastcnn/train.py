@@ -697,6 +697,10 @@ def run_training(
             raise UserInputError(f"--resume {run_dir}: no such run directory")
         options = read_run_config(run_dir)["options"]
         config = TrainConfig.from_dict(options).validate()
+        if _base_model is None and options.get("finetune_from"):
+            # a fine-tuning run interrupted before its first checkpoint starts again from its source model
+            _base_model = _finetune_base(Path(options["finetune_from"]), int(options.get("freeze") or 0), config)
+            _extra_options = {"finetune_from": options["finetune_from"], "freeze": int(options.get("freeze") or 0)}
     else:
         config.validate()
         if not Path(config.split).exists():
@@ -744,7 +748,6 @@ def finetune_numpy(
     ``resume``: a run directory from an interrupted fine-tuning.
     """
     from breastcnn.models import load_model
-    from breastcnn.nn.optim import Adam
 
     if resume is not None:
         return run_training(config, progress_callbacks, resume=resume)
@@ -764,7 +767,19 @@ def finetune_numpy(
         arch=f"{probe.meta.get('arch', 'custom')}-finetuned" if not config.arch.endswith("-finetuned") else config.arch,
     )
 
+    config.validate()
+    return run_training(config, progress_callbacks, _base_model=_finetune_base(model_path, freeze, config),
+                        _extra_options={"finetune_from": str(model_path), "freeze": freeze})
+
+
+def _finetune_base(model_path: Path, freeze: int, config: TrainConfig) -> Callable:
+    """The model builder of a fine-tuning run: the saved model, its first ``freeze`` layers frozen, fresh Adam."""
+    from breastcnn.models import load_model
+    from breastcnn.nn.optim import Adam
+
     def base_model():
+        if not model_path.is_file():
+            raise UserInputError(f"{model_path}: the model this fine-tuning run starts from no longer exists")
         model = load_model(model_path)
         model.freeze(freeze)
         model.meta.update({"finetuned_from": str(model_path), "frozen_layers": freeze})
@@ -772,6 +787,4 @@ def finetune_numpy(
         _compile(model, optimizer, config.l2)
         return model, optimizer
 
-    config.validate()
-    return run_training(config, progress_callbacks, _base_model=base_model,
-                        _extra_options={"finetune_from": str(model_path), "freeze": freeze})
+    return base_model

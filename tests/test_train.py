@@ -297,3 +297,33 @@ def test_ctrl_c_is_deferred_to_the_end_of_the_step(split_dir, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = run_training(small_config(split_dir, tmp_path / "x"), resume=tmp_path / "run")
     assert resumed["stopped"] == "completed" and resumed["steps"] == 12
+
+
+def test_resume_of_a_finetune_that_crashed_before_its_first_checkpoint(split_dir, tmp_path):
+    """A fine-tuning run killed before any checkpoint restarts from its source model, frozen layers and all."""
+    from breastcnn.models import load_model
+    from breastcnn.train import TrainConfig, finetune_numpy, run_training
+
+    run_training(small_config(split_dir, tmp_path / "base", epochs=1, evals_per_epoch=1))
+    base = load_model(tmp_path / "base" / "model.npz").get_weights()
+
+    class PowerCut(TrainingCallback):
+        def on_batch_end(self, step, loss, accuracy):
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        finetune_numpy(tmp_path / "base" / "model.npz", small_config(split_dir, tmp_path / "ft", epochs=1, lr=1e-3),
+                       freeze=3, progress_callbacks=[PowerCut()])
+    assert (tmp_path / "ft" / "config.json").is_file() and not (tmp_path / "ft" / "last.npz").exists()
+    resumed = run_training(TrainConfig(), resume=tmp_path / "ft")
+    assert resumed["stopped"] == "completed"
+    tuned = load_model(tmp_path / "ft" / "model.npz")
+    assert tuned.meta["frozen_layers"] == 3 and tuned.meta["finetuned_from"] == str(tmp_path / "base" / "model.npz")
+    np.testing.assert_array_equal(tuned.get_weights()["layers.0.W"], base["layers.0.W"])   # still frozen
+    assert not np.array_equal(tuned.get_weights()["layers.3.W"], base["layers.3.W"])       # trained
+
+    (tmp_path / "base" / "model.npz").unlink()       # the source is gone: a clear error, not a fresh model
+    (tmp_path / "ft" / "summary.json").unlink()
+    (tmp_path / "ft" / "last.npz").unlink()
+    with pytest.raises(UserInputError, match="no longer exists"):
+        run_training(TrainConfig(), resume=tmp_path / "ft")
