@@ -145,8 +145,9 @@ class Sequential:
             return layers[i + 1]
         return None
 
-    def _folded_bn(self, i: int, stop: int):
-        """The BatchNorm at ``i + 1`` when layer ``i`` is a Conv2D directly followed by one (both before ``stop``)."""
+    def _conv_bn(self, i: int, stop: int):
+        """The BatchNorm at ``i + 1`` when layer ``i`` is a Conv2D directly followed by one (both before ``stop``):
+        folded into the conv in inference; in training the conv computes its batch moments."""
         layers = self.layers
         if self.fuse and i + 1 < stop and type(layers[i]) is Conv2D and type(layers[i + 1]) is BatchNorm:
             return layers[i + 1]
@@ -174,7 +175,7 @@ class Sequential:
         i = 0
         while i < stop:
             layer = layers[i]
-            bn = self._folded_bn(i, stop) if fold else None
+            bn = self._conv_bn(i, stop) if fold else None
             if bn is not None:   # Conv2D + BatchNorm (+ ReLU) as one conv with folded weights
                 relu = i + 2 < stop and type(layers[i + 2]) is ReLU
                 x = layer.forward_folded(x, bn, relu=relu, prologue=prologue)
@@ -193,8 +194,8 @@ class Sequential:
                 continue
             hooks = {} if prologue is None else {"prologue": prologue}
             prologue = None
-            if chain and training and self._hooked(i, stop, +1) and self._folded_bn(i, stop) is not None \
-                    and layers[i + 1].trainable and type(layer) is Conv2D:
+            bn = self._conv_bn(i, stop) if chain and training else None
+            if bn is not None and bn.trainable:   # the next BatchNorm normalises with batch statistics
                 x, moments = layer.forward(x, training=training, cache=cache, moments=True, **hooks)
             else:
                 x = layer.forward(x, training=training, cache=cache, **hooks)

@@ -183,3 +183,26 @@ def test_fused_with_frozen_layers_equals_unfused(upto):
     assert fused.gradients().keys() == plain.gradients().keys()
     for k in fused.gradients():
         _close(fused.gradients()[k], plain.gradients()[k], np.float64, err_msg=k)
+
+
+def test_same_padding_convs_get_moments_but_no_chunk_hooks():
+    """A "same"-padded conv pads a copy of its input, so it takes no prologue; its batch moments still feed the
+    BatchNorm after it. Fused equals separate layers (float64)."""
+    def build():
+        layers = [Conv2D(4, 3, padding="same"), BatchNorm(), ReLU(), Conv2D(5, 3, strides=2, padding="same"),
+                  BatchNorm(), ReLU(), Flatten(), Dense(2)]
+        return Sequential(layers, input_shape=(9, 9, 3), seed=0).astype(np.float64)
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(4, 9, 9, 3))
+    fused, plain = build(), _unfused(build())
+    assert not fused._hooked(3, len(fused.layers), +1)
+    out_f, out_p = fused.logits(x, training=True), plain.logits(x, training=True)
+    _close(out_f, out_p, np.float64)
+    g = rng.normal(size=out_f.shape)
+    _close(fused.backward(g), plain.backward(g), np.float64)
+    for k in fused.gradients():
+        _close(fused.gradients()[k], plain.gradients()[k], np.float64,
+               scale=max(float(np.abs(v).max()) for v in plain.gradients().values()), err_msg=k)
+    for k in fused.buffers():
+        _close(fused.buffers()[k], plain.buffers()[k], np.float64, err_msg=k)
