@@ -315,16 +315,19 @@ class Sequential:
         """Forward + loss + backward (gradients include the L2 term); returns the loss (incl. L2)."""
         if self.loss is None:
             self.compile()
+        # Everything inside the BLAS limit, the L2 penalty's dot products too: a BLAS call made with the
+        # process default (all cores) wakes OpenBLAS's own threads, which then spin and take cores from
+        # the engine threads for the next step.
         with blas_threads(self.blas_threads), engine_threads(self.threads):
             logits = self.logits(x, training=training)
             loss, grad_logits = self.loss(logits, y, class_weights)
             self.backward(grad_logits, need_input_grad=False)
-        if self.l2:
-            for layer in self.layers:
-                if layer.trainable:
-                    for key in layer.regularized:
-                        layer.grads[key] += (2.0 * self.l2) * layer.params[key]
-            loss += self.l2_penalty()
+            if self.l2:
+                for layer in self.layers:
+                    if layer.trainable:
+                        for key in layer.regularized:
+                            layer.grads[key] += (2.0 * self.l2) * layer.params[key]
+                loss += self.l2_penalty()
         return loss
 
     def train_on_batch(self, x, y, class_weights=None) -> float:
@@ -332,7 +335,7 @@ class Sequential:
         if self.optimizer is None:
             self.compile()
         loss = self.compute_gradients(x, y, class_weights)
-        with engine_threads(self.threads):
+        with blas_threads(self.blas_threads), engine_threads(self.threads):
             self.optimizer.step(self.parameters(), self.gradients())
         return loss
 
