@@ -7,10 +7,12 @@ Prints medians after warm-up, with thread counts:
   ``--blas-threads``), all timed alternately with Keras in the same loop;
 - batch-1 inference: NumPy ``predict`` vs Keras compiled ``tf.function`` call (not predict);
 - large-batch prediction with and without joblib sharding (``predict(jobs=N)``);
-- per-layer forward/backward times of the NumPy train step (``--profile``).
+- per-layer forward/backward times of the NumPy train step (``--profile``);
+- NumPy ``predict`` vs ONNX Runtime on the same weights (``--onnx``, the ``breastcnn[onnx]`` extra) at
+  batch 1 and batch 32, ONNX Runtime intra-op threads = engine threads, for each ``--threads`` value.
 
 Usage: python benchmarks/bench_engine.py [--repeats 20] [--no-keras] [--profile] [--threads 0,1]
-       [--blas-threads 1] [--blas2]
+       [--blas-threads 1] [--blas2] [--onnx]
 Timings on a shared machine are noisy: compare the ratios from the same run.
 ``--blas2`` adds threads=1 with 2 OpenBLAS threads as a separate (not interleaved)
 measurement: spinning OpenBLAS threads would slow whatever runs right after them.
@@ -177,6 +179,8 @@ def main() -> None:
                         help="TensorFlow intra/inter-op threads (0: its default, all cores); with --threads 1 "
                              "this compares the two engines per core")
     parser.add_argument("--predict-batch", type=int, default=256, help="images for the sharding comparison")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time ONNX Runtime on the same weights (batch 1 and 32, per --threads value)")
     args = parser.parse_args()
     args.blas_threads = args.blas_threads or None
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -241,6 +245,41 @@ def run(args) -> None:
     print(f"predict {args.predict_batch} images, batch 64: jobs=1 ({main_label}) {plain:.1f} ms; "
           f"jobs={jobs} (joblib threads, 1 engine + 1 BLAS thread each) {sharded:.1f} ms; "
           f"sharded/plain = {sharded / plain:.2f}")
+    if args.onnx:
+        onnx_vs_numpy(model, x, x1, args)
+
+
+def onnx_vs_numpy(model, x, x1, args) -> None:
+    """NumPy ``predict`` vs ONNX Runtime (the same weights, exported with BatchNorm folded), timed alternately,
+    at batch 1 and batch ``BATCH``, for each ``--threads`` value (ONNX Runtime intra-op threads = engine threads,
+    NumPy BLAS at ``--blas-threads``)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime
+
+    from breastcnn.models.onnx_export import export_onnx
+    from breastcnn.models.onnx_runtime import load_onnx_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp) / "custom.onnx")
+        ort_model = load_onnx_model(Path(tmp) / "custom.onnx")   # the session keeps the bytes
+    settle = args.settle
+    print(f"NumPy predict vs ONNX Runtime {onnxruntime.__version__} (same weights), median ms "
+          f"(targets numpy/onnx <= 1.5 at batch 1, <= 1.2 at batch {BATCH}):")
+    for threads in args.threads:
+        n = resolve_jobs(threads)
+        model.threads, model.blas_threads = n, args.blas_threads
+        ort_model.set_threads(n, 1)
+        b1 = interleaved_ms({"numpy": lambda: model.predict(x1, batch_size=1),
+                             "onnx": lambda: ort_model.predict(x1, batch_size=1)},
+                            args.repeats * 10, warmup=20, block=10 if settle else 1, settle=5 * settle)
+        bn = interleaved_ms({"numpy": lambda: model.predict(x, batch_size=BATCH),
+                             "onnx": lambda: ort_model.predict(x, batch_size=BATCH)},
+                            args.repeats, block=2 if settle else 1, settle=settle)
+        for label, t in ((1, b1), (BATCH, bn)):
+            print(f"  {n} thread(s), batch {label:>2}: numpy {t['numpy']:8.3f}  onnx {t['onnx']:8.3f}  "
+                  f"ratio numpy/onnx {t['numpy'] / t['onnx']:.2f}")
 
 
 if __name__ == "__main__":

@@ -319,6 +319,8 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
         return entry
     from breastcnn.data.images import preprocess
 
+    if model.framework == "onnx" and options.threads:   # ONNX Runtime's threads are set per session
+        model.set_threads(options.threads)
     meta = dict(getattr(model, "meta", {}) or {})
     size = int(meta.get("image_size") or options.image_size)
     mode = meta.get("preprocess", "caffe")
@@ -372,7 +374,9 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
         entry.update(_evaluate(model, split))
 
     # Train step last: it updates the weights of the in-memory model.
-    if options.train_steps > 0:
+    if options.train_steps > 0 and model.framework == "onnx":
+        entry["notes"].append("ONNX Runtime runs inference only: no train step")
+    elif options.train_steps > 0:
         say(f"{name}: train step")
         entry.update(_time_train_step(model, rng, size, mode, options))
     return entry

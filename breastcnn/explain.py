@@ -418,8 +418,14 @@ def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path,
 
 # ------------------------------------------------------------------- helpers
 def _framework(model) -> str:
-    """``"numpy"`` for Sequential, ``"keras"`` for KerasClassifier and plain keras.Model."""
-    return getattr(model, "framework", None) or "keras"
+    """``"numpy"`` for Sequential, ``"keras"`` for KerasClassifier and plain keras.Model.
+
+    An ONNX export holds only the folded inference graph (no layer outputs, no gradients): refused."""
+    framework = getattr(model, "framework", None) or "keras"
+    if framework == "onnx":
+        raise UserInputError("feature maps and Grad-CAM need the NumPy .npz or Keras .keras model; an ONNX "
+                             "export holds only the inference graph (use the model it was exported from)")
+    return framework
 
 
 def _arch(model) -> str:
@@ -461,6 +467,7 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
     """
     from breastcnn.data.images import decode_image, preprocess
 
+    _framework(model)   # refuse an ONNX model before anything is written
     meta = dict(getattr(model, "meta", {}) or {})
     size = int(meta.get("image_size") or 224)
     mode = meta.get("preprocess", "caffe")

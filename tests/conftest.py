@@ -21,3 +21,15 @@ def keras():
     else:
         keras_module = pytest.importorskip("keras")
     return keras_module
+
+
+@pytest.fixture(scope="session")
+def onnxruntime():
+    """The ``onnxruntime`` module (with ``onnx``), or skip/fail when absent, like ``keras``."""
+    if os.environ.get("CI"):
+        import onnx  # noqa: F401  (an ImportError here fails the test in CI)
+        import onnxruntime as ort
+    else:
+        pytest.importorskip("onnx")
+        ort = pytest.importorskip("onnxruntime")
+    return ort

@@ -141,3 +141,17 @@ def test_keras_model_at_tiny_size(keras):
     assert result["machine"]["threads"]["tf_intra_op"] == in_force
     assert any("tf.function" in note for note in result["notes"])
     assert ckeras["ratio_to_custom"]["params_total"] == 1.0
+
+
+def test_onnx_model_file_is_timed_without_a_train_step(onnxruntime, tmp_path):
+    from breastcnn.models.onnx_export import export_onnx
+
+    model = create_model("custom", input_shape=(64, 64, 3))
+    export_onnx(model, tmp_path / "custom.onnx")
+    result = bench.run_bench(["custom"], {"custom": tmp_path / "custom.onnx"}, bench.BenchOptions(**TINY))
+    (entry,) = result["models"]
+    assert entry["framework"] == "onnx" and entry["file"] == str(tmp_path / "custom.onnx")
+    assert entry["latency_ms_p50"] > 0 and entry["e2e_ms_p50"] > entry["latency_ms_p50"]
+    assert entry["train_step_ms"] is None and "ONNX Runtime runs inference only: no train step" in entry["notes"]
+    counts = model.count_params()
+    assert entry["params_total"] == counts["trainable"] + counts["non_trainable"]

@@ -1,4 +1,4 @@
-"""Save and load NumPy models as ``.npz`` (no pickle), and dispatch ``.keras`` files.
+"""Save and load NumPy models as ``.npz`` (no pickle), and dispatch ``.keras`` and ``.onnx`` files.
 
 File layout (format version 1):
 
@@ -171,10 +171,15 @@ def load_checkpoint(path) -> tuple[Sequential, dict, dict]:
 
 
 def load_model(path):
-    """``.npz`` -> Sequential; ``.keras`` -> the Keras classifier (TensorFlow imported lazily)."""
+    """``.npz`` -> Sequential; ``.keras`` -> the Keras classifier (TensorFlow imported lazily);
+    ``.onnx`` -> the ONNX Runtime classifier (``breastcnn[onnx]``, imported lazily)."""
     path = Path(os.fspath(path))
     if path.suffix.lower() == ".keras":
         from breastcnn.models.keras_models import load_keras_model
 
         return load_keras_model(path)
+    if path.suffix.lower() == ".onnx":
+        from breastcnn.models.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(path)
     return _load(path)[0]

@@ -119,8 +119,10 @@ def test_export_errors(runs, tmp_path):
     vgg_run, _ = runs["vgg16"]
     result = invoke("export", "--model", vgg_run / "model.keras", "--to", "numpy", "--out", tmp_path / "v.npz")
     assert result.exit_code == 2 and "custom-keras models only" in result.output and "'vgg16'" in result.output
+    result = invoke("export", "--model", vgg_run / "model.keras", "--to", "tflite", "--out", tmp_path / "v.tfl")
+    assert result.exit_code == 2 and "--to must be one of keras, numpy, onnx, received 'tflite'" in result.output
     result = invoke("export", "--model", vgg_run / "model.keras", "--to", "onnx", "--out", tmp_path / "v.onnx")
-    assert result.exit_code == 2 and "--to must be one of keras, numpy, received 'onnx'" in result.output
+    assert result.exit_code == 2 and "--to onnx converts a NumPy .npz model" in result.output
     assert not list(tmp_path.iterdir())
 
 
