@@ -198,7 +198,7 @@ def test_fused_with_frozen_layers_equals_unfused(upto):
 
 
 def test_same_padding_convs_get_moments_but_no_chunk_hooks():
-    """A "same"-padded conv pads a copy of its input, so it takes no prologue; its batch moments still feed the
+    """A "same"-padded conv pads a copy of its input, so it takes no before hook; its batch moments still feed the
     BatchNorm after it. Fused equals separate layers (float64)."""
     def build():
         layers = [Conv2D(4, 3, padding="same"), BatchNorm(), ReLU(), Conv2D(5, 3, strides=2, padding="same"),
