@@ -11,8 +11,11 @@ What is timed, and why (the report's timings were not comparable, defect 10):
 
 - Model loading and graph tracing are never timed: every measurement starts
   after ``warmup`` untimed calls of the same shape.
-- NumPy models: ``model.predict`` (inference mode, one process, BLAS threads
-  pinned with threadpoolctl). Keras models: ``KerasClassifier.predict``, which
+- NumPy models: ``model.predict`` (inference mode, one process) on ``threads``
+  engine threads with one BLAS thread each (recorded per model as
+  ``threads: {"engine", "blas"}``, read inside the engine's limits). Keras
+  models: TensorFlow's intra-op pool pinned to ``threads`` (recorded in
+  ``machine.threads``); ``KerasClassifier.predict``, which
   runs a compiled ``tf.function``; ``keras.Model.predict()`` would add tens of
   ms of per-call overhead (it builds a data pipeline each call), see
   :data:`KERAS_NOTE`.
@@ -38,6 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.nn.parallel import available_cores
 
 KERAS_NOTE = (
     "Keras latency/throughput are the compiled tf.function forward pass (KerasClassifier.predict); "
@@ -180,20 +184,13 @@ def pinned_threads(threads: int | None, tensorflow: bool) -> Iterator[dict]:
     """
     from breastcnn.nn.parallel import blas_thread_count, blas_threads
 
-    n = int(threads) if threads else _available_cores()
+    n = int(threads) if threads else available_cores()
     info: dict = {"requested": n}
     with blas_threads(n):
         info["blas"] = blas_thread_count()
         if tensorflow:
             info.update(_pin_tensorflow(n))
         yield info
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _pin_tensorflow(n: int) -> dict:
@@ -252,6 +249,7 @@ def _empty_entry(name: str) -> dict:
         "e2e_ms_p50": None,
         "e2e_ms_p95": None,
         "keras_predict_ms_p50": None,
+        "threads": None,
         "calls": {},
         "skipped": None,
         "notes": [],
@@ -334,6 +332,9 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
     if fresh:
         entry["notes"].append("freshly built, random weights: size and timings only"
                               + (" (test metrics need --model-file NAME=PATH)" if split is not None else ""))
+    if model.framework == "numpy":   # --threads flows down to the engine; record what is in force there
+        model.threads = options.threads
+        entry["threads"] = model.thread_settings()
     counts = model.count_params()
     entry["params_trainable"] = int(counts["trainable"])
     entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
@@ -560,6 +561,9 @@ def machine_line(result: dict) -> str:
     threads = m.get("threads", {})
     parts = [f"{m.get('cpu_model', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores",
              f"threads: BLAS {threads.get('blas', '?')}"]
+    engine = next((e["threads"] for e in result.get("models", []) if e.get("threads")), None)
+    if engine:
+        parts[-1] += f", NumPy engine {engine['engine']} x BLAS {engine['blas']}"
     if "tf_intra_op" in threads:
         parts[-1] += f", TF intra-op {threads['tf_intra_op']} / inter-op {threads['tf_inter_op']}"
     versions = [f"{lib} {m[lib]}" for lib in ("python", "numpy", "tensorflow", "keras") if m.get(lib)]

@@ -8,6 +8,7 @@ treated the same.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from dataclasses import dataclass
@@ -24,6 +25,22 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 PREDICTION_COLUMNS = ("path", "true_label", "probability", "predicted_label", "patient")
 """Columns of ``predictions.csv`` written by ``evaluate`` (probability = P(malignant))."""
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (the model's setting: all available cores by default) or >= 1."""
+    if threads is not None and threads < 1:
+        raise UserInputError(f"--threads must be >= 1 (default: all available cores), got {threads}")
+
+
+def model_threads(model, threads: int | None):
+    """A context in which a NumPy model runs on ``threads`` engine threads (None: its own setting).
+
+    Keras models keep TensorFlow's thread pools: a no-op for them."""
+    check_threads(threads)
+    if threads is None or getattr(model, "framework", None) != "numpy":
+        return contextlib.nullcontext(model)
+    return model.using_threads(threads)
 
 
 def model_input_spec(model) -> tuple[int, str]:
@@ -65,22 +82,26 @@ def evaluate_model(
     jobs: int = 1,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict, list[dict]]:
     """Score ``model`` on ``subset`` of ``split`` (a loaded ``Split``).
 
     Returns ``(metrics, rows)``: metrics from :func:`breastcnn.metrics.classification_metrics`
     (patient-level accuracy included) and one row per image with
     :data:`PREDICTION_COLUMNS` (path relative to the data root).
+    ``threads``: engine threads of a NumPy model (None: the model's setting, all available cores).
     """
     from breastcnn.data.images import load_subset
     from breastcnn.metrics import classification_metrics
 
     size, _ = model_input_spec(model)
+    check_threads(threads)
     records = split.subset(subset)
     if not records:
         raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
     x, y = load_subset(split, subset, size, jobs=jobs, progress=progress)
-    p = predict_uint8(model, x, batch_size=batch_size)
+    with model_threads(model, threads):
+        p = predict_uint8(model, x, batch_size=batch_size)
     patients = split.patients(subset)
     metrics = classification_metrics(y, p, threshold=threshold, patients=patients)
     metrics["subset"] = subset
@@ -177,13 +198,15 @@ def predict_paths(
     batch_size: int = 64,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> Iterator[Prediction]:
     """Classify image files, streaming: decode a chunk in parallel, predict it, yield its results.
 
     Memory stays bounded by the chunk (``batch_size * 4 * jobs`` images) however
     many paths are given. Decoding runs in ``jobs`` joblib threads (Pillow
     releases the GIL). Unreadable files yield a :class:`Prediction` with ``error``.
-    Results come in input order.
+    Results come in input order. ``threads``: engine threads of a NumPy model
+    (None: the model's setting, all available cores).
     """
     from joblib import Parallel, delayed
 
@@ -192,6 +215,7 @@ def predict_paths(
 
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
+    check_threads(threads)
     size, mode = model_input_spec(model)
     jobs = resolve_jobs(jobs)
     chunk = max(1, batch_size) * 4 * jobs
@@ -208,7 +232,8 @@ def predict_paths(
             probs = np.empty(0, np.float32)
             if good:
                 x = np.stack([decoded[i][0] for i in good])
-                probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
+                with model_threads(model, threads):
+                    probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
             by_index = dict(zip(good, probs))
             for i, path in enumerate(part):
                 if i in by_index:

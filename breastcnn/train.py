@@ -112,6 +112,9 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     jobs: int = -1
+    threads: int | None = None
+    """Engine threads of the NumPy model (None: all available cores). A setting of the machine, not of
+    the recipe: ``--resume`` takes it from the command, not from ``config.json``; results do not depend on it."""
     force: bool = False
     eval_batch_size: int = 128
 
@@ -139,6 +142,8 @@ class TrainConfig:
             (self.activation in ACTIVATIONS, "--activation", self.activation,
              f"must be one of {', '.join(ACTIVATIONS)}"),
             (self.jobs >= 1 or self.jobs == -1, "--jobs", self.jobs, "must be >= 1 (or -1 for all cores)"),
+            (self.threads is None or self.threads >= 1, "--threads", self.threads,
+             "must be >= 1 (default: all available cores)"),
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
         ]
         for ok, option, value, why in checks:
@@ -385,6 +390,7 @@ def _fit(
     from breastcnn.data.images import preprocess
     from breastcnn.nn.schedules import EarlyStopping, StepDecay
 
+    model.threads = config.threads
     n_train = len(data.y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     eval_points = set(evaluation_points(steps_per_epoch, config.evals_per_epoch))
@@ -696,7 +702,7 @@ def run_training(
         if not run_dir.is_dir():
             raise UserInputError(f"--resume {run_dir}: no such run directory")
         options = read_run_config(run_dir)["options"]
-        config = TrainConfig.from_dict(options).validate()
+        config = TrainConfig.from_dict(options, threads=config.threads).validate()
         if _base_model is None and options.get("finetune_from"):
             # a fine-tuning run interrupted before its first checkpoint starts again from its source model
             _base_model = _finetune_base(Path(options["finetune_from"]), int(options.get("freeze") or 0), config)

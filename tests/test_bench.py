@@ -87,6 +87,26 @@ def test_custom_model_json_contract_and_sane_values():
     json.dumps(result)  # serialisable as is
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_flow_down_to_the_numpy_engine(threads):
+    """--threads N: the engine really runs on N threads (its own chunk bookkeeping), and the JSON says so.
+    (The engine used to run on all cores whatever --threads said; only BLAS followed it.)"""
+    from breastcnn.nn.parallel import observe_chunks
+
+    options = bench.BenchOptions(**{**TINY, "threads": threads, "batch_sizes": (1,)})
+    with observe_chunks() as log:
+        result = bench.run_bench(["custom"], options=options)
+    (entry,) = result["models"]
+    assert entry["threads"] == {"engine": threads, "blas": 1}
+    assert log.calls > 0 and log.max_threads == threads     # the batch-32 train step cuts its convs in chunks
+    assert f"NumPy engine {threads} x BLAS 1" in bench.machine_line(result)
+    assert result["machine"]["threads"]["requested"] == threads
+    default = bench.run_bench(["custom"], options=bench.BenchOptions(**{**TINY, "threads": None, "train_steps": 0}))
+    from breastcnn.nn.parallel import available_cores
+
+    assert default["models"][0]["threads"]["engine"] == available_cores()
+
+
 def test_missing_dependency_is_reported_as_skipped(monkeypatch):
     from breastcnn.models import keras_models
 

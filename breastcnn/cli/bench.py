@@ -25,7 +25,9 @@ def bench(
     image_size: int = typer.Option(224, "--image-size", help="Input size of freshly built models."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes for throughput."),
     repeats: int = typer.Option(50, "--repeats", help="Timed calls per measurement (after warm-up)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Pin BLAS/TensorFlow threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Threads per model: NumPy engine threads (one BLAS thread each) or TensorFlow "
+                                "intra-op threads (default: all available cores)."),
     train_steps: int = typer.Option(5, "--train-steps", help="Timed training steps (0 skips the train step)."),
     keras_train_batch: int = typer.Option(
         64, "--keras-train-batch", help="Batch size of the Keras train step (the report's 64 is slow on 2 cores)."),

@@ -111,3 +111,9 @@ def not_ready(command: str, issue: int) -> None:
         highlight=False,
     )
     raise typer.Exit(2)
+
+
+def warn_threads_ignored(model, threads: int | None) -> None:
+    """Say so when ``--threads`` was given for a model that does not run on the NumPy engine."""
+    if threads is not None and getattr(model, "framework", None) != "numpy":
+        warn("--threads sets the NumPy engine's threads; this Keras model uses TensorFlow's own thread pools")

@@ -10,8 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout, warn
+from breastcnn.cli.common import info, make_progress, print_json, stdout, warn, warn_threads_ignored
 from breastcnn.errors import UserInputError
+from breastcnn.inference import check_threads
 
 _SCORES = ("accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "patient_accuracy")
 _LABELS = {
@@ -33,6 +34,9 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the model, replaced on re-evaluation)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
     jobs: int = typer.Option(1, "--jobs", help="Parallel workers when the image cache must be built."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
+                                "TensorFlow's own thread pools)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
 ) -> None:
     """Evaluate a model on a split's test subset.
@@ -52,6 +56,7 @@ def evaluate(
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
     if subset not in ("train", "val", "test"):
         raise UserInputError(f"--subset must be test, val or train, got {subset!r}")
+    check_threads(threads)
 
     target = Path(model) if model is not None else latest_run_dir()
     folds = fold_run_dirs(target) if target is not None and target.is_dir() and model_in_dir(target) is None else []
@@ -65,7 +70,8 @@ def evaluate(
             )
         out_dir = out if out is not None else model_path.parent
         metrics = _evaluate_one(model_path, load_split(split_dir), subset, threshold, out_dir,
-                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output)
+                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output,
+                                threads=threads)
         if json_output:
             print_json(metrics)
         else:
@@ -84,7 +90,8 @@ def evaluate(
         model_path = resolve_model_path(fold_run)
         out_dir = (out / fold_run.name) if out is not None else fold_run
         metrics = _evaluate_one(model_path, load_split(fold_split), subset, threshold, out_dir,
-                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output)
+                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output,
+                                threads=threads)
         results.append({"fold": k, **metrics})
     summary = aggregate_metrics(results)
     if json_output:
@@ -110,7 +117,7 @@ def _trained_split(run_dir: Path) -> Path:
 
 
 def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_dir: Path,
-                  explicit_out: bool, force: bool, jobs: int, quiet: bool) -> dict:
+                  explicit_out: bool, force: bool, jobs: int, quiet: bool, threads: int | None = None) -> dict:
     from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
     from breastcnn.inference import PREDICTION_COLUMNS, evaluate_model, predictions_csv_rows
     from breastcnn.models import load_model
@@ -121,6 +128,7 @@ def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_di
         for path in outputs:
             check_overwrite(path, force)
     classifier = load_model(model_path)
+    warn_threads_ignored(classifier, threads)
     trained_on = (classifier.meta or {}).get("split_hash")
     if trained_on and trained_on != split.hash:
         warn(f"{model_path} was trained on another split (manifest hash {trained_on[:12]} != {split.hash[:12]}); "
@@ -129,7 +137,7 @@ def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_di
     with make_progress(quiet) as progress:
         task = progress.add_task(f"{subset} images", total=n)
         metrics, rows = evaluate_model(classifier, split, subset, threshold, jobs=jobs,
-                                       progress=lambda k: progress.advance(task, k))
+                                       progress=lambda k: progress.advance(task, k), threads=threads)
     metrics = {"model": str(model_path), "split": str(split.dir), **metrics}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(outputs[0], predictions_csv_rows(rows, PREDICTION_COLUMNS))

@@ -70,6 +70,9 @@ def finetune(
         None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Processes for decoding images into the cache."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="NumPy .npz only: engine threads (default: all available cores)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
 ) -> None:
@@ -109,6 +112,8 @@ def _unknown_model(model: str) -> None:
 def _run_keras(opts: dict, display) -> dict:
     if opts["freeze"] is not None:
         raise UserInputError("--freeze applies to NumPy .npz models; for Keras models use --trainable-layers")
+    if opts["threads"] is not None:
+        raise UserInputError("--threads applies to NumPy .npz models; Keras models use TensorFlow's own thread pools")
     from breastcnn.models.keras_models import require_keras
 
     require_keras()  # MissingDependencyError (exit 2) with the install command when TF is absent
@@ -157,7 +162,7 @@ def _run_numpy(opts: dict, display) -> dict:
         split=str(opts["split"]), out=None if opts["out"] is None else str(opts["out"]),
         epochs=resolved["epochs"], batch_size=resolved["batch_size"], lr=resolved["lr"],
         patience=opts["patience"], class_weights=opts["class_weights"], monitor=opts["monitor"],
-        augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], force=opts["force"],
+        augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], threads=opts["threads"], force=opts["force"],
     )
     if opts["image_size"] is not None:
         from breastcnn.models import load_model

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, stderr, stdout
+from breastcnn.cli.common import make_progress, print_json, stderr, stdout, warn_threads_ignored
 from breastcnn.errors import UserInputError
 
 
@@ -23,6 +23,9 @@ def predict(
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
     jobs: int = typer.Option(1, "--jobs", help="Parallel image decoding threads (-1 = all cores)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
+                                "TensorFlow's own thread pools)."),
 ) -> None:
     """Classify images with a trained model.
 
@@ -33,7 +36,7 @@ def predict(
     still classified, and the exit code is 1 at the end (2 for bad options or
     a missing model).
     """
-    from breastcnn.inference import collect_images, predict_paths
+    from breastcnn.inference import check_threads, collect_images, predict_paths
     from breastcnn.models import load_model
     from breastcnn.runs import resolve_model_path
 
@@ -45,7 +48,9 @@ def predict(
         raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     if jobs == 0 or jobs < -1:
         raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
+    check_threads(threads)
     classifier = load_model(resolve_model_path(model))
+    warn_threads_ignored(classifier, threads)
     paths, problems = collect_images(images)
     errors = 0
     for problem in problems:
@@ -60,7 +65,7 @@ def predict(
     with make_progress(json_output or csv_output) as progress:
         task = progress.add_task("classifying", total=len(paths))
         for result in predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
-                                    progress=lambda k: progress.advance(task, k)):
+                                    progress=lambda k: progress.advance(task, k), threads=threads):
             if result.error is not None:
                 _error_line(result.error)
                 errors += 1

@@ -41,6 +41,7 @@ def test_bench_json_and_out(runner, tmp_path):
     assert json.loads((out / "bench.json").read_text())["models"][0]["model"] == "custom"
     assert (out / "bench.md").read_text().startswith("| model | params |")
     assert "threads:" in result.stderr
+    assert entry["threads"] == {"engine": 1, "blas": 1}             # --threads 1 reaches the NumPy engine
     again = runner.invoke(app, ["bench", *TINY_BENCH, "--json", "--out", str(out)])
     assert again.exit_code == 2
     assert "bench.json already exists; pass --force" in _one_error_line(again)

@@ -145,12 +145,13 @@ def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
     create_model("custom", (64, 64, 3), 2, seed=0).save(npz)
     run = tmp_path / "run"
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--epochs", 1, "--freeze", 3,
-                    "--out", run, "--json")
+                    "--out", run, "--json", "--threads", 1)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["model_path"] == str(run / "model.npz") and summary["stopped"] == "completed"
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["lr"] == 1e-3 and options["batch_size"] == 32 and options["freeze"] == 3
+    assert options["threads"] == 1
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--image-size", 32, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "takes 64x64 images" in result.output
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--strategy", "mirrored")
@@ -162,6 +163,8 @@ def test_finetune_option_errors(data, tmp_path):
     assert result.exit_code == 2 and "expected vgg16, resnet50, custom-keras or a NumPy model .npz" in result.output
     result = invoke("finetune", "--model", "vgg16", "--freeze", 3, "--split", data["split"])
     assert result.exit_code == 2 and "--freeze applies to NumPy .npz models" in result.output
+    result = invoke("finetune", "--model", "vgg16", "--threads", 1, "--split", data["split"])
+    assert result.exit_code == 2 and "--threads applies to NumPy .npz models" in result.output
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
