@@ -116,6 +116,9 @@ def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_di
     from breastcnn.models import load_model
     from breastcnn.plots import plot_confusion, plot_roc
 
+    from breastcnn.data.breakhis import check_outside_data
+
+    check_outside_data(out_dir, split.root, "--out" if explicit_out else "the output folder (next to --model)")
     outputs = [out_dir / name for name in ("predictions.csv", "roc.png", "confusion.png", "metrics.json")]
     if explicit_out:
         for path in outputs:
