@@ -173,6 +173,27 @@ def test_a_real_model_still_loads_and_costs_what_its_arrays_cost(good):
     assert peak < 8 * n_bytes + 4 * 2**20  # arrays, the built model, bookkeeping: no hidden copies
 
 
+def test_parameter_shapes_match_what_build_allocates():
+    """The loader computes parameter shapes without building; they must be the ones build() makes."""
+    from breastcnn.models.io import _parameter_shapes
+    from breastcnn.nn.layers import layer_from_config
+
+    layers = [layer for arch in ("custom", "custom-k4") for layer in create_model(arch, input_shape=(64, 64, 3)).layers]
+    rng = np.random.default_rng(0)
+    for cfg, shape in (({"class": "Conv2D", "filters": 5, "kernel_size": 3, "use_bias": False}, (9, 9, 2)),
+                       ({"class": "Dense", "units": 7, "use_bias": False}, (11,)),
+                       ({"class": "Dense", "units": 7}, (11,))):
+        layer = layer_from_config(cfg)
+        layer.build(shape, rng)
+        layers.append(layer)
+    classes = set()
+    for layer in layers:
+        built = {k: v.shape for store in (layer.params, layer.state) for k, v in store.items()}
+        assert _parameter_shapes(layer, layer.input_shape) == built, layer
+        classes.add(type(layer).__name__)
+    assert {"Conv2D", "BatchNorm", "Dense", "ReLU", "MaxPool2D", "Flatten", "Softmax"} <= classes
+
+
 # --------------------------------------------------------------------------- item 2
 
 
