@@ -274,10 +274,14 @@ class HistoryLogger:
         """Append ``row`` (missing columns empty, unknown keys ignored)."""
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow([_format_cell(row.get(c)) for c in self.columns])
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8", newline="") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # a full disk: name the file
+            exc.filename = exc.filename or str(self.path)
+            raise
 
     def rows(self) -> list[dict]:
         """The rows logged so far, as dicts of strings."""

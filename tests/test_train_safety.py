@@ -325,3 +325,17 @@ def test_resume_removes_our_stale_temporary_files(split_dir, tmp_path):
     assert run_training(TrainConfig(), resume=run_dir)["stopped"] == "completed"
     assert not any(p.exists() for p in ours)
     assert foreign.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- item 10
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_history_row_on_a_full_disk_names_the_file(tmp_path):
+    from breastcnn.runs import HistoryLogger
+
+    logger = HistoryLogger(tmp_path / "history.csv")
+    logger.path = Path("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    with pytest.raises(OSError) as info:
+        logger.log({"step": 1})
+    assert info.value.filename == "/dev/full"

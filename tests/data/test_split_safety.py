@@ -93,6 +93,20 @@ def test_force_removes_our_previous_files_but_not_the_users(breakhis_tree, tmp_p
     assert {"manifest.csv", "split.json"} <= set(json.loads((out / "split.json").read_text())["files"])
 
 
+def test_force_recognises_splits_written_before_the_file_list(breakhis_tree, tmp_path):
+    """A split.json without ``files`` (written by an earlier version): its files are reconstructed."""
+    out = tmp_path / "P"
+    create_split(breakhis_tree, "200X", out=out, materialize="copy")
+    info = json.loads((out / "split.json").read_text())
+    del info["files"]
+    (out / "split.json").write_text(json.dumps(info))
+    load_subset(load_split(out), "val", 16)
+    files = _user_files(out)
+    create_split(breakhis_tree, "200X", out=out, seed=4, force=True)
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert set(left) == {"manifest.csv", "split.json"} | {p.relative_to(out).as_posix() for p in files}, left
+
+
 def test_force_refuses_to_overwrite_a_file_it_did_not_write(clean_tree, tmp_path):
     out = tmp_path / "P"
     out.mkdir()
@@ -222,3 +236,9 @@ def test_negative_seed_names_the_option(clean_tree, tmp_path):
                    "--seed", "-1", "-j", "1"])
     assert result.exit_code == 2 and "--seed" in result.stderr and result.stderr.count("\n") == 1, result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_synth_negative_seed_names_the_option(tmp_path):
+    result = _run(["synth", "--out", str(tmp_path / "d"), "--seed", "-1", "--scale", "0.01"])
+    assert result.exit_code == 2 and "--seed" in result.stderr and result.stderr.count("\n") == 1, result.output
+    assert not (tmp_path / "d").exists()
