@@ -26,7 +26,7 @@ from breastcnn.cli.app import app
 from breastcnn.errors import UserInputError
 from breastcnn.models import create_model, load_checkpoint, load_model
 
-MEMORY_BOUND = 32 * 2**20
+MEMORY_BOUND = 4 * 2**20
 """Peak bytes (tracemalloc) a refused hostile file may cost; the refused files declare 256 MB to 3.6 TiB."""
 
 
