@@ -3,9 +3,11 @@
 A run directory (default ``./runs/<arch>-<YYYYmmdd-HHMMSS>/``) holds
 ``config.json``, ``history.csv``, the best model (``model.npz`` or
 ``model.keras``), the resumable checkpoint ``last.npz`` and ``training.png``.
-``./runs/latest`` is a relative symlink to the newest default run (a text file
-``runs/LATEST`` holding the directory name where symlinks are impossible), so
-``evaluate`` and ``predict`` find the latest model without ``--model``.
+``./runs/latest`` is a relative symlink to the newest default run that has
+written a model (a text file ``runs/LATEST`` holding the directory name where
+symlinks are impossible), so ``evaluate`` and ``predict`` find the latest model
+without ``--model``. A run holds its directory's lock (:func:`run_directory`)
+while it writes there.
 
 Shared by the NumPy training loop (:mod:`breastcnn.train`) and the Keras
 fine-tuning; both write the same :data:`HISTORY_COLUMNS`.
@@ -126,18 +128,6 @@ def run_directory(arch: str, out: str | os.PathLike | None = None, force: bool =
         if out is not None and resume is None and not created:
             check_overwrite(path, force, option="--force")
         yield RunDir(path, created, latest)
-
-
-def new_run_dir(arch: str, out: str | os.PathLike | None = None, force: bool = False,
-                runs_root: str | os.PathLike = RUNS_ROOT) -> Path:
-    """Create the directory a new run writes to and return it (no lock; see :func:`run_directory`).
-
-    ``out=None``: a fresh ``<runs_root>/<arch>-<YYYYmmdd-HHMMSS>``; ``latest`` is
-    not moved (that happens when a model is written). An explicit ``out`` that
-    exists and is not empty is refused unless ``force``.
-    """
-    with run_directory(arch, out, force, runs_root) as run:
-        return run.path
 
 
 def point_latest(run_dir: str | os.PathLike, runs_root: str | os.PathLike = RUNS_ROOT) -> None:
