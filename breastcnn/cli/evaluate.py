@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -96,16 +95,16 @@ def evaluate(
 def _trained_split(run_dir: Path) -> Path:
     """The --split a run was trained with (its config.json), else the default splits/200X."""
     from breastcnn.data.split import DEFAULT_SPLIT_DIR
+    from breastcnn.runs import read_run_config
 
     config = run_dir / "config.json"
     if config.is_file():
-        try:
-            options = json.loads(config.read_text(encoding="utf-8")).get("options", {})
-        except (OSError, ValueError):
-            options = {}
-        if options.get("split"):
-            info(f"using the split the model was trained on: {options['split']} (from {config})")
-            return Path(options["split"])
+        split = read_run_config(config)["options"].get("split")
+        if split is not None and not isinstance(split, str):
+            raise UserInputError(f"{config}: option 'split' must be a path, got {split!r}")
+        if split:
+            info(f"using the split the model was trained on: {split} (from {config})")
+            return Path(split)
     return Path(DEFAULT_SPLIT_DIR)
 
 

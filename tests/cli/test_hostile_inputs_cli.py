@@ -132,3 +132,18 @@ def test_keras_command_error_is_one_line_without_tensorflow_logging(tmp_path, ke
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error:") and "none" in proc.stderr
+
+
+# --------------------------------------------------------------------------- item 9: run files of evaluate
+
+
+@pytest.mark.parametrize("text", ["[]", '{"options": {"split": 7}}', '{"options": []}'])
+def test_evaluate_with_a_malformed_config_json_names_it(data, tmp_path, text):
+    _, _, model = data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.npz").write_bytes(model.read_bytes())
+    (run / "config.json").write_text(text)
+    result = _run(["evaluate", "--model", str(run)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "config.json" in result.stderr
