@@ -297,6 +297,10 @@ def _load(path) -> tuple[Sequential, dict, dict]:
         if undeclared:
             raise _refuse(path, f"unexpected array(s) {', '.join(undeclared)}")
         layers, input_shape, expected = _expected_arrays(path, config)
+        size = config["meta"].get("image_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size != input_shape[0]):
+            # inference resizes images to meta.image_size: it must be the input the model takes
+            raise _refuse(path, f"meta image_size {size!r} does not match the input shape {list(input_shape)}")
         _check_declared(path, declared, expected)
         for key, spec in declared.items():
             shape, dtype = _member_header(zf, members[key], path)

@@ -162,6 +162,17 @@ def test_too_many_layers_and_huge_config_are_refused(good, tmp_path):
     _refused_cheaply(bad, "deep.npz: .*__config__")
 
 
+@pytest.mark.parametrize("size", [10**6, "64", 32])
+def test_meta_image_size_must_match_the_input_shape(good, tmp_path, size):
+    """``meta.image_size`` decides how large inference resizes images: it must be the model's input size."""
+    members = _members(good)
+    config = _config(members)
+    config["meta"]["image_size"] = size
+    bad = tmp_path / "meta.npz"
+    _write(bad, _with_config(members, config))
+    _refused_cheaply(bad, "meta.npz: .*image_size")
+
+
 def test_a_real_model_still_loads_and_costs_what_its_arrays_cost(good):
     tracemalloc.start()
     try:
