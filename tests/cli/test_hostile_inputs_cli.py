@@ -121,6 +121,7 @@ def test_csv_cell_keeps_numbers_and_neutralises_text():
 
 
 @pytest.mark.keras
+@pytest.mark.slow  # a fresh interpreter imports TensorFlow (about 10 s)
 def test_keras_command_error_is_one_line_without_tensorflow_logging(tmp_path, keras):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
     env.update(PYTHONPATH=str(REPO), BREASTCNN_NO_PROGRESS="1")
