@@ -26,6 +26,25 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PREDICTION_COLUMNS = ("path", "true_label", "probability", "predicted_label", "patient")
 """Columns of ``predictions.csv`` written by ``evaluate`` (probability = P(malignant))."""
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+"""Text cells starting with these are formulas to a spreadsheet (OWASP "CSV injection")."""
+
+
+def csv_cell(value):
+    """A CSV cell that a spreadsheet shows as text: text starting with ``= + - @`` (or tab/CR) gets a leading ``'``.
+
+    Only text is changed (a path, a patient id); numbers stay numbers, a negative
+    number included. Used for every CSV we write from user-controlled strings.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def model_name(model) -> str:
+    """The model's file for messages (``load_model`` records it), else a generic name."""
+    return str(getattr(model, "source", None) or "the model")
+
 
 def check_threads(threads: int | None) -> None:
     """``--threads``: None (the model's setting: all available cores by default) or >= 1."""
@@ -102,6 +121,12 @@ def evaluate_model(
     x, y = load_subset(split, subset, size, jobs=jobs, progress=progress)
     with model_threads(model, threads):
         p = predict_uint8(model, x, batch_size=batch_size)
+    bad = np.flatnonzero(~np.isfinite(p))
+    if bad.size:
+        raise UserInputError(
+            f"{model_name(model)}: the model gives non-finite probabilities for {bad.size} of {len(p)} {subset} "
+            f"images (e.g. {records[bad[0]].path}); its weights are unusable"
+        )
     patients = split.patients(subset)
     metrics = classification_metrics(y, p, threshold=threshold, patients=patients)
     metrics["subset"] = subset
@@ -236,7 +261,10 @@ def predict_paths(
                     probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
             by_index = dict(zip(good, probs))
             for i, path in enumerate(part):
-                if i in by_index:
+                if i in by_index and not np.isfinite(by_index[i]):
+                    yield Prediction(path, error=f"{path}: {model_name(model)} gives a non-finite probability "
+                                                 f"({by_index[i]}) for this image; not classified")
+                elif i in by_index:
                     p = float(by_index[i])
                     yield Prediction(path, CLASSES[int(p >= threshold)], p)
                 else:
@@ -246,7 +274,7 @@ def predict_paths(
 
 
 def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:
-    """CSV text (header + rows) for ``columns``; floats with full precision."""
+    """CSV text (header + rows) for ``columns``; floats with 6 decimals, text cells through :func:`csv_cell`."""
     import csv
     import io
 
@@ -254,5 +282,5 @@ def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else csv_cell(v)) for k, v in row.items()})
     return buffer.getvalue()

@@ -288,7 +288,7 @@ def test_finetune_numpy_freezes_layers(split_dir, tmp_path):
         finetune_numpy(tmp_path / "base" / "model.npz", small_config(split_dir, tmp_path / "x"), freeze=99)
 
 
-def test_missing_split_and_existing_out_are_user_errors(tmp_path):
+def test_missing_split_and_existing_out_are_user_errors(split_dir, tmp_path):
     from breastcnn.train import TrainConfig, run_training
 
     with pytest.raises(UserInputError, match="--split"):
@@ -296,7 +296,8 @@ def test_missing_split_and_existing_out_are_user_errors(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(UserInputError, match="--force"):
-        run_training(TrainConfig(split=str(tmp_path), out=str(tmp_path / "full")))
+        run_training(TrainConfig(split=str(split_dir), out=str(tmp_path / "full")))
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
     with pytest.raises(UserInputError, match="--resume"):
         run_training(TrainConfig(), resume=tmp_path / "nope")
 

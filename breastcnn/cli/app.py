@@ -11,6 +11,7 @@ import os
 import sys
 
 import functools
+import warnings
 from typing import Callable
 
 import typer
@@ -29,8 +30,8 @@ from breastcnn.cli import (
     synth,
     train,
 )
-from breastcnn.cli.common import stderr
-from breastcnn.errors import BreastCNNError
+from breastcnn.cli.common import stderr, warn
+from breastcnn.errors import BreastCNNError, BreastCNNWarning
 
 _EXPECTED_ERRORS = (BreastCNNError, ValueError, OSError)
 
@@ -45,7 +46,10 @@ def handle_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", BreastCNNWarning)
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
@@ -67,6 +71,17 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(1)
 
     return wrapper
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (:class:`BreastCNNWarning`) as one yellow line; others as Python prints them."""
+    if issubclass(category, BreastCNNWarning):
+        warn(escape(" ".join(str(message).split())))
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _one_line(exc: BaseException) -> str:

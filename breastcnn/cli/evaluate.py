@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -103,16 +102,16 @@ def evaluate(
 def _trained_split(run_dir: Path) -> Path:
     """The --split a run was trained with (its config.json), else the default splits/200X."""
     from breastcnn.data.split import DEFAULT_SPLIT_DIR
+    from breastcnn.runs import read_run_config
 
     config = run_dir / "config.json"
     if config.is_file():
-        try:
-            options = json.loads(config.read_text(encoding="utf-8")).get("options", {})
-        except (OSError, ValueError):
-            options = {}
-        if options.get("split"):
-            info(f"using the split the model was trained on: {options['split']} (from {config})")
-            return Path(options["split"])
+        split = read_run_config(config)["options"].get("split")
+        if split is not None and not isinstance(split, str):
+            raise UserInputError(f"{config}: option 'split' must be a path, got {split!r}")
+        if split:
+            info(f"using the split the model was trained on: {split} (from {config})")
+            return Path(split)
     return Path(DEFAULT_SPLIT_DIR)
 
 
@@ -123,6 +122,9 @@ def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_di
     from breastcnn.models import load_model
     from breastcnn.plots import plot_confusion, plot_roc
 
+    from breastcnn.data.breakhis import check_outside_data
+
+    check_outside_data(out_dir, split.root, "--out" if explicit_out else "the output folder (next to --model)")
     outputs = [out_dir / name for name in ("predictions.csv", "roc.png", "confusion.png", "metrics.json")]
     if explicit_out:
         for path in outputs:

@@ -36,7 +36,7 @@ def predict(
     still classified, and the exit code is 1 at the end (2 for bad options or
     a missing model).
     """
-    from breastcnn.inference import check_threads, collect_images, predict_paths
+    from breastcnn.inference import check_threads, collect_images, csv_cell, predict_paths
     from breastcnn.models import load_model
     from breastcnn.runs import resolve_model_path
 
@@ -70,7 +70,7 @@ def predict(
                 _error_line(result.error)
                 errors += 1
             elif writer is not None:
-                writer.writerow([result.path, result.label, f"{result.probability:.6f}"])
+                writer.writerow([csv_cell(result.path), result.label, f"{result.probability:.6f}"])
                 sys.stdout.flush()
             else:
                 results.append(result.as_dict())

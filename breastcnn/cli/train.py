@@ -80,6 +80,7 @@ def train(
         from breastcnn.runs import read_run_config
 
         replayed = read_run_config(config)["options"]
+        TrainConfig.check_types(replayed, source=config / "config.json" if config.is_dir() else config)
         explicit = {name for name in options if _given(ctx, name)}
         options = {**options, **{k: v for k, v in replayed.items() if k in options and k not in explicit}}
         if "out" not in explicit:

@@ -367,6 +367,8 @@ def generate(
     ``n_patients``, ``images`` ({mag: {class: n}}), ``seconds``.
     """
     started = time.perf_counter()
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {seed}")
     mags = parse_mags(mags)
     specs = plan(scale, mags)
     out_dir = Path(out_dir)

@@ -26,6 +26,7 @@ import platform
 import socket
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,21 @@ DEFAULT_TRAINABLE_LAYERS = 20
 def require_keras():
     """Import and return ``keras`` (TensorFlow backend), or raise MissingDependencyError.
 
-    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) before the import so
-    TensorFlow's C++ info/warning lines do not flood stderr.
+    TensorFlow is imported here only (every other module calls this first), quietly:
+    ``TF_CPP_MIN_LOG_LEVEL=3`` (unless the user set it) keeps its C++ logging off
+    stderr, and the lines absl writes during the import before its logging is set
+    up (which ignore that variable) go to a temporary file instead of stderr; they
+    are shown only when the import fails and ``--debug`` is on.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
-        import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
-        import keras
+        with _stderr_fd_captured() as captured:
+            import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
+            import keras
     except ImportError as exc:
+        if os.environ.get("BREASTCNN_DEBUG", "") not in ("", "0"):
+            sys.stderr.write(captured.getvalue())
         raise MissingDependencyError(
             f"TensorFlow is not installed: pip install 'breastcnn[keras]' ({exc})"
         ) from None
@@ -96,6 +103,40 @@ def require_keras():
             "unset KERAS_BACKEND or set it to tensorflow"
         )
     return keras
+
+
+@contextlib.contextmanager
+def _stderr_fd_captured():
+    """Point file descriptor 2 at a temporary file for the block (C++ code writes there, not to sys.stderr).
+
+    Yields an object whose ``getvalue()`` returns what was written. A no-op once
+    TensorFlow is imported (nothing more to hide) or when fd 2 cannot be duplicated.
+    """
+    class Captured:
+        text = ""
+
+        def getvalue(self) -> str:
+            return self.text
+
+    captured = Captured()
+    if "tensorflow" in sys.modules:
+        yield captured
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", "replace")
 
 
 def _tf():
@@ -291,9 +332,16 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise UserInputError(f"--model {path}: not a regular file (a device, pipe or socket is not a model file)")
         raise UserInputError(f"--model {path}: no such file")
     if path.suffix != ".keras":
         raise UserInputError(f"--model {path}: a Keras model file ends in .keras")
+    if not zipfile.is_zipfile(path):  # Keras would call a text or truncated file "File not found"
+        with open(path, "rb") as handle:
+            damaged = handle.read(2) == b"PK"
+        raise UserInputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive; this one is "
+                             f"{'truncated or damaged' if damaged else 'not a zip archive'})")
     meta = read_sidecar(path)
     keras = require_keras()
     try:
@@ -308,7 +356,9 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
     meta.setdefault("image_size", shape[0])
     if "gradcam_layer" not in meta or meta["gradcam_layer"] not in {layer.name for layer in model.layers}:
         meta["gradcam_layer"] = last_conv_name(model)
-    return KerasClassifier(model, meta)
+    classifier = KerasClassifier(model, meta)
+    classifier.source = str(path)  # messages about what this model computes name its file
+    return classifier
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict:
