@@ -33,7 +33,7 @@ import numpy as np
 
 from breastcnn import CLASSES, __version__
 from breastcnn.errors import MissingDependencyError, UserInputError
-from breastcnn.fsutil import atomic_write_json
+from breastcnn.fsutil import atomic_write_json, default_mode
 
 SIDECAR_NAME = "breastcnn.json"
 """The JSON file saved next to every ``.keras`` model."""
@@ -249,7 +249,7 @@ class KerasClassifier:
         os.close(fd)
         try:
             model.save(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a model file is shareable
+            os.chmod(tmp, default_mode())  # mkstemp makes it 0600; a model file is shareable
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -259,12 +259,6 @@ class KerasClassifier:
         sidecar.update({"format": SIDECAR_FORMAT, "framework": "keras", "model_file": path.name})
         atomic_write_json(sidecar_path(path), _jsonable(sidecar))
         return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
