@@ -60,7 +60,7 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(
-        False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in breastcnn.json)."
+        False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in model.keras.json)."
     ),
     strategy: str = typer.Option(
         "default", "--strategy",
@@ -76,7 +76,7 @@ def finetune(
     """Fine-tune VGG16/ResNet50/custom-keras (Keras) or a saved NumPy model (.npz) on a split.
 
     Writes RUN_DIR/config.json, history.csv (same columns as `train`),
-    training.png and the best model by --monitor (model.keras + breastcnn.json,
+    training.png and the best model by --monitor (model.keras + model.keras.json,
     or model.npz).
     """
     opts = dict(locals())  # every option, by parameter name

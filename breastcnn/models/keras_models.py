@@ -12,9 +12,11 @@ NumPy ``Sequential`` (``framework``, ``meta``, ``predict``, ``count_params``,
 ``save``) so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
 
 On disk a Keras model is ``model.keras`` (Keras v3 zip, without optimizer
-state) plus the sidecar ``breastcnn.json`` next to it (classes,
-preprocessing, image size, architecture, split hash, seed, versions); it is
-loaded with Keras ``safe_mode=True`` (no lambda deserialisation).
+state) plus the sidecar ``model.keras.json`` next to it (classes,
+preprocessing, image size, architecture, split hash, seed, versions; named
+after the model so that several models share a folder; a ``breastcnn.json``
+written by earlier versions is still read); it is loaded with Keras
+``safe_mode=True`` (no lambda deserialisation).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from breastcnn import CLASSES, __version__
 from breastcnn.errors import MissingDependencyError, UserInputError
 from breastcnn.fsutil import atomic_write_json, default_mode
 
-SIDECAR_NAME = "breastcnn.json"
-"""The JSON file saved next to every ``.keras`` model."""
+LEGACY_SIDECAR_NAME = "breastcnn.json"
+"""The one-per-folder sidecar name of earlier versions: still read (:func:`find_sidecar`), never written."""
 
 SIDECAR_FORMAT = 1
 
@@ -130,7 +132,7 @@ class KerasClassifier:
             softmax probabilities.
         meta: ``classes``, ``preprocess``, ``image_size``, ``arch``,
             ``gradcam_layer``, and when trained ``split_hash``, ``seed``,
-            ``versions``, ... (written to ``breastcnn.json``).
+            ``versions``, ... (written to the sidecar, :func:`sidecar_path`).
         framework: ``"keras"``.
     """
 
@@ -227,7 +229,7 @@ class KerasClassifier:
     # -- saving ----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, optimizer=None, extra=None) -> Path:
-        """Write ``path`` (``.keras``) and ``breastcnn.json`` next to it, both atomically.
+        """Write ``path`` (``.keras``) and its sidecar ``<path>.json`` next to it, both atomically.
 
         The optimizer state is not saved (an inference model, a third of the
         size for a fully trainable network); ``optimizer``/``extra`` are
@@ -262,8 +264,28 @@ class KerasClassifier:
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """``breastcnn.json`` beside ``model_path``."""
-    return Path(model_path).with_name(SIDECAR_NAME)
+    """The metadata file written beside ``model_path``: ``b.keras`` -> ``b.keras.json``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+def find_sidecar(model_path: str | os.PathLike) -> Path | None:
+    """The sidecar to read for ``model_path``: ``<name>.keras.json``, else a legacy ``breastcnn.json``
+    beside it unless that one names another model file present in the folder; ``None`` when neither."""
+    model_path = Path(model_path)
+    side = sidecar_path(model_path)
+    if side.is_file():
+        return side
+    legacy = model_path.with_name(LEGACY_SIDECAR_NAME)
+    if not legacy.is_file():
+        return None
+    try:
+        named = json.loads(legacy.read_text(encoding="utf-8")).get("model_file")
+    except (OSError, ValueError, AttributeError):
+        return legacy  # read_sidecar reports what is wrong with it
+    if isinstance(named, str) and named != model_path.name and (model_path.parent / named).is_file():
+        return None  # it describes its own model
+    return legacy
 
 
 def _jsonable(obj: Any):
@@ -279,7 +301,7 @@ def _jsonable(obj: Any):
 
 
 def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
-    """Load ``model.keras`` + ``breastcnn.json`` with Keras safe mode on.
+    """Load ``model.keras`` + its sidecar (:func:`find_sidecar`) with Keras safe mode on.
 
     Raises UserInputError when the file or its sidecar is missing or invalid.
     """
@@ -297,7 +319,7 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
     shape = tuple(int(d) for d in model.input_shape[1:])
     if meta.get("image_size") is not None and shape[:2] != (meta["image_size"],) * 2:
         raise UserInputError(
-            f"{sidecar_path(path)}: image_size {meta['image_size']} does not match the model input {shape}"
+            f"{find_sidecar(path)}: image_size {meta['image_size']} does not match the model input {shape}"
         )
     meta.setdefault("image_size", shape[0])
     if "gradcam_layer" not in meta or meta["gradcam_layer"] not in {layer.name for layer in model.layers}:
@@ -306,12 +328,12 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict:
-    """The ``breastcnn.json`` of a ``.keras`` model, checked."""
-    side = sidecar_path(model_path)
-    if not side.is_file():
+    """The sidecar JSON of a ``.keras`` model (:func:`find_sidecar`), checked."""
+    side = find_sidecar(model_path)
+    if side is None:
         raise UserInputError(
-            f"--model {model_path}: its metadata file {side} is missing (a breastcnn Keras model is "
-            f"saved as {Path(model_path).name} + {SIDECAR_NAME}); re-export or copy both files"
+            f"--model {model_path}: its metadata file {sidecar_path(model_path)} is missing (a breastcnn Keras "
+            f"model is saved as {Path(model_path).name} + {sidecar_path(model_path).name}); re-export or copy both files"
         )
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
