@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from breastcnn.cli.common import info, print_json, stdout, warn
+from breastcnn.cli.common import info, print_json, print_table, stdout, warn
 
 
 def bench(
@@ -108,4 +108,4 @@ def show(result: dict, as_json: bool = False, markdown: bool = False) -> None:
         table.add_column(row[0], justify="right", overflow="fold")
     for i, header in enumerate(headers[1:], start=1):
         table.add_row(header, *[row[i] for row in rows])
-    stdout().print(table)
+    print_table(table)

@@ -42,6 +42,16 @@ def stdout() -> Console:
     return _Console(file=sys.stdout, soft_wrap=True)
 
 
+def print_table(table) -> None:
+    """Print a rich table on stdout. On a terminal it fits the window; elsewhere (a pipe, a
+    file) it is as wide as its content, so that no cell is cut to ``…`` at 80 columns."""
+    console = stdout()
+    if not console.is_terminal:
+        natural = console.measure(table, options=console.options.update_width(1_000_000)).maximum
+        console = _Console(file=sys.stdout, soft_wrap=True, width=max(console.width, natural))
+    console.print(table)
+
+
 def stderr() -> Console:
     """Console for messages, warnings and progress."""
     return _Console(file=sys.stderr, soft_wrap=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import typer
 
-from breastcnn.cli.common import info, stdout
+from breastcnn.cli.common import info, print_table, stdout
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC sample data (computer-drawn imitations of H&E tissue), NOT medical data: "
@@ -165,5 +165,5 @@ def _print_summary(files: dict, steps: dict, seconds: float) -> None:
     for name, path in files.items():
         table.add_row(name, str(path))
     table.add_row("step times", ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
-    stdout().print(table)
+    print_table(table)
     info("next: open the Grad-CAM picture, or run the same commands on the real BreaKHis data (see README)")

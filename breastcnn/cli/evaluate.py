@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout, warn
+from breastcnn.cli.common import info, make_progress, print_json, print_table, warn
 from breastcnn.errors import UserInputError
 
 _SCORES = ("accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "patient_accuracy")
@@ -163,4 +163,4 @@ def _print_table(results: list[dict], summary: dict | None, title: str) -> None:
     cms = [r["confusion_matrix"] for r in results] + ([summary["confusion_matrix"]] if summary else [])
     table.add_row(escape("confusion [[tn, fp], [fn, tp]]"), *[str(cm) for cm in cms])
     table.add_row("threshold", *[f"{r['threshold']:g}" for r in results], *([""] if summary else []))
-    stdout().print(table)
+    print_table(table)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, stderr, stdout
+from breastcnn.cli.common import make_progress, print_json, print_table, stderr
 from breastcnn.errors import UserInputError
 
 
@@ -79,7 +79,7 @@ def predict(
         for row in results:
             colour = "red" if row["label"] == "malignant" else "green"
             table.add_row(escape(row["path"]), f"[{colour}]{row['label']}[/{colour}]", f"{row['probability']:.4f}")
-        stdout().print(table)
+        print_table(table)
     if errors:
         stderr().print(f"[red]{errors} input(s) could not be classified[/red]", highlight=False)
         raise typer.Exit(1)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from breastcnn import CLASSES
-from breastcnn.cli.common import info, make_progress, print_json, stdout, warn
+from breastcnn.cli.common import info, make_progress, print_json, print_table, warn
 from breastcnn.data.breakhis import parse_mag
 from breastcnn.data.split import SUBSETS, create_split
 
@@ -96,4 +96,4 @@ def _print_table(summary: dict, where: str) -> None:
         imgs, pats = summary["images"][subset], summary["patients"][subset]
         cells = [f"{imgs[c]} ({pats[c]})" if pats["total"] else str(imgs[c]) for c in CLASSES + ("total",)]
         table.add_row(subset, *cells)
-    stdout().print(table)
+    print_table(table)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout
+from breastcnn.cli.common import info, make_progress, print_json, print_table
 from breastcnn.data import synth as synth_lib
 
 
@@ -59,7 +59,7 @@ def synth(
     table.add_column("malignant", justify="right")
     for mag, counts in summary["images"].items():
         table.add_row(mag, str(counts["benign"]), str(counts["malignant"]))
-    stdout().print(table)
+    print_table(table)
     info(
         f"{summary['n_images']} images of {summary['n_patients']} synthetic patients in {summary['seconds']:.1f} s; "
         f"next: breastcnn split --data {summary['root']} --mag {mag_list[0]}"
