@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from breastcnn import CLASSES, __version__
-from breastcnn.data.breakhis import Record, ScanResult, accession, parse_mag, scan
+from breastcnn.data.breakhis import Record, accession, parse_mag, scan, verify_images
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
 
@@ -348,7 +348,17 @@ def create_split(
     ratios = parse_ratios(ratios) if ratios is not None else (DEFAULT_FOLD_RATIOS if folds else DEFAULT_RATIOS)
     out = Path(out) if out is not None else Path("splits") / (mag_norm or "all")
 
-    result = _scan_with_count(data, mag_norm, jobs, progress, on_scanned)
+    # Walk the tree (cheap) and refuse a bad --out before decoding every image (the expensive part).
+    listing = scan(data, mag_norm, verify=False)
+    root = listing.root
+    out_abs = out.resolve()
+    scanned = root / "histology_slides" if listing.layout == "breakhis" else root
+    if out_abs == root or scanned in out_abs.parents or out_abs == scanned:
+        raise UserInputError(f"--out {out} is inside the data tree {root}; the source tree is never modified")
+    check_overwrite(out, force)
+    if on_scanned is not None:
+        on_scanned(len(listing.records))
+    result = verify_images(listing, jobs, progress)
     warnings = list(result.warnings)
     if result.unreadable and strict:
         raise UserInputError(
@@ -356,12 +366,6 @@ def create_split(
         )
     if not result.records:
         raise UserInputError(f"no readable images for --mag {mag} under {result.root}")
-    root = result.root
-    out_abs = out.resolve()
-    scanned = root / "histology_slides" if result.layout == "breakhis" else root
-    if out_abs == root or scanned in out_abs.parents or out_abs == scanned:
-        raise UserInputError(f"--out {out} is inside the data tree {root}; the source tree is never modified")
-    check_overwrite(out, force)
 
     effective_by = by
     if result.layout == "folders" and by == "patient":
@@ -406,11 +410,3 @@ def create_split(
     top = {**base_info, "kind": "kfold", "folds": folds, "fold_dirs": [f"fold{k + 1}" for k in range(folds)]}
     atomic_write_json(out / "split.json", top)
     return {**top, "fold_infos": fold_infos, "out": str(out), "warnings": warnings}
-
-
-def _scan_with_count(data, mag, jobs, progress, on_scanned) -> ScanResult:
-    """:func:`scan`, telling ``on_scanned`` the candidate count before decoding."""
-    if on_scanned is not None:
-        pre = scan(data, mag, verify=False)
-        on_scanned(len(pre.records))
-    return scan(data, mag, verify=True, jobs=jobs, progress=progress)
