@@ -86,6 +86,14 @@ def _json_default(obj: Any):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def jobs_option(work: str):
+    """The ``--jobs/-j`` option of every command, with the one default (:data:`DEFAULT_JOBS`)."""
+    from breastcnn.data.images import DEFAULT_JOBS
+
+    return typer.Option(DEFAULT_JOBS, "--jobs", "-j",
+                        help=f"Parallel workers for {work} (-1 = all cores, the default of every command).")
+
+
 def stdout_is_closed() -> bool:
     """Whether stdout is a pipe (or socket) whose reader went away (``... | head -2``).
 

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, print_table, warn
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table, warn
 from breastcnn.errors import UserInputError
 
 _SCORES = ("accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "patient_accuracy")
@@ -32,7 +32,7 @@ def evaluate(
     threshold: float = typer.Option(0.5, "--threshold", help="Call an image malignant when P(malignant) >= this."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the model, replaced on re-evaluation)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
-    jobs: int = typer.Option(1, "--jobs", help="Parallel workers when the image cache must be built."),
+    jobs: int = jobs_option("decoding images when the image cache must be built (processes)"),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
 ) -> None:
     """Evaluate a model on a split's test subset.

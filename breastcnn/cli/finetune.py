@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import print_json, stderr
+from breastcnn.cli.common import jobs_option, print_json, stderr
 from breastcnn.errors import UserInputError
 
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
@@ -69,7 +69,7 @@ def finetune(
     freeze: Optional[int] = typer.Option(
         None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Processes for decoding images into the cache."),
+    jobs: int = jobs_option("decoding images into the cache (processes)"),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
 ) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, print_table, stderr
+from breastcnn.cli.common import jobs_option, make_progress, print_json, print_table, stderr
 from breastcnn.errors import UserInputError
 
 
@@ -21,7 +21,7 @@ def predict(
     threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
-    jobs: int = typer.Option(1, "--jobs", help="Parallel image decoding threads (-1 = all cores)."),
+    jobs: int = jobs_option("decoding the images (threads)"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
 ) -> None:
     """Classify images with a trained model.
