@@ -29,7 +29,6 @@ Library code: returns dicts and strings, never prints.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import tempfile

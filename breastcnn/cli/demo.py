@@ -106,7 +106,8 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> dict:
     if keras_note:
         console.print(f"[yellow]note:[/yellow] {keras_note}", highlight=False)
     # The trained custom model; VGG16/ResNet50 fresh (random weights) at the same image size.
-    step("bench", ["bench", "--models", ",".join(["custom", *keras_models]), "--fresh", "--model-file", f"custom={model_file}",
+    step("bench", ["bench", "--models", ",".join(["custom", *keras_models]), "--fresh",
+                   "--model-file", f"custom={model_file}",
                    "--split", str(split_dir), "--image-size", str(sizes.image_size),
                    "--batch-sizes", sizes.batch_sizes, "--repeats", str(sizes.repeats),
                    "--max-seconds", str(sizes.max_seconds), "--train-steps", str(sizes.train_steps),

@@ -26,7 +26,8 @@ NUMPY_EXPORTABLE = ("custom-keras", "custom")
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
     to: str = typer.Option(..., "--to", help="Target format: keras (.npz -> .keras) or numpy (custom-keras .keras -> .npz)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, is written beside it), .npz for --to numpy."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, "
+                                                   "is written beside it), .npz for --to numpy."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:

@@ -333,7 +333,8 @@ def read_sidecar(model_path: str | os.PathLike) -> dict:
     if side is None:
         raise UserInputError(
             f"--model {model_path}: its metadata file {sidecar_path(model_path)} is missing (a breastcnn Keras "
-            f"model is saved as {Path(model_path).name} + {sidecar_path(model_path).name}); re-export or copy both files"
+            f"model is saved as {Path(model_path).name} + {sidecar_path(model_path).name}); "
+            "re-export or copy both files"
         )
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))

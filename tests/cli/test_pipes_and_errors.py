@@ -39,7 +39,8 @@ def work(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
             images / f"a_rather_long_image_file_name_to_fill_the_pipe_{i:04d}.png")
     runner = CliRunner()
-    assert runner.invoke(app, ["synth", "--out", str(root), "--scale", "0.02", "--mags", "200", "--jobs", "1"]).exit_code == 0
+    synth = ["synth", "--out", str(root), "--scale", "0.02", "--mags", "200", "--jobs", "1"]
+    assert runner.invoke(app, synth).exit_code == 0
     assert runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(root / "split"),
                                "--jobs", "1"]).exit_code == 0
     return root
