@@ -9,7 +9,7 @@ The data is SYNTHETIC sample data (drawn imitations of H&E tissue), not
 medical data: the scores say nothing about cancer diagnosis.
 
 Sizes are picked to fit the time budget on two CPU cores: the full demo
-(under 3 minutes) trains on 301 images at 160 px (Grad-CAM on a 4x4 grid)
+(under 3 minutes) trains on 301 images at 160 px (Grad-CAM on the 19x19 map of its second conv block)
 and benches VGG16/ResNet50 (random weights, ``--weights none``) at the same
 size; ``--quick`` (under a minute) uses 86 images at 96 px, 2 epochs and no
 train-step timing.

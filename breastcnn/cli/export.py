@@ -49,7 +49,8 @@ def export(
 
 
 def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
-    from breastcnn.models.keras_models import KerasClassifier, last_conv_name, library_versions, require_keras, sidecar_path
+    from breastcnn.explain import choose_gradcam_layer
+    from breastcnn.models.keras_models import KerasClassifier, library_versions, require_keras, sidecar_path
 
     if source.suffix != ".npz":
         raise UserInputError(f"--model {source}: --to keras converts a NumPy .npz model")
@@ -69,7 +70,7 @@ def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
         "source_arch": numpy_model.meta.get("arch"),
         "image_size": int(numpy_model.input_shape[0]),
         "exported_from": str(source),
-        "gradcam_layer": last_conv_name(kmodel),
+        "gradcam_layer": choose_gradcam_layer(kmodel),  # the NumPy model's default: same map on both sides
         "versions": library_versions(),
     })
     meta.setdefault("preprocess", "caffe")

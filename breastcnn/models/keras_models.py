@@ -46,7 +46,7 @@ KERAS_ARCHS = ("vgg16", "resnet50", "custom-keras")
 """Architectures built here (registered in ``models.registry`` under these names)."""
 
 GRADCAM_LAYERS = {"vgg16": "block5_conv3", "resnet50": "conv5_block3_out"}
-"""Grad-CAM target layer per architecture (custom-keras: its last Conv2D, found at build time)."""
+"""Grad-CAM target layer per architecture (custom-keras: the NumPy model's rule, explain.choose_gradcam_layer)."""
 
 IMAGENET_WEIGHTS = {
     # arch: (file name in the Keras cache, download URL, md5 published by keras.applications)
@@ -323,7 +323,7 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
         )
     meta.setdefault("image_size", shape[0])
     if "gradcam_layer" not in meta or meta["gradcam_layer"] not in {layer.name for layer in model.layers}:
-        meta["gradcam_layer"] = last_conv_name(model)
+        meta["gradcam_layer"] = _default_gradcam_layer(model)
     return KerasClassifier(model, meta)
 
 
@@ -353,11 +353,15 @@ def read_sidecar(model_path: str | os.PathLike) -> dict:
     return meta
 
 
-def last_conv_name(model) -> str | None:
-    """Name of the last Conv2D layer of a Keras model (the Grad-CAM layer of custom-keras), or None."""
-    keras = require_keras()
-    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    return convs[-1] if convs else None
+def _default_gradcam_layer(model) -> str | None:
+    """custom-keras' Grad-CAM layer: the rule of a NumPy model (:func:`breastcnn.explain.choose_gradcam_layer`)
+    so a model and its export explain the same layer; ``None`` without a conv layer."""
+    from breastcnn.explain import choose_gradcam_layer
+
+    try:
+        return choose_gradcam_layer(model)
+    except UserInputError:
+        return None
 
 
 # --------------------------------------------------------------------------- ImageNet weights
@@ -559,7 +563,7 @@ def create_custom_keras(
         "image_size": shape[0],
         "seed": int(seed),
         "weights": "none" if weights_file is None else str(weights),
-        "gradcam_layer": last_conv_name(kmodel),
+        "gradcam_layer": _default_gradcam_layer(kmodel),
         "versions": library_versions(),
     })
     return KerasClassifier(kmodel, meta)

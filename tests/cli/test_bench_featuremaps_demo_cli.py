@@ -180,7 +180,8 @@ def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_
     for name in expected:
         with Image.open(out / name) as png:
             assert png.format == "PNG" and png.width > 100
-    assert summary["gradcam"]["class"] == "malignant" and summary["gradcam"]["layer"] == "conv2d_3"
+    assert summary["gradcam"]["class"] == "malignant" and summary["gradcam"]["layer"] == "relu_2"
+    assert summary["gradcam"]["shape"] == [11, 11]                # the second block at 96 px, not 1x1
     assert summary["predicted"] in ("benign", "malignant")
     assert abs(sum(summary["probabilities"].values()) - 1) < 1e-5
 

@@ -91,10 +91,12 @@ def test_custom_keras_is_the_report_architecture_with_numpy_weights(km, custom_k
 def test_gradcam_layers(vgg, resnet, custom_keras):
     assert vgg.gradcam_layer == "block5_conv3"
     assert resnet.gradcam_layer == "conv5_block3_out"
-    layer = custom_keras.model.get_layer(custom_keras.gradcam_layer)
-    assert type(layer).__name__ == "Conv2D"
-    convs = [lay.name for lay in custom_keras.model.layers if type(lay).__name__ == "Conv2D"]
-    assert custom_keras.gradcam_layer == convs[-1]
+    # custom-keras: the NumPy model's rule (last block with a map >= 8x8): at 64 px the first block (16x16)
+    from breastcnn import explain
+    from breastcnn.models import create_model
+
+    assert custom_keras.gradcam_layer == "relu_1" == explain.default_gradcam_layer(create_model("custom", (64, 64, 3)))
+    assert custom_keras.model.get_layer("relu_1").output.shape[1:3] == (16, 16)
     for clf in (vgg, resnet):
         clf.model.get_layer(clf.gradcam_layer)  # reachable directly: the base is not nested
 
