@@ -200,12 +200,11 @@ def test_every_measurement_is_capped_and_reported(tmp_path):
 
 
 def test_test_metrics_are_capped_on_a_seeded_sample_and_match_evaluate_when_complete(tmp_path):
-    from breastcnn.data import synth
     from breastcnn.data.split import create_split, load_split
     from breastcnn.inference import evaluate_model
+    from tests.data.conftest import make_breakhis_tree
 
-    tree = synth.generate(tmp_path / "data", scale=0.03, seed=0, jobs=1)
-    create_split(tree["root"], mag="200X", out=tmp_path / "split")
+    create_split(make_breakhis_tree(tmp_path, traps=False), mag="200X", out=tmp_path / "split", jobs=1)
     split = load_split(tmp_path / "split")
     model = create_model("custom", input_shape=(64, 64, 3), seed=3)
     complete = bench._evaluate(model, split, bench.BenchOptions(max_seconds=60), bench.Progress(), "custom", chunk=2)

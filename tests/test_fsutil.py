@@ -71,14 +71,18 @@ def test_keras_model_and_sidecar_get_the_umask_mode(keras, tmp_path):
     assert all(mode(p) == 0o644 for p in tmp_path.iterdir()), {p.name: oct(mode(p)) for p in tmp_path.iterdir()}
 
 
-def test_synthetic_tree_and_split_outputs_are_readable_by_others(tmp_path):
+def test_synthetic_tree_and_split_outputs_are_readable_by_others(tmp_path, monkeypatch):
     """mkdtemp gives 0700: the synthetic tree renamed from it must get the umask's 0755."""
+    from breastcnn.data import synth
     from breastcnn.data.split import create_split
-    from breastcnn.data.synth import generate
+    from tests.data.conftest import make_breakhis_tree
 
+    full_plan = synth.plan
+    monkeypatch.setattr(synth, "plan", lambda scale, mags: full_plan(scale, mags)[:3])  # 3 images suffice
+    data = make_breakhis_tree(tmp_path / "real", traps=False)
     with umask(0o022):
-        generate(tmp_path, scale=0.01, mags="200", seed=0, jobs=1)
-        create_split(tmp_path / "BreaKHis_v1", mag="200X", out=tmp_path / "split", jobs=1)
+        synth.generate(tmp_path, scale=0.01, mags="200", seed=0, jobs=1)
+        create_split(data, mag="200X", out=tmp_path / "split", jobs=1)
     tree = tmp_path / "BreaKHis_v1"
     assert mode(tree) == 0o755
     assert mode(tree / "README.txt") == 0o644
