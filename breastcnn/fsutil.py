@@ -33,11 +33,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     """Open a temporary file next to ``path``; rename it over ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is untouched.
+    The file gets the mode a plain ``open(path, "w")`` would give it under the
+    current umask (0644 under 0022), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
@@ -50,6 +53,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
             # a short write ("1990656 requested and 982912 written": a full disk) names no file
             exc.filename = str(path)
         raise
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or directory (0o777) gets under the current umask.
+
+    For outputs made through mkstemp/mkdtemp (always 0600/0700): colleagues on a
+    shared server must be able to read results as they could any other file.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask: from /proc (Linux) when possible, since setting and restoring it
+    (the portable way to read it) briefly changes it for every thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

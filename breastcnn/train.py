@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from breastcnn import CLASSES
+from breastcnn.data.images import DEFAULT_JOBS
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
 from breastcnn.runs import (
@@ -110,7 +111,7 @@ class TrainConfig:
     activation: str = "relu"
     augment: bool = True
     seed: int = 0
-    jobs: int = -1
+    jobs: int = DEFAULT_JOBS
     threads: int | None = None
     """Engine threads of the NumPy model (None: all available cores). A setting of the machine, not of
     the recipe: ``--resume`` takes it from the command, not from ``config.json``; results do not depend on it."""

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout, warn, warn_threads_ignored
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table, warn, warn_threads_ignored
 from breastcnn.errors import UserInputError
 from breastcnn.inference import check_threads
 
@@ -32,7 +32,7 @@ def evaluate(
     threshold: float = typer.Option(0.5, "--threshold", help="Call an image malignant when P(malignant) >= this."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the model, replaced on re-evaluation)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
-    jobs: int = typer.Option(1, "--jobs", help="Parallel workers when the image cache must be built."),
+    jobs: int = jobs_option("decoding images when the image cache must be built (processes)"),
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
                                 "TensorFlow's own thread pools)."),
@@ -173,4 +173,4 @@ def _print_table(results: list[dict], summary: dict | None, title: str) -> None:
     cms = [r["confusion_matrix"] for r in results] + ([summary["confusion_matrix"]] if summary else [])
     table.add_row(escape("confusion [[tn, fp], [fn, tp]]"), *[str(cm) for cm in cms])
     table.add_row("threshold", *[f"{r['threshold']:g}" for r in results], *([""] if summary else []))
-    stdout().print(table)
+    print_table(table)

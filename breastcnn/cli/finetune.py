@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import print_json, stderr
+from breastcnn.cli.common import jobs_option, print_json, stderr
 from breastcnn.errors import UserInputError
 
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
@@ -60,7 +60,7 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(
-        False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in breastcnn.json)."
+        False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in model.keras.json)."
     ),
     strategy: str = typer.Option(
         "default", "--strategy",
@@ -69,7 +69,7 @@ def finetune(
     freeze: Optional[int] = typer.Option(
         None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Processes for decoding images into the cache."),
+    jobs: int = jobs_option("decoding images into the cache (processes)"),
     threads: Optional[int] = typer.Option(
         None, "--threads", help="NumPy .npz only: engine threads (default: all available cores)."
     ),
@@ -79,7 +79,7 @@ def finetune(
     """Fine-tune VGG16/ResNet50/custom-keras (Keras) or a saved NumPy model (.npz) on a split.
 
     Writes RUN_DIR/config.json, history.csv (same columns as `train`),
-    training.png and the best model by --monitor (model.keras + breastcnn.json,
+    training.png and the best model by --monitor (model.keras + model.keras.json,
     or model.npz).
     """
     opts = dict(locals())  # every option, by parameter name

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, stderr, stdout, warn_threads_ignored
+from breastcnn.cli.common import jobs_option, make_progress, print_json, print_table, stderr, stdout, warn_threads_ignored
 from breastcnn.errors import UserInputError
 
 
@@ -21,7 +21,7 @@ def predict(
     threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
-    jobs: int = typer.Option(1, "--jobs", help="Parallel image decoding threads (-1 = all cores)."),
+    jobs: int = jobs_option("decoding the images (threads)"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
@@ -84,7 +84,7 @@ def predict(
         for row in results:
             colour = "red" if row["label"] == "malignant" else "green"
             table.add_row(escape(row["path"]), f"[{colour}]{row['label']}[/{colour}]", f"{row['probability']:.4f}")
-        stdout().print(table)
+        print_table(table)
     if errors:
         stderr().print(f"[red]{errors} input(s) could not be classified[/red]", highlight=False)
         raise typer.Exit(1)

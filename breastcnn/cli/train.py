@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import info, print_json, stderr
+from breastcnn.cli.common import info, jobs_option, print_json, stderr
 from breastcnn.cli.display import TrainingDisplay
 from breastcnn.errors import UserInputError
 from breastcnn.train import (
@@ -51,7 +51,7 @@ def train(
     activation: str = typer.Option("relu", "--activation", help="relu or leaky_relu."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
-    jobs: int = typer.Option(-1, "--jobs", help="Parallel worker processes for decoding images into the cache (-1 = all cores)."),
+    jobs: int = jobs_option("decoding images into the cache (processes)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in RUN_DIR from its last.npz (its config.json options are used)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Replay RUN_DIR/config.json: its options are the defaults, options given here override them."),

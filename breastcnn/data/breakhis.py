@@ -275,19 +275,23 @@ def scan(
     else:
         candidates, ignored, warnings = _folder_candidates(data_root)
     candidates.sort()
+    listing = ScanResult(candidates, warnings, layout, data_root, ignored, [])
+    return verify_images(listing, jobs, progress) if verify else listing
 
-    unreadable: list[str] = []
-    if verify and candidates:
-        reasons = _map_chunks(_check_chunk, [str(data_root / r.path) for r in candidates], jobs, progress)
-        kept = []
-        for record, reason in zip(candidates, reasons):
+
+def verify_images(listing: ScanResult, jobs: int = 1, progress: Callable[[int], None] | None = None) -> ScanResult:
+    """Decode every record of an unverified :func:`scan` result (the expensive part: ``jobs``
+    processes, ``progress(n)`` after each chunk); unreadable images are left out with a warning."""
+    warnings, unreadable, kept = list(listing.warnings), list(listing.unreadable), []
+    if listing.records:
+        reasons = _map_chunks(_check_chunk, [str(listing.root / r.path) for r in listing.records], jobs, progress)
+        for record, reason in zip(listing.records, reasons):
             if reason is None:
                 kept.append(record)
             else:
                 unreadable.append(record.path)
                 warnings.append(f"{record.path}: unreadable image ({reason}); left out")
-        candidates = kept
-    return ScanResult(candidates, warnings, layout, data_root, ignored, unreadable)
+    return ScanResult(kept, warnings, listing.layout, listing.root, listing.ignored, unreadable)
 
 
 def _map_chunks(fn, items: list, jobs: int, progress, chunk: int = 64) -> list:

@@ -37,6 +37,11 @@ MAX_PIXELS = 64_000_000
 IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 """ImageNet channel means in BGR order, as Keras ``preprocess_input`` (caffe mode) subtracts them."""
 
+DEFAULT_JOBS = -1
+"""Default ``--jobs`` of every command (synth, split, train, finetune, evaluate, predict): -1 = all
+cores. What ``--jobs`` spreads is decoding (or drawing) images, which scales with cores; fewer than
+two chunks of images are handled in-process anyway, so small inputs pay no worker start-up."""
+
 PREPROCESS_MODES = ("caffe", "minmax")
 
 RESAMPLE = Image.Resampling.LANCZOS

@@ -30,13 +30,13 @@ import numpy as np
 from breastcnn import CLASSES, __version__
 from breastcnn.data.breakhis import (
     Record,
-    ScanResult,
     accession,
     check_outside_data,
     image_tree,
     locate_data,
     parse_mag,
     scan,
+    verify_images,
 )
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
@@ -508,8 +508,11 @@ def create_split(
 
 def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, materialize, strict, force, group,
                    jobs, progress, on_scanned) -> dict:
-    """:func:`create_split` once ``out`` is locked: scan, assign, check, write."""
-    result = _scan_with_count(data, mag_norm, jobs, progress, on_scanned)
+    """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
+    listing = scan(data, mag_norm, verify=False)  # the cheap walk: the count before decoding every image
+    if on_scanned is not None:
+        on_scanned(len(listing.records))
+    result = verify_images(listing, jobs, progress)
     warnings = list(result.warnings)
     if result.unreadable and strict:
         raise UserInputError(
@@ -586,11 +589,3 @@ def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, mate
 def _public(info: dict) -> dict:
     """``split.json`` content without its file list (kept out of ``--json`` summaries)."""
     return {k: v for k, v in info.items() if k != "files"}
-
-
-def _scan_with_count(data, mag, jobs, progress, on_scanned) -> ScanResult:
-    """:func:`scan`, telling ``on_scanned`` the candidate count before decoding."""
-    if on_scanned is not None:
-        pre = scan(data, mag, verify=False)
-        on_scanned(len(pre.records))
-    return scan(data, mag, verify=True, jobs=jobs, progress=progress)

@@ -11,7 +11,7 @@ through a ``keras.utils.PyDataset`` (no deprecated ``ImageDataGenerator``).
 
 Validation runs once per epoch on the validation subset (never test);
 ``EarlyStopping`` and ``ReduceLROnPlateau`` watch it, and the best model by
-``monitor`` is written to ``RUN_DIR/model.keras`` (+ ``breastcnn.json``) every
+``monitor`` is written to ``RUN_DIR/model.keras`` (+ ``model.keras.json``) every
 time it improves, so an interrupted run keeps its best model.
 """
 
@@ -155,7 +155,7 @@ def finetune_keras(
 
     Writes to the run directory (``out`` or a new ``runs/<arch>-<stamp>``):
     ``config.json``, ``history.csv`` (one row per epoch), ``model.keras`` +
-    ``breastcnn.json`` (best by ``monitor``) and ``training.png``.
+    ``model.keras.json`` (best by ``monitor``) and ``training.png``.
 
     ``weights``: ``"imagenet"``/``"none"``/a path; None -> imagenet for
     vgg16/resnet50, none for custom-keras. ``options``: what to record as the
