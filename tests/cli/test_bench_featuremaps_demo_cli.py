@@ -93,15 +93,17 @@ def test_bench_missing_dependency_skips_the_model(runner, monkeypatch):
 def _trained_run(tmp_path, monkeypatch):
     """cwd = tmp_path with a split and runs/latest -> a saved custom model (64 px) whose config.json names it."""
     from breastcnn.data.split import load_split
-    from breastcnn.runs import new_run_dir, write_run_config
+    from breastcnn.runs import run_directory, write_run_config
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     assert runner.invoke(app, ["synth", "--out", ".", "--scale", "0.02", "--mags", "200", "-j", "1"]).exit_code == 0
     assert runner.invoke(app, ["split", "--mag", "200X", "--data", ".", "--out", "split", "-j", "1"]).exit_code == 0
-    run = new_run_dir("custom")
-    create_model("custom", input_shape=(64, 64, 3), seed=1).save(run / "model.npz")
-    write_run_config(run, {"arch": "custom", "split": "split", "image_size": 64}, load_split("split"))
+    with run_directory("custom") as run_dir:
+        run = run_dir.path
+        create_model("custom", input_shape=(64, 64, 3), seed=1).save(run / "model.npz")
+        write_run_config(run, {"arch": "custom", "split": "split", "image_size": 64}, load_split("split"))
+        run_dir.model_written()
     return run
 
 
