@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from breastcnn import CLASSES
+from breastcnn.data.images import open_rgb
 from breastcnn.errors import UserInputError
 
 BREAKHIS_URL = "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"
@@ -240,8 +241,6 @@ def _folder_candidates(data_root: Path) -> tuple[list[Record], int, list[str]]:
 
 def check_decodes(path: str | os.PathLike) -> str | None:
     """Decode ``path`` fully; None when fine, else a short reason."""
-    from breastcnn.data.images import open_rgb
-
     try:
         open_rgb(path)
     except Exception as exc:  # any decoder failure makes the file unusable

@@ -38,6 +38,7 @@ from breastcnn.data.breakhis import (
     scan,
     verify_images,
 )
+from breastcnn.data.images import owned_cache_files
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
 
@@ -361,8 +362,6 @@ def _previous_split(out: Path) -> tuple[set[str], list[Path]]:
     plus the image caches ``train`` wrote into their ``cache/`` folders (recognised
     by the caches' own metadata). Nothing else in ``out`` is ours.
     """
-    from breastcnn.data.images import owned_cache_files
-
     owned: set[str] = set()
     roots: list[Path] = []
     bases = [out] + sorted(p for p in out.iterdir() if _FOLD_RE.match(p.name) and p.is_dir() and not p.is_symlink())
