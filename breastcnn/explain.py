@@ -33,81 +33,32 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
+from breastcnn.data.images import decode_image, preprocess
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
-
-MIN_GRADCAM_GRID = 8
-"""Grad-CAM's default layer has an output at least this many cells across. The report's custom model
-ends on a 4x4 map at 160 px (6x6 at 224): one cell covers a sixteenth of the image and the map is one
-blob (the demo's was almost all red); its second block (19x19 at 160 px, 27x27 at 224) localises."""
-
-# Layers that belong to a conv block when they directly follow a Conv2D.
-_BLOCK_TAIL_CLASSES = ("BatchNorm", "ReLU", "LeakyReLU")
-_KERAS_BLOCK_TAIL_CLASSES = ("BatchNormalization", "ReLU", "LeakyReLU", "Activation")
+from breastcnn.models.classifier import capabilities, framework_of, model_spec
+from breastcnn.models.structure import (  # noqa: F401  (MIN_GRADCAM_GRID: part of this module's API)
+    MIN_GRADCAM_GRID,
+    choose_gradcam_layer,
+    conv_blocks,
+    keras_model,
+    keras_output_rank,
+    layer_index,
+)
 
 
 # --------------------------------------------------------------------- layers
-def conv_blocks(model) -> list[tuple[str, str]]:
-    """The conv blocks of a model: ``[(conv_layer_name, block_output_layer_name), ...]``.
-
-    A block is a conv layer plus the BatchNorm/activation layers right after it;
-    its output is what feature maps show and what Grad-CAM weighs. Works for
-    NumPy ``Sequential`` models, ``KerasClassifier`` and plain ``keras.Model``
-    (where a conv with a fused activation, as in VGG16, is its own block).
-    """
-    if _framework(model) == "numpy":
-        layers = list(model.layers)
-        names = [layer.name for layer in layers]
-        classes = [type(layer).__name__ for layer in layers]
-        tails = _BLOCK_TAIL_CLASSES
-    else:
-        kmodel = _keras_model(model)
-        layers = [layer for layer in kmodel.layers if _keras_output_rank(layer) == 4]
-        names = [layer.name for layer in layers]
-        classes = [type(layer).__name__ for layer in layers]
-        tails = _KERAS_BLOCK_TAIL_CLASSES
-    blocks = []
-    for i, cls in enumerate(classes):
-        if cls not in ("Conv2D",):
-            continue
-        end = i
-        while end + 1 < len(classes) and classes[end + 1] in tails:
-            end += 1
-        blocks.append((names[i], names[end]))
-    return blocks
-
-
 def default_gradcam_layer(model) -> str:
     """Name of the layer Grad-CAM uses by default (see the module docstring)."""
     layer = getattr(model, "gradcam_layer", None)
     if isinstance(layer, str) and layer:
         return layer
     return choose_gradcam_layer(model)
-
-
-def choose_gradcam_layer(model) -> str:
-    """The output layer of the last conv block whose map is at least :data:`MIN_GRADCAM_GRID` cells
-    across (else of the last block): fine enough to localise, as deep as that allows."""
-    blocks = conv_blocks(model)
-    if not blocks:
-        raise UserInputError(f"model {_arch(model)!r} has no conv layer for Grad-CAM")
-    for _, output in reversed(blocks):
-        if min(_spatial_size(model, output)) >= MIN_GRADCAM_GRID:
-            return output
-    return blocks[-1][1]
-
-
-def _spatial_size(model, name: str) -> tuple[int, int]:
-    """``(H', W')`` of a 4-D layer output."""
-    if _framework(model) == "numpy":
-        shape = model.layers[_layer_index(model, name)].output_shape
-    else:
-        shape = tuple(_keras_model(model).get_layer(name).output.shape)[1:]
-    return int(shape[0]), int(shape[1])
 
 
 def _check_input(model, x: np.ndarray) -> np.ndarray:
@@ -122,13 +73,6 @@ def _check_input(model, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _layer_index(model, name: str) -> int:
-    names = [layer.name for layer in model.layers]
-    if name not in names:
-        raise UserInputError(f"--layers: no layer named {name!r} in the model; layers: {', '.join(names)}")
-    return names.index(name)
-
-
 # ---------------------------------------------------------------- NumPy side
 def _numpy_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: str):
     """Activations ``(H', W', K)``, d logit_c / d activations (same shape), logits ``(C,)``, class.
@@ -138,7 +82,7 @@ def _numpy_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: s
     of a one-hot at the logits down to the output of ``layer``. The layers'
     ``grads`` are restored afterwards, so nothing about the model changes.
     """
-    index = _layer_index(model, layer)
+    index = layer_index(model, layer)
     top = model.logits_index
     if index > top:
         raise UserInputError(f"--layer {layer!r} comes after the logits; pick a conv layer")
@@ -167,22 +111,6 @@ def _check_class(class_index: int, num_classes: int) -> int:
 
 
 # ---------------------------------------------------------------- Keras side
-def _keras_model(model):
-    """The underlying ``keras.Model`` of a KerasClassifier (or the model itself)."""
-    for attr in ("model", "keras_model", "kmodel"):
-        inner = getattr(model, attr, None)
-        if inner is not None and hasattr(inner, "layers"):
-            return inner
-    return model
-
-
-def _keras_output_rank(layer) -> int:
-    try:
-        return len(layer.output.shape)
-    except (AttributeError, ValueError):
-        return -1
-
-
 def _keras_logits_model(kmodel, layer: str):
     """``keras.Model`` mapping the input to ``[activations, logits]``.
 
@@ -209,7 +137,7 @@ def _keras_logits_model(kmodel, layer: str):
 def _keras_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: str):
     import tensorflow as tf
 
-    kmodel = _keras_model(model)
+    kmodel = keras_model(model)
     grad_model, dense = _keras_logits_model(kmodel, layer)
     xt = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
@@ -273,8 +201,6 @@ def gradcam(model, x_preprocessed: np.ndarray, class_index: int | None = None, l
 
 def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a ``(h, w)`` heatmap in [0, 1] to ``size`` (``(H, W)`` or ``S``)."""
-    from PIL import Image
-
     height, width = (size, size) if isinstance(size, int) else size
     image = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
     resized = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32)
@@ -318,7 +244,7 @@ def feature_maps(model, x_preprocessed: np.ndarray, layers: Sequence[str] | None
     if not wanted:
         raise UserInputError(f"model {_arch(model)!r} has no conv layer to show")
     if _framework(model) == "numpy":
-        index = {name: _layer_index(model, out) for name, out in wanted}
+        index = {name: layer_index(model, out) for name, out in wanted}
         outputs = model.activations(x, training=False)
         result = {}
         for name, i in index.items():
@@ -328,7 +254,7 @@ def feature_maps(model, x_preprocessed: np.ndarray, layers: Sequence[str] | None
         return result
     import keras
 
-    kmodel = _keras_model(model)
+    kmodel = keras_model(model)
     outputs = []
     for name, out in wanted:
         try:
@@ -450,17 +376,16 @@ def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path,
 def _framework(model) -> str:
     """``"numpy"`` for Sequential, ``"keras"`` for KerasClassifier and plain keras.Model.
 
-    An ONNX export holds only the folded inference graph (no layer outputs, no gradients): refused."""
-    framework = getattr(model, "framework", None) or "keras"
-    if framework == "onnx":
+    A model without layer outputs (an ONNX export holds only the folded inference graph: no layer outputs,
+    no gradients) is refused."""
+    if not capabilities(model).layer_outputs:
         raise UserInputError("feature maps and Grad-CAM need the NumPy .npz or Keras .keras model; an ONNX "
                              "export holds only the inference graph (use the model it was exported from)")
-    return framework
+    return framework_of(model)
 
 
 def _arch(model) -> str:
-    meta: Any = getattr(model, "meta", None) or {}
-    return str(meta.get("arch", type(model).__name__))
+    return str((getattr(model, "meta", None) or {}).get("arch", type(model).__name__))
 
 
 # ------------------------------------------------------------ one image, all plots
@@ -468,12 +393,12 @@ CLASS_CHOICES = ("predicted", "benign", "malignant")
 
 
 def resolve_class(model, which: str | int | None, probabilities: np.ndarray) -> int:
-    """``"predicted"``/``None`` -> argmax; a class name -> its index in ``model.meta["classes"]``."""
+    """``"predicted"``/``None`` -> argmax; a class name -> its index in ``model.spec.classes``."""
     if which is None or which == "predicted":
         return int(np.argmax(probabilities))
     if isinstance(which, (int, np.integer)):
         return _check_class(int(which), len(probabilities))
-    classes = list((getattr(model, "meta", {}) or {}).get("classes") or [])
+    classes = list(model_spec(model).classes)
     if which not in classes:
         raise UserInputError(f"--class must be predicted or one of {', '.join(classes)}, got {which!r}")
     return classes.index(which)
@@ -495,14 +420,9 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
     ``probabilities`` (class -> p), ``files`` (paths written) and, with
     Grad-CAM, ``gradcam`` (``class``, ``layer``, ``shape``, ``file``).
     """
-    from breastcnn.data.images import decode_image, preprocess
-
     _framework(model)   # refuse an ONNX model before anything is written
-    meta = dict(getattr(model, "meta", {}) or {})
-    size = int(meta.get("image_size") or 224)
-    mode = meta.get("preprocess", "caffe")
-    classes = list(meta.get("classes") or ("benign", "malignant"))
-    arch = meta.get("arch", "model")
+    spec = model_spec(model)
+    size, mode, classes, arch = spec.image_size, spec.preprocess, list(spec.classes), spec.arch
     out_dir = Path(out_dir)
     image = decode_image(image_path, size)                     # (S, S, 3) uint8
     x = preprocess(image[None], mode)                          # (1, S, S, 3) float32

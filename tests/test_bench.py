@@ -235,7 +235,7 @@ def test_every_measurement_is_capped_and_reported(tmp_path):
 
 def test_test_metrics_are_capped_on_a_seeded_sample_and_match_evaluate_when_complete(tmp_path):
     from breastcnn.data.split import create_split, load_split
-    from breastcnn.inference import evaluate_model
+    from breastcnn.evaluation import evaluate_model
     from tests.data.conftest import make_breakhis_tree
 
     create_split(make_breakhis_tree(tmp_path, traps=False), mag="200X", out=tmp_path / "split", jobs=1)

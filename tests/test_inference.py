@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from breastcnn.errors import UserInputError
-from breastcnn.inference import collect_images, evaluate_model, predict_paths, predict_uint8
+from breastcnn.evaluation import evaluate_model
+from breastcnn.inference import collect_images, predict_paths, predict_uint8
 from tests.test_train import synth_split
 
 

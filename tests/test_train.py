@@ -120,7 +120,7 @@ def test_config_validation_names_the_option(field, value, option):
 
 def test_training_learns_and_writes_run_outputs(split_dir, tmp_path):
     from breastcnn.data.split import load_split
-    from breastcnn.inference import evaluate_model
+    from breastcnn.evaluation import evaluate_model
     from breastcnn.models import load_model
     from breastcnn.runs import HISTORY_COLUMNS
     from breastcnn.train import run_training

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
-from breastcnn.bench import FULL_SETTINGS, BenchOptions
-from breastcnn.bench import Progress as _HarnessProgress
+from breastcnn import bench as harness
+from breastcnn.bench import DEFAULT_MODELS, FULL_SETTINGS, BenchOptions
 from breastcnn.cli.common import info, make_progress, print_json, print_table, progress_enabled, stdout, warn
+from breastcnn.data.split import fold_dirs
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
+from breastcnn.models import list_models
+from breastcnn.runs import latest_run_dir, model_in_dir, read_run_config
 
 _DEFAULTS = {f.name: f.default for f in fields(BenchOptions)}
 
@@ -39,8 +45,8 @@ def _sizes(values) -> str:
 
 
 def bench(
-    models: str = typer.Option("custom,vgg16,resnet50", "--models",
-                               help="Comma-separated models: custom, vgg16, resnet50, custom-keras."),
+    models: str = typer.Option(",".join(DEFAULT_MODELS), "--models",
+                               help=f"Comma-separated models: {', '.join(list_models())}."),
     model_file: Optional[List[str]] = typer.Option(
         None, "--model-file", help="NAME=PATH: measure this trained model file instead of a fresh build (repeatable)."),
     split: Optional[Path] = typer.Option(
@@ -67,7 +73,8 @@ def bench(
         None, "--keras-train-batch",
         help=f"Batch size of the Keras train step ({_default('keras_train_batch_size')}, the report's fine-tuning "
         "batch; VGG16 takes ~46 s per step at 64 on 2 cores)."),
-    weights: str = typer.Option("none", "--weights", help="Keras models built fresh: none or imagenet."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help=f"Keras models built fresh: none or imagenet ({_default('weights')})."),
     max_seconds: Optional[float] = typer.Option(
         None, "--max-seconds", help="Cap on each measurement (latency, throughput, end-to-end, metrics, train step), "
         f"warm-up included; at least one timed call ({_default('max_seconds', lambda v: f'{v:g}')})."),
@@ -89,20 +96,16 @@ def bench(
     show(result, as_json=as_json, markdown=markdown)
 
 
-def run_bench_command(models: str = "custom,vgg16,resnet50", model_file=None, split=None, fresh: bool = False,
+def run_bench_command(models: str = ",".join(DEFAULT_MODELS), model_file=None, split=None, fresh: bool = False,
                       full: bool = False, image_size: int | None = None, batch_sizes: str | None = None,
                       repeats: int | None = None, threads=None, train_steps: int | None = None,
-                      keras_train_batch: int | None = None, weights: str = "none", max_seconds: float | None = None,
-                      as_json: bool = False, markdown: bool = False, out=None, force: bool = False) -> dict:
+                      keras_train_batch: int | None = None, weights: str | None = None,
+                      max_seconds: float | None = None, as_json: bool = False, markdown: bool = False, out=None,
+                      force: bool = False) -> dict:
     """Parse and check the options, run the harness, write ``--out``; returns the result dict.
 
     Options left at ``None`` take :class:`BenchOptions`' defaults (or :data:`FULL_SETTINGS` with ``full``).
     """
-    from breastcnn import bench as harness
-    from breastcnn.errors import UserInputError
-    from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
-    from breastcnn.models import list_models
-
     if as_json and markdown:
         raise UserInputError("--json and --markdown are exclusive; pick one")
     names = harness.parse_model_names(models, list_models())
@@ -125,7 +128,8 @@ def run_bench_command(models: str = "custom,vgg16,resnet50", model_file=None, sp
         warn("--split given without a trained model (runs/latest or --model-file): fresh models are untrained, "
              "so no test metrics")
     given = {"image_size": image_size, "repeats": repeats, "threads": threads, "train_steps": train_steps,
-             "keras_train_batch_size": keras_train_batch, "weights": str(weights).lower(), "max_seconds": max_seconds,
+             "keras_train_batch_size": keras_train_batch, "max_seconds": max_seconds,
+             "weights": str(weights).lower() if weights is not None else None,
              "batch_sizes": harness.parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else None}
     given = {k: v for k, v in given.items() if v is not None}
     options = (BenchOptions.full(**given) if full else BenchOptions(**given)).validate()
@@ -156,10 +160,6 @@ def run_bench_command(models: str = "custom,vgg16,resnet50", model_file=None, sp
 def _latest_trained(names: list[str], files: dict) -> tuple[str, Path, Path | None, int | None] | None:
     """``(name, model file, its split or None, its image size)`` when ``runs/latest`` holds a trained
     model of a requested architecture not given with --model-file; ``None`` otherwise."""
-    from breastcnn.data.split import fold_dirs
-    from breastcnn.errors import UserInputError
-    from breastcnn.runs import latest_run_dir, model_in_dir, read_run_config
-
     run_dir = latest_run_dir()
     model = model_in_dir(run_dir) if run_dir is not None else None
     if model is None:
@@ -181,7 +181,7 @@ def _latest_trained(names: list[str], files: dict) -> tuple[str, Path, Path | No
     return arch, model.resolve(), split, int(size) if isinstance(size, int) else None
 
 
-class _Bars(_HarnessProgress):
+class _Bars(harness.Progress):
     """One rich progress bar per model (stderr, terminal only): the measurement under way and the time left.
 
     A model's bar counts its measurements; inside one, the fraction done is the larger of calls/max
@@ -246,16 +246,12 @@ class _Bars(_HarnessProgress):
 
 def show(result: dict, as_json: bool = False, markdown: bool = False) -> None:
     """Print ``result`` on stdout: JSON, markdown, or a rich table."""
-    from breastcnn import bench as harness
-
     if as_json:
         print_json(result)
         return
     if markdown:
         stdout().out(harness.to_markdown(result), end="", highlight=False)
         return
-    from rich.table import Table
-
     # Transposed (one column per model) so that it fits a terminal; --markdown has models as rows.
     headers, rows = harness.table_rows(result)
     notes = [f"Machine: {harness.machine_line(result)}. (xN) = ratio to the custom model, same run."]

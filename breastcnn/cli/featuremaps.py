@@ -12,8 +12,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
+from breastcnn import explain
 from breastcnn.cli.common import info, print_json, print_table
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import check_overwrite
+from breastcnn.models import load_model
+from breastcnn.runs import resolve_model_path
 
 DEFAULT_OUT_ROOT = Path("featuremaps")
 
@@ -44,12 +50,6 @@ def featuremaps(
 def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False, which_class: str = "predicted",
                     out: Path | None = None, force: bool = False) -> dict:
     """Check the arguments, load the model, write the PNGs; returns :func:`explain.explain_image`'s summary."""
-    from breastcnn import explain
-    from breastcnn.errors import UserInputError
-    from breastcnn.fsutil import check_overwrite
-    from breastcnn.models import load_model
-    from breastcnn.runs import resolve_model_path
-
     image = Path(image)
     if not image.is_file():
         raise UserInputError(f"IMAGE {image}: no such file")
@@ -72,8 +72,6 @@ def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False,
 
 def print_summary(summary: dict) -> None:
     """The prediction and the files written, as a rich table on stdout."""
-    from rich.table import Table
-
     probs = ", ".join(f"{c} {p:.3f}" for c, p in summary["probabilities"].items())
     table = Table(title=f"{summary['image']}: predicted {summary['predicted']} ({probs})", title_justify="left")
     table.add_column("plot")

@@ -36,8 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from breastcnn import CLASSES, __version__
+from breastcnn import __version__
+from breastcnn.data.images import IMAGENET_MEAN_BGR, preprocess
 from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.fsutil import atomic_write
+from breastcnn.models.classifier import model_spec
+from breastcnn.nn import functional as F
+from breastcnn.nn import layers as L
+from breastcnn.nn.model import Sequential
 
 OPSET = 17
 """ONNX opset of exported models (ONNX 1.12+, ONNX Runtime 1.13+)."""
@@ -67,8 +73,6 @@ def require_onnx(purpose: str = "ONNX export"):
 
 def preprocess_description(mode: str, image_size: int) -> str:
     """One line saying how to turn an RGB image into this model's input (matches ``data.images.preprocess``)."""
-    from breastcnn.data.images import IMAGENET_MEAN_BGR
-
     resize = f"RGB image resized to {image_size}x{image_size}, as float32"
     if mode == "caffe":
         mean = ", ".join(f"{v:g}" for v in IMAGENET_MEAN_BGR)
@@ -99,16 +103,12 @@ class _Graph:
 
 
 def _exportable_classes() -> dict:
-    from breastcnn.nn import layers as L
-
     return {cls: cls.__name__ for cls in (L.Conv2D, L.BatchNorm, L.ReLU, L.LeakyReLU, L.MaxPool2D,
                                            L.GlobalAveragePooling2D, L.Flatten, L.Dense, L.Dropout, L.Softmax)}
 
 
 def check_exportable(model) -> None:
     """Raise UserInputError naming the first layer that cannot be exported (checked before any work)."""
-    from breastcnn.nn.model import Sequential
-
     if not isinstance(model, Sequential):
         raise UserInputError(f"ONNX export takes a NumPy breastcnn model (Sequential), received {type(model).__name__}")
     if not model.built or not model.layers:
@@ -134,8 +134,6 @@ def _bn_affine64(bn) -> tuple[np.ndarray, np.ndarray]:
 
 def _conv_pads(layer, in_shape: tuple) -> list[int]:
     """ONNX pads [top, left, bottom, right] equal to the engine's padding of a (H, W, C) input."""
-    from breastcnn.nn import functional as F
-
     if layer.padding == "valid":
         return [0, 0, 0, 0]
     (top, bottom), (left, right) = (F.same_padding(d, layer.kernel_size, layer.strides) for d in in_shape[:2])
@@ -147,8 +145,6 @@ def build_graph_nodes(graph: _Graph, model) -> tuple[str, bool]:
 
     Returns ``(name of the last tensor, whether it is still 4-D NCHW)``.
     """
-    from breastcnn.nn import layers as L
-
     x = graph.node("Transpose", [INPUT_NAME], "input_to_nchw", perm=[0, 3, 1, 2])
     spatial = True                      # x is (N, C, H, W); else (N, features)
     layers = model.layers
@@ -206,23 +202,20 @@ def build_graph_nodes(graph: _Graph, model) -> tuple[str, bool]:
 
 
 def onnx_metadata(model, source: str | None = None) -> dict[str, str]:
-    """The ``metadata_props`` of an exported model (strings; lists/dicts as JSON)."""
-    meta = dict(model.meta)
-    size = int(model.input_shape[0])
-    num_classes = int(model.output_shape[-1])
-    classes = meta.get("classes") or (list(CLASSES) if num_classes == len(CLASSES) else
-                                       [str(c) for c in range(num_classes)])
+    """The ``metadata_props`` of an exported model (strings; lists/dicts as JSON): its spec, and the rest
+    of its meta as ``source_meta``."""
+    spec = model_spec(model)
     counts = model.count_params()
-    source_meta = {k: v for k, v in meta.items() if k not in ("classes", "image_size", "preprocess", "arch")}
+    source_meta = {k: v for k, v in model.meta.items() if k not in ("classes", "image_size", "preprocess", "arch")}
     if source is not None:
         source_meta["exported_from"] = str(source)
     return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "arch": str(meta.get("arch", "custom")),
-        "classes": json.dumps([str(c) for c in classes]),
-        "image_size": str(size),
-        "preprocess": str(meta.get("preprocess", "caffe")),
+        "arch": spec.arch,
+        "classes": json.dumps(list(spec.classes)),
+        "image_size": str(spec.image_size),
+        "preprocess": spec.preprocess,
         "input_layout": INPUT_LAYOUT,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
@@ -273,8 +266,6 @@ def to_onnx(model, source: str | os.PathLike | None = None):
 
 def save_onnx(proto, path: str | os.PathLike) -> int:
     """Write ``proto`` (a ModelProto or its serialized bytes) to ``path`` atomically (one protobuf, no pickle, no external data); returns its bytes."""
-    from breastcnn.fsutil import atomic_write
-
     data = proto if isinstance(proto, bytes) else proto.SerializeToString()
     with atomic_write(Path(path), "wb") as handle:
         handle.write(data)
@@ -312,11 +303,9 @@ def _max_abs_diff(model, data: bytes, seed: int) -> float | None:
         import onnxruntime as ort
     except ImportError:
         return None
-    from breastcnn.data.images import preprocess
-
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(4, *model.input_shape), dtype=np.uint8)
-    x = preprocess(images, model.meta.get("preprocess", "caffe")) if model.input_shape[-1] == 3 else \
+    x = preprocess(images, model_spec(model).preprocess) if model.input_shape[-1] == 3 else \
         images.astype(np.float32) / 255.0
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1

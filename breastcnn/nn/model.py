@@ -385,14 +385,8 @@ class Sequential:
         return {"input_shape": list(self.input_shape or ()), "layers": [layer.get_config() for layer in self.layers],
                 "meta": self.meta}
 
-    def save(self, path, optimizer=None, extra=None) -> None:
-        """Write an ``.npz`` (see ``breastcnn.models.io.save_model``)."""
-        from breastcnn.models.io import save_model
-
-        save_model(self, path, optimizer=optimizer, extra=extra)
-
     def __repr__(self) -> str:
-        return f"Sequential({len(self.layers)} layers, input_shape={self.input_shape}, meta={self.meta})"
+        return f"{type(self).__name__}({len(self.layers)} layers, input_shape={self.input_shape}, meta={self.meta})"
 
 
 __all__ = ["Sequential"]

@@ -317,7 +317,7 @@ def test_loader_refuses_foreign_or_unsafe_files(onnxruntime, exported, tmp_path)
     for prop in wrong.metadata_props:
         if prop.key == "preprocess":
             prop.value = "zscore"
-    with pytest.raises(UserInputError, match="preprocess 'zscore' invalid"):
+    with pytest.raises(UserInputError, match="wrong2.onnx: 'preprocess' must be caffe or minmax, received 'zscore'"):
         load_onnx_model(_save(wrong, tmp_path / "wrong2.onnx"))
 
 
