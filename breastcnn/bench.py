@@ -496,7 +496,7 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
         return
     threads = getattr(model, "threads", None)
     one_thread, shares = {}, []
-    if threads != 1 and _available_cores() > 1:
+    if threads != 1 and available_cores() > 1:
         plan_more(len(slow))
         try:
             model.threads = 1
@@ -513,7 +513,7 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
                       + (f" on all engine threads, {one_thread[str(b)]:,.0f} on one" if one_thread else "")
                       for b in slow)
     load = _load_averages()
-    machine = [f"load average {load[0]:.1f} on {_available_cores()} cores"] if load else []
+    machine = [f"load average {load[0]:.1f} on {available_cores()} cores"] if load else []
     if shares:
         machine.append(f"this process got {min(shares):.0%} of a core while on one thread")
     entry["notes"].append(

@@ -260,7 +260,7 @@ def test_device_path_as_model_is_named_as_such():
 
 @pytest.mark.keras
 def test_text_or_truncated_keras_file_is_named(tmp_path, keras):
-    from breastcnn.models.keras_models import create_custom_keras
+    from breastcnn.models.keras_models import create_custom_keras, sidecar_path
 
     good = tmp_path / "good" / "model.keras"
     create_custom_keras(input_shape=(64, 64, 3)).save(good)
@@ -268,7 +268,7 @@ def test_text_or_truncated_keras_file_is_named(tmp_path, keras):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "model.keras").write_bytes(data)
-        (folder / "breastcnn.json").write_bytes((good.parent / "breastcnn.json").read_bytes())
+        (folder / "model.keras.json").write_bytes(sidecar_path(good).read_bytes())
         with pytest.raises(UserInputError) as info:
             load_model(folder / "model.keras")
         message = str(info.value)
