@@ -36,9 +36,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -103,7 +103,7 @@ class BenchOptions:
     weights: str = "none"
     seed: int = 0
 
-    def validate(self) -> "BenchOptions":
+    def validate(self) -> BenchOptions:
         """Raise :class:`UserInputError` naming the option for impossible values."""
         checks = [
             (self.image_size >= 32, "--image-size", self.image_size, "an integer >= 32"),
@@ -125,7 +125,7 @@ class BenchOptions:
         return self
 
     @classmethod
-    def full(cls, **overrides) -> "BenchOptions":
+    def full(cls, **overrides) -> BenchOptions:
         """The report's settings (:data:`FULL_SETTINGS`), then ``overrides``."""
         return cls(**{**FULL_SETTINGS, **overrides})
 
@@ -173,7 +173,7 @@ class _Messages(Progress):
         self.say(f"{model}: {what}")
 
 
-def as_progress(progress: "Progress | Callable[[str], None] | None") -> Progress:
+def as_progress(progress: Progress | Callable[[str], None] | None) -> Progress:
     """A :class:`Progress` from one, from a message callable, or from ``None`` (silent)."""
     if progress is None:
         return Progress()
@@ -381,7 +381,7 @@ def _write_png(path: Path, rng: np.random.Generator) -> Path:
 
 
 def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Path, split=None,
-                progress: "Progress | Callable[[str], None] | None" = None) -> dict:
+                progress: Progress | Callable[[str], None] | None = None) -> dict:
     """Measure one model; a missing optional dependency gives ``skipped`` (the reason), not an error.
 
     Args:
@@ -404,26 +404,8 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
         return entry
     spec = model_spec(model)
     can = spec.capabilities
-    if can.session_threads and options.threads:   # ONNX Runtime's threads are set per session
-        model.set_threads(options.threads)
     size, mode = spec.image_size, spec.preprocess
-    entry.update(
-        framework=spec.framework,
-        arch=spec.arch,
-        file=None if fresh else str(file),
-        image_size=size,
-        size_kb=round(file_size_kb(file), 1),
-    )
-    if fresh:
-        entry["notes"].append("freshly built, random weights: size and timings only"
-                              + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)"
-                                 if split is not None else ""))
-    if can.engine_threads:   # --threads flows down to the engine; record what is in force there
-        model.threads = options.threads
-        entry["threads"] = model.thread_settings()
-    counts = model.count_params()
-    entry["params_trainable"] = int(counts["trainable"])
-    entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
+    _describe(model, entry, file, fresh, split is not None, options)
 
     def measure(what: str, fn: Callable[[], object], repeats: int, warmup: int) -> dict:
         report.measurement(name, what, warmup + repeats, options.max_seconds)
@@ -439,16 +421,7 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
     planned = (len(batches) + (spec.framework == "keras") + 1 + (split is not None and not fresh)
                + (options.train_steps > 0 and can.train_step))
     report.plan(name, planned)
-    for batch in batches:
-        x = preprocess(_rng_images(rng, batch, size), mode)
-        stats = measure(f"forward pass, batch {batch}", lambda: model.predict(x, batch_size=batch),
-                        options.repeats, options.warmup)
-        if batch in options.batch_sizes:
-            entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
-        entry["calls"][f"forward_b{batch}"] = stats["calls"]
-        if batch == 1:
-            entry["latency_ms_p50"] = round(stats["p50"], 3)
-            entry["latency_ms_p95"] = round(stats["p95"], 3)
+    _time_forward_passes(model, entry, batches, rng, size, mode, options, measure)
     if can.engine_threads:
         _explain_slow_batches(model, entry, rng, size, mode, options, measure,
                               lambda extra: report.plan(name, planned + extra))
@@ -478,6 +451,41 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
     return entry
 
 
+def _describe(model, entry: dict, file: Path, fresh: bool, with_split: bool, options: BenchOptions) -> None:
+    """Fill ``entry``'s framework, arch, file, size, parameter counts and threads; apply ``--threads``."""
+    spec = model_spec(model)
+    if spec.capabilities.session_threads and options.threads:   # ONNX Runtime's threads are set per session
+        model.set_threads(options.threads)
+    if spec.capabilities.engine_threads:   # --threads flows down to the engine; record what is in force there
+        model.threads = options.threads
+        entry["threads"] = model.thread_settings()
+    entry.update(framework=spec.framework, arch=spec.arch, file=None if fresh else str(file),
+                 image_size=spec.image_size, size_kb=round(file_size_kb(file), 1))
+    if fresh:
+        entry["notes"].append("freshly built, random weights: size and timings only"
+                              + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)"
+                                 if with_split else ""))
+    counts = model.count_params()
+    entry["params_trainable"] = int(counts["trainable"])
+    entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
+
+
+def _time_forward_passes(model, entry: dict, batches: list[int], rng, size: int, mode: str, options: BenchOptions,
+                         measure) -> None:
+    """Latency (batch 1) and throughput (each of ``options.batch_sizes``) of ``model.predict`` on
+    preprocessed arrays."""
+    for batch in batches:
+        x = preprocess(_rng_images(rng, batch, size), mode)
+        stats = measure(f"forward pass, batch {batch}", lambda x=x, batch=batch: model.predict(x, batch_size=batch),
+                        options.repeats, options.warmup)
+        if batch in options.batch_sizes:
+            entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
+        entry["calls"][f"forward_b{batch}"] = stats["calls"]
+        if batch == 1:
+            entry["latency_ms_p50"] = round(stats["p50"], 3)
+            entry["latency_ms_p95"] = round(stats["p95"], 3)
+
+
 def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options: BenchOptions, measure,
                           plan_more: Callable[[int], None]) -> None:
     """When a batch > 1 gives fewer images/s than batch 1, time it again on one engine thread and say why.
@@ -503,7 +511,8 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
             for batch in slow:
                 x = preprocess(_rng_images(rng, batch, size), mode)
                 stats = measure(f"forward pass, batch {batch}, one engine thread",
-                                lambda: model.predict(x, batch_size=batch), options.repeats, options.warmup)
+                                lambda x=x, batch=batch: model.predict(x, batch_size=batch), options.repeats,
+                                options.warmup)
                 one_thread[str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
                 shares.append(stats["cpu_per_wall"])
         finally:
@@ -603,7 +612,7 @@ def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
 # ---------------------------------------------------------------- the run
 def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, options: BenchOptions | None = None,
               split_dir: str | os.PathLike | None = None,
-              progress: "Progress | Callable[[str], None] | None" = None,
+              progress: Progress | Callable[[str], None] | None = None,
               sources: dict[str, str] | None = None) -> dict:
     """Measure every model in one process; returns ``{"machine", "options", "notes", "models", "seconds"}``.
 

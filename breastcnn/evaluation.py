@@ -16,9 +16,9 @@ not stop the evaluation are :class:`~breastcnn.errors.BreastCNNWarning`\\ s.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -59,18 +59,20 @@ def evaluate_model(
 
     Returns ``(metrics, rows)``: metrics from :func:`breastcnn.metrics.classification_metrics`
     (patient-level accuracy included) and one row per image with
-    :data:`PREDICTION_COLUMNS` (path relative to the data root). ``progress(n)`` follows the
-    images decoded when the image cache is built. ``threads``: engine threads of a NumPy model
-    (None: the model's setting, all available cores).
+    :data:`PREDICTION_COLUMNS` (path relative to the data root). ``progress(n)`` calls add up to the
+    subset's size: images decoded while the image cache is built, else images scored (a cached subset
+    loads at once). ``threads``: engine threads of a NumPy model (None: the model's setting, all
+    available cores).
     """
     size = model_spec(model).image_size
     check_threads(threads)
     records = split.subset(subset)
     if not records:
         raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
-    x, y = load_subset(split, subset, size, jobs=jobs, progress=progress)
+    told = _Told(progress)
+    x, y = load_subset(split, subset, size, jobs=jobs, progress=told.decoded)
     with model_threads(model, threads):
-        p = predict_uint8(model, x, batch_size=batch_size)
+        p = predict_uint8(model, x, batch_size=batch_size, progress=told.scored)
     bad = np.flatnonzero(~np.isfinite(p))
     if bad.size:
         raise UserInputError(
@@ -88,9 +90,28 @@ def evaluate_model(
             "predicted_label": CLASSES[int(prob >= threshold)],
             "patient": patient,
         }
-        for record, label, prob, patient in zip(records, y, p, patients)
+        for record, label, prob, patient in zip(records, y, p, patients, strict=True)
     ]
     return metrics, rows
+
+
+class _Told:
+    """Forwards decode progress, then scoring progress only for images not told yet: the total is N either way."""
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        self.progress, self.told, self.done = progress, 0, 0
+
+    def decoded(self, n: int) -> None:
+        self.told += n
+        if self.progress is not None:
+            self.progress(n)
+
+    def scored(self, n: int) -> None:
+        self.done += n
+        if self.done > self.told:
+            if self.progress is not None:
+                self.progress(self.done - self.told)
+            self.told = self.done
 
 
 # --------------------------------------------------------------------------- the evaluate use case
@@ -194,7 +215,7 @@ def plan_evaluation(model: str | Path | None = None, split: str | Path | None = 
         )
     targets = [EvaluationTarget(resolve_model_path(fold_run), load_split(fold_split),
                                 (Path(out) / fold_run.name) if out is not None else fold_run, fold=k)
-               for k, (fold_run, fold_split) in enumerate(zip(folds, split_folds), start=1)]
+               for k, (fold_run, fold_split) in enumerate(zip(folds, split_folds, strict=True), start=1)]
     return EvaluationPlan(targets, target, split_dir, out is not None, kfold=True, notes=notes)
 
 

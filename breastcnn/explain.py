@@ -18,7 +18,8 @@ softmax when the model is confident.
   ``conv5_block3_out``, custom-keras the block :func:`choose_gradcam_layer` picks).
 
 The default Grad-CAM layer is ``model.gradcam_layer`` when the model has one
-(VGG16, ResNet50, custom-keras), else :func:`choose_gradcam_layer`: the output
+(VGG16, ResNet50, custom-keras), else :func:`choose_gradcam_layer` (in
+``models/structure.py``, which the models layer uses too): the output
 of the last conv *block* whose map is at least :data:`MIN_GRADCAM_GRID` cells
 across (custom-keras gets its layer by the same rule, so a NumPy model and its
 Keras export explain the same layer). Feature maps show each conv block's
@@ -32,8 +33,8 @@ never prints.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -42,14 +43,12 @@ from breastcnn.data.images import decode_image, preprocess
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
 from breastcnn.models.classifier import capabilities, framework_of, model_spec
-from breastcnn.models.structure import (  # noqa: F401  (MIN_GRADCAM_GRID: part of this module's API)
-    MIN_GRADCAM_GRID,
-    choose_gradcam_layer,
-    conv_blocks,
-    keras_model,
-    keras_output_rank,
-    layer_index,
-)
+from breastcnn.models.structure import MIN_GRADCAM_GRID, choose_gradcam_layer, conv_blocks, keras_model, layer_index
+
+__all__ = ["CLASS_CHOICES", "MIN_GRADCAM_GRID", "cam_from_parts", "choose_gradcam_layer", "conv_blocks",
+           "default_gradcam_layer", "explain_image", "feature_maps", "gradcam", "gradcam_parts", "normalise_maps",
+           "overlay", "plot_feature_grid", "plot_gradcam", "plot_input", "resolve_class", "tile_maps",
+           "upsample_heatmap"]
 
 
 # --------------------------------------------------------------------- layers
@@ -98,7 +97,7 @@ def _numpy_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: s
         try:
             grad = model.backward(grad, start=top, stop=index + 1)  # dlogit_c / d(output of layer index)
         finally:
-            for layer_, grads in zip(model.layers, saved):
+            for layer_, grads in zip(model.layers, saved, strict=True):
                 layer_.grads = grads
     return activations[0], grad[0], logits[0], c
 
@@ -265,7 +264,7 @@ def feature_maps(model, x_preprocessed: np.ndarray, layers: Sequence[str] | None
     if not isinstance(values, (list, tuple)):
         values = [values]
     result = {}
-    for (name, _), value in zip(wanted, values):
+    for (name, _), value in zip(wanted, values, strict=True):
         arr = np.asarray(value)
         if arr.ndim != 4:
             raise UserInputError(f"--layers: {name!r} has output shape {arr.shape[1:]}, not (H, W, C)")
@@ -311,7 +310,8 @@ def tile_maps(maps: np.ndarray, pad: int = 1) -> np.ndarray:
     mosaic = np.full((rows * (height + pad) - pad, cols * (width + pad) - pad), np.nan, dtype=np.float32)
     for k in range(count):
         r, c = divmod(k, cols)
-        mosaic[r * (height + pad) : r * (height + pad) + height, c * (width + pad) : c * (width + pad) + width] = maps[:, :, k]
+        top, left = r * (height + pad), c * (width + pad)
+        mosaic[top : top + height, left : left + width] = maps[:, :, k]
     return mosaic
 
 
@@ -341,7 +341,8 @@ def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | 
         pre = pre[0]
     shown = normalise_maps(pre[..., ::-1] if mode == "caffe" else pre)  # caffe is BGR: show as RGB
     fig = _figure(7.0, 3.8)
-    for i, (img, label) in enumerate(((image_uint8, "input (RGB, resized)"), (shown, "preprocessed (per channel rescaled)"))):
+    panels = ((image_uint8, "input (RGB, resized)"), (shown, "preprocessed (per channel rescaled)"))
+    for i, (img, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.imshow(img)
         ax.set_title(label, fontsize=8)
@@ -351,7 +352,8 @@ def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | 
     return _save_figure(fig, path)
 
 
-def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str, alpha: float = 0.6) -> Path:
+def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str,
+                 alpha: float = 0.6) -> Path:
     """Input, heatmap and overlay side by side, with a colour bar."""
     blended = overlay(image_uint8, heatmap, alpha=alpha)
     fig = _figure(10.5, 3.8)
@@ -439,7 +441,7 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
         "image": str(image_path),
         "model": arch,
         "predicted": classes[predicted],
-        "probabilities": {c: float(p) for c, p in zip(classes, probabilities)},
+        "probabilities": {c: float(p) for c, p in zip(classes, probabilities, strict=True)},
         "layers": list(maps),
         "files": [str(f) for f in files],
         "gradcam": None,

@@ -14,9 +14,9 @@ import csv
 import glob
 import io
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,16 +60,19 @@ def model_threads(model, threads: int | None):
     return model.using_threads(threads)
 
 
-def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512) -> np.ndarray:
+def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
     """P(malignant) ``(N,)`` float32 for uint8 images ``(N, S, S, 3)``, preprocessing chunk by chunk.
 
-    Chunks keep the float32 copy small (a 224px float image is 600 KB).
+    Chunks keep the float32 copy small (a 224px float image is 600 KB); ``progress(n)`` after each.
     """
     mode = model_spec(model).preprocess
     out = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), chunk):
         probs = model.predict(preprocess(x[start : start + chunk], mode), batch_size=batch_size)
         out[start : start + chunk] = probs[:, 1]
+        if progress is not None:
+            progress(len(probs))
     return out
 
 
@@ -161,7 +164,7 @@ def predict_paths(
     Results come in input order. ``threads``: engine threads of a NumPy model
     (None: the model's setting, all available cores).
     """
-    from joblib import Parallel, delayed   # third-party, imported when used: it costs CLI start-up time
+    from joblib import Parallel, delayed  # third-party, imported when used: it costs CLI start-up time
 
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
@@ -185,7 +188,7 @@ def predict_paths(
                 x = np.stack([decoded[i][0] for i in good])
                 with model_threads(model, threads):
                     probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
-            by_index = dict(zip(good, probs))
+            by_index = dict(zip(good, probs, strict=True))
             for i, path in enumerate(part):
                 if i in by_index and not np.isfinite(by_index[i]):
                     yield Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -47,9 +46,9 @@ def _sizes(values) -> str:
 def bench(
     models: str = typer.Option(",".join(DEFAULT_MODELS), "--models",
                                help=f"Comma-separated models: {', '.join(list_models())}."),
-    model_file: Optional[List[str]] = typer.Option(
+    model_file: list[str] | None = typer.Option(
         None, "--model-file", help="NAME=PATH: measure this trained model file instead of a fresh build (repeatable)."),
-    split: Optional[Path] = typer.Option(
+    split: Path | None = typer.Option(
         None, "--split", help="Split directory for the test metrics of trained models (default: the split of the "
         "runs/latest model in use)."),
     fresh: bool = typer.Option(
@@ -57,30 +56,30 @@ def bench(
     full: bool = typer.Option(
         False, "--full", help="The report's settings: throughput at batch 1 and 32, Keras train step at batch 64, "
         "10 s per measurement (about 10 minutes on 2 cores); explicit options still win."),
-    image_size: Optional[int] = typer.Option(
+    image_size: int | None = typer.Option(
         None, "--image-size", help=f"Input size of freshly built models ({_default('image_size')}; the size of the "
         "runs/latest model when one is used)."),
-    batch_sizes: Optional[str] = typer.Option(
+    batch_sizes: str | None = typer.Option(
         None, "--batch-sizes", help=f"Comma-separated batch sizes for throughput ({_default('batch_sizes', _sizes)})."),
-    repeats: Optional[int] = typer.Option(
+    repeats: int | None = typer.Option(
         None, "--repeats", help=f"Most timed calls per measurement, after warm-up ({_default('repeats')})."),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="Threads per model: NumPy engine threads (one BLAS thread each) or TensorFlow "
                                 "intra-op threads (default: all available cores)."),
-    train_steps: Optional[int] = typer.Option(
+    train_steps: int | None = typer.Option(
         None, "--train-steps", help=f"Most timed training steps (0 skips the train step; {_default('train_steps')})."),
-    keras_train_batch: Optional[int] = typer.Option(
+    keras_train_batch: int | None = typer.Option(
         None, "--keras-train-batch",
         help=f"Batch size of the Keras train step ({_default('keras_train_batch_size')}, the report's fine-tuning "
         "batch; VGG16 takes ~46 s per step at 64 on 2 cores)."),
-    weights: Optional[str] = typer.Option(
+    weights: str | None = typer.Option(
         None, "--weights", help=f"Keras models built fresh: none or imagenet ({_default('weights')})."),
-    max_seconds: Optional[float] = typer.Option(
+    max_seconds: float | None = typer.Option(
         None, "--max-seconds", help="Cap on each measurement (latency, throughput, end-to-end, metrics, train step), "
         f"warm-up included; at least one timed call ({_default('max_seconds', lambda v: f'{v:g}')})."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write bench.json and bench.md into this directory."),
+    out: Path | None = typer.Option(None, "--out", help="Also write bench.json and bench.md into this directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite bench.json/bench.md in --out."),
 ) -> None:
     """Measure params, size, latency, throughput, train step and end-to-end time of each model.
@@ -198,7 +197,7 @@ class _Bars(harness.Progress):
         self.started: dict = {}   # model -> measurements started
         self.current = None       # (model, max calls, budget seconds)
 
-    def __enter__(self) -> "_Bars":
+    def __enter__(self) -> _Bars:
         self.progress.__enter__()
         return self
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -26,17 +25,24 @@ _LABELS = {
 
 
 def evaluate(
-    model: Optional[Path] = typer.Option(None, "--model", help="Model file or run directory (default: runs/latest). A k-fold run directory evaluates every fold."),
-    split: Optional[Path] = typer.Option(None, "--split", help=f"Split directory (default: the split the run was trained on (its config.json), else {DEFAULT_SPLIT_DIR})."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model file or run directory (default: runs/latest). A k-fold run directory evaluates "
+                              "every fold."),
+    split: Path | None = typer.Option(
+        None, "--split", help="Split directory (default: the split the run was trained on (its config.json), else "
+                              f"{DEFAULT_SPLIT_DIR})."),
     subset: str = typer.Option("test", "--subset", help="Subset to score: test (default), val or train."),
     threshold: float = typer.Option(0.5, "--threshold", help="Call an image malignant when P(malignant) >= this."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the model, replaced on re-evaluation)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the "
+                            "model, replaced on re-evaluation)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
     jobs: int = jobs_option("decoding images when the image cache must be built (processes)"),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
                                 "TensorFlow's own thread pools)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
 ) -> None:
     """Evaluate a model on a split's test subset.
 

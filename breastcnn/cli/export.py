@@ -28,10 +28,14 @@ TARGETS = ("keras", "numpy", "onnx")
 
 
 def export(
-    model: Path = typer.Option(..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
-    to: str = typer.Option(..., "--to", help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx (.npz -> .onnx)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, "
-                                                   "is written beside it), .npz for --to numpy, .onnx for --to onnx."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
+    to: str = typer.Option(
+        ..., "--to", help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx "
+                          "(.npz -> .onnx)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, is "
+                                 "written beside it), .npz for --to numpy, .onnx for --to onnx."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:

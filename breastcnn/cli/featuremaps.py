@@ -9,7 +9,6 @@ grid per conv layer, and with ``--gradcam`` ``gradcam.png``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -26,14 +25,14 @@ DEFAULT_OUT_ROOT = Path("featuremaps")
 
 def featuremaps(
     image: Path = typer.Argument(..., metavar="IMAGE", help="The image (PNG/JPEG/TIFF) to look at."),
-    model: Optional[Path] = typer.Option(
+    model: Path | None = typer.Option(
         None, "--model", help="Model file or run directory (default: the model of ./runs/latest)."),
-    layers: Optional[List[str]] = typer.Option(
+    layers: list[str] | None = typer.Option(
         None, "--layers", help="Conv layers to plot (repeat or comma-separate; default: every conv layer)."),
     gradcam: bool = typer.Option(False, "--gradcam", help="Also write the Grad-CAM overlay (gradcam.png)."),
     which_class: str = typer.Option(
         "predicted", "--class", help="Class Grad-CAM explains: malignant, benign or predicted."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Output directory (default: ./featuremaps/<image name>/)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
@@ -78,7 +77,7 @@ def print_summary(summary: dict) -> None:
     table.add_column("file")
     files = list(summary["files"])
     table.add_row("input", files[0])
-    for layer, file in zip(summary["layers"], files[1:]):
+    for layer, file in zip(summary["layers"], files[1:], strict=False):
         table.add_row(f"feature maps {layer}", file)
     if summary.get("gradcam"):
         g = summary["gradcam"]

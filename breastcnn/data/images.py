@@ -18,8 +18,9 @@ import os
 import re
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -251,7 +252,7 @@ def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk
         from joblib import Parallel, delayed
 
         results = Parallel(n_jobs=jobs, return_as="generator")(delayed(decode_many)(c, image_size) for c in chunks)
-    for c, part in zip(chunks, results):
+    for c, part in zip(chunks, results, strict=True):
         if progress:
             progress(len(c))
         yield part

@@ -270,12 +270,7 @@ def _check_declared(path: Path, declared: dict, expected: dict[str, tuple]) -> N
                 raise _refuse(path, f"{key} has shape {shape} dtype {spec['dtype']}, "
                                     f"the architecture needs {expected[key]} float32")
         elif key.startswith("optimizer."):
-            slot_of = next((p for p in expected if key.endswith("." + p)), None)
-            if slot_of is not None:
-                if shape != expected[slot_of]:
-                    raise _refuse(path, f"{key} has shape {shape}, its parameter {slot_of} has {expected[slot_of]}")
-            elif math.prod(shape) > MAX_SMALL_ARRAY:
-                raise _refuse(path, f"{key} declares {math.prod(shape):,} elements (at most {MAX_SMALL_ARRAY:,})")
+            _check_optimizer_entry(path, key, shape, expected)
         elif key.startswith("extra."):
             extra_elements += math.prod(shape)
             if extra_elements > MAX_SMALL_ARRAY:
@@ -284,12 +279,47 @@ def _check_declared(path: Path, declared: dict, expected: dict[str, tuple]) -> N
             raise _refuse(path, f"unexpected array {key}")
 
 
+def _check_optimizer_entry(path: Path, key: str, shape: tuple, expected: dict[str, tuple]) -> None:
+    """A parameter's slot (``m.layers.0.W``) has its parameter's shape; any other entry is small."""
+    slot_of = next((p for p in expected if key.endswith("." + p)), None)
+    if slot_of is not None:
+        if shape != expected[slot_of]:
+            raise _refuse(path, f"{key} has shape {shape}, its parameter {slot_of} has {expected[slot_of]}")
+    elif math.prod(shape) > MAX_SMALL_ARRAY:
+        raise _refuse(path, f"{key} declares {math.prod(shape):,} elements (at most {MAX_SMALL_ARRAY:,})")
+
+
 def _check_values(path: Path, key: str, arr: np.ndarray) -> None:
     """Weights must be finite; BatchNorm moving variances must not be negative."""
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise _refuse(path, f"{key} contains NaN or infinite values")
     if key.endswith(".moving_variance") and np.any(arr < 0):
         raise _refuse(path, f"{key} has negative values (a variance is >= 0; min {arr.min():.4g})")
+
+
+def _open_archive(path: Path) -> zipfile.ZipFile:
+    """The ``.npz`` as an open zip archive; a missing, special or non-zip file is refused by name."""
+    if not path.is_file():
+        if path.exists():
+            raise UserInputError(f"{path}: not a regular file (a device, pipe or socket is not a model file)")
+        raise UserInputError(f"model file {path} does not exist")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise _refuse(path, "not a breastcnn model file (expected an .npz zip archive)")
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise _refuse(path, f"unreadable model file ({type(exc).__name__}: {exc})") from None
+
+
+def _members(zf: zipfile.ZipFile, path: Path) -> dict[str, str]:
+    """``{array name: member name}``: only ``.npy`` members, no duplicates, a ``__config__`` among them."""
+    names = zf.namelist()
+    if len(names) != len(set(names)) or not all(n.endswith(".npy") for n in names):
+        raise _refuse(path, "not a breastcnn model file (unexpected or duplicate archive members)")
+    members = {n[: -len(".npy")]: n for n in names}
+    if "__config__" not in members:
+        raise _refuse(path, "missing or malformed __config__ entry; not a breastcnn model file")
+    return members
 
 
 def _load(path) -> tuple[NumpyClassifier, dict, dict]:
@@ -303,23 +333,8 @@ def _load(path) -> tuple[NumpyClassifier, dict, dict]:
     5. the model is built and the weights set.
     """
     path = Path(path)
-    if not path.is_file():
-        if path.exists():
-            raise UserInputError(f"{path}: not a regular file (a device, pipe or socket is not a model file)")
-        raise UserInputError(f"model file {path} does not exist")
-    try:
-        if not zipfile.is_zipfile(path):
-            raise _refuse(path, "not a breastcnn model file (expected an .npz zip archive)")
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise _refuse(path, f"unreadable model file ({type(exc).__name__}: {exc})") from None
-    with zf:
-        names = zf.namelist()
-        if len(names) != len(set(names)) or not all(n.endswith(".npy") for n in names):
-            raise _refuse(path, "not a breastcnn model file (unexpected or duplicate archive members)")
-        members = {n[: -len(".npy")]: n for n in names}
-        if "__config__" not in members:
-            raise _refuse(path, "missing or malformed __config__ entry; not a breastcnn model file")
+    with _open_archive(path) as zf:
+        members = _members(zf, path)
         shape, dtype = _member_header(zf, members["__config__"], path)
         if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_CONFIG_CHARS:
             raise _refuse(path, f"missing or malformed __config__ entry (shape {shape}, dtype {dtype}, at most "

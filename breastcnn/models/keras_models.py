@@ -7,9 +7,9 @@ time; :func:`require_keras` does, on first use, and turns its absence into a
 Models are plain functional ``keras.Model`` objects whose layers are flat (the
 ``keras.applications`` base is not nested), so every layer, including the
 Grad-CAM one, is reachable with ``model.get_layer(name)``. They are wrapped in
-:class:`KerasClassifier`, which implements the same classifier interface as the
-NumPy ``Sequential`` (``framework``, ``meta``, ``predict``, ``count_params``,
-``save``) so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
+:class:`KerasClassifier`, which satisfies the same ``Classifier`` protocol as the
+NumPy model (``framework``, ``meta``, ``spec``, ``predict``, ``count_params``)
+so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
 
 On disk a Keras model is ``model.keras`` (Keras v3 zip, without optimizer
 state) plus the sidecar ``model.keras.json`` next to it (classes,
@@ -100,8 +100,8 @@ def require_keras():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
         with _stderr_fd_captured() as captured:
-            import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
             import keras
+            import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
     except ImportError as exc:
         if os.environ.get("BREASTCNN_DEBUG", "") not in ("", "0"):
             sys.stderr.write(captured.getvalue())
@@ -531,7 +531,8 @@ def _pretrained(arch: str, app_fn, input_shape, num_classes, seed, weights, trai
     meta = {
         **spec.to_meta(),
         "seed": int(seed),
-        "weights": "none" if weights_file is None else ("imagenet" if str(weights).lower() == "imagenet" else str(weights)),
+        "weights": ("none" if weights_file is None
+                    else "imagenet" if str(weights).lower() == "imagenet" else str(weights)),
         "trainable_layers": int(trainable_layers),
         "base_layers": n_base,
         "dropout": float(dropout),

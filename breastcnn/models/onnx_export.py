@@ -67,7 +67,8 @@ def require_onnx(purpose: str = "ONNX export"):
     try:
         import onnx
     except ImportError as exc:
-        raise MissingDependencyError(f"{purpose} needs the onnx package: pip install 'breastcnn[onnx]' ({exc})") from None
+        raise MissingDependencyError(
+            f"{purpose} needs the onnx package: pip install 'breastcnn[onnx]' ({exc})") from None
     return onnx
 
 
@@ -150,54 +151,63 @@ def build_graph_nodes(graph: _Graph, model) -> tuple[str, bool]:
     layers = model.layers
     i = 0
     while i < len(layers):
-        layer, kind = layers[i], type(layers[i])
-        if kind is L.Conv2D:
+        layer = layers[i]
+        if type(layer) is L.Conv2D:
             bn = layers[i + 1] if i + 1 < len(layers) and type(layers[i + 1]) is L.BatchNorm else None
-            w = layer.params["W"].astype(np.float64)                       # (kh, kw, c_in, f)
-            b = layer.params["b"].astype(np.float64) if layer.use_bias else np.zeros(layer.filters)
-            name = layer.name
-            if bn is not None:
-                scale, shift = _bn_affine64(bn)
-                w, b, name = w * scale, b * scale + shift, f"{layer.name}+{bn.name}"
-            k, s = layer.kernel_size, layer.strides
-            x = graph.node("Conv", [x, graph.const(f"{name}.W", w.transpose(3, 2, 0, 1)),   # (f, c_in, kh, kw)
-                                    graph.const(f"{name}.b", b)], name,
-                           kernel_shape=[k, k], strides=[s, s], pads=_conv_pads(layer, layer.input_shape))
+            x = _conv_node(graph, x, layer, bn)
             i += 2 if bn is not None else 1
             continue
-        if kind is L.BatchNorm:
-            scale, shift = _bn_affine64(layer)
-            shape = (-1, 1, 1) if spatial else (-1,)
-            x = graph.node("Mul", [x, graph.const(f"{layer.name}.scale", scale.reshape(shape))], f"{layer.name}.mul")
-            x = graph.node("Add", [x, graph.const(f"{layer.name}.shift", shift.reshape(shape))], layer.name)
-        elif kind is L.ReLU:
-            x = graph.node("Relu", [x], layer.name)
-        elif kind is L.LeakyReLU:
-            x = graph.node("LeakyRelu", [x], layer.name, alpha=layer.negative_slope)
-        elif kind is L.MaxPool2D:
-            p, s = layer.pool_size, layer.strides
-            x = graph.node("MaxPool", [x], layer.name, kernel_shape=[p, p], strides=[s, s], pads=[0, 0, 0, 0])
-        elif kind is L.GlobalAveragePooling2D:
-            x = graph.node("GlobalAveragePool", [x], f"{layer.name}.pool")    # (N, C, 1, 1)
-            x = graph.node("Flatten", [x], layer.name, axis=1)
-            spatial = False
-        elif kind is L.Flatten:
-            if spatial:   # the engine flattens NHWC: back to NHWC first so Dense weights apply as they are
-                x = graph.node("Transpose", [x], f"{layer.name}.to_nhwc", perm=[0, 2, 3, 1])
-                x = graph.node("Flatten", [x], layer.name, axis=1)
-                spatial = False
-        elif kind is L.Dense:
-            inputs = [x, graph.const(f"{layer.name}.W", layer.params["W"])]
-            if layer.use_bias:
-                inputs.append(graph.const(f"{layer.name}.b", layer.params["b"]))
-            x = graph.node("Gemm", inputs, layer.name)
-        elif kind is L.Softmax:
-            x = graph.node("Softmax", [x], layer.name, axis=1 if spatial else -1)   # the channel axis
-        elif kind is L.Dropout:
-            pass   # identity at inference
-        else:  # pragma: no cover - check_exportable refuses these first
-            raise UserInputError(f"cannot export layer {layer.name!r} ({kind.__name__}) to ONNX")
+        x, spatial = _layer_nodes(graph, x, layer, spatial)
         i += 1
+    return x, spatial
+
+
+def _conv_node(graph: _Graph, x: str, layer, bn) -> str:
+    """One ``Conv`` for a Conv2D, with the BatchNorm ``bn`` after it (or None) folded in."""
+    w = layer.params["W"].astype(np.float64)                       # (kh, kw, c_in, f)
+    b = layer.params["b"].astype(np.float64) if layer.use_bias else np.zeros(layer.filters)
+    name = layer.name
+    if bn is not None:
+        scale, shift = _bn_affine64(bn)
+        w, b, name = w * scale, b * scale + shift, f"{layer.name}+{bn.name}"
+    k, s = layer.kernel_size, layer.strides
+    return graph.node("Conv", [x, graph.const(f"{name}.W", w.transpose(3, 2, 0, 1)),   # (f, c_in, kh, kw)
+                               graph.const(f"{name}.b", b)], name,
+                      kernel_shape=[k, k], strides=[s, s], pads=_conv_pads(layer, layer.input_shape))
+
+
+def _layer_nodes(graph: _Graph, x: str, layer, spatial: bool) -> tuple[str, bool]:
+    """The nodes of any other layer: ``(its output tensor, whether that is still NCHW)``."""
+    kind = type(layer)
+    if kind is L.BatchNorm:
+        scale, shift = _bn_affine64(layer)
+        shape = (-1, 1, 1) if spatial else (-1,)
+        x = graph.node("Mul", [x, graph.const(f"{layer.name}.scale", scale.reshape(shape))], f"{layer.name}.mul")
+        x = graph.node("Add", [x, graph.const(f"{layer.name}.shift", shift.reshape(shape))], layer.name)
+    elif kind is L.ReLU:
+        x = graph.node("Relu", [x], layer.name)
+    elif kind is L.LeakyReLU:
+        x = graph.node("LeakyRelu", [x], layer.name, alpha=layer.negative_slope)
+    elif kind is L.MaxPool2D:
+        p, s = layer.pool_size, layer.strides
+        x = graph.node("MaxPool", [x], layer.name, kernel_shape=[p, p], strides=[s, s], pads=[0, 0, 0, 0])
+    elif kind is L.GlobalAveragePooling2D:
+        x = graph.node("GlobalAveragePool", [x], f"{layer.name}.pool")    # (N, C, 1, 1)
+        x, spatial = graph.node("Flatten", [x], layer.name, axis=1), False
+    elif kind is L.Flatten:
+        if spatial:   # the engine flattens NHWC: back to NHWC first so Dense weights apply as they are
+            x = graph.node("Transpose", [x], f"{layer.name}.to_nhwc", perm=[0, 2, 3, 1])
+            x, spatial = graph.node("Flatten", [x], layer.name, axis=1), False
+    elif kind is L.Dense:
+        inputs = [x, graph.const(f"{layer.name}.W", layer.params["W"])]
+        if layer.use_bias:
+            inputs.append(graph.const(f"{layer.name}.b", layer.params["b"]))
+        x = graph.node("Gemm", inputs, layer.name)
+    elif kind is L.Softmax:
+        x = graph.node("Softmax", [x], layer.name, axis=1 if spatial else -1)   # the channel axis
+    elif kind is not L.Dropout:   # Dropout: the identity at inference
+        # pragma: no cover - check_exportable refuses these first
+        raise UserInputError(f"cannot export layer {layer.name!r} ({kind.__name__}) to ONNX")
     return x, spatial
 
 
@@ -265,7 +275,8 @@ def to_onnx(model, source: str | os.PathLike | None = None):
 
 
 def save_onnx(proto, path: str | os.PathLike) -> int:
-    """Write ``proto`` (a ModelProto or its serialized bytes) to ``path`` atomically (one protobuf, no pickle, no external data); returns its bytes."""
+    """Write ``proto`` (a ModelProto or its serialized bytes) to ``path`` atomically (one protobuf, no pickle,
+    no external data); returns its bytes."""
     data = proto if isinstance(proto, bytes) else proto.SerializeToString()
     with atomic_write(Path(path), "wb") as handle:
         handle.write(data)

@@ -201,7 +201,7 @@ class OnnxClassifier:
         return ModelSpec.from_meta(self.meta, framework="onnx", source=self.path, input_shape=self.input_shape,
                                    num_classes=self.output_shape[-1])
 
-    def set_threads(self, threads: int | None, inter_op_threads: int | None = None) -> "OnnxClassifier":
+    def set_threads(self, threads: int | None, inter_op_threads: int | None = None) -> OnnxClassifier:
         """(Re)create the session with ``threads`` intra-op threads (None: ONNX Runtime's default) and
         ``inter_op_threads`` (the graph runs sequentially, so these matter only to parallel execution)."""
         ort = require_onnxruntime()

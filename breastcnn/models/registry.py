@@ -10,7 +10,7 @@ Keras architectures derive from it: ``list_models(framework="keras")``.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from breastcnn.errors import UserInputError
 from breastcnn.models.spec import DEFAULT_INPUT_SHAPE, FRAMEWORKS
@@ -74,7 +74,10 @@ def create_model(name: str, input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 
     if int(num_classes) < 2:
         raise UserInputError(f"num_classes must be >= 2, got {num_classes}")
     model = _resolve(name)(input_shape=input_shape, num_classes=int(num_classes), seed=int(seed), **kwargs)
-    spec = getattr(model, "spec", None)   # a classifier of this package (a test factory may return anything)
+    try:
+        spec = getattr(model, "spec", None)   # a classifier of this package (a test factory may return anything)
+    except UserInputError as exc:
+        raise UserInputError(f"model {name!r} was built with bad metadata: {exc}") from None
     declared = _FRAMEWORKS[name]
     if spec is not None and declared is not None and spec.framework != declared:
         raise ValueError(f"model {name!r} is registered as a {declared} model but built a {spec.framework} one")

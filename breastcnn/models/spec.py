@@ -26,8 +26,9 @@ that, in one place, rather than on the framework's name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from breastcnn import CLASSES
 from breastcnn.data.images import PREPROCESS_MODES
@@ -122,7 +123,7 @@ class ModelSpec:
 
     @classmethod
     def from_meta(cls, meta: Mapping, framework: str, source: object = "the model",
-                  input_shape: tuple | None = None, num_classes: int | None = None) -> "ModelSpec":
+                  input_shape: tuple | None = None, num_classes: int | None = None) -> ModelSpec:
         """The spec of a ``framework`` model from its ``meta``, checked.
 
         ``input_shape`` (without batch) and ``num_classes`` are what the model itself says: a missing
@@ -218,5 +219,5 @@ def _stain(value, source) -> dict | None:
     return None if value is None else dict(value)
 
 
-__all__ = ["CAPABILITIES", "Capabilities", "DEFAULT_IMAGE_SIZE", "DEFAULT_INPUT_SHAPE", "DEFAULT_PREPROCESS", "DEFAULT_TASK",
-           "FRAMEWORKS", "ModelSpec", "REQUIRED_FIELDS", "TASKS", "default_classes"]
+__all__ = ["CAPABILITIES", "Capabilities", "DEFAULT_IMAGE_SIZE", "DEFAULT_INPUT_SHAPE", "DEFAULT_PREPROCESS",
+           "DEFAULT_TASK", "FRAMEWORKS", "ModelSpec", "REQUIRED_FIELDS", "TASKS", "default_classes"]
