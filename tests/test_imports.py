@@ -12,6 +12,7 @@ are not edges of this graph, and neither are the registry's
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,8 +145,6 @@ def test_known_exceptions_are_still_needed():
 ])
 def test_the_walker_sees_every_kind_of_import(tmp_path, monkeypatch, code, expected):
     """The graph counts function-local imports and package __init__ files, and skips type-only imports."""
-    import tests.test_imports as me
-
     root = tmp_path / "breastcnn"
     for sub in ("models", "nn", "data"):
         (root / sub).mkdir(parents=True)
@@ -154,8 +153,8 @@ def test_the_walker_sees_every_kind_of_import(tmp_path, monkeypatch, code, expec
     for module in ("models/io.py", "nn/layers.py", "data/split.py", "explain.py"):
         (root / module).write_text("")
     (root / "probe.py").write_text(code + "\n")
-    monkeypatch.setattr(me, "PACKAGE_DIR", root)
-    assert me.import_graph()["breastcnn.probe"] == expected
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE_DIR", root)
+    assert import_graph()["breastcnn.probe"] == expected
 
 
 def test_a_cycle_is_found():
