@@ -86,6 +86,59 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, out: np.ndarray | None 
     return out
 
 
+def im2col_pooled(x: np.ndarray, kh: int, kw: int, stride: int, pool: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Columns of the conv outputs a max pool (size = stride = ``pool``) reads, grouped by pool offset.
+
+    x: (N, H, W, C) -> (pool*pool, N*Hp*Wp, kh*kw*C) with Hp = Ho // pool, Wp = Wo // pool (Ho, Wo: the
+    valid conv's output size): block ``q = py*pool + px`` holds the windows of conv outputs
+    ``(pool*i + py, pool*j + px)``, rows in (n, i, j) order, columns as :func:`im2col`. A GEMM then gives
+    each pool offset as a contiguous block, and the pool is ``pool*pool - 1`` element-wise maxima. One copy
+    from a strided view of ``x`` (C-contiguous) with (kw*C)-long runs, like :func:`im2col`.
+    """
+    n, h, w, c = x.shape
+    p = pool
+    hp, wp = ((h - kh) // stride + 1) // p, ((w - kw) // stride + 1) // p
+    if out is None:
+        out = np.empty((p * p, n * hp * wp, kh * kw * c), dtype=x.dtype)
+    x = np.ascontiguousarray(x)
+    sn, sh, sw, sc = x.strides
+    shape = (p, p, n, hp, wp, kh, kw * c)
+    strides = (stride * sh, stride * sw, sn, stride * p * sh, stride * p * sw, sh, sc)
+    np.copyto(np.reshape(out, shape, copy=False), np.ndarray(shape, x.dtype, x, 0, strides))
+    return out
+
+
+def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Valid convolution without a columns matrix, for ``stride >= kw`` (windows side by side in a row).
+
+    x: (N, H, W, C), kernel: (kh, kw, C, F) -> (N, Ho, Wo, F). With stride >= kw, the windows' kernel
+    rows ``dy`` form a strided (N, Ho, Wo, kw*C) view of ``x`` whose (Wo, kw*C) slices BLAS reads in
+    place (row step ``stride*C >= kw*C``): the conv is ``kh`` GEMMs on those views, summed, and the
+    im2col copy (``kh*Ho*Wo`` runs of only ``kw*C`` floats: the first layer's largest cost) is gone.
+    ``out``: optional contiguous (N, Ho, Wo, F) array to write.
+    """
+    n, h, w, c = x.shape
+    kh, kw, _, f = kernel.shape
+    if stride < kw:
+        raise ValueError(f"conv_rows needs stride >= kernel width, got stride {stride} and kernel {kw}")
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    if out is None:
+        out = np.empty((n, ho, wo, f), dtype=np.result_type(x.dtype, kernel.dtype))
+    x = np.ascontiguousarray(x)   # a no-op for the engine's arrays; BLAS needs unit-stride kernel rows
+    sn, sh, sw, sc = x.strides
+    shape, strides = (n, ho, wo, kw * c), (sn, sh * stride, sw * stride, sc)
+    part = None
+    for dy in range(kh):
+        rows = np.ndarray(shape, x.dtype, x, dy * sh, strides)   # a view straight on the buffer
+        w_dy = kernel[dy].reshape(kw * c, f)
+        if dy == 0:
+            np.matmul(rows, w_dy, out=out)
+        else:
+            part = np.matmul(rows, w_dy, out=part)
+            out += part
+    return out
+
+
 def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int) -> np.ndarray:
     """Adjoint of :func:`im2col`: scatter-add columns back to an image.
 
