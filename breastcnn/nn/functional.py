@@ -108,20 +108,25 @@ def im2col_pooled(x: np.ndarray, kh: int, kw: int, stride: int, pool: int, out: 
     return out
 
 
-def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | None = None) -> np.ndarray:
+def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | None = None,
+              size: tuple[int, int] | None = None) -> np.ndarray:
     """Valid convolution without a columns matrix, for ``stride >= kw`` (windows side by side in a row).
 
     x: (N, H, W, C), kernel: (kh, kw, C, F) -> (N, Ho, Wo, F). With stride >= kw, the windows' kernel
     rows ``dy`` form a strided (N, Ho, Wo, kw*C) view of ``x`` whose (Wo, kw*C) slices BLAS reads in
     place (row step ``stride*C >= kw*C``): the conv is ``kh`` GEMMs on those views, summed, and the
     im2col copy (``kh*Ho*Wo`` runs of only ``kw*C`` floats: the first layer's largest cost) is gone.
-    ``out``: optional contiguous (N, Ho, Wo, F) array to write.
+    ``out``: optional contiguous (N, Ho, Wo, F) array to write. ``size`` (Ho, Wo): compute only the first
+    Ho x Wo outputs (default: all; ``predict`` skips those no later layer reads).
     """
     n, h, w, c = x.shape
     kh, kw, _, f = kernel.shape
     if stride < kw:
         raise ValueError(f"conv_rows needs stride >= kernel width, got stride {stride} and kernel {kw}")
-    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    full = (h - kh) // stride + 1, (w - kw) // stride + 1
+    ho, wo = full if size is None else size
+    if not (0 < ho <= full[0] and 0 < wo <= full[1]):
+        raise ValueError(f"conv_rows: {ho}x{wo} outputs asked, the input gives {full[0]}x{full[1]}")
     if out is None:
         out = np.empty((n, ho, wo, f), dtype=np.result_type(x.dtype, kernel.dtype))
     x = np.ascontiguousarray(x)   # a no-op for the engine's arrays; BLAS needs unit-stride kernel rows
@@ -136,6 +141,30 @@ def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | 
         else:
             part = np.matmul(rows, w_dy, out=part)
             out += part
+    return out
+
+
+#: the largest M*N*K of one GEMM call in :func:`matmul_rows`. OpenBLAS (0.3.31, AVX-512 kernels) runs
+#: products up to M*N*K = 1e6 with its small-matrix kernel (no packing), which is 15-35% faster per row
+#: than its packed path on the engine's shapes (measured: benchmarks/README.md); other BLAS libraries
+#: just make a few more calls.
+GEMM_MNK = 1_000_000
+
+
+def matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` for a (M, K) and b (K, N), in near-equal blocks of rows of at most ``GEMM_MNK / (K*N)``.
+
+    ``out``: optional (M, N) array to write (each block written in place)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = np.empty((m, n), np.result_type(a.dtype, b.dtype))
+    parts = -(-m * k * n // GEMM_MNK)
+    if parts <= 1:
+        return np.matmul(a, b, out=out)
+    bounds = [m * i // parts for i in range(parts + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        np.matmul(a[lo:hi], b, out=out[lo:hi])
     return out
 
 

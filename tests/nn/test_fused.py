@@ -169,10 +169,10 @@ def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
     folded = []
     orig = inference.fold_batchnorm
     monkeypatch.setattr(inference, "fold_batchnorm",
-                        lambda conv, bn, dtype: (folded.append((conv.name, bn.name)), orig(conv, bn, dtype))[1])
+                        lambda conv, bn: (folded.append((conv.name, bn.name)), orig(conv, bn))[1])
     assert [repr(op) for op in m.predict_plan().ops] == [
-        "ConvOp(conv2d_1, batch_norm_1, relu_1)", "ConvOp(conv2d_2, batch_norm_2)", "StepOp(Single(flatten_1))",
-        "DenseOp(dense_1)", "StepOp(Single(softmax_1))"]
+        "ConvOp(conv2d_1, batch_norm_1, relu_1)", "ConvOp(conv2d_2, batch_norm_2)", "DenseOp(flatten_1, dense_1)",
+        "LayerOp(softmax_1)"]
     expected = m.forward(x, training=False)           # cached forward: the separate layers
     assert folded == []
     got = m.predict(x, batch_size=2)
