@@ -272,9 +272,11 @@ def compile_ops(steps: list[Step]) -> list[Op]:
     return ops
 
 
-#: working set per chunk of images in the depth-first part (the first conv's input, columns and output of
-#: a 224x224 image are ~1.1 MB: one image per chunk, which stays in a 1-2 MB L2 cache)
+#: working set per chunk of images in the depth-first part (the first conv's input and output of a 224x224
+#: image are ~1 MB: one image per chunk, which stays in a 1-2 MB L2 cache)
 _CHUNK_BYTES = 1 << 20
+#: a batch that fits one chunk is still cut in two (one part per engine thread) from this working set on
+_SPLIT_BYTES = 1 << 18
 
 
 class PredictPlan:
@@ -341,7 +343,7 @@ class PredictPlan:
         n = x.shape[0]
         size = self.chunk
         if n <= size:
-            if n < 2 or n * self.per_image < _CHUNK_BYTES:
+            if n < 2 or n * self.per_image < _SPLIT_BYTES:
                 return chunk(0, n)
             size = -(-n // 2)   # a batch that fits one chunk but is not tiny: two, one per engine thread
         out = np.empty((n, *ops[-1].output_shape), x.dtype)
