@@ -198,7 +198,7 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
 
     grad_out: (N, Ho, Wo, C_out), kernel: (kh, kw, C_in, C_out) -> (N, H, W, C_in).
     Still one loop over the kh*kw kernel offsets, but organised for memory
-    speed: one batched GEMM gives each offset's contribution as a contiguous
+    speed: one GEMM per offset gives its contribution as a contiguous
     (N, Ho, Wo, C_in) block, and the blocks are added into ``stride**2``
     contiguous "phase planes" (pixels with the same (row % stride, col % stride)),
     so every slice add runs over whole rows (Wo*C_in floats) instead of
@@ -209,8 +209,11 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
     _, h, w, _ = x_shape
     s = stride
     g = grad_out.reshape(-1, cout)
-    # (kh*kw, Cout, Cin): per-offset transposed kernels; matmul -> (kh*kw, M, Cin), one BLAS call per offset
-    blocks = np.matmul(g, kernel.reshape(kh * kw, cin, cout).transpose(0, 2, 1))
+    # (kh*kw, Cout, Cin): per-offset transposed kernels; -> (kh*kw, M, Cin), one GEMM (in row blocks) per offset
+    kernel_t = np.ascontiguousarray(kernel.reshape(kh * kw, cin, cout).transpose(0, 2, 1))
+    blocks = np.empty((kh * kw, g.shape[0], cin), np.result_type(g.dtype, kernel.dtype))
+    for offset in range(kh * kw):
+        matmul_rows(g, kernel_t[offset], out=blocks[offset])
     hp = (kh - 1) // s + ho        # plane size: enough for the furthest offset
     wp = (kw - 1) // s + wo
     planes = {}

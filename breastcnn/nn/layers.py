@@ -226,7 +226,7 @@ class Conv2D(Layer):
                 before(a, b)
             rows = out[a:b].reshape(-1, self.filters)
             cols = F.im2col(x[a:b], k, k, s, out=None if all_cols is None else all_cols[a * pixels : b * pixels])
-            np.matmul(cols, w_mat, out=rows)
+            F.matmul_rows(cols, w_mat, out=rows)
             images = out[a:b].reshape(-1, per * self.filters)
             if bias is not None:
                 images += bias
