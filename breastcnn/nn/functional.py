@@ -144,10 +144,10 @@ def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | 
     return out
 
 
-#: the largest M*N*K of one GEMM call in :func:`matmul_rows`. OpenBLAS (0.3.31, AVX-512 kernels) runs
-#: products up to M*N*K = 1e6 with its small-matrix kernel (no packing), which is 15-35% faster per row
-#: than its packed path on the engine's shapes (measured: benchmarks/README.md); other BLAS libraries
-#: just make a few more calls.
+#: the largest M*N*K of one GEMM call in :func:`matmul_rows`. OpenBLAS (0.3.x, AVX-512 kernels) runs
+#: products up to M*N*K = 1e6 with its small-matrix kernel (no packing), faster per row than its packed
+#: path on the engine's shapes (figures: README, "Measured figures"); other BLAS libraries just make a
+#: few more calls.
 GEMM_MNK = 1_000_000
 
 

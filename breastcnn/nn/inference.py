@@ -6,18 +6,21 @@ batch statistics or chunk hooks, so it gets its own plan, compiled from the same
 - :class:`ConvOp`: Conv2D (+ BatchNorm folded into its weights) (+ ReLU) (+ a MaxPool2D with pool ==
   stride after them). Stride >= kernel width (the custom model's first conv): ``F.conv_rows``, one GEMM
   per kernel row on strided views of the input, no im2col copy. Otherwise im2col + one GEMM; with a pool,
-  the columns are grouped by pool offset (``F.im2col_pooled``), so the GEMM gives
-  the ``p*p`` offsets as contiguous blocks, the pool is ``p*p - 1`` maxima over them, and only the conv
-  outputs the pool reads are computed. Bias and ReLU come last, on the (pooled) output, in place:
-  ``max_i(a_i) + b = max_i(a_i + b)`` and ReLU commutes with max, exactly in floating point too.
+  the columns are grouped by pool offset (``F.im2col_pooled``), so the GEMM gives the ``p*p`` offsets as
+  contiguous blocks, the pool is ``p*p - 1`` maxima over them, and only the conv outputs the pool reads
+  are computed. Bias and ReLU come last, on the (pooled) output, in place: ``max_i(a_i) + b =
+  max_i(a_i + b)`` and ReLU commutes with max, exactly in floating point too. Before a valid conv, an op
+  computes only the outputs that conv reads (:meth:`ConvOp.crop`) and leaves its bias to it
+  (``hands_bias``: ReLU as ``max(y, -b)``, and the next conv adds ``sum(W * b)`` to its bias: without
+  padding, a constant shift of its input is a constant shift of its output).
 - :class:`DenseOp`: (Flatten +) Dense (+ ReLU in place).
 - :class:`LayerOp`: any other single layer (its cache-free forward); :class:`StepOp`: any other step
   (a BatchNorm + ReLU), as in a cache-free forward pass.
 
 The weights an op derives (BatchNorm folded in float64, kernels reshaped, bias tiled over an image) are
 prepared once and kept with a byte copy of the arrays they came from (:meth:`PredictPlan.prepare`): every
-``predict`` compares those bytes (~5 us for the custom model) and prepares again on any difference, so a
-training step, ``set_weights``, ``astype``, a load or an in-place write into a parameter are all seen.
+``predict`` compares those bytes and prepares again on any difference, so a training step,
+``set_weights``, ``astype``, a replaced array or an in-place write into a parameter are all seen.
 
 The ops on images (rank-3 samples: convs, pools, BatchNorm on feature maps) run depth first on chunks of
 images (:func:`~breastcnn.nn.parallel.map_chunks`, one engine thread per chunk: a chunk's feature maps stay
