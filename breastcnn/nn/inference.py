@@ -106,12 +106,14 @@ class ConvOp(Op):
         #: whether the op leaves its bias to the next conv (set by PredictPlan when a valid conv follows)
         self.hands_bias = False
 
-    def reads(self) -> tuple[int, int] | None:
-        """(rows, columns) of its input the op reads (valid padding), None: all of it."""
-        if self.conv.padding != "valid":
-            return None
+    def extent(self) -> tuple[int, int]:
+        """(rows, columns) of its (padded) input that the conv outputs in ``size`` read."""
         k, s = self.conv.kernel_size, self.conv.strides
         return (self.size[0] - 1) * s + k, (self.size[1] - 1) * s + k
+
+    def reads(self) -> tuple[int, int] | None:
+        """(rows, columns) of its input the op reads (valid padding), None: all of it ("same" padding)."""
+        return self.extent() if self.conv.padding == "valid" else None
 
     def crop(self, rows: int, cols: int) -> None:
         """Compute only the first ``rows`` x ``cols`` outputs (after the pool, if any): what the next op reads."""
@@ -158,9 +160,8 @@ class ConvOp(Op):
         if self.rows:
             out = F.conv_rows(x, kernel, s, size=self.size)
         else:
-            reads = self.reads()
-            if reads is not None:
-                x = x[:, : reads[0], : reads[1]]
+            rows, cols = self.extent()
+            x = x[:, :rows, :cols]   # the whole input, unless a later conv reads only part of the output
             if self.pool is None:
                 out = np.empty((n, *self.output_shape), kernel.dtype)
                 F.matmul_rows(F.im2col(x, k, k, s), kernel, out=out.reshape(-1, conv.filters))

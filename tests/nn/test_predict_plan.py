@@ -144,6 +144,10 @@ MODELS = {
                             Conv2D(5, 3, padding="same", use_bias=False), ReLU(), BatchNorm(), ReLU(),
                             MaxPool2D(3, strides=2), Conv2D(6, 3), GlobalAveragePooling2D(), Dense(4), BatchNorm(),
                             ReLU(), Dense(2), Softmax()], (17, 16, 3)),
+    # "same"-padded convs whose outputs the next valid conv reads only in part (im2col and conv_rows paths)
+    "same-cropped": (lambda: [Conv2D(4, 3, strides=2, padding="same"), ReLU(), Conv2D(5, 3, strides=2), ReLU(),
+                              Conv2D(5, 2, strides=2, padding="same"), BatchNorm(), ReLU(), Conv2D(3, 2, strides=2),
+                              Conv2D(2, 1), Flatten(), Dense(2)], (28, 27, 3)),
     # a conv straight into a pool, then a conv whose input is cropped by the next conv
     "pool-first": (lambda: [Conv2D(3, 2, strides=3), MaxPool2D(2), Conv2D(4, 3, strides=2), ReLU(),
                             Conv2D(2, 2, strides=2), ReLU(), Flatten(), Dense(2)], (47, 50, 2)),
@@ -168,6 +172,19 @@ def test_predict_equals_the_layers_inference_forward(name, dtype):
     unfused = _moving_stats(Sequential(layers(), input_shape=shape, seed=0)).astype(dtype)
     unfused.fuse = False   # no plan: every layer's own cache-free forward
     np.testing.assert_allclose(unfused.predict(x, batch_size=2), got, rtol=1e-4, atol=1e-6)
+
+
+def test_crops_and_bias_hand_over_follow_the_padding():
+    layers, shape = MODELS["same-cropped"]
+    plan = Sequential(layers(), input_shape=shape, seed=0).predict_plan()
+    c1, c2, c3, c4, c5 = plan.ops[:5]
+    assert [op.rows for op in plan.ops[:5]] == [False, False, True, True, True]
+    # computed / full conv outputs: the valid 3x3/2 conv reads 13x13 of the "same" conv's 14x14, the valid
+    # 2x2/2 conv 2x2 of the "same" 2x2/2 conv's 3x3
+    assert [(op.size, op.conv.output_shape[:2]) for op in plan.ops[:5]] == [
+        ((13, 13), (14, 14)), ((6, 6), (6, 6)), ((2, 2), (3, 3)), ((1, 1), (1, 1)), ((1, 1), (1, 1))]
+    # a conv hands its bias over only to a valid conv (a "same" conv's padding zeros would not be shifted)
+    assert [op.hands_bias for op in plan.ops[:5]] == [True, False, True, True, False]
 
 
 @pytest.mark.parametrize("arch", ["custom", "custom-k4"])
