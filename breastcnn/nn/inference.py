@@ -75,8 +75,8 @@ class Op:
     def prepare(self, dtype, shift=None):
         """``(derived weights for run or None, shift of the output or None)``.
 
-        shift: a per-channel constant (float64) that the op before left out of this op's input (its bias,
-        see :class:`ConvOp`); only a ConvOp, whose ``takes_shift`` is set, is given one."""
+        shift: a per-channel constant (float64) that the op before left out of this op's input (its bias:
+        only a ConvOp after a ConvOp with ``hands_bias`` set is given one)."""
         return None, None
 
     def run(self, x: np.ndarray, prepared) -> np.ndarray:
