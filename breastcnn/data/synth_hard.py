@@ -169,14 +169,15 @@ class Canvas:
         """White space still wanted, in full-resolution px (negative when over). Measured when
         ``exact`` or when the estimate (measured + nominal areas drawn since) is near the target."""
         room = (self.white_target * LO * LO) - self._white_est
-        if exact or room < 0.15 * self.white_target * LO * LO:
+        if exact or room < 0.3 * self.white_target * LO * LO:
             self._white_est = float(np.count_nonzero(self.whitespace()) * LO * LO)
             room = self.white_target * LO * LO - self._white_est
         return room
 
     def added_white(self, area: float) -> None:
-        """Count ``area`` px of white space just drawn (nominal: overlaps make the real gain smaller)."""
-        self._white_est += max(0.0, area)
+        """Count ``area`` px of white space just drawn: its nominal area + 30% (small shapes rasterise
+        larger than nominal; overlaps make the real gain smaller), so the estimate stays an upper bound."""
+        self._white_est += 1.3 * max(0.0, area)
 
     def nuclear_room(self, cap: float = 1.0) -> float:
         """Nuclear area still allowed under ``cap`` x the target, full-resolution px."""
@@ -633,10 +634,11 @@ def _grow(cv: Canvas, key: str, room: float, r0: tuple[float, float], r_max: tup
         spaces.append([star, 0.0, rng.uniform(*r_max) * s, 0])
     space = spaces[-1]
     star, radius, limit = space[0], space[1], space[2]
+    fill = np.sqrt(radius * radius + room / (np.pi * np.mean(star.unit ** 2)))  # the radius that uses up the room
     if radius == 0.0:
-        new = min(rng.uniform(*r0) * s, limit)
+        new = min(rng.uniform(*r0) * s, limit, max(6.0 * s, fill))
     else:
-        new = min(limit, radius + max(2.0 * s, room / (2 * np.pi * radius)))
+        new = min(limit, max(radius + 2.0 * s, fill))
     space[1] = new
     cv.polygon("white", star.outline(new))
     return star.area(new) - star.area(radius)
@@ -661,7 +663,7 @@ class _Mucinous(_Layout):
 
 
 class _Papillary(_Layout):
-    stromal_share = 0.2
+    stromal_share = 0.3
     lined = False
 
     def white(self, cv, room, cap):
@@ -671,7 +673,7 @@ class _Papillary(_Layout):
         cysts = cv.state.get("cysts")
         if not cysts:
             return False
-        free = [c for c in cysts if c[3] < max(2, int(2 * np.pi * c[1] / (45 * cv.s)))]
+        free = [c for c in cysts if c[3] < max(2, int(2 * np.pi * c[1] / (70 * cv.s)))]
         if not free:
             return False
         self._frond(cv, free[cv.rng.integers(len(free))], cap)
@@ -689,21 +691,21 @@ class _Papillary(_Layout):
         wall = star.outline(radius)
         x0, y0 = wall[int(round(heading / (2 * np.pi) * len(wall))) % len(wall)]
         inward = np.arctan2(star.cy - y0, star.cx - x0)
-        trunk, d = _path(rng, x0, y0, inward + rng.normal(0, 0.25), radius * rng.uniform(0.45, 0.75), 6 * s, 0.1)
+        trunk, d = _path(rng, x0, y0, inward + rng.normal(0, 0.2), radius * rng.uniform(0.6, 0.9), 6 * s, 0.08)
         stalks = [trunk]
-        for _ in range(int(rng.integers(1, 4))):
-            at = int(rng.integers(1, len(trunk)))
-            h = np.arctan2(d[at - 1, 1], d[at - 1, 0]) + rng.choice((-1, 1)) * rng.uniform(0.7, 1.3)
-            branch, _ = _path(rng, trunk[at, 0], trunk[at, 1], h, radius * rng.uniform(0.15, 0.35), 6 * s, 0.12)
+        for _ in range(int(rng.integers(2, 5))):  # side branches from the trunk's inner part
+            at = int(rng.integers(len(trunk) // 4 + 1, len(trunk)))
+            h = np.arctan2(d[at - 1, 1], d[at - 1, 0]) + rng.choice((-1, 1)) * rng.uniform(0.7, 1.2)
+            branch, _ = _path(rng, trunk[at, 0], trunk[at, 1], h, radius * rng.uniform(0.25, 0.45), 6 * s, 0.1)
             stalks.append(branch)
         size = 0.8
         rn = _NUCLEUS["columnar"][0] * s * size
-        core = rng.uniform(5, 8) * s
+        core = rng.uniform(8, 13) * s
         for stalk in stalks:
-            cv.band("cyto", stalk, core + 4.4 * rn)
+            cv.band("cyto", stalk, core + 4.0 * rn)
         for stalk in stalks:
-            xy, tan, nor = _resample(stalk, 1.25 * rn)
-            off = core / 2 + 1.1 * rn + np.abs(rng.normal(0, 0.4 * rn, (len(xy), 1)))  # stratified, crowded
+            xy, tan, nor = _resample(stalk, 1.3 * rn)
+            off = core / 2 + 1.0 * rn + np.abs(rng.normal(0, 0.3 * rn, (len(xy), 1)))  # crowded, a little stratified
             ang = np.arctan2(nor[:, 1], nor[:, 0])
             both = np.concatenate([xy + off * nor, xy - off * nor])
             cv.nuclei("columnar", both[:, 0], both[:, 1], angle=np.concatenate([ang, ang]), cap=cap, size=size)
@@ -723,7 +725,7 @@ def _lay_out(cv: Canvas, code: str) -> None:
     layout = _LAYOUTS[code]
     cv.state["fibre_angle"] = float(cv.rng.uniform(0, np.pi))
     layout.setup(cv)
-    tol = 0.003 * AREA
+    tol = 0.002 * AREA
     cap = 1.0 - layout.stromal_share
     primary, cells = True, True
     before, since = cv.nuclear_px(), 0
