@@ -120,12 +120,12 @@ def patient_scanner(seed: int, patient_index: int) -> Scanner:
 # kind -> radius at 200X (px), log-sd of radius, elongation range, outline irregularity, log-sd of
 # darkness, share of vesicular nuclei (pale centre, dark rim), share with a nucleolus
 _NUCLEUS = {
-    "epithelial": (3.7, 0.07, (1.0, 1.25), 0.03, 0.07, 0.0, 0.0),
+    "epithelial": (3.4, 0.07, (1.0, 1.25), 0.03, 0.07, 0.0, 0.0),
     "myo": (3.0, 0.10, (2.2, 3.0), 0.03, 0.07, 0.0, 0.0),
-    "stromal": (3.0, 0.12, (2.0, 3.2), 0.04, 0.08, 0.0, 0.0),
-    "tumour": (7.6, 0.26, (1.0, 1.5), 0.20, 0.32, 0.35, 0.5),
-    "lobular": (6.2, 0.18, (1.0, 1.3), 0.14, 0.25, 0.1, 0.35),
-    "columnar": (6.4, 0.22, (1.6, 2.3), 0.16, 0.30, 0.2, 0.45),
+    "stromal": (2.8, 0.12, (2.0, 3.2), 0.04, 0.08, 0.0, 0.0),
+    "tumour": (8.5, 0.26, (1.0, 1.5), 0.20, 0.32, 0.35, 0.5),
+    "lobular": (7.0, 0.18, (1.0, 1.3), 0.14, 0.25, 0.1, 0.35),
+    "columnar": (7.0, 0.22, (1.6, 2.3), 0.16, 0.30, 0.2, 0.45),
 }
 _NV = 12  # polygon vertices per nucleus
 _T = np.linspace(0.0, 2.0 * np.pi, _NV, endpoint=False)
