@@ -244,7 +244,7 @@ class StainProfile:
 
 STAIN_PROFILES = {
     "default": StainProfile("default", tuple(float(v) for v in _HEMATOXYLIN), tuple(float(v) for v in _EOSIN),
-                            1.0, 1.0, "purple-blue nuclei, pink stroma (the look of every earlier synth tree)"),
+                            1.0, 1.0, "purple-blue nuclei, pink stroma: the look of every earlier synth tree"),
     "shifted": StainProfile("shifted", (0.85, 0.62, 0.22), (0.03, 0.95, 0.70), 0.8, 1.3,
                             "another lab: paler, bluer haematoxylin; stronger, orange-red eosin"),
 }
