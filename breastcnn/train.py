@@ -659,7 +659,8 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     data = _load_data(split, config, hooks)
-    meta_extra = {"split_hash": split_hash, "seed": config.seed}
+    meta_extra = {"split_hash": split_hash, "seed": config.seed,
+                  "magnification": (split.info or {}).get("magnification")}  # read by `breastcnn slide`
     if resume and (run_dir / CHECKPOINT_NAME).is_file():
         model, optimizer, resume_state = _restore(run_dir, config)
     elif base_model is not None:

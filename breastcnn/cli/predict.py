@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ def predict(
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
     jobs: int = typer.Option(1, "--jobs", help="Parallel image decoding threads (-1 = all cores)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+                                            help="dask.distributed scheduler address (tcp://host:8786): classify "
+                                            "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER)."),
 ) -> None:
     """Classify images with a trained model.
 
@@ -33,6 +37,7 @@ def predict(
     still classified, and the exit code is 1 at the end (2 for bad options or
     a missing model).
     """
+    from breastcnn.cluster import connect, predict_paths_distributed, scheduler_address
     from breastcnn.inference import collect_images, predict_paths
     from breastcnn.models import load_model
     from breastcnn.runs import resolve_model_path
@@ -45,7 +50,8 @@ def predict(
         raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     if jobs == 0 or jobs < -1:
         raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
-    classifier = load_model(resolve_model_path(model))
+    model_path = resolve_model_path(model)
+    classifier = load_model(model_path)
     paths, problems = collect_images(images)
     errors = 0
     for problem in problems:
@@ -57,10 +63,19 @@ def predict(
     if csv_output:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["path", "label", "probability"])
-    with make_progress(json_output or csv_output) as progress:
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(make_progress(json_output or csv_output))
         task = progress.add_task("classifying", total=len(paths))
-        for result in predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
-                                    progress=lambda k: progress.advance(task, k)):
+        advance = lambda k: progress.advance(task, k)  # noqa: E731
+        address = scheduler_address(scheduler)
+        if address:  # the same batches on a dask cluster (breastcnn.cluster)
+            executor = stack.enter_context(connect(address))
+            results = predict_paths_distributed(executor, classifier, model_path, paths, threshold=threshold,
+                                                batch_size=batch_size, progress=advance)
+        else:
+            results = predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
+                                    progress=advance)
+        for result in results:
             if result.error is not None:
                 _error_line(result.error)
                 errors += 1
