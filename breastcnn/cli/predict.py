@@ -70,12 +70,12 @@ def predict(
         address = scheduler_address(scheduler)
         if address:  # the same batches on a dask cluster (breastcnn.cluster)
             executor = stack.enter_context(connect(address))
-            results = predict_paths_distributed(executor, classifier, model_path, paths, threshold=threshold,
+            stream = predict_paths_distributed(executor, classifier, model_path, paths, threshold=threshold,
                                                 batch_size=batch_size, progress=advance)
         else:
-            results = predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
+            stream = predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
                                     progress=advance)
-        for result in results:
+        for result in stream:
             if result.error is not None:
                 _error_line(result.error)
                 errors += 1
