@@ -125,6 +125,6 @@ def _print_table(summaries: list[dict]) -> None:
     for s in summaries:
         fraction = "-" if s["malignant_fraction"] is None else f"{s['malignant_fraction']:.1%}"
         top = "-" if s["max_probability"] is None else f"{s['max_probability']:.4f}"
-        table.add_row(escape(s["slide"]), str(s["level"]), str(s["tiles"]), str(s["tissue_tiles"]), fraction, top,
+        table.add_row(escape(Path(s["slide"]).name), str(s["level"]), str(s["tiles"]), str(s["tissue_tiles"]), fraction, top,
                       f"{s['seconds']:.1f}", escape(s["out"]))
     stdout().print(table)
