@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ def resolve_model(source):
                     Path(folder, name).write_bytes(data)
                 model = load_model(Path(folder, source.name))
                 MODEL_LOADS[source.digest] += 1
+            except BreastCNNError as exc:  # e.g. the worker lacks the [onnx] or [keras] extra
+                raise type(exc)(f"on worker {socket.gethostname()}, loading {source.name}: {exc}") from None
             finally:
                 shutil.rmtree(folder, ignore_errors=True)  # the folder and files we just wrote
             _MODELS[source.digest] = model
@@ -147,7 +150,11 @@ def resolve_reader(source):
         return source
     key = source.path
     with _CACHE_LOCK:
-        stat = os.stat(key)
+        try:
+            stat = os.stat(key)
+        except OSError as exc:
+            raise UserInputError(f"{key}: worker {socket.gethostname()} cannot read it ({exc.strerror}); "
+                                 "workers open slides at the client's path: use a shared filesystem") from None
         key = f"{key}\0{stat.st_mtime_ns}\0{stat.st_size}"
         reader = _READERS.get(key)
         if reader is None:

@@ -92,6 +92,7 @@ def test_predict_reads_the_scheduler_from_the_environment(cluster, images, tile_
     assert cluster_module.scheduler_address(None) is None or os.environ.get(cluster_module.SCHEDULER_ENV)
 
 
+@pytest.mark.slow  # two slides twice: ~8 s on a quiet 2-core machine, 17 s on a loaded one
 def test_slide_on_the_cluster_equals_the_local_run(cluster, pyramid_tiff, cmu_slide, tile_model, tmp_path):
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"II*\x00" + b"\x00" * 32)
@@ -150,3 +151,33 @@ def test_without_scheduler_dask_is_never_imported(tile_model, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_payload_of_a_keras_model_carries_its_sidecar(tmp_path):
+    from breastcnn.cluster import ModelPayload
+
+    (tmp_path / "model.keras").write_bytes(b"zip bytes")
+    (tmp_path / "breastcnn.json").write_text("{}")
+    payload = ModelPayload.from_path(tmp_path / "model.keras")
+    assert [name for name, _ in payload.files] == ["model.keras", "breastcnn.json"]
+    assert ModelPayload.from_path(tmp_path / "model.keras").digest == payload.digest
+    (tmp_path / "breastcnn.json").write_text('{"changed": 1}')
+    assert ModelPayload.from_path(tmp_path / "model.keras").digest != payload.digest
+
+
+def test_a_slide_the_worker_cannot_see_is_named(tmp_path):
+    from breastcnn.cluster import SlideSource, resolve_reader
+    from breastcnn.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"nowhere\.svs: worker .* cannot read it .*shared filesystem"):
+        resolve_reader(SlideSource(str(tmp_path / "nowhere.svs")))
+
+
+def test_onnx_model_on_the_cluster_equals_local(cluster, images, tile_model, tmp_path, onnxruntime):
+    model = tmp_path / "model.onnx"
+    exported = _run(["export", "--model", tile_model, "--to", "onnx", "--out", model])
+    assert exported.exit_code == 0, exported.output
+    args = ["predict", *images[:12], "--model", model, "--csv", "--batch-size", "4"]
+    local, remote = _run(args), _run([*args, "--scheduler", cluster])
+    assert local.exit_code == remote.exit_code == 0, remote.output
+    assert remote.stdout == local.stdout and len(local.stdout.splitlines()) == 13

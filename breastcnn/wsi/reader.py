@@ -200,23 +200,24 @@ class _TiffLevel:
 
     def _segment(self, index: int) -> np.ndarray | None:
         """Decoded segment ``index`` as ``(seg_h', seg_w', samples)`` (None: empty segment)."""
-        hit = self._cache.get(index)
-        if hit is not None:
-            self._cache.move_to_end(index)
-            return hit
         page = self.page
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        data = None
-        if offset and count:
-            with self.lock:
+        with self.lock:  # the file position and the cache are shared by a worker's threads
+            hit = self._cache.get(index)
+            if hit is not None:
+                self._cache.move_to_end(index)
+                return hit
+            offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+            data = None
+            if offset and count:
                 self.fh.seek(offset)
                 data = self.fh.read(count)
-        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)  # outside the lock
         if segment is not None:
             segment = segment.reshape(segment.shape[-3:])  # (1, h, w, s) -> (h, w, s)
-            self._cache[index] = segment
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            with self.lock:
+                self._cache[index] = segment
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return segment
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
