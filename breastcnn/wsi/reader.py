@@ -189,7 +189,8 @@ class _TiffLevel:
         self.memmap = None
         if page.is_contiguous and not page.is_tiled:
             # one uncompressed block: map it, read rows lazily (no full decode)
-            self.memmap = np.memmap(page.parent.filehandle.path, dtype=page.dtype, mode="r",
+            dtype = page.dtype.newbyteorder(page.parent.byteorder)  # the file's byte order, not ours
+            self.memmap = np.memmap(page.parent.filehandle.path, dtype=dtype, mode="r",
                                     offset=int(page.dataoffsets[0]),
                                     shape=(self.height, self.width, self.samples))
         elif seg_bytes > MAX_SEGMENT_BYTES:
@@ -411,6 +412,8 @@ def open_slide(path: str | os.PathLike) -> SlideReader:
     unsupported file, MissingDependencyError when the package it needs is absent.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a folder; give slide files (a shell glob such as {path}/*.svs)")
     if not path.is_file():
         raise UserInputError(f"{path}: no such file")
     try:

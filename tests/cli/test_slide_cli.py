@@ -179,3 +179,24 @@ def test_plain_png_slide_assumes_the_models_magnification(tile_model, tmp_path):
     assert summary["reader"] == "image" and summary["mpp"] == 0.5 and summary["tiles"] == 4 * 4
     assert "taken to be the model's magnification" in result.stderr
     assert summary["tissue_tiles"] == 4   # x, y in {448, 672} lie in the tissue rectangle
+
+
+def test_a_slide_smaller_than_a_tile_has_no_tiles(tile_model, tmp_path):
+    Image.fromarray(np.full((100, 120, 3), (200, 110, 175), np.uint8)).save(tmp_path / "tiny.png")
+    result = _run([tmp_path / "tiny.png", "--model", tile_model, "--out", tmp_path / "o", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)[0]
+    assert (summary["tiles"], summary["tissue_tiles"]) == (0, 0)
+    assert summary["malignant_fraction"] is None and summary["max_probability"] is None
+    assert _tiles(tmp_path / "o" / "tiny") == [] and (tmp_path / "o" / "tiny" / "heatmap.png").is_file()
+
+
+def test_missing_scikit_image_is_one_line_exit_2(pyramid_tiff, tile_model, tmp_path, monkeypatch):
+    import sys
+
+    for module in ("skimage", "skimage.filters"):  # as if never installed, even when imported before
+        monkeypatch.setitem(sys.modules, module, None)
+    result = _run([pyramid_tiff[0], "--model", tile_model, "--out", tmp_path])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: scikit-image is not installed: pip install 'breastcnn[slide]'")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "generated").exists()

@@ -133,3 +133,31 @@ def test_tiff_without_resolution_and_72_dpi_default_have_unknown_mpp(tmp_path, s
     write_pyramid_tiff(tmp_path / "inch.tif", tissue_image()[:256, :256], downsamples=(1,), mpp=None)
     with open_slide(tmp_path / "inch.tif") as slide:
         assert slide.mpp is None
+
+
+def test_big_endian_uncompressed_16_bit_tiff_is_memory_mapped_right(tmp_path, slide_deps):
+    import tifffile
+
+    grey = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 31)
+    tifffile.imwrite(tmp_path / "be.tif", grey, byteorder=">", photometric="minisblack")
+    with open_slide(tmp_path / "be.tif") as slide:
+        out = slide.read_region(5, 7, 0, 20, 10)
+    expected = ((grey[7:17, 5:25].astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    np.testing.assert_array_equal(out[..., 0], expected)
+
+
+def test_a_folder_is_not_a_slide(tmp_path):
+    with pytest.raises(UserInputError, match="is a folder"):
+        open_slide(tmp_path)
+
+
+def test_missing_tifffile_and_scikit_image_name_the_install_command(tmp_path, pyramid_tiff, monkeypatch):
+    from breastcnn.wsi.tissue import require_skimage
+
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    with pytest.raises(MissingDependencyError, match=r"tifffile is not installed: pip install 'breastcnn\[slide\]'"):
+        open_slide(pyramid_tiff[0])
+    for module in ("skimage", "skimage.filters"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(MissingDependencyError, match=r"scikit-image is not installed: pip install 'breastcnn\[slide\]'"):
+        require_skimage()
