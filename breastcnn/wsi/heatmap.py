@@ -21,9 +21,9 @@ def plot_heatmap(thumbnail: Thumbnail, plan: TilePlan, grid: np.ndarray, path: s
     """Draw the thumbnail and, over each classified tile, its P(malignant) (untiled areas stay clear).
 
     ``grid`` ``(rows, columns)`` float with NaN where no tile was classified;
-    cell ``(r, c)`` is drawn over level-0 ``[c * stride0, (c + 1) * stride0)``
-    (the tile's footprint when ``stride == tile``). Both images are placed in
-    level-0 coordinates, so they line up whatever their resolutions.
+    cell ``(r, c)`` is a ``stride0``-wide square centred on its tile (the tile's
+    footprint when ``stride == tile``). Both images are placed in level-0
+    coordinates, so they line up whatever their resolutions.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -43,7 +43,9 @@ def plot_heatmap(thumbnail: Thumbnail, plan: TilePlan, grid: np.ndarray, path: s
     ax.imshow(pixels, extent=(0, extent_w, extent_h, 0), interpolation="bilinear")
     if plan.count:
         overlay = np.ma.masked_invalid(np.asarray(grid, dtype=np.float64))
-        ax.imshow(overlay, extent=(0, plan.columns * plan.stride0, plan.rows * plan.stride0, 0),
+        offset = (plan.tile0 - plan.stride0) / 2  # cells centred on their tiles when tiles overlap
+        ax.imshow(overlay, extent=(offset, offset + plan.columns * plan.stride0,
+                                   offset + plan.rows * plan.stride0, offset),
                   cmap=COLOUR_MAP, vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA, interpolation="nearest")
     # the bar is drawn even with no tile (its scale is fixed: probabilities)
     scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=COLOUR_MAP)
