@@ -16,7 +16,7 @@ it runs:
 What a worker receives:
 
 - the model as a :class:`ModelPayload`: the bytes of its file (and of the
-  Keras ``breastcnn.json`` sidecar), broadcast once to every worker
+  Keras metadata sidecar), broadcast once to every worker
   (``Client.scatter(broadcast=True)``; tasks take the Future). A worker
   process writes them to a private temporary folder, loads them with the same
   :func:`breastcnn.models.load_model` (no pickle of model objects, safe Keras
@@ -78,21 +78,24 @@ class ModelPayload:
     files: tuple[tuple[str, bytes], ...]
     digest: str
     version: str = __version__
+    source: str = ""
+    """The model file's path on the client (for messages)."""
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> "ModelPayload":
         path = Path(path)
         names = [path]
         if path.suffix.lower() == ".keras":
-            from breastcnn.models.keras_models import sidecar_path
+            from breastcnn.models.keras_models import find_sidecar
 
-            if sidecar_path(path).is_file():
-                names.append(sidecar_path(path))
+            sidecar = find_sidecar(path)  # <name>.keras.json, or a legacy breastcnn.json
+            if sidecar is not None:
+                names.append(sidecar)
         files = tuple((p.name, p.read_bytes()) for p in names)
         digest = hashlib.sha256()
         for name, data in files:
             digest.update(name.encode() + b"\0" + data)
-        return cls(path.name, files, digest.hexdigest())
+        return cls(path.name, files, digest.hexdigest(), source=str(path))
 
     def __repr__(self) -> str:  # shown in dask dashboards and errors, never the bytes
         return f"ModelPayload({self.name}, sha256={self.digest[:12]})"
@@ -133,6 +136,7 @@ def resolve_model(source):
                 for name, data in source.files:
                     Path(folder, name).write_bytes(data)
                 model = load_model(Path(folder, source.name))
+                model.source = source.source or source.name  # messages name the client's file, not our copy
                 MODEL_LOADS[source.digest] += 1
             except BreastCNNError as exc:  # e.g. the worker lacks the [onnx] or [keras] extra
                 raise type(exc)(f"on worker {socket.gethostname()}, loading {source.name}: {exc}") from None
@@ -252,7 +256,7 @@ def scheduler_address(option: str | None) -> str | None:
 
 
 def predict_paths_task(model_source, paths: Sequence[str], read_paths: Sequence[str], threshold: float,
-                       batch_size: int) -> list:
+                       batch_size: int, threads: int | None = None) -> list:
     """Decode and classify one batch (runs on a worker); ``read_paths`` are the absolute paths to open."""
     from breastcnn.inference import _decode_chunk, chunk_predictions, model_input_spec
 
@@ -262,22 +266,26 @@ def predict_paths_task(model_source, paths: Sequence[str], read_paths: Sequence[
     # error messages name the path as the user gave it
     decoded = [(img, None if err is None else err.replace(read, shown, 1))
                for (img, err), read, shown in zip(decoded, read_paths, paths)]
-    return chunk_predictions(model, list(paths), decoded, threshold, batch_size)
+    return chunk_predictions(model, list(paths), decoded, threshold, batch_size, threads)
 
 
 def predict_paths_distributed(executor: DaskExecutor, model, model_path, paths: Sequence[str],
                               threshold: float = 0.5, batch_size: int = 64,
-                              progress: Callable[[int], None] | None = None) -> Iterator:
+                              progress: Callable[[int], None] | None = None, threads: int | None = None) -> Iterator:
     """Like :func:`breastcnn.inference.predict_paths`, on the cluster: tasks of ``batch_size`` images.
 
-    Yields :class:`~breastcnn.inference.Prediction` in input order.
+    Yields :class:`~breastcnn.inference.Prediction` in input order. ``threads``:
+    engine threads of a NumPy model on each worker (None: the model's setting).
     """
+    from breastcnn.inference import check_threads
+
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
+    check_threads(threads)
     source = executor.model_source(model, model_path)
     step = max(1, batch_size)
-    tasks = [(source, list(paths[i:i + step]), [os.path.abspath(p) for p in paths[i:i + step]], threshold, batch_size)
-             for i in range(0, len(paths), step)]
+    tasks = [(source, list(paths[i:i + step]), [os.path.abspath(p) for p in paths[i:i + step]], threshold,
+              batch_size, threads) for i in range(0, len(paths), step)]
     for results in executor.map(predict_paths_task, tasks):
         yield from results
         if progress:

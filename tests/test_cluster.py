@@ -157,11 +157,14 @@ def test_payload_of_a_keras_model_carries_its_sidecar(tmp_path):
     from breastcnn.cluster import ModelPayload
 
     (tmp_path / "model.keras").write_bytes(b"zip bytes")
-    (tmp_path / "breastcnn.json").write_text("{}")
+    (tmp_path / "breastcnn.json").write_text("{}")   # an earlier version's sidecar name
+    legacy = ModelPayload.from_path(tmp_path / "model.keras")
+    assert [name for name, _ in legacy.files] == ["model.keras", "breastcnn.json"]
+    (tmp_path / "model.keras.json").write_text("{}")  # the current name wins
     payload = ModelPayload.from_path(tmp_path / "model.keras")
-    assert [name for name, _ in payload.files] == ["model.keras", "breastcnn.json"]
-    assert ModelPayload.from_path(tmp_path / "model.keras").digest == payload.digest
-    (tmp_path / "breastcnn.json").write_text('{"changed": 1}')
+    assert [name for name, _ in payload.files] == ["model.keras", "model.keras.json"]
+    assert ModelPayload.from_path(tmp_path / "model.keras").digest == payload.digest != legacy.digest
+    (tmp_path / "model.keras.json").write_text('{"changed": 1}')
     assert ModelPayload.from_path(tmp_path / "model.keras").digest != payload.digest
 
 

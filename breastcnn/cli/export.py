@@ -28,7 +28,8 @@ NUMPY_EXPORTABLE = ("custom-keras", "custom")
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
     to: str = typer.Option(..., "--to", help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx (.npz -> .onnx)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file: .keras for --to keras (breastcnn.json is written beside it), .npz for --to numpy, .onnx for --to onnx."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, "
+                                                   "is written beside it), .npz for --to numpy, .onnx for --to onnx."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
@@ -52,7 +53,8 @@ def export(
 
 
 def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
-    from breastcnn.models.keras_models import KerasClassifier, last_conv_name, library_versions, require_keras, sidecar_path
+    from breastcnn.explain import choose_gradcam_layer
+    from breastcnn.models.keras_models import KerasClassifier, library_versions, require_keras, sidecar_path
 
     if source.suffix != ".npz":
         raise UserInputError(f"--model {source}: --to keras converts a NumPy .npz model")
@@ -72,7 +74,7 @@ def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
         "source_arch": numpy_model.meta.get("arch"),
         "image_size": int(numpy_model.input_shape[0]),
         "exported_from": str(source),
-        "gradcam_layer": last_conv_name(kmodel),
+        "gradcam_layer": choose_gradcam_layer(kmodel),  # the NumPy model's default: same map on both sides
         "versions": library_versions(),
     })
     meta.setdefault("preprocess", "caffe")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, stderr, stdout, warn
+from breastcnn.cli.common import make_progress, print_json, print_table, stderr, warn
 from breastcnn.errors import BreastCNNError, UserInputError
 from breastcnn.wsi.analysis import SlideSettings
 
@@ -127,4 +127,4 @@ def _print_table(summaries: list[dict]) -> None:
         top = "-" if s["max_probability"] is None else f"{s['max_probability']:.4f}"
         table.add_row(escape(Path(s["slide"]).name), str(s["level"]), str(s["tiles"]), str(s["tissue_tiles"]), fraction, top,
                       f"{s['seconds']:.1f}", escape(s["out"]))
-    stdout().print(table)
+    print_table(table)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table
 from breastcnn.data import synth as synth_lib
 
 
@@ -27,7 +27,7 @@ def synth(
         help="Comma-separated magnifications to generate (40,100,200,400) or 'all'.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same images."),
-    jobs: int = typer.Option(-1, "--jobs", "-j", help="Worker processes (-1: all cores)."),
+    jobs: int = jobs_option("drawing the images (processes)"),
     force: bool = typer.Option(False, "--force", help="Replace an existing synthetic BreaKHis_v1 tree."),
     as_json: bool = typer.Option(False, "--json", help="Print only a JSON summary on stdout."),
 ) -> None:
@@ -59,7 +59,7 @@ def synth(
     table.add_column("malignant", justify="right")
     for mag, counts in summary["images"].items():
         table.add_row(mag, str(counts["benign"]), str(counts["malignant"]))
-    stdout().print(table)
+    print_table(table)
     info(
         f"{summary['n_images']} images of {summary['n_patients']} synthetic patients in {summary['seconds']:.1f} s; "
         f"next: breastcnn split --data {summary['root']} --mag {mag_list[0]}"

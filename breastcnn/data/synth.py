@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from breastcnn.data.breakhis import MAGNIFICATIONS, SUBTYPES, parse_mag
 from breastcnn.errors import UserInputError
+from breastcnn.fsutil import default_mode
 
 WIDTH, HEIGHT = 700, 460
 _NOISE_SD = 0.8  # grey sensor noise (8-bit levels)
@@ -367,6 +368,8 @@ def generate(
     ``n_patients``, ``images`` ({mag: {class: n}}), ``seconds``.
     """
     started = time.perf_counter()
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {seed}")
     mags = parse_mags(mags)
     specs = plan(scale, mags)
     out_dir = Path(out_dir)
@@ -380,6 +383,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".BreaKHis_v1.", suffix=".tmp", dir=out_dir))
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it 0700; the tree is shareable
         chunk = 8
         chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
         if jobs == 1 or len(chunks) <= 1:

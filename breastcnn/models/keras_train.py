@@ -11,7 +11,7 @@ through a ``keras.utils.PyDataset`` (no deprecated ``ImageDataGenerator``).
 
 Validation runs once per epoch on the validation subset (never test);
 ``EarlyStopping`` and ``ReduceLROnPlateau`` watch it, and the best model by
-``monitor`` is written to ``RUN_DIR/model.keras`` (+ ``breastcnn.json``) every
+``monitor`` is written to ``RUN_DIR/model.keras`` (+ ``model.keras.json``) every
 time it improves, so an interrupted run keeps its best model.
 """
 
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn.errors import UserInputError
-from breastcnn.fsutil import atomic_write_json, check_overwrite
+from breastcnn.data.breakhis import check_outside_data
+from breastcnn.fsutil import atomic_write_json
 from breastcnn.models.keras_models import (
     BUILDERS,
     DEFAULT_DROPOUT,
@@ -35,7 +36,7 @@ from breastcnn.models.keras_models import (
     require_keras,
 )
 from breastcnn.runs import TrainingCallback
-from breastcnn.train import SUMMARY_NAME, TrainingDiverged, validation_scores
+from breastcnn.train import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
 
 MONITORS = ("val_accuracy", "val_f1", "val_recall")
 STRATEGIES = ("default", "mirrored")
@@ -103,7 +104,7 @@ def default_weights(arch: str) -> str:
     return "none" if arch == "custom-keras" else "imagenet"
 
 
-def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size):
+def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed=0):
     if arch not in KERAS_ARCHS:
         raise UserInputError(f"--model {arch!r}: expected one of {', '.join(KERAS_ARCHS)} or a .npz file")
     if epochs < 1:
@@ -121,6 +122,8 @@ def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, im
     minimum = 51 if arch == "custom-keras" else 32
     if image_size < minimum:
         raise UserInputError(f"--image-size must be at least {minimum} for {arch}, received {image_size}")
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, received {seed}")
 
 
 def finetune_keras(
@@ -152,7 +155,7 @@ def finetune_keras(
 
     Writes to the run directory (``out`` or a new ``runs/<arch>-<stamp>``):
     ``config.json``, ``history.csv`` (one row per epoch), ``model.keras`` +
-    ``breastcnn.json`` (best by ``monitor``) and ``training.png``.
+    ``model.keras.json`` (best by ``monitor``) and ``training.png``.
 
     ``weights``: ``"imagenet"``/``"none"``/a path; None -> imagenet for
     vgg16/resnet50, none for custom-keras. ``options``: what to record as the
@@ -171,140 +174,144 @@ def finetune_keras(
     from breastcnn.data.images import load_subset, preprocess
     from breastcnn.data.split import load_split
 
-    _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size)
+    _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     hooks = callback if callback is not None else TrainingCallback()
     weights = default_weights(arch) if weights is None else weights
     split = load_split(split_dir)
-    if out is not None:  # refuse an existing run directory before the (slow) model build
-        check_overwrite(out, force)
-    keras = require_keras()
-    import tensorflow as tf
-
-    # Seeds before anything random is built; op determinism must precede graph building.
-    keras.utils.set_random_seed(int(seed))
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    recorded = dict(options) if options is not None else {
-        "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
-        "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-        "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
-        "seed": seed, "deterministic": deterministic, "strategy": strategy,
-    }
-    recorded.setdefault("seed", seed)
-
-    # Build the model before creating the run directory: a missing-weights error leaves nothing behind.
-    gpus = tf.config.list_physical_devices("GPU")
-    if strategy == "mirrored":
-        dist = tf.distribute.MirroredStrategy()
-        if not gpus:
-            hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
-    else:
-        dist = tf.distribute.get_strategy()
-    devices = [d.name for d in gpus] or ["CPU"]
-    with dist.scope():
-        builder_kwargs = {"weights": weights}
-        if arch != "custom-keras":
-            builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
-        classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
-                                    **builder_kwargs)
-        model = classifier.model
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=lr),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-
+    require_both_classes(split)
     run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
-    run_dir = runs.new_run_dir(arch, out, force=force, **run_kwargs)
-    runs.write_run_config(run_dir, recorded, split)
+    check_outside_data(out if out is not None else (runs_root or runs.RUNS_ROOT), split.root, "--out")
+    # The run directory is locked (and a non-empty --out refused) before the slow model build; a build
+    # that fails (missing weights) leaves nothing behind: the directory is removed again.
+    with runs.run_directory(arch, out, force=force, **run_kwargs) as run:
+        keras = require_keras()
+        import tensorflow as tf
 
-    hooks.on_message(f"loading {split.dir} at {image_size}x{image_size} (cached after the first run)")
-    x_train, y_train = load_subset(split, "train", image_size, jobs=jobs)
-    x_val, y_val = load_subset(split, "val", image_size, jobs=jobs)
-    if len(x_train) == 0 or len(x_val) == 0:
-        raise UserInputError(
-            f"--split {split.dir}: fine-tuning needs train and val images, found {len(x_train)} train / {len(x_val)} val"
+        # Seeds before anything random is built; op determinism must precede graph building.
+        keras.utils.set_random_seed(int(seed))
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+        recorded = dict(options) if options is not None else {
+            "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
+            "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+            "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
+            "seed": seed, "deterministic": deterministic, "strategy": strategy,
+        }
+        recorded.setdefault("seed", seed)
+        recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if strategy == "mirrored":
+            dist = tf.distribute.MirroredStrategy()
+            if not gpus:
+                hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
+        else:
+            dist = tf.distribute.get_strategy()
+        devices = [d.name for d in gpus] or ["CPU"]
+        with dist.scope():
+            builder_kwargs = {"weights": weights}
+            if arch != "custom-keras":
+                builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
+            classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
+                                        **builder_kwargs)
+            model = classifier.model
+            model.compile(
+                optimizer=keras.optimizers.Adam(learning_rate=lr),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+            )
+
+        run_dir = run.path
+        runs.write_run_config(run_dir, recorded, split)
+
+        hooks.on_message(f"loading {split.dir} at {image_size}x{image_size} (cached after the first run)")
+        x_train, y_train = load_subset(split, "train", image_size, jobs=jobs)
+        x_val, y_val = load_subset(split, "val", image_size, jobs=jobs)
+        if len(x_train) == 0 or len(x_val) == 0:
+            raise UserInputError(
+                f"--split {split.dir}: fine-tuning needs train and val images, found {len(x_train)} train / {len(x_val)} val"
+            )
+        mode = classifier.meta["preprocess"]
+        x_val_pre = preprocess(x_val, mode)
+        weights_by_class = compute_class_weights(y_train, class_weights)
+        batches = _batches(keras)(
+            x_train, y_train, batch_size, mode, Augmenter() if augment else None, seed
         )
-    mode = classifier.meta["preprocess"]
-    x_val_pre = preprocess(x_val, mode)
-    weights_by_class = compute_class_weights(y_train, class_weights)
-    batches = _batches(keras)(
-        x_train, y_train, batch_size, mode, Augmenter() if augment else None, seed
-    )
 
-    classifier.meta.update({
-        "split_hash": split.hash,
-        "split_dir": str(split.dir),
-        "magnification": (split.info or {}).get("magnification"),  # read by `breastcnn slide`
-        "seed": int(seed),
-        "deterministic": bool(deterministic),
-        "monitor": monitor,
-        "versions": library_versions(),
-    })
-    model_path = Path(run_dir) / "model.keras"
-    history = runs.HistoryLogger(Path(run_dir) / "history.csv")
-    adapter = _make_keras_hooks(keras)(
-        classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
-    )
-    early = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience, verbose=0)
-    plateau = keras.callbacks.ReduceLROnPlateau(
-        monitor="val_loss", mode="min", factor=LR_FACTOR, patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0
-    )
-    hooks.on_train_begin(
-        total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
-        n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
-    )
-    stopped = "completed"
-    try:
-        # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
-        model.fit(
-            batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
-            callbacks=[adapter, keras.callbacks.TerminateOnNaN(), early, plateau],
+        classifier.meta.update({
+            "split_hash": split.hash,
+            "split_dir": str(split.dir),
+            "magnification": (split.info or {}).get("magnification"),  # read by `breastcnn slide`
+            "seed": int(seed),
+            "deterministic": bool(deterministic),
+            "monitor": monitor,
+            "versions": library_versions(),
+        })
+        model_path = Path(run_dir) / "model.keras"
+        history = runs.HistoryLogger(Path(run_dir) / "history.csv")
+        adapter = _make_keras_hooks(keras)(
+            classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
+            on_saved=run.model_written,
         )
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    if stopped != "interrupted":
-        if adapter.nan:
-            stopped = "nan"
-        elif early.stopped_epoch > 0:
-            stopped = "early_stopping"
-
-    rows = history.rows()
-    if rows:
-        from breastcnn.plots import plot_training
-
-        plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
-    summary = {
-        "run_dir": str(run_dir),
-        "model_path": str(model_path) if adapter.best_epoch is not None else None,
-        "arch": arch,
-        "framework": "keras",
-        "stopped": stopped,
-        "epochs_run": adapter.epochs_run,
-        "steps": adapter.step,
-        "best_score": adapter.best_score,
-        "best_epoch": adapter.best_epoch,
-        "best_step": adapter.best_step,
-        "monitor": monitor,
-        "elapsed_s": round(time.perf_counter() - adapter.start, 3) if adapter.start else 0.0,
-        "params": classifier.count_params(),
-        "strategy": strategy,
-        "devices": devices,
-        "n_train": int(len(x_train)),
-        "n_val": int(len(x_val)),
-        "weights": str(weights),
-    }
-    if stopped != "interrupted":
-        atomic_write_json(Path(run_dir) / SUMMARY_NAME, summary)
-    hooks.on_train_end(summary)
-    if stopped == "nan":
-        raise TrainingDiverged(
-            f"{arch}: the training loss became NaN or infinite after {adapter.step} steps; "
-            f"the best model so far is in {run_dir} (try a lower --lr)",
-            summary,
+        early = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience, verbose=0)
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", mode="min", factor=LR_FACTOR, patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0
         )
-    return summary
+        hooks.on_train_begin(
+            total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
+            n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
+        )
+        stopped = "completed"
+        try:
+            # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
+            model.fit(
+                batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
+                callbacks=[adapter, keras.callbacks.TerminateOnNaN(), early, plateau],
+            )
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        if stopped != "interrupted":
+            if adapter.nan:
+                stopped = "nan"
+            elif early.stopped_epoch > 0:
+                stopped = "early_stopping"
+
+        rows = history.rows()
+        if rows:
+            from breastcnn.plots import plot_training
+
+            plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
+        summary = {
+            "run_dir": str(run_dir),
+            "model_path": str(model_path) if adapter.best_epoch is not None else None,
+            "arch": arch,
+            "framework": "keras",
+            "stopped": stopped,
+            "epochs_run": adapter.epochs_run,
+            "steps": adapter.step,
+            "best_score": adapter.best_score,
+            "best_epoch": adapter.best_epoch,
+            "best_step": adapter.best_step,
+            "monitor": monitor,
+            "elapsed_s": round(time.perf_counter() - adapter.start, 3) if adapter.start else 0.0,
+            "params": classifier.count_params(),
+            "strategy": strategy,
+            "devices": devices,
+            "n_train": int(len(x_train)),
+            "n_val": int(len(x_val)),
+            "weights": str(weights),
+        }
+        if stopped != "interrupted":
+            atomic_write_json(Path(run_dir) / SUMMARY_NAME, summary)
+        hooks.on_train_end(summary)
+        if stopped == "nan":
+            raise TrainingDiverged(
+                f"{arch}: the training loss became NaN or infinite after {adapter.step} steps; "
+                f"the best model so far is in {run_dir} (try a lower --lr)",
+                summary,
+            )
+        return summary
 
 
 def _make_keras_hooks(keras):
@@ -318,8 +325,9 @@ def _make_keras_hooks(keras):
         """
 
         def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
-                     monitor):
+                     monitor, on_saved=None):
             super().__init__()
+            self.on_saved = on_saved  # told after each best-model save (moves runs/latest)
             self.classifier = classifier
             self.hooks = hooks
             self.history = history
@@ -387,6 +395,8 @@ def _make_keras_hooks(keras):
                     "best_epoch": epoch + 1, "best_step": self.step, "best_score": float(score),
                 })
                 self.classifier.save(self.model_path)
+                if self.on_saved is not None:
+                    self.on_saved()
             self.history.log(row)
             self.hooks.on_evaluation({**row, "improved": improved, "monitor": self.monitor})
             self.hooks.on_epoch_end(epoch + 1)

@@ -87,6 +87,7 @@ def test_nan_loss_exits_1_with_a_clear_message(tmp_path_factory, tmp_path, monke
         (["--split", "{tmp}/missing"], "--split"),
         (["--monitor", "val_loss"], "--monitor"),
         (["--class-weights", "auto"], "--class-weights"),
+        (["--threads", "0"], "--threads"),
         (["--resume", "{tmp}/nothing"], "--resume"),
         (["--config", "{tmp}/nothing/config.json"], "config"),
     ],
