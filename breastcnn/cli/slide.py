@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, print_table, stderr, warn
+from breastcnn.cli.common import make_progress, print_json, print_table, stderr, warn, warn_threads_ignored
 from breastcnn.errors import BreastCNNError, UserInputError
 from breastcnn.wsi.analysis import SlideSettings
 
@@ -34,6 +34,8 @@ def slide(
     threshold: float = typer.Option(_DEFAULTS.threshold, "--threshold",
                                     help="Label a tile malignant when P(malignant) >= this."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Tiles per model call."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of a NumPy model (default: all "
+                                          "available cores; Keras models use TensorFlow's own thread pools)."),
     out: Path = typer.Option(Path("slides"), "--out", help="Output folder: one sub-folder per slide."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON array: one summary object per slide."),
     force: bool = typer.Option(False, "--force", help="Overwrite tiles.csv/heatmap.png/summary.json of an "
@@ -60,12 +62,13 @@ def slide(
     from breastcnn.wsi.tissue import require_skimage
 
     settings = SlideSettings(tile=tile, stride=stride, tissue_threshold=tissue_threshold, threshold=threshold,
-                             batch_size=batch_size, mpp=mpp, mag=mag).validated()
+                             batch_size=batch_size, mpp=mpp, mag=mag, threads=threads).validated()
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
     require_skimage()
     model_path = resolve_model_path(model)
     classifier = load_model(model_path)
+    warn_threads_ignored(classifier, threads)
     model_resolution = model_magnification(classifier, model_path)
     if model_resolution.assumed:
         warn(f"the model's magnification is {model_resolution.source}")

@@ -63,6 +63,8 @@ class SlideSettings:
     batch_size: int = 64
     mpp: float | None = None
     mag: str | None = None
+    threads: int | None = None
+    """Engine threads of a NumPy model (None: the model's setting), here and on each dask worker."""
     tissue: TissueSettings = field(default_factory=TissueSettings)
 
     def validated(self) -> "SlideSettings":
@@ -84,6 +86,9 @@ class SlideSettings:
             raise UserInputError(f"--mpp must be a positive number of microns per pixel, got {self.mpp}")
         if self.mag is not None:
             parse_magnification(self.mag)
+        from breastcnn.inference import check_threads
+
+        check_threads(self.threads)
         return replace(self, stride=stride)
 
 
@@ -132,7 +137,7 @@ def read_tiles(reader, origins: np.ndarray, level: int, read_size: int, image_si
 
 
 def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: int, read_size: int,
-                        batch_size: int) -> np.ndarray:
+                        batch_size: int, threads: int | None = None) -> np.ndarray:
     """P(malignant) ``(n,)`` float32 of the tiles at level-0 ``origins`` ``(n, 2)``.
 
     The task of ``slide``: it runs here (local objects) or on a dask worker
@@ -140,13 +145,15 @@ def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: 
     """
     from breastcnn.cluster import resolve_model, resolve_reader
     from breastcnn.data.images import preprocess
-    from breastcnn.inference import model_input_spec
+    from breastcnn.inference import model_input_spec, model_threads
 
     model = resolve_model(model_source)
     reader = resolve_reader(slide_source)
     size, mode = model_input_spec(model)
     x = read_tiles(reader, origins, level, read_size, size)
-    return np.asarray(model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1], dtype=np.float32)
+    with model_threads(model, threads):
+        probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
+    return np.asarray(probs, dtype=np.float32)
 
 
 def output_dirs(slides: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
@@ -199,8 +206,8 @@ def analyse_slide(path: str | os.PathLike, model, out_dir: str | os.PathLike, se
         model_source = executor.model_source(model, model_path)
         slide_source = executor.slide_source(reader)
         batches = [layout.tissue[i:i + settings.batch_size] for i in range(0, len(layout.tissue), settings.batch_size)]
-        tasks = ((model_source, slide_source, plan.origins(batch), plan.level, plan.read_size, settings.batch_size)
-                 for batch in batches)
+        tasks = ((model_source, slide_source, plan.origins(batch), plan.level, plan.read_size, settings.batch_size,
+                  settings.threads) for batch in batches)
         out_dir.mkdir(parents=True, exist_ok=True)
         malignant = 0
         with atomic_write(out_dir / TILES_CSV, "w", encoding="utf-8", newline="") as handle:

@@ -58,6 +58,15 @@ def test_generated_pyramid_exact_tiles_level_and_probabilities(pyramid_tiff, til
         assert heatmap.format == "PNG" and heatmap.width > 300
 
 
+def test_engine_threads_do_not_change_the_probabilities(pyramid_tiff, tile_model, tmp_path):
+    path, _ = pyramid_tiff
+    for threads in ("1", "2"):
+        result = _run([path, "--model", tile_model, "--out", tmp_path / threads, "--threads", threads])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "1" / "generated" / "tiles.csv").read_text() == \
+        (tmp_path / "2" / "generated" / "tiles.csv").read_text()
+
+
 def test_tissue_threshold_stride_and_a_finer_level(pyramid_tiff, tile_model, tmp_path):
     path, _ = pyramid_tiff
     strict = _run([path, "--model", tile_model, "--out", tmp_path / "a", "--tissue-threshold", "0.6", "--json"])
@@ -161,6 +170,7 @@ def test_two_slides_with_the_same_name_get_two_folders(pyramid_tiff, tile_model,
     (["--mpp", "0.5", "--mag", "200X"], "pass one"),
     (["--mag", "fast"], "--mag"),
     (["--mpp", "-1"], "--mpp must be a positive"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_options_exit_2_with_one_line(pyramid_tiff, tile_model, tmp_path, args, message):
     path, _ = pyramid_tiff
