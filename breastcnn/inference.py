@@ -169,8 +169,7 @@ def predict_paths(
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
     check_threads(threads)
-    spec = model_spec(model)
-    size, mode = spec.image_size, spec.preprocess
+    size = model_spec(model).image_size
     jobs = resolve_jobs(jobs)
     chunk = max(1, batch_size) * 4 * jobs
     per_worker = max(1, -(-chunk // jobs))
@@ -182,24 +181,37 @@ def predict_paths(
             else:
                 pieces = [part[i : i + per_worker] for i in range(0, len(part), per_worker)]
                 decoded = [d for piece in parallel(delayed(_decode_chunk)(p, size) for p in pieces) for d in piece]
-            good = [i for i, (img, _) in enumerate(decoded) if img is not None]
-            probs = np.empty(0, np.float32)
-            if good:
-                x = np.stack([decoded[i][0] for i in good])
-                with model_threads(model, threads):
-                    probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
-            by_index = dict(zip(good, probs, strict=True))
-            for i, path in enumerate(part):
-                if i in by_index and not np.isfinite(by_index[i]):
-                    yield Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "
-                                                 f"({by_index[i]}) for this image; not classified")
-                elif i in by_index:
-                    p = float(by_index[i])
-                    yield Prediction(path, CLASSES[int(p >= threshold)], p)
-                else:
-                    yield Prediction(path, error=decoded[i][1])
+            yield from chunk_predictions(model, part, decoded, threshold, batch_size, threads)
             if progress:
                 progress(len(part))
+
+
+def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.ndarray | None, str | None]],
+                      threshold: float, batch_size: int, threads: int | None = None) -> list[Prediction]:
+    """Classify the decoded images of one chunk; one :class:`Prediction` per path, in order.
+
+    ``decoded[i]`` is ``(image, None)`` or ``(None, error message)``. Shared by
+    :func:`predict_paths` and the cluster tasks (:mod:`breastcnn.cluster`).
+    """
+    mode = model_spec(model).preprocess
+    good = [i for i, (img, _) in enumerate(decoded) if img is not None]
+    probs = np.empty(0, np.float32)
+    if good:
+        x = np.stack([decoded[i][0] for i in good])
+        with model_threads(model, threads):
+            probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
+    by_index = dict(zip(good, probs, strict=True))
+    results = []
+    for i, path in enumerate(part):
+        if i in by_index and not np.isfinite(by_index[i]):
+            results.append(Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "
+                                                  f"({by_index[i]}) for this image; not classified"))
+        elif i in by_index:
+            p = float(by_index[i])
+            results.append(Prediction(path, CLASSES[int(p >= threshold)], p))
+        else:
+            results.append(Prediction(path, error=decoded[i][1]))
+    return results
 
 
 def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:

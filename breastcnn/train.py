@@ -738,7 +738,8 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
             hooks.on_message(f"{run_dir}: already finished ({previous['stopped']}), nothing to resume")
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta_extra = {"split_hash": split_hash, "seed": config.seed}
+    meta_extra = {"split_hash": split_hash, "seed": config.seed,
+                  "magnification": (split.info or {}).get("magnification")}  # read by `breastcnn slide`
     # the model before the data: a size the architecture cannot take is refused before any cache is written
     if resume and (run_dir / CHECKPOINT_NAME).is_file():
         model, optimizer, resume_state = _restore(run_dir, config)

@@ -28,6 +28,7 @@ from breastcnn.cli import (
     featuremaps,
     finetune,
     predict,
+    slide,
     split,
     synth,
     train,
@@ -137,6 +138,7 @@ app.command("train")(handle_errors(train.train))
 app.command("finetune")(handle_errors(finetune.finetune))
 app.command("evaluate")(handle_errors(evaluate.evaluate))
 app.command("predict")(handle_errors(predict.predict))
+app.command("slide")(handle_errors(slide.slide))
 app.command("bench")(handle_errors(bench.bench))
 app.command("featuremaps")(handle_errors(featuremaps.featuremaps))
 app.command("export")(handle_errors(export.export))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def predict(
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
                                 "TensorFlow's own thread pools)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+                                            help="dask.distributed scheduler address (tcp://host:8786): classify "
+                                            "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER)."),
 ) -> None:
     """Classify images with a trained model.
 
@@ -36,6 +40,7 @@ def predict(
     still classified, and the exit code is 1 at the end (2 for bad options or
     a missing model).
     """
+    from breastcnn.cluster import connect, predict_paths_distributed, scheduler_address
     from breastcnn.inference import check_threads, collect_images, csv_cell, predict_paths
     from breastcnn.models import load_model
     from breastcnn.runs import resolve_model_path
@@ -49,7 +54,8 @@ def predict(
     if jobs == 0 or jobs < -1:
         raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
     check_threads(threads)
-    classifier = load_model(resolve_model_path(model))
+    model_path = resolve_model_path(model)
+    classifier = load_model(model_path)
     warn_threads_ignored(classifier, threads)
     paths, problems = collect_images(images)
     errors = 0
@@ -62,10 +68,19 @@ def predict(
     if csv_output:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["path", "label", "probability"])
-    with make_progress(json_output or csv_output) as progress:
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(make_progress(json_output or csv_output))
         task = progress.add_task("classifying", total=len(paths))
-        for result in predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
-                                    progress=lambda k: progress.advance(task, k), threads=threads):
+        advance = lambda k: progress.advance(task, k)  # noqa: E731
+        address = scheduler_address(scheduler)
+        if address:  # the same batches on a dask cluster (breastcnn.cluster)
+            executor = stack.enter_context(connect(address))
+            stream = predict_paths_distributed(executor, classifier, model_path, paths, threshold=threshold,
+                                               batch_size=batch_size, progress=advance, threads=threads)
+        else:
+            stream = predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
+                                   progress=advance, threads=threads)
+        for result in stream:
             if result.error is not None:
                 _error_line(result.error)
                 errors += 1

@@ -242,6 +242,7 @@ def finetune_keras(
         classifier.meta.update({
             "split_hash": split.hash,
             "split_dir": str(split.dir),
+            "magnification": (split.info or {}).get("magnification"),  # read by `breastcnn slide`
             "seed": int(seed),
             "deterministic": bool(deterministic),
             "monitor": monitor,

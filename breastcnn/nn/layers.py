@@ -197,17 +197,10 @@ class Conv2D(Layer):
         after(out, a, b): called on each chunk of the output once written, while it is in cache (any
         padding; e.g. the batch moments for the BatchNorm after this layer)."""
         bias = self.params["b"] if self.use_bias else None
-        return self._conv(x, self.params["W"], bias, relu=False, cache=cache, before=before, after=after)
+        return self._conv(x, self.params["W"], bias, cache=cache, before=before, after=after)
 
-    def forward_with(self, x, kernel, bias, relu: bool = False, before=None):
-        """Inference forward with this layer's geometry but the weights ``kernel`` (kh, kw, C_in, filters) and
-        ``bias`` (filters,) or None, then max(., 0) if ``relu``. No cache (thread-safe).
-
-        The inference step of Conv2D + BatchNorm (+ ReLU) passes weights with the BatchNorm folded in."""
-        return self._conv(x, kernel, bias, relu=relu, cache=False, before=before)
-
-    def _conv(self, x, kernel, bias, relu: bool, cache: bool, before=None, after=None):
-        """x (N, H, W, C_in) conv ``kernel`` (kh, kw, C_in, F) + ``bias`` (F,) or None, then max(., 0) if ``relu``."""
+    def _conv(self, x, kernel, bias, cache: bool, before=None, after=None):
+        """x (N, H, W, C_in) conv ``kernel`` (kh, kw, C_in, F) + ``bias`` (F,) or None."""
         k, s = self.kernel_size, self.strides
         pads = None
         if self.padding == "same":
@@ -221,7 +214,6 @@ class Conv2D(Layer):
         # (a single image: over one output row, cheaper to build than it saves)
         per = wo if n == 1 else ho * wo
         bias = None if bias is None else np.tile(bias, per)
-        zeros = F.zeros_vector(per * self.filters, w_mat.dtype) if relu else None
         out = np.empty((n, ho, wo, self.filters), dtype=np.result_type(x.dtype, w_mat.dtype))
         pixels = ho * wo
         # Keep the columns for backward only when they are smaller than the input (stride > kernel,
@@ -234,12 +226,10 @@ class Conv2D(Layer):
                 before(a, b)
             rows = out[a:b].reshape(-1, self.filters)
             cols = F.im2col(x[a:b], k, k, s, out=None if all_cols is None else all_cols[a * pixels : b * pixels])
-            np.matmul(cols, w_mat, out=rows)
+            F.matmul_rows(cols, w_mat, out=rows)
             images = out[a:b].reshape(-1, per * self.filters)
             if bias is not None:
                 images += bias
-            if relu:
-                np.maximum(images, zeros, out=images)
             if after is not None:
                 after(out, a, b)
 
@@ -757,16 +747,19 @@ class Dense(Layer):
 
     def forward(self, x, training=False, cache=True):
         w = self.params["W"]
-        out = np.empty((x.shape[0], self.units), np.result_type(x.dtype, w.dtype))
-        # a large layer (the custom model's 2304 -> 128) in two column halves, one per engine thread
-        halves = 2 if x.shape[0] * w.size >= _DENSE_SPLIT else 1
-        bounds = [self.units * i // halves for i in range(halves + 1)]
+        if x.shape[0] * w.size >= _DENSE_SPLIT:
+            # a large layer (the custom model's 2304 -> 128 at batch 32) in two column halves, one per
+            # engine thread
+            out = np.empty((x.shape[0], self.units), np.result_type(x.dtype, w.dtype))
+            bounds = [0, self.units // 2, self.units]
 
-        def part(i, _):
-            a, b = bounds[i], bounds[i + 1]
-            np.matmul(x, w[:, a:b], out=out[:, a:b])
+            def part(i, _):
+                a, b = bounds[i], bounds[i + 1]
+                np.matmul(x, w[:, a:b], out=out[:, a:b])
 
-        map_chunks(part, halves, 1)
+            map_chunks(part, 2, 1)
+        else:
+            out = x @ w
         if self.use_bias:
             out += self.params["b"]
         if cache:

@@ -46,6 +46,7 @@ from breastcnn.nn.parallel import (
     map_batches,
     resolve_jobs,
 )
+from breastcnn.nn.inference import PredictPlan
 from breastcnn.nn.steps import Step, compile_steps, run_backward, run_forward
 
 _DEFAULT_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "BatchNorm": "batch_norm", "MaxPool2D": "max_pool2d",
@@ -122,6 +123,7 @@ class Sequential:
         for layer in self.layers:
             shape = layer.build(shape, rng)
         self.output_shape = shape
+        self._plans = {}   # shapes may have changed
         for stop in {len(self.layers), self.logits_index + 1}:   # compile the plans of forward and logits now
             self._steps(0, stop)
         return shape
@@ -219,18 +221,33 @@ class Sequential:
             raise ValueError(f"need 0 <= stop <= start < {len(self.layers)}, got start={start}, stop={stop}")
         return run_backward(self._steps(stop, start + 1), grad, need_input_grad)
 
+    def predict_plan(self) -> PredictPlan:
+        """The plan ``predict`` runs (``nn/inference.py``), compiled from ``steps`` and kept with them."""
+        steps = self.steps   # drops every kept plan when the layer list changed
+        plan = self._plans.get("predict")
+        if plan is None:
+            plan = self._plans["predict"] = PredictPlan(steps, self.input_shape)
+        return plan
+
     def predict(self, x, batch_size: int = 64, jobs: int = 1) -> np.ndarray:
         """Inference-mode probabilities, float32 (N, num_classes), without caches (thread-safe).
 
-        ``jobs`` > 1 shards batches over joblib threads with one engine and one BLAS thread each;
-        otherwise each batch runs on ``self.threads`` engine threads."""
+        Runs :meth:`predict_plan` (``fuse`` False: every layer's own cache-free forward). ``jobs`` > 1
+        shards batches over joblib threads with one engine and one BLAS thread each; otherwise each batch
+        runs on ``self.threads`` engine threads."""
         x = self._check_input(x)
         if batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
-        steps = self.steps
+        if self._fuse:
+            plan = self.predict_plan()
+            prepared = plan.prepare(self.dtype)
+            run = lambda xb: plan.run(xb, prepared)   # noqa: E731
+        else:
+            steps = self._steps(0, len(self.layers))
+            run = lambda xb: run_forward(steps, xb, False, False)   # noqa: E731
         engine = resolve_jobs(self.threads) if jobs == 1 else None
         with blas_threads(self.blas_threads), engine_threads(engine):
-            out = map_batches(lambda xb: run_forward(steps, xb, False, False), x, batch_size, jobs)
+            out = map_batches(run, x, batch_size, jobs)
         if x.shape[0] == 0:
             return np.empty((0, *self.output_shape), np.float32)
         return out.astype(np.float32, copy=False)

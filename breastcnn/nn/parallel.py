@@ -39,26 +39,34 @@ def _blas_controllers() -> list:
     return _blas_libs
 
 
-@contextlib.contextmanager
-def blas_threads(n: int | None) -> Iterator[None]:
+class blas_threads:   # noqa: N801  (a context manager used like a function)
     """Limit BLAS threads to ``n`` inside the block (None: leave as is).
 
     Sets and restores only libraries not already at ``n``, through the controllers found once:
-    batch-1 inference calls it every time, and threadpoolctl's ``limit()`` rescans the libraries.
+    batch-1 inference calls it every time, and threadpoolctl's ``limit()`` rescans the libraries
+    (a class: cheaper to enter and leave than a generator-based context manager).
     """
-    if n is None:
-        yield
-        return
-    n = int(n)
-    changed = [(lib, lib.num_threads) for lib in _blas_controllers()]
-    changed = [(lib, before) for lib, before in changed if before != n]
-    for lib, _ in changed:
-        lib.set_num_threads(n)
-    try:
-        yield
-    finally:
-        for lib, before in changed:
+
+    __slots__ = ("n", "changed")
+
+    def __init__(self, n: int | None):
+        self.n = None if n is None else int(n)
+        self.changed: list = []
+
+    def __enter__(self) -> None:
+        n = self.n
+        if n is None:
+            return
+        for lib in _blas_controllers():
+            before = lib.get_num_threads()
+            if before != n:
+                lib.set_num_threads(n)
+                self.changed.append((lib, before))
+
+    def __exit__(self, *exc) -> None:
+        for lib, before in self.changed:
             lib.set_num_threads(before)
+        self.changed = []
 
 
 def blas_thread_count() -> int:
@@ -120,21 +128,26 @@ def current_threads() -> int:
     return getattr(_local, "threads", 1)
 
 
-@contextlib.contextmanager
-def engine_threads(n: int | None) -> Iterator[None]:
+class engine_threads:   # noqa: N801  (a context manager used like a function)
     """Let layers run their batch chunks on ``n`` threads inside the block (None: leave as is; <= 0: all cores).
 
     Only the calling thread is affected (joblib workers of ``predict(jobs=...)`` keep 1).
     """
-    if n is None:
-        yield
-        return
-    previous = current_threads()
-    _local.threads = resolve_jobs(n)
-    try:
-        yield
-    finally:
-        _local.threads = previous
+
+    __slots__ = ("n", "previous")
+
+    def __init__(self, n: int | None):
+        self.n = n
+        self.previous = None
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            self.previous = current_threads()
+            _local.threads = resolve_jobs(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.n is not None:
+            _local.threads = self.previous
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:

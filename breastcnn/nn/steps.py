@@ -13,9 +13,9 @@ The patterns, each handled in one class:
 - :class:`ConvBNReLU`: Conv2D, BatchNorm (+ ReLU). Training: the conv computes
   the batch moments of its output chunk by chunk (``after`` hook), the
   BatchNorm's normalisation (+ ReLU) is left pending for the next step.
-  Inference without caches (``predict``): one conv with the BatchNorm folded
-  into its weights (+ ReLU). Backward: the BatchNorm's input gradient runs in
-  the conv's chunks (``before`` hook).
+  Backward: the BatchNorm's input gradient runs in the conv's chunks
+  (``before`` hook). ``predict`` compiles these steps further into its own
+  plan (``nn/inference.py``: BatchNorm folded into the conv, pools fused).
 - :class:`BNReLU`: a BatchNorm (+ ReLU) after anything else: normalisation
   left pending, backward as above.
 - :class:`Single`: any other layer on its own; a layer with chunk hooks
@@ -158,12 +158,10 @@ class BNReLU(Step):
 class ConvBNReLU(Step):
     """Conv2D, BatchNorm, then optionally a ReLU (``relu`` None: Conv2D + BatchNorm).
 
-    Training (and inference with caches): the conv, with the batch moments of its output computed in
-    its chunks when the BatchNorm uses batch statistics, then the BatchNorm (+ ReLU) left pending.
-    Inference without caches (``predict``): one conv whose weights have the BatchNorm folded in
-    (``W * s``, ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``), + ReLU: the same
-    values as the separate layers up to float rounding. Backward: the BatchNorm's input gradient is
-    written in the conv's chunks.
+    Forward: the conv, with the batch moments of its output computed in its chunks when the BatchNorm
+    uses batch statistics, then the BatchNorm (+ ReLU) left pending. Backward: the BatchNorm's input
+    gradient is written in the conv's chunks. (``predict`` runs its own plan, ``nn/inference.py``, with
+    the BatchNorm folded into the conv's weights.)
     """
 
     def __init__(self, start: int, conv: Conv2D, bn: BatchNorm, relu: ReLU | None = None):
@@ -172,21 +170,8 @@ class ConvBNReLU(Step):
         self.norm = BNReLU(start + 1, bn, relu)
         self.hooked = takes_hooks(conv)
 
-    def folded_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(kernel, bias) of the conv with the BatchNorm's inference affine folded in, in the kernel's dtype."""
-        scale, shift = self.norm.bn.inference_affine()
-        conv = self.conv
-        dtype = conv.params["W"].dtype
-        kernel = (conv.params["W"] * scale).astype(dtype, copy=False)
-        bias = shift if not conv.use_bias else conv.params["b"] * scale + shift
-        return kernel, bias.astype(dtype, copy=False)
-
     def forward(self, x, training, cache):
         array, before = _input(x, self.hooked)
-        if not training and not cache:
-            kernel, bias = self.folded_weights()
-            relu = self.norm.relu is not None
-            return Pending(self.conv.forward_with(array, kernel, bias, relu=relu, before=before))
         moments = ChunkResults(_channel_moments) if self.norm.bn.uses_batch_statistics(training) else None
         y = self.conv.forward(array, training, cache, before=before, after=moments)
         combined = None if moments is None else F.combine_moments(moments.ordered())

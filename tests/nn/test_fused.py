@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax
+from breastcnn.nn import inference
 from breastcnn.nn import parallel as P
 from breastcnn.nn.parallel import engine_threads
 from breastcnn.nn.steps import BNReLU, ConvBNReLU, Single
@@ -157,8 +158,8 @@ def _with_moving_stats(m, rng):
 
 @pytest.mark.parametrize("padding, use_bias", [("valid", True), ("same", False)])
 def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
-    """predict() runs Conv2D + BatchNorm (+ ReLU) as one conv with folded weights: same probabilities
-    as the separate inference layers, whether a ReLU follows or not."""
+    """predict() runs Conv2D + BatchNorm (+ ReLU) as one conv with folded weights (nn/inference.py), folded
+    once and kept: same probabilities as the separate inference layers, whether a ReLU follows or not."""
     rng = np.random.default_rng(4)
     layers = [Conv2D(4, 3, strides=2, padding=padding, use_bias=use_bias), BatchNorm(), ReLU(),
               Conv2D(6, 3, padding=padding, use_bias=use_bias), BatchNorm(),          # no ReLU after this one
@@ -166,17 +167,23 @@ def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
     m = _with_moving_stats(Sequential(layers, input_shape=(13, 13, 3), seed=0), rng)
     x = rng.normal(size=(5, 13, 13, 3)).astype(np.float32)
     folded = []
-    orig = Conv2D.forward_with
-    monkeypatch.setattr(Conv2D, "forward_with",
-                        lambda self, *a, **kw: (folded.append(kw.get("relu")), orig(self, *a, **kw))[1])
+    orig = inference.fold_batchnorm
+    monkeypatch.setattr(inference, "fold_batchnorm",
+                        lambda conv, bn: (folded.append((conv.name, bn.name)), orig(conv, bn))[1])
+    assert [repr(op) for op in m.predict_plan().ops] == [
+        "ConvOp(conv2d_1, batch_norm_1, relu_1)", "ConvOp(conv2d_2, batch_norm_2)", "DenseOp(flatten_1, dense_1)",
+        "LayerOp(softmax_1)"]
     expected = m.forward(x, training=False)           # cached forward: the separate layers
     assert folded == []
     got = m.predict(x, batch_size=2)
-    assert folded == [True, False] * 3                # three batches, two folded convs each
+    assert folded == [("conv2d_1", "batch_norm_1"), ("conv2d_2", "batch_norm_2")]   # once for three batches
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m.predict(x, batch_size=2), got)
+    assert len(folded) == 2                           # kept: the weights did not change
     # in float64 the folding is exact up to float64 rounding (predict returns float32)
     m.astype(np.float64)
     np.testing.assert_allclose(m.predict(x), m.forward(x).astype(np.float32), rtol=2e-7, atol=1e-8)
+    assert len(folded) == 4                           # folded again for the new dtype
 
 
 @pytest.mark.parametrize("upto", [1, 3, 4])

@@ -9,6 +9,7 @@ import pytest
 from breastcnn.models import create_model
 from breastcnn.nn import BatchNorm, Conv2D, MaxPool2D, ReLU
 from breastcnn.nn import functional as F
+from breastcnn.nn import inference as I
 from breastcnn.nn import layers as L
 from breastcnn.nn import parallel as P
 from tests.nn.gradcheck import check_layer
@@ -18,6 +19,7 @@ from tests.nn.gradcheck import check_layer
 def tiny_chunks(monkeypatch):
     """Force many chunks (1 image / a few rows each) so that tiny test arrays take the chunked paths."""
     monkeypatch.setattr(L, "chunk_size", lambda bytes_per_sample, budget=0: 1)
+    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)   # predict's images
 
 
 def _built(layer, shape, seed=0):
@@ -182,6 +184,7 @@ def test_chunked_gradients_match_unchunked(monkeypatch):
     # gradients that are 0 up to round-off, hence the tolerance relative to each array's scale
     loss_plain, g_plain = _gradients(1)
     monkeypatch.setattr(L, "chunk_size", lambda bytes_per_sample, budget=0: 1)
+    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)   # predict's images
     loss_chunk, g_chunk = _gradients(2)
     assert loss_chunk == pytest.approx(loss_plain, rel=1e-5)
     for key, ref in g_plain.items():
