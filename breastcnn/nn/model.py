@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from breastcnn.errors import UserInputError
+from breastcnn.nn.inference import PredictPlan
 from breastcnn.nn.layers import Layer, Softmax
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.optim import Adam
@@ -46,7 +47,6 @@ from breastcnn.nn.parallel import (
     map_batches,
     resolve_jobs,
 )
-from breastcnn.nn.inference import PredictPlan
 from breastcnn.nn.steps import Step, compile_steps, run_backward, run_forward
 
 _DEFAULT_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "BatchNorm": "batch_norm", "MaxPool2D": "max_pool2d",
