@@ -41,9 +41,9 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from breastcnn import __version__
 from breastcnn.errors import BreastCNNError, MissingDependencyError, UserInputError
@@ -81,7 +81,7 @@ class ModelPayload:
     """The model file's path on the client (for messages)."""
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "ModelPayload":
+    def from_path(cls, path: str | os.PathLike) -> ModelPayload:
         path = Path(path)
         names = [path]
         if path.suffix.lower() == ".keras":
@@ -107,9 +107,9 @@ class SlideSource:
     path: str
 
 
-_MODELS: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+_MODELS: collections.OrderedDict[str, object] = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
-MODEL_LOADS: "collections.Counter[str]" = collections.Counter()
+MODEL_LOADS: collections.Counter[str] = collections.Counter()
 """How many times this process loaded each shipped model (by digest): once, then the cache answers."""
 
 
@@ -241,7 +241,7 @@ def predict_paths_task(model_source, paths: Sequence[str], read_paths: Sequence[
     decoded = _decode_chunk(list(read_paths), size)
     # error messages name the path as the user gave it
     decoded = [(img, None if err is None else err.replace(read, shown, 1))
-               for (img, err), read, shown in zip(decoded, read_paths, paths)]
+               for (img, err), read, shown in zip(decoded, read_paths, paths, strict=True)]
     return chunk_predictions(model, list(paths), decoded, threshold, batch_size, threads)
 
 
