@@ -28,6 +28,14 @@ SYNTH_SCALE = 0.1  # 202 images at 200X, 82 patients
 SYNTH_IMAGE_SIZE = 64  # every training on the session split uses it, so its image cache is built once
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that uses TensorFlow (the ``keras`` fixture, directly or through another fixture) gets the
+    ``keras`` mark, so ``pytest -m "not slow and not keras"`` leaves TensorFlow out altogether."""
+    for item in items:
+        if "keras" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.keras)
+
+
 @pytest.fixture(scope="session")
 def keras():
     """The ``keras`` module (TensorFlow backend), or skip/fail when absent."""
