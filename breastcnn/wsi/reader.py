@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn.cluster import SlideSource
+from breastcnn.data.images import _to_rgb
 from breastcnn.errors import MissingDependencyError, UserInputError
 
 PLAIN_IMAGE_MAX_PIXELS = 400_000_000
@@ -354,8 +355,6 @@ class ImageReader(SlideReader):
     def __init__(self, path):
         super().__init__(path)
         from PIL import Image
-
-        from breastcnn.data.images import _to_rgb
 
         # Pillow refuses > 2 x MAX_IMAGE_PIXELS at open time. The guard is a module global: it is
         # lifted only while the header is parsed, under a lock, and our own cap replaces it.
