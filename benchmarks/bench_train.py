@@ -82,7 +82,7 @@ def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeat
 
 def _l2_sweep(root: Path, split_dir: Path, image_size: int, jobs: int, seeds: int, patience: int) -> None:
     from breastcnn.data.split import load_split
-    from breastcnn.inference import evaluate_model
+    from breastcnn.evaluation import evaluate_model
     from breastcnn.models import load_model
     from breastcnn.train import TrainConfig, run_training
 

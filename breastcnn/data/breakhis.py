@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from breastcnn import CLASSES
+from breastcnn.data.images import open_rgb
 from breastcnn.errors import UserInputError
 
 BREAKHIS_URL = "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"
@@ -206,7 +207,8 @@ def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record]
             rel = full.relative_to(data_root).as_posix()
             # {benign,malignant}/SOB/<subtype>/<slide>/<mag>/<file>
             if len(rel_breast) != 6 or rel_breast[0] not in CLASSES:
-                warnings.append(f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; skipped")
+                warnings.append(f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; "
+                                "skipped")
                 continue
             label, _, subtype, slide, mag_dir, _ = rel_breast
             magnification = mag_dir.upper()
@@ -240,8 +242,6 @@ def _folder_candidates(data_root: Path) -> tuple[list[Record], int, list[str]]:
 
 def check_decodes(path: str | os.PathLike) -> str | None:
     """Decode ``path`` fully; None when fine, else a short reason."""
-    from breastcnn.data.images import open_rgb
-
     try:
         open_rgb(path)
     except Exception as exc:  # any decoder failure makes the file unusable
@@ -285,7 +285,7 @@ def verify_images(listing: ScanResult, jobs: int = 1, progress: Callable[[int], 
     warnings, unreadable, kept = list(listing.warnings), list(listing.unreadable), []
     if listing.records:
         reasons = _map_chunks(_check_chunk, [str(listing.root / r.path) for r in listing.records], jobs, progress)
-        for record, reason in zip(listing.records, reasons):
+        for record, reason in zip(listing.records, reasons, strict=True):
             if reason is None:
                 kept.append(record)
             else:
@@ -307,7 +307,7 @@ def _map_chunks(fn, items: list, jobs: int, progress, chunk: int = 64) -> list:
     from joblib import Parallel, delayed
 
     results = Parallel(n_jobs=jobs, return_as="generator")(delayed(fn)(part) for part in chunks)
-    for part, result in zip(chunks, results):
+    for part, result in zip(chunks, results, strict=True):
         out.extend(result)
         if progress:
             progress(len(part))

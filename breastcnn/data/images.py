@@ -18,8 +18,9 @@ import os
 import re
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -28,8 +29,16 @@ from breastcnn import CLASSES, __version__
 from breastcnn.errors import BreastCNNWarning, UserInputError
 from breastcnn.fsutil import atomic_write, atomic_write_json
 
-if TYPE_CHECKING:
-    from breastcnn.data.split import Split
+
+class SplitSubsets(Protocol):
+    """What the cache reads of a loaded split (:class:`breastcnn.data.split.Split`, which satisfies this;
+    typed structurally because ``data/split.py`` imports this module)."""
+
+    dir: Path
+    root: Path
+    hash: str
+
+    def subset(self, name: str) -> Sequence: ...
 
 MAX_PIXELS = 64_000_000
 """Refuse images larger than this many pixels (decompression-bomb guard; BreakHis images are 0.32 MP)."""
@@ -43,6 +52,7 @@ cores. What ``--jobs`` spreads is decoding (or drawing) images, which scales wit
 two chunks of images are handled in-process anyway, so small inputs pay no worker start-up."""
 
 PREPROCESS_MODES = ("caffe", "minmax")
+"""What :func:`preprocess` accepts (the one list: ``train --preprocess`` and ``ModelSpec`` check against it)."""
 
 RESAMPLE = Image.Resampling.LANCZOS
 """Resize filter: antialiased Lanczos (Pillow widens the kernel when downsampling)."""
@@ -158,7 +168,7 @@ def deprocess(x: np.ndarray, mode: str) -> np.ndarray:
 CACHE_DIR_NAME = "cache"
 
 
-def cache_paths(split: "Split", subset: str, image_size: int) -> tuple[Path, Path, Path]:
+def cache_paths(split: SplitSubsets, subset: str, image_size: int) -> tuple[Path, Path, Path]:
     """``(x.npy, y.npy, meta.json)`` paths of the cache of ``subset`` at ``image_size``."""
     stem = f"{subset}-{image_size}-{split.hash[:16]}"
     base = Path(split.dir) / CACHE_DIR_NAME
@@ -175,7 +185,7 @@ def _checksum(arr: np.ndarray) -> str:
 
 
 def load_subset(
-    split: "Split",
+    split: SplitSubsets,
     subset: str,
     image_size: int,
     jobs: int = 1,
@@ -242,7 +252,7 @@ def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk
         from joblib import Parallel, delayed
 
         results = Parallel(n_jobs=jobs, return_as="generator")(delayed(decode_many)(c, image_size) for c in chunks)
-    for c, part in zip(chunks, results):
+    for c, part in zip(chunks, results, strict=True):
         if progress:
             progress(len(c))
         yield part

@@ -21,9 +21,9 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from breastcnn.data.breakhis import (
     scan,
     verify_images,
 )
+from breastcnn.data.images import owned_cache_files
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
 
@@ -141,7 +142,7 @@ def split_by_patient(
         names = sorted(sizes)
         counts = np.array([sizes[n] for n in names], dtype=np.float64)
         best = _best_assignment(counts, np.asarray(ratios, dtype=np.float64), rng, trials)
-        assignment.update({(label, n): SUBSETS[s] for n, s in zip(names, best)})
+        assignment.update({(label, n): SUBSETS[s] for n, s in zip(names, best, strict=True)})
     # a patient with images in both classes (never in BreakHis) stays with its first class's subset
     first: dict[str, str] = {}
     rows = []
@@ -247,7 +248,8 @@ def load_split(split_dir: str | os.PathLike = DEFAULT_SPLIT_DIR) -> Split:
     except ValueError as exc:
         raise UserInputError(f"{info_path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict):
-        raise UserInputError(f"{info_path}: expected a JSON object, got {type(info).__name__}; re-run 'breastcnn split'")
+        raise UserInputError(f"{info_path}: expected a JSON object, got {type(info).__name__}; "
+                             "re-run 'breastcnn split'")
     rows = _parse_rows(manifest, data)
     root = info.get("data_root")
     if not root or not isinstance(root, str):
@@ -361,8 +363,6 @@ def _previous_split(out: Path) -> tuple[set[str], list[Path]]:
     plus the image caches ``train`` wrote into their ``cache/`` folders (recognised
     by the caches' own metadata). Nothing else in ``out`` is ours.
     """
-    from breastcnn.data.images import owned_cache_files
-
     owned: set[str] = set()
     roots: list[Path] = []
     bases = [out] + sorted(p for p in out.iterdir() if _FOLD_RE.match(p.name) and p.is_dir() and not p.is_symlink())
@@ -506,6 +506,23 @@ def create_split(
                               group, jobs, progress, on_scanned)
 
 
+def _effective_by(result, by: str, warnings: list[str]) -> str:
+    """How the scanned images will be split (a folder-per-class tree has no patients), with the warnings
+    that go with it (one class only; patient leakage) appended to ``warnings``."""
+    labels = sorted({r.label for r in result.records})
+    if len(labels) < len(CLASSES):
+        warnings.append(f"only {labels[0]} images were found under {result.root}: a classifier needs both "
+                        f"{' and '.join(CLASSES)} images ('breastcnn train' refuses this split)")
+    effective_by = by
+    if result.layout == "folders" and by == "patient":
+        effective_by = "image"
+        warnings.append("folder-per-class tree has no patient information: split by image")
+    if effective_by == "image" and result.layout == "breakhis":
+        warnings.append("--by image puts images of the same patient in train and test (patient leakage); "
+                        "scores will be optimistic")
+    return effective_by
+
+
 def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, materialize, strict, force, group,
                    jobs, progress, on_scanned) -> dict:
     """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
@@ -516,23 +533,13 @@ def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, mate
     warnings = list(result.warnings)
     if result.unreadable and strict:
         raise UserInputError(
-            f"{len(result.unreadable)} unreadable image(s) under {result.root} (--strict), first: {result.unreadable[0]}"
+            f"{len(result.unreadable)} unreadable image(s) under {result.root} (--strict), "
+            f"first: {result.unreadable[0]}"
         )
     if not result.records:
         raise UserInputError(f"no readable images for --mag {mag} under {result.root}")
     root = result.root
-    labels = sorted({r.label for r in result.records})
-    if len(labels) < len(CLASSES):
-        warnings.append(f"only {labels[0]} images were found under {root}: a classifier needs both "
-                        f"{' and '.join(CLASSES)} images ('breastcnn train' refuses this split)")
-
-    effective_by = by
-    if result.layout == "folders" and by == "patient":
-        effective_by = "image"
-        warnings.append("folder-per-class tree has no patient information: split by image")
-    if effective_by == "image" and result.layout == "breakhis":
-        warnings.append("--by image puts images of the same patient in train and test (patient leakage); "
-                        "scores will be optimistic")
+    effective_by = _effective_by(result, by, warnings)
     base_info = {
         "format": FORMAT_VERSION,
         "created_by": f"breastcnn {__version__}",
@@ -568,7 +575,8 @@ def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, mate
     if foreign:
         raise UserInputError(
             f"{out / foreign[0]} exists and was not written by 'breastcnn split' (not recorded in a split.json "
-            f"there){f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; move it away or choose another --out"
+            f"there){f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; "
+            "move it away or choose another --out"
         )
     if force:
         _remove_recorded(out, owned, [root, *previous_roots])

@@ -10,7 +10,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
-from tests.data.conftest import make_breakhis_tree, tree_digest
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ def _run(runner, args, env=None):
     return runner.invoke(app, args, env={"BREASTCNN_NO_PROGRESS": "1", **(env or {})})
 
 
-def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch):
+def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch, make_breakhis_tree, tree_digest):
     data = make_breakhis_tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BREAKHIS_DIR", raising=False)
@@ -38,7 +37,7 @@ def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch):
     assert forced.exit_code == 0
 
 
-def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeypatch):
+def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeypatch, make_breakhis_tree):
     """Issue 16 item 6: an existing output is refused before the (expensive) decode check of every image."""
     from breastcnn.data import breakhis
 
@@ -63,7 +62,7 @@ def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeyp
     assert _run(runner, [*args, "--force"]).exit_code == 0  # --force still decodes and rewrites
 
 
-def test_json_only_on_stdout(runner, tmp_path):
+def test_json_only_on_stdout(runner, tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path)
     out = tmp_path / "s"
     result = _run(runner, ["split", "--data", str(data), "--mag", "200", "--out", str(out), "--json", "-j", "2"])
@@ -92,7 +91,7 @@ def test_bad_mag_lists_valid_values(runner, tmp_path):
     assert "40X, 100X, 200X, 400X" in result.stderr
 
 
-def test_folds_and_image_split(runner, tmp_path):
+def test_folds_and_image_split(runner, tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path, traps=False)
     result = _run(runner, ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "k"),
                            "--folds", "2", "--json", "-j", "1"])
