@@ -90,3 +90,31 @@ def count_200x(patients=(6, 10), images=(4, 4)) -> tuple[int, int]:
 @pytest.fixture
 def breakhis_tree(tmp_path) -> Path:
     return make_breakhis_tree(tmp_path / "src")
+
+
+def make_plan_tree(root: Path, scale: float = 0.01, mags=("40X", "100X", "200X", "400X"), seed: int = 0) -> Path:
+    """``root/BreaKHis_v1`` with tiny (8x8) PNGs at the paths ``breastcnn synth`` would draw: the 82 patients
+    with the real per-subtype counts, every subtype, the given magnifications (fast: no tissue is drawn)."""
+    from breastcnn.data import synth
+
+    rng = np.random.default_rng(seed)
+    data = root / "BreaKHis_v1"
+    for spec in synth.plan(scale, mags):
+        _png(data / spec.path, rng, size=(8, 8))
+    (data / "README.txt").write_text(synth.MARKER)
+    return data
+
+
+def plan_records(scale: float = 1.0, mags=("200X",)):
+    """The records a split of ``breastcnn synth --scale SCALE --mags MAGS`` sees, without drawing any image."""
+    from breastcnn.data import synth
+    from breastcnn.data.breakhis import Record
+
+    return [Record(s.path, s.patient.label, s.patient.subtype, s.patient.folder, s.magnification)
+            for s in synth.plan(scale, mags)]
+
+
+@pytest.fixture(scope="module")
+def multimag_tree(tmp_path_factory) -> Path:
+    """All 82 synthetic patients at 40X, 100X, 200X and 400X, one tiny image each (328 images)."""
+    return make_plan_tree(tmp_path_factory.mktemp("multimag"))
