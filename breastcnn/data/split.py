@@ -56,6 +56,9 @@ STRATIFY = ("subtype", "class")
 """What a patient-wise split balances: ``subtype`` (each subset gets patients of every subtype where
 there are enough, image ratios met per class) or ``class`` (per class only: the splits of 0.1.0)."""
 DEFAULT_STRATIFY = "subtype"
+SUBTYPE_WEIGHT = 0.1
+"""With ``stratify="subtype"``: weight of the subtypes' image ratios beside the class's in the distance a
+patient-wise split minimises (measured: see docs/internals.md)."""
 FORMAT_VERSION = 1
 _FOLD_RE = re.compile(r"^fold(\d+)$")
 
@@ -240,6 +243,8 @@ def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Gene
             if strata is not None:
                 seen[k, s] += 1
         score = np.abs(filled - targets).sum() + 1e9 * broken(members, seen)
+        if strata is not None:
+            score += SUBTYPE_WEIGHT * np.abs(_stratum_gaps(choice, counts, strata, ratios)).sum()
         if score < best_score:
             best, best_score = choice.copy(), score
     if strata is None:
@@ -250,48 +255,82 @@ def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Gene
         seen = np.bincount(strata * n_subsets + choice, minlength=n_strata * n_subsets).reshape(n_strata, n_subsets)
         return broken(np.bincount(choice, minlength=n_subsets), seen)
 
-    return _polish(best, counts, targets, ratios > 0, broken_of)
+    return _polish(best, counts, ratios, strata, broken_of)
 
 
-def _polish(choice: np.ndarray, counts: np.ndarray, targets: np.ndarray, wanted: np.ndarray,
+def _stratum_gaps(choice: np.ndarray, counts: np.ndarray, strata: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """``(K, S)`` images of each stratum in each subset minus ``ratios`` times the stratum's images."""
+    n_strata, n_subsets = int(strata.max()) + 1, len(ratios)
+    filled = np.bincount(strata * n_subsets + choice, weights=counts, minlength=n_strata * n_subsets)
+    totals = np.bincount(strata, weights=counts, minlength=n_strata)
+    return filled.reshape(n_strata, n_subsets) - totals[:, None] * ratios[None, :]
+
+
+def _distance(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
+              norm: Callable[[np.ndarray], np.ndarray] = np.abs) -> float:
+    """What :func:`_polish` minimises: ``norm`` of the class gaps (images in each subset minus its ratio of
+    the images) summed, plus :data:`SUBTYPE_WEIGHT` times that of every stratum's gaps."""
+    gap = np.bincount(choice, weights=counts, minlength=len(ratios)) - ratios * counts.sum()
+    return float(norm(gap).sum() + SUBTYPE_WEIGHT * norm(_stratum_gaps(choice, counts, strata, ratios)).sum())
+
+
+def _step_changes(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
+                  norm: Callable[[np.ndarray], np.ndarray] = np.abs) -> tuple[np.ndarray, np.ndarray]:
+    """The change of :func:`_distance` for every single step from ``choice``, without recomputing it.
+
+    ``move`` ``(G, S)``: group ``i`` to subset ``s``; ``swap`` ``(G, G)``: groups ``i`` and ``j``
+    trade subsets (``i < j`` in different subsets). Steps that are no step are ``inf``.
+    """
+    n_groups, n_subsets = len(counts), len(ratios)
+    a, k = choice, strata
+    gap = np.bincount(a, weights=counts, minlength=n_subsets) - ratios * counts.sum()  # (S,) over (+), under (-)
+    sgap = _stratum_gaps(a, counts, strata, ratios)  # (K, S)
+    c_i, c_j = counts[:, None], counts[None, :]
+    trade = c_j - c_i  # (G, G): what i's subset gains when i and j swap
+
+    def change(g, add):
+        return norm(g + add) - norm(g)
+
+    move = change(gap[a], -counts)[:, None] + change(gap[None, :], c_i)
+    move += SUBTYPE_WEIGHT * (change(sgap[k, a], -counts)[:, None] + change(sgap[k], c_i))
+    move[np.arange(n_groups), a] = np.inf
+    move[:, ratios <= 0] = np.inf
+    swap = change(gap[a][:, None], trade) + change(gap[a][None, :], -trade)
+    own_i, own_j = sgap[k, a][:, None], sgap[k, a][None, :]  # i's stratum at a[i], j's at a[j]
+    i_at_j, j_at_i = sgap[k[:, None], a[None, :]], sgap[k[None, :], a[:, None]]
+    swap += SUBTYPE_WEIGHT * np.where(
+        k[:, None] == k[None, :], change(own_i, trade) + change(i_at_j, -trade),
+        change(own_i, -c_i) + change(i_at_j, c_i) + change(own_j, -c_j) + change(j_at_i, c_j))
+    swap[np.tri(n_groups, dtype=bool) | (a[:, None] == a[None, :])] = np.inf
+    return move, swap
+
+
+def _polish(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
             broken_of: Callable[[np.ndarray], int]) -> np.ndarray:
-    """Hill climbing from an assignment ``choice`` ``(G,)`` of groups with ``counts`` ``(G,)`` to subsets.
+    """Hill climbing from an assignment ``choice`` ``(G,)`` of groups with ``counts`` ``(G,)`` and
+    ``strata`` ``(G,)`` to subsets with ``ratios`` ``(S,)``.
 
     Applies the move of one group to another wanted subset, or the swap of two
-    groups in different subsets, that lowers the distance ``sum |filled - targets|``
-    most (ties: the sum of squares, so that an unavoidable excess is shared
-    between subsets) without breaking more coverage rules (``broken_of``), until
-    none lowers it. Deterministic; every step strictly improves, so it ends.
+    groups in different subsets, that lowers :func:`_distance` most (ties: the
+    same sums of squares, so that an unavoidable excess is shared between
+    subsets) without breaking more coverage rules (``broken_of``), until none
+    lowers it. Deterministic; every step strictly improves, so it ends.
     """
     choice = choice.copy()
-    n_groups, n_subsets = len(counts), len(targets)
-    rows = np.arange(n_groups)
-    trade = counts[None, :] - counts[:, None]  # (G, G): what i's subset gains when i and j swap
-    same_pair = np.tri(n_groups, dtype=bool)  # each pair once, never a group with itself
+    n_moves = len(counts) * len(ratios)
     while True:
-        gap = np.bincount(choice, weights=counts, minlength=n_subsets) - targets  # (S,) over (+) or under (-)
-        here = gap[choice]  # (G,) the gap of each group's subset
-        deltas = []
-        for norm in (np.abs, np.square):  # the change of the distance, then of the tie-break
-            # move[i, s]: group i leaves its subset for subset s
-            move = (norm(here - counts) - norm(here))[:, None] + norm(gap[None, :] + counts[:, None]) - norm(gap)
-            move[rows, choice] = np.inf
-            move[:, ~wanted] = np.inf
-            swap = (norm(here[:, None] + trade) - norm(here)[:, None]
-                    + norm(here[None, :] - trade) - norm(here)[None, :])
-            swap[same_pair | (choice[:, None] == choice[None, :])] = np.inf
-            deltas.append(np.concatenate([move.ravel(), swap.ravel()]))
-        first, second = deltas
+        first, second = (np.concatenate([d.ravel() for d in _step_changes(choice, counts, ratios, strata, norm)])
+                         for norm in (np.abs, np.square))
         first = np.where(np.abs(first) <= 1e-9, 0.0, first)  # equal distances: the tie-break decides
         better = (first < 0) | ((first == 0) & (second < -1e-9))
         before = broken_of(choice)
         for flat in np.lexsort((second, first))[: int(better.sum())]:
             trial = choice.copy()
-            if flat < n_groups * n_subsets:
-                i, s = divmod(int(flat), n_subsets)
+            if flat < n_moves:
+                i, s = divmod(int(flat), len(ratios))
                 trial[i] = s
             else:
-                i, j = divmod(int(flat) - n_groups * n_subsets, n_groups)
+                i, j = divmod(int(flat) - n_moves, len(counts))
                 trial[i], trial[j] = choice[j], choice[i]
             if broken_of(trial) <= before:
                 choice = trial

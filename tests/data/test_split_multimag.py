@@ -197,6 +197,56 @@ def test_every_subset_gets_every_subtype_and_ratios_hold(mags, seed):
             assert abs(sum(r.split == subset for r in at) / len(at) - ratio) < 0.015
 
 
+@pytest.mark.parametrize("mags", [("200X",), ALL], ids=["200X", "all"])
+def test_folds_keep_each_subtypes_image_ratio(mags):
+    """70/30 (the Spanhol protocol): each subtype's images are split close to 70/30 too (0.1.0: up to 59 points
+    off), while the class ratios stay within 0.2 points."""
+    records = plan_records(1.0, mags)
+    worst_old = 0.0
+    for seed in range(3):
+        rows = split_by_patient(records, (0.7, 0.0, 0.3), seed=seed)
+        old = split_by_patient(records, (0.7, 0.0, 0.3), seed=seed, stratify="class")
+        for group in (*SUBTYPE_CLASSES, "benign", "malignant"):
+            part = [r for r in rows if group in (r.subtype, r.label)]
+            share = sum(r.split == "test" for r in part) / len(part)
+            assert abs(share - 0.3) < (0.12 if group in SUBTYPE_CLASSES else 0.002), (seed, group, share)
+            if group in SUBTYPE_CLASSES:
+                before = [r for r in old if r.subtype == group]
+                worst_old = max(worst_old, abs(sum(r.split == "test" for r in before) / len(before) - 0.3))
+    assert worst_old > 0.2
+
+
+def test_polish_step_changes_match_the_recomputed_distance():
+    """The vectorised change of every move and swap equals the distance recomputed after the step."""
+    from breastcnn.data.split import _distance, _step_changes
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(2, 10))
+        counts = rng.integers(1, 50, n).astype(np.float64)
+        strata = np.unique(rng.integers(0, 3, n), return_inverse=True)[1]
+        ratios = np.array([0.8, 0.1, 0.1]) if rng.random() < 0.7 else np.array([0.7, 0.0, 0.3])
+        choice = rng.integers(0, 3, n)
+        for norm in (np.abs, np.square):
+            move, swap = _step_changes(choice, counts, ratios, strata, norm)
+            base = _distance(choice, counts, ratios, strata, norm)
+            steps = 0
+            for i in range(n):
+                for s in np.flatnonzero(np.isfinite(move[i])):
+                    after = choice.copy()
+                    after[i] = s
+                    assert _distance(after, counts, ratios, strata, norm) - base == pytest.approx(move[i, s], abs=1e-6)
+                    steps += 1
+                for j in np.flatnonzero(np.isfinite(swap[i])):
+                    after = choice.copy()
+                    after[i], after[j] = choice[j], choice[i]
+                    assert _distance(after, counts, ratios, strata, norm) - base == pytest.approx(swap[i, j], abs=1e-6)
+                    assert i < j and choice[i] != choice[j]
+                    steps += 1
+            assert steps == np.isfinite(move).sum() + np.isfinite(swap).sum() > 0
+            assert not np.isfinite(move[:, ratios == 0]).any()  # never into a subset with ratio 0
+
+
 def test_class_only_stratification_misses_subtypes_that_subtype_stratification_covers():
     """The behaviour of 0.1.0 (per class only) leaves subsets without some subtype for every one of these seeds."""
     records = plan_records(1.0, ("200X",))
