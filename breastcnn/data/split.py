@@ -4,8 +4,9 @@ A split directory holds ``manifest.csv`` (columns exactly
 ``path,label,subtype,patient,magnification,split``; ``path`` relative to the
 data root) and ``split.json`` (data root, options, seed, counts, the manifest
 hash). A split may cover several magnifications (``--mag all``, ``--mag
-40X,200X``): a patient's images at every one of them go to the same subset. A k-fold split directory holds ``fold1/ .. foldK/``, each a split
-directory of its own, and a top-level ``split.json`` with ``"kind": "kfold"``.
+40X,200X``): a patient's images at every one of them go to the same subset.
+A k-fold split directory holds ``fold1/ .. foldK/``, each a split directory of
+its own, and a top-level ``split.json`` with ``"kind": "kfold"``.
 
 Everything is deterministic for a seed: the same data and seed give a
 byte-identical manifest (rows sorted by path, ``\\n`` line ends).
@@ -189,7 +190,8 @@ def _subtype_strata(records: Sequence[Record], names: Sequence[str], group: str)
 
 def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Generator, trials: int,
                      strata: np.ndarray | None = None) -> np.ndarray:
-    """Subset index per group ``(G,)`` minimising the distance of image counts to ``ratios * total``.
+    """Subset index per group ``(G,)`` minimising the distance of image counts to ``ratios * total``
+    (with ``strata``: plus :data:`SUBTYPE_WEIGHT` times that of each stratum's, see :func:`_distance`).
 
     ``counts`` ``(G,)`` images per group; ``strata`` ``(G,)`` int stratum (subtype) per group, or None.
     Coverage rules, kept by the greedy pass and checked in the score (a trial that
