@@ -135,7 +135,8 @@ def parse_mags(mags: str | Sequence[str], option: str = "--mag") -> tuple[str, .
         text = item.upper()
         text = text if text.endswith("X") else text + "X"
         if text not in MAGNIFICATIONS:
-            raise UserInputError(f"{option}: unknown magnification {item!r} in {','.join(items)!r}; valid values: "
+            within = f" in {','.join(items)!r}" if len(items) > 1 else ""
+            raise UserInputError(f"{option}: unknown magnification {item!r}{within}; valid values: "
                                  "40X, 100X, 200X, 400X (or 40, 100, 200, 400), comma-separated, or all")
         chosen.add(text)
     if not chosen:
