@@ -74,7 +74,8 @@ def _synth_split(tmp_path_factory, folds: int = 0) -> Path:
         generate(data, scale=SYNTH_SCALE, seed=0, jobs=2)
     split_dir = base / (f"split-k{folds}" if folds else "split")
     if not (split_dir / "split.json").is_file():
-        create_split(data, out=split_dir, folds=folds, seed=0, jobs=1)
+        # stratify="class": the step counts and trajectories asserted in the training tests were measured on it
+        create_split(data, out=split_dir, folds=folds, seed=0, jobs=1, stratify="class")
     return split_dir
 
 
@@ -222,6 +223,14 @@ def tree_digest():
 def breakhis_tree(tmp_path) -> Path:
     """A default tree (with traps) in this test's tmp_path."""
     return _make_breakhis_tree(tmp_path / "src")
+
+
+@pytest.fixture(scope="module")
+def multimag_tree(tmp_path_factory) -> Path:
+    """All 82 synthetic patients at 40X, 100X, 200X and 400X, one tiny image each (328 images)."""
+    from tests.data.plans import make_plan_tree
+
+    return make_plan_tree(tmp_path_factory.mktemp("multimag"))
 
 
 @pytest.fixture(scope="session")

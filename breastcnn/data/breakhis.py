@@ -124,6 +124,34 @@ def parse_mag(mag: str, allow_all: bool = True) -> str | None:
     return text
 
 
+def parse_mags(mags: str | Sequence[str], option: str = "--mag") -> tuple[str, ...]:
+    """A selection of magnifications, in increasing order: ``"all"`` -> all four;
+    ``"200,40x"``, ``"40X+200X"`` (as :func:`mags_label` names it) or ``["40X", "200X"]``
+    -> ``("40X", "200X")``; ``"200X"`` -> ``("200X",)``."""
+    items = [str(m).strip() for m in (re.split(r"[,+]", mags) if isinstance(mags, str) else mags)]
+    if len(items) == 1 and items[0].lower() == "all":
+        return MAGNIFICATIONS
+    chosen = set()
+    for item in items:
+        text = item.upper()
+        text = text if text.endswith("X") else text + "X"
+        if text not in MAGNIFICATIONS:
+            within = f" in {','.join(items)!r}" if len(items) > 1 else ""
+            raise UserInputError(f"{option}: unknown magnification {item!r}{within}; valid values: "
+                                 "40X, 100X, 200X, 400X (or 40, 100, 200, 400), comma-separated, or all")
+        chosen.add(text)
+    if not chosen:
+        raise UserInputError(f"{option} must name at least one magnification, e.g. 200X")
+    return tuple(m for m in MAGNIFICATIONS if m in chosen)
+
+
+def mags_label(mags: Sequence[str]) -> str:
+    """How a selection of magnifications is named in folder names and ``split.json``:
+    ``"200X"``, ``"all"`` (all four), ``"40X+200X"``."""
+    mags = parse_mags(list(mags))
+    return "all" if mags == MAGNIFICATIONS else "+".join(mags)
+
+
 def is_image_name(name: str) -> bool:
     """True for visible files whose extension marks an image (case-insensitive)."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -190,8 +218,8 @@ def missing_data_message(root: Path) -> str:
     )
 
 
-def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record], int, list[str]]:
-    """Walk the BreakHis tree: image records (not yet decode-checked), ignored count, warnings."""
+def _breakhis_candidates(data_root: Path, mags: Sequence[str]) -> tuple[list[Record], int, list[str]]:
+    """Walk the BreakHis tree: image records at ``mags`` (not yet decode-checked), ignored count, warnings."""
     breast = data_root / "histology_slides" / "breast" if (data_root / "histology_slides").is_dir() else data_root
     records: list[Record] = []
     warnings: list[str] = []
@@ -218,7 +246,7 @@ def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record]
             if magnification not in MAGNIFICATIONS:
                 warnings.append(f"{rel}: unknown magnification folder {mag_dir!r}; skipped")
                 continue
-            if mag is not None and magnification != mag:
+            if magnification not in mags:
                 continue
             records.append(Record(rel, label, subtype, slide, magnification))
     return records, ignored, warnings
@@ -255,23 +283,24 @@ def _check_chunk(paths: Sequence[str]) -> list[str | None]:
 
 def scan(
     root: str | os.PathLike,
-    mag: str | None = "200X",
+    mag: str | Sequence[str] | None = "200X",
     verify: bool = True,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> ScanResult:
     """Find the images of a BreakHis (or folder-per-class) tree.
 
-    ``mag``: ``"200X"`` (or ``"200"``), or None / ``"all"`` for every
-    magnification (ignored for folder-per-class trees). With ``verify`` every
+    ``mag``: ``"200X"`` (or ``"200"``), several (``"40X,200X"`` or a list, see
+    :func:`parse_mags`), or None / ``"all"`` for every magnification (ignored
+    for folder-per-class trees). With ``verify`` every
     candidate is decoded (``jobs`` processes, ``progress(n)`` after each chunk);
     unreadable ones are left out and listed in ``warnings`` and ``unreadable``.
     Raises ``UserInputError`` when ``root`` holds no recognisable data.
     """
-    mag = None if mag is None else parse_mag(mag)
+    mags = MAGNIFICATIONS if mag is None else parse_mags(mag)
     data_root, layout = locate_data(root)
     if layout == "breakhis":
-        candidates, ignored, warnings = _breakhis_candidates(data_root, mag)
+        candidates, ignored, warnings = _breakhis_candidates(data_root, mags)
     else:
         candidates, ignored, warnings = _folder_candidates(data_root)
     candidates.sort()

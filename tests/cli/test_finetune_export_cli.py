@@ -27,7 +27,8 @@ def data(tmp_path_factory):
     result = invoke("synth", "--out", root, "--scale", "0.02", "--mags", "200X", "--jobs", "1")
     assert result.exit_code == 0, result.output
     split = root / "split"
-    result = invoke("split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1")
+    result = invoke("split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1",
+                    "--stratify", "class")  # the 64/9/9 counts asserted below
     assert result.exit_code == 0, result.output
     images = sorted((root / "BreaKHis_v1").rglob("*.png"))[:6]
     return {"root": root, "split": split, "images": images}

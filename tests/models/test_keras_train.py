@@ -23,7 +23,8 @@ def split_dir(tmp_path_factory):
     result = runner.invoke(app, ["synth", "--out", str(root), "--scale", "0.02", "--mags", "200X", "--jobs", "1"])
     assert result.exit_code == 0, result.output
     out = root / "split"
-    result = runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(out), "--jobs", "1"])
+    result = runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(out), "--jobs", "1",
+                                 "--stratify", "class"])  # the 64/9/9 counts asserted below
     assert result.exit_code == 0, result.output
     return out
 
