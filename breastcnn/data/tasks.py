@@ -16,7 +16,6 @@ from typing import Iterable
 import numpy as np
 
 from breastcnn import CLASSES
-from breastcnn.data.breakhis import Record
 from breastcnn.errors import UserInputError
 
 TASKS = ("binary", "subtype")
@@ -55,8 +54,12 @@ def check_task(task: str, option: str = "--task") -> str:
     return task
 
 
-def label_indices(records: Iterable[Record], task: str = DEFAULT_TASK, where: str = "manifest") -> np.ndarray:
+def label_indices(records: Iterable, task: str = DEFAULT_TASK, where: str = "manifest") -> np.ndarray:
     """Integer labels ``(N,)`` int64 of ``records`` for ``task``, in record order.
+
+    ``records``: manifest rows or scan records (anything with ``path``, ``label``
+    and ``subtype``; this vocabulary module imports no data module, so that the
+    image cache can use it without an import cycle).
 
     ``binary``: 0 benign, 1 malignant (the ``label`` column). ``subtype``: the
     index of the ``subtype`` column in :data:`SUBTYPE_CLASSES`; a record whose

@@ -163,7 +163,7 @@ def test_mag_list_tables_and_class_stratification(runner, tmp_path):
     (["--mag", "all,40X"], "--mag: unknown magnification 'all'"),
     (["--mag", "200X", "--stratify", "tissue"], "--stratify must be one of subtype, class"),
 ])
-def test_bad_mag_list_or_stratify_exit_2(runner, tmp_path, args, needle):
+def test_bad_mag_list_or_stratify_exit_2(runner, tmp_path, args, needle, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path, traps=False)
     result = _run(runner, ["split", "--data", str(data), "--out", str(tmp_path / "s"), *args, "-j", "1"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output
