@@ -85,7 +85,9 @@ def test_nan_loss_exits_1_with_a_clear_message(tmp_path_factory, tmp_path, monke
     "args, needle",
     [
         (["--split", "{tmp}/missing"], "--split"),
-        (["--monitor", "val_loss"], "--monitor"),
+        (["--monitor", "loss"], "--monitor"),
+        (["--patience", "3", "--patience-epochs", "1.5"], "--patience-epochs"),
+        (["--recipe", "fast"], "--recipe"),
         (["--class-weights", "auto"], "--class-weights"),
         (["--resume", "{tmp}/nothing"], "--resume"),
         (["--config", "{tmp}/nothing/config.json"], "config"),
