@@ -414,7 +414,8 @@ def _loss_parts(model, loss: float) -> tuple[float, float]:
     return recorder.last_data_loss, loss - recorder.last_loss
 
 
-def _schedule(config: TrainConfig, steps_per_epoch: int) -> TrainingSchedule:
+def training_schedule(config: TrainConfig, steps_per_epoch: int) -> TrainingSchedule:
+    """The :class:`~breastcnn.recipes.TrainingSchedule` of a resolved config (also used by the Keras loop)."""
     return TrainingSchedule(
         lr=config.lr, lr_decay=config.lr_decay, monitor=config.monitor, evals_per_epoch=config.evals_per_epoch,
         steps_per_epoch=steps_per_epoch, lr_decay_every=config.lr_decay_every,
@@ -451,7 +452,7 @@ def _fit(
 
     n_train = len(data.y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
-    schedule = _schedule(config, steps_per_epoch)
+    schedule = training_schedule(config, steps_per_epoch)
     eval_points = set(schedule.eval_points)
     class_weights = compute_class_weights(data.y_train, config.class_weights, num_classes=len(CLASSES))
     augmenter = Augmenter() if config.augment else None
