@@ -7,9 +7,21 @@ first cache build.
 
     python benchmarks/bench_train.py                      # full size (scale 1.0, 224 px)
     python benchmarks/bench_train.py --scale 0.3 --image-size 64 --skip-cli
-    python benchmarks/bench_train.py --l2-sweep --image-size 64   # the L2 default measurement
+    # the recipe study of issue #10 (how the default recipe was chosen; see README):
+    nice -n 5 python benchmarks/bench_train.py --study --scale 0.2 --root /tmp/recipe      # all settings, seeds 0,1,2
+    nice -n 5 python benchmarks/bench_train.py --study --scale 1.0 --root /tmp/recipe --settings base,report
+    nice -n 5 python benchmarks/bench_train.py --study --scale 1.0 --root /tmp/recipe --settings base --engine keras
 
-Prints: the thread pools, synth/split time (not part of the targets), the
+``--study`` trains each setting of :data:`STUDY_SETTINGS` (a recipe plus
+single options) with each seed on ``synth --difficulty hard --mags 200X``
+data (seed 0, split seed 0) at ``--scale``, ``--epochs 10 --image-size 224``,
+keeps every run's summary and scores in ``ROOT/<difficulty>-<scale>/study.jsonl``
+(re-running skips what is there) and prints a Markdown table: mean +- std over
+seeds of the kept model's validation balanced accuracy (what a choice may
+look at) and of its test accuracy, balanced accuracy, benign recall and ROC
+AUC (reported, never used to choose), with the count of one-class models.
+
+Speed mode prints: the thread pools, synth/split time (not part of the targets), the
 wall time of the CLI run with a cold cache (cache build + 5 epochs, early
 stopping disabled with --patience 1000 so all 5 epochs run, and with the
 defaults), then per-epoch figures with a warm cache: total, and per phase
@@ -57,7 +69,7 @@ def _cli_cold(root: Path, split_dir: Path, image_size: int, jobs: int, extra: li
     summary = json.loads(proc.stdout)
     print(f"CLI `train --epochs 5` {label}, cold cache: {wall:.1f} s wall "
           f"({summary['stopped']} after {summary['steps']} steps, training loop {summary['elapsed_s']:.1f} s, "
-          f"best val_accuracy {summary['best_score']:.3f})")
+          f"best {summary['monitor']} {summary['best_score']:.3f})")
 
 
 def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeats: int) -> None:
@@ -80,26 +92,149 @@ def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeat
           f"{1000 * med['validation_s'] / med['evaluations']:.1f} ms")
 
 
-def _l2_sweep(root: Path, split_dir: Path, image_size: int, jobs: int, seeds: int, patience: int) -> None:
-    from breastcnn.data.split import load_split
-    from breastcnn.inference import evaluate_model
-    from breastcnn.models import load_model
-    from breastcnn.train import TrainConfig, run_training
+# --------------------------------------------------------------------------- the recipe study (issue #10)
 
+STUDY_SETTINGS: dict[str, tuple[str, dict]] = {
+    # name: (recipe, single options overriding it). "base" is the tuned default recipe as it stands.
+    "report": ("report", {}),
+    "report-nostop": ("report", {"patience": 100000}),
+    "base": ("default", {}),
+    "lr0.01": ("default", {"lr": 0.01}),
+    "lr0.001": ("default", {"lr": 0.001}),
+    "l2-0.1": ("default", {"l2": 0.1}),
+    "l2-0.001": ("default", {"l2": 0.001}),
+    "l2-0": ("default", {"l2": 0.0}),
+    "batch16": ("default", {"batch_size": 16}),
+    "batch64": ("default", {"batch_size": 64}),
+    "evals1": ("default", {"evals_per_epoch": 1}),
+    "evals20": ("default", {"evals_per_epoch": 20}),
+    "const-lr": ("default", {"lr_decay": 1.0}),
+    "decay0.8-1ep": ("default", {"lr_decay": 0.8, "lr_decay_epochs": 1.0}),
+    "nostop": ("default", {"patience_epochs": 1000.0}),
+    "mon-acc": ("default", {"monitor": "val_accuracy"}),
+    "mon-auc": ("default", {"monitor": "val_auc"}),
+    "mon-loss": ("default", {"monitor": "val_loss"}),
+}
+"""Settings of ``--study``: one knob at a time around the default recipe, plus the report's recipe."""
+
+
+def _synth_split(root: Path, scale: float, difficulty: str, jobs: int) -> Path:
+    """``root/BreaKHis_v1`` (``breastcnn synth --difficulty ... --mags 200X --seed 0``) and its split (seed 0), once."""
+    split_dir = root / "splits" / "200X"
+    if (split_dir / "split.json").is_file():
+        return split_dir
+    t0 = time.perf_counter()
+    synth = [sys.executable, "-m", "breastcnn", "synth", "--out", str(root), "--scale", str(scale), "--mags", "200X",
+             "--seed", "0", "--jobs", str(jobs), "--force"]
+    if difficulty != "easy":  # older trees have no --difficulty (easy is the default)
+        synth += ["--difficulty", difficulty]
+    for cmd in (synth, [sys.executable, "-m", "breastcnn", "split", "--data", str(root), "--mag", "200X",
+                        "--out", str(split_dir), "--seed", "0", "--jobs", str(jobs), "--force"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    print(f"synth --difficulty {difficulty} --scale {scale} + split: {time.perf_counter() - t0:.1f} s", flush=True)
+    return split_dir
+
+
+def _scores(model, split, subset: str) -> dict:
+    from breastcnn.inference import evaluate_model
+
+    m, _ = evaluate_model(model, split, subset)
+    return {"accuracy": m["accuracy"], "balanced_accuracy": (m["recall"] + m["benign_recall"]) / 2,
+            "benign_recall": m["benign_recall"], "recall": m["recall"], "roc_auc": m["roc_auc"],
+            "patient_accuracy": m["patient_accuracy"], "n": m["n"]}
+
+
+def _study_run(split_dir: Path, out: Path, engine: str, recipe: str, options: dict, seed: int, epochs: int,
+               image_size: int, jobs: int) -> dict:
+    """Train one setting with one seed; the kept model scored on val (for choosing) and test (for reporting)."""
+    from breastcnn.data.split import load_split
+    from breastcnn.models import load_model
+
+    t0 = time.perf_counter()
+    if engine == "numpy":
+        from breastcnn.train import TrainConfig, run_training
+
+        summary = run_training(TrainConfig(split=str(split_dir), out=str(out), force=True, recipe=recipe,
+                                           epochs=epochs, image_size=image_size, seed=seed, jobs=jobs, **options))
+    else:
+        from breastcnn.models.keras_train import finetune_keras
+
+        given = {k: options.pop(k) for k in ("lr", "batch_size", "patience", "monitor") if k in options}
+        summary = finetune_keras("custom-keras", split_dir, out, weights="none", epochs=epochs, image_size=image_size,
+                                 seed=seed, jobs=jobs, force=True, recipe=recipe, recipe_options=options, **given)
+    seconds = time.perf_counter() - t0
     split = load_split(split_dir)
-    print(f"L2 sweep at {image_size}px, defaults otherwise, patience {patience}, seeds 0..{seeds - 1}")
-    print(f"{'l2':>8} {'val acc (best)':>15} {'test acc':>9} {'test AUC':>9} {'steps':>6}")
-    for l2 in (0.1, 1e-3, 1e-4, 0.0):
-        rows = []
-        for seed in range(seeds):
-            out = root / "runs" / f"l2-{l2}-{seed}"
-            s = run_training(TrainConfig(split=str(split_dir), out=str(out), force=True, image_size=image_size,
-                                         l2=l2, seed=seed, jobs=jobs, patience=patience))
-            m, _ = evaluate_model(load_model(out / "model.npz"), split)
-            rows.append((s["best_score"], m["accuracy"], m["roc_auc"] or 0.0, s["steps"]))
-        mean = [statistics.mean(r[i] for r in rows) for i in range(4)]
-        print(f"{l2:>8g} {mean[0]:>15.3f} {mean[1]:>9.3f} {mean[2]:>9.3f} {mean[3]:>6.0f}   "
-              f"per seed test acc: {', '.join(f'{r[1]:.2f}' for r in rows)}")
+    model = load_model(summary["model_path"])
+    return {"stopped": summary["stopped"], "epochs_run": summary["epochs_run"], "steps": summary["steps"],
+            "best_score": summary["best_score"], "warnings": len(summary.get("warnings") or []),
+            "seconds": round(seconds, 1), "val": _scores(model, split, "val"), "test": _scores(model, split, "test")}
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.3f} +- {statistics.pstdev(values):.3f}"
+
+
+def _study(args) -> None:
+    """Train every (setting, seed) not yet in --results, then print the table of all results matching the options."""
+    names = list(STUDY_SETTINGS) if args.settings == "all" else args.settings.split(",")
+    unknown = [n for n in names if n not in STUDY_SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown --settings {unknown}; known: {', '.join(STUDY_SETTINGS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = args.root / f"{args.difficulty}-{args.scale:g}"
+    split_dir = _synth_split(root, args.scale, args.difficulty, args.jobs)
+    results = args.results if args.results is not None else root / "study.jsonl"
+    done = {}
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            done[tuple(row["key"])] = row
+
+    def key(name, seed):
+        return [args.engine, args.difficulty, args.scale, args.epochs, args.image_size, name, seed]
+
+    for name in names:
+        recipe, options = STUDY_SETTINGS[name]
+        for seed in seeds:
+            k = key(name, seed)
+            if tuple(k) in done:
+                continue
+            out = root / "study-runs" / f"{args.engine}-{name}-e{args.epochs}-s{args.image_size}-seed{seed}"
+            row = {"key": k, "setting": name, "recipe": recipe, "options": options, "seed": seed,
+                   **_study_run(split_dir, out, args.engine, recipe, dict(options), seed, args.epochs,
+                                args.image_size, args.jobs)}
+            done[tuple(k)] = row
+            with open(results, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(f"{name} seed {seed}: test acc {row['test']['accuracy']:.3f} bal {row['test']['balanced_accuracy']:.3f} "
+                  f"benign recall {row['test']['benign_recall']:.3f} | val bal {row['val']['balanced_accuracy']:.3f} "
+                  f"| {row['stopped']} after {row['epochs_run']} epochs, {row['seconds']:.0f} s", flush=True)
+
+    images = json.loads((split_dir / "split.json").read_text())["images"]
+    counts = ", ".join(f"{subset} {images[subset]['total']}" for subset in ("train", "val", "test"))
+    print(f"\n{args.engine}, synth --difficulty {args.difficulty} --scale {args.scale:g} ({counts} images), "
+          f"--epochs {args.epochs} --image-size {args.image_size}, seeds {args.seeds}; mean +- std over seeds "
+          f"(population std); models chosen on validation, test reported")
+    header = ("setting", "val bal acc", "test acc", "test bal acc", "benign recall", "ROC AUC", "min test acc",
+              "one-class", "epochs", "s/run")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name in names:
+        rows = [done[tuple(key(name, s))] for s in seeds if tuple(key(name, s)) in done]
+        if not rows:
+            continue
+        one_class = sum(r["test"]["benign_recall"] < 0.1 or r["test"]["recall"] < 0.1 for r in rows)
+        print("| " + " | ".join([
+            name, _mean_std(r["val"]["balanced_accuracy"] for r in rows),
+            _mean_std(r["test"]["accuracy"] for r in rows), _mean_std(r["test"]["balanced_accuracy"] for r in rows),
+            _mean_std(r["test"]["benign_recall"] for r in rows), _mean_std(r["test"]["roc_auc"] for r in rows),
+            f"{min(r['test']['accuracy'] for r in rows):.3f}", f"{one_class}/{len(rows)}",
+            f"{statistics.mean(r['epochs_run'] for r in rows):.1f}", f"{statistics.mean(r['seconds'] for r in rows):.0f}",
+        ]) + " |")
 
 
 def main() -> None:
@@ -110,9 +245,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-cli", action="store_true", help="skip the cold-cache CLI runs")
-    parser.add_argument("--l2-sweep", action="store_true", help="measure the L2 default instead of speed")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--study", action="store_true",
+                        help="the recipe study (issue #10): train --settings x --seeds, print mean +- std per setting")
+    parser.add_argument("--settings", default="all", help=f"study settings, comma-separated: {', '.join(STUDY_SETTINGS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="study: training seeds")
+    parser.add_argument("--difficulty", default="hard", help="study: synth --difficulty (easy or hard)")
+    parser.add_argument("--epochs", type=int, default=10, help="study: --epochs of every run")
+    parser.add_argument("--engine", default="numpy", choices=("numpy", "keras"),
+                        help="study: train the NumPy custom model, or custom-keras (weights none) with the same recipe")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="study: JSON-lines file of the runs (default ROOT/<difficulty>-<scale>/study.jsonl); "
+                             "runs already in it are not repeated")
     args = parser.parse_args()
 
     from breastcnn.runs import environment_info
@@ -120,10 +263,10 @@ def main() -> None:
     env = environment_info()
     print(f"CPU: {env['cpu_model']}, os.cpu_count {env['cpu_count']}, affinity {env['cpu_affinity']}; "
           f"thread pools: {[(p['internal_api'], p['num_threads']) for p in env['threadpools']]}")
-    split_dir = _prepare(args.root, args.scale, args.jobs)
-    if args.l2_sweep:
-        _l2_sweep(args.root, split_dir, args.image_size, args.jobs, args.seeds, args.patience)
+    if args.study:
+        _study(args)
         return
+    split_dir = _prepare(args.root, args.scale, args.jobs)
     if not args.skip_cli:
         _cli_cold(args.root, split_dir, args.image_size, args.jobs, ["--patience", "1000"], "all 5 epochs")
         _cli_cold(args.root, split_dir, args.image_size, args.jobs, [], "defaults (early stopping on)")

@@ -55,6 +55,7 @@ QUICK = DemoSizes(scale=0.04, image_size=96, epochs=2, evals_per_epoch=2, repeat
 def demo(
     out: Path = typer.Option(Path("breastcnn-demo"), "--out", help="Fresh directory for everything the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="Smaller data and images: under a minute on 2 cores."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample data, the split and the training."),
     force: bool = typer.Option(False, "--force", help="Run in a non-empty --out (its demo outputs are replaced)."),
 ) -> None:
     """Run the whole tool on generated SYNTHETIC sample data (not medical data).
@@ -62,10 +63,10 @@ def demo(
     synth -> split -> train -> evaluate -> bench -> featuremaps + Grad-CAM, in
     --out (default ./breastcnn-demo). Under 3 minutes on 2 cores; --quick under 1.
     """
-    run_demo(out, quick=quick, force=force)
+    run_demo(out, quick=quick, force=force, seed=seed)
 
 
-def run_demo(out: Path, quick: bool = False, force: bool = False) -> dict:
+def run_demo(out: Path, quick: bool = False, force: bool = False, seed: int = 0) -> dict:
     """Run every step; returns ``{"out", "seconds", "steps": {name: seconds}, "files": {...}}``."""
     from breastcnn.errors import UserInputError
     from breastcnn.fsutil import check_overwrite
@@ -95,12 +96,13 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> dict:
         steps[name] = round(time.perf_counter() - t0, 1)
         console.print(f"[dim]{name}: {steps[name]:.1f} s; files: {where}[/dim]", highlight=False)
 
-    step("synth", ["synth", "--out", str(out), "--scale", str(sizes.scale), "--mags", "200", "--seed", "0",
+    step("synth", ["synth", "--out", str(out), "--scale", str(sizes.scale), "--mags", "200", "--seed", str(seed),
                    *forced], f"{data}")
-    step("split", ["split", "--data", str(data), "--mag", "200X", "--out", str(split_dir), *forced], f"{split_dir}")
+    step("split", ["split", "--data", str(data), "--mag", "200X", "--out", str(split_dir), "--seed", str(seed),
+                   *forced], f"{split_dir}")
     step("train", ["train", "--split", str(split_dir), "--out", str(run_dir), "--epochs", str(sizes.epochs),
                    "--image-size", str(sizes.image_size), "--evals-per-epoch", str(sizes.evals_per_epoch),
-                   "--seed", "0", *forced], f"{run_dir} (model.npz, history.csv, training.png)")
+                   "--seed", str(seed), *forced], f"{run_dir} (model.npz, history.csv, training.png)")
     step("evaluate", ["evaluate", "--model", str(model_file), "--split", str(split_dir)],
          f"{run_dir} (metrics.json, predictions.csv, roc.png, confusion.png)")
     if keras_note:
