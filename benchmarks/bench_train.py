@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -114,6 +115,14 @@ STUDY_SETTINGS: dict[str, tuple[str, dict]] = {
     "mon-acc": ("default", {"monitor": "val_accuracy"}),
     "mon-auc": ("default", {"monitor": "val_auc"}),
     "mon-loss": ("default", {"monitor": "val_loss"}),
+    # second round: around batch 16
+    "p5": ("default", {"patience_epochs": 5.0}),
+    "b16-p5": ("default", {"batch_size": 16, "patience_epochs": 5.0}),
+    "b16-nostop": ("default", {"batch_size": 16, "patience_epochs": 1000.0}),
+    "b16-mon-loss": ("default", {"batch_size": 16, "monitor": "val_loss"}),
+    "b16-mon-acc": ("default", {"batch_size": 16, "monitor": "val_accuracy"}),
+    "b16-lr0.001": ("default", {"batch_size": 16, "lr": 0.001}),
+    "b16-l2-0.1": ("default", {"batch_size": 16, "l2": 0.1}),
 }
 """Settings of ``--study``: one knob at a time around the default recipe, plus the report's recipe."""
 
@@ -140,10 +149,12 @@ def _synth_split(root: Path, scale: float, difficulty: str, jobs: int) -> Path:
 def _scores(model, split, subset: str) -> dict:
     from breastcnn.inference import evaluate_model
 
-    m, _ = evaluate_model(model, split, subset)
+    m, rows = evaluate_model(model, split, subset)
+    p_true = [r["probability"] if r["true_label"] == "malignant" else 1 - r["probability"] for r in rows]
+    loss = -statistics.fmean(math.log(min(max(p, 1e-12), 1.0)) for p in p_true)
     return {"accuracy": m["accuracy"], "balanced_accuracy": (m["recall"] + m["benign_recall"]) / 2,
             "benign_recall": m["benign_recall"], "recall": m["recall"], "roc_auc": m["roc_auc"],
-            "patient_accuracy": m["patient_accuracy"], "n": m["n"]}
+            "patient_accuracy": m["patient_accuracy"], "loss": loss, "n": m["n"]}
 
 
 def _study_run(split_dir: Path, out: Path, engine: str, recipe: str, options: dict, seed: int, epochs: int,
@@ -220,8 +231,8 @@ def _study(args) -> None:
     print(f"\n{args.engine}, synth --difficulty {args.difficulty} --scale {args.scale:g} ({counts} images), "
           f"--epochs {args.epochs} --image-size {args.image_size}, seeds {args.seeds}; mean +- std over seeds "
           f"(population std); models chosen on validation, test reported")
-    header = ("setting", "val bal acc", "test acc", "test bal acc", "benign recall", "ROC AUC", "min test acc",
-              "one-class", "epochs", "s/run")
+    header = ("setting", "val bal acc", "val loss", "test acc", "test bal acc", "benign recall", "ROC AUC",
+              "min test acc", "one-class", "epochs", "s/run")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in names:
         rows = [done[tuple(key(name, s))] for s in seeds if tuple(key(name, s)) in done]
@@ -230,6 +241,7 @@ def _study(args) -> None:
         one_class = sum(r["test"]["benign_recall"] < 0.1 or r["test"]["recall"] < 0.1 for r in rows)
         print("| " + " | ".join([
             name, _mean_std(r["val"]["balanced_accuracy"] for r in rows),
+            _mean_std(r["val"].get("loss") for r in rows),
             _mean_std(r["test"]["accuracy"] for r in rows), _mean_std(r["test"]["balanced_accuracy"] for r in rows),
             _mean_std(r["test"]["benign_recall"] for r in rows), _mean_std(r["test"]["roc_auc"] for r in rows),
             f"{min(r['test']['accuracy'] for r in rows):.3f}", f"{one_class}/{len(rows)}",
