@@ -27,6 +27,20 @@ def synth(
         help="Comma-separated magnifications to generate (40,100,200,400) or 'all'.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same images."),
+    difficulty: str = typer.Option(
+        synth_lib.DEFAULT_DIFFICULTY,
+        "--difficulty",
+        help="easy: colour and nuclear density give the class away (a colour model separates them). "
+        "hard: both classes share the same stain, colour, nuclear area and white-space statistics; only "
+        "nuclear morphology and tissue architecture differ, and each of the 8 subtypes has its own look.",
+    ),
+    stain: str = typer.Option(
+        synth_lib.DEFAULT_STAIN_PROFILE,
+        "--stain-profile",
+        help="H&E stain the tree is painted with: default, or shifted (another lab: paler, bluer "
+        "haematoxylin, stronger orange-red eosin). The same seed gives the same tissue, patients and "
+        "file names under every profile, so a split with the same seed partitions both trees alike.",
+    ),
     jobs: int = typer.Option(-1, "--jobs", "-j", help="Worker processes (-1: all cores)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing synthetic BreaKHis_v1 tree."),
     as_json: bool = typer.Option(False, "--json", help="Print only a JSON summary on stdout."),
@@ -40,20 +54,23 @@ def synth(
     The default (--scale 0.1 --mags 200: 202 images) takes a few seconds; then
     run 'breastcnn split --mag 200X' and 'breastcnn train' in the same folder.
     """
+    synth_lib.check_difficulty(difficulty)
+    synth_lib.stain_profile(stain)
     mag_list = synth_lib.parse_mags(mags)
     specs = synth_lib.plan(scale, mag_list)
     jobs = jobs if jobs > 0 else max(1, os.cpu_count() or 1)
-    command = f"breastcnn synth --scale {scale} --mags {mags} --seed {seed}"
+    command = (f"breastcnn synth --scale {scale} --mags {mags} --seed {seed} --difficulty {difficulty} "
+               f"--stain-profile {stain}")
     with make_progress(quiet=as_json) as progress:
         task = progress.add_task("drawing images", total=len(specs))
         summary = synth_lib.generate(
             out, scale=scale, mags=mag_list, seed=seed, jobs=jobs, force=force,
-            progress=lambda n: progress.advance(task, n), command=command,
+            progress=lambda n: progress.advance(task, n), command=command, difficulty=difficulty, stain=stain,
         )
     if as_json:
         print_json(summary)
         return
-    table = Table(title=f"synthetic sample data (NOT medical data) in {summary['root']}")
+    table = Table(title=f"synthetic sample data (NOT medical data, {difficulty}, {stain} stain) in {summary['root']}")
     table.add_column("magnification")
     table.add_column("benign", justify="right")
     table.add_column("malignant", justify="right")

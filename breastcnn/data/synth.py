@@ -14,6 +14,14 @@ few glands; benign tissue has small regular nuclei lining round glands (white
 lumens) in stroma. Each patient has its own stain colours, brightness,
 nuclear density and size, so that images of one patient resemble each other
 and patient-wise splits matter. Deterministic for a seed, whatever ``jobs``.
+
+That is the ``easy`` difficulty (the default): colour and nuclear density give
+the class away. ``difficulty="hard"`` (:mod:`breastcnn.data.synth_hard`)
+matches colour, nuclear area, white space and stain/scanner variation between
+the classes so that only morphology tells them apart, and gives each of the 8
+subtypes its own architecture. ``stain_profile`` re-colours either with
+another lab's H&E stain (:data:`STAIN_PROFILES`) while keeping every image's
+morphology: the same seed gives the same tissue under every profile.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ DEFAULT_SCALE = 0.1
 DEFAULT_MAGS = ("200X",)
 """Default magnifications: the one the rest of the tool uses by default."""
 MARKER = "SYNTHETIC SAMPLE DATA made by breastcnn synth"
+DIFFICULTIES = ("easy", "hard")
+"""``easy``: colour and nuclear density give the class away; ``hard``: only morphology does."""
+DEFAULT_DIFFICULTY = "easy"
 
 # real BreakHis image counts per subtype and magnification (40X, 100X, 200X, 400X)
 REAL_COUNTS: dict[str, tuple[int, int, int, int]] = {
@@ -71,7 +82,15 @@ The real BreakHis data set (7,909 images, 82 patients) can be requested from
 https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/
 
 Generated with: @COMMAND@
+Difficulty: @DIFFICULTY@
+Stain profile: @STAIN@
 """
+
+DIFFICULTY_TEXT = {
+    "easy": "easy (colour and nuclear density differ between the classes: a colour model separates them)",
+    "hard": "hard (same stain, colour, nuclear area and white-space statistics in both classes; "
+    "only nuclear morphology and tissue architecture differ)",
+}
 
 
 @dataclass(frozen=True)
@@ -204,13 +223,59 @@ _EOSIN = np.array([0.08, 0.85, 0.38], dtype=np.float32)
 _MAG_FACTOR = {"40X": 0.4, "100X": 0.65, "200X": 1.0, "400X": 1.6}  # nuclear radius relative to 200X
 
 
-def _patient_style(seed: int, patient: Patient) -> dict:
+@dataclass(frozen=True)
+class StainProfile:
+    """One lab's H&E stain: optical density per RGB channel of unit haematoxylin and eosin, and
+    strengths (x the densities). Patients still vary around it (``synth`` draws that per patient)."""
+
+    name: str
+    hematoxylin: tuple[float, float, float]
+    eosin: tuple[float, float, float]
+    h_strength: float
+    e_strength: float
+    description: str
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Base OD vectors ``(3,)`` float32 with the strengths applied."""
+        h = np.array(self.hematoxylin, dtype=np.float32) * np.float32(self.h_strength)
+        e = np.array(self.eosin, dtype=np.float32) * np.float32(self.e_strength)
+        return h, e
+
+
+STAIN_PROFILES = {
+    "default": StainProfile("default", tuple(float(v) for v in _HEMATOXYLIN), tuple(float(v) for v in _EOSIN),
+                            1.0, 1.0, "purple-blue nuclei, pink stroma (the look of every earlier synth tree)"),
+    "shifted": StainProfile("shifted", (0.85, 0.62, 0.22), (0.03, 0.95, 0.70), 0.8, 1.3,
+                            "another lab: paler, bluer haematoxylin; stronger, orange-red eosin"),
+}
+"""``--stain-profile`` choices: the same tissue painted with another lab's stain."""
+DEFAULT_STAIN_PROFILE = "default"
+
+
+def stain_profile(name: str) -> StainProfile:
+    """The :class:`StainProfile` called ``name``, or a clear error naming the choices."""
+    try:
+        return STAIN_PROFILES[name]
+    except KeyError:
+        raise UserInputError(
+            f"--stain-profile: unknown profile {name!r}; choose one of {', '.join(STAIN_PROFILES)}"
+        ) from None
+
+
+def check_difficulty(name: str) -> str:
+    if name not in DIFFICULTIES:
+        raise UserInputError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {name!r}")
+    return name
+
+
+def _patient_style(seed: int, patient: Patient, profile: StainProfile = STAIN_PROFILES["default"]) -> dict:
     """Per-patient nuisance (stain, brightness, density, size) drawn from (seed, patient)."""
     rng = np.random.default_rng([seed, patient.index, 0xBEEF])
     malignant = patient.label == "malignant"
+    h_base, e_base = profile.vectors()
     return {
-        "h_vec": np.clip(_HEMATOXYLIN + rng.normal(0, 0.06, 3), 0.15, 1.2).astype(np.float32),
-        "e_vec": np.clip(_EOSIN + rng.normal(0, 0.07, 3), 0.03, 1.2).astype(np.float32),
+        "h_vec": np.clip(h_base + rng.normal(0, 0.06, 3), 0.15, 1.2).astype(np.float32),
+        "e_vec": np.clip(e_base + rng.normal(0, 0.07, 3), 0.03, 1.2).astype(np.float32),
         "brightness": float(rng.uniform(0.8, 1.2)),
         "eosin": float(rng.uniform(0.30, 0.60)),
         "density": float(rng.uniform(0.75, 1.3)),
@@ -242,10 +307,18 @@ def _ellipses(draw: ImageDraw.ImageDraw, cx, cy, rx, ry, angle, fill) -> None:
         draw.polygon(poly, fill=int(value))
 
 
-def render(spec: ImageSpec, seed: int) -> np.ndarray:
-    """Draw one synthetic H&E-like image: uint8 ``(460, 700, 3)`` RGB."""
+def render(spec: ImageSpec, seed: int, difficulty: str = DEFAULT_DIFFICULTY,
+           stain: str = DEFAULT_STAIN_PROFILE) -> np.ndarray:
+    """Draw one synthetic H&E-like image: uint8 ``(460, 700, 3)`` RGB.
+
+    ``difficulty`` ``"easy"`` or ``"hard"``; ``stain`` a :data:`STAIN_PROFILES` name
+    (changes the colours only: the same seed gives the same morphology).
+    """
+    profile = stain_profile(stain)
+    if check_difficulty(difficulty) == "hard":
+        return paint_hard(hard_tissue(spec, seed), spec, seed, stain)
     p = spec.patient
-    style = _patient_style(seed, p)
+    style = _patient_style(seed, p, profile)
     rng = np.random.default_rng([seed, p.index, MAGNIFICATIONS.index(spec.magnification), spec.seq])
     malignant = p.label == "malignant"
     f = _MAG_FACTOR[spec.magnification]
@@ -320,6 +393,33 @@ def render(spec: ImageSpec, seed: int) -> np.ndarray:
     return np.clip(od, 0, 255).astype(np.uint8)
 
 
+def hard_tissue(spec: ImageSpec, seed: int) -> "synth_hard.Tissue":
+    """The stain-free tissue of a hard image: densities and the fractions its layout achieved.
+
+    It depends on the patient's index, class and tumour code, the magnification and sequence
+    number, and the seed; never on the stain profile.
+    """
+    from breastcnn.data import synth_hard
+
+    p = spec.patient
+    return synth_hard.compose(p.code, p.label == "malignant", spec.magnification, seed, p.index, spec.seq)
+
+
+def paint_hard(tissue: "synth_hard.Tissue", spec: ImageSpec, seed: int, stain: str = DEFAULT_STAIN_PROFILE) -> np.ndarray:
+    """Colour ``tissue`` (of ``spec``) with stain profile ``stain`` and the patient's stain and
+    scanner nuisance: uint8 ``(460, 700, 3)``. ``render(spec, seed, "hard", stain)`` is
+    ``paint_hard(hard_tissue(spec, seed), spec, seed, stain)``."""
+    from breastcnn.data import synth_hard
+
+    p = spec.patient
+    scanner = synth_hard.patient_scanner(seed, p.index)
+    h_base, e_base = stain_profile(stain).vectors()
+    h_vec = np.clip(h_base + scanner.h_jitter, 0.05, 1.6) * scanner.h_strength
+    e_vec = np.clip(e_base + scanner.e_jitter, 0.02, 1.6) * scanner.e_strength
+    rng = np.random.default_rng([seed, p.index, MAGNIFICATIONS.index(spec.magnification), spec.seq, 0x401])
+    return synth_hard.paint(tissue, h_vec, e_vec, scanner, rng)
+
+
 # glands per 200X field, by tumour code
 _GLANDS = {"A": 8, "F": 4, "PT": 3, "TA": 9, "DC": 1.2, "LC": 0.3, "MC": 1.0, "PC": 2.0}
 # free nuclei per 200X field: count, mean radius (px), log-sd of radius, mean/sd darkness (0..255), max elongation
@@ -335,12 +435,13 @@ _NUCLEI = {
 }
 
 
-def _draw_and_save(specs: Sequence[ImageSpec], seed: int, root: str) -> int:
+def _draw_and_save(specs: Sequence[ImageSpec], seed: int, root: str, difficulty: str = DEFAULT_DIFFICULTY,
+                   stain: str = DEFAULT_STAIN_PROFILE) -> int:
     """Worker: render and write ``specs`` under ``root``; returns how many."""
     for spec in specs:
         path = os.path.join(root, spec.path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(render(spec, seed)).save(path, format="PNG", compress_level=1)
+        Image.fromarray(render(spec, seed, difficulty, stain)).save(path, format="PNG", compress_level=1)
     return len(specs)
 
 
@@ -356,6 +457,8 @@ def generate(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     command: str = "breastcnn synth",
+    difficulty: str = DEFAULT_DIFFICULTY,
+    stain: str = DEFAULT_STAIN_PROFILE,
 ) -> dict:
     """Write ``out_dir/BreaKHis_v1/`` (synthetic images and ``README.txt``); returns a summary dict.
 
@@ -363,10 +466,13 @@ def generate(
     so an interrupted run leaves nothing half-written. An existing
     ``BreaKHis_v1`` is replaced only with ``force`` and only when it is
     synthetic (its ``README.txt`` says so): real data is never deleted.
-    Summary keys: ``root``, ``scale``, ``mags``, ``seed``, ``n_images``,
-    ``n_patients``, ``images`` ({mag: {class: n}}), ``seconds``.
+    Summary keys: ``root``, ``synthetic``, ``scale``, ``mags``, ``seed``,
+    ``difficulty``, ``stain_profile``, ``n_images``, ``n_patients``,
+    ``images`` ({mag: {class: n}}), ``seconds``.
     """
     started = time.perf_counter()
+    check_difficulty(difficulty)
+    stain_profile(stain)
     mags = parse_mags(mags)
     specs = plan(scale, mags)
     out_dir = Path(out_dir)
@@ -383,17 +489,20 @@ def generate(
         chunk = 8
         chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
         if jobs == 1 or len(chunks) <= 1:
-            results = (_draw_and_save(c, seed, str(tmp)) for c in chunks)
+            results = (_draw_and_save(c, seed, str(tmp), difficulty, stain) for c in chunks)
         else:
             from joblib import Parallel, delayed
 
             results = Parallel(n_jobs=jobs, return_as="generator")(
-                delayed(_draw_and_save)(c, seed, str(tmp)) for c in chunks
+                delayed(_draw_and_save)(c, seed, str(tmp), difficulty, stain) for c in chunks
             )
         for done in results:
             if progress:
                 progress(done)
-        (tmp / "README.txt").write_text(README_TEXT.replace("@MARKER@", MARKER).replace("@COMMAND@", command), encoding="utf-8")
+        readme_text = (README_TEXT.replace("@MARKER@", MARKER).replace("@COMMAND@", command)
+                  .replace("@DIFFICULTY@", DIFFICULTY_TEXT[difficulty])
+                  .replace("@STAIN@", f"{stain} ({STAIN_PROFILES[stain].description})"))
+        (tmp / "README.txt").write_text(readme_text, encoding="utf-8")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=".BreaKHis_v1.old.", dir=out_dir))
             os.replace(target, old / "tree")
@@ -413,6 +522,8 @@ def generate(
         "scale": scale,
         "mags": list(mags),
         "seed": seed,
+        "difficulty": difficulty,
+        "stain_profile": stain,
         "n_images": len(specs),
         "n_patients": len({s.patient.index for s in specs}),
         "images": images,

@@ -43,3 +43,35 @@ def test_help_says_synthetic_and_defaults():
 def test_bad_mags(tmp_path):
     result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--mags", "200,500"])
     assert result.exit_code == 2 and "--mags" in result.stderr and "40, 100, 200, 400" in result.stderr
+
+
+def test_synth_hard_shifted_json_and_readme(tmp_path, tiny_plan):
+    result = CliRunner().invoke(
+        app, ["synth", "--out", str(tmp_path), "--difficulty", "hard", "--stain-profile", "shifted", "--json", "-j", "1"],
+        env={"BREASTCNN_NO_PROGRESS": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["difficulty"] == "hard" and doc["stain_profile"] == "shifted" and doc["n_images"] == len(synth.plan())
+    readme = (tmp_path / "BreaKHis_v1" / "README.txt").read_text()
+    assert "--difficulty hard --stain-profile shifted" in readme
+    assert "Difficulty: hard (same stain" in readme and "Stain profile: shifted (another lab" in readme
+
+
+def test_synth_default_is_easy(tmp_path, tiny_plan):
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--json", "-j", "1"],
+                                env={"BREASTCNN_NO_PROGRESS": "1"})
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["difficulty"] == "easy" and doc["stain_profile"] == "default"
+    assert "Difficulty: easy" in (tmp_path / "BreaKHis_v1" / "README.txt").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--difficulty", "medium"], "--difficulty must be one of easy, hard, got 'medium'"),
+    (["--stain-profile", "lab3"], "--stain-profile: unknown profile 'lab3'; choose one of default, shifted"),
+])
+def test_bad_difficulty_or_stain_profile(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output and not (tmp_path / "BreaKHis_v1").exists()

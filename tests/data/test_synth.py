@@ -53,6 +53,34 @@ def test_render_deterministic_and_seed_dependent():
     assert not np.array_equal(a, synth.render(spec, seed=1))
 
 
+# sha256 (first 16 hex digits) of render(spec, seed).tobytes(), recorded with the generator as it was
+# before --difficulty existed: the easy images must never change for a seed
+EASY_HASHES = {
+    ("SOB_B_A-14-22549AB-40-001.png", 5): "8d4e40d4e30e1541",
+    ("SOB_M_MC-14-16457-100-001.png", 5): "645e629ccf535d52",
+    ("SOB_B_A-14-22549AB-200-001.png", 0): "912f7304fb5664d1",
+    ("SOB_B_F-14-8414-200-001.png", 0): "fb035a3bc0b08ae5",
+    ("SOB_B_PT-15-22227-200-001.png", 0): "3e3fb61a7851b206",
+    ("SOB_B_TA-15-18022-200-001.png", 0): "c12d08468795ba74",
+    ("SOB_M_DC-14-20337-200-001.png", 0): "01cc412eed4f3197",
+    ("SOB_M_LC-15-8597-200-001.png", 0): "ed54b34df03cce16",
+    ("SOB_M_MC-14-16457-200-001.png", 0): "3097b5ef2bc17ad4",
+    ("SOB_M_PC-14-27095-200-001.png", 0): "c5a7ff372be63ec6",
+    ("SOB_M_DC-14-20337-400-001.png", 5): "673c757008c392b7",
+}
+
+
+def test_easy_images_unchanged():
+    """The default difficulty draws exactly the images it drew before hard data existed (all 8 subtypes, 3 mags)."""
+    import hashlib
+
+    by_name = {s.file_name: s for s in synth.plan(0.01, MAGNIFICATIONS)}
+    for (name, seed), digest in EASY_HASHES.items():
+        spec = by_name[name]
+        assert hashlib.sha256(synth.render(spec, seed).tobytes()).hexdigest()[:16] == digest, name
+        assert np.array_equal(synth.render(spec, seed, "easy", "default"), synth.render(spec, seed))
+
+
 def test_malignant_images_have_more_dark_nuclei():
     """The class signal in one number: share of dark (hematoxylin) pixels, averaged per class."""
     specs = synth.plan(0.01, ("200X",))
