@@ -95,36 +95,41 @@ def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeat
 
 # --------------------------------------------------------------------------- the recipe study (issue #10)
 
+START = {"patience_epochs": 3.0, "monitor": "val_balanced_accuracy"}
+"""Round 1's centre: the default recipe as the study began (patience 3 epochs, best by balanced accuracy)."""
+
 STUDY_SETTINGS: dict[str, tuple[str, dict]] = {
-    # name: (recipe, single options overriding it). "base" is the tuned default recipe as it stands.
+    # name: (recipe, single options overriding it)
     "report": ("report", {}),
     "report-nostop": ("report", {"patience": 100000}),
-    "base": ("default", {}),
-    "lr0.01": ("default", {"lr": 0.01}),
-    "lr0.001": ("default", {"lr": 0.001}),
-    "l2-0.1": ("default", {"l2": 0.1}),
-    "l2-0.001": ("default", {"l2": 0.001}),
-    "l2-0": ("default", {"l2": 0.0}),
-    "batch16": ("default", {"batch_size": 16}),
-    "batch64": ("default", {"batch_size": 64}),
-    "evals1": ("default", {"evals_per_epoch": 1}),
-    "evals20": ("default", {"evals_per_epoch": 20}),
-    "const-lr": ("default", {"lr_decay": 1.0}),
-    "decay0.8-1ep": ("default", {"lr_decay": 0.8, "lr_decay_epochs": 1.0}),
-    "nostop": ("default", {"patience_epochs": 1000.0}),
-    "mon-acc": ("default", {"monitor": "val_accuracy"}),
-    "mon-auc": ("default", {"monitor": "val_auc"}),
-    "mon-loss": ("default", {"monitor": "val_loss"}),
-    # second round: around batch 16
-    "p5": ("default", {"patience_epochs": 5.0}),
-    "b16-p5": ("default", {"batch_size": 16, "patience_epochs": 5.0}),
-    "b16-nostop": ("default", {"batch_size": 16, "patience_epochs": 1000.0}),
-    "b16-mon-loss": ("default", {"batch_size": 16, "monitor": "val_loss"}),
-    "b16-mon-acc": ("default", {"batch_size": 16, "monitor": "val_accuracy"}),
-    "b16-lr0.001": ("default", {"batch_size": 16, "lr": 0.001}),
-    "b16-l2-0.1": ("default", {"batch_size": 16, "l2": 0.1}),
+    "default": ("default", {}),  # the outcome: val_loss, patience 5 epochs
+    # round 1 (0.2 scale): one knob at a time around START
+    "start": ("default", START),
+    "lr0.01": ("default", {**START, "lr": 0.01}),
+    "lr0.001": ("default", {**START, "lr": 0.001}),
+    "l2-0.1": ("default", {**START, "l2": 0.1}),
+    "l2-0.001": ("default", {**START, "l2": 0.001}),
+    "l2-0": ("default", {**START, "l2": 0.0}),
+    "batch16": ("default", {**START, "batch_size": 16}),
+    "batch64": ("default", {**START, "batch_size": 64}),
+    "evals1": ("default", {**START, "evals_per_epoch": 1}),
+    "evals20": ("default", {**START, "evals_per_epoch": 20}),
+    "const-lr": ("default", {**START, "lr_decay": 1.0}),
+    "decay0.8-1ep": ("default", {**START, "lr_decay": 0.8, "lr_decay_epochs": 1.0}),
+    "nostop": ("default", {**START, "patience_epochs": 1000.0}),
+    "mon-acc": ("default", {**START, "monitor": "val_accuracy"}),
+    "mon-auc": ("default", {**START, "monitor": "val_auc"}),
+    "mon-loss": ("default", {**START, "monitor": "val_loss"}),
+    # round 2: patience, monitor, batch 16
+    "p5": ("default", {**START, "patience_epochs": 5.0}),
+    "b16-p5": ("default", {**START, "batch_size": 16, "patience_epochs": 5.0}),
+    "b16-nostop": ("default", {**START, "batch_size": 16, "patience_epochs": 1000.0}),
+    "b16-mon-loss": ("default", {**START, "batch_size": 16, "monitor": "val_loss"}),
+    "b16-mon-acc": ("default", {**START, "batch_size": 16, "monitor": "val_accuracy"}),
+    "b16-lr0.001": ("default", {**START, "batch_size": 16, "lr": 0.001}),
+    "b16-l2-0.1": ("default", {**START, "batch_size": 16, "l2": 0.1}),
 }
-"""Settings of ``--study``: one knob at a time around the default recipe, plus the report's recipe."""
+"""Settings of ``--study``: the report's recipe, the outcome (``default``), and the knobs tried on the way."""
 
 
 def _synth_split(root: Path, scale: float, difficulty: str, jobs: int) -> Path:
