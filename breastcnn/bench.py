@@ -423,7 +423,7 @@ def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
         from breastcnn.nn.optim import Adam
         from breastcnn.train import TrainConfig
 
-        defaults = TrainConfig()
+        defaults = TrainConfig().validate()  # the default recipe's lr and L2
         model.compile(optimizer=Adam(defaults.lr), l2=defaults.l2)
         cw = np.array([weights[0], weights[1]], dtype=np.float32)
         return lambda: model.train_on_batch(x, y, class_weights=cw)
