@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from breastcnn.errors import UserInputError
-from breastcnn.recipes import RECIPES, TrainingSchedule, resolve
+from breastcnn.recipes import MONITORS, RECIPES, TrainingSchedule, resolve
 from tests.test_train import IMAGE_SIZE, small_config, synth_split
 
 
@@ -156,8 +156,9 @@ def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_
     assert positions[-1] > minimum and summary["epochs_run"] >= math.ceil(minimum)
     # recompute the rule from the logged monitor: stop at the first pass after the minimum that is
     # >= 0.25 epoch past the last strict improvement
-    scores = [float(r["val_balanced_accuracy"]) for r in rows]
-    best, best_at, stop = -1.0, None, None
+    sign = 1.0 if MONITORS[summary["monitor"]] == "max" else -1.0
+    scores = [sign * float(r[summary["monitor"]]) for r in rows]
+    best, best_at, stop = -math.inf, None, None
     for score, at in zip(scores, positions):
         if score > best:
             best, best_at = score, at
@@ -237,7 +238,8 @@ def test_a_model_that_learns_has_no_warning(split_dir, tmp_path):
     from breastcnn.train import run_training
 
     summary = run_training(small_config(split_dir, tmp_path / "run", epochs=6))
-    assert summary["warnings"] == [] and summary["best_score"] > 0.7
+    assert summary["monitor"] == RECIPES["default"].monitor == "val_loss"
+    assert summary["warnings"] == [] and summary["best_score"] < 0.3
 
 
 def test_recipe_option_errors(split_dir, tmp_path):
