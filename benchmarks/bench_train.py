@@ -1,9 +1,9 @@
 """Training speed of the NumPy CNN on a full-size synthetic 200X split (figures printed, not asserted).
 
 Targets from issue #4 (2 cores): one epoch (1,610 training images at 224x224,
-augmentation on, 20 validation passes) under 10 s once the image cache exists;
-the whole default ``breastcnn train --epochs 5`` under 60 s including the
-first cache build.
+augmentation on, the default recipe's validation passes: 4 since issue #10,
+20 before) under 10 s once the image cache exists; the whole default
+``breastcnn train --epochs 5`` under 60 s including the first cache build.
 
     python benchmarks/bench_train.py                      # full size (scale 1.0, 224 px)
     python benchmarks/bench_train.py --scale 0.3 --image-size 64 --skip-cli
@@ -24,9 +24,9 @@ AUC (reported, never used to choose), with the count of one-class models.
 Speed mode prints: the thread pools, synth/split time (not part of the targets), the
 wall time of the CLI run with a cold cache (cache build + 5 epochs, early
 stopping disabled with --patience 1000 so all 5 epochs run, and with the
-defaults), then per-epoch figures with a warm cache: total, and per phase
+defaults, whose patience of 5 epochs cannot end a 5-epoch run either), then per-epoch figures with a warm cache: total, and per phase
 (data = batch gather + augment + preprocess; step = forward/backward/update in
-the engine; validation = the 20 inference passes; checkpoint = last.npz/model.npz
+the engine; validation = the inference passes; checkpoint = last.npz/model.npz
 writes), each the median over --repeats epochs.
 """
 
@@ -56,11 +56,12 @@ def _prepare(root: Path, scale: float, jobs: int) -> Path:
     return split_dir
 
 
-def _cli_cold(root: Path, split_dir: Path, image_size: int, jobs: int, extra: list[str], label: str) -> None:
+def _cli_cold(root: Path, split_dir: Path, image_size: int, jobs: int, extra: list[str], label: str,
+              recipe: str = "default") -> None:
     shutil.rmtree(split_dir / "cache", ignore_errors=True)
     out = root / "runs" / f"cli-{label}"
     cmd = [sys.executable, "-m", "breastcnn", "train", "--split", str(split_dir), "--out", str(out), "--force",
-           "--epochs", "5", "--image-size", str(image_size), "--jobs", str(jobs), "--json", *extra]
+           "--epochs", "5", "--image-size", str(image_size), "--jobs", str(jobs), "--recipe", recipe, "--json", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -68,23 +69,24 @@ def _cli_cold(root: Path, split_dir: Path, image_size: int, jobs: int, extra: li
         print(proc.stderr[-2000:])
         raise SystemExit(f"CLI run failed with exit code {proc.returncode}")
     summary = json.loads(proc.stdout)
-    print(f"CLI `train --epochs 5` {label}, cold cache: {wall:.1f} s wall "
+    print(f"CLI `train --epochs 5 --recipe {recipe}` {label}, cold cache: {wall:.1f} s wall "
           f"({summary['stopped']} after {summary['steps']} steps, training loop {summary['elapsed_s']:.1f} s, "
           f"best {summary['monitor']} {summary['best_score']:.3f})")
 
 
-def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeats: int) -> None:
+def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeats: int, recipe: str = "default") -> None:
     from breastcnn.train import TrainConfig, run_training
 
     per_epoch = []
     for r in range(repeats + 1):  # the first is a warm-up (page cache, BLAS init)
         summary = run_training(TrainConfig(split=str(split_dir), out=str(root / "runs" / f"epoch-{r}"), force=True,
-                                           epochs=1, patience=1000, image_size=image_size, jobs=jobs))
+                                           epochs=1, patience=1000, image_size=image_size, jobs=jobs,
+                                           recipe=recipe))
         if r:
             per_epoch.append({"total_s": summary["elapsed_s"], **summary["timing"], "steps": summary["steps"],
                               "evaluations": summary["evaluations"]})
     med = {k: statistics.median(e[k] for e in per_epoch) for k in per_epoch[0]}
-    print(f"one epoch, warm cache ({int(med['steps'])} steps, {int(med['evaluations'])} validation passes), "
+    print(f"one epoch --recipe {recipe}, warm cache ({int(med['steps'])} steps, {int(med['evaluations'])} validation passes), "
           f"median of {repeats}: {med['total_s']:.2f} s")
     for key in ("data_s", "step_s", "validation_s", "checkpoint_s"):
         print(f"  {key:<13} {med[key]:7.2f} s  ({100 * med[key] / med['total_s']:4.1f}%)")
@@ -262,6 +264,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-cli", action="store_true", help="skip the cold-cache CLI runs")
+    parser.add_argument("--recipe", default="default", help="speed mode: the training recipe (default or report)")
     parser.add_argument("--study", action="store_true",
                         help="the recipe study (issue #10): train --settings x --seeds, print mean +- std per setting")
     parser.add_argument("--settings", default="all", help=f"study settings, comma-separated: {', '.join(STUDY_SETTINGS)}")
@@ -285,9 +288,10 @@ def main() -> None:
         return
     split_dir = _prepare(args.root, args.scale, args.jobs)
     if not args.skip_cli:
-        _cli_cold(args.root, split_dir, args.image_size, args.jobs, ["--patience", "1000"], "all 5 epochs")
-        _cli_cold(args.root, split_dir, args.image_size, args.jobs, [], "defaults (early stopping on)")
-    _epochs_warm(args.root, split_dir, args.image_size, args.jobs, args.repeats)
+        _cli_cold(args.root, split_dir, args.image_size, args.jobs, ["--patience", "1000"], "all 5 epochs",
+                  args.recipe)
+        _cli_cold(args.root, split_dir, args.image_size, args.jobs, [], "defaults (early stopping on)", args.recipe)
+    _epochs_warm(args.root, split_dir, args.image_size, args.jobs, args.repeats, args.recipe)
 
 
 if __name__ == "__main__":
