@@ -1,6 +1,7 @@
 """Data pipeline timings: synth, split, cache build/load, augmentation, decode+resize.
 
     .venv/bin/python benchmarks/bench_data.py [--fraction 1.0] [--jobs 2] [--size 224] [--workdir DIR]
+                                              [--difficulty easy|hard]
 
 Generates the synthetic 200X tree at scale 1.0 (2,013 images) in a temporary
 folder (or the first ``--fraction`` of its images, extrapolated to the full
@@ -33,10 +34,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--difficulty", choices=synth.DIFFICULTIES, default=synth.DEFAULT_DIFFICULTY,
+                        help="synth difficulty of the generated tree (the rest of the pipeline is the same)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_data.", dir=args.workdir))
-    print(f"cores: {os.cpu_count()}, jobs: {args.jobs}, workdir: {work}")
+    print(f"cores: {os.cpu_count()}, jobs: {args.jobs}, difficulty: {args.difficulty}, workdir: {work}")
     try:
         full = synth.plan(1.0, ("200X",))
         if args.fraction < 1.0:  # generate a spread-out subset: every k-th image
@@ -44,7 +47,7 @@ def main() -> None:
             original = synth.plan
             synth.plan = lambda scale, mags: original(scale, mags)[::step]
         t0 = time.perf_counter()
-        summary = synth.generate(work, scale=1.0, mags=("200X",), seed=0, jobs=args.jobs)
+        summary = synth.generate(work, scale=1.0, mags=("200X",), seed=0, jobs=args.jobs, difficulty=args.difficulty)
         wall = time.perf_counter() - t0
         n = summary["n_images"]
         print(f"synth: {n} images in {wall:.1f} s wall ({wall / n * 1e3:.1f} ms/image with {args.jobs} jobs); "
@@ -57,7 +60,7 @@ def main() -> None:
         specs = full[:: max(1, len(full) // 20)][:20]
         c0 = time.process_time()
         for spec in specs:
-            Image.fromarray(synth.render(spec, 0)).save(io.BytesIO(), format="PNG", compress_level=1)
+            Image.fromarray(synth.render(spec, 0, args.difficulty)).save(io.BytesIO(), format="PNG", compress_level=1)
         cpu = (time.process_time() - c0) / len(specs)
         print(f"synth CPU time: {cpu * 1e3:.1f} ms/image (render + PNG, 1 process); "
               f"full 200X tree on 2 idle cores ~ {cpu * len(full) / 2:.0f} s")

@@ -7,10 +7,12 @@ Prints medians after warm-up, with thread counts:
   ``--blas-threads``), all timed alternately with Keras in the same loop;
 - batch-1 inference: NumPy ``predict`` vs Keras compiled ``tf.function`` call (not predict);
 - large-batch prediction with and without joblib sharding (``predict(jobs=N)``);
-- per-layer forward/backward times of the NumPy train step (``--profile``).
+- per-step forward/backward times of the NumPy train step (``--profile``; steps = fused layers);
+- NumPy ``predict`` vs ONNX Runtime on the same weights (``--onnx``, the ``breastcnn[onnx]`` extra) at
+  batch 1 and batch 32, ONNX Runtime intra-op threads = engine threads, for each ``--threads`` value.
 
 Usage: python benchmarks/bench_engine.py [--repeats 20] [--no-keras] [--profile] [--threads 0,1]
-       [--blas-threads 1] [--blas2]
+       [--blas-threads 1] [--blas2] [--onnx]
 Timings on a shared machine are noisy: compare the ratios from the same run.
 ``--blas2`` adds threads=1 with 2 OpenBLAS threads as a separate (not interleaved)
 measurement: spinning OpenBLAS threads would slow whatever runs right after them.
@@ -27,7 +29,7 @@ import numpy as np
 
 from breastcnn.models import create_model
 from breastcnn.nn import Adam
-from breastcnn.nn.parallel import blas_thread_count, blas_threads, engine_threads, resolve_jobs
+from breastcnn.nn.parallel import blas_thread_count, resolve_jobs
 
 BATCH = 32
 SHAPE = (224, 224, 3)
@@ -79,44 +81,35 @@ def data(n: int, seed: int = 0):
     return x, y
 
 
-def profile_layers(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
-    """Median forward / backward ms per layer within real ``train_on_batch`` steps (the fused path).
+def profile_steps(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
+    """Median forward / backward ms per step (``model.steps``: fused layers) within real ``train_on_batch`` steps.
 
-    Each layer's methods are timed where Sequential calls them; BatchNorm work that runs inside its
-    neighbours' chunks (normalisation, moments, gradient sums) counts for those neighbours.
+    Each step's forward and backward are timed where Sequential calls them. Work a step leaves pending
+    (a BatchNorm's normalisation, its input gradient) runs in the next step's chunks and counts there.
     """
-    times = {(i, d): [] for i in range(len(model.layers)) for d in ("forward", "backward")}
-    originals = []
-    for i, layer in enumerate(model.layers):
-        for method, direction in (("forward", "forward"), ("forward_relu", "forward"), ("forward_folded", "forward"),
-                                  ("backward", "backward"), ("backward_relu", "backward")):
-            if not hasattr(layer, method):
-                continue
-            original = getattr(layer, method)
+    steps = model._steps(0, model.logits_index + 1)    # the plan that compute_gradients runs
+    times = {(k, d): [] for k in range(len(steps)) for d in ("forward", "backward")}
+    for k, step in enumerate(steps):
+        for direction in ("forward", "backward"):
+            original = getattr(step, direction)
 
-            def timed(*args, _f=original, _key=(i, direction), **kwargs):
+            def timed(*args, _f=original, _key=(k, direction), **kwargs):
                 start = time.perf_counter()
                 result = _f(*args, **kwargs)
                 times[_key].append(time.perf_counter() - start)
                 return result
 
-            setattr(layer, method, timed)
-            originals.append((layer, method))
+            setattr(step, direction, timed)
     try:
         for _ in range(repeats + 2):
             model.train_on_batch(x, y)
     finally:
-        for layer, method in originals:
-            delattr(layer, method)   # back to the class methods
-    rows = []
-    for i, layer in enumerate(model.layers[: model.logits_index + 1]):
-        def per_step(direction):
-            t = times[(i, direction)]
-            per = len(t) // (repeats + 2) or 1
-            sums = [sum(t[k * per : (k + 1) * per]) for k in range(2, repeats + 2)] if t else [0.0]
-            return statistics.median(sums) * 1e3
-        rows.append((layer.name, per_step("forward"), per_step("backward")))
-    return rows
+        for step in steps:
+            del step.forward, step.backward   # back to the class methods
+    def median_ms(k: int, direction: str) -> float:   # the first two steps warm up
+        return statistics.median(times[(k, direction)][2:]) * 1e3
+
+    return [(repr(step), median_ms(k, "forward"), median_ms(k, "backward")) for k, step in enumerate(steps)]
 
 
 def keras_side(model, x, y, x1, repeats: int, keras_threads: int = 0) -> dict:
@@ -162,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-keras", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="per-layer NumPy times")
+    parser.add_argument("--profile", action="store_true", help="per-step NumPy times (train step)")
     parser.add_argument("--threads", default="0,1",
                         help="comma-separated Sequential.threads values to compare (0: all cores); the first "
                              "one is used for the inference, profile and prediction figures")
@@ -177,6 +170,8 @@ def main() -> None:
                         help="TensorFlow intra/inter-op threads (0: its default, all cores); with --threads 1 "
                              "this compares the two engines per core")
     parser.add_argument("--predict-batch", type=int, default=256, help="images for the sharding comparison")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time ONNX Runtime on the same weights (batch 1 and 32, per --threads value)")
     args = parser.parse_args()
     args.blas_threads = args.blas_threads or None
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -228,9 +223,9 @@ def run(args) -> None:
         print(f"  keras {infer['keras']:8.3f}   ratio numpy/keras {infer['numpy'] / infer['keras']:.2f} (target <= 0.5)")
 
     if args.profile:
-        print(f"per-layer median ms within a train step (forward / backward), {main_label}:")
-        for name, f, b in profile_layers(model, x, y, max(args.repeats // 2, 3)):
-            print(f"  {name:<16} {f:7.2f} {b:7.2f}")
+        print(f"per-step median ms within a train step (forward / backward), {main_label}:")
+        for name, f, b in profile_steps(model, x, y, max(args.repeats // 2, 3)):
+            print(f"  {name:<48} {f:7.2f} {b:7.2f}")
 
     # joblib sharding vs engine threads on a large prediction batch
     xb, _ = data(args.predict_batch, seed=1)
@@ -241,6 +236,41 @@ def run(args) -> None:
     print(f"predict {args.predict_batch} images, batch 64: jobs=1 ({main_label}) {plain:.1f} ms; "
           f"jobs={jobs} (joblib threads, 1 engine + 1 BLAS thread each) {sharded:.1f} ms; "
           f"sharded/plain = {sharded / plain:.2f}")
+    if args.onnx:
+        onnx_vs_numpy(model, x, x1, args)
+
+
+def onnx_vs_numpy(model, x, x1, args) -> None:
+    """NumPy ``predict`` vs ONNX Runtime (the same weights, exported with BatchNorm folded), timed alternately,
+    at batch 1 and batch ``BATCH``, for each ``--threads`` value (ONNX Runtime intra-op threads = engine threads,
+    NumPy BLAS at ``--blas-threads``)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime
+
+    from breastcnn.models.onnx_export import export_onnx
+    from breastcnn.models.onnx_runtime import load_onnx_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp) / "custom.onnx")
+        ort_model = load_onnx_model(Path(tmp) / "custom.onnx")   # the session keeps the bytes
+    settle = args.settle
+    print(f"NumPy predict vs ONNX Runtime {onnxruntime.__version__} (same weights), median ms "
+          f"(targets numpy/onnx <= 1.5 at batch 1, <= 1.2 at batch {BATCH}):")
+    for threads in args.threads:
+        n = resolve_jobs(threads)
+        model.threads, model.blas_threads = n, args.blas_threads
+        ort_model.set_threads(n, 1)
+        b1 = interleaved_ms({"numpy": lambda: model.predict(x1, batch_size=1),
+                             "onnx": lambda: ort_model.predict(x1, batch_size=1)},
+                            args.repeats * 10, warmup=20, block=10 if settle else 1, settle=5 * settle)
+        bn = interleaved_ms({"numpy": lambda: model.predict(x, batch_size=BATCH),
+                             "onnx": lambda: ort_model.predict(x, batch_size=BATCH)},
+                            args.repeats, block=2 if settle else 1, settle=settle)
+        for label, t in ((1, b1), (BATCH, bn)):
+            print(f"  {n} thread(s), batch {label:>2}: numpy {t['numpy']:8.3f}  onnx {t['onnx']:8.3f}  "
+                  f"ratio numpy/onnx {t['numpy'] / t['onnx']:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,20 @@ What is timed, and why (the report's timings were not comparable, defect 10):
 
 - Model loading and graph tracing are never timed: every measurement starts
   after ``warmup`` untimed calls of the same shape.
-- NumPy models: ``model.predict`` (inference mode, one process, BLAS threads
-  pinned with threadpoolctl). Keras models: ``KerasClassifier.predict``, which
+- NumPy models: ``model.predict`` (inference mode, one process) on ``threads``
+  engine threads with one BLAS thread each (recorded per model as
+  ``threads: {"engine", "blas"}``, read inside the engine's limits). Keras
+  models: TensorFlow's intra-op pool pinned to ``threads`` (recorded in
+  ``machine.threads``); ``KerasClassifier.predict``, which
   runs a compiled ``tf.function``; ``keras.Model.predict()`` would add tens of
   ms of per-call overhead (it builds a data pipeline each call), see
   :data:`KERAS_NOTE`.
-- A measurement stops after ``repeats`` calls or ``max_seconds`` (at least
-  ``min_calls``), so VGG16 at batch 32 on two cores does not take an hour; the
-  number of calls is recorded.
+- Every measurement (forward passes, ``Model.predict()``, end-to-end, test
+  metrics, train step) stops once ``max_seconds`` have been spent on it,
+  warm-up included (the first warm-up call and ``min_calls`` timed calls always
+  run), so the README's three-model command ends in under two minutes on two
+  cores; the number of calls (and of test images scored) is recorded.
+  :data:`FULL_SETTINGS` are the report's settings (``bench --full``).
 
 Library code: returns dicts and strings, never prints.
 """
@@ -26,7 +32,6 @@ Library code: returns dicts and strings, never prints.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import tempfile
@@ -38,6 +43,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.nn.parallel import available_cores
 
 KERAS_NOTE = (
     "Keras latency/throughput are the compiled tf.function forward pass (KerasClassifier.predict); "
@@ -45,12 +51,13 @@ KERAS_NOTE = (
 )
 TIMING_NOTE = (
     "Medians/percentiles after warm-up, model loading and graph tracing excluded; "
-    "end-to-end = decode PNG + resize + preprocess + forward for one image."
+    "end-to-end = decode PNG + resize + preprocess + forward for one image; "
+    "each measurement stops after --max-seconds (warm-up included, at least one timed call)."
 )
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
 REPORT_KERAS_TRAIN_BATCH = 64
-"""The report's fine-tuning batch size (heavy on 2 CPU cores at 224x224: make it smaller with
-``keras_train_batch_size``; the batch used is recorded)."""
+"""The report's fine-tuning batch size: VGG16 takes ~46 s per step at 224x224 on 2 CPU cores, so the
+default train step runs at :attr:`BenchOptions.keras_train_batch_size` (the batch used is recorded)."""
 
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "benign_recall")
 """Test metrics shown in the table (the report's Table 3.1); every metric is in the JSON."""
@@ -60,18 +67,23 @@ METRIC_LABELS = {"accuracy": "test accuracy", "precision": "precision (malignant
 
 @dataclass
 class BenchOptions:
-    """Settings of one bench run (all recorded in ``bench.json``)."""
+    """Settings of one bench run (all recorded in ``bench.json``).
+
+    The defaults fit ``bench --models custom,vgg16,resnet50`` into under two minutes on two CPU cores:
+    each measurement stops after ``max_seconds`` (warm-up included), throughput at batch 1 and 8, the
+    Keras train step at batch 4. :data:`FULL_SETTINGS` are the report's (``--full``).
+    """
 
     image_size: int = 224
-    batch_sizes: tuple[int, ...] = (1, 32)
+    batch_sizes: tuple[int, ...] = (1, 8)
     repeats: int = 50
     warmup: int = 2
-    min_calls: int = 3
-    max_seconds: float = 10.0
+    min_calls: int = 1
+    max_seconds: float = 2.0
     threads: int | None = None
     train_steps: int = 5
     train_batch_size: int = 32
-    keras_train_batch_size: int = REPORT_KERAS_TRAIN_BATCH
+    keras_train_batch_size: int = 4
     weights: str = "none"
     seed: int = 0
 
@@ -88,11 +100,68 @@ class BenchOptions:
             (self.keras_train_batch_size >= 1, "--keras-train-batch", self.keras_train_batch_size, ">= 1"),
             (self.weights in ("none", "imagenet"), "--weights", self.weights, "'none' or 'imagenet'"),
             (self.max_seconds > 0, "--max-seconds", self.max_seconds, "> 0"),
+            (self.warmup >= 0 and self.min_calls >= 1, "warm-up / minimum calls", (self.warmup, self.min_calls),
+             ">= 0 and >= 1"),
         ]
         for ok, option, value, expected in checks:
             if not ok:
                 raise UserInputError(f"{option} must be {expected}, got {value!r}")
         return self
+
+    @classmethod
+    def full(cls, **overrides) -> "BenchOptions":
+        """The report's settings (:data:`FULL_SETTINGS`), then ``overrides``."""
+        return cls(**{**FULL_SETTINGS, **overrides})
+
+
+FULL_SETTINGS = {"batch_sizes": (1, 32), "min_calls": 3, "max_seconds": 10.0,
+                 "keras_train_batch_size": REPORT_KERAS_TRAIN_BATCH}
+"""``bench --full``: the report's Tables 3.1/3.2 (throughput at batch 32, the Keras train step at the
+report's batch 64) and 10 s per measurement: about 10 minutes for the three models on 2 CPU cores."""
+
+
+class Progress:
+    """What the harness tells while it runs; this base class ignores it (the CLI draws bars from it).
+
+    For each model, ``plan`` says how many measurements it will take, ``measurement`` starts one (at
+    most ``max_calls`` calls including warm-up, at most ``budget_s`` seconds), ``tick`` follows each
+    call, ``model_done`` ends the model.
+    """
+
+    def message(self, text: str) -> None:
+        """Something other than a measurement (loading a model, building the image cache...)."""
+
+    def plan(self, model: str, measurements: int) -> None:
+        """``model`` will take ``measurements`` measurements in all (told again if that grows)."""
+
+    def measurement(self, model: str, what: str, max_calls: int, budget_s: float) -> None:
+        """A measurement of ``model`` starts."""
+
+    def tick(self, calls: int, spent_s: float) -> None:
+        """``calls`` calls (warm-up included) of the current measurement took ``spent_s`` so far."""
+
+    def model_done(self, model: str) -> None:
+        """Every measurement of ``model`` is done."""
+
+
+class _Messages(Progress):
+    """A plain ``callable(message)`` as a :class:`Progress` (one line per step)."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+
+    def message(self, text: str) -> None:
+        self.say(text)
+
+    def measurement(self, model: str, what: str, max_calls: int, budget_s: float) -> None:
+        self.say(f"{model}: {what}")
+
+
+def as_progress(progress: "Progress | Callable[[str], None] | None") -> Progress:
+    """A :class:`Progress` from one, from a message callable, or from ``None`` (silent)."""
+    if progress is None:
+        return Progress()
+    return progress if isinstance(progress, Progress) else _Messages(progress)
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -136,24 +205,43 @@ def parse_model_files(items: Sequence[str], names: Sequence[str]) -> dict[str, P
 
 # ---------------------------------------------------------------- timing
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2, max_seconds: float = 10.0,
-               min_calls: int = 3) -> np.ndarray:
-    """Wall-clock milliseconds of ``fn()`` per call, after ``warmup`` untimed calls.
+               min_calls: int = 3, tick: Callable[[int, float], None] | None = None) -> np.ndarray:
+    """Wall-clock milliseconds of ``fn()`` per call, after up to ``warmup`` untimed calls.
 
-    Stops after ``repeats`` timed calls or once ``max_seconds`` have been spent
-    timing (but never before ``min(min_calls, repeats)`` calls).
-    Returns ``(n_calls,)`` float64 ms.
+    ``max_seconds`` caps the measurement, warm-up included, from the end of the
+    first warm-up call (which traces/compiles graphs and builds caches: never
+    timed, never cut): the other warm-up calls stop once it is spent, and timing
+    stops then too, but never before ``min(min_calls, repeats)`` timed calls; at
+    most ``repeats`` timed calls. ``tick(calls, seconds)`` is told after every
+    call (seconds since the start, the first call included).
+    Returns ``(n_timed_calls,)`` float64 ms.
     """
-    for _ in range(max(int(warmup), 0)):
-        fn()
-    times = []
     spent = 0.0
-    floor = min(int(min_calls), int(repeats))
-    while len(times) < repeats and (len(times) < floor or spent < max_seconds):
+    calls = 0
+
+    def call() -> float:
+        nonlocal spent, calls
         start = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
         spent += elapsed
-        times.append(elapsed * 1e3)
+        calls += 1
+        if tick is not None:
+            tick(calls, spent)
+        return elapsed
+
+    first = 0.0
+    for i in range(max(int(warmup), 0)):
+        if i == 0:
+            first = call()
+        elif spent - first >= max_seconds:
+            break
+        else:
+            call()
+    times = []
+    floor = min(int(min_calls), int(repeats))
+    while len(times) < repeats and (len(times) < floor or spent - first < max_seconds):
+        times.append(call() * 1e3)
     return np.asarray(times, dtype=np.float64)
 
 
@@ -180,20 +268,13 @@ def pinned_threads(threads: int | None, tensorflow: bool) -> Iterator[dict]:
     """
     from breastcnn.nn.parallel import blas_thread_count, blas_threads
 
-    n = int(threads) if threads else _available_cores()
+    n = int(threads) if threads else available_cores()
     info: dict = {"requested": n}
     with blas_threads(n):
         info["blas"] = blas_thread_count()
         if tensorflow:
             info.update(_pin_tensorflow(n))
         yield info
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _pin_tensorflow(n: int) -> dict:
@@ -247,11 +328,14 @@ def _empty_entry(name: str) -> dict:
         "latency_ms_p50": None,
         "latency_ms_p95": None,
         "throughput_ips": {},
+        "throughput_ips_one_thread": {},
         "train_step_ms": None,
+        "train_ms_per_image": None,
         "train_batch_size": None,
         "e2e_ms_p50": None,
         "e2e_ms_p95": None,
         "keras_predict_ms_p50": None,
+        "threads": None,
         "calls": {},
         "skipped": None,
         "notes": [],
@@ -297,7 +381,7 @@ def _write_png(path: Path, rng: np.random.Generator) -> Path:
 
 
 def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Path, split=None,
-                progress: Callable[[str], None] | None = None) -> dict:
+                progress: "Progress | Callable[[str], None] | None" = None) -> dict:
     """Measure one model; a missing optional dependency gives ``skipped`` (the reason), not an error.
 
     Args:
@@ -307,18 +391,21 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
         workdir: scratch directory (fresh model files, the PNG).
         split: a loaded ``breastcnn.data.split.Split``; test metrics are added
             when given together with a model file.
-        progress: ``callable(message)`` told what is being measured.
+        progress: a :class:`Progress` (or ``callable(message)``) told what is being measured.
     """
-    say = progress or (lambda message: None)
+    report = as_progress(progress)
     entry = _empty_entry(name)
     try:
-        say(f"{name}: loading" if path else f"{name}: building a fresh model")
+        report.message(f"{name}: loading {path}" if path else f"{name}: building a fresh model")
         model, file, fresh = _load_or_create(name, path, options, workdir)
     except MissingDependencyError as exc:
         entry["skipped"] = str(exc)
+        report.model_done(name)
         return entry
     from breastcnn.data.images import preprocess
 
+    if model.framework == "onnx" and options.threads:   # ONNX Runtime's threads are set per session
+        model.set_threads(options.threads)
     meta = dict(getattr(model, "meta", {}) or {})
     size = int(meta.get("image_size") or options.image_size)
     mode = meta.get("preprocess", "caffe")
@@ -331,74 +418,169 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
     )
     if fresh:
         entry["notes"].append("freshly built, random weights: size and timings only"
-                              + (" (test metrics need --model-file NAME=PATH)" if split is not None else ""))
+                              + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)"
+                                 if split is not None else ""))
+    if model.framework == "numpy":   # --threads flows down to the engine; record what is in force there
+        model.threads = options.threads
+        entry["threads"] = model.thread_settings()
     counts = model.count_params()
     entry["params_trainable"] = int(counts["trainable"])
     entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
 
+    def measure(what: str, fn: Callable[[], object], repeats: int, warmup: int) -> dict:
+        report.measurement(name, what, warmup + repeats, options.max_seconds)
+        wall, cpu = time.perf_counter(), time.process_time()
+        stats = summarise_ms(time_calls(fn, repeats, warmup, options.max_seconds, options.min_calls, report.tick))
+        # CPU seconds of this process (all threads) per wall second: < 1 for one thread = other processes ran
+        stats["cpu_per_wall"] = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+        return stats
+
     rng = np.random.default_rng(options.seed)
-    # Forward pass on preprocessed arrays, per batch size.
-    for batch in options.batch_sizes:
-        say(f"{name}: forward pass, batch {batch}")
+    # Forward pass on preprocessed arrays, per batch size (batch 1, the latency contract, even when not listed).
+    batches = list(options.batch_sizes) + ([] if 1 in options.batch_sizes else [1])
+    planned = (len(batches) + (model.framework == "keras") + 1 + (split is not None and not fresh)
+               + (options.train_steps > 0 and model.framework != "onnx"))
+    report.plan(name, planned)
+    for batch in batches:
         x = preprocess(_rng_images(rng, batch, size), mode)
-        times = time_calls(lambda: model.predict(x, batch_size=batch), options.repeats, options.warmup,
-                           options.max_seconds, options.min_calls)
-        stats = summarise_ms(times)
-        entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
+        stats = measure(f"forward pass, batch {batch}", lambda: model.predict(x, batch_size=batch),
+                        options.repeats, options.warmup)
+        if batch in options.batch_sizes:
+            entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
         entry["calls"][f"forward_b{batch}"] = stats["calls"]
         if batch == 1:
             entry["latency_ms_p50"] = round(stats["p50"], 3)
             entry["latency_ms_p95"] = round(stats["p95"], 3)
-    if entry["latency_ms_p50"] is None:  # batch 1 is the latency contract even when not listed
-        x = preprocess(_rng_images(rng, 1, size), mode)
-        stats = summarise_ms(time_calls(lambda: model.predict(x, batch_size=1), options.repeats,
-                                        options.warmup, options.max_seconds, options.min_calls))
-        entry["latency_ms_p50"], entry["latency_ms_p95"] = round(stats["p50"], 3), round(stats["p95"], 3)
-        entry["calls"]["forward_b1"] = stats["calls"]
+    if model.framework == "numpy":
+        _explain_slow_batches(model, entry, rng, size, mode, options, measure,
+                              lambda extra: report.plan(name, planned + extra))
 
     if model.framework == "keras":  # back the claim in KERAS_NOTE with a number
         x = preprocess(_rng_images(rng, 1, size), mode)
-        stats = summarise_ms(time_calls(lambda: model.model.predict(x, verbose=0), min(options.repeats, 5),
-                                        1, options.max_seconds, options.min_calls))
+        stats = measure("keras Model.predict(), batch 1", lambda: model.model.predict(x, verbose=0),
+                        min(options.repeats, 5), 1)
         entry["keras_predict_ms_p50"] = round(stats["p50"], 3)
 
     # End to end: one PNG from disk, decode + preprocess + forward.
-    say(f"{name}: end-to-end (PNG from disk)")
-    entry.update(_time_end_to_end(model, workdir, rng, options))
+    entry.update(_time_end_to_end(model, workdir, rng, options, measure))
 
     # Test metrics, when a split and a trained model file were given.
     if split is not None and not fresh:
-        say(f"{name}: evaluating on the test subset")
-        entry.update(_evaluate(model, split))
+        report.message(f"{name}: loading the test images of {split.dir} at {size}px (cached after the first run)")
+        metrics = _evaluate(model, split, options, report, name)
+        entry["notes"] += metrics.pop("notes", [])
+        entry.update(metrics)
 
     # Train step last: it updates the weights of the in-memory model.
-    if options.train_steps > 0:
-        say(f"{name}: train step")
-        entry.update(_time_train_step(model, rng, size, mode, options))
+    if options.train_steps > 0 and model.framework == "onnx":
+        entry["notes"].append("ONNX Runtime runs inference only: no train step")
+    elif options.train_steps > 0:
+        entry.update(_time_train_step(model, rng, size, mode, options, measure))
+    report.model_done(name)
     return entry
 
 
-def _time_end_to_end(model, workdir: Path, rng: np.random.Generator, options: BenchOptions) -> dict:
+def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options: BenchOptions, measure,
+                          plan_more: Callable[[int], None]) -> None:
+    """When a batch > 1 gives fewer images/s than batch 1, time it again on one engine thread and say why.
+
+    Batch 1 runs on one thread in well under a millisecond; a batch > 1 cuts every layer into chunks
+    run on the engine threads (``Sequential.threads``, one fork-join per layer). On a machine busy
+    with other processes a long call shares the CPU with them, and a fork-join waits at every layer
+    for a worker that is not running (measured at 160 px, load average ~7 on 2 cores: batch 8 gave
+    2,100 img/s on 2 threads, 5,300 on one, batch 1 4,200; the CPU time per image was lower at batch
+    8 than at batch 1). The note gives this run's figures: both throughputs, the load average and the
+    share of a core the process got.
+    """
+    single = entry["throughput_ips"].get("1")
+    slow = [b for b in options.batch_sizes if b > 1 and single and entry["throughput_ips"][str(b)] < single]
+    if not slow:
+        return
+    from breastcnn.data.images import preprocess
+
+    threads = getattr(model, "threads", None)
+    one_thread, shares = {}, []
+    if threads != 1 and available_cores() > 1:
+        plan_more(len(slow))
+        try:
+            model.threads = 1
+            for batch in slow:
+                x = preprocess(_rng_images(rng, batch, size), mode)
+                stats = measure(f"forward pass, batch {batch}, one engine thread",
+                                lambda: model.predict(x, batch_size=batch), options.repeats, options.warmup)
+                one_thread[str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
+                shares.append(stats["cpu_per_wall"])
+        finally:
+            model.threads = threads
+    entry["throughput_ips_one_thread"] = one_thread
+    shown = "; ".join(f"b{b}: {entry['throughput_ips'][str(b)]:,.0f} img/s"
+                      + (f" on all engine threads, {one_thread[str(b)]:,.0f} on one" if one_thread else "")
+                      for b in slow)
+    load = _load_averages()
+    machine = [f"load average {load[0]:.1f} on {available_cores()} cores"] if load else []
+    if shares:
+        machine.append(f"this process got {min(shares):.0%} of a core while on one thread")
+    entry["notes"].append(
+        f"img/s at batch > 1 below batch 1 ({'; '.join([shown, *machine])}): other processes were running. "
+        "A batch-1 call (sub-millisecond) mostly runs between their turns, a longer call shares the CPU with "
+        "them, and a batch > 1 split over the engine threads also waits at every layer for a worker thread "
+        "that is not running. Re-measure on a quiet machine (there the threads win).")
+
+
+def _time_end_to_end(model, workdir: Path, rng: np.random.Generator, options: BenchOptions, measure) -> dict:
     from breastcnn import inference
 
     png = str(_write_png(workdir / "bench-input.png", rng))
-    first = list(inference.predict_paths(model, [png], batch_size=1))
-    if first[0].error:  # pragma: no cover - our own PNG always decodes
-        raise RuntimeError(first[0].error)
-    times = time_calls(lambda: list(inference.predict_paths(model, [png], batch_size=1)), options.repeats,
-                       options.warmup, options.max_seconds, options.min_calls)
-    stats = summarise_ms(times)
+
+    def classify() -> None:
+        (result,) = inference.predict_paths(model, [png], batch_size=1)
+        if result.error:  # pragma: no cover - our own PNG always decodes
+            raise RuntimeError(result.error)
+
+    stats = measure("end-to-end (PNG from disk)", classify, options.repeats, options.warmup)
     return {"e2e_ms_p50": round(stats["p50"], 3), "e2e_ms_p95": round(stats["p95"], 3)}
 
 
-def _evaluate(model, split) -> dict:
-    from breastcnn import inference
+def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, chunk: int = 32) -> dict:
+    """The test metrics of ``evaluate`` (same images, same scores), within ``max_seconds``.
 
-    metrics, _rows = inference.evaluate_model(model, split)
-    return dict(metrics)
+    Images are scored in chunks in a seeded random order until the budget is spent (at least one
+    chunk); ``metrics_images`` / ``test_images`` say how many were scored, with a note when not all.
+    Building the image cache (a one-off data step) is not part of the budget.
+    """
+    from breastcnn.data.images import DEFAULT_JOBS, load_subset
+    from breastcnn.inference import model_input_spec, predict_uint8
+    from breastcnn.metrics import classification_metrics
+
+    size, _ = model_input_spec(model)
+    x, y = load_subset(split, "test", size, jobs=DEFAULT_JOBS)
+    patients = np.asarray(split.patients("test"))
+    total = len(y)
+    if total == 0:
+        return {"notes": [f"the test subset of {split.dir} is empty: no test metrics"]}
+    order = np.random.default_rng(options.seed).permutation(total)
+    chunks = [order[i : i + chunk] for i in range(0, total, chunk)]
+    report.measurement(name, f"test metrics ({total} images)", len(chunks), options.max_seconds)
+    probabilities, scored, spent = [], [], 0.0
+    for i, index in enumerate(chunks):
+        if i and spent >= options.max_seconds:
+            break
+        start = time.perf_counter()
+        probabilities.append(predict_uint8(model, x[index], batch_size=chunk))
+        spent += time.perf_counter() - start
+        scored.append(index)
+        report.tick(i + 1, spent)
+    index = np.concatenate(scored)
+    metrics = classification_metrics(y[index], np.concatenate(probabilities), patients=patients[index])
+    metrics.update(subset="test", metrics_images=int(index.size), test_images=int(total))
+    if index.size < total:
+        metrics["notes"] = [f"test metrics on {index.size} of {total} test images (a seeded random sample: "
+                            f"--max-seconds {options.max_seconds:g} was spent; --full or a larger --max-seconds "
+                            "scores them all)"]
+    return metrics
 
 
-def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, options: BenchOptions) -> dict:
+def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, options: BenchOptions, measure) -> dict:
     """Median ms of one optimizer step (after one untimed step that builds optimizer state/traces)."""
     from breastcnn.data.images import preprocess
 
@@ -406,8 +588,9 @@ def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, opti
     x = preprocess(_rng_images(rng, batch, size), mode)
     y = np.arange(batch, dtype=np.int64) % 2
     step = _train_step_fn(model, x, y)
-    times = time_calls(step, options.train_steps, warmup=1, max_seconds=math.inf, min_calls=options.train_steps)
-    return {"train_step_ms": round(float(np.median(times)), 2), "train_batch_size": batch}
+    stats = measure(f"train step, batch {batch}", step, options.train_steps, 1)
+    return {"train_step_ms": round(stats["p50"], 2), "train_batch_size": batch,
+            "train_ms_per_image": round(stats["p50"] / batch, 3), "train_steps_timed": stats["calls"]}
 
 
 def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
@@ -437,12 +620,19 @@ def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
 
 # ---------------------------------------------------------------- the run
 def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, options: BenchOptions | None = None,
-              split_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every model in one process; returns ``{"machine", "options", "notes", "models"}``.
+              split_dir: str | os.PathLike | None = None,
+              progress: "Progress | Callable[[str], None] | None" = None,
+              sources: dict[str, str] | None = None) -> dict:
+    """Measure every model in one process; returns ``{"machine", "options", "notes", "models", "seconds"}``.
 
     ``models`` keeps the order of ``names``; ratios to the custom model are
-    added when the custom model was measured (:func:`add_ratios`).
+    added when the custom model was measured (:func:`add_ratios`). Each entry's
+    ``source`` says where its model came from: ``sources[name]`` (e.g.
+    ``"runs/latest"``), else ``"--model-file"`` or ``"fresh"``. ``machine``
+    records the load average at the start and the end (timings depend on it).
     """
+    started = time.perf_counter()
+    load_start = _load_averages()
     options = (options or BenchOptions()).validate()
     model_files = dict(model_files or {})
     split = None
@@ -456,8 +646,11 @@ def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, 
     with pinned_threads(options.threads, tensorflow=uses_tf and _tensorflow_importable()) as threads, \
             tempfile.TemporaryDirectory(prefix="breastcnn-bench-") as tmp:
         for name in names:
-            entries.append(bench_model(name, model_files.get(name), options, Path(tmp), split, progress))
+            entry = bench_model(name, model_files.get(name), options, Path(tmp), split, progress)
+            entry["source"] = (sources or {}).get(name) or ("--model-file" if name in model_files else "fresh")
+            entries.append(entry)
         machine = machine_info(threads)
+    machine["load_average"] = {"start": load_start, "end": _load_averages()}
     add_ratios(entries)
     notes = [TIMING_NOTE]
     if any(e["framework"] == "keras" for e in entries):
@@ -468,7 +661,16 @@ def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, 
             notes.append("Measured here, batch 1 p50, Model.predict() vs tf.function: " + "; ".join(measured) + ".")
     opts = asdict(options)
     opts["batch_sizes"] = list(options.batch_sizes)
-    return {"machine": machine, "options": opts, "notes": notes, "models": entries}
+    return {"machine": machine, "options": opts, "notes": notes, "models": entries,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _load_averages() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _tensorflow_importable() -> bool:
@@ -477,7 +679,7 @@ def _tensorflow_importable() -> bool:
     return "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is not None
 
 
-RATIO_KEYS = ("params_total", "size_kb", "latency_ms_p50", "e2e_ms_p50", "train_step_ms")
+RATIO_KEYS = ("params_total", "size_kb", "latency_ms_p50", "e2e_ms_p50", "train_step_ms", "train_ms_per_image")
 
 
 def add_ratios(entries: list[dict], reference: str = "custom") -> None:
@@ -529,7 +731,9 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         if e.get("skipped"):
             rows.append([e["model"], f"skipped: {e['skipped']}"] + [""] * (len(headers) - 2))
             continue
-        row = [e["model"] + (f" ({e['image_size']}px)" if e.get("image_size") else ""),
+        label = ", ".join(([f"{e['image_size']}px"] if e.get("image_size") else [])
+                          + (["runs/latest"] if e.get("source") == "runs/latest" else []))
+        row = [e["model"] + (f" ({label})" if label else ""),
                _with_ratio(e, "params_total", 0), _with_ratio(e, "size_kb"),
                f"{_fmt(e['latency_ms_p50'], 2)} / {_fmt(e['latency_ms_p95'], 2)}"
                + _ratio_suffix(e, "latency_ms_p50")]
@@ -537,17 +741,18 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         step = _fmt(e.get("train_step_ms"))
         if e.get("train_batch_size"):
             step += f" @ b{e['train_batch_size']}"
-        row += [step + _ratio_suffix(e, "train_step_ms"), _with_ratio(e, "e2e_ms_p50", 2)]
+        # per image: the Keras step runs at a smaller batch than the NumPy one by default
+        row += [step + _ratio_suffix(e, "train_ms_per_image", " per image"), _with_ratio(e, "e2e_ms_p50", 2)]
         row += [_fmt(e.get(k), 4) for k in show_metrics]
         rows.append(row)
     return headers, rows
 
 
-def _ratio_suffix(entry: dict, key: str) -> str:
+def _ratio_suffix(entry: dict, key: str, unit: str = "") -> str:
     ratio = (entry.get("ratio_to_custom") or {}).get(key)
     if ratio is None or entry["model"] == "custom":
         return ""
-    return f" (x{ratio:,.0f})" if ratio >= 10 else f" (x{ratio:.1f})"
+    return f" (x{ratio:,.0f}{unit})" if ratio >= 10 else f" (x{ratio:.1f}{unit})"
 
 
 def machine_line(result: dict) -> str:
@@ -556,9 +761,17 @@ def machine_line(result: dict) -> str:
     threads = m.get("threads", {})
     parts = [f"{m.get('cpu_model', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores",
              f"threads: BLAS {threads.get('blas', '?')}"]
+    engine = next((e["threads"] for e in result.get("models", []) if e.get("threads")), None)
+    if engine:
+        parts[-1] += f", NumPy engine {engine['engine']} x BLAS {engine['blas']}"
     if "tf_intra_op" in threads:
         parts[-1] += f", TF intra-op {threads['tf_intra_op']} / inter-op {threads['tf_inter_op']}"
     versions = [f"{lib} {m[lib]}" for lib in ("python", "numpy", "tensorflow", "keras") if m.get(lib)]
+    load = m.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        versions.append(f"load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}")
+    if result.get("seconds") is not None:
+        versions.append(f"{result['seconds']:.0f} s in all")
     return "; ".join(parts + [", ".join(versions)])
 
 

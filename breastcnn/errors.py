@@ -11,3 +11,7 @@ class UserInputError(BreastCNNError, ValueError):
 
 class MissingDependencyError(BreastCNNError, ImportError):
     """An optional dependency (TensorFlow for the Keras models) is not installed."""
+
+
+class BreastCNNWarning(UserWarning):
+    """Something was wrong but handled (a damaged cache rebuilt); the CLI prints it as one yellow line."""

@@ -15,13 +15,15 @@ softmax when the model is confident.
   one-hot at the logits down to the chosen layer's output. No weight update.
 - Keras models: ``tf.GradientTape`` on the chosen layer's output
   (``KerasClassifier.gradcam_layer``: VGG16 ``block5_conv3``, ResNet50
-  ``conv5_block3_out``, custom-keras its last conv block).
+  ``conv5_block3_out``, custom-keras the block :func:`choose_gradcam_layer` picks).
 
 The default Grad-CAM layer is ``model.gradcam_layer`` when the model has one
-(Keras models), else the last ``Conv2D`` (the same rule as custom-keras, so a
-NumPy model and its Keras export explain the same layer). Feature maps show
-each conv *block*'s output: the conv plus the BatchNorm/activation layers right
-after it (what a Keras conv with a fused ReLU outputs).
+(VGG16, ResNet50, custom-keras), else :func:`choose_gradcam_layer`: the output
+of the last conv *block* whose map is at least :data:`MIN_GRADCAM_GRID` cells
+across (custom-keras gets its layer by the same rule, so a NumPy model and its
+Keras export explain the same layer). Feature maps show each conv block's
+output too: the conv plus the BatchNorm/activation layers right after it (what
+a Keras conv with a fused ReLU outputs).
 
 Library code: returns arrays or writes PNGs (matplotlib Agg, atomic writes);
 never prints.
@@ -37,6 +39,11 @@ import numpy as np
 
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
+
+MIN_GRADCAM_GRID = 8
+"""Grad-CAM's default layer has an output at least this many cells across. The report's custom model
+ends on a 4x4 map at 160 px (6x6 at 224): one cell covers a sixteenth of the image and the map is one
+blob (the demo's was almost all red); its second block (19x19 at 160 px, 27x27 at 224) localises."""
 
 # Layers that belong to a conv block when they directly follow a Conv2D.
 _BLOCK_TAIL_CLASSES = ("BatchNorm", "ReLU", "LeakyReLU")
@@ -79,10 +86,28 @@ def default_gradcam_layer(model) -> str:
     layer = getattr(model, "gradcam_layer", None)
     if isinstance(layer, str) and layer:
         return layer
+    return choose_gradcam_layer(model)
+
+
+def choose_gradcam_layer(model) -> str:
+    """The output layer of the last conv block whose map is at least :data:`MIN_GRADCAM_GRID` cells
+    across (else of the last block): fine enough to localise, as deep as that allows."""
     blocks = conv_blocks(model)
     if not blocks:
         raise UserInputError(f"model {_arch(model)!r} has no conv layer for Grad-CAM")
-    return blocks[-1][0]
+    for _, output in reversed(blocks):
+        if min(_spatial_size(model, output)) >= MIN_GRADCAM_GRID:
+            return output
+    return blocks[-1][1]
+
+
+def _spatial_size(model, name: str) -> tuple[int, int]:
+    """``(H', W')`` of a 4-D layer output."""
+    if _framework(model) == "numpy":
+        shape = model.layers[_layer_index(model, name)].output_shape
+    else:
+        shape = tuple(_keras_model(model).get_layer(name).output.shape)[1:]
+    return int(shape[0]), int(shape[1])
 
 
 def _check_input(model, x: np.ndarray) -> np.ndarray:
@@ -256,8 +281,12 @@ def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.nda
     return np.clip(resized, 0.0, 1.0)
 
 
-def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """Blend a heatmap (any size, [0, 1]) over an RGB image ``(H, W, 3)`` uint8 -> uint8."""
+def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6, cmap: str = "jet") -> np.ndarray:
+    """Blend a heatmap (any size, [0, 1]) over an RGB image ``(H, W, 3)`` uint8 -> uint8.
+
+    The colour's weight grows with the heat (``alpha * heat``): where the model does not look the
+    tissue shows as it is, so the hot regions stand out rather than a uniform tint.
+    """
     from matplotlib import colormaps
 
     image = np.asarray(image_uint8)
@@ -265,7 +294,8 @@ def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, c
         raise UserInputError(f"overlay expects an RGB image (H, W, 3), got shape {image.shape}")
     heat = upsample_heatmap(heatmap, image.shape[:2])
     colours = colormaps[cmap](heat)[..., :3] * 255.0
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    weight = (alpha * heat)[..., None]
+    blended = (1.0 - weight) * image.astype(np.float32) + weight * colours
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -395,7 +425,7 @@ def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | 
     return _save_figure(fig, path)
 
 
-def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str, alpha: float = 0.45) -> Path:
+def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str, alpha: float = 0.6) -> Path:
     """Input, heatmap and overlay side by side, with a colour bar."""
     blended = overlay(image_uint8, heatmap, alpha=alpha)
     fig = _figure(10.5, 3.8)
@@ -418,8 +448,14 @@ def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path,
 
 # ------------------------------------------------------------------- helpers
 def _framework(model) -> str:
-    """``"numpy"`` for Sequential, ``"keras"`` for KerasClassifier and plain keras.Model."""
-    return getattr(model, "framework", None) or "keras"
+    """``"numpy"`` for Sequential, ``"keras"`` for KerasClassifier and plain keras.Model.
+
+    An ONNX export holds only the folded inference graph (no layer outputs, no gradients): refused."""
+    framework = getattr(model, "framework", None) or "keras"
+    if framework == "onnx":
+        raise UserInputError("feature maps and Grad-CAM need the NumPy .npz or Keras .keras model; an ONNX "
+                             "export holds only the inference graph (use the model it was exported from)")
+    return framework
 
 
 def _arch(model) -> str:
@@ -461,6 +497,7 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
     """
     from breastcnn.data.images import decode_image, preprocess
 
+    _framework(model)   # refuse an ONNX model before anything is written
     meta = dict(getattr(model, "meta", {}) or {})
     size = int(meta.get("image_size") or 224)
     mode = meta.get("preprocess", "caffe")
@@ -491,7 +528,9 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
         target = resolve_class(model, which_class, probabilities)
         parts = gradcam_parts(model, x, class_index=target)
         heatmap = cam_from_parts(parts["activations"], parts["gradients"])
-        title = (f"Grad-CAM for {classes[target]} at {parts['layer']} | {headline}")
+        block = {output: conv for conv, output in conv_blocks(model)}.get(parts["layer"])
+        where = f"the {block} block ({parts['layer']})" if block and block != parts["layer"] else parts["layer"]
+        title = f"Grad-CAM for {classes[target]} at {where} | {headline}"
         path = plot_gradcam(image, heatmap, out_dir / "gradcam.png", title)
         summary["files"].append(str(path))
         summary["gradcam"] = {"class": classes[target], "layer": parts["layer"],

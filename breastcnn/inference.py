@@ -8,6 +8,7 @@ treated the same.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from dataclasses import dataclass
@@ -24,6 +25,41 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 PREDICTION_COLUMNS = ("path", "true_label", "probability", "predicted_label", "patient")
 """Columns of ``predictions.csv`` written by ``evaluate`` (probability = P(malignant))."""
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+"""Text cells starting with these are formulas to a spreadsheet (OWASP "CSV injection")."""
+
+
+def csv_cell(value):
+    """A CSV cell that a spreadsheet shows as text: text starting with ``= + - @`` (or tab/CR) gets a leading ``'``.
+
+    Only text is changed (a path, a patient id); numbers stay numbers, a negative
+    number included. Used for every CSV we write from user-controlled strings.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def model_name(model) -> str:
+    """The model's file for messages (``load_model`` records it), else a generic name."""
+    return str(getattr(model, "source", None) or "the model")
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (the model's setting: all available cores by default) or >= 1."""
+    if threads is not None and threads < 1:
+        raise UserInputError(f"--threads must be >= 1 (default: all available cores), got {threads}")
+
+
+def model_threads(model, threads: int | None):
+    """A context in which a NumPy model runs on ``threads`` engine threads (None: its own setting).
+
+    Keras models keep TensorFlow's thread pools: a no-op for them."""
+    check_threads(threads)
+    if threads is None or getattr(model, "framework", None) != "numpy":
+        return contextlib.nullcontext(model)
+    return model.using_threads(threads)
 
 
 def model_input_spec(model) -> tuple[int, str]:
@@ -65,22 +101,32 @@ def evaluate_model(
     jobs: int = 1,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict, list[dict]]:
     """Score ``model`` on ``subset`` of ``split`` (a loaded ``Split``).
 
     Returns ``(metrics, rows)``: metrics from :func:`breastcnn.metrics.classification_metrics`
     (patient-level accuracy included) and one row per image with
     :data:`PREDICTION_COLUMNS` (path relative to the data root).
+    ``threads``: engine threads of a NumPy model (None: the model's setting, all available cores).
     """
     from breastcnn.data.images import load_subset
     from breastcnn.metrics import classification_metrics
 
     size, _ = model_input_spec(model)
+    check_threads(threads)
     records = split.subset(subset)
     if not records:
         raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
     x, y = load_subset(split, subset, size, jobs=jobs, progress=progress)
-    p = predict_uint8(model, x, batch_size=batch_size)
+    with model_threads(model, threads):
+        p = predict_uint8(model, x, batch_size=batch_size)
+    bad = np.flatnonzero(~np.isfinite(p))
+    if bad.size:
+        raise UserInputError(
+            f"{model_name(model)}: the model gives non-finite probabilities for {bad.size} of {len(p)} {subset} "
+            f"images (e.g. {records[bad[0]].path}); its weights are unusable"
+        )
     patients = split.patients(subset)
     metrics = classification_metrics(y, p, threshold=threshold, patients=patients)
     metrics["subset"] = subset
@@ -177,22 +223,24 @@ def predict_paths(
     batch_size: int = 64,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> Iterator[Prediction]:
     """Classify image files, streaming: decode a chunk in parallel, predict it, yield its results.
 
     Memory stays bounded by the chunk (``batch_size * 4 * jobs`` images) however
     many paths are given. Decoding runs in ``jobs`` joblib threads (Pillow
     releases the GIL). Unreadable files yield a :class:`Prediction` with ``error``.
-    Results come in input order.
+    Results come in input order. ``threads``: engine threads of a NumPy model
+    (None: the model's setting, all available cores).
     """
     from joblib import Parallel, delayed
 
-    from breastcnn.data.images import preprocess
     from breastcnn.nn.parallel import resolve_jobs
 
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
-    size, mode = model_input_spec(model)
+    check_threads(threads)
+    size, _ = model_input_spec(model)
     jobs = resolve_jobs(jobs)
     chunk = max(1, batch_size) * 4 * jobs
     per_worker = max(1, -(-chunk // jobs))
@@ -204,24 +252,43 @@ def predict_paths(
             else:
                 pieces = [part[i : i + per_worker] for i in range(0, len(part), per_worker)]
                 decoded = [d for piece in parallel(delayed(_decode_chunk)(p, size) for p in pieces) for d in piece]
-            good = [i for i, (img, _) in enumerate(decoded) if img is not None]
-            probs = np.empty(0, np.float32)
-            if good:
-                x = np.stack([decoded[i][0] for i in good])
-                probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
-            by_index = dict(zip(good, probs))
-            for i, path in enumerate(part):
-                if i in by_index:
-                    p = float(by_index[i])
-                    yield Prediction(path, CLASSES[int(p >= threshold)], p)
-                else:
-                    yield Prediction(path, error=decoded[i][1])
+            yield from chunk_predictions(model, part, decoded, threshold, batch_size, threads)
             if progress:
                 progress(len(part))
 
 
+def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.ndarray | None, str | None]],
+                      threshold: float, batch_size: int, threads: int | None = None) -> list[Prediction]:
+    """Classify the decoded images of one chunk; one :class:`Prediction` per path, in order.
+
+    ``decoded[i]`` is ``(image, None)`` or ``(None, error message)``. Shared by
+    :func:`predict_paths` and the cluster tasks (:mod:`breastcnn.cluster`).
+    """
+    from breastcnn.data.images import preprocess
+
+    _, mode = model_input_spec(model)
+    good = [i for i, (img, _) in enumerate(decoded) if img is not None]
+    probs = np.empty(0, np.float32)
+    if good:
+        x = np.stack([decoded[i][0] for i in good])
+        with model_threads(model, threads):
+            probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
+    by_index = dict(zip(good, probs))
+    results = []
+    for i, path in enumerate(part):
+        if i in by_index and not np.isfinite(by_index[i]):
+            results.append(Prediction(path, error=f"{path}: {model_name(model)} gives a non-finite probability "
+                                                  f"({by_index[i]}) for this image; not classified"))
+        elif i in by_index:
+            p = float(by_index[i])
+            results.append(Prediction(path, CLASSES[int(p >= threshold)], p))
+        else:
+            results.append(Prediction(path, error=decoded[i][1]))
+    return results
+
+
 def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:
-    """CSV text (header + rows) for ``columns``; floats with full precision."""
+    """CSV text (header + rows) for ``columns``; floats with 6 decimals, text cells through :func:`csv_cell`."""
     import csv
     import io
 
@@ -229,5 +296,5 @@ def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else csv_cell(v)) for k, v in row.items()})
     return buffer.getvalue()

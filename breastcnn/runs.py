@@ -3,9 +3,11 @@
 A run directory (default ``./runs/<arch>-<YYYYmmdd-HHMMSS>/``) holds
 ``config.json``, ``history.csv``, the best model (``model.npz`` or
 ``model.keras``), the resumable checkpoint ``last.npz`` and ``training.png``.
-``./runs/latest`` is a relative symlink to the newest default run (a text file
-``runs/LATEST`` holding the directory name where symlinks are impossible), so
-``evaluate`` and ``predict`` find the latest model without ``--model``.
+``./runs/latest`` is a relative symlink to the newest default run that has
+written a model (a text file ``runs/LATEST`` holding the directory name where
+symlinks are impossible), so ``evaluate`` and ``predict`` find the latest model
+without ``--model``. A run holds its directory's lock (:func:`run_directory`)
+while it writes there.
 
 Shared by the NumPy training loop (:mod:`breastcnn.train`) and the Keras
 fine-tuning; both write the same :data:`HISTORY_COLUMNS`.
@@ -13,6 +15,7 @@ fine-tuning; both write the same :data:`HISTORY_COLUMNS`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -20,11 +23,11 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from breastcnn import __version__
 from breastcnn.errors import UserInputError
-from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
+from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
 
 HISTORY_COLUMNS = [
     "step",
@@ -74,38 +77,76 @@ MODEL_FILES = ("model.npz", "model.keras")
 # --------------------------------------------------------------------------- run dirs
 
 
-def new_run_dir(arch: str, out: str | os.PathLike | None = None, force: bool = False,
-                runs_root: str | os.PathLike = RUNS_ROOT) -> Path:
-    """Create the directory a new run writes to and return it.
+RUN_FILES = ("config.json", "history.csv", "model.npz", "model.keras", "breastcnn.json", "last.npz",
+             "training.png", "summary.json", "metrics.json", "predictions.csv", "roc.png", "confusion.png")
+"""Files the tool writes into a run directory (their stale ``.tmp`` files are removed on resume)."""
 
-    ``out=None``: a fresh ``<runs_root>/<arch>-<YYYYmmdd-HHMMSS>`` (a ``-2``,
-    ``-3``... suffix when two runs start in the same second) and
-    ``<runs_root>/latest`` is pointed at it. An explicit ``out`` that exists and
-    is not empty is refused unless ``force``; ``latest`` is then left alone
-    (pass ``--model`` to later commands).
+START_FILES = ("config.json",)
+"""What a run writes before its data are loaded: a run that fails holding only these is removed."""
+
+
+class RunDir:
+    """A run directory held by this process (see :func:`run_directory`).
+
+    ``path``: the directory; ``created``: made by this call; ``latest_root``: the
+    runs root whose ``latest`` link should point here once a model exists (None for
+    an explicit ``--out``).
     """
-    if out is not None:
+
+    def __init__(self, path: Path, created: bool, latest_root: Path | None):
+        self.path = path
+        self.created = created
+        self.latest_root = latest_root
+        self._pointed = False
+
+    def model_written(self) -> None:
+        """Call after a model file was written here: moves ``latest`` (once) for default runs."""
+        if self.latest_root is not None and not self._pointed:
+            point_latest(self.path, self.latest_root)
+            self._pointed = True
+
+
+@contextlib.contextmanager
+def run_directory(arch: str, out: str | os.PathLike | None = None, force: bool = False,
+                  runs_root: str | os.PathLike = RUNS_ROOT, resume: str | os.PathLike | None = None,
+                  latest_root: str | os.PathLike | None = None) -> Iterator[RunDir]:
+    """Create (or, with ``resume``, reopen) a run directory and hold its lock while the block runs.
+
+    ``out=None``: a fresh ``<runs_root>/<arch>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``...
+    when two runs start in the same second), whose ``<runs_root>/latest`` moves
+    there when :meth:`RunDir.model_written` is called, not before. An explicit
+    ``out`` that exists and is not empty is refused unless ``force`` (``latest``
+    is then left alone). A directory in use by another process is refused naming
+    its pid. If the block fails and this call created the directory, it is removed
+    again when it holds nothing but :data:`START_FILES`.
+    """
+    if resume is not None:
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserInputError(f"--resume {path}: no such run directory")
+        latest = Path(latest_root) if latest_root is not None else None
+    elif out is not None:
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise UserInputError(f"--out {path} exists and is not a directory")
-        check_overwrite(path, force, option="--force")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    root = Path(runs_root)
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = f"{arch}-{stamp}"
-    path = root / base
-    counter = 2
-    while True:
-        try:
-            path.mkdir()
-            break
-        except FileExistsError:
-            path = root / f"{base}-{counter}"
-            counter += 1
-    point_latest(path, root)
-    return path
+        latest = None
+    else:
+        root = Path(runs_root)
+        root.mkdir(parents=True, exist_ok=True)
+        base = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, counter = root / base, 2
+        while True:
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                path, counter = root / f"{base}-{counter}", counter + 1
+        latest = root
+    made = True if out is None and resume is None else None
+    with locked_directory(path, "run directory", removable=START_FILES, created=made) as created:
+        if out is not None and resume is None and not created:
+            check_overwrite(path, force, option="--force")
+        yield RunDir(path, created, latest)
 
 
 def point_latest(run_dir: str | os.PathLike, runs_root: str | os.PathLike = RUNS_ROOT) -> None:
@@ -196,6 +237,9 @@ def resolve_model_path(model: str | os.PathLike | None, runs_root: str | os.Path
             )
         return found
     if not path.is_file():
+        if path.exists():
+            raise UserInputError(f"--model {path}: not a regular file (a device, pipe or socket); "
+                                 "pass a model file (.npz/.keras) or a run directory")
         raise UserInputError(f"--model {path}: no such file or directory; run `breastcnn train` first")
     return path
 
@@ -241,10 +285,14 @@ class HistoryLogger:
         """Append ``row`` (missing columns empty, unknown keys ignored)."""
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow([_format_cell(row.get(c)) for c in self.columns])
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8", newline="") as handle:
+                handle.write(buffer.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # a full disk: name the file
+            exc.filename = exc.filename or str(self.path)
+            raise
 
     def rows(self) -> list[dict]:
         """The rows logged so far, as dicts of strings."""
@@ -316,7 +364,9 @@ def write_run_config(run_dir: str | os.PathLike, options: dict, split=None) -> P
     """Write ``run_dir/config.json``: every option, seed, versions, split hash, CPU/threads.
 
     ``options`` must be JSON-serialisable (paths as strings); ``split`` is a
-    ``breastcnn.data`` ``Split`` (its ``hash`` and ``dir`` are recorded) or ``None``.
+    ``breastcnn.data`` ``Split`` (its ``hash`` and absolute ``dir`` are recorded;
+    ``--resume`` checks them), or any object with ``dir`` and ``hash`` (a k-fold
+    split's identity), or ``None``.
     """
     payload = {
         "format": 1,
@@ -329,7 +379,7 @@ def write_run_config(run_dir: str | os.PathLike, options: dict, split=None) -> P
     }
     if split is not None:
         payload["split"] = {
-            "dir": str(getattr(split, "dir", "")),
+            "dir": str(Path(getattr(split, "dir", "")).resolve()),
             "hash": getattr(split, "hash", None),
         }
     path = Path(run_dir) / "config.json"

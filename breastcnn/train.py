@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from breastcnn import CLASSES
+from breastcnn.data.images import DEFAULT_JOBS
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
 from breastcnn.recipes import DEFAULT_RECIPE, MONITORS as RECIPE_MONITORS, RECIPE_OPTIONS, RECIPES
@@ -56,7 +57,6 @@ from breastcnn.runs import (
     HISTORY_COLUMNS,
     HistoryLogger,
     TrainingCallback,
-    new_run_dir,
     read_history,
     read_run_config,
     write_run_config,
@@ -116,7 +116,10 @@ class TrainConfig:
     activation: str = "relu"
     augment: bool = True
     seed: int = 0
-    jobs: int = -1
+    jobs: int = DEFAULT_JOBS
+    threads: int | None = None
+    """Engine threads of the NumPy model (None: all available cores). A setting of the machine, not of
+    the recipe: ``--resume`` takes it from the command, not from ``config.json``; results do not depend on it."""
     force: bool = False
     eval_batch_size: int = 128
 
@@ -137,6 +140,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """The :meth:`resolved` config; raises :class:`UserInputError` naming the option for any out-of-range value."""
+        self.check_types(self.to_dict())
         self = self.resolved()
         optional = lambda value, ok: value is None or ok(value)  # noqa: E731 (one of a unit pair is None)
         checks = [
@@ -167,7 +171,10 @@ class TrainConfig:
             (self.activation in ACTIVATIONS, "--activation", self.activation,
              f"must be one of {', '.join(ACTIVATIONS)}"),
             (self.jobs >= 1 or self.jobs == -1, "--jobs", self.jobs, "must be >= 1 (or -1 for all cores)"),
+            (self.threads is None or self.threads >= 1, "--threads", self.threads,
+             "must be >= 1 (default: all available cores)"),
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
+            (self.seed >= 0, "--seed", self.seed, "must be >= 0"),
         ]
         for ok, option, value, why in checks:
             if not ok:
@@ -178,17 +185,36 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, options: dict, **overrides) -> "TrainConfig":
-        """Build from a ``config.json`` ``options`` object (unknown keys ignored).
+    def from_dict(cls, options: dict, source: str | Path | None = None, **overrides) -> "TrainConfig":
+        """Build from a ``config.json`` ``options`` object (unknown keys ignored; ``source`` names it in errors).
 
         A ``config.json`` from before recipes existed (no ``recipe`` key) ran the
         report's schedule: it is read as ``recipe="report"``.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in options.items() if k in names}
+        cls.check_types(kwargs, source)
         kwargs.setdefault("recipe", "report")
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    @classmethod
+    def check_types(cls, options: dict, source: str | Path | None = None) -> None:
+        """Refuse values of the wrong JSON type (a hand-edited ``"epochs": "12"``), naming the option and file."""
+        for f in dataclasses.fields(cls):
+            if f.name not in options:
+                continue
+            value = options[f.name]
+            allowed = _OPTION_TYPES[str(f.type)]
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+                where = f"{source}: option" if source is not None else "option"
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+                raise UserInputError(f"{where} '{f.name}' must be {names}, got {value!r}")
+
+
+_OPTION_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
+                 "float": (float, int), "float | None": (float, int, type(None)), "bool": (bool,)}
+"""JSON types accepted for each TrainConfig field type (bool is never taken for a number)."""
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -356,11 +382,37 @@ def _load_checkpoint(path: Path):
     model, optimizer_state, extra = load_checkpoint(path)
     if "train_state" not in extra:
         raise UserInputError(f"{path}: not a training checkpoint (no train_state)")
-    state = json.loads(str(np.asarray(extra["train_state"])))
+    try:
+        state = json.loads(str(np.asarray(extra["train_state"])))
+    except ValueError as exc:
+        raise UserInputError(f"{path}: train_state is not valid JSON ({exc})") from None
+    if not isinstance(state, dict):
+        raise UserInputError(f"{path}: train_state is not a JSON object")
     if state.get("format") != STATE_FORMAT:
         raise UserInputError(f"{path}: checkpoint format {state.get('format')} is not supported")
+    missing = sorted(set(_STATE_KEYS) - set(state))
+    if not {"schedule", "early_stopping"} & set(state):
+        missing.append("schedule")
+    if missing:
+        raise UserInputError(f"{path}: incomplete training checkpoint (train_state lacks {', '.join(missing)})")
+    try:
+        for name in ("shuffle", "augment"):
+            _set_rng_state(np.random.default_rng(), state["rngs"][name])
+        for rng_state in state.get("dropout_rngs", []):
+            _set_rng_state(np.random.default_rng(), rng_state)
+        # "schedule" since recipes; "early_stopping" in checkpoints written before (resumed as they were)
+        schedule = state.get("schedule", state.get("early_stopping"))
+        if not isinstance(schedule, dict) or not isinstance(state["running"], list) \
+                or len(state["running"]) not in (3, 5):
+            raise ValueError("schedule or running is malformed")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserInputError(f"{path}: damaged training checkpoint ({type(exc).__name__}: {exc})") from None
     permutation = np.asarray(extra.get("permutation", np.zeros(0)), dtype=np.int64)
     return model, optimizer_state, state, permutation
+
+
+_STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "evaluations", "running", "elapsed_s", "lr", "rngs")
+"""Keys a ``last.npz`` train state must have to be resumed."""
 
 
 # --------------------------------------------------------------------------- the loop
@@ -450,6 +502,7 @@ def _fit(
     from breastcnn.data.images import preprocess
     from breastcnn.metrics import degenerate_model_warnings
 
+    model.threads = config.threads
     n_train = len(data.y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     schedule = training_schedule(config, steps_per_epoch)
@@ -486,7 +539,11 @@ def _fit(
             _set_rng_state(rng, state["rngs"][name])
         for layer, rng_state in zip(_dropout_layers(model), state.get("dropout_rngs", [])):
             _set_rng_state(layer.rng, rng_state)
-        schedule.load_state_dict(state["schedule"] if "schedule" in state else _legacy_schedule_state(state))
+        try:
+            schedule.load_state_dict(state["schedule"] if "schedule" in state else _legacy_schedule_state(state))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"{checkpoint_path}: damaged training checkpoint (schedule: "
+                                 f"{type(exc).__name__}: {exc})") from None
         state["running"] = list(state["running"]) + [0.0] * (5 - len(state["running"]))
         permutation = resume["permutation"] if resume["permutation"].size == n_train else None
         history = HistoryLogger(history_path)
@@ -688,13 +745,16 @@ def _build_model(config: TrainConfig, meta_extra: dict):
             f"--arch {config.arch!r}: train builds the NumPy models ({', '.join(NUMPY_ARCHS)}); "
             "train vgg16/resnet50/custom-keras with 'breastcnn finetune --arch NAME'"
         )
-    model = create_model(
-        config.arch,
-        input_shape=(config.image_size, config.image_size, 3),
-        num_classes=len(CLASSES),
-        seed=config.seed,
-        activation=config.activation,
-    )
+    try:
+        model = create_model(
+            config.arch,
+            input_shape=(config.image_size, config.image_size, 3),
+            num_classes=len(CLASSES),
+            seed=config.seed,
+            activation=config.activation,
+        )
+    except UserInputError as exc:  # the options were validated: what is left is the size (too small)
+        raise UserInputError(f"--image-size {config.image_size}: {exc}") from None
     if getattr(model, "framework", "numpy") != "numpy":
         raise UserInputError(
             f"--arch {config.arch} is a Keras model; train it with 'breastcnn finetune --arch {config.arch}'"
@@ -721,32 +781,55 @@ def _restore(run_dir: Path, config: TrainConfig):
     return model, optimizer, {"state": state, "permutation": permutation}
 
 
+def require_both_classes(split) -> None:
+    """Refuse a split whose train subset lacks a class (one-class data trains to a constant, "100%" on val)."""
+    labels = split.labels("train")
+    if labels.size == 0:
+        return  # reported as an empty train subset where the data are loaded
+    counts = {c: int(np.sum(labels == i)) for i, c in enumerate(CLASSES)}
+    if min(counts.values()) == 0:
+        found = ", ".join(f"{n} {c}" for c, n in counts.items())
+        raise UserInputError(
+            f"--split {split.dir}: the train subset holds one class only ({found}); a classifier needs both "
+            f"{' and '.join(CLASSES)} images"
+        )
+
+
+def _previous_summary(path: Path) -> dict | None:
+    """``summary.json`` of a run (None when absent); anything but a JSON object is a user error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc}); delete it to resume") from None
+    if not isinstance(summary, dict):
+        raise UserInputError(f"{path}: expected a JSON object, got {type(summary).__name__}; delete it to resume")
+    return summary
+
+
 def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hooks, resume: bool,
                fold: int | None = None, base_model: Callable | None = None, extra_options: dict | None = None) -> dict:
     from breastcnn.data.split import load_split
 
     split = load_split(split_dir)
     split_hash = split.hash
+    require_both_classes(split)
     if not split.subset("val"):
         split = carve_validation(split, seed=config.seed)
         hooks.on_message(
             f"{split_dir} has no validation subset (e.g. a 70/30 k-fold split): validating on "
             f"{len(split.subset('val'))} images of {VAL_CARVE_FRACTION:.1%} of the training patients, never on test"
         )
-    summary_path = run_dir / SUMMARY_NAME
-    if resume and summary_path.is_file():
-        previous = json.loads(summary_path.read_text(encoding="utf-8"))
-        if previous.get("stopped") in ("completed", "early_stopping", "nan"):
+    if resume:
+        previous = _previous_summary(run_dir / SUMMARY_NAME)
+        if previous is not None and previous.get("stopped") in ("completed", "early_stopping", "nan"):
             hooks.on_message(f"{run_dir}: already finished ({previous['stopped']}), nothing to resume")
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = _load_data(split, config, hooks)
-    if config.monitor == "val_auc" and np.unique(data.y_val).size < 2:
-        raise UserInputError(
-            f"--monitor val_auc: the validation subset of {split_dir} holds one class only, so ROC AUC is "
-            "undefined; use --monitor val_loss or val_balanced_accuracy"
-        )
-    meta_extra = {"split_hash": split_hash, "seed": config.seed}
+    meta_extra = {"split_hash": split_hash, "seed": config.seed,
+                  "magnification": (split.info or {}).get("magnification")}  # read by `breastcnn slide`
+    # the model before the data: a size the architecture cannot take is refused before any cache is written
     if resume and (run_dir / CHECKPOINT_NAME).is_file():
         model, optimizer, resume_state = _restore(run_dir, config)
     elif base_model is not None:
@@ -756,9 +839,66 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
     else:
         model, optimizer = _build_model(config, meta_extra)
         resume_state = None
+    data = _load_data(split, config, hooks)
+    if config.monitor == "val_auc" and np.unique(data.y_val).size < 2:
+        raise UserInputError(
+            f"--monitor val_auc: the validation subset of {split_dir} holds one class only, so ROC AUC is "
+            "undefined; use --monitor val_loss or val_balanced_accuracy"
+        )
     if resume_state is None:
         write_run_config(run_dir, _recorded_options(config, extra_options), split)
     return _fit(model, optimizer, config, run_dir, data, hooks, resume=resume_state, fold=fold)
+
+
+class _PointLatest(TrainingCallback):
+    """Moves ``runs/latest`` to the run once it has written a model (an evaluation that improved saves one)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def on_evaluation(self, row: dict) -> None:
+        if row.get("improved"):
+            self.run.model_written()
+
+
+class _SplitIdentity:
+    """What ``config.json`` records of a k-fold split: its absolute dir and combined hash."""
+
+    def __init__(self, directory: Path, digest: str):
+        self.dir, self.hash = directory, digest
+
+
+def _recorded_split(run_dir: Path, recorded: dict) -> tuple[Path, str, Path]:
+    """The split a run was trained on, checked: ``(absolute dir, hash, data root)``.
+
+    ``config.json`` records the absolute split directory and its manifest hash
+    (older files: the ``--split`` as typed, relative to the directory training
+    ran in, which is tried against the current directory). A split that is
+    gone, or whose manifest changed since, is refused naming both.
+    """
+    from breastcnn.data.split import split_identity
+
+    config_path = run_dir / "config.json"
+    info = recorded.get("split")
+    if info is not None and not isinstance(info, dict):
+        raise UserInputError(f"{config_path}: 'split' must be an object with 'dir' and 'hash', got {info!r}")
+    info = info or {}
+    where = info.get("dir") or recorded["options"].get("split")
+    expected = info.get("hash")
+    if not isinstance(where, str) or not where or (expected is not None and not isinstance(expected, str)):
+        raise UserInputError(f"{config_path}: no usable split path/hash recorded (got {where!r}, {expected!r})")
+    path = Path(where)
+    if not path.exists():
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()}: it was recorded as typed)"
+        raise UserInputError(f"--resume {run_dir}: the split it was trained on, {where}, does not exist{relative}")
+    actual, root = split_identity(path)
+    if expected is not None and actual != expected:
+        raise UserInputError(
+            f"--resume {run_dir}: the split changed: {config_path} records {where} with manifest hash "
+            f"{expected[:12]}, but {path.resolve()} now has manifest hash {actual[:12]}; resume with the same split, "
+            "or train a new run"
+        )
+    return path.resolve(), actual, root
 
 
 def run_training(
@@ -774,16 +914,30 @@ def run_training(
     and returns ``{"folds": [summary, ...], "run_dir": ..., "stopped": ...}``.
     Raises :class:`TrainingDiverged` on a NaN/inf loss (best model kept);
     an interruption returns a summary with ``stopped == "interrupted"``.
-    """
-    from breastcnn.data.split import fold_dirs
 
-    hooks = _Hooks(progress_callbacks)
+    The run directory is locked while training (a second run into it is refused
+    naming the holder's pid); ``runs/latest`` moves to a default run once it has
+    written a model; a run that fails before writing anything is removed again.
+    A resumed run trains on the split recorded in its ``config.json`` (absolute
+    path; the manifest hash must still match).
+    """
+    from breastcnn.data.breakhis import check_outside_data
+    from breastcnn.data.split import fold_dirs, split_identity
+    from breastcnn.fsutil import remove_stale_temps
+    from breastcnn.runs import RUN_FILES, RUNS_ROOT, fold_run_dirs, run_directory
+
+    latest_root = None
     if resume is not None:
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise UserInputError(f"--resume {run_dir}: no such run directory")
-        options = read_run_config(run_dir)["options"]
-        config = TrainConfig.from_dict(options).validate()
+        recorded = read_run_config(run_dir)
+        options = recorded["options"]
+        # --threads comes from this command, not from the recorded run
+        config = TrainConfig.from_dict(options, source=run_dir / "config.json", threads=config.threads)
+        split_path, split_hash, data_root = _recorded_split(run_dir, recorded)
+        config = dataclasses.replace(config, split=str(split_path)).validate()
+        latest_root = run_dir.parent if options.get("out") is None else None
         if _base_model is None and options.get("finetune_from"):
             # a fine-tuning run interrupted before its first checkpoint starts again from its source model
             _base_model = _finetune_base(Path(options["finetune_from"]), int(options.get("freeze") or 0), config)
@@ -794,30 +948,39 @@ def run_training(
             raise UserInputError(
                 f"--split {config.split}: no such split directory; run 'breastcnn split --mag 200X' first"
             )
-        run_dir = new_run_dir(config.arch, config.out, force=config.force)
+        config = dataclasses.replace(config, split=str(Path(config.split).resolve()))
+        split_hash, data_root = split_identity(config.split)
+    check_outside_data(resume or config.out or RUNS_ROOT, data_root, "--resume" if resume else "--out")
     split_dir = Path(config.split)
     folds = fold_dirs(split_dir)
-    if not folds:
-        return _train_one(config, run_dir, split_dir, hooks, resume is not None, base_model=_base_model,
-                          extra_options=_extra_options)
+    with run_directory(config.arch, config.out, config.force, resume=resume, latest_root=latest_root) as run:
+        run_dir = run.path
+        if resume is not None:  # a run killed while writing leaves temporary files; we hold the lock
+            for folder in (run_dir, *fold_run_dirs(run_dir)):
+                remove_stale_temps(folder, RUN_FILES)
+        hooks = _Hooks([*progress_callbacks, _PointLatest(run)])
+        if not folds:
+            return _train_one(config, run_dir, split_dir, hooks, resume is not None, base_model=_base_model,
+                              extra_options=_extra_options)
 
-    if resume is None:
-        write_run_config(run_dir, {**_recorded_options(config, _extra_options), "folds": len(folds)}, None)
-    summaries = []
-    for k, fold_split in enumerate(folds, start=1):
-        fold_run = run_dir / f"fold{k}"
-        summary = _train_one(config, fold_run, fold_split, hooks, resume is not None, fold=k,
-                             base_model=_base_model, extra_options=_extra_options)
-        summaries.append(summary)
-        if summary["stopped"] == "interrupted":
-            break
-    stopped = "interrupted" if summaries[-1]["stopped"] == "interrupted" else "completed"
-    warnings = [f"fold {s['fold']}: {w}" for s in summaries for w in s.get("warnings", [])]
-    result = {"run_dir": str(run_dir), "folds": summaries, "stopped": stopped, "recipe": config.recipe,
-              "monitor": config.monitor, "warnings": warnings}
-    if stopped != "interrupted":
-        atomic_write_json(run_dir / SUMMARY_NAME, result)
-    return result
+        if resume is None:
+            write_run_config(run_dir, {**_recorded_options(config, _extra_options), "folds": len(folds)},
+                             _SplitIdentity(split_dir, split_hash))
+        summaries = []
+        for k, fold_split in enumerate(folds, start=1):
+            fold_run = run_dir / f"fold{k}"
+            summary = _train_one(config, fold_run, fold_split, hooks, resume is not None, fold=k,
+                                 base_model=_base_model, extra_options=_extra_options)
+            summaries.append(summary)
+            if summary["stopped"] == "interrupted":
+                break
+        stopped = "interrupted" if summaries[-1]["stopped"] == "interrupted" else "completed"
+        warnings = [f"fold {s['fold']}: {w}" for s in summaries for w in s.get("warnings", [])]
+        result = {"run_dir": str(run_dir), "folds": summaries, "stopped": stopped, "recipe": config.recipe,
+                  "monitor": config.monitor, "warnings": warnings}
+        if stopped != "interrupted":
+            atomic_write_json(run_dir / SUMMARY_NAME, result)
+        return result
 
 
 def finetune_numpy(
@@ -858,6 +1021,7 @@ def finetune_numpy(
     )
 
     config = config.validate()
+    model_path = model_path.resolve()  # recorded in config.json: a resume from elsewhere finds it
     return run_training(config, progress_callbacks, _base_model=_finetune_base(model_path, freeze, config),
                         _extra_options={"finetune_from": str(model_path), "freeze": freeze})
 

@@ -169,3 +169,17 @@ def test_degenerate_model_warnings():
     bad[:10] = 0.9
     assert degenerate_model_warnings(y, bad) == [
         "validation accuracy 0.244 is no better than always answering the majority class (malignant, 0.683)"]
+
+
+def test_patient_accuracy_is_spanhols_patient_recognition_rate_by_hand():
+    """Spanhol et al. (2016): patient score = N_rec / N_P; recognition rate = sum of scores / patients."""
+    patients = ["p1"] * 5 + ["p2"] + ["p3"] * 2
+    y_true = [1, 1, 1, 1, 1, 0, 0, 0]
+    p = [0.9, 0.8, 0.7, 0.6, 0.4, 0.7, 0.2, 0.1]   # p1: 4 of 5 right, p2: 0 of 1, p3: 2 of 2
+    m = classification_metrics(y_true, p, patients=patients)
+    assert m["patient_accuracy"] == pytest.approx((4 / 5 + 0 / 1 + 2 / 2) / 3)   # 0.6
+    assert m["accuracy"] == pytest.approx(6 / 8)                                 # image-level: 0.75
+    shuffled = np.random.default_rng(0).permutation(8)                           # order does not matter
+    again = classification_metrics(np.array(y_true)[shuffled], np.array(p)[shuffled],
+                                   patients=list(np.array(patients)[shuffled]))
+    assert again["patient_accuracy"] == pytest.approx(0.6)

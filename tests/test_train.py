@@ -107,7 +107,7 @@ def test_evaluation_points_spread_and_end_on_last_batch():
     "field, value, option",
     [("epochs", 0, "--epochs"), ("lr", -1.0, "--lr"), ("monitor", "loss", "--monitor"),
      ("class_weights", "auto", "--class-weights"), ("lr_decay", 1.5, "--lr-decay"), ("arch", "vgg16", "--arch"),
-     ("preprocess", "zscore", "--preprocess"), ("activation", "tanh", "--activation")],
+     ("preprocess", "zscore", "--preprocess"), ("activation", "tanh", "--activation"), ("threads", 0, "--threads")],
 )
 def test_config_validation_names_the_option(field, value, option):
     from breastcnn.train import TrainConfig
@@ -258,6 +258,26 @@ def test_kfold_split_trains_one_model_per_fold(tmp_path_factory, tmp_path):
     assert any("no validation subset" in m for m in messages)
 
 
+def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(split_dir, tmp_path):
+    """TrainConfig.threads is what the engine's chunk maps run on (train steps and validation); a resumed
+    run uses the threads of the resuming command (a machine setting), and the weights never depend on it."""
+    from breastcnn.nn.parallel import observe_chunks
+    from breastcnn.runs import read_run_config
+    from breastcnn.train import TrainConfig, run_training
+
+    with observe_chunks() as log:
+        run_training(small_config(split_dir, tmp_path / "one", threads=1, epochs=1))
+    assert log.calls > 0 and log.max_threads == 1      # the batch-32 convs are cut in chunks at 64 px too
+    with observe_chunks() as log:
+        interrupted = run_training(small_config(split_dir, tmp_path / "two", threads=2, epochs=1), [InterruptAt(2)])
+    assert interrupted["stopped"] == "interrupted" and log.max_threads == 2
+    assert read_run_config(tmp_path / "two")["options"]["threads"] == 2
+    with observe_chunks() as log:
+        run_training(TrainConfig(threads=1), resume=tmp_path / "two")
+    assert log.calls > 0 and log.max_threads == 1
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+
+
 def test_finetune_numpy_freezes_layers(split_dir, tmp_path):
     from breastcnn.models import load_model
     from breastcnn.train import finetune_numpy, run_training
@@ -276,7 +296,7 @@ def test_finetune_numpy_freezes_layers(split_dir, tmp_path):
         finetune_numpy(tmp_path / "base" / "model.npz", small_config(split_dir, tmp_path / "x"), freeze=99)
 
 
-def test_missing_split_and_existing_out_are_user_errors(tmp_path):
+def test_missing_split_and_existing_out_are_user_errors(split_dir, tmp_path):
     from breastcnn.train import TrainConfig, run_training
 
     with pytest.raises(UserInputError, match="--split"):
@@ -284,7 +304,8 @@ def test_missing_split_and_existing_out_are_user_errors(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(UserInputError, match="--force"):
-        run_training(TrainConfig(split=str(tmp_path), out=str(tmp_path / "full")))
+        run_training(TrainConfig(split=str(split_dir), out=str(tmp_path / "full")))
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
     with pytest.raises(UserInputError, match="--resume"):
         run_training(TrainConfig(), resume=tmp_path / "nope")
 

@@ -1,16 +1,19 @@
 """The ``breastcnn`` Typer application: composes the per-command modules.
 
 Expected failures (``BreastCNNError``, ``ValueError``, ``OSError``) become one
-red line on stderr and exit code 2; ``--debug`` (or ``BREASTCNN_DEBUG=1``)
-shows the traceback instead.
+red line on stderr and exit code 2 (bugs: exit 1); ``--debug`` (or
+``BREASTCNN_DEBUG=1``) prints the traceback before that line, same exit code.
+A closed stdout (``breastcnn predict ... --csv | head -2``) ends quietly with
+exit code 141, as a command killed by SIGPIPE would.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-
-import functools
+import traceback
+import warnings
 from typing import Callable
 
 import typer
@@ -25,14 +28,17 @@ from breastcnn.cli import (
     featuremaps,
     finetune,
     predict,
+    slide,
     split,
     synth,
     train,
 )
-from breastcnn.cli.common import stderr
-from breastcnn.errors import BreastCNNError
+from breastcnn.cli.common import silence_stdout, stderr, stdout_is_closed, warn
+from breastcnn.errors import BreastCNNError, BreastCNNWarning
 
 _EXPECTED_ERRORS = (BreastCNNError, ValueError, OSError)
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for ``cat`` when its reader went away."""
 
 
 def _debug_enabled() -> bool:
@@ -45,28 +51,50 @@ def handle_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", BreastCNNWarning)
+                warnings.showwarning = _show_warning
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
             stderr().print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)
         except _EXPECTED_ERRORS as exc:
-            if _debug_enabled():
-                raise
+            if isinstance(exc, BrokenPipeError) and stdout_is_closed():
+                silence_stdout()
+                raise typer.Exit(EXIT_BROKEN_PIPE)
+            _show_traceback_if_debug(exc)
             stderr().print(f"[red]error:[/red] {escape(_one_line(exc))}", highlight=False)
             raise typer.Exit(2)
         except Exception as exc:  # a bug: still one line, the traceback behind --debug
-            if _debug_enabled():
-                raise
+            _show_traceback_if_debug(exc)
             stderr().print(
-                f"[red]internal error:[/red] {type(exc).__name__}: {escape(_one_line(exc))} "
-                "(run with --debug for the traceback)",
+                f"[red]internal error:[/red] {type(exc).__name__}: {escape(_one_line(exc))}"
+                + ("" if _debug_enabled() else " (run with --debug for the traceback)"),
                 highlight=False,
             )
             raise typer.Exit(1)
 
     return wrapper
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (:class:`BreastCNNWarning`) as one yellow line; others as Python prints them."""
+    if issubclass(category, BreastCNNWarning):
+        warn(escape(" ".join(str(message).split())))
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+def _show_traceback_if_debug(exc: BaseException) -> None:
+    """With ``--debug``: the full traceback on stderr (the exit code stays what it would be without)."""
+    if _debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.stderr.flush()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -110,6 +138,7 @@ app.command("train")(handle_errors(train.train))
 app.command("finetune")(handle_errors(finetune.finetune))
 app.command("evaluate")(handle_errors(evaluate.evaluate))
 app.command("predict")(handle_errors(predict.predict))
+app.command("slide")(handle_errors(slide.slide))
 app.command("bench")(handle_errors(bench.bench))
 app.command("featuremaps")(handle_errors(featuremaps.featuremaps))
 app.command("export")(handle_errors(export.export))
@@ -118,7 +147,17 @@ app.command("demo")(handle_errors(demo.demo))
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="breastcnn")
+    try:
+        app(prog_name="breastcnn")
+    except SystemExit:
+        # Flush now: a reader that went away must not make the interpreter's own
+        # flush at exit print "Exception ignored ... BrokenPipeError".
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            silence_stdout()
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

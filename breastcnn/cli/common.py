@@ -7,6 +7,7 @@ progress bars are drawn only when stderr is a terminal.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -27,14 +28,33 @@ from rich.progress import (
 T = TypeVar("T")
 
 
+class _Console(Console):
+    """A rich Console whose broken pipe is handled like any other write to a closed stdout."""
+
+    def on_broken_pipe(self) -> None:
+        # rich's default exits 1 on its own; cli.app.handle_errors ends quietly with 141 instead.
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def stdout() -> Console:
     """Console for data (tables, CSV, JSON). Created per call so CliRunner captures it."""
-    return Console(file=sys.stdout, soft_wrap=True)
+    return _Console(file=sys.stdout, soft_wrap=True)
+
+
+def print_table(table) -> None:
+    """Print a rich table on stdout. On a terminal it fits the window; elsewhere (a pipe, a
+    file) it is as wide as its content, so that no cell is cut to ``…`` at 80 columns."""
+    console = stdout()
+    if not console.is_terminal:
+        natural = console.measure(table, options=console.options.update_width(1_000_000)).maximum
+        console = _Console(file=sys.stdout, soft_wrap=True, width=max(console.width, natural))
+    console.print(table)
 
 
 def stderr() -> Console:
     """Console for messages, warnings and progress."""
-    return Console(file=sys.stderr, soft_wrap=True)
+    return _Console(file=sys.stderr, soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -64,6 +84,42 @@ def _json_default(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def jobs_option(work: str):
+    """The ``--jobs/-j`` option of every command, with the one default (:data:`DEFAULT_JOBS`)."""
+    from breastcnn.data.images import DEFAULT_JOBS
+
+    return typer.Option(DEFAULT_JOBS, "--jobs", "-j",
+                        help=f"Parallel workers for {work} (-1 = all cores, the default of every command).")
+
+
+def stdout_is_closed() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader went away (``... | head -2``).
+
+    Told apart from other broken pipes by polling stdout for an error; ``True``
+    when that cannot be checked (stdout without a file descriptor)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError):
+        return True
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so that flushing what is still buffered
+    (at exit, by the interpreter) cannot raise ``BrokenPipeError`` again (the Python docs' recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass  # no file descriptor (a test runner's buffer): nothing will be flushed to a pipe
+    finally:
+        os.close(devnull)
 
 
 def progress_enabled(quiet: bool = False) -> bool:
@@ -111,3 +167,9 @@ def not_ready(command: str, issue: int) -> None:
         highlight=False,
     )
     raise typer.Exit(2)
+
+
+def warn_threads_ignored(model, threads: int | None) -> None:
+    """Say so when ``--threads`` was given for a model that does not run on the NumPy engine."""
+    if threads is not None and getattr(model, "framework", None) != "numpy":
+        warn("--threads sets the NumPy engine's threads; this Keras model uses TensorFlow's own thread pools")

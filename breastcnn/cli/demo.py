@@ -9,7 +9,7 @@ The data is SYNTHETIC sample data (drawn imitations of H&E tissue), not
 medical data: the scores say nothing about cancer diagnosis.
 
 Sizes are picked to fit the time budget on two CPU cores: the full demo
-(under 3 minutes) trains on 301 images at 160 px (Grad-CAM on a 4x4 grid)
+(under 3 minutes) trains on 301 images at 160 px (Grad-CAM on the 19x19 map of its second conv block)
 and benches VGG16/ResNet50 (random weights, ``--weights none``) at the same
 size; ``--quick`` (under a minute) uses 86 images at 96 px, 6 epochs of
 batch 16 and no train-step timing. Training uses the default recipe; the
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import typer
 
-from breastcnn.cli.common import info, stdout
+from breastcnn.cli.common import info, print_table, stdout
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC sample data (computer-drawn imitations of H&E tissue), NOT medical data: "
@@ -111,7 +111,8 @@ def run_demo(out: Path, quick: bool = False, force: bool = False, seed: int = 0)
     if keras_note:
         console.print(f"[yellow]note:[/yellow] {keras_note}", highlight=False)
     # The trained custom model; VGG16/ResNet50 fresh (random weights) at the same image size.
-    step("bench", ["bench", "--models", ",".join(["custom", *keras_models]), "--model-file", f"custom={model_file}",
+    step("bench", ["bench", "--models", ",".join(["custom", *keras_models]), "--fresh",
+                   "--model-file", f"custom={model_file}",
                    "--split", str(split_dir), "--image-size", str(sizes.image_size),
                    "--batch-sizes", sizes.batch_sizes, "--repeats", str(sizes.repeats),
                    "--max-seconds", str(sizes.max_seconds), "--train-steps", str(sizes.train_steps),
@@ -170,5 +171,5 @@ def _print_summary(files: dict, steps: dict, seconds: float) -> None:
     for name, path in files.items():
         table.add_row(name, str(path))
     table.add_row("step times", ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
-    stdout().print(table)
+    print_table(table)
     info("next: open the Grad-CAM picture, or run the same commands on the real BreaKHis data (see README)")

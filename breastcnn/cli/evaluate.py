@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout, warn
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table, warn, warn_threads_ignored
 from breastcnn.errors import UserInputError
+from breastcnn.inference import check_threads
 
 _SCORES = ("accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "patient_accuracy")
 _LABELS = {
@@ -32,7 +32,10 @@ def evaluate(
     threshold: float = typer.Option(0.5, "--threshold", help="Call an image malignant when P(malignant) >= this."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the model, replaced on re-evaluation)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
-    jobs: int = typer.Option(1, "--jobs", help="Parallel workers when the image cache must be built."),
+    jobs: int = jobs_option("decoding images when the image cache must be built (processes)"),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
+                                "TensorFlow's own thread pools)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
 ) -> None:
     """Evaluate a model on a split's test subset.
@@ -52,6 +55,7 @@ def evaluate(
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
     if subset not in ("train", "val", "test"):
         raise UserInputError(f"--subset must be test, val or train, got {subset!r}")
+    check_threads(threads)
 
     target = Path(model) if model is not None else latest_run_dir()
     folds = fold_run_dirs(target) if target is not None and target.is_dir() and model_in_dir(target) is None else []
@@ -65,7 +69,8 @@ def evaluate(
             )
         out_dir = out if out is not None else model_path.parent
         metrics = _evaluate_one(model_path, load_split(split_dir), subset, threshold, out_dir,
-                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output)
+                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output,
+                                threads=threads)
         if json_output:
             print_json(metrics)
         else:
@@ -84,7 +89,8 @@ def evaluate(
         model_path = resolve_model_path(fold_run)
         out_dir = (out / fold_run.name) if out is not None else fold_run
         metrics = _evaluate_one(model_path, load_split(fold_split), subset, threshold, out_dir,
-                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output)
+                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output,
+                                threads=threads)
         results.append({"fold": k, **metrics})
     summary = aggregate_metrics(results)
     if json_output:
@@ -96,31 +102,35 @@ def evaluate(
 def _trained_split(run_dir: Path) -> Path:
     """The --split a run was trained with (its config.json), else the default splits/200X."""
     from breastcnn.data.split import DEFAULT_SPLIT_DIR
+    from breastcnn.runs import read_run_config
 
     config = run_dir / "config.json"
     if config.is_file():
-        try:
-            options = json.loads(config.read_text(encoding="utf-8")).get("options", {})
-        except (OSError, ValueError):
-            options = {}
-        if options.get("split"):
-            info(f"using the split the model was trained on: {options['split']} (from {config})")
-            return Path(options["split"])
+        split = read_run_config(config)["options"].get("split")
+        if split is not None and not isinstance(split, str):
+            raise UserInputError(f"{config}: option 'split' must be a path, got {split!r}")
+        if split:
+            info(f"using the split the model was trained on: {split} (from {config})")
+            return Path(split)
     return Path(DEFAULT_SPLIT_DIR)
 
 
 def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_dir: Path,
-                  explicit_out: bool, force: bool, jobs: int, quiet: bool) -> dict:
+                  explicit_out: bool, force: bool, jobs: int, quiet: bool, threads: int | None = None) -> dict:
     from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
     from breastcnn.inference import PREDICTION_COLUMNS, evaluate_model, predictions_csv_rows
     from breastcnn.models import load_model
     from breastcnn.plots import plot_confusion, plot_roc
 
+    from breastcnn.data.breakhis import check_outside_data
+
+    check_outside_data(out_dir, split.root, "--out" if explicit_out else "the output folder (next to --model)")
     outputs = [out_dir / name for name in ("predictions.csv", "roc.png", "confusion.png", "metrics.json")]
     if explicit_out:
         for path in outputs:
             check_overwrite(path, force)
     classifier = load_model(model_path)
+    warn_threads_ignored(classifier, threads)
     trained_on = (classifier.meta or {}).get("split_hash")
     if trained_on and trained_on != split.hash:
         warn(f"{model_path} was trained on another split (manifest hash {trained_on[:12]} != {split.hash[:12]}); "
@@ -129,7 +139,7 @@ def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_di
     with make_progress(quiet) as progress:
         task = progress.add_task(f"{subset} images", total=n)
         metrics, rows = evaluate_model(classifier, split, subset, threshold, jobs=jobs,
-                                       progress=lambda k: progress.advance(task, k))
+                                       progress=lambda k: progress.advance(task, k), threads=threads)
     metrics = {"model": str(model_path), "split": str(split.dir), **metrics}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(outputs[0], predictions_csv_rows(rows, PREDICTION_COLUMNS))
@@ -163,4 +173,4 @@ def _print_table(results: list[dict], summary: dict | None, title: str) -> None:
     cms = [r["confusion_matrix"] for r in results] + ([summary["confusion_matrix"]] if summary else [])
     table.add_row(escape("confusion [[tn, fp], [fn, tp]]"), *[str(cm) for cm in cms])
     table.add_row("threshold", *[f"{r['threshold']:g}" for r in results], *([""] if summary else []))
-    stdout().print(table)
+    print_table(table)

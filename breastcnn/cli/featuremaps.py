@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from breastcnn.cli.common import info, print_json, stdout
+from breastcnn.cli.common import info, print_json, print_table
 
 DEFAULT_OUT_ROOT = Path("featuremaps")
 
@@ -85,4 +85,4 @@ def print_summary(summary: dict) -> None:
     if summary.get("gradcam"):
         g = summary["gradcam"]
         table.add_row(f"Grad-CAM ({g['class']}, {g['layer']}, {g['shape'][0]}x{g['shape'][1]})", g["file"])
-    stdout().print(table)
+    print_table(table)

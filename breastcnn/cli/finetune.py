@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import print_json, stderr
+from breastcnn.cli.common import jobs_option, print_json, stderr
 from breastcnn.errors import UserInputError
 
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
@@ -85,7 +85,7 @@ def finetune(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(
-        False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in breastcnn.json)."
+        False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in model.keras.json)."
     ),
     strategy: str = typer.Option(
         "default", "--strategy",
@@ -94,14 +94,17 @@ def finetune(
     freeze: Optional[int] = typer.Option(
         None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Processes for decoding images into the cache."),
+    jobs: int = jobs_option("decoding images into the cache (processes)"),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="NumPy .npz only: engine threads (default: all available cores)."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out directory."),
 ) -> None:
     """Fine-tune VGG16/ResNet50/custom-keras (Keras) or a saved NumPy model (.npz) on a split.
 
     Writes RUN_DIR/config.json, history.csv (same columns as `train`),
-    training.png and the best model by --monitor (model.keras + breastcnn.json,
+    training.png and the best model by --monitor (model.keras + model.keras.json,
     or model.npz).
     """
     opts = dict(locals())  # every option, by parameter name
@@ -134,6 +137,8 @@ def _unknown_model(model: str) -> None:
 def _run_keras(opts: dict, display) -> dict:
     if opts["freeze"] is not None:
         raise UserInputError("--freeze applies to NumPy .npz models; for Keras models use --trainable-layers")
+    if opts["threads"] is not None:
+        raise UserInputError("--threads applies to NumPy .npz models; Keras models use TensorFlow's own thread pools")
     arch = opts["model"]
     with_recipe = arch in RECIPE_MODELS
     if not with_recipe:
@@ -202,7 +207,7 @@ def _run_numpy(opts: dict, display) -> dict:
         recipe=opts["recipe"] or "default", epochs=resolved["epochs"], batch_size=resolved["batch_size"],
         lr=resolved["lr"], l2=opts["l2"], patience=opts["patience"], patience_epochs=opts["patience_epochs"],
         class_weights=opts["class_weights"], monitor=opts["monitor"],
-        augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], force=opts["force"],
+        augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], threads=opts["threads"], force=opts["force"],
     )
     if opts["image_size"] is not None:
         from breastcnn.models import load_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import make_progress, print_json, stderr, stdout
+from breastcnn.cli.common import jobs_option, make_progress, print_json, print_table, stderr, stdout, warn_threads_ignored
 from breastcnn.errors import UserInputError
 
 
@@ -21,8 +22,14 @@ def predict(
     threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
-    jobs: int = typer.Option(1, "--jobs", help="Parallel image decoding threads (-1 = all cores)."),
+    jobs: int = jobs_option("decoding the images (threads)"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
+                                "TensorFlow's own thread pools)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+                                            help="dask.distributed scheduler address (tcp://host:8786): classify "
+                                            "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER)."),
 ) -> None:
     """Classify images with a trained model.
 
@@ -33,7 +40,8 @@ def predict(
     still classified, and the exit code is 1 at the end (2 for bad options or
     a missing model).
     """
-    from breastcnn.inference import collect_images, predict_paths
+    from breastcnn.cluster import connect, predict_paths_distributed, scheduler_address
+    from breastcnn.inference import check_threads, collect_images, csv_cell, predict_paths
     from breastcnn.models import load_model
     from breastcnn.runs import resolve_model_path
 
@@ -45,7 +53,10 @@ def predict(
         raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     if jobs == 0 or jobs < -1:
         raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
-    classifier = load_model(resolve_model_path(model))
+    check_threads(threads)
+    model_path = resolve_model_path(model)
+    classifier = load_model(model_path)
+    warn_threads_ignored(classifier, threads)
     paths, problems = collect_images(images)
     errors = 0
     for problem in problems:
@@ -57,15 +68,24 @@ def predict(
     if csv_output:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["path", "label", "probability"])
-    with make_progress(json_output or csv_output) as progress:
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(make_progress(json_output or csv_output))
         task = progress.add_task("classifying", total=len(paths))
-        for result in predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
-                                    progress=lambda k: progress.advance(task, k)):
+        advance = lambda k: progress.advance(task, k)  # noqa: E731
+        address = scheduler_address(scheduler)
+        if address:  # the same batches on a dask cluster (breastcnn.cluster)
+            executor = stack.enter_context(connect(address))
+            stream = predict_paths_distributed(executor, classifier, model_path, paths, threshold=threshold,
+                                               batch_size=batch_size, progress=advance, threads=threads)
+        else:
+            stream = predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
+                                   progress=advance, threads=threads)
+        for result in stream:
             if result.error is not None:
                 _error_line(result.error)
                 errors += 1
             elif writer is not None:
-                writer.writerow([result.path, result.label, f"{result.probability:.6f}"])
+                writer.writerow([csv_cell(result.path), result.label, f"{result.probability:.6f}"])
                 sys.stdout.flush()
             else:
                 results.append(result.as_dict())
@@ -79,7 +99,7 @@ def predict(
         for row in results:
             colour = "red" if row["label"] == "malignant" else "green"
             table.add_row(escape(row["path"]), f"[{colour}]{row['label']}[/{colour}]", f"{row['probability']:.4f}")
-        stdout().print(table)
+        print_table(table)
     if errors:
         stderr().print(f"[red]{errors} input(s) could not be classified[/red]", highlight=False)
         raise typer.Exit(1)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from breastcnn import CLASSES
-from breastcnn.cli.common import info, make_progress, print_json, stdout, warn
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table, warn
 from breastcnn.data.breakhis import parse_mag
 from breastcnn.data.split import SUBSETS, create_split
 
@@ -49,7 +49,7 @@ def split(
     ),
     strict: bool = typer.Option(False, "--strict", help="Fail on unreadable images instead of leaving them out."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing split directory."),
-    jobs: int = typer.Option(-1, "--jobs", "-j", help="Worker processes for the decode check (-1: all cores)."),
+    jobs: int = jobs_option("the decode check of every image (processes)"),
     as_json: bool = typer.Option(False, "--json", help="Print only the split summary as JSON on stdout."),
 ) -> None:
     """Split BreakHis into train/val/test by patient (default) or image.
@@ -96,4 +96,4 @@ def _print_table(summary: dict, where: str) -> None:
         imgs, pats = summary["images"][subset], summary["patients"][subset]
         cells = [f"{imgs[c]} ({pats[c]})" if pats["total"] else str(imgs[c]) for c in CLASSES + ("total",)]
         table.add_row(subset, *cells)
-    stdout().print(table)
+    print_table(table)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from breastcnn.cli.common import info, make_progress, print_json, stdout
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table
 from breastcnn.data import synth as synth_lib
 
 
@@ -41,7 +41,7 @@ def synth(
         "haematoxylin, stronger orange-red eosin). The same seed gives the same tissue, patients and "
         "file names under every profile, so a split with the same seed partitions both trees alike.",
     ),
-    jobs: int = typer.Option(-1, "--jobs", "-j", help="Worker processes (-1: all cores)."),
+    jobs: int = jobs_option("drawing the images (processes)"),
     force: bool = typer.Option(False, "--force", help="Replace an existing synthetic BreaKHis_v1 tree."),
     as_json: bool = typer.Option(False, "--json", help="Print only a JSON summary on stdout."),
 ) -> None:
@@ -76,7 +76,7 @@ def synth(
     table.add_column("malignant", justify="right")
     for mag, counts in summary["images"].items():
         table.add_row(mag, str(counts["benign"]), str(counts["malignant"]))
-    stdout().print(table)
+    print_table(table)
     info(
         f"{summary['n_images']} images of {summary['n_patients']} synthetic patients in {summary['seconds']:.1f} s; "
         f"next: breastcnn split --data {summary['root']} --mag {mag_list[0]}"

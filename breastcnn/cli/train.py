@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import info, print_json, stderr
+from breastcnn.cli.common import info, jobs_option, print_json, stderr
 from breastcnn.cli.display import TrainingDisplay
 from breastcnn.errors import UserInputError
 from breastcnn.recipes import MONITORS, RECIPE_OPTIONS, RECIPES, UNIT_PAIRS
@@ -80,7 +80,8 @@ def train(
     activation: str = typer.Option("relu", "--activation", help="relu or leaky_relu."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
-    jobs: int = typer.Option(-1, "--jobs", help="Parallel worker processes for decoding images into the cache (-1 = all cores)."),
+    jobs: int = jobs_option("decoding images into the cache (processes)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in RUN_DIR from its last.npz (its config.json options are used)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Replay RUN_DIR/config.json: its options are the defaults, options given here override them."),
     force: bool = typer.Option(False, "--force", help="Allow --out to be an existing non-empty directory."),
@@ -104,7 +105,7 @@ def train(
         "min_epochs": min_epochs, "lr_decay": lr_decay, "lr_decay_every": lr_decay_every,
         "lr_decay_epochs": lr_decay_epochs, "monitor": monitor, "image_size": image_size,
         "preprocess": preprocess, "activation": activation, "augment": augment, "seed": seed, "jobs": jobs,
-        "force": force,
+        "threads": threads, "force": force,
     }
     if resume is not None and config is not None:
         raise UserInputError("--resume and --config cannot be combined (--resume already uses RUN_DIR/config.json)")
@@ -114,7 +115,7 @@ def train(
     display = TrainingDisplay(quiet=json_output)
     try:
         if resume is not None:
-            summary = run_training(TrainConfig(), [display], resume=resume)
+            summary = run_training(TrainConfig(threads=threads), [display], resume=resume)
         else:
             summary = run_training(TrainConfig.from_dict(options), [display])
     except TrainingDiverged as exc:
@@ -144,6 +145,7 @@ def _replay(config: Path, options: dict, explicit: set[str]) -> dict:
     from breastcnn.runs import read_run_config
 
     replayed = dict(read_run_config(config)["options"])
+    TrainConfig.check_types(replayed, source=config / "config.json" if config.is_dir() else config)
     replayed.setdefault("recipe", "report")  # a config.json from before recipes ran the report's schedule
     dropped = set(RECIPE_OPTIONS) if "recipe" in explicit else set()
     for pair in UNIT_PAIRS:

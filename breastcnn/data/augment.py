@@ -9,6 +9,11 @@ bilinear), with reflected borders. New random draws on every call, from the
 caller's ``np.random.Generator``, so every epoch sees new images (the report
 froze one augmented copy).
 
+With ``stain_jitter=HEDJitter()`` (:mod:`breastcnn.data.stain`) each warped
+image also gets the HED colour jitter of Tellez et al. (2018); its draws come
+after the affine ones, so without it the random stream (and every output
+byte) is what it was before the option existed.
+
 Differences from Keras ``ImageDataGenerator`` (on purpose): ``shear`` is a
 shear *factor* (0.2 ~ 11 deg; Keras reads ``shear_range=0.2`` as 0.2 degrees,
 which does nothing visible); the border fill is ``reflect`` by default
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from breastcnn.data.stain import HEDJitter
 from breastcnn.errors import UserInputError
 
 
@@ -32,7 +38,9 @@ class Augmenter:
     ``shift``: max translation as a fraction of width/height; ``shear``: max
     shear factor; ``zoom``: scale drawn per axis in ``[1 - zoom, 1 + zoom]``;
     ``hflip``/``vflip``: flip with probability 1/2; ``fill``: ``"reflect"`` or
-    ``"nearest"``; ``interpolation``: ``"nearest"`` or ``"bilinear"``.
+    ``"nearest"``; ``interpolation``: ``"nearest"`` or ``"bilinear"``;
+    ``stain_jitter``: a :class:`~breastcnn.data.stain.HEDJitter` applied to each
+    warped image, or None (off).
     """
 
     def __init__(
@@ -45,6 +53,7 @@ class Augmenter:
         vflip: bool = True,
         fill: str = "reflect",
         interpolation: str = "nearest",
+        stain_jitter: HEDJitter | None = None,
     ):
         for name, value in (("rotation", rotation), ("shift", shift), ("shear", shear), ("zoom", zoom)):
             if not np.isfinite(value) or value < 0:
@@ -61,11 +70,17 @@ class Augmenter:
         self.zoom = float(zoom)
         self.hflip = bool(hflip)
         self.vflip = bool(vflip)
+        if stain_jitter is not None and not isinstance(stain_jitter, HEDJitter):
+            raise UserInputError(f"Augmenter stain_jitter must be a HEDJitter or None, got {stain_jitter!r}")
         self.fill = fill
         self.interpolation = interpolation
+        self.stain_jitter = stain_jitter
 
     def get_config(self) -> dict:
-        return {k: getattr(self, k) for k in ("rotation", "shift", "shear", "zoom", "hflip", "vflip", "fill", "interpolation")}
+        """JSON-able settings; ``stain_jitter`` is ``HEDJitter.to_dict()`` or None."""
+        config = {k: getattr(self, k) for k in ("rotation", "shift", "shear", "zoom", "hflip", "vflip", "fill", "interpolation")}
+        config["stain_jitter"] = None if self.stain_jitter is None else self.stain_jitter.to_dict()
+        return config
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -111,20 +126,33 @@ class Augmenter:
             raise UserInputError(f"Augmenter expects a batch (N, H, W, C), got shape {x.shape}")
         if x.dtype != np.uint8:
             raise UserInputError(f"Augmenter expects uint8 images, got {x.dtype}")
-        n, height, width, _ = x.shape
+        n, height, width, channels = x.shape
         if n == 0:
             return x.copy()
-        return self.apply(x, self.sample_matrices(n, height, width, rng))
+        if self.stain_jitter is not None and channels != 3:
+            raise UserInputError(f"Augmenter stain_jitter needs RGB images (N, H, W, 3), got shape {x.shape}")
+        matrices = self.sample_matrices(n, height, width, rng)
+        stain = None if self.stain_jitter is None else self.stain_jitter.sample(n, rng)
+        return self.apply(x, matrices, stain=stain)
 
-    def apply(self, x: np.ndarray, matrices: np.ndarray, chunk: int = 4) -> np.ndarray:
+    def apply(
+        self, x: np.ndarray, matrices: np.ndarray, chunk: int = 4, stain: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
         """Warp ``x`` (uint8 ``(N, H, W, C)``) with given output->input ``matrices`` ``(N, 2, 3)``.
 
-        Works on ``chunk`` images at a time: the per-pixel temporaries then stay
-        in the CPU cache, which measured twice as fast as one pass over the batch.
+        ``stain``: ``(alpha, beta)`` ``(N, 3)`` of :meth:`HEDJitter.sample`, applied
+        after the warp (needs ``stain_jitter``). Works on ``chunk`` images at a
+        time: the per-pixel temporaries then stay in the CPU cache, which
+        measured twice as fast as one pass over the batch.
         """
+        if stain is not None and self.stain_jitter is None:
+            raise UserInputError("Augmenter.apply got stain parameters but the Augmenter has no stain_jitter")
         out = np.empty_like(x)
         for start in range(0, len(x), chunk):
-            out[start : start + chunk] = self._warp(x[start : start + chunk], matrices[start : start + chunk])
+            part = self._warp(x[start : start + chunk], matrices[start : start + chunk])
+            if stain is not None:
+                part = self.stain_jitter.apply(part, stain[0][start : start + chunk], stain[1][start : start + chunk])
+            out[start : start + chunk] = part
         return out
 
     def _warp(self, x: np.ndarray, matrices: np.ndarray) -> np.ndarray:

@@ -145,6 +145,41 @@ def find_breakhis_root(root: Path) -> tuple[Path, str] | None:
     return None
 
 
+def locate_data(root: str | os.PathLike) -> tuple[Path, str]:
+    """``(absolute data root, layout)`` of the data under ``root`` (no image is opened); UserInputError if none."""
+    root = Path(root).expanduser()
+    found = find_breakhis_root(root) if root.is_dir() else None
+    if found is None:
+        raise UserInputError(missing_data_message(root))
+    return found[0].resolve(), found[1]
+
+
+def image_tree(data_root: Path) -> Path:
+    """The folder of a data root that holds the images: ``histology_slides`` of BreaKHis_v1, else the root."""
+    slides = Path(data_root) / "histology_slides"
+    return slides if slides.is_dir() else Path(data_root)
+
+
+def check_outside_data(out: str | os.PathLike, data_root: str | os.PathLike, option: str = "--out",
+                       containing: tuple = ()) -> None:
+    """Refuse an output location inside the data (the source data is only ever read).
+
+    ``out`` may not be the data root, its image tree or anything inside that tree
+    (a later ``split`` would take our PNGs for images). Paths in ``containing``
+    (the data root, the ``--data`` given) may not lie inside ``out`` either: that
+    guards commands that may delete their own earlier outputs (``split --force``).
+    """
+    out_abs = Path(out).expanduser().resolve()
+    root = Path(data_root).resolve()
+    tree = image_tree(root).resolve()
+    if out_abs in (root, tree) or tree in out_abs.parents:
+        raise UserInputError(f"{option} {out} is inside the data tree {root}; the source data is never written to")
+    for data in containing:
+        data_abs = Path(data).expanduser().resolve()
+        if data_abs == out_abs or out_abs in data_abs.parents:
+            raise UserInputError(f"{option} {out} contains the data {data}; choose a directory outside the data")
+
+
 def missing_data_message(root: Path) -> str:
     """One line: where we looked, how to get BreakHis, and that `breastcnn synth` makes sample data."""
     return (
@@ -233,31 +268,30 @@ def scan(
     unreadable ones are left out and listed in ``warnings`` and ``unreadable``.
     Raises ``UserInputError`` when ``root`` holds no recognisable data.
     """
-    root = Path(root).expanduser()
     mag = None if mag is None else parse_mag(mag)
-    found = find_breakhis_root(root) if root.is_dir() else None
-    if found is None:
-        raise UserInputError(missing_data_message(root))
-    data_root, layout = found
-    data_root = data_root.resolve()
+    data_root, layout = locate_data(root)
     if layout == "breakhis":
         candidates, ignored, warnings = _breakhis_candidates(data_root, mag)
     else:
         candidates, ignored, warnings = _folder_candidates(data_root)
     candidates.sort()
+    listing = ScanResult(candidates, warnings, layout, data_root, ignored, [])
+    return verify_images(listing, jobs, progress) if verify else listing
 
-    unreadable: list[str] = []
-    if verify and candidates:
-        reasons = _map_chunks(_check_chunk, [str(data_root / r.path) for r in candidates], jobs, progress)
-        kept = []
-        for record, reason in zip(candidates, reasons):
+
+def verify_images(listing: ScanResult, jobs: int = 1, progress: Callable[[int], None] | None = None) -> ScanResult:
+    """Decode every record of an unverified :func:`scan` result (the expensive part: ``jobs``
+    processes, ``progress(n)`` after each chunk); unreadable images are left out with a warning."""
+    warnings, unreadable, kept = list(listing.warnings), list(listing.unreadable), []
+    if listing.records:
+        reasons = _map_chunks(_check_chunk, [str(listing.root / r.path) for r in listing.records], jobs, progress)
+        for record, reason in zip(listing.records, reasons):
             if reason is None:
                 kept.append(record)
             else:
                 unreadable.append(record.path)
                 warnings.append(f"{record.path}: unreadable image ({reason}); left out")
-        candidates = kept
-    return ScanResult(candidates, warnings, layout, data_root, ignored, unreadable)
+    return ScanResult(kept, warnings, listing.layout, listing.root, listing.ignored, unreadable)
 
 
 def _map_chunks(fn, items: list, jobs: int, progress, chunk: int = 64) -> list:

@@ -12,23 +12,34 @@ byte-identical manifest (rows sorted by path, ``\\n`` line ends).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from breastcnn import CLASSES, __version__
-from breastcnn.data.breakhis import Record, ScanResult, accession, parse_mag, scan
+from breastcnn.data.breakhis import (
+    Record,
+    accession,
+    check_outside_data,
+    image_tree,
+    locate_data,
+    parse_mag,
+    scan,
+    verify_images,
+)
 from breastcnn.errors import UserInputError
-from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
+from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
 
 MANIFEST_COLUMNS = ("path", "label", "subtype", "patient", "magnification", "split")
 SUBSETS = ("train", "val", "test")
@@ -230,32 +241,57 @@ def load_split(split_dir: str | os.PathLike = DEFAULT_SPLIT_DIR) -> Split:
         raise UserInputError(
             f"no split found at {split_dir} (missing manifest.csv); run 'breastcnn split --mag 200X' first"
         )
-    import json
-
     data = manifest.read_bytes()
     try:
         info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     except ValueError as exc:
         raise UserInputError(f"{info_path}: not valid JSON ({exc})") from None
-    reader = csv.reader(io.StringIO(data.decode("utf-8")))
-    header = next(reader, None)
-    if tuple(header or ()) != MANIFEST_COLUMNS:
-        raise UserInputError(f"{manifest}: header must be {','.join(MANIFEST_COLUMNS)}, got {header}")
-    rows = []
-    for lineno, fields in enumerate(reader, start=2):
-        if len(fields) != len(MANIFEST_COLUMNS):
-            raise UserInputError(f"{manifest}:{lineno}: expected {len(MANIFEST_COLUMNS)} fields, got {len(fields)}")
-        row = Row(*fields)
-        if row.label not in CLASSES or row.split not in SUBSETS:
-            raise UserInputError(f"{manifest}:{lineno}: bad label {row.label!r} or split {row.split!r}")
-        rows.append(row)
+    if not isinstance(info, dict):
+        raise UserInputError(f"{info_path}: expected a JSON object, got {type(info).__name__}; re-run 'breastcnn split'")
+    rows = _parse_rows(manifest, data)
     root = info.get("data_root")
-    if not root:
+    if not root or not isinstance(root, str):
         raise UserInputError(f"{info_path}: missing 'data_root'")
     root_path = Path(root)
     if not root_path.is_absolute():
         root_path = (split_dir / root_path).resolve()
     return Split(dir=split_dir, root=root_path, rows=rows, hash=manifest_hash(data), info=info)
+
+
+def _read_rows(manifest: Path) -> list[Row]:
+    """The rows of a manifest file (see :func:`_parse_rows`)."""
+    return _parse_rows(manifest, manifest.read_bytes())
+
+
+def _parse_rows(manifest: Path, data: bytes) -> list[Row]:
+    """Manifest rows from its bytes; anything else is a UserInputError naming the file (and line).
+
+    Every ``path`` must stay inside the data root: relative, without ``..``.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{manifest}: not a text CSV file (byte {exc.start} is not UTF-8); "
+                             "re-run 'breastcnn split'") from None
+    reader = csv.reader(io.StringIO(text))
+    rows = []
+    try:
+        header = next(reader, None)
+        if tuple(header or ()) != MANIFEST_COLUMNS:
+            raise UserInputError(f"{manifest}: header must be {','.join(MANIFEST_COLUMNS)}, got {header}")
+        for lineno, fields in enumerate(reader, start=2):
+            if len(fields) != len(MANIFEST_COLUMNS):
+                raise UserInputError(f"{manifest}:{lineno}: expected {len(MANIFEST_COLUMNS)} fields, got {len(fields)}")
+            row = Row(*fields)
+            if row.label not in CLASSES or row.split not in SUBSETS:
+                raise UserInputError(f"{manifest}:{lineno}: bad label {row.label!r} or split {row.split!r}")
+            if not _safe_relative(row.path):
+                raise UserInputError(f"{manifest}:{lineno}: path {row.path!r} is outside the data root (absolute or "
+                                     "with '..'); manifest paths are relative to the data root")
+            rows.append(row)
+    except csv.Error as exc:
+        raise UserInputError(f"{manifest}:{reader.line_num}: not a valid CSV line ({exc})") from None
+    return rows
 
 
 def fold_dirs(split_dir: str | os.PathLike) -> list[Path]:
@@ -267,27 +303,125 @@ def fold_dirs(split_dir: str | os.PathLike) -> list[Path]:
     return sorted(folds, key=lambda p: int(_FOLD_RE.match(p.name).group(1)))
 
 
+def split_identity(split_dir: str | os.PathLike) -> tuple[str, Path]:
+    """``(hash, data root)`` of a split directory, as a run records and checks it.
+
+    A plain split (or one fold): its manifest hash. A k-fold split: the SHA-256
+    of its folds' manifest hashes, in fold order, so a change in any fold shows.
+    """
+    folds = fold_dirs(split_dir)
+    if not folds:
+        split = load_split(split_dir)
+        return split.hash, split.root
+    splits = [load_split(f) for f in folds]
+    return manifest_hash("\n".join(s.hash for s in splits)), splits[0].root
+
+
 # --------------------------------------------------------------------------- writing a split directory
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove what an earlier ``breastcnn split`` wrote in ``out`` (only our own files)."""
-    for name in ("manifest.csv", "split.json"):
-        (out / name).unlink(missing_ok=True)
-    for child in list(out.iterdir()) if out.is_dir() else []:
-        if child.is_dir() and (child.name in SUBSETS or child.name == "cache" or _FOLD_RE.match(child.name)):
-            shutil.rmtree(child)
+def _safe_relative(path) -> bool:
+    """A recorded path may only name something inside its split directory."""
+    if not isinstance(path, str) or not path or "\\" in path:
+        return False
+    pure = PurePosixPath(path)
+    return not pure.is_absolute() and ".." not in pure.parts and pure.parts[:1] != (".",)
 
 
-def _materialize(out: Path, root: Path, rows: Sequence[Row], how: str) -> None:
-    """Copy or symlink every image to ``out/<split>/<label>/<file name>``."""
+def _recorded_by(split_dir: Path) -> tuple[set[str], Path | None]:
+    """Files (relative to ``split_dir``) that the split written there recorded as its own, and its data root.
+
+    ``split.json`` lists them under ``files``; a split written before that list
+    existed is recognised by ``created_by`` and its files are reconstructed
+    (manifest, split.json, materialised copies named as :func:`_materialize_plan` names them).
+    """
+    try:
+        info = json.loads((split_dir / "split.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set(), None
+    if not isinstance(info, dict) or not str(info.get("created_by", "")).startswith("breastcnn"):
+        return set(), None
+    root = Path(info["data_root"]) if isinstance(info.get("data_root"), str) else None
+    listed = info.get("files")
+    if isinstance(listed, list):
+        return {"split.json"} | {p for p in listed if _safe_relative(p)}, root
+    files = {"split.json"}
+    if (split_dir / "manifest.csv").is_file():
+        files.add("manifest.csv")
+        if info.get("materialize") in ("copy", "link"):
+            with contextlib.suppress(UserInputError, OSError, ValueError):
+                files.update(_materialize_plan(_read_rows(split_dir / "manifest.csv")).values())
+    return files, root
+
+
+def _previous_split(out: Path) -> tuple[set[str], list[Path]]:
+    """What earlier splits wrote in ``out`` (relative POSIX paths) and the data roots they read.
+
+    The split in ``out`` and every ``foldN/`` split, each by its own ``split.json``,
+    plus the image caches ``train`` wrote into their ``cache/`` folders (recognised
+    by the caches' own metadata). Nothing else in ``out`` is ours.
+    """
+    from breastcnn.data.images import owned_cache_files
+
+    owned: set[str] = set()
+    roots: list[Path] = []
+    bases = [out] + sorted(p for p in out.iterdir() if _FOLD_RE.match(p.name) and p.is_dir() and not p.is_symlink())
+    for base in bases:
+        prefix = base.relative_to(out)
+        files, root = _recorded_by(base)
+        owned.update((prefix / f).as_posix() for f in files)
+        owned.update((prefix / f).as_posix() for f in owned_cache_files(base))
+        if root is not None:
+            roots.append(root)
+    return owned, roots
+
+
+def _remove_recorded(out: Path, owned: set[str], protected: Sequence[Path]) -> None:
+    """Delete the files in ``owned`` (relative to ``out``) and the folders they leave empty.
+
+    A path whose folder resolves outside ``out`` (a symlinked folder) or into a
+    ``protected`` data tree is left alone; directories are removed only when empty.
+    """
+    out_real = out.resolve()
+    trees = [image_tree(Path(p)).resolve() for p in protected]
+    emptied: set[Path] = set()
+    for rel in sorted(owned):
+        path = out / rel
+        folder = path.parent.resolve()
+        if folder != out_real and out_real not in folder.parents:
+            continue
+        real = folder / path.name
+        if any(real == tree or tree in real.parents for tree in trees):
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            emptied.add(path.parent)
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        while folder != out and out in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone's files are in it
+                break
+            folder = folder.parent
+
+
+def _materialize_plan(rows: Sequence[Row]) -> dict[Row, str]:
+    """Where ``--materialize`` puts each image: ``<split>/<label>/<file name>`` relative to the split dir."""
+    plan: dict[Row, str] = {}
     taken: set[str] = set()
     for r in rows:
-        name = Path(r.path).name
-        target = out / r.split / r.label / name
-        if str(target) in taken:  # same file name twice (folder-per-class subfolders)
-            target = out / r.split / r.label / r.path.replace("/", "__")
-        taken.add(str(target))
+        target = f"{r.split}/{r.label}/{Path(r.path).name}"
+        if target in taken:  # same file name twice (folder-per-class subfolders)
+            target = f"{r.split}/{r.label}/{r.path.replace('/', '__')}"
+        taken.add(target)
+        plan[r] = target
+    return plan
+
+
+def _materialize(out: Path, root: Path, plan: dict[Row, str], how: str) -> None:
+    """Copy or symlink every image to its planned place in ``out``."""
+    for r, rel in plan.items():
+        target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         source = root / r.path
         if how == "copy":
@@ -296,19 +430,28 @@ def _materialize(out: Path, root: Path, rows: Sequence[Row], how: str) -> None:
             os.symlink(source, target)
 
 
+def _files_of(rows: Sequence[Row], materialize: str) -> tuple[list[str], dict[Row, str]]:
+    """The files a split directory of ``rows`` consists of (relative) and the materialisation plan."""
+    plan = _materialize_plan(rows) if materialize != "none" else {}
+    return ["manifest.csv", "split.json", *plan.values()], plan
+
+
 def _write_one(out: Path, root: Path, rows: list[Row], info: dict, materialize: str) -> dict:
-    """Write ``manifest.csv``, ``split.json`` (and materialized files) into ``out``; returns the info."""
+    """Write ``manifest.csv``, ``split.json`` (listing every file of the split) and the materialised images."""
     text = manifest_text(rows)
+    files, plan = _files_of(rows, materialize)
     info = dict(info)
     info.update(summarize(rows))
     info["n_images"] = len(rows)
     info["n_patients"] = len({r.patient for r in rows if r.patient})
     info["manifest_hash"] = manifest_hash(text)
+    info["files"] = files
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "manifest.csv", text)
-    if materialize != "none":
-        _materialize(out, root, rows, materialize)
+    # split.json before the copies: whatever a failure leaves behind is recorded, so --force can remove it
     atomic_write_json(out / "split.json", info)
+    if plan:
+        _materialize(out, root, plan, materialize)
     return info
 
 
@@ -334,7 +477,12 @@ def create_split(
     ``"folds"`` list of per-fold infos) plus ``"out"`` and ``"warnings"``.
     ``on_scanned(n)`` is called with the number of candidates before decoding
     starts (to size a progress bar). Raises ``UserInputError`` for bad options,
-    missing data, unreadable images with ``strict``, or an existing split without ``force``.
+    missing data, unreadable images with ``strict``, an existing split without
+    ``force``, an ``out`` inside (or containing) the data, or a file in ``out``
+    that a previous split did not write. ``out`` is locked while it is written.
+
+    ``force`` replaces only what earlier splits recorded in their ``split.json``
+    (and the image caches next to them); any other file in ``out`` is kept.
     """
     mag_norm = parse_mag(mag)
     if by not in ("patient", "image"):
@@ -345,10 +493,26 @@ def create_split(
         raise UserInputError(f"--group must be 'patient' or 'accession', got {group!r}")
     if folds < 0 or folds == 1 or folds > 100:
         raise UserInputError(f"--folds must be 0 (no folds) or between 2 and 100, got {folds}")
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {seed}")
     ratios = parse_ratios(ratios) if ratios is not None else (DEFAULT_FOLD_RATIOS if folds else DEFAULT_RATIOS)
     out = Path(out) if out is not None else Path("splits") / (mag_norm or "all")
 
-    result = _scan_with_count(data, mag_norm, jobs, progress, on_scanned)
+    data_root, _ = locate_data(data)  # cheap: where the images are, none opened yet
+    check_outside_data(out, data_root, "--out", containing=(data_root, data))
+    check_overwrite(out, force)
+    with locked_directory(out, "split directory"):
+        return _create_locked(data, mag, mag_norm, out, by, ratios, folds, seed, materialize, strict, force,
+                              group, jobs, progress, on_scanned)
+
+
+def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, materialize, strict, force, group,
+                   jobs, progress, on_scanned) -> dict:
+    """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
+    listing = scan(data, mag_norm, verify=False)  # the cheap walk: the count before decoding every image
+    if on_scanned is not None:
+        on_scanned(len(listing.records))
+    result = verify_images(listing, jobs, progress)
     warnings = list(result.warnings)
     if result.unreadable and strict:
         raise UserInputError(
@@ -357,11 +521,10 @@ def create_split(
     if not result.records:
         raise UserInputError(f"no readable images for --mag {mag} under {result.root}")
     root = result.root
-    out_abs = out.resolve()
-    scanned = root / "histology_slides" if result.layout == "breakhis" else root
-    if out_abs == root or scanned in out_abs.parents or out_abs == scanned:
-        raise UserInputError(f"--out {out} is inside the data tree {root}; the source tree is never modified")
-    check_overwrite(out, force)
+    labels = sorted({r.label for r in result.records})
+    if len(labels) < len(CLASSES):
+        warnings.append(f"only {labels[0]} images were found under {root}: a classifier needs both "
+                        f"{' and '.join(CLASSES)} images ('breastcnn train' refuses this split)")
 
     effective_by = by
     if result.layout == "folders" and by == "patient":
@@ -391,26 +554,38 @@ def create_split(
             return split_by_patient(result.records, ratios, fold_seed, group)
         return split_by_image(result.records, ratios, fold_seed)
 
-    if force:
-        _clear_previous(out)
     if not folds:
-        info = _write_one(out, root, assign(seed), {**base_info, "kind": "split"}, materialize)
-        return {**info, "out": str(out), "warnings": warnings}
+        parts = {"": assign(seed)}
+    else:
+        fold_seeds = np.random.SeedSequence(seed).generate_state(folds)
+        parts = {f"fold{k + 1}": assign(int(fold_seeds[k])) for k in range(folds)}
+    planned = ["split.json"] if folds else []
+    for name, rows in parts.items():
+        planned += [f"{name}/{f}" if name else f for f in _files_of(rows, materialize)[0]]
 
-    fold_seeds = np.random.SeedSequence(seed).generate_state(folds)
+    owned, previous_roots = _previous_split(out) if force else (set(), [])
+    foreign = sorted(p for p in planned if ((out / p).exists() or (out / p).is_symlink()) and p not in owned)
+    if foreign:
+        raise UserInputError(
+            f"{out / foreign[0]} exists and was not written by 'breastcnn split' (not recorded in a split.json "
+            f"there){f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; move it away or choose another --out"
+        )
+    if force:
+        _remove_recorded(out, owned, [root, *previous_roots])
+
+    if not folds:
+        info = _write_one(out, root, parts[""], {**base_info, "kind": "split"}, materialize)
+        return {**_public(info), "out": str(out), "warnings": warnings}
     fold_infos = []
-    for k in range(folds):
+    for k, (name, rows) in enumerate(parts.items()):
         fold_info = {**base_info, "kind": "fold", "fold": k + 1, "folds": folds, "fold_seed": int(fold_seeds[k])}
-        info = _write_one(out / f"fold{k + 1}", root, assign(int(fold_seeds[k])), fold_info, materialize)
-        fold_infos.append({**info, "dir": f"fold{k + 1}"})
-    top = {**base_info, "kind": "kfold", "folds": folds, "fold_dirs": [f"fold{k + 1}" for k in range(folds)]}
+        info = _write_one(out / name, root, rows, fold_info, materialize)
+        fold_infos.append({**_public(info), "dir": name})
+    top = {**base_info, "kind": "kfold", "folds": folds, "fold_dirs": list(parts), "files": planned}
     atomic_write_json(out / "split.json", top)
-    return {**top, "fold_infos": fold_infos, "out": str(out), "warnings": warnings}
+    return {**_public(top), "fold_infos": fold_infos, "out": str(out), "warnings": warnings}
 
 
-def _scan_with_count(data, mag, jobs, progress, on_scanned) -> ScanResult:
-    """:func:`scan`, telling ``on_scanned`` the candidate count before decoding."""
-    if on_scanned is not None:
-        pre = scan(data, mag, verify=False)
-        on_scanned(len(pre.records))
-    return scan(data, mag, verify=True, jobs=jobs, progress=progress)
+def _public(info: dict) -> dict:
+    """``split.json`` content without its file list (kept out of ``--json`` summaries)."""
+    return {k: v for k, v in info.items() if k != "files"}

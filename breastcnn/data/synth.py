@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from breastcnn.data.breakhis import MAGNIFICATIONS, SUBTYPES, parse_mag
 from breastcnn.errors import UserInputError
+from breastcnn.fsutil import default_mode
 
 WIDTH, HEIGHT = 700, 460
 _NOISE_SD = 0.8  # grey sensor noise (8-bit levels)
@@ -244,7 +245,7 @@ class StainProfile:
 
 STAIN_PROFILES = {
     "default": StainProfile("default", tuple(float(v) for v in _HEMATOXYLIN), tuple(float(v) for v in _EOSIN),
-                            1.0, 1.0, "purple-blue nuclei, pink stroma (the look of every earlier synth tree)"),
+                            1.0, 1.0, "purple-blue nuclei, pink stroma: the look of every earlier synth tree"),
     "shifted": StainProfile("shifted", (0.85, 0.62, 0.22), (0.03, 0.95, 0.70), 0.8, 1.3,
                             "another lab: paler, bluer haematoxylin; stronger, orange-red eosin"),
 }
@@ -471,6 +472,8 @@ def generate(
     ``images`` ({mag: {class: n}}), ``seconds``.
     """
     started = time.perf_counter()
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {seed}")
     check_difficulty(difficulty)
     stain_profile(stain)
     mags = parse_mags(mags)
@@ -486,6 +489,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".BreaKHis_v1.", suffix=".tmp", dir=out_dir))
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it 0700; the tree is shareable
         chunk = 8
         chunks = [specs[i : i + chunk] for i in range(0, len(specs), chunk)]
         if jobs == 1 or len(chunks) <= 1:

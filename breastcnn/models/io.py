@@ -1,4 +1,4 @@
-"""Save and load NumPy models as ``.npz`` (no pickle), and dispatch ``.keras`` files.
+"""Save and load NumPy models as ``.npz`` (no pickle), and dispatch ``.keras`` and ``.onnx`` files.
 
 File layout (format version 1):
 
@@ -11,12 +11,16 @@ File layout (format version 1):
 
 Loading never unpickles (``allow_pickle=False``), builds only whitelisted
 layer classes and checks every array's key, shape and dtype against the
-config and against the freshly built model. Anything off is a UserInputError.
+config and against the architecture *before* decompressing any array or
+allocating any layer; what a file may declare is capped (:data:`MAX_PARAMS`
+and the other ``MAX_*`` limits), and values are checked (finite, BatchNorm
+variances >= 0). Anything off is a UserInputError naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -26,7 +30,7 @@ import numpy as np
 
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
-from breastcnn.nn.layers import layer_from_config
+from breastcnn.nn.layers import BatchNorm, Conv2D, Dense, layer_from_config
 from breastcnn.nn.model import Sequential
 
 FORMAT = "breastcnn-npz"
@@ -71,23 +75,62 @@ def save_model(model: Sequential, path, optimizer=None, extra: dict | None = Non
         np.savez(handle, **arrays)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an npz, without unpickling anything; errors -> UserInputError."""
+# --------------------------------------------------------------------------- limits
+
+MAX_LAYERS = 256
+"""Most layers a model file may declare (the custom model has 15)."""
+MAX_INPUT_SIDE = 4096
+"""Largest input height/width (``train --image-size`` allows up to 2048)."""
+MAX_INPUT_CHANNELS = 64
+MAX_WIDTH = 16_384
+"""Most filters of a Conv2D / units of a Dense layer (the custom model's widest is 128)."""
+MAX_WINDOW = 64
+"""Largest kernel, pool or stride size."""
+MAX_PARAMS = 64_000_000
+"""Most parameters (weights and BatchNorm statistics) a model file may declare: the custom model at the
+largest ``--image-size`` (2048 px) has 32.5 M, VGG16 14.7 M; float32 makes this 256 MB."""
+MAX_CONFIG_CHARS = 4_000_000
+"""Longest ``__config__`` JSON text (the custom model's is about 3,000 characters)."""
+MAX_SMALL_ARRAY = 1_000_000
+"""Most elements of an ``optimizer.*`` entry that is not a parameter slot, or of all ``extra.*`` entries together
+(a resume checkpoint's are a JSON string and a permutation of the training set)."""
+
+
+def _refuse(path: Path, message: str) -> UserInputError:
+    return UserInputError(f"{path}: {message}")
+
+
+def _member_header(zf: zipfile.ZipFile, name: str, path: Path) -> tuple[tuple, np.dtype]:
+    """``(shape, dtype)`` from the ``.npy`` header of member ``name``, decompressing only the header."""
     try:
-        if not zipfile.is_zipfile(path):
-            raise UserInputError(f"{path}: not a breastcnn model file (expected an .npz zip archive)")
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except UserInputError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
-        # object arrays ("Object arrays cannot be loaded when allow_pickle=False"), truncation, bad CRC...
-        raise UserInputError(f"{path}: unreadable or unsafe model file ({type(exc).__name__}: {exc})") from None
+        with zf.open(name) as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, KeyError) as exc:
+        raise _refuse(path, f"unreadable member {name} ({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject or dtype.kind not in _ALLOWED_DTYPE_KINDS:
+        raise _refuse(path, f"unreadable or unsafe model file (member {name} has dtype {dtype}; "
+                            "objects are never unpickled)")
+    return tuple(int(d) for d in shape), dtype
 
 
-def _parse_config(path: Path, arrays: dict) -> dict:
-    raw = arrays.get("__config__")
-    if raw is None or raw.shape != () or raw.dtype.kind != "U":
+def _read_member(zf: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
+    """The array of member ``name`` (its header already checked), never unpickling."""
+    try:
+        with zf.open(name) as handle:
+            return np.lib.format.read_array(handle, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
+        # truncation, bad CRC...
+        raise _refuse(path, f"unreadable or unsafe model file ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_config(path: Path, raw: np.ndarray) -> dict:
+    if raw.shape != () or raw.dtype.kind != "U":
         raise UserInputError(f"{path}: missing or malformed __config__ entry; not a breastcnn model file")
     try:
         config = json.loads(str(raw[()]))
@@ -105,55 +148,176 @@ def _parse_config(path: Path, arrays: dict) -> dict:
     return config
 
 
+def _check_layer_caps(path: Path, i: int, cfg) -> None:
+    """Refuse layer ``i``'s config when a width or window exceeds the caps (before the layer exists)."""
+    if not isinstance(cfg, dict):
+        raise _refuse(path, f"layer {i} config is not an object")
+    for key, cap in (("filters", MAX_WIDTH), ("units", MAX_WIDTH), ("kernel_size", MAX_WINDOW),
+                     ("pool_size", MAX_WINDOW), ("strides", MAX_WINDOW)):
+        value = cfg.get(key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None and key in ("strides",):
+                continue
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= cap):
+                raise _refuse(path, f"layer {i} ({cfg.get('class')}): {key} {v!r} is outside 1..{cap}")
+
+
+def _parameter_shapes(layer, input_shape: tuple) -> dict[str, tuple]:
+    """The shapes ``layer.build(input_shape)`` gives its params and state, computed without allocating.
+
+    Kept equal to the layers' ``build`` by ``tests/models/test_io_limits.py``.
+    """
+    if isinstance(layer, Conv2D):
+        shapes = {"W": (layer.kernel_size, layer.kernel_size, input_shape[-1], layer.filters)}
+        return {**shapes, "b": (layer.filters,)} if layer.use_bias else shapes
+    if isinstance(layer, Dense):
+        shapes = {"W": (input_shape[0], layer.units)}
+        return {**shapes, "b": (layer.units,)} if layer.use_bias else shapes
+    if isinstance(layer, BatchNorm):
+        c = (input_shape[-1],)
+        return {"gamma": c, "beta": c, "moving_mean": c, "moving_variance": c}
+    return {}
+
+
+def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, dict[str, tuple]]:
+    """Layers (constructed, not built), input shape, and ``layers.{i}.{key}`` -> shape, all within the caps."""
+    if len(config["layers"]) > MAX_LAYERS:
+        raise _refuse(path, f"declares {len(config['layers'])} layers (at most {MAX_LAYERS})")
+    shape = config["input_shape"]
+    if not 1 <= len(shape) <= 3 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape) \
+            or not all(1 <= d <= MAX_INPUT_SIDE for d in shape) or (len(shape) == 3 and shape[2] > MAX_INPUT_CHANNELS):
+        raise _refuse(path, f"input_shape {shape} is outside the limits (1 to 3 dimensions, sides up to "
+                            f"{MAX_INPUT_SIDE}, up to {MAX_INPUT_CHANNELS} channels)")
+    for i, cfg in enumerate(config["layers"]):
+        _check_layer_caps(path, i, cfg)
+    layers = [layer_from_config(cfg) for cfg in config["layers"]]
+    expected: dict[str, tuple] = {}
+    current = tuple(shape)
+    total = 0
+    try:
+        for i, layer in enumerate(layers):
+            for key, param_shape in _parameter_shapes(layer, current).items():
+                expected[f"layers.{i}.{key}"] = param_shape
+                total += math.prod(param_shape)
+            if total > MAX_PARAMS:
+                raise _refuse(path, f"declares more than {MAX_PARAMS:,} parameters (by layer {i}, "
+                                    f"{type(layer).__name__}); not a model of this tool")
+            current = tuple(int(d) for d in layer.compute_output_shape(current))
+    except UserInputError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise _refuse(path, f"cannot build the model from its config ({exc})") from None
+    except (TypeError, ValueError, IndexError) as exc:
+        raise _refuse(path, f"cannot build the model from its config ({exc})") from None
+    return layers, tuple(shape), expected
+
+
+def _check_declared(path: Path, declared: dict, expected: dict[str, tuple]) -> None:
+    """Compare the config's array list with what the architecture needs; cap optimizer and extra entries."""
+    for key, spec in declared.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) \
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec["shape"]) \
+                or not isinstance(spec.get("dtype"), str):
+            raise _refuse(path, f"config entry for array {key} is malformed ({spec!r})")
+    weights = {k for k in declared if k.startswith("layers.")}
+    missing, unknown = sorted(set(expected) - weights), sorted(weights - set(expected))
+    if missing or unknown:
+        raise _refuse(path, f"weights do not match the architecture "
+                            f"(missing {missing or 'none'}, unexpected {unknown or 'none'})")
+    extra_elements = 0
+    for key, spec in declared.items():
+        shape = tuple(spec["shape"])
+        if key.startswith("layers."):
+            if shape != expected[key] or spec["dtype"] != "<f4":
+                raise _refuse(path, f"{key} has shape {shape} dtype {spec['dtype']}, "
+                                    f"the architecture needs {expected[key]} float32")
+        elif key.startswith("optimizer."):
+            slot_of = next((p for p in expected if key.endswith("." + p)), None)
+            if slot_of is not None:
+                if shape != expected[slot_of]:
+                    raise _refuse(path, f"{key} has shape {shape}, its parameter {slot_of} has {expected[slot_of]}")
+            elif math.prod(shape) > MAX_SMALL_ARRAY:
+                raise _refuse(path, f"{key} declares {math.prod(shape):,} elements (at most {MAX_SMALL_ARRAY:,})")
+        elif key.startswith("extra."):
+            extra_elements += math.prod(shape)
+            if extra_elements > MAX_SMALL_ARRAY:
+                raise _refuse(path, f"extra arrays (at {key}) declare more than {MAX_SMALL_ARRAY:,} elements")
+        else:
+            raise _refuse(path, f"unexpected array {key}")
+
+
+def _check_values(path: Path, key: str, arr: np.ndarray) -> None:
+    """Weights must be finite; BatchNorm moving variances must not be negative."""
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise _refuse(path, f"{key} contains NaN or infinite values")
+    if key.endswith(".moving_variance") and np.any(arr < 0):
+        raise _refuse(path, f"{key} has negative values (a variance is >= 0; min {arr.min():.4g})")
+
+
 def _load(path) -> tuple[Sequential, dict, dict]:
+    """Check then read a model file, cheapest checks first, so that a hostile file costs almost nothing.
+
+    1. the archive's member list and the ``__config__`` header (size capped) and JSON;
+    2. the declared keys against the members; the layers' widths and the input shape against the caps;
+       the architecture's parameter shapes (computed, not allocated) against the declared shapes;
+    3. every member's ``.npy`` header against its declaration (only the header is decompressed);
+    4. the arrays, read one by one (each bounded by its checked header), and their values;
+    5. the model is built and the weights set.
+    """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise UserInputError(f"{path}: not a regular file (a device, pipe or socket is not a model file)")
         raise UserInputError(f"model file {path} does not exist")
-    arrays = _read_npz(path)
-    config = _parse_config(path, arrays)
-    arrays.pop("__config__")
-
-    declared = config["arrays"]
-    missing = sorted(set(declared) - set(arrays))
-    undeclared = sorted(set(arrays) - set(declared))
-    if missing:
-        raise UserInputError(f"{path}: missing array(s) {', '.join(missing)}")
-    if undeclared:
-        raise UserInputError(f"{path}: unexpected array(s) {', '.join(undeclared)}")
-    for key, spec in declared.items():
-        arr = arrays[key]
-        if not isinstance(spec, dict) or list(arr.shape) != spec.get("shape") or arr.dtype.str != spec.get("dtype"):
-            raise UserInputError(f"{path}: array {key} has shape {arr.shape} and dtype {arr.dtype.str}, "
-                                 f"config says {spec}")
-        if arr.dtype.kind not in _ALLOWED_DTYPE_KINDS:
-            raise UserInputError(f"{path}: array {key} has unsupported dtype {arr.dtype}")
-
-    layers = [layer_from_config(cfg) for cfg in config["layers"]]
     try:
-        input_shape = tuple(int(d) for d in config["input_shape"])
+        if not zipfile.is_zipfile(path):
+            raise _refuse(path, "not a breastcnn model file (expected an .npz zip archive)")
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise _refuse(path, f"unreadable model file ({type(exc).__name__}: {exc})") from None
+    with zf:
+        names = zf.namelist()
+        if len(names) != len(set(names)) or not all(n.endswith(".npy") for n in names):
+            raise _refuse(path, "not a breastcnn model file (unexpected or duplicate archive members)")
+        members = {n[: -len(".npy")]: n for n in names}
+        if "__config__" not in members:
+            raise _refuse(path, "missing or malformed __config__ entry; not a breastcnn model file")
+        shape, dtype = _member_header(zf, members["__config__"], path)
+        if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_CONFIG_CHARS:
+            raise _refuse(path, f"missing or malformed __config__ entry (shape {shape}, dtype {dtype}, at most "
+                                f"{MAX_CONFIG_CHARS:,} characters); not a breastcnn model file")
+        config = _parse_config(path, _read_member(zf, members["__config__"], path))
+
+        declared = config["arrays"]
+        present = set(members) - {"__config__"}
+        missing, undeclared = sorted(set(declared) - present), sorted(present - set(declared))
+        if missing:
+            raise _refuse(path, f"missing array(s) {', '.join(missing)}")
+        if undeclared:
+            raise _refuse(path, f"unexpected array(s) {', '.join(undeclared)}")
+        layers, input_shape, expected = _expected_arrays(path, config)
+        size = config["meta"].get("image_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size != input_shape[0]):
+            # inference resizes images to meta.image_size: it must be the input the model takes
+            raise _refuse(path, f"meta image_size {size!r} does not match the input shape {list(input_shape)}")
+        _check_declared(path, declared, expected)
+        for key, spec in declared.items():
+            shape, dtype = _member_header(zf, members[key], path)
+            if list(shape) != spec["shape"] or dtype.str != spec["dtype"]:
+                raise _refuse(path, f"array {key} has shape {shape} and dtype {dtype.str}, config says {spec}")
+        arrays = {}
+        for key in declared:
+            arrays[key] = _read_member(zf, members[key], path)
+            if not key.startswith("extra."):
+                _check_values(path, key, arrays[key])
+
+    try:
         model = Sequential(layers, input_shape=input_shape, seed=0, meta=config["meta"])
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{path}: cannot build the model from its config ({exc})") from None
-
-    weights = {k: v for k, v in arrays.items() if k.startswith("layers.")}
-    expected = {}
-    for i, layer in enumerate(model.layers):
-        for store in (layer.params, layer.state):
-            for key, value in store.items():
-                expected[f"layers.{i}.{key}"] = value
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
-    if missing or unknown:
-        raise UserInputError(f"{path}: weights do not match the architecture "
-                             f"(missing {missing or 'none'}, unexpected {unknown or 'none'})")
-    for key, value in expected.items():
-        arr = weights[key]
-        if arr.shape != value.shape or arr.dtype != np.float32:
-            raise UserInputError(f"{path}: {key} has shape {arr.shape} dtype {arr.dtype}, "
-                                 f"the architecture needs {value.shape} float32")
-        if not np.all(np.isfinite(arr)):
-            raise UserInputError(f"{path}: {key} contains NaN or infinite values")
-    model.set_weights(weights)
+    model.set_weights({k: v for k, v in arrays.items() if k.startswith("layers.")})
+    model.source = str(path)  # messages about what this model computes name its file
 
     optimizer_state = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
     extra = {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
@@ -171,10 +335,15 @@ def load_checkpoint(path) -> tuple[Sequential, dict, dict]:
 
 
 def load_model(path):
-    """``.npz`` -> Sequential; ``.keras`` -> the Keras classifier (TensorFlow imported lazily)."""
+    """``.npz`` -> Sequential; ``.keras`` -> the Keras classifier (TensorFlow imported lazily);
+    ``.onnx`` -> the ONNX Runtime classifier (``breastcnn[onnx]``, imported lazily)."""
     path = Path(os.fspath(path))
     if path.suffix.lower() == ".keras":
         from breastcnn.models.keras_models import load_keras_model
 
         return load_keras_model(path)
+    if path.suffix.lower() == ".onnx":
+        from breastcnn.models.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(path)
     return _load(path)[0]

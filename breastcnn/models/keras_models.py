@@ -12,9 +12,11 @@ NumPy ``Sequential`` (``framework``, ``meta``, ``predict``, ``count_params``,
 ``save``) so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
 
 On disk a Keras model is ``model.keras`` (Keras v3 zip, without optimizer
-state) plus the sidecar ``breastcnn.json`` next to it (classes,
-preprocessing, image size, architecture, split hash, seed, versions); it is
-loaded with Keras ``safe_mode=True`` (no lambda deserialisation).
+state) plus the sidecar ``model.keras.json`` next to it (classes,
+preprocessing, image size, architecture, split hash, seed, versions; named
+after the model so that several models share a folder; a ``breastcnn.json``
+written by earlier versions is still read); it is loaded with Keras
+``safe_mode=True`` (no lambda deserialisation).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import platform
 import socket
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,10 @@ import numpy as np
 
 from breastcnn import CLASSES, __version__
 from breastcnn.errors import MissingDependencyError, UserInputError
-from breastcnn.fsutil import atomic_write_json
+from breastcnn.fsutil import atomic_write_json, default_mode
 
-SIDECAR_NAME = "breastcnn.json"
-"""The JSON file saved next to every ``.keras`` model."""
+LEGACY_SIDECAR_NAME = "breastcnn.json"
+"""The one-per-folder sidecar name of earlier versions: still read (:func:`find_sidecar`), never written."""
 
 SIDECAR_FORMAT = 1
 
@@ -44,7 +47,7 @@ KERAS_ARCHS = ("vgg16", "resnet50", "custom-keras")
 """Architectures built here (registered in ``models.registry`` under these names)."""
 
 GRADCAM_LAYERS = {"vgg16": "block5_conv3", "resnet50": "conv5_block3_out"}
-"""Grad-CAM target layer per architecture (custom-keras: its last Conv2D, found at build time)."""
+"""Grad-CAM target layer per architecture (custom-keras: the NumPy model's rule, explain.choose_gradcam_layer)."""
 
 IMAGENET_WEIGHTS = {
     # arch: (file name in the Keras cache, download URL, md5 published by keras.applications)
@@ -78,15 +81,21 @@ DEFAULT_TRAINABLE_LAYERS = 20
 def require_keras():
     """Import and return ``keras`` (TensorFlow backend), or raise MissingDependencyError.
 
-    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless already set) before the import so
-    TensorFlow's C++ info/warning lines do not flood stderr.
+    TensorFlow is imported here only (every other module calls this first), quietly:
+    ``TF_CPP_MIN_LOG_LEVEL=3`` (unless the user set it) keeps its C++ logging off
+    stderr, and the lines absl writes during the import before its logging is set
+    up (which ignore that variable) go to a temporary file instead of stderr; they
+    are shown only when the import fails and ``--debug`` is on.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
-        import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
-        import keras
+        with _stderr_fd_captured() as captured:
+            import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
+            import keras
     except ImportError as exc:
+        if os.environ.get("BREASTCNN_DEBUG", "") not in ("", "0"):
+            sys.stderr.write(captured.getvalue())
         raise MissingDependencyError(
             f"TensorFlow is not installed: pip install 'breastcnn[keras]' ({exc})"
         ) from None
@@ -96,6 +105,40 @@ def require_keras():
             "unset KERAS_BACKEND or set it to tensorflow"
         )
     return keras
+
+
+@contextlib.contextmanager
+def _stderr_fd_captured():
+    """Point file descriptor 2 at a temporary file for the block (C++ code writes there, not to sys.stderr).
+
+    Yields an object whose ``getvalue()`` returns what was written. A no-op once
+    TensorFlow is imported (nothing more to hide) or when fd 2 cannot be duplicated.
+    """
+    class Captured:
+        text = ""
+
+        def getvalue(self) -> str:
+            return self.text
+
+    captured = Captured()
+    if "tensorflow" in sys.modules:
+        yield captured
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", "replace")
 
 
 def _tf():
@@ -130,7 +173,7 @@ class KerasClassifier:
             softmax probabilities.
         meta: ``classes``, ``preprocess``, ``image_size``, ``arch``,
             ``gradcam_layer``, and when trained ``split_hash``, ``seed``,
-            ``versions``, ... (written to ``breastcnn.json``).
+            ``versions``, ... (written to the sidecar, :func:`sidecar_path`).
         framework: ``"keras"``.
     """
 
@@ -227,7 +270,7 @@ class KerasClassifier:
     # -- saving ----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, optimizer=None, extra=None) -> Path:
-        """Write ``path`` (``.keras``) and ``breastcnn.json`` next to it, both atomically.
+        """Write ``path`` (``.keras``) and its sidecar ``<path>.json`` next to it, both atomically.
 
         The optimizer state is not saved (an inference model, a third of the
         size for a fully trainable network); ``optimizer``/``extra`` are
@@ -249,7 +292,7 @@ class KerasClassifier:
         os.close(fd)
         try:
             model.save(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a model file is shareable
+            os.chmod(tmp, default_mode())  # mkstemp makes it 0600; a model file is shareable
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -261,15 +304,29 @@ class KerasClassifier:
         return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """``breastcnn.json`` beside ``model_path``."""
-    return Path(model_path).with_name(SIDECAR_NAME)
+    """The metadata file written beside ``model_path``: ``b.keras`` -> ``b.keras.json``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+def find_sidecar(model_path: str | os.PathLike) -> Path | None:
+    """The sidecar to read for ``model_path``: ``<name>.keras.json``, else a legacy ``breastcnn.json``
+    beside it unless that one names another model file present in the folder; ``None`` when neither."""
+    model_path = Path(model_path)
+    side = sidecar_path(model_path)
+    if side.is_file():
+        return side
+    legacy = model_path.with_name(LEGACY_SIDECAR_NAME)
+    if not legacy.is_file():
+        return None
+    try:
+        named = json.loads(legacy.read_text(encoding="utf-8")).get("model_file")
+    except (OSError, ValueError, AttributeError):
+        return legacy  # read_sidecar reports what is wrong with it
+    if isinstance(named, str) and named != model_path.name and (model_path.parent / named).is_file():
+        return None  # it describes its own model
+    return legacy
 
 
 def _jsonable(obj: Any):
@@ -285,15 +342,22 @@ def _jsonable(obj: Any):
 
 
 def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
-    """Load ``model.keras`` + ``breastcnn.json`` with Keras safe mode on.
+    """Load ``model.keras`` + its sidecar (:func:`find_sidecar`) with Keras safe mode on.
 
     Raises UserInputError when the file or its sidecar is missing or invalid.
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise UserInputError(f"--model {path}: not a regular file (a device, pipe or socket is not a model file)")
         raise UserInputError(f"--model {path}: no such file")
     if path.suffix != ".keras":
         raise UserInputError(f"--model {path}: a Keras model file ends in .keras")
+    if not zipfile.is_zipfile(path):  # Keras would call a text or truncated file "File not found"
+        with open(path, "rb") as handle:
+            damaged = handle.read(2) == b"PK"
+        raise UserInputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive; this one is "
+                             f"{'truncated or damaged' if damaged else 'not a zip archive'})")
     meta = read_sidecar(path)
     keras = require_keras()
     try:
@@ -303,21 +367,24 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
     shape = tuple(int(d) for d in model.input_shape[1:])
     if meta.get("image_size") is not None and shape[:2] != (meta["image_size"],) * 2:
         raise UserInputError(
-            f"{sidecar_path(path)}: image_size {meta['image_size']} does not match the model input {shape}"
+            f"{find_sidecar(path)}: image_size {meta['image_size']} does not match the model input {shape}"
         )
     meta.setdefault("image_size", shape[0])
     if "gradcam_layer" not in meta or meta["gradcam_layer"] not in {layer.name for layer in model.layers}:
-        meta["gradcam_layer"] = last_conv_name(model)
-    return KerasClassifier(model, meta)
+        meta["gradcam_layer"] = _default_gradcam_layer(model)
+    classifier = KerasClassifier(model, meta)
+    classifier.source = str(path)  # messages about what this model computes name its file
+    return classifier
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict:
-    """The ``breastcnn.json`` of a ``.keras`` model, checked."""
-    side = sidecar_path(model_path)
-    if not side.is_file():
+    """The sidecar JSON of a ``.keras`` model (:func:`find_sidecar`), checked."""
+    side = find_sidecar(model_path)
+    if side is None:
         raise UserInputError(
-            f"--model {model_path}: its metadata file {side} is missing (a breastcnn Keras model is "
-            f"saved as {Path(model_path).name} + {SIDECAR_NAME}); re-export or copy both files"
+            f"--model {model_path}: its metadata file {sidecar_path(model_path)} is missing (a breastcnn Keras "
+            f"model is saved as {Path(model_path).name} + {sidecar_path(model_path).name}); "
+            "re-export or copy both files"
         )
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
@@ -336,11 +403,15 @@ def read_sidecar(model_path: str | os.PathLike) -> dict:
     return meta
 
 
-def last_conv_name(model) -> str | None:
-    """Name of the last Conv2D layer of a Keras model (the Grad-CAM layer of custom-keras), or None."""
-    keras = require_keras()
-    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    return convs[-1] if convs else None
+def _default_gradcam_layer(model) -> str | None:
+    """custom-keras' Grad-CAM layer: the rule of a NumPy model (:func:`breastcnn.explain.choose_gradcam_layer`)
+    so a model and its export explain the same layer; ``None`` without a conv layer."""
+    from breastcnn.explain import choose_gradcam_layer
+
+    try:
+        return choose_gradcam_layer(model)
+    except UserInputError:
+        return None
 
 
 # --------------------------------------------------------------------------- ImageNet weights
@@ -545,7 +616,7 @@ def create_custom_keras(
         "image_size": shape[0],
         "seed": int(seed),
         "weights": "none" if weights_file is None else str(weights),
-        "gradcam_layer": last_conv_name(kmodel),
+        "gradcam_layer": _default_gradcam_layer(kmodel),
         "versions": library_versions(),
     })
     return KerasClassifier(kmodel, meta)

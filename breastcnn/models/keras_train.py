@@ -23,7 +23,7 @@ Two schedules:
   the same network the same way.
 
 Either way the best model by ``monitor`` (a tie goes to the later pass) is
-written to ``RUN_DIR/model.keras`` (+ ``breastcnn.json``) every time it
+written to ``RUN_DIR/model.keras`` (+ ``model.keras.json``) every time it
 improves, so an interrupted run keeps its best model, and the summary's
 ``warnings`` name a best model that predicts (almost) one class.
 """
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn.errors import UserInputError
-from breastcnn.fsutil import atomic_write_json, check_overwrite
+from breastcnn.data.breakhis import check_outside_data
+from breastcnn.fsutil import atomic_write_json
 from breastcnn.models.keras_models import (
     BUILDERS,
     DEFAULT_DROPOUT,
@@ -49,7 +50,7 @@ from breastcnn.models.keras_models import (
 )
 from breastcnn.recipes import MONITORS, RECIPE_OPTIONS
 from breastcnn.runs import TrainingCallback
-from breastcnn.train import SUMMARY_NAME, TrainingDiverged, validation_scores
+from breastcnn.train import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
 
 TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy"}
 """Defaults of the transfer-learning schedule (no recipe): the report's fine-tuning settings; patience in epochs."""
@@ -144,7 +145,7 @@ def _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given):
     return TrainConfig(recipe=recipe, epochs=epochs, image_size=image_size, **explicit).validate()
 
 
-def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size):
+def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed=0):
     if arch not in KERAS_ARCHS:
         raise UserInputError(f"--model {arch!r}: expected one of {', '.join(KERAS_ARCHS)} or a .npz file")
     if epochs < 1:
@@ -162,6 +163,8 @@ def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, im
     minimum = 51 if arch == "custom-keras" else 32
     if image_size < minimum:
         raise UserInputError(f"--image-size must be at least {minimum} for {arch}, received {image_size}")
+    if seed < 0:
+        raise UserInputError(f"--seed must be >= 0, received {seed}")
 
 
 def finetune_keras(
@@ -195,7 +198,7 @@ def finetune_keras(
 
     Writes to the run directory (``out`` or a new ``runs/<arch>-<stamp>``):
     ``config.json``, ``history.csv`` (one row per epoch), ``model.keras`` +
-    ``breastcnn.json`` (best by ``monitor``) and ``training.png``.
+    ``model.keras.json`` (best by ``monitor``) and ``training.png``.
 
     ``weights``: ``"imagenet"``/``"none"``/a path; None -> imagenet for
     vgg16/resnet50, none for custom-keras. ``options``: what to record as the
@@ -233,155 +236,160 @@ def finetune_keras(
         batch_size = TRANSFER_DEFAULTS["batch_size"] if batch_size is None else batch_size
         patience = TRANSFER_DEFAULTS["patience"] if patience is None else patience
         monitor = TRANSFER_DEFAULTS["monitor"] if monitor is None else monitor
-    _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size)
+    _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     hooks = callback if callback is not None else TrainingCallback()
     weights = default_weights(arch) if weights is None else weights
     split = load_split(split_dir)
-    if out is not None:  # refuse an existing run directory before the (slow) model build
-        check_overwrite(out, force)
-    keras = require_keras()
-    import tensorflow as tf
-
-    # Seeds before anything random is built; op determinism must precede graph building.
-    keras.utils.set_random_seed(int(seed))
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    recorded = dict(options) if options is not None else {
-        "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
-        "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-        "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
-        "seed": seed, "deterministic": deterministic, "strategy": strategy,
-    }
-    recorded.setdefault("seed", seed)
-    if plan is not None:
-        recorded.update({name: getattr(plan, name) for name in RECIPE_OPTIONS})
-        recorded.update(recipe=recipe, recipe_overrides=plan.recipe_overrides())
-
-    # Build the model before creating the run directory: a missing-weights error leaves nothing behind.
-    gpus = tf.config.list_physical_devices("GPU")
-    if strategy == "mirrored":
-        dist = tf.distribute.MirroredStrategy()
-        if not gpus:
-            hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
-    else:
-        dist = tf.distribute.get_strategy()
-    devices = [d.name for d in gpus] or ["CPU"]
-    with dist.scope():
-        builder_kwargs = {"weights": weights}
-        if arch != "custom-keras":
-            builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
-        elif plan is not None:
-            builder_kwargs.update(l2=plan.l2)
-        classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
-                                    **builder_kwargs)
-        model = classifier.model
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=lr),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy", _unweighted_cross_entropy(keras)],
-        )
-
+    require_both_classes(split)
     run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
-    run_dir = runs.new_run_dir(arch, out, force=force, **run_kwargs)
-    runs.write_run_config(run_dir, recorded, split)
+    check_outside_data(out if out is not None else (runs_root or runs.RUNS_ROOT), split.root, "--out")
+    # The run directory is locked (and a non-empty --out refused) before the slow model build; a build
+    # that fails (missing weights) leaves nothing behind: the directory is removed again.
+    with runs.run_directory(arch, out, force=force, **run_kwargs) as run:
+        keras = require_keras()
+        import tensorflow as tf
 
-    hooks.on_message(f"loading {split.dir} at {image_size}x{image_size} (cached after the first run)")
-    x_train, y_train = load_subset(split, "train", image_size, jobs=jobs)
-    x_val, y_val = load_subset(split, "val", image_size, jobs=jobs)
-    if len(x_train) == 0 or len(x_val) == 0:
-        raise UserInputError(
-            f"--split {split.dir}: fine-tuning needs train and val images, found {len(x_train)} train / {len(x_val)} val"
+        # Seeds before anything random is built; op determinism must precede graph building.
+        keras.utils.set_random_seed(int(seed))
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+        recorded = dict(options) if options is not None else {
+            "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
+            "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+            "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
+            "seed": seed, "deterministic": deterministic, "strategy": strategy,
+        }
+        recorded.setdefault("seed", seed)
+        recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
+        if plan is not None:
+            recorded.update({name: getattr(plan, name) for name in RECIPE_OPTIONS})
+            recorded.update(recipe=recipe, recipe_overrides=plan.recipe_overrides())
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if strategy == "mirrored":
+            dist = tf.distribute.MirroredStrategy()
+            if not gpus:
+                hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
+        else:
+            dist = tf.distribute.get_strategy()
+        devices = [d.name for d in gpus] or ["CPU"]
+        with dist.scope():
+            builder_kwargs = {"weights": weights}
+            if arch != "custom-keras":
+                builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
+            elif plan is not None:
+                builder_kwargs.update(l2=plan.l2)
+            classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
+                                        **builder_kwargs)
+            model = classifier.model
+            model.compile(
+                optimizer=keras.optimizers.Adam(learning_rate=lr),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy", _unweighted_cross_entropy(keras)],
+            )
+
+        run_dir = run.path
+        runs.write_run_config(run_dir, recorded, split)
+
+        hooks.on_message(f"loading {split.dir} at {image_size}x{image_size} (cached after the first run)")
+        x_train, y_train = load_subset(split, "train", image_size, jobs=jobs)
+        x_val, y_val = load_subset(split, "val", image_size, jobs=jobs)
+        if len(x_train) == 0 or len(x_val) == 0:
+            raise UserInputError(
+                f"--split {split.dir}: fine-tuning needs train and val images, found {len(x_train)} train / {len(x_val)} val"
+            )
+        mode = classifier.meta["preprocess"]
+        x_val_pre = preprocess(x_val, mode)
+        weights_by_class = compute_class_weights(y_train, class_weights)
+        batches = _batches(keras)(
+            x_train, y_train, batch_size, mode, Augmenter() if augment else None, seed
         )
-    mode = classifier.meta["preprocess"]
-    x_val_pre = preprocess(x_val, mode)
-    weights_by_class = compute_class_weights(y_train, class_weights)
-    batches = _batches(keras)(
-        x_train, y_train, batch_size, mode, Augmenter() if augment else None, seed
-    )
 
-    classifier.meta.update({
-        "split_hash": split.hash,
-        "split_dir": str(split.dir),
-        "seed": int(seed),
-        "deterministic": bool(deterministic),
-        "monitor": monitor,
-        "versions": library_versions(),
-    })
-    model_path = Path(run_dir) / "model.keras"
-    history = runs.HistoryLogger(Path(run_dir) / "history.csv")
-    schedule = None
-    if plan is not None:
-        from breastcnn.train import training_schedule
+        classifier.meta.update({
+            "split_hash": split.hash,
+            "split_dir": str(split.dir),
+            "magnification": (split.info or {}).get("magnification"),  # read by `breastcnn slide`
+            "seed": int(seed),
+            "deterministic": bool(deterministic),
+            "monitor": monitor,
+            "versions": library_versions(),
+        })
+        model_path = Path(run_dir) / "model.keras"
+        history = runs.HistoryLogger(Path(run_dir) / "history.csv")
+        schedule = None
+        if plan is not None:
+            from breastcnn.train import training_schedule
 
-        schedule = training_schedule(plan, batches.num_batches)
-    adapter = _make_keras_hooks(keras)(
-        classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor, schedule,
-    )
-    if schedule is None:
-        keras_callbacks = [
-            keras.callbacks.EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=patience, verbose=0),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=LR_FACTOR,
-                                              patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0),
-        ]
-    else:
-        keras_callbacks = []  # the adapter applies the recipe's schedule
-    hooks.on_train_begin(
-        total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
-        n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
-    )
-    stopped = "completed"
-    try:
-        # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
-        model.fit(
-            batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
-            callbacks=[adapter, keras.callbacks.TerminateOnNaN(), *keras_callbacks],
+            schedule = training_schedule(plan, batches.num_batches)
+        adapter = _make_keras_hooks(keras)(
+            classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
+            schedule=schedule, on_saved=run.model_written,
         )
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    if stopped != "interrupted":
-        if adapter.nan:
-            stopped = "nan"
-        elif adapter.early_stopped or any(getattr(cb, "stopped_epoch", 0) > 0 for cb in keras_callbacks):
-            stopped = "early_stopping"
-
-    rows = history.rows()
-    if rows:
-        from breastcnn.plots import plot_training
-
-        plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
-    summary = {
-        "run_dir": str(run_dir),
-        "model_path": str(model_path) if adapter.best_epoch is not None else None,
-        "arch": arch,
-        "framework": "keras",
-        "stopped": stopped,
-        "epochs_run": adapter.epochs_run,
-        "steps": adapter.step,
-        "best_score": adapter.best_score,
-        "best_epoch": adapter.best_epoch,
-        "best_step": adapter.best_step,
-        "recipe": recipe,
-        "monitor": monitor,
-        "elapsed_s": round(time.perf_counter() - adapter.start, 3) if adapter.start else 0.0,
-        "params": classifier.count_params(),
-        "strategy": strategy,
-        "devices": devices,
-        "n_train": int(len(x_train)),
-        "n_val": int(len(x_val)),
-        "weights": str(weights),
-        "warnings": list(adapter.warnings),
-    }
-    if stopped != "interrupted":
-        atomic_write_json(Path(run_dir) / SUMMARY_NAME, summary)
-    hooks.on_train_end(summary)
-    if stopped == "nan":
-        raise TrainingDiverged(
-            f"{arch}: the training loss became NaN or infinite after {adapter.step} steps; "
-            f"the best model so far is in {run_dir} (try a lower --lr)",
-            summary,
+        if schedule is None:
+            keras_callbacks = [
+                keras.callbacks.EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=patience, verbose=0),
+                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=LR_FACTOR,
+                                                  patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0),
+            ]
+        else:
+            keras_callbacks = []  # the adapter applies the recipe's schedule
+        hooks.on_train_begin(
+            total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
+            n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
         )
-    return summary
+        stopped = "completed"
+        try:
+            # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
+            model.fit(
+                batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
+                callbacks=[adapter, keras.callbacks.TerminateOnNaN(), *keras_callbacks],
+            )
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        if stopped != "interrupted":
+            if adapter.nan:
+                stopped = "nan"
+            elif adapter.early_stopped or any(getattr(cb, "stopped_epoch", 0) > 0 for cb in keras_callbacks):
+                stopped = "early_stopping"
+
+        rows = history.rows()
+        if rows:
+            from breastcnn.plots import plot_training
+
+            plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
+        summary = {
+            "run_dir": str(run_dir),
+            "model_path": str(model_path) if adapter.best_epoch is not None else None,
+            "arch": arch,
+            "framework": "keras",
+            "stopped": stopped,
+            "epochs_run": adapter.epochs_run,
+            "steps": adapter.step,
+            "best_score": adapter.best_score,
+            "best_epoch": adapter.best_epoch,
+            "best_step": adapter.best_step,
+            "recipe": recipe,
+            "monitor": monitor,
+            "elapsed_s": round(time.perf_counter() - adapter.start, 3) if adapter.start else 0.0,
+            "params": classifier.count_params(),
+            "strategy": strategy,
+            "devices": devices,
+            "n_train": int(len(x_train)),
+            "n_val": int(len(x_val)),
+            "weights": str(weights),
+            "warnings": list(adapter.warnings),
+        }
+        if stopped != "interrupted":
+            atomic_write_json(Path(run_dir) / SUMMARY_NAME, summary)
+        hooks.on_train_end(summary)
+        if stopped == "nan":
+            raise TrainingDiverged(
+                f"{arch}: the training loss became NaN or infinite after {adapter.step} steps; "
+                f"the best model so far is in {run_dir} (try a lower --lr)",
+                summary,
+            )
+        return summary
 
 
 def _make_keras_hooks(keras):
@@ -406,8 +414,9 @@ def _make_keras_hooks(keras):
         TRACKED = ("loss", "accuracy", "data_loss", "l2_penalty")
 
         def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
-                     monitor, schedule=None):
+                     monitor, schedule=None, on_saved=None):
             super().__init__()
+            self.on_saved = on_saved  # told after each best-model save (moves runs/latest)
             self.classifier = classifier
             self.hooks = hooks
             self.history = history
@@ -513,6 +522,8 @@ def _make_keras_hooks(keras):
                     "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
                 })
                 self.classifier.save(self.model_path)
+                if self.on_saved is not None:
+                    self.on_saved()
             self.history.log(row)
             self.hooks.on_evaluation({**row, "improved": improved, "monitor": self.monitor})
 

@@ -86,6 +86,88 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, out: np.ndarray | None 
     return out
 
 
+def im2col_pooled(x: np.ndarray, kh: int, kw: int, stride: int, pool: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Columns of the conv outputs a max pool (size = stride = ``pool``) reads, grouped by pool offset.
+
+    x: (N, H, W, C) -> (pool*pool, N*Hp*Wp, kh*kw*C) with Hp = Ho // pool, Wp = Wo // pool (Ho, Wo: the
+    valid conv's output size): block ``q = py*pool + px`` holds the windows of conv outputs
+    ``(pool*i + py, pool*j + px)``, rows in (n, i, j) order, columns as :func:`im2col`. A GEMM then gives
+    each pool offset as a contiguous block, and the pool is ``pool*pool - 1`` element-wise maxima. One copy
+    from a strided view of ``x`` (C-contiguous) with (kw*C)-long runs, like :func:`im2col`.
+    """
+    n, h, w, c = x.shape
+    p = pool
+    hp, wp = ((h - kh) // stride + 1) // p, ((w - kw) // stride + 1) // p
+    if out is None:
+        out = np.empty((p * p, n * hp * wp, kh * kw * c), dtype=x.dtype)
+    x = np.ascontiguousarray(x)
+    sn, sh, sw, sc = x.strides
+    shape = (p, p, n, hp, wp, kh, kw * c)
+    strides = (stride * sh, stride * sw, sn, stride * p * sh, stride * p * sw, sh, sc)
+    np.copyto(np.reshape(out, shape, copy=False), np.ndarray(shape, x.dtype, x, 0, strides))
+    return out
+
+
+def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | None = None,
+              size: tuple[int, int] | None = None) -> np.ndarray:
+    """Valid convolution without a columns matrix, for ``stride >= kw`` (windows side by side in a row).
+
+    x: (N, H, W, C), kernel: (kh, kw, C, F) -> (N, Ho, Wo, F). With stride >= kw, the windows' kernel
+    rows ``dy`` form a strided (N, Ho, Wo, kw*C) view of ``x`` whose (Wo, kw*C) slices BLAS reads in
+    place (row step ``stride*C >= kw*C``): the conv is ``kh`` GEMMs on those views, summed, and the
+    im2col copy (``kh*Ho*Wo`` runs of only ``kw*C`` floats: the first layer's largest cost) is gone.
+    ``out``: optional contiguous (N, Ho, Wo, F) array to write. ``size`` (Ho, Wo): compute only the first
+    Ho x Wo outputs (default: all; ``predict`` skips those no later layer reads).
+    """
+    n, h, w, c = x.shape
+    kh, kw, _, f = kernel.shape
+    if stride < kw:
+        raise ValueError(f"conv_rows needs stride >= kernel width, got stride {stride} and kernel {kw}")
+    full = (h - kh) // stride + 1, (w - kw) // stride + 1
+    ho, wo = full if size is None else size
+    if not (0 < ho <= full[0] and 0 < wo <= full[1]):
+        raise ValueError(f"conv_rows: {ho}x{wo} outputs asked, the input gives {full[0]}x{full[1]}")
+    if out is None:
+        out = np.empty((n, ho, wo, f), dtype=np.result_type(x.dtype, kernel.dtype))
+    x = np.ascontiguousarray(x)   # a no-op for the engine's arrays; BLAS needs unit-stride kernel rows
+    sn, sh, sw, sc = x.strides
+    shape, strides = (n, ho, wo, kw * c), (sn, sh * stride, sw * stride, sc)
+    part = None
+    for dy in range(kh):
+        rows = np.ndarray(shape, x.dtype, x, dy * sh, strides)   # a view straight on the buffer
+        w_dy = kernel[dy].reshape(kw * c, f)
+        if dy == 0:
+            np.matmul(rows, w_dy, out=out)
+        else:
+            part = np.matmul(rows, w_dy, out=part)
+            out += part
+    return out
+
+
+#: the largest M*N*K of one GEMM call in :func:`matmul_rows`. OpenBLAS (0.3.x, AVX-512 kernels) runs
+#: products up to M*N*K = 1e6 with its small-matrix kernel (no packing), faster per row than its packed
+#: path on the engine's shapes (figures: README, "Measured figures"); other BLAS libraries just make a
+#: few more calls.
+GEMM_MNK = 1_000_000
+
+
+def matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` for a (M, K) and b (K, N), in near-equal blocks of rows of at most ``GEMM_MNK / (K*N)``.
+
+    ``out``: optional (M, N) array to write (each block written in place)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = np.empty((m, n), np.result_type(a.dtype, b.dtype))
+    parts = -(-m * k * n // GEMM_MNK)
+    if parts <= 1:
+        return np.matmul(a, b, out=out)
+    bounds = [m * i // parts for i in range(parts + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        np.matmul(a[lo:hi], b, out=out[lo:hi])
+    return out
+
+
 def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int) -> np.ndarray:
     """Adjoint of :func:`im2col`: scatter-add columns back to an image.
 
@@ -116,7 +198,7 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
 
     grad_out: (N, Ho, Wo, C_out), kernel: (kh, kw, C_in, C_out) -> (N, H, W, C_in).
     Still one loop over the kh*kw kernel offsets, but organised for memory
-    speed: one batched GEMM gives each offset's contribution as a contiguous
+    speed: one GEMM per offset gives its contribution as a contiguous
     (N, Ho, Wo, C_in) block, and the blocks are added into ``stride**2``
     contiguous "phase planes" (pixels with the same (row % stride, col % stride)),
     so every slice add runs over whole rows (Wo*C_in floats) instead of
@@ -127,8 +209,11 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
     _, h, w, _ = x_shape
     s = stride
     g = grad_out.reshape(-1, cout)
-    # (kh*kw, Cout, Cin): per-offset transposed kernels; matmul -> (kh*kw, M, Cin), one BLAS call per offset
-    blocks = np.matmul(g, kernel.reshape(kh * kw, cin, cout).transpose(0, 2, 1))
+    # (kh*kw, Cout, Cin): per-offset transposed kernels; -> (kh*kw, M, Cin), one GEMM (in row blocks) per offset
+    kernel_t = np.ascontiguousarray(kernel.reshape(kh * kw, cin, cout).transpose(0, 2, 1))
+    blocks = np.empty((kh * kw, g.shape[0], cin), np.result_type(g.dtype, kernel.dtype))
+    for offset in range(kh * kw):
+        matmul_rows(g, kernel_t[offset], out=blocks[offset])
     hp = (kh - 1) // s + ho        # plane size: enough for the furthest offset
     wp = (kw - 1) // s + wo
     planes = {}

@@ -11,6 +11,12 @@ Every layer follows the same small protocol (see docs/internals.md):
   is frozen) and returns dL/dx, or ``None`` when ``need_input_grad`` is false;
 - ``get_config()`` returns the JSON-able constructor arguments plus ``class`` and ``name``.
 
+Layers with ``chunk_hooks`` (Conv2D with valid padding, MaxPool2D with pool == stride) also take
+``before(a, b)`` and ``after(array, a, b)`` hooks in ``forward`` and ``backward``: ``before`` writes
+images ``a:b`` of the input (a deferred pass of the layer before, see ``parallel.Pending``) just
+before the layer's chunk reads them, ``after`` sees each chunk of the result once written. This is
+how ``nn/steps.py`` runs a BatchNorm inside its neighbours' chunks; the layers know nothing of it.
+
 Computation follows the input dtype (float32 in use, float64 in gradient
 checks: cast a layer with :meth:`Layer.astype`). Weights are laid out like
 Keras, so exporting to Keras is copying arrays.
@@ -22,7 +28,7 @@ import numpy as np
 
 from breastcnn.errors import UserInputError
 from breastcnn.nn import functional as F
-from breastcnn.nn.parallel import chunk_size, map_chunks, ordered_sum
+from breastcnn.nn.parallel import ChunkResults, Pending, chunk_size, map_chunks, ordered_sum
 
 
 class Layer:
@@ -30,6 +36,8 @@ class Layer:
 
     #: parameter keys that the L2 penalty of ``Sequential.compile(l2=...)`` applies to
     regularized: tuple[str, ...] = ()
+    #: whether forward/backward take ``before``/``after`` chunk hooks (see the module docstring)
+    chunk_hooks: bool = False
 
     def __init__(self, name: str | None = None, trainable: bool = True):
         self.name = name
@@ -178,38 +186,26 @@ class Conv2D(Layer):
 
     @property
     def chunk_hooks(self) -> bool:
-        """Whether forward/backward take ``prologue``/``epilogue`` chunk hooks (valid padding: the chunks
-        read the caller's arrays directly; "same" padding copies the input first)."""
+        """Whether forward/backward take ``before``/``after`` chunk hooks: valid padding (the chunks read
+        the caller's arrays directly; "same" padding copies the input first)."""
         return self.padding == "valid"
 
-    def forward(self, x, training=False, cache=True, prologue=None, moments=False):
-        """prologue(a, b): fills images ``a:b`` of ``x`` (a deferred BatchNorm) before this chunk reads them.
-        moments: also return the per-channel batch (mean, variance) of the output, computed chunk by
-        chunk while in cache, for the BatchNorm after this layer: ``(out, (mean, var))``."""
+    def forward(self, x, training=False, cache=True, before=None, after=None):
+        """x (N, H, W, C_in) -> (N, Ho, Wo, filters).
+
+        before(a, b): writes images ``a:b`` of ``x`` before this layer's chunk reads them (valid padding).
+        after(out, a, b): called on each chunk of the output once written, while it is in cache (any
+        padding; e.g. the batch moments for the BatchNorm after this layer)."""
         bias = self.params["b"] if self.use_bias else None
-        return self._conv(x, self.params["W"], bias, relu=False, cache=cache, prologue=prologue, moments=moments)
+        return self._conv(x, self.params["W"], bias, cache=cache, before=before, after=after)
 
-    def forward_folded(self, x, bn: "BatchNorm", relu: bool = False, prologue=None):
-        """Inference forward of this conv, the BatchNorm ``bn`` after it and optionally a ReLU, in one pass.
-
-        The BatchNorm's moving statistics are folded into the kernel and bias
-        (``W * s``, ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``),
-        so the three layers cost one GEMM + bias (+ max) per chunk. Equal to the
-        separate inference layers up to float rounding. No cache (thread-safe).
-        """
-        scale, shift = bn.inference_affine()
-        dtype = self.params["W"].dtype
-        w = (self.params["W"] * scale).astype(dtype, copy=False)
-        bias = shift if not self.use_bias else self.params["b"] * scale + shift
-        return self._conv(x, w, bias.astype(dtype, copy=False), relu=relu, cache=False, prologue=prologue)
-
-    def _conv(self, x, kernel, bias, relu: bool, cache: bool, prologue=None, moments=False):
-        """x (N, H, W, C_in) conv ``kernel`` (kh, kw, C_in, F) + ``bias`` (F,) or None, then max(., 0) if ``relu``."""
+    def _conv(self, x, kernel, bias, cache: bool, before=None, after=None):
+        """x (N, H, W, C_in) conv ``kernel`` (kh, kw, C_in, F) + ``bias`` (F,) or None."""
         k, s = self.kernel_size, self.strides
         pads = None
         if self.padding == "same":
-            if prologue is not None:
-                raise ValueError("chunk hooks need valid padding")
+            if before is not None:
+                raise ValueError(f"{self.name}: a before hook needs valid padding")
             x, pads = F.pad_same(x, (k, k), s)
         n, h, w, _ = x.shape
         ho, wo = (h - k) // s + 1, (w - k) // s + 1
@@ -218,7 +214,6 @@ class Conv2D(Layer):
         # (a single image: over one output row, cheaper to build than it saves)
         per = wo if n == 1 else ho * wo
         bias = None if bias is None else np.tile(bias, per)
-        zeros = F.zeros_vector(per * self.filters, w_mat.dtype) if relu else None
         out = np.empty((n, ho, wo, self.filters), dtype=np.result_type(x.dtype, w_mat.dtype))
         pixels = ho * wo
         # Keep the columns for backward only when they are smaller than the input (stride > kernel,
@@ -227,37 +222,43 @@ class Conv2D(Layer):
         all_cols = np.empty((n * pixels, w_mat.shape[0]), x.dtype) if keep_cols else None
 
         def chunk(a, b):   # im2col + the one GEMM on a cache-sized chunk of images, written in place
-            if prologue is not None:
-                prologue(a, b)
+            if before is not None:
+                before(a, b)
             rows = out[a:b].reshape(-1, self.filters)
             cols = F.im2col(x[a:b], k, k, s, out=None if all_cols is None else all_cols[a * pixels : b * pixels])
-            np.matmul(cols, w_mat, out=rows)
+            F.matmul_rows(cols, w_mat, out=rows)
             images = out[a:b].reshape(-1, per * self.filters)
             if bias is not None:
                 images += bias
-            if relu:
-                np.maximum(images, zeros, out=images)
-            return F.channel_moments(out[a:b].reshape(-1, wo * self.filters), wo) if moments else None
+            if after is not None:
+                after(out, a, b)
 
-        parts = [chunk(0, 1)] if n == 1 else map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
+        if n == 1:
+            chunk(0, 1)
+        else:
+            map_chunks(chunk, n, self._chunk(x.shape, out.dtype))
         if cache:
             self._cache = (x, all_cols, pads)
-        return (out, F.combine_moments(parts)) if moments else out
+        return out
 
-    def backward(self, grad_out, need_input_grad=True, prologue=None, epilogue=None):
-        """prologue(a, b): fills images ``a:b`` of ``grad_out`` (a deferred BatchNorm input gradient)
-        before this chunk reads them. epilogue(dx, a, b): called on each chunk of the input gradient
-        right after it is written (e.g. ``BatchNorm.grad_sums_epilogue``); returns ``(dx, [results])``."""
+    def backward(self, grad_out, need_input_grad=True, before=None, after=None):
+        """grad_out (N, Ho, Wo, filters) -> dL/dx (N, H, W, C_in), or None when not ``need_input_grad``.
+
+        before(a, b): writes images ``a:b`` of ``grad_out`` (a deferred BatchNorm input gradient) before
+        this chunk reads them. after(dx, a, b): called on each chunk of the input gradient right after it
+        is written (valid padding; dx is then computed even when ``need_input_grad`` is false)."""
         x, all_cols, pads = self._need_cache()
         k, s, f = self.kernel_size, self.strides, self.filters
         n = x.shape[0]
         dtype = np.result_type(grad_out.dtype, self.params["W"].dtype)
-        need_input_grad = need_input_grad or epilogue is not None
+        if after is not None and pads is not None:
+            raise ValueError(f"{self.name}: an after hook on the input gradient needs valid padding")
+        need_input_grad = need_input_grad or after is not None
         dx = np.empty(x.shape, dtype=dtype) if need_input_grad else None
 
         def chunk(a, b):   # (dW, db) partials of the chunk; dx rows written in place
-            if prologue is not None:
-                prologue(a, b)
+            if before is not None:
+                before(a, b)
             g = grad_out[a:b].reshape(-1, f)
             parts = None
             if self.trainable:
@@ -267,19 +268,21 @@ class Conv2D(Layer):
             if dx is not None:
                 # = col2im(g @ W_mat.T), organised so that memory traffic stays in long runs
                 F.conv_input_grad(grad_out[a:b], self.params["W"], x[a:b].shape, s, out=dx[a:b])
-            return parts, None if epilogue is None else epilogue(dx, a, b)
+                if after is not None:
+                    after(dx, a, b)
+            return parts
 
         results = map_chunks(chunk, n, self._chunk(x.shape, dtype))
         if self.trainable:   # chunk partials summed in chunk order: same result for any thread count
-            self.grads["W"] = ordered_sum([p[0][0] for p in results]).reshape(self.params["W"].shape)
+            self.grads["W"] = ordered_sum([p[0] for p in results]).reshape(self.params["W"].shape)
             if self.use_bias:   # GEMV sums: faster than g.sum(axis=0)
-                self.grads["b"] = ordered_sum([p[0][1] for p in results])
+                self.grads["b"] = ordered_sum([p[1] for p in results])
         if dx is None:
             return None
         if pads is not None:
             (top, bottom), (left, right) = pads
             dx = dx[:, top : x.shape[1] - bottom, left : x.shape[2] - right, :]
-        return dx if epilogue is None else (dx, [p[1] for p in results])
+        return dx
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
@@ -321,7 +324,7 @@ class BatchNorm(Layer):
     @staticmethod
     def _image_view(x: np.ndarray) -> tuple[np.ndarray, int]:
         """x as (N, features) and the repeat features/C, for the element-wise passes: with vectors tiled
-        over a whole image, NumPy runs one long inner loop per image (2x faster than per W*C row)."""
+        over a whole image, NumPy runs one long inner loop per image (faster than one per W*C row)."""
         flat = x.reshape(x.shape[0], -1)
         return flat, flat.shape[1] // x.shape[-1]
 
@@ -335,22 +338,23 @@ class BatchNorm(Layer):
         scale = self.params["gamma"] / np.sqrt(self.state["moving_variance"] + self.epsilon)
         return scale, self.params["beta"] - self.state["moving_mean"] * scale
 
+    def uses_batch_statistics(self, training: bool) -> bool:
+        """Whether a forward pass normalises with the batch's statistics (training, and not frozen)."""
+        return bool(training and self.trainable)
+
     def forward(self, x, training=False, cache=True):
-        return self.forward_relu(x, None, training, cache)
+        return self.forward_deferred(x, training, cache).complete()
 
-    def forward_relu(self, x, relu: "ReLU | None", training=False, cache=True, moments=None, defer=False):
-        """``forward``, then ``relu.forward`` fused into the same chunk pass when ``relu`` is given.
+    def forward_deferred(self, x, training=False, cache=True, moments=None, relu: bool = False) -> Pending:
+        """``forward`` with the output left for its consumer to write, chunk by chunk.
 
-        Same values and caches (this layer's and ``relu``'s) as the two separate calls; used by
-        ``Sequential`` for a BatchNorm directly followed by a ReLU.
-        moments: the batch (mean, variance) (C,) when the layer before already computed them
-        (``Conv2D.forward(moments=True)``); otherwise two passes over ``x`` compute them.
-        defer: return ``(out, fill)`` with ``out`` not yet written: ``fill(a, b)`` normalises images
-        ``a:b`` into it; the next layer calls it chunk by chunk (while its chunk is in cache) and must
-        cover every image.
+        Returns a :class:`~breastcnn.nn.parallel.Pending` whose ``fill(a, b)`` normalises images ``a:b``
+        into it, then takes max(., 0) when ``relu`` (a ReLU after this layer, fused into the same pass).
+        The batch statistics, the moving averages and this layer's cache are done at once.
+        moments: the batch (mean, variance) (C,) when the layer before already computed them (a conv's
+        ``after`` hook); otherwise two passes over ``x`` compute them.
         """
-        n = x.shape[0]
-        batch_stats = bool(training and self.trainable)
+        batch_stats = self.uses_batch_statistics(training)
         if batch_stats:
             if moments is None:   # per-chunk moments combined exactly (Chan): as exact as a two-pass variance
                 rows, reps = self._view(x)
@@ -369,7 +373,7 @@ class BatchNorm(Layer):
         shift = (self.params["beta"] - mean * scale).astype(x.dtype)
         flat, reps = self._image_view(x)                 # (N, features)
         scale_t, shift_t = np.tile(scale, reps), np.tile(shift, reps)
-        zeros = F.zeros_vector(scale_t.size, x.dtype) if relu is not None else None
+        zeros = F.zeros_vector(scale_t.size, x.dtype) if relu else None
         out = np.empty_like(flat)
 
         def normalise(a, b):   # x * scale + shift (then max(., 0)) of images a:b, in place in the output
@@ -379,76 +383,76 @@ class BatchNorm(Layer):
             if zeros is not None:
                 np.maximum(o, zeros, out=o)
 
-        out_nhwc = out.reshape(x.shape)
         if cache:   # the input (not x - mean): backward recomputes the centring chunk by chunk
             self._cache = (x, mean, inv_std, batch_stats)
-            if relu is not None:
-                relu._cache = out_nhwc
-        if defer:
-            return out_nhwc, normalise
-        map_chunks(normalise, n, self._per_chunk(flat))
-        return out_nhwc
+        return Pending(out.reshape(x.shape), normalise, self._per_chunk(flat))
 
     def backward(self, grad_out, need_input_grad=True):
-        return self.backward_relu(grad_out, None, need_input_grad)
+        dx = self.backward_deferred(grad_out, need_input_grad)
+        return None if dx is None else dx.complete()
 
-    def grad_sums_epilogue(self, relu: "ReLU | None"):
-        """For the layer whose backward produces this layer's output gradient (in chunks of images).
+    def grad_sums_hook(self, relu_out=None) -> ChunkResults:
+        """A chunk hook for the layer whose backward writes this layer's output gradient (in chunks of images).
 
-        Returns ``epilogue(g, a, b)``: masks images ``a:b`` of ``g`` (N, ...) in place by ``relu``'s
-        output (the ReLU backward) and returns their partial sums (sum g, sum g * (x - mean)) while
-        the chunk is still in cache; hand the list of results to ``backward_relu(sums=...)``.
+        ``hook(g, a, b)`` masks images ``a:b`` of ``g`` (N, ...) in place by ``relu_out > 0`` (the backward
+        of a ReLU after this layer, whose output is ``relu_out``; None: no ReLU) and keeps their partial
+        sums (sum g, sum g * (x - mean)) while the chunk is in cache; hand the hook to
+        ``backward_deferred(sums=...)``.
         """
         x, mean, _, _ = self._need_cache()
         rows, reps = self._view(x)
         per = rows.shape[0] // x.shape[0]                # rows per image
         mean_t = np.tile(mean, reps)
-        relu_out = None if relu is None else relu._need_cache().reshape(rows.shape)
+        relu_rows = None if relu_out is None else relu_out.reshape(rows.shape)
 
-        def epilogue(g, a, b):
+        def sums(g, a, b):
             gc = g.reshape(rows.shape)[a * per : b * per]
-            if relu_out is not None:
-                np.multiply(gc, relu_out[a * per : b * per] > 0, out=gc)
+            if relu_rows is not None:
+                np.multiply(gc, relu_rows[a * per : b * per] > 0, out=gc)
             return self._grad_sums(gc, rows[a * per : b * per], mean_t)
 
-        return epilogue
+        return ChunkResults(sums)
 
     @staticmethod
     def _grad_sums(g, x, mean_t):
         """(sum over rows of g, of g * (x - mean)), tiled (W*C,); column sums as GEMVs (faster than axis-0)."""
         return np.ones(g.shape[0], g.dtype) @ g, np.einsum("ij,ij->j", g, x - mean_t)
 
-    def backward_relu(self, grad_out, relu: "ReLU | None", need_input_grad=True, sums=None, defer=False):
-        """``backward`` of ``relu`` (given: the ReLU that follows, with ``grad_out`` its output gradient)
-        and of this layer in the same chunk passes; same values as ``self.backward(relu.backward(g))``.
+    def backward_deferred(self, grad_out, need_input_grad=True, relu_out=None, sums: ChunkResults | None = None):
+        """``backward`` with the input gradient left for the layer below to write, chunk by chunk.
 
-        sums: the per-chunk results of :meth:`grad_sums_epilogue` (``grad_out`` then already masked in
-        place); skips the pass that computes them. defer: return ``(dx, fill)`` with ``fill(a, b)``
-        computing images ``a:b`` of ``dx`` in place, for the next layer down to call chunk by chunk.
+        Fills ``grads`` now and returns a :class:`~breastcnn.nn.parallel.Pending` whose ``fill(a, b)``
+        writes images ``a:b`` of dL/dx (None when not ``need_input_grad``).
+        relu_out: the output of a ReLU after this layer, ``grad_out`` then being that ReLU's output
+        gradient (its backward runs in the same pass: same values as ``backward(relu.backward(g))``).
+        sums: the :meth:`grad_sums_hook` that the layer above already ran over every chunk of
+        ``grad_out`` (masked in place by then); skips the pass that computes the sums.
         """
         x, mean, inv_std, batch_stats = self._need_cache()
         n, c = x.shape[0], x.shape[-1]
         g_img, reps_img = self._image_view(grad_out)
         x_img, _ = self._image_view(x)
         chunk = self._per_chunk(g_img)
-        if sums is not None:   # masked in place by the epilogue: dx overwrites the masked gradient
+        if sums is not None:   # masked in place by the hook: dx overwrites the masked gradient
             dx, src = g_img, g_img
+            parts = sums.ordered()
         else:
             dx = np.empty_like(g_img)
-            src = dx if relu is not None else g_img      # the ReLU-masked gradient goes into dx first
-            epilogue = self.grad_sums_epilogue(None)
-            relu_out = None if relu is None else relu._need_cache().reshape(g_img.shape)
+            src = dx if relu_out is not None else g_img      # the ReLU-masked gradient goes into dx first
+            hook = self.grad_sums_hook(None)
+            relu_img = None if relu_out is None else relu_out.reshape(g_img.shape)
 
             def chunk_sums(a, b):
-                if relu_out is not None:
-                    np.multiply(g_img[a:b], relu_out[a:b] > 0, out=dx[a:b])
-                return epilogue(src, a, b)
+                if relu_img is not None:
+                    np.multiply(g_img[a:b], relu_img[a:b] > 0, out=dx[a:b])
+                hook(src, a, b)
 
-            sums = map_chunks(chunk_sums, n, chunk)
-        reps_row = sums[0][0].shape[0] // c
+            map_chunks(chunk_sums, n, chunk)
+            parts = hook.ordered()
+        reps_row = parts[0][0].shape[0] // c
         fold = lambda v: v.reshape(reps_row, c).sum(axis=0)  # noqa: E731  (W*C,) -> (C,), fixed order
-        dbeta = fold(ordered_sum([p[0] for p in sums]))
-        dgamma = fold(ordered_sum([p[1] for p in sums])) * inv_std      # sum(g * x_hat)
+        dbeta = fold(ordered_sum([p[0] for p in parts]))
+        dgamma = fold(ordered_sum([p[1] for p in parts])) * inv_std      # sum(g * x_hat)
         self._set_grad("gamma", dgamma)
         self._set_grad("beta", dbeta)
         if not need_input_grad:
@@ -472,11 +476,7 @@ class BatchNorm(Layer):
             def input_grad(a, b):
                 np.multiply(src[a:b], scale_t, out=dx[a:b])
 
-        dx_nhwc = dx.reshape(grad_out.shape)
-        if defer:
-            return dx_nhwc, input_grad
-        map_chunks(input_grad, n, chunk)
-        return dx_nhwc
+        return Pending(dx.reshape(grad_out.shape), input_grad, chunk)
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
@@ -509,6 +509,14 @@ class ReLU(Layer):
         if cache:
             self._cache = out
         return out
+
+    def cache_output(self, out):
+        """Keep ``out`` (= max(x, 0) of this layer's input, computed by a fused step) for ``backward``."""
+        self._cache = out
+
+    def cached_output(self):
+        """This layer's output in the last cached forward (its backward mask)."""
+        return self._need_cache()
 
     def backward(self, grad_out, need_input_grad=True):
         out = self._need_cache()
@@ -578,23 +586,24 @@ class MaxPool2D(Layer):
 
     @property
     def chunk_hooks(self) -> bool:
-        """Whether forward/backward take ``prologue``/``epilogue`` chunk hooks (see Conv2D): pool == stride."""
+        """Whether forward/backward take ``before``/``after`` chunk hooks (see Conv2D): pool == stride."""
         return self.pool_size == self.strides
 
-    def forward(self, x, training=False, cache=True, prologue=None):
-        """prologue(a, b): fills images ``a:b`` of ``x`` before this chunk reads them (pool == stride only)."""
+    def forward(self, x, training=False, cache=True, before=None, after=None):
+        """before(a, b): writes images ``a:b`` of ``x`` before this chunk reads them; after(out, a, b): called
+        on each output chunk once written. Hooks need pool == stride."""
         n, h, w, c = x.shape
         p, s = self.pool_size, self.strides
         ho, wo = (h - p) // s + 1, (w - p) // s + 1
-        if prologue is not None and p != s:
-            raise ValueError("chunk hooks need pool_size == strides")
+        if (before is not None or after is not None) and p != s:
+            raise ValueError(f"{self.name}: chunk hooks need pool_size == strides")
         if p == s:  # non-overlapping windows: crop and reshape, in batch chunks (engine threads)
             out = np.empty((n, ho, wo, c), dtype=x.dtype)
 
             def chunk(a, b):
-                if prologue is not None:
-                    prologue(a, b)
-                # one np.maximum per window offset over strided views: ~7x faster than .max(axis=(2, 4))
+                if before is not None:
+                    before(a, b)
+                # one np.maximum per window offset over strided views (much faster than .max(axis=(2, 4)))
                 windows = x[a:b, : ho * p, : wo * p, :].reshape(b - a, ho, p, wo, p, c)
                 o = out[a:b]
                 o[...] = windows[:, :, 0, :, 0, :]
@@ -602,6 +611,8 @@ class MaxPool2D(Layer):
                     for dx in range(p):
                         if dy or dx:
                             np.maximum(o, windows[:, :, dy, :, dx, :], out=o)
+                if after is not None:
+                    after(out, a, b)
 
             map_chunks(chunk, n, chunk_size(3 * h * w * c * x.itemsize))
         else:
@@ -612,28 +623,27 @@ class MaxPool2D(Layer):
             self._cache = (x, out)
         return out
 
-    def backward(self, grad_out, need_input_grad=True, prologue=None, epilogue=None):
-        """prologue(a, b): fills images ``a:b`` of ``grad_out`` before this chunk reads them.
-        epilogue(dx, a, b): called on each chunk of the input gradient right after it is written;
-        returns ``(dx, [results])``. Hooks need pool == stride."""
+    def backward(self, grad_out, need_input_grad=True, before=None, after=None):
+        """before(a, b): writes images ``a:b`` of ``grad_out`` before this chunk reads them.
+        after(dx, a, b): called on each chunk of the input gradient right after it is written (dx is
+        then computed even when ``need_input_grad`` is false). Hooks need pool == stride."""
         x, out = self._need_cache()
-        if (prologue is not None or epilogue is not None) and not self.chunk_hooks:
-            raise ValueError("chunk hooks need pool_size == strides")
-        if not need_input_grad and epilogue is None:
-            if prologue is not None:   # the deferred gradient must still be completed for its owner
-                map_chunks(prologue, x.shape[0], x.shape[0])
+        if (before is not None or after is not None) and not self.chunk_hooks:
+            raise ValueError(f"{self.name}: chunk hooks need pool_size == strides")
+        if not need_input_grad and after is None:
             return None
         if self.pool_size == self.strides:
             dx = np.empty(x.shape, dtype=grad_out.dtype)
 
             def chunk(a, b):
-                if prologue is not None:
-                    prologue(a, b)
+                if before is not None:
+                    before(a, b)
                 self._backward_disjoint(x[a:b], out[a:b], grad_out[a:b], dx[a:b])
-                return None if epilogue is None else epilogue(dx, a, b)
+                if after is not None:
+                    after(dx, a, b)
 
-            results = map_chunks(chunk, x.shape[0], chunk_size(4 * x[0].size * x.itemsize))
-            return dx if epilogue is None else (dx, results)
+            map_chunks(chunk, x.shape[0], chunk_size(4 * x[0].size * x.itemsize))
+            return dx
         dx = np.zeros_like(x, dtype=grad_out.dtype)
         unrouted = np.ones(out.shape, dtype=bool)
         for sl in self._windows(x.shape):
@@ -737,16 +747,19 @@ class Dense(Layer):
 
     def forward(self, x, training=False, cache=True):
         w = self.params["W"]
-        out = np.empty((x.shape[0], self.units), np.result_type(x.dtype, w.dtype))
-        # a large layer (the custom model's 2304 -> 128) in two column halves, one per engine thread
-        halves = 2 if x.shape[0] * w.size >= _DENSE_SPLIT else 1
-        bounds = [self.units * i // halves for i in range(halves + 1)]
+        if x.shape[0] * w.size >= _DENSE_SPLIT:
+            # a large layer (the custom model's 2304 -> 128 at batch 32) in two column halves, one per
+            # engine thread
+            out = np.empty((x.shape[0], self.units), np.result_type(x.dtype, w.dtype))
+            bounds = [0, self.units // 2, self.units]
 
-        def part(i, _):
-            a, b = bounds[i], bounds[i + 1]
-            np.matmul(x, w[:, a:b], out=out[:, a:b])
+            def part(i, _):
+                a, b = bounds[i], bounds[i + 1]
+                np.matmul(x, w[:, a:b], out=out[:, a:b])
 
-        map_chunks(part, halves, 1)
+            map_chunks(part, 2, 1)
+        else:
+            out = x @ w
         if self.use_bias:
             out += self.params["b"]
         if cache:

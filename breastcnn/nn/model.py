@@ -15,20 +15,39 @@ Backward conventions (used by training, Grad-CAM and gradient tests):
 - ``forward(x, return_activations=True)`` returns ``(output, activations)``
   with ``activations[i]`` the output of layer ``i`` (the caches needed by
   ``backward`` are kept, so Grad-CAM is one forward and one backward).
+
+The layer list is compiled into steps (``nn/steps.py``: Conv2D + BatchNorm (+ ReLU),
+BatchNorm (+ ReLU), single layers) for each range of layers a pass runs; the plans
+are kept and compiled again when the layer list or ``fuse`` changes.
+
+Threads: ``predict``, ``compute_gradients`` and ``train_on_batch`` run with this
+model's ``threads`` engine threads (None: all available cores) and ``blas_threads``
+BLAS threads (1; None: the process setting); ``forward``/``backward`` run with the
+caller's ``engine_threads`` setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import Iterator
 
 import numpy as np
 
 from breastcnn.errors import UserInputError
-from breastcnn.nn.layers import BatchNorm, Conv2D, Layer, ReLU, Softmax
+from breastcnn.nn.layers import Layer, Softmax
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.optim import Adam
-from breastcnn.nn.parallel import blas_threads, engine_threads, map_batches
-
+from breastcnn.nn.parallel import (
+    blas_thread_count,
+    blas_threads,
+    current_threads,
+    engine_threads,
+    map_batches,
+    resolve_jobs,
+)
+from breastcnn.nn.inference import PredictPlan
+from breastcnn.nn.steps import Step, compile_steps, run_backward, run_forward
 
 
 _DEFAULT_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "BatchNorm": "batch_norm", "MaxPool2D": "max_pool2d",
@@ -42,28 +61,26 @@ def _snake(name: str) -> str:
 class Sequential:
     """A linear stack of layers, NHWC float32.
 
-    ``Sequential(layers, input_shape=None, seed=0, meta=None)``: when
+    ``Sequential(layers, input_shape=None, seed=0, meta=None, threads=None)``: when
     ``input_shape`` (without batch) is given the model is built at once with
     ``np.random.default_rng(seed)``.
+
+    Settings of this model (instance attributes):
+
+    - ``threads``: engine threads that run each layer's batch chunks (``nn/parallel.py``
+      ``map_chunks``, one BLAS thread each) in predict / compute_gradients / train_on_batch;
+      None (default) or <= 0: all available cores. Results are bit-identical for any value.
+    - ``blas_threads``: the BLAS thread limit there (default 1: parallelism comes from the
+      engine threads, and OpenBLAS threads spin-wait, which costs most on a busy machine;
+      ``benchmarks/bench_engine.py --blas2`` measures it); None: the process setting.
+    - ``fuse``: run the layer patterns of ``nn/steps.py`` as fused steps (default True); False
+      runs every layer on its own (same values up to float rounding).
     """
 
     framework = "numpy"
-    #: BLAS threads used by predict / compute_gradients / train_on_batch (None: leave the process setting).
-    #: Default 1: OpenBLAS threads spin-wait, so on a busy 2-core machine a train step with 2 BLAS threads
-    #: was 1.4-2x slower than with 1 (and batch-1 inference ~10x), and even on an idle machine it lost to
-    #: engine threads (benchmarks/bench_engine.py). Parallelism comes from ``threads`` instead.
-    blas_threads: int | None = 1
-    #: Engine threads that run each layer's batch chunks (nn/parallel.py ``map_chunks``, BLAS at 1 thread
-    #: each), used by predict / compute_gradients / train_on_batch. Default 0 = all cores. None: leave the
-    #: caller's ``engine_threads`` setting. Results are bit-identical for any value (fixed chunking).
-    threads: int | None = 0
-    #: Run BatchNorm (+ ReLU) inside the chunks of the layers around it (batch moments computed by the conv
-    #: before it, normalisation and input gradient by the layer after/below it, ReLU fused) and fold
-    #: Conv2D + BatchNorm in inference. False: every layer runs on its own (same values up to float rounding).
-    fuse: bool = True
 
     def __init__(self, layers: list[Layer], input_shape: tuple | None = None, seed: int = 0,
-                 meta: dict | None = None):
+                 meta: dict | None = None, threads: int | None = None):
         self.layers: list[Layer] = list(layers)
         self.meta: dict = dict(meta or {})
         self.input_shape: tuple | None = None
@@ -71,6 +88,11 @@ class Sequential:
         self.optimizer = None
         self.loss = None
         self.l2 = 0.0
+        self.threads: int | None = threads
+        self.blas_threads: int | None = 1
+        self._fuse = True
+        self._plans: dict[tuple, list[Step]] = {}
+        self._planned_layers: list[Layer] = []
         self._name_layers()
         if input_shape is not None:
             self.build(input_shape, np.random.default_rng(seed))
@@ -100,6 +122,9 @@ class Sequential:
         for layer in self.layers:
             shape = layer.build(shape, rng)
         self.output_shape = shape
+        self._plans = {}   # shapes may have changed
+        for stop in {len(self.layers), self.logits_index + 1}:   # compile the plans of forward and logits now
+            self._steps(0, stop)
         return shape
 
     @property
@@ -135,74 +160,33 @@ class Sequential:
         dtype = self.dtype
         return x if x.dtype == dtype else x.astype(dtype)
 
-    def _fused_relu(self, i: int):
-        """The ReLU at ``i + 1`` when layer ``i`` is a BatchNorm directly followed by a plain ReLU, else None.
+    # -- steps ------------------------------------------------------------------
+    @property
+    def fuse(self) -> bool:
+        """Whether passes run the fused steps of ``nn/steps.py`` (False: every layer on its own)."""
+        return self._fuse
 
-        Such a pair runs fused (one chunk pass instead of two, forward and backward) with the same
-        values and caches as the separate layers; the layers themselves stay separate."""
-        layers = self.layers
-        if self.fuse and i + 1 < len(layers) and type(layers[i]) is BatchNorm and type(layers[i + 1]) is ReLU:
-            return layers[i + 1]
-        return None
+    @fuse.setter
+    def fuse(self, value: bool) -> None:
+        self._fuse = bool(value)
 
-    def _conv_bn(self, i: int, stop: int):
-        """The BatchNorm at ``i + 1`` when layer ``i`` is a Conv2D directly followed by one (both before ``stop``):
-        folded into the conv in inference; in training the conv computes its batch moments."""
-        layers = self.layers
-        if self.fuse and i + 1 < stop and type(layers[i]) is Conv2D and type(layers[i + 1]) is BatchNorm:
-            return layers[i + 1]
-        return None
+    @property
+    def steps(self) -> list[Step]:
+        """The steps a full forward pass runs (e.g. ``[ConvBNReLU(conv2d_1, batch_norm_1, relu_1), ...]``)."""
+        return self._steps(0, len(self.layers))
 
-    def _hooked(self, i: int, stop: int, step: int) -> bool:
-        """Whether layer ``i`` exists within the pass (``step`` +1: forward up to ``stop``, -1: backward down to
-        ``stop``) and takes chunk hooks (Conv2D with valid padding, MaxPool2D with pool == stride)."""
-        inside = i < stop if step > 0 else i >= stop
-        return self.fuse and inside and getattr(self.layers[i], "chunk_hooks", False)
-
-    def _run(self, x, training: bool, stop: int, cache: bool, activations: list | None = None):
-        """Forward through layers ``0..stop-1``.
-
-        With ``fuse`` (and no activations wanted), a BatchNorm (+ ReLU) works inside its neighbours'
-        chunks: the conv before it computes the batch moments while its output chunk is in cache, and
-        the normalisation runs as the prologue of each chunk of the layer after it. Inference without
-        caches folds Conv2D + BatchNorm (+ ReLU) into one conv.
-        """
-        layers = self.layers
-        fold = not training and not cache and activations is None   # inference without caches (predict)
-        chain = self.fuse and activations is None
-        prologue = None      # deferred normalisation of layer i's input, run by layer i chunk by chunk
-        moments = None       # batch moments of layer i's input, computed by the conv before it
-        i = 0
-        while i < stop:
-            layer = layers[i]
-            bn = self._conv_bn(i, stop) if fold else None
-            if bn is not None:   # Conv2D + BatchNorm (+ ReLU) as one conv with folded weights
-                relu = i + 2 < stop and type(layers[i + 2]) is ReLU
-                x = layer.forward_folded(x, bn, relu=relu, prologue=prologue)
-                prologue = None
-                i += 3 if relu else 2
-                continue
-            if chain and type(layer) is BatchNorm:
-                relu = self._fused_relu(i) if i + 1 < stop else None
-                nxt = i + (1 if relu is None else 2)
-                defer = self._hooked(nxt, stop, +1)
-                x = layer.forward_relu(x, relu, training=training, cache=cache, moments=moments, defer=defer)
-                if defer:
-                    x, prologue = x
-                moments = None
-                i = nxt
-                continue
-            hooks = {} if prologue is None else {"prologue": prologue}
-            prologue = None
-            bn = self._conv_bn(i, stop) if chain and training else None
-            if bn is not None and bn.trainable:   # the next BatchNorm normalises with batch statistics
-                x, moments = layer.forward(x, training=training, cache=cache, moments=True, **hooks)
-            else:
-                x = layer.forward(x, training=training, cache=cache, **hooks)
-            if activations is not None:
-                activations.append(x)
-            i += 1
-        return x
+    def _steps(self, start: int, stop: int, fuse: bool | None = None) -> list[Step]:
+        """The compiled steps of layers ``start..stop-1``, kept per range; all plans are dropped when the
+        layer list changes (compared by identity: cheap enough to check on every pass)."""
+        if self._planned_layers != self.layers:
+            self._plans = {}
+            self._planned_layers = list(self.layers)
+        fuse = self._fuse if fuse is None else fuse
+        key = (start, stop, fuse)
+        steps = self._plans.get(key)
+        if steps is None:
+            steps = self._plans[key] = compile_steps(self.layers[start:stop], start, fuse)
+        return steps
 
     def forward(self, x, training: bool = False, return_activations: bool = False):
         """(N, *input_shape) -> output (probabilities when the last layer is Softmax).
@@ -210,15 +194,16 @@ class Sequential:
         With ``return_activations=True`` returns ``(output, [output of layer i for each i])``.
         """
         x = self._check_input(x)
-        if return_activations:
+        n = len(self.layers)
+        if return_activations:   # every layer's output: the layers run one by one
             acts: list[np.ndarray] = []
-            out = self._run(x, training, len(self.layers), True, acts)
+            out = run_forward(self._steps(0, n, fuse=False), x, training, True, acts)
             return out, acts
-        return self._run(x, training, len(self.layers), True)
+        return run_forward(self._steps(0, n), x, training, True)
 
     def logits(self, x, training: bool = False) -> np.ndarray:
         """Output of the logits layer (before a final Softmax)."""
-        return self._run(self._check_input(x), training, self.logits_index + 1, True)
+        return run_forward(self._steps(0, self.logits_index + 1), self._check_input(x), training, True)
 
     def activations(self, x, training: bool = False) -> list[np.ndarray]:
         """Outputs of every layer for ``x`` in one forward pass (caches kept for ``backward``)."""
@@ -233,61 +218,55 @@ class Sequential:
         start = self.logits_index if start is None else int(start)
         if not 0 <= stop <= start < len(self.layers):
             raise ValueError(f"need 0 <= stop <= start < {len(self.layers)}, got start={start}, stop={stop}")
-        layers = self.layers
-        prologue = None      # deferred BatchNorm input gradient, completed by layer i chunk by chunk
-        i = start
-        while i >= stop:
-            layer = layers[i]
-            if i - 1 >= stop and self._fused_relu(i - 1) is not None:   # ReLU then its BatchNorm, fused
-                grad, prologue, i = self._bn_backward(i - 1, layer, grad, None, stop, need_input_grad)
-                continue
-            if self.fuse and type(layer) is BatchNorm:
-                grad, prologue, i = self._bn_backward(i, None, grad, None, stop, need_input_grad)
-                continue
-            hooks = {} if prologue is None else {"prologue": prologue}
-            prologue = None
-            below = self._bn_below(i, stop)
-            if below is not None:   # the BatchNorm (+ ReLU) below sums its gradient inside this layer's chunks
-                b, relu = below
-                grad, sums = layer.backward(grad, True, epilogue=layers[b].grad_sums_epilogue(relu), **hooks)
-                grad, prologue, i = self._bn_backward(b, relu, grad, sums, stop, need_input_grad)
-                continue
-            grad = layer.backward(grad, need_input_grad=need_input_grad or i != stop, **hooks)
-            i -= 1
-        return grad
+        return run_backward(self._steps(stop, start + 1), grad, need_input_grad)
 
-    def _bn_below(self, i: int, stop: int):
-        """(index, ReLU or None) of a BatchNorm (+ ReLU) directly below layer ``i`` (within ``stop``) when layer
-        ``i`` takes chunk hooks, else None."""
-        if not self._hooked(i, stop, -1):
-            return None
-        if i - 2 >= stop and self._fused_relu(i - 2) is not None:
-            return i - 2, self.layers[i - 1]
-        if i - 1 >= stop and type(self.layers[i - 1]) is BatchNorm:
-            return i - 1, None
-        return None
-
-    def _bn_backward(self, b: int, relu, grad, sums, stop: int, need_input_grad: bool):
-        """Backward of the BatchNorm at ``b`` (and its ``relu``); returns (grad, prologue, next index).
-
-        The input gradient is left to the layer below (``prologue``) when that layer takes chunk hooks."""
-        need = need_input_grad or b != stop
-        defer = need and self._hooked(b - 1, stop, -1)
-        out = self.layers[b].backward_relu(grad, relu, need_input_grad=need, sums=sums, defer=defer)
-        grad, prologue = out if defer else (out, None)
-        return grad, prologue, b - 1
+    def predict_plan(self) -> PredictPlan:
+        """The plan ``predict`` runs (``nn/inference.py``), compiled from ``steps`` and kept with them."""
+        steps = self.steps   # drops every kept plan when the layer list changed
+        plan = self._plans.get("predict")
+        if plan is None:
+            plan = self._plans["predict"] = PredictPlan(steps, self.input_shape)
+        return plan
 
     def predict(self, x, batch_size: int = 64, jobs: int = 1) -> np.ndarray:
-        """Inference-mode probabilities, float32 (N, num_classes); ``jobs`` > 1 shards batches over threads."""
+        """Inference-mode probabilities, float32 (N, num_classes), without caches (thread-safe).
+
+        Runs :meth:`predict_plan` (``fuse`` False: every layer's own cache-free forward). ``jobs`` > 1
+        shards batches over joblib threads with one engine and one BLAS thread each; otherwise each batch
+        runs on ``self.threads`` engine threads."""
         x = self._check_input(x)
         if batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
-        n_layers = len(self.layers)
-        with blas_threads(self.blas_threads), engine_threads(self.threads if jobs == 1 else None):
-            out = map_batches(lambda xb: self._run(xb, False, n_layers, False), x, batch_size, jobs)
+        if self._fuse:
+            plan = self.predict_plan()
+            prepared = plan.prepare(self.dtype)
+            run = lambda xb: plan.run(xb, prepared)   # noqa: E731
+        else:
+            steps = self._steps(0, len(self.layers))
+            run = lambda xb: run_forward(steps, xb, False, False)   # noqa: E731
+        engine = resolve_jobs(self.threads) if jobs == 1 else None
+        with blas_threads(self.blas_threads), engine_threads(engine):
+            out = map_batches(run, x, batch_size, jobs)
         if x.shape[0] == 0:
             return np.empty((0, *self.output_shape), np.float32)
         return out.astype(np.float32, copy=False)
+
+    @contextlib.contextmanager
+    def using_threads(self, threads: int | None) -> Iterator["Sequential"]:
+        """``self.threads = threads`` inside the block, restored after it (None: unchanged)."""
+        previous = self.threads
+        if threads is not None:
+            self.threads = threads
+        try:
+            yield self
+        finally:
+            self.threads = previous
+
+    def thread_settings(self) -> dict[str, int]:
+        """``{"engine": n, "blas": m}``: the engine and BLAS threads in force inside predict (``jobs=1``),
+        compute_gradients and train_on_batch, read from the engine and threadpoolctl within their limits."""
+        with blas_threads(self.blas_threads), engine_threads(resolve_jobs(self.threads)):
+            return {"engine": current_threads(), "blas": blas_thread_count()}
 
     # -- training -------------------------------------------------------------
     def compile(self, optimizer=None, loss=None, l2: float = 0.0) -> "Sequential":
@@ -318,7 +297,7 @@ class Sequential:
         # Everything inside the BLAS limit, the L2 penalty's dot products too: a BLAS call made with the
         # process default (all cores) wakes OpenBLAS's own threads, which then spin and take cores from
         # the engine threads for the next step.
-        with blas_threads(self.blas_threads), engine_threads(self.threads):
+        with blas_threads(self.blas_threads), engine_threads(resolve_jobs(self.threads)):
             logits = self.logits(x, training=training)
             loss, grad_logits = self.loss(logits, y, class_weights)
             self.backward(grad_logits, need_input_grad=False)
@@ -335,7 +314,7 @@ class Sequential:
         if self.optimizer is None:
             self.compile()
         loss = self.compute_gradients(x, y, class_weights)
-        with blas_threads(self.blas_threads), engine_threads(self.threads):
+        with blas_threads(self.blas_threads), engine_threads(resolve_jobs(self.threads)):
             self.optimizer.step(self.parameters(), self.gradients())
         return loss
 

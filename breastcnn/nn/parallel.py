@@ -10,6 +10,10 @@ Two levels of parallelism, both with threads (NumPy releases the GIL):
 - ``predict(jobs=N)`` shards whole batches over joblib threads (:func:`map_batches`).
 
 In both, BLAS is limited to one thread per worker so the levels never oversubscribe cores.
+
+Two small types let neighbouring layers share one chunk pass (``nn/steps.py``): :class:`Pending`, an
+array whose rows are written by its consumer's chunks, and :class:`ChunkResults`, per-chunk results
+collected in chunk order. :func:`observe_chunks` records how many threads the chunk maps really used.
 """
 
 from __future__ import annotations
@@ -35,26 +39,34 @@ def _blas_controllers() -> list:
     return _blas_libs
 
 
-@contextlib.contextmanager
-def blas_threads(n: int | None) -> Iterator[None]:
+class blas_threads:   # noqa: N801  (a context manager used like a function)
     """Limit BLAS threads to ``n`` inside the block (None: leave as is).
 
-    Sets and restores only libraries not already at ``n`` (~3 us when one must change; batch-1
-    inference calls it every time, and threadpoolctl's ``limit()`` costs ~9 us).
+    Sets and restores only libraries not already at ``n``, through the controllers found once:
+    batch-1 inference calls it every time, and threadpoolctl's ``limit()`` rescans the libraries
+    (a class: cheaper to enter and leave than a generator-based context manager).
     """
-    if n is None:
-        yield
-        return
-    n = int(n)
-    changed = [(lib, lib.num_threads) for lib in _blas_controllers()]
-    changed = [(lib, before) for lib, before in changed if before != n]
-    for lib, _ in changed:
-        lib.set_num_threads(n)
-    try:
-        yield
-    finally:
-        for lib, before in changed:
+
+    __slots__ = ("n", "changed")
+
+    def __init__(self, n: int | None):
+        self.n = None if n is None else int(n)
+        self.changed: list = []
+
+    def __enter__(self) -> None:
+        n = self.n
+        if n is None:
+            return
+        for lib in _blas_controllers():
+            before = lib.get_num_threads()
+            if before != n:
+                lib.set_num_threads(n)
+                self.changed.append((lib, before))
+
+    def __exit__(self, *exc) -> None:
+        for lib, before in self.changed:
             lib.set_num_threads(before)
+        self.changed = []
 
 
 def blas_thread_count() -> int:
@@ -64,16 +76,19 @@ def blas_thread_count() -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _cores() -> int:
-    # os.cpu_count() costs ~10 us (a sysconf call): too much for batch-1 inference, which asks twice
-    return os.cpu_count() or 1
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else ``os.cpu_count()``): the default number of
+    engine threads and of ``--jobs -1``. Asked once (a system call is too slow for batch-1 inference)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def resolve_jobs(jobs: int | None) -> int:
-    """jobs <= 0 or None means all cores."""
-    cores = _cores()
+    """jobs <= 0 or None means all available cores."""
     if jobs is None or jobs <= 0:
-        return cores
+        return available_cores()
     return int(jobs)
 
 
@@ -113,21 +128,26 @@ def current_threads() -> int:
     return getattr(_local, "threads", 1)
 
 
-@contextlib.contextmanager
-def engine_threads(n: int | None) -> Iterator[None]:
+class engine_threads:   # noqa: N801  (a context manager used like a function)
     """Let layers run their batch chunks on ``n`` threads inside the block (None: leave as is; <= 0: all cores).
 
     Only the calling thread is affected (joblib workers of ``predict(jobs=...)`` keep 1).
     """
-    if n is None:
-        yield
-        return
-    previous = current_threads()
-    _local.threads = resolve_jobs(n)
-    try:
-        yield
-    finally:
-        _local.threads = previous
+
+    __slots__ = ("n", "previous")
+
+    def __init__(self, n: int | None):
+        self.n = n
+        self.previous = None
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            self.previous = current_threads()
+            _local.threads = resolve_jobs(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.n is not None:
+            _local.threads = self.previous
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -145,9 +165,8 @@ def chunk_size(bytes_per_sample: int, budget: int = 4 << 20) -> int:
     """Samples per chunk so that a chunk's working set is about ``budget`` bytes (at least 1).
 
     Depends on the layer's shapes only, never on the thread count (determinism).
-    The default 4 MiB was the fastest of 0.5-32 MiB for the custom model's train
-    step with 1 and 2 threads (benchmarks/bench_engine.py): smaller chunks pay
-    more per-call overhead and GIL hand-offs, larger ones fall out of cache.
+    The default budget was chosen with ``benchmarks/bench_engine.py`` (train step, 1 and 2 threads):
+    smaller chunks pay more per-call overhead and GIL hand-offs, larger ones fall out of cache.
     """
     return max(1, int(budget) // max(int(bytes_per_sample), 1))
 
@@ -177,6 +196,8 @@ def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
         return [fn(0, n)]
     ranges = chunk_ranges(n, chunk)
     threads = min(current_threads(), len(ranges))
+    for log in _observers:
+        log.record(threads)
     if threads <= 1:
         return [fn(a, b) for a, b in ranges]
     results: list = [None] * len(ranges)
@@ -210,7 +231,7 @@ def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
             pool.submit(work, True)
         work(False)
         # Wait only for chunks a pool thread actually took: a thread that wakes up after the calling
-        # thread has claimed every chunk finds nothing left (waking one takes ~80 us on a VM, as long
+        # thread has claimed every chunk finds nothing left (on a VM, waking a thread can take as long
         # as a small layer's whole pass).
         with lock:
             lock.wait_for(lambda: state["busy"] == 0)
@@ -225,3 +246,86 @@ def ordered_sum(parts: list):
     for part in parts[1:]:
         total += part
     return total
+
+
+# -- chunk hooks between neighbouring layers ------------------------------------------------------------------------
+
+class Pending:
+    """An (N, ...) ``array`` whose rows may not be written yet: ``fill(a, b)`` writes rows ``a:b``.
+
+    A layer that works in chunks of rows calls ``fill`` at the start of each of its chunks (the rows
+    are then in cache when it reads them: a BatchNorm's normalisation runs inside the next conv's
+    chunks); any other consumer calls :meth:`complete`. ``fill`` None: the array is complete.
+    ``chunk``: rows per chunk when :meth:`complete` runs ``fill`` on its own.
+    """
+
+    __slots__ = ("array", "fill", "chunk")
+
+    def __init__(self, array: np.ndarray, fill: Callable[[int, int], None] | None = None, chunk: int = 1):
+        self.array = array
+        self.fill = fill
+        self.chunk = chunk
+
+    def take(self) -> tuple[np.ndarray, Callable[[int, int], None] | None]:
+        """``(array, fill)`` for a consumer that calls ``fill`` on every chunk of rows itself."""
+        fill, self.fill = self.fill, None
+        return self.array, fill
+
+    def complete(self) -> np.ndarray:
+        """The array with every row written (``fill`` run over all rows in chunks, once)."""
+        fill, self.fill = self.fill, None
+        if fill is not None:
+            map_chunks(fill, self.array.shape[0], self.chunk)
+        return self.array
+
+
+class ChunkResults:
+    """A chunk hook ``hook(array, a, b)`` that keeps ``fn(array, a, b)`` per chunk.
+
+    Chunks may run on any engine thread and in any order; :meth:`ordered` returns the results in
+    chunk order, so reductions over them are deterministic.
+    """
+
+    __slots__ = ("fn", "parts")
+
+    def __init__(self, fn: Callable[[np.ndarray, int, int], object]):
+        self.fn = fn
+        self.parts: dict[int, object] = {}
+
+    def __call__(self, array: np.ndarray, a: int, b: int) -> None:
+        self.parts[a] = self.fn(array, a, b)
+
+    def ordered(self) -> list:
+        return [self.parts[a] for a in sorted(self.parts)]
+
+
+class ChunkLog:
+    """What :func:`map_chunks` did inside :func:`observe_chunks`: ``calls`` (maps with more than one
+    chunk) and ``max_threads`` (the most threads one of them ran on, the caller included)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.max_threads = 0
+        self._lock = threading.Lock()
+
+    def record(self, threads: int) -> None:
+        with self._lock:
+            self.calls += 1
+            self.max_threads = max(self.max_threads, threads)
+
+
+_observers: list[ChunkLog] = []
+
+
+@contextlib.contextmanager
+def observe_chunks() -> Iterator[ChunkLog]:
+    """Record the thread use of every multi-chunk :func:`map_chunks` call inside the block (any calling thread).
+
+    The engine's own bookkeeping, for tests and benchmarks that must show the thread setting in force.
+    """
+    log = ChunkLog()
+    _observers.append(log)
+    try:
+        yield log
+    finally:
+        _observers.remove(log)

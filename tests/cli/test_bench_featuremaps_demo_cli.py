@@ -13,7 +13,7 @@ from breastcnn.cli.app import app
 from breastcnn.models import create_model
 
 TINY_BENCH = ["--models", "custom", "--image-size", "64", "--batch-sizes", "1,2", "--repeats", "2",
-              "--train-steps", "1", "--max-seconds", "0.5", "--threads", "1"]
+              "--train-steps", "1", "--max-seconds", "0.5", "--threads", "1", "--fresh"]
 
 
 @pytest.fixture()
@@ -41,6 +41,7 @@ def test_bench_json_and_out(runner, tmp_path):
     assert json.loads((out / "bench.json").read_text())["models"][0]["model"] == "custom"
     assert (out / "bench.md").read_text().startswith("| model | params |")
     assert "threads:" in result.stderr
+    assert entry["threads"] == {"engine": 1, "blas": 1}             # --threads 1 reaches the NumPy engine
     again = runner.invoke(app, ["bench", *TINY_BENCH, "--json", "--out", str(out)])
     assert again.exit_code == 2
     assert "bench.json already exists; pass --force" in _one_error_line(again)
@@ -89,6 +90,77 @@ def test_bench_missing_dependency_skips_the_model(runner, monkeypatch):
     assert "resnet50 skipped" in result.stderr
 
 
+def _trained_run(tmp_path, monkeypatch):
+    """cwd = tmp_path with a split and runs/latest -> a saved custom model (64 px) whose config.json names it."""
+    from breastcnn.data.split import load_split
+    from breastcnn.runs import run_directory, write_run_config
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["synth", "--out", ".", "--scale", "0.02", "--mags", "200", "-j", "1"]).exit_code == 0
+    assert runner.invoke(app, ["split", "--mag", "200X", "--data", ".", "--out", "split", "-j", "1"]).exit_code == 0
+    with run_directory("custom") as run_dir:
+        run = run_dir.path
+        create_model("custom", input_shape=(64, 64, 3), seed=1).save(run / "model.npz")
+        write_run_config(run, {"arch": "custom", "split": "split", "image_size": 64}, load_split("split"))
+        run_dir.model_written()
+    return run
+
+
+QUICK = ["--batch-sizes", "1", "--repeats", "2", "--train-steps", "0", "--max-seconds", "0.2", "--threads", "1"]
+
+
+def test_bench_uses_the_trained_model_of_runs_latest_and_its_split(runner, tmp_path, monkeypatch):
+    """Issue 16 item 2: after `train`, the README's bench command measures the trained model, with metrics."""
+    run = _trained_run(tmp_path, monkeypatch)
+    result = runner.invoke(app, ["bench", "--models", "custom", *QUICK, "--json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["models"]
+    assert entry["source"] == "runs/latest" and entry["file"] == str((run / "model.npz").resolve())
+    assert entry["image_size"] == 64 and 0.0 <= entry["accuracy"] <= 1.0
+    assert entry["metrics_images"] == entry["test_images"] > 0
+    assert "custom: measuring the trained model of runs/latest" in result.stderr
+    assert "with the test subset of its split split" in result.stderr and "--fresh" in result.stderr
+
+    fresh = runner.invoke(app, ["bench", "--models", "custom", *QUICK, "--json", "--fresh", "--image-size", "64"])
+    assert fresh.exit_code == 0, fresh.output
+    (entry,) = json.loads(fresh.stdout)["models"]
+    assert entry["source"] == "fresh" and entry["file"] is None and "accuracy" not in entry
+    assert "runs/latest" not in fresh.stderr
+
+    markdown = runner.invoke(app, ["bench", "--models", "custom", *QUICK, "--markdown"])
+    assert "| custom (64px, runs/latest) |" in markdown.stdout and "test accuracy" in markdown.stdout
+
+
+def test_bench_full_takes_the_reports_settings_and_explicit_options_win(runner):
+    result = runner.invoke(app, ["bench", "--models", "custom", "--full", "--fresh", "--image-size", "64",
+                                 "--repeats", "2", "--train-steps", "0", "--max-seconds", "0.2", "--json"])
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.stdout)["options"]
+    assert options["batch_sizes"] == [1, 32] and options["keras_train_batch_size"] == 64
+    assert options["min_calls"] == 3 and options["max_seconds"] == 0.2 and options["repeats"] == 2
+    default = runner.invoke(app, ["bench", "--models", "custom", "--fresh", "--image-size", "64", "--repeats", "2",
+                                  "--train-steps", "0", "--json"])
+    options = json.loads(default.stdout)["options"]
+    assert options["batch_sizes"] == [1, 8] and options["keras_train_batch_size"] == 4
+    assert options["max_seconds"] == 2.0
+
+
+def test_bench_draws_a_bar_per_model_on_a_terminal(runner, monkeypatch):
+    from breastcnn.cli import bench as bench_cli
+    from breastcnn.cli import common
+
+    monkeypatch.setattr(common, "progress_enabled", lambda quiet=False: not quiet)
+    monkeypatch.setattr(bench_cli, "progress_enabled", lambda quiet=False: not quiet)
+    result = runner.invoke(app, ["bench", *TINY_BENCH, "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "custom: done" in result.stderr and "4/4" in result.stderr    # 2 forward + end-to-end + train step
+    assert "custom: forward pass, batch 1\n" not in result.stderr         # no plain lines when bars are drawn
+    monkeypatch.undo()
+    plain = runner.invoke(app, ["bench", *TINY_BENCH, "--markdown"])
+    assert "custom: forward pass, batch 1\n" in plain.stderr and "━" not in plain.stderr
+
+
 @pytest.fixture()
 def model_and_image(tmp_path):
     model_file = tmp_path / "model.npz"
@@ -111,7 +183,8 @@ def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_
     for name in expected:
         with Image.open(out / name) as png:
             assert png.format == "PNG" and png.width > 100
-    assert summary["gradcam"]["class"] == "malignant" and summary["gradcam"]["layer"] == "conv2d_3"
+    assert summary["gradcam"]["class"] == "malignant" and summary["gradcam"]["layer"] == "relu_2"
+    assert summary["gradcam"]["shape"] == [11, 11]                # the second block at 96 px, not 1x1
     assert summary["predicted"] in ("benign", "malignant")
     assert abs(sum(summary["probabilities"].values()) - 1) < 1e-5
 

@@ -124,3 +124,38 @@ def test_missing_split_and_bad_options_exit_2(trained, tmp_path):
     assert result.exit_code == 2 and "--threshold" in result.stderr
     result = _run(["predict", "--model", str(run_dir), "x.png", "--json", "--csv"])
     assert result.exit_code == 2 and "--csv" in result.stderr
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_reach_the_engine_in_evaluate_and_predict(trained, tmp_path, monkeypatch, threads):
+    """--threads N: the NumPy engine's own chunk bookkeeping shows N threads (chunks forced small)."""
+    from breastcnn.nn import layers
+    from breastcnn.nn.parallel import observe_chunks
+
+    monkeypatch.setattr(layers, "chunk_size", lambda bytes_per_sample, budget=0: 1)
+    split, run_dir = trained
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    with observe_chunks() as log:
+        result = _run(["evaluate", "--model", str(run), "--split", str(split), "--json", "--threads", str(threads)])
+    assert result.exit_code == 0, result.output
+    assert log.calls > 0 and log.max_threads == threads
+    from breastcnn.data.split import load_split
+
+    s = load_split(split)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, row in enumerate(s.subset("test")[:6]):
+        shutil.copy(s.root / row.path, images / f"img{i}.png")
+    with observe_chunks() as log:
+        result = _run(["predict", "--model", str(run), str(images), "--json", "--threads", str(threads)])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 6
+    assert log.calls > 0 and log.max_threads == threads
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["predict", "x.png"]])
+def test_bad_threads_exit_2_naming_the_option(trained, command):
+    _, run_dir = trained
+    result = _run([*command, "--model", str(run_dir), "--threads", "0"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "--threads must be >= 1" in result.stderr and "got 0" in result.stderr

@@ -59,7 +59,7 @@ def test_finetune_then_evaluate_and_predict(runs, data, model):
     run, summary = runs[model]
     assert summary["arch"] == model and summary["epochs_run"] == 1 and summary["stopped"] == "completed"
     assert summary["model_path"] == str(run / "model.keras")
-    side = json.loads((run / "breastcnn.json").read_text())
+    side = json.loads((run / "model.keras.json").read_text())
     assert side["image_size"] == SIZES[model] and side["preprocess"] == "caffe"
     header = (run / "history.csv").read_text().splitlines()[0]
     assert header == ("step,epoch,loss,accuracy,val_loss,val_accuracy,val_f1,val_recall,lr,elapsed_s,"
@@ -94,7 +94,7 @@ def test_export_numpy_to_keras_and_back_gives_the_same_probabilities(keras, data
     kpath = tmp_path / "exported" / "model.keras"
     result = invoke("export", "--model", npz, "--to", "keras", "--out", kpath)
     assert result.exit_code == 0, result.output
-    assert (kpath.parent / "breastcnn.json").is_file()
+    assert sorted(p.name for p in kpath.parent.iterdir()) == ["model.keras", "model.keras.json"]
     p_numpy = _predict(npz, data["images"])
     p_keras = _predict(kpath, data["images"])
     np.testing.assert_allclose(p_keras, p_numpy, atol=1e-4)
@@ -104,13 +104,37 @@ def test_export_numpy_to_keras_and_back_gives_the_same_probabilities(keras, data
     result = invoke("export", "--model", kpath, "--to", "numpy", "--out", back, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["params"]["trainable"] == 32386
-    assert json.loads(kpath.with_name("breastcnn.json").read_text())["preprocess"] == "minmax"
+    assert json.loads(kpath.with_name("model.keras.json").read_text())["preprocess"] == "minmax"
     np.testing.assert_allclose(_predict(back, data["images"]), p_numpy, atol=1e-4)
 
     # no overwrite without --force
     result = invoke("export", "--model", npz, "--to", "keras", "--out", kpath)
     assert result.exit_code == 2 and "already exists; pass --force" in result.output
     assert invoke("export", "--model", npz, "--to", "keras", "--out", kpath, "--force").exit_code == 0
+
+
+def test_two_exports_into_one_folder_each_keep_their_metadata(keras, data, tmp_path):
+    """Issue 16 item 5: a.keras and b.keras in one folder (the second refused before: breastcnn.json existed)."""
+    from breastcnn.models import create_model
+
+    sources = {}
+    for name, (seed, mode) in {"a": (1, "minmax"), "b": (2, "caffe")}.items():
+        model = create_model("custom", (64, 64, 3), 2, seed=seed)
+        model.meta["preprocess"] = mode
+        sources[name] = tmp_path / name / "model.npz"
+        model.save(sources[name])
+    out = tmp_path / "exported"
+    for name, source in sources.items():
+        result = invoke("export", "--model", source, "--to", "keras", "--out", out / f"{name}.keras", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["sidecar"] == str(out / f"{name}.keras.json")
+    assert sorted(p.name for p in out.iterdir()) == ["a.keras", "a.keras.json", "b.keras", "b.keras.json"]
+    for name, mode in (("a", "minmax"), ("b", "caffe")):
+        assert json.loads((out / f"{name}.keras.json").read_text())["preprocess"] == mode
+        np.testing.assert_allclose(_predict(out / f"{name}.keras", data["images"]),
+                                   _predict(sources[name], data["images"]), atol=1e-4)
+    result = invoke("export", "--model", sources["a"], "--to", "keras", "--out", out / "b.keras")
+    assert result.exit_code == 2 and "b.keras already exists; pass --force" in result.output
 
 
 def test_export_trained_custom_keras_to_numpy(runs, data, tmp_path):
@@ -128,8 +152,10 @@ def test_export_errors(runs, tmp_path):
     vgg_run, _ = runs["vgg16"]
     result = invoke("export", "--model", vgg_run / "model.keras", "--to", "numpy", "--out", tmp_path / "v.npz")
     assert result.exit_code == 2 and "custom-keras models only" in result.output and "'vgg16'" in result.output
+    result = invoke("export", "--model", vgg_run / "model.keras", "--to", "tflite", "--out", tmp_path / "v.tfl")
+    assert result.exit_code == 2 and "--to must be one of keras, numpy, onnx, received 'tflite'" in result.output
     result = invoke("export", "--model", vgg_run / "model.keras", "--to", "onnx", "--out", tmp_path / "v.onnx")
-    assert result.exit_code == 2 and "--to must be one of keras, numpy, received 'onnx'" in result.output
+    assert result.exit_code == 2 and "--to onnx converts a NumPy .npz model" in result.output
     assert not list(tmp_path.iterdir())
 
 
@@ -152,12 +178,13 @@ def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
     create_model("custom", (64, 64, 3), 2, seed=0).save(npz)
     run = tmp_path / "run"
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--epochs", 1, "--freeze", 3,
-                    "--out", run, "--json")
+                    "--out", run, "--json", "--threads", 1)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["model_path"] == str(run / "model.npz") and summary["stopped"] == "completed"
     options = json.loads((run / "config.json").read_text())["options"]
     assert options["lr"] == 1e-3 and options["batch_size"] == 32 and options["freeze"] == 3
+    assert options["threads"] == 1
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--image-size", 32, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "takes 64x64 images" in result.output
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--strategy", "mirrored")
@@ -169,6 +196,8 @@ def test_finetune_option_errors(data, tmp_path):
     assert result.exit_code == 2 and "expected vgg16, resnet50, custom-keras or a NumPy model .npz" in result.output
     result = invoke("finetune", "--model", "vgg16", "--freeze", 3, "--split", data["split"])
     assert result.exit_code == 2 and "--freeze applies to NumPy .npz models" in result.output
+    result = invoke("finetune", "--model", "vgg16", "--threads", 1, "--split", data["split"])
+    assert result.exit_code == 2 and "--threads applies to NumPy .npz models" in result.output
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:

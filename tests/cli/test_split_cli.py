@@ -38,6 +38,31 @@ def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch):
     assert forced.exit_code == 0
 
 
+def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeypatch):
+    """Issue 16 item 6: an existing output is refused before the (expensive) decode check of every image."""
+    from breastcnn.data import breakhis
+
+    data = make_breakhis_tree(tmp_path)
+    out = tmp_path / "split"
+    args = ["split", "--mag", "200X", "--data", str(data), "--out", str(out), "-j", "1"]
+    assert _run(runner, args).exit_code == 0
+    before = (out / "manifest.csv").read_bytes()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("images were decoded before the existing output was refused")
+
+    monkeypatch.setattr(breakhis, "_map_chunks", no_decoding)
+    again = _run(runner, args)
+    assert again.exit_code == 2, again.output
+    assert f"{out} already exists; pass --force" in again.stderr and again.stderr.count("\n") == 1
+    inside = _run(runner, ["split", "--mag", "200X", "--data", str(data), "--out",
+                           str(data / "histology_slides" / "s"), "-j", "1"])
+    assert inside.exit_code == 2 and "inside the data tree" in inside.stderr
+    assert (out / "manifest.csv").read_bytes() == before
+    monkeypatch.undo()
+    assert _run(runner, [*args, "--force"]).exit_code == 0  # --force still decodes and rewrites
+
+
 def test_json_only_on_stdout(runner, tmp_path):
     data = make_breakhis_tree(tmp_path)
     out = tmp_path / "s"

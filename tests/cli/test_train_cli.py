@@ -89,6 +89,7 @@ def test_nan_loss_exits_1_with_a_clear_message(tmp_path_factory, tmp_path, monke
         (["--patience", "3", "--patience-epochs", "1.5"], "--patience-epochs"),
         (["--recipe", "fast"], "--recipe"),
         (["--class-weights", "auto"], "--class-weights"),
+        (["--threads", "0"], "--threads"),
         (["--resume", "{tmp}/nothing"], "--resume"),
         (["--config", "{tmp}/nothing/config.json"], "config"),
     ],

@@ -106,7 +106,9 @@ def test_create_split_refuses_overwrite_and_force_clears(breakhis_tree, tmp_path
     stale = out / "test" / "malignant" / "stale.png"
     stale.write_bytes(b"x")
     create_split(breakhis_tree, "200X", out=out, seed=9, force=True, materialize="none")
-    assert not (out / "test").exists()  # old materialized files do not survive (report defect 11)
+    # old materialized files do not survive (report defect 11); a file the split did not write does (issue 11)
+    assert [p for p in out.rglob("*") if p.is_file() and p.parent != out] == [stale]
+    assert not (out / "train").exists() and not (out / "val").exists()
 
 
 def test_strict_fails_on_unreadable(breakhis_tree, tmp_path):

@@ -91,10 +91,12 @@ def test_custom_keras_is_the_report_architecture_with_numpy_weights(km, custom_k
 def test_gradcam_layers(vgg, resnet, custom_keras):
     assert vgg.gradcam_layer == "block5_conv3"
     assert resnet.gradcam_layer == "conv5_block3_out"
-    layer = custom_keras.model.get_layer(custom_keras.gradcam_layer)
-    assert type(layer).__name__ == "Conv2D"
-    convs = [lay.name for lay in custom_keras.model.layers if type(lay).__name__ == "Conv2D"]
-    assert custom_keras.gradcam_layer == convs[-1]
+    # custom-keras: the NumPy model's rule (last block with a map >= 8x8): at 64 px the first block (16x16)
+    from breastcnn import explain
+    from breastcnn.models import create_model
+
+    assert custom_keras.gradcam_layer == "relu_1" == explain.default_gradcam_layer(create_model("custom", (64, 64, 3)))
+    assert custom_keras.model.get_layer("relu_1").output.shape[1:3] == (16, 16)
     for clf in (vgg, resnet):
         clf.model.get_layer(clf.gradcam_layer)  # reachable directly: the base is not nested
 
@@ -122,8 +124,8 @@ def test_save_and_load_round_trip(km, tmp_path):
     clf.meta["split_hash"] = "abc123"
     path = tmp_path / "run" / "model.keras"
     clf.save(path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["breastcnn.json", "model.keras"]  # no temp files left
-    side = json.loads((path.parent / "breastcnn.json").read_text())
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.keras", "model.keras.json"]  # no temp files left
+    side = json.loads((path.parent / "model.keras.json").read_text())
     assert side["classes"] == ["benign", "malignant"] and side["preprocess"] == "caffe"
     assert side["image_size"] == 64 and side["arch"] == "custom-keras" and side["split_hash"] == "abc123"
     assert {"tensorflow", "keras", "numpy", "breastcnn"} <= set(side["versions"])
@@ -146,12 +148,37 @@ def test_saving_a_compiled_model_leaves_out_the_optimizer(km, keras, tmp_path):
     np.testing.assert_allclose(km.load_keras_model(compiled).predict(_images(2, 64)), clf.predict(_images(2, 64)), atol=1e-6)
 
 
+def test_legacy_breastcnn_json_sidecars_still_load(km, custom_keras, tmp_path):
+    """Models saved before the sidecar was named after the model (``breastcnn.json``, one per folder)."""
+    from breastcnn.models import load_model
+
+    path = tmp_path / "model.keras"
+    custom_keras.save(path)
+    (tmp_path / "model.keras.json").rename(tmp_path / "breastcnn.json")
+    assert km.find_sidecar(path) == tmp_path / "breastcnn.json"
+    x = _images(2, 64)
+    np.testing.assert_allclose(load_model(path).predict(x), custom_keras.predict(x), atol=1e-6)
+    renamed = tmp_path / "best.keras"  # a legacy model renamed by hand: its old sidecar names a missing file
+    path.rename(renamed)
+    assert km.load_keras_model(renamed).meta["arch"] == "custom-keras"
+    # a second model saved into that folder gets its own sidecar; the legacy one stays with its model
+    other = tmp_path / "other.keras"
+    custom_keras.save(other)
+    renamed.rename(path)
+    assert km.find_sidecar(other) == tmp_path / "other.keras.json"
+    assert km.find_sidecar(path) == tmp_path / "breastcnn.json"
+    (tmp_path / "other.keras.json").unlink()
+    assert km.find_sidecar(other) is None  # breastcnn.json names model.keras, which is present
+    with pytest.raises(UserInputError, match=r"other\.keras\.json is missing"):
+        km.load_keras_model(other)
+
+
 def test_load_refuses_unsafe_lambda_layers(km, keras, tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs))
     path = tmp_path / "model.keras"
     model.save(path)
-    (tmp_path / "breastcnn.json").write_text(json.dumps({"classes": ["benign", "malignant"], "preprocess": "caffe"}))
+    (tmp_path / "model.keras.json").write_text(json.dumps({"classes": ["benign", "malignant"], "preprocess": "caffe"}))
     with pytest.raises(UserInputError, match="cannot load this Keras model.*(unsafe|safe_mode|lambda)"):
         km.load_keras_model(path)
 
@@ -161,10 +188,10 @@ def test_load_errors_name_the_missing_file(km, custom_keras, tmp_path):
         km.load_keras_model(tmp_path / "nope.keras")
     path = tmp_path / "model.keras"
     custom_keras.save(path)
-    (tmp_path / "breastcnn.json").unlink()
-    with pytest.raises(UserInputError, match=r"metadata file .*breastcnn\.json is missing"):
+    (tmp_path / "model.keras.json").unlink()
+    with pytest.raises(UserInputError, match=r"metadata file .*model\.keras\.json is missing"):
         km.load_keras_model(path)
-    (tmp_path / "breastcnn.json").write_text(json.dumps({"classes": ["benign", "malignant"], "preprocess": "zscore"}))
+    (tmp_path / "model.keras.json").write_text(json.dumps({"classes": ["benign", "malignant"], "preprocess": "zscore"}))
     with pytest.raises(UserInputError, match="'preprocess' must be caffe or minmax, received 'zscore'"):
         km.load_keras_model(path)
 

@@ -88,13 +88,13 @@ def test_finetune_custom_keras_writes_the_run(kt, split_dir, tmp_path):
                                 seed=1, callback=rec)
     assert summary["stopped"] == "completed" and summary["epochs_run"] == 2 and summary["steps"] == 4
     assert summary["params"] == {"trainable": 32386, "non_trainable": 224}
-    assert {p.name for p in out.iterdir()} >= {"config.json", "history.csv", "model.keras", "breastcnn.json",
+    assert {p.name for p in out.iterdir()} >= {"config.json", "history.csv", "model.keras", "model.keras.json",
                                                "training.png", "summary.json"}
     rows = read_history(out / "history.csv")
     assert list(rows[0]) == list(HISTORY_COLUMNS)
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["2", "4"]
     assert all(0.0 <= float(r["val_accuracy"]) <= 1.0 and float(r["lr"]) == pytest.approx(1e-4) for r in rows)
-    side = json.loads((out / "breastcnn.json").read_text())
+    side = json.loads((out / "model.keras.json").read_text())
     split = load_split(split_dir)
     assert side["split_hash"] == split.hash and side["seed"] == 1 and side["arch"] == "custom-keras"
     assert side["best_epoch"] == summary["best_epoch"]
@@ -201,7 +201,7 @@ for name in ("a", "b"):
     finetune_keras("custom-keras", {str(split_dir)!r}, out, epochs=1, batch_size=32, image_size=64,
                    seed=3, deterministic=True)
     weights.append(load_model(out + "/model.keras").model.get_weights())
-    assert json.load(open(out + "/breastcnn.json"))["deterministic"] is True
+    assert json.load(open(out + "/model.keras.json"))["deterministic"] is True
 same = all(np.array_equal(wa, wb) for wa, wb in zip(*weights))
 from breastcnn.models import create_model
 initial = create_model("custom-keras", (64, 64, 3), 2, seed=3).model.get_weights()

@@ -1,11 +1,17 @@
-"""Sequential's fused path (BatchNorm + ReLU fused, BatchNorm work inside the neighbouring layers' chunks,
-Conv2D + BatchNorm folded in predict) equals the separate layers and passes finite differences."""
+"""Sequential's fused path (the steps of nn/steps.py: BatchNorm + ReLU fused, BatchNorm work inside the
+neighbouring layers' chunks, Conv2D + BatchNorm folded in predict) equals the separate layers and passes
+finite differences."""
+
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax
+from breastcnn.nn import inference
+from breastcnn.nn import parallel as P
 from breastcnn.nn.parallel import engine_threads
+from breastcnn.nn.steps import BNReLU, ConvBNReLU, Single
 from tests.nn.gradcheck import assert_close_grads, numeric_grad, sample_indices
 
 
@@ -39,22 +45,33 @@ def _close(a, b, dtype, scale=None, err_msg=""):
 @pytest.mark.parametrize("frozen_bn", [False, True])
 @pytest.mark.parametrize("big", [False, True])
 def test_fused_equals_unfused(training, frozen_bn, big, dtype, monkeypatch):
-    calls = []
-    for name in ("forward_relu", "backward_relu"):
-        orig = getattr(BatchNorm, name)
-        monkeypatch.setattr(BatchNorm, name, lambda self, a, relu, *args, _o=orig, _n=name, **kw: (
-            calls.append((_n, relu is not None, bool(kw.get("defer")))), _o(self, a, relu, *args, **kw))[1])
+    fills = Counter()   # pending BatchNorm passes: written in the consumer's chunks (take) or on their own
+    for name in ("take", "complete"):
+        orig = getattr(P.Pending, name)
+        monkeypatch.setattr(P.Pending, name, lambda self, _o=orig, _n=name: (
+            fills.update([_n] if self.fill is not None else []), _o(self))[1])
     shape = (60, 60, 3) if big else (12, 12, 3)   # big: tiled BN views and several chunks
     rng = np.random.default_rng(1)
     x = rng.normal(size=(7, *shape)).astype(dtype)
     fused = _model(shape=shape, frozen_bn=frozen_bn).astype(dtype)
     plain = _unfused(_model(shape=shape, frozen_bn=frozen_bn).astype(dtype))
-    assert fused._fused_relu(1) is fused.layers[2] and plain._fused_relu(1) is None
+    assert [type(s) for s in fused.steps] == [ConvBNReLU, ConvBNReLU, Single, Single, BNReLU, Single, Single]
+    assert [type(s) for s in plain.steps] == [Single] * len(plain.layers)
     for _ in range(2):   # twice: running statistics updated from updated ones
         with engine_threads(2):
-            out_f, out_p = fused.logits(x, training=training), plain.logits(x, training=training)
+            fills.clear()
+            out_f = fused.logits(x, training=training)
+            forward_fills = fills.copy()
+            out_p = plain.logits(x, training=training)
             g = rng.normal(size=out_f.shape).astype(dtype)
-            dx_f, dx_p = fused.backward(g), plain.backward(g)
+            fills.clear()
+            dx_f = fused.backward(g)
+            backward_fills = fills.copy()
+            dx_p = plain.backward(g)
+        # forward: only the first BatchNorm has a hooked layer after it (a conv; the others feed Flatten and
+        # Dense); backward: both conv BatchNorms have their conv below them, the dense one completes alone
+        assert forward_fills == Counter(take=1, complete=2)
+        assert backward_fills == Counter(take=2, complete=1)
         _close(out_f, out_p, dtype)
         _close(dx_f, dx_p, dtype)
         grad_scale = max((float(np.abs(v).max()) for v in plain.gradients().values()), default=1.0)
@@ -63,10 +80,6 @@ def test_fused_equals_unfused(training, frozen_bn, big, dtype, monkeypatch):
         for (k, a), (_, b) in zip(fused.buffers().items(), plain.buffers().items()):
             _close(a, b, dtype, err_msg=k)
     assert [l.get_config() for l in fused.layers] == [l.get_config() for l in plain.layers]
-    # per pass (two passes): forward, only the first BatchNorm has a hooked layer after it (a conv; the
-    # others feed Flatten and Dense); backward, both conv BatchNorms have a conv below them
-    assert calls.count(("forward_relu", True, True)) == 2 and calls.count(("forward_relu", True, False)) == 4
-    assert calls.count(("backward_relu", True, True)) == 4 and calls.count(("backward_relu", True, False)) == 2
 
 
 def test_fused_is_deterministic_over_threads():
@@ -145,8 +158,8 @@ def _with_moving_stats(m, rng):
 
 @pytest.mark.parametrize("padding, use_bias", [("valid", True), ("same", False)])
 def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
-    """predict() runs Conv2D + BatchNorm (+ ReLU) as one conv with folded weights: same probabilities
-    as the separate inference layers, whether a ReLU follows or not."""
+    """predict() runs Conv2D + BatchNorm (+ ReLU) as one conv with folded weights (nn/inference.py), folded
+    once and kept: same probabilities as the separate inference layers, whether a ReLU follows or not."""
     rng = np.random.default_rng(4)
     layers = [Conv2D(4, 3, strides=2, padding=padding, use_bias=use_bias), BatchNorm(), ReLU(),
               Conv2D(6, 3, padding=padding, use_bias=use_bias), BatchNorm(),          # no ReLU after this one
@@ -154,17 +167,23 @@ def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
     m = _with_moving_stats(Sequential(layers, input_shape=(13, 13, 3), seed=0), rng)
     x = rng.normal(size=(5, 13, 13, 3)).astype(np.float32)
     folded = []
-    orig = Conv2D.forward_folded
-    monkeypatch.setattr(Conv2D, "forward_folded",
-                        lambda self, *a, **kw: (folded.append(kw.get("relu")), orig(self, *a, **kw))[1])
+    orig = inference.fold_batchnorm
+    monkeypatch.setattr(inference, "fold_batchnorm",
+                        lambda conv, bn: (folded.append((conv.name, bn.name)), orig(conv, bn))[1])
+    assert [repr(op) for op in m.predict_plan().ops] == [
+        "ConvOp(conv2d_1, batch_norm_1, relu_1)", "ConvOp(conv2d_2, batch_norm_2)", "DenseOp(flatten_1, dense_1)",
+        "LayerOp(softmax_1)"]
     expected = m.forward(x, training=False)           # cached forward: the separate layers
     assert folded == []
     got = m.predict(x, batch_size=2)
-    assert folded == [True, False] * 3                # three batches, two folded convs each
+    assert folded == [("conv2d_1", "batch_norm_1"), ("conv2d_2", "batch_norm_2")]   # once for three batches
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m.predict(x, batch_size=2), got)
+    assert len(folded) == 2                           # kept: the weights did not change
     # in float64 the folding is exact up to float64 rounding (predict returns float32)
     m.astype(np.float64)
     np.testing.assert_allclose(m.predict(x), m.forward(x).astype(np.float32), rtol=2e-7, atol=1e-8)
+    assert len(folded) == 4                           # folded again for the new dtype
 
 
 @pytest.mark.parametrize("upto", [1, 3, 4])
@@ -186,7 +205,7 @@ def test_fused_with_frozen_layers_equals_unfused(upto):
 
 
 def test_same_padding_convs_get_moments_but_no_chunk_hooks():
-    """A "same"-padded conv pads a copy of its input, so it takes no prologue; its batch moments still feed the
+    """A "same"-padded conv pads a copy of its input, so it takes no before hook; its batch moments still feed the
     BatchNorm after it. Fused equals separate layers (float64)."""
     def build():
         layers = [Conv2D(4, 3, padding="same"), BatchNorm(), ReLU(), Conv2D(5, 3, strides=2, padding="same"),
@@ -196,7 +215,8 @@ def test_same_padding_convs_get_moments_but_no_chunk_hooks():
     rng = np.random.default_rng(8)
     x = rng.normal(size=(4, 9, 9, 3))
     fused, plain = build(), _unfused(build())
-    assert not fused._hooked(3, len(fused.layers), +1)
+    assert [type(s) for s in fused.steps] == [ConvBNReLU, ConvBNReLU, Single, Single]
+    assert not any(s.hooked for s in fused.steps)
     out_f, out_p = fused.logits(x, training=True), plain.logits(x, training=True)
     _close(out_f, out_p, np.float64)
     g = rng.normal(size=out_f.shape)

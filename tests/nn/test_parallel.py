@@ -9,6 +9,7 @@ import pytest
 from breastcnn.models import create_model
 from breastcnn.nn import BatchNorm, Conv2D, MaxPool2D, ReLU
 from breastcnn.nn import functional as F
+from breastcnn.nn import inference as I
 from breastcnn.nn import layers as L
 from breastcnn.nn import parallel as P
 from tests.nn.gradcheck import check_layer
@@ -18,6 +19,7 @@ from tests.nn.gradcheck import check_layer
 def tiny_chunks(monkeypatch):
     """Force many chunks (1 image / a few rows each) so that tiny test arrays take the chunked paths."""
     monkeypatch.setattr(L, "chunk_size", lambda bytes_per_sample, budget=0: 1)
+    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)   # predict's images
 
 
 def _built(layer, shape, seed=0):
@@ -182,6 +184,7 @@ def test_chunked_gradients_match_unchunked(monkeypatch):
     # gradients that are 0 up to round-off, hence the tolerance relative to each array's scale
     loss_plain, g_plain = _gradients(1)
     monkeypatch.setattr(L, "chunk_size", lambda bytes_per_sample, budget=0: 1)
+    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)   # predict's images
     loss_chunk, g_chunk = _gradients(2)
     assert loss_chunk == pytest.approx(loss_plain, rel=1e-5)
     for key, ref in g_plain.items():
@@ -250,3 +253,52 @@ def test_batch_one_inference_skips_chunking_but_matches_batches():
     model = create_model("custom", input_shape=(64, 64, 3), seed=0)
     x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x, batch_size=1), model.predict(x, batch_size=3), rtol=1e-5, atol=1e-7)
+
+
+# -- thread settings: an instance setting of each model, observed through the engine's own bookkeeping --------------
+
+def test_observe_chunks_records_the_threads_map_chunks_ran_on():
+    with P.observe_chunks() as log:
+        P.map_chunks(lambda a, b: None, 3, 5)                 # one chunk: no bookkeeping, nothing to record
+        assert (log.calls, log.max_threads) == (0, 0)
+        with P.engine_threads(1):
+            P.map_chunks(lambda a, b: None, 8, 2)
+        assert (log.calls, log.max_threads) == (1, 1)
+        with P.engine_threads(2):
+            P.map_chunks(lambda a, b: None, 8, 2)
+            P.map_chunks(lambda a, b: None, 8, 8)
+        assert (log.calls, log.max_threads) == (2, 2)
+    P.map_chunks(lambda a, b: None, 8, 2)                     # outside the block: not recorded
+    assert log.calls == 2
+
+
+def test_threads_are_a_setting_of_each_model(tiny_chunks):
+    from breastcnn.nn import Sequential
+
+    assert "threads" not in vars(Sequential) and "blas_threads" not in vars(Sequential)
+    one = create_model("custom", input_shape=(64, 64, 3), seed=0)
+    two = create_model("custom", input_shape=(64, 64, 3), seed=0)
+    assert one.threads is None                                      # default: all available cores
+    assert one.thread_settings() == {"engine": P.available_cores(), "blas": 1}
+    one.threads, two.threads = 1, 2
+    assert one.thread_settings()["engine"] == 1 and two.thread_settings()["engine"] == 2
+    assert P.current_threads() == 1                                 # the caller's own setting is untouched
+    x = np.random.default_rng(0).normal(0, 30, size=(4, 64, 64, 3)).astype(np.float32)
+    y = np.array([0, 1, 0, 1])
+    for model, expected in ((one, 1), (two, 2)):
+        with P.observe_chunks() as log:
+            model.predict(x, batch_size=4)
+            model.train_on_batch(x, y)
+        assert log.calls > 0 and log.max_threads == expected
+    with two.using_threads(1), P.observe_chunks() as log:
+        two.predict(x, batch_size=4)
+    assert log.max_threads == 1 and two.threads == 2                # restored after the block
+    with P.observe_chunks() as log:
+        two.predict(x, batch_size=2, jobs=2)                        # joblib shards: one engine thread each
+    assert log.calls > 0 and log.max_threads == 1
+    np.testing.assert_array_equal(one.predict(x), two.predict(x))   # the setting never changes the values
+
+
+def test_available_cores_is_the_default_everywhere():
+    assert P.resolve_jobs(None) == P.resolve_jobs(0) == P.resolve_jobs(-1) == P.available_cores() >= 1
+    assert P.resolve_jobs(3) == 3
