@@ -154,7 +154,7 @@ def _synth_split(root: Path, scale: float, difficulty: str, jobs: int) -> Path:
 
 
 def _scores(model, split, subset: str) -> dict:
-    from breastcnn.inference import evaluate_model
+    from breastcnn.evaluation import evaluate_model
 
     m, rows = evaluate_model(model, split, subset)
     p_true = [r["probability"] if r["true_label"] == "malignant" else 1 - r["probability"] for r in rows]

@@ -6,7 +6,8 @@ ResNet50 fine-tuned in TensorFlow/Keras (an optional extra).
 
 Public API (kept stable for scripts)::
 
-    from breastcnn.models import create_model, load_model
+    from breastcnn.models import create_model, load_model, save_model
+    from breastcnn.evaluation import evaluate
 """
 
 __version__ = "0.1.0"

@@ -36,14 +36,27 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
+from breastcnn import inference
+from breastcnn.data.images import DEFAULT_JOBS, load_subset, preprocess
+from breastcnn.data.split import load_split
 from breastcnn.errors import MissingDependencyError, UserInputError
-from breastcnn.nn.parallel import available_cores
+from breastcnn.fsutil import atomic_write
+from breastcnn.metrics import classification_metrics
+from breastcnn.models import create_model, list_models, load_model, model_spec, save_model
+from breastcnn.models.keras_models import require_keras
+from breastcnn.models.registry import model_framework
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+from breastcnn.nn.optim import Adam
+from breastcnn.nn.parallel import available_cores, blas_thread_count, blas_threads
+from breastcnn.runs import environment_info, resolve_model_path
+from breastcnn.train import TrainConfig
 
 KERAS_NOTE = (
     "Keras latency/throughput are the compiled tf.function forward pass (KerasClassifier.predict); "
@@ -54,7 +67,10 @@ TIMING_NOTE = (
     "end-to-end = decode PNG + resize + preprocess + forward for one image; "
     "each measurement stops after --max-seconds (warm-up included, at least one timed call)."
 )
-KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
+KERAS_MODELS = tuple(list_models(framework="keras"))
+"""The Keras architectures of the model registry (TensorFlow is pinned when one is measured)."""
+DEFAULT_MODELS = ("custom", "vgg16", "resnet50")
+"""``bench --models`` by default: the report's three models."""
 REPORT_KERAS_TRAIN_BATCH = 64
 """The report's fine-tuning batch size: VGG16 takes ~46 s per step at 224x224 on 2 CPU cores, so the
 default train step runs at :attr:`BenchOptions.keras_train_batch_size` (the batch used is recorded)."""
@@ -74,7 +90,7 @@ class BenchOptions:
     Keras train step at batch 4. :data:`FULL_SETTINGS` are the report's (``--full``).
     """
 
-    image_size: int = 224
+    image_size: int = DEFAULT_IMAGE_SIZE
     batch_sizes: tuple[int, ...] = (1, 8)
     repeats: int = 50
     warmup: int = 2
@@ -87,7 +103,7 @@ class BenchOptions:
     weights: str = "none"
     seed: int = 0
 
-    def validate(self) -> "BenchOptions":
+    def validate(self) -> BenchOptions:
         """Raise :class:`UserInputError` naming the option for impossible values."""
         checks = [
             (self.image_size >= 32, "--image-size", self.image_size, "an integer >= 32"),
@@ -109,7 +125,7 @@ class BenchOptions:
         return self
 
     @classmethod
-    def full(cls, **overrides) -> "BenchOptions":
+    def full(cls, **overrides) -> BenchOptions:
         """The report's settings (:data:`FULL_SETTINGS`), then ``overrides``."""
         return cls(**{**FULL_SETTINGS, **overrides})
 
@@ -157,7 +173,7 @@ class _Messages(Progress):
         self.say(f"{model}: {what}")
 
 
-def as_progress(progress: "Progress | Callable[[str], None] | None") -> Progress:
+def as_progress(progress: Progress | Callable[[str], None] | None) -> Progress:
     """A :class:`Progress` from one, from a message callable, or from ``None`` (silent)."""
     if progress is None:
         return Progress()
@@ -197,8 +213,6 @@ def parse_model_files(items: Sequence[str], names: Sequence[str]) -> dict[str, P
             raise UserInputError(f"--model-file must be NAME=PATH, got {item!r}")
         if name not in names:
             raise UserInputError(f"--model-file {item!r}: {name!r} is not in --models ({', '.join(names)})")
-        from breastcnn.runs import resolve_model_path
-
         files[name] = resolve_model_path(path)
     return files
 
@@ -266,8 +280,6 @@ def pinned_threads(threads: int | None, tensorflow: bool) -> Iterator[dict]:
     TensorFlow's pools can only be set before its runtime starts; if it already
     has, the counts in force are recorded with a note.
     """
-    from breastcnn.nn.parallel import blas_thread_count, blas_threads
-
     n = int(threads) if threads else available_cores()
     info: dict = {"requested": n}
     with blas_threads(n):
@@ -278,8 +290,6 @@ def pinned_threads(threads: int | None, tensorflow: bool) -> Iterator[dict]:
 
 
 def _pin_tensorflow(n: int) -> dict:
-    from breastcnn.models.keras_models import require_keras
-
     try:
         require_keras()  # quiet TF logging, checks the backend
     except MissingDependencyError:
@@ -303,8 +313,6 @@ def _pin_tensorflow(n: int) -> dict:
 
 def machine_info(threads: dict) -> dict:
     """CPU model, cores, library versions (:func:`breastcnn.runs.environment_info`) and threads."""
-    from breastcnn.runs import environment_info
-
     env = environment_info()
     env["threads"] = threads
     return env
@@ -344,17 +352,13 @@ def _empty_entry(name: str) -> dict:
 
 def _load_or_create(name: str, path: Path | None, options: BenchOptions, workdir: Path):
     """The model to measure and its file (a fresh build, saved to ``workdir``, when no file)."""
-    from breastcnn.models import create_model, load_model
-
     if path is not None:
         return load_model(path), path, False
     kwargs = {}
-    if name in KERAS_MODELS:
+    if model_framework(name) == "keras":
         kwargs["weights"] = None if options.weights == "none" else options.weights
     model = create_model(name, input_shape=(options.image_size, options.image_size, 3), seed=options.seed, **kwargs)
-    suffix = ".npz" if model.framework == "numpy" else ".keras"
-    saved = workdir / f"{name}{suffix}"
-    model.save(saved)
+    saved = save_model(model, workdir / f"{name}{model_spec(model).capabilities.suffix}")
     return model, saved, True
 
 
@@ -367,10 +371,6 @@ def _rng_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 def _write_png(path: Path, rng: np.random.Generator) -> Path:
     """A 700x460 RGB PNG (the BreakHis image size) to time the end-to-end path on."""
-    from PIL import Image
-
-    from breastcnn.fsutil import atomic_write
-
     pixels = _rng_images(rng, 1, 1)[0, 0]
     image = np.broadcast_to(pixels, (460, 700, 3)).copy()
     image[::7] = 255 - image[::7]  # some structure so PNG compression is not trivial
@@ -381,7 +381,7 @@ def _write_png(path: Path, rng: np.random.Generator) -> Path:
 
 
 def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Path, split=None,
-                progress: "Progress | Callable[[str], None] | None" = None) -> dict:
+                progress: Progress | Callable[[str], None] | None = None) -> dict:
     """Measure one model; a missing optional dependency gives ``skipped`` (the reason), not an error.
 
     Args:
@@ -402,30 +402,10 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
         entry["skipped"] = str(exc)
         report.model_done(name)
         return entry
-    from breastcnn.data.images import preprocess
-
-    if model.framework == "onnx" and options.threads:   # ONNX Runtime's threads are set per session
-        model.set_threads(options.threads)
-    meta = dict(getattr(model, "meta", {}) or {})
-    size = int(meta.get("image_size") or options.image_size)
-    mode = meta.get("preprocess", "caffe")
-    entry.update(
-        framework=model.framework,
-        arch=meta.get("arch", name),
-        file=None if fresh else str(file),
-        image_size=size,
-        size_kb=round(file_size_kb(file), 1),
-    )
-    if fresh:
-        entry["notes"].append("freshly built, random weights: size and timings only"
-                              + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)"
-                                 if split is not None else ""))
-    if model.framework == "numpy":   # --threads flows down to the engine; record what is in force there
-        model.threads = options.threads
-        entry["threads"] = model.thread_settings()
-    counts = model.count_params()
-    entry["params_trainable"] = int(counts["trainable"])
-    entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
+    spec = model_spec(model)
+    can = spec.capabilities
+    size, mode = spec.image_size, spec.preprocess
+    _describe(model, entry, file, fresh, split is not None, options)
 
     def measure(what: str, fn: Callable[[], object], repeats: int, warmup: int) -> dict:
         report.measurement(name, what, warmup + repeats, options.max_seconds)
@@ -438,24 +418,15 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
     rng = np.random.default_rng(options.seed)
     # Forward pass on preprocessed arrays, per batch size (batch 1, the latency contract, even when not listed).
     batches = list(options.batch_sizes) + ([] if 1 in options.batch_sizes else [1])
-    planned = (len(batches) + (model.framework == "keras") + 1 + (split is not None and not fresh)
-               + (options.train_steps > 0 and model.framework != "onnx"))
+    planned = (len(batches) + (spec.framework == "keras") + 1 + (split is not None and not fresh)
+               + (options.train_steps > 0 and can.train_step))
     report.plan(name, planned)
-    for batch in batches:
-        x = preprocess(_rng_images(rng, batch, size), mode)
-        stats = measure(f"forward pass, batch {batch}", lambda: model.predict(x, batch_size=batch),
-                        options.repeats, options.warmup)
-        if batch in options.batch_sizes:
-            entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
-        entry["calls"][f"forward_b{batch}"] = stats["calls"]
-        if batch == 1:
-            entry["latency_ms_p50"] = round(stats["p50"], 3)
-            entry["latency_ms_p95"] = round(stats["p95"], 3)
-    if model.framework == "numpy":
+    _time_forward_passes(model, entry, batches, rng, size, mode, options, measure)
+    if can.engine_threads:
         _explain_slow_batches(model, entry, rng, size, mode, options, measure,
                               lambda extra: report.plan(name, planned + extra))
 
-    if model.framework == "keras":  # back the claim in KERAS_NOTE with a number
+    if spec.framework == "keras":  # back the claim in KERAS_NOTE with a number
         x = preprocess(_rng_images(rng, 1, size), mode)
         stats = measure("keras Model.predict(), batch 1", lambda: model.model.predict(x, verbose=0),
                         min(options.repeats, 5), 1)
@@ -472,12 +443,47 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
         entry.update(metrics)
 
     # Train step last: it updates the weights of the in-memory model.
-    if options.train_steps > 0 and model.framework == "onnx":
+    if options.train_steps > 0 and not can.train_step:
         entry["notes"].append("ONNX Runtime runs inference only: no train step")
     elif options.train_steps > 0:
         entry.update(_time_train_step(model, rng, size, mode, options, measure))
     report.model_done(name)
     return entry
+
+
+def _describe(model, entry: dict, file: Path, fresh: bool, with_split: bool, options: BenchOptions) -> None:
+    """Fill ``entry``'s framework, arch, file, size, parameter counts and threads; apply ``--threads``."""
+    spec = model_spec(model)
+    if spec.capabilities.session_threads and options.threads:   # ONNX Runtime's threads are set per session
+        model.set_threads(options.threads)
+    if spec.capabilities.engine_threads:   # --threads flows down to the engine; record what is in force there
+        model.threads = options.threads
+        entry["threads"] = model.thread_settings()
+    entry.update(framework=spec.framework, arch=spec.arch, file=None if fresh else str(file),
+                 image_size=spec.image_size, size_kb=round(file_size_kb(file), 1))
+    if fresh:
+        entry["notes"].append("freshly built, random weights: size and timings only"
+                              + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)"
+                                 if with_split else ""))
+    counts = model.count_params()
+    entry["params_trainable"] = int(counts["trainable"])
+    entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
+
+
+def _time_forward_passes(model, entry: dict, batches: list[int], rng, size: int, mode: str, options: BenchOptions,
+                         measure) -> None:
+    """Latency (batch 1) and throughput (each of ``options.batch_sizes``) of ``model.predict`` on
+    preprocessed arrays."""
+    for batch in batches:
+        x = preprocess(_rng_images(rng, batch, size), mode)
+        stats = measure(f"forward pass, batch {batch}", lambda x=x, batch=batch: model.predict(x, batch_size=batch),
+                        options.repeats, options.warmup)
+        if batch in options.batch_sizes:
+            entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
+        entry["calls"][f"forward_b{batch}"] = stats["calls"]
+        if batch == 1:
+            entry["latency_ms_p50"] = round(stats["p50"], 3)
+            entry["latency_ms_p95"] = round(stats["p95"], 3)
 
 
 def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options: BenchOptions, measure,
@@ -496,8 +502,6 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
     slow = [b for b in options.batch_sizes if b > 1 and single and entry["throughput_ips"][str(b)] < single]
     if not slow:
         return
-    from breastcnn.data.images import preprocess
-
     threads = getattr(model, "threads", None)
     one_thread, shares = {}, []
     if threads != 1 and available_cores() > 1:
@@ -507,7 +511,8 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
             for batch in slow:
                 x = preprocess(_rng_images(rng, batch, size), mode)
                 stats = measure(f"forward pass, batch {batch}, one engine thread",
-                                lambda: model.predict(x, batch_size=batch), options.repeats, options.warmup)
+                                lambda x=x, batch=batch: model.predict(x, batch_size=batch), options.repeats,
+                                options.warmup)
                 one_thread[str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
                 shares.append(stats["cpu_per_wall"])
         finally:
@@ -528,8 +533,6 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
 
 
 def _time_end_to_end(model, workdir: Path, rng: np.random.Generator, options: BenchOptions, measure) -> dict:
-    from breastcnn import inference
-
     png = str(_write_png(workdir / "bench-input.png", rng))
 
     def classify() -> None:
@@ -548,12 +551,7 @@ def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, 
     chunk); ``metrics_images`` / ``test_images`` say how many were scored, with a note when not all.
     Building the image cache (a one-off data step) is not part of the budget.
     """
-    from breastcnn.data.images import DEFAULT_JOBS, load_subset
-    from breastcnn.inference import model_input_spec, predict_uint8
-    from breastcnn.metrics import classification_metrics
-
-    size, _ = model_input_spec(model)
-    x, y = load_subset(split, "test", size, jobs=DEFAULT_JOBS)
+    x, y = load_subset(split, "test", model_spec(model).image_size, jobs=DEFAULT_JOBS)
     patients = np.asarray(split.patients("test"))
     total = len(y)
     if total == 0:
@@ -566,7 +564,7 @@ def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, 
         if i and spent >= options.max_seconds:
             break
         start = time.perf_counter()
-        probabilities.append(predict_uint8(model, x[index], batch_size=chunk))
+        probabilities.append(inference.predict_uint8(model, x[index], batch_size=chunk))
         spent += time.perf_counter() - start
         scored.append(index)
         report.tick(i + 1, spent)
@@ -582,9 +580,7 @@ def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, 
 
 def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, options: BenchOptions, measure) -> dict:
     """Median ms of one optimizer step (after one untimed step that builds optimizer state/traces)."""
-    from breastcnn.data.images import preprocess
-
-    batch = options.train_batch_size if model.framework == "numpy" else options.keras_train_batch_size
+    batch = options.train_batch_size if model_spec(model).framework == "numpy" else options.keras_train_batch_size
     x = preprocess(_rng_images(rng, batch, size), mode)
     y = np.arange(batch, dtype=np.int64) % 2
     step = _train_step_fn(model, x, y)
@@ -596,22 +592,17 @@ def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, opti
 def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
     """One optimizer step with the training settings of each side.
 
-    NumPy: ``train`` defaults (Adam at ``TrainConfig.lr``, L2 ``TrainConfig.l2``,
+    NumPy: ``train`` defaults (Adam at the default recipe's lr, its L2,
     weighted cross-entropy). Keras: as ``finetune`` compiles it (Adam 1e-4,
     sparse categorical cross-entropy, class weights), on the wrapped
     ``keras.Model`` through ``train_on_batch`` (a compiled train function).
     """
     weights = {0: 1.5, 1: 0.75}  # balanced-like weights: the same arithmetic as real ones
-    if model.framework == "numpy":
-        from breastcnn.nn.optim import Adam
-        from breastcnn.train import TrainConfig
-
+    if model_spec(model).framework == "numpy":
         defaults = TrainConfig().validate()  # the default recipe's lr and L2
         model.compile(optimizer=Adam(defaults.lr), l2=defaults.l2)
         cw = np.array([weights[0], weights[1]], dtype=np.float32)
         return lambda: model.train_on_batch(x, y, class_weights=cw)
-    from breastcnn.models.keras_models import require_keras
-
     keras = require_keras()
     kmodel = model.model
     kmodel.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-4), loss="sparse_categorical_crossentropy")
@@ -621,7 +612,7 @@ def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
 # ---------------------------------------------------------------- the run
 def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, options: BenchOptions | None = None,
               split_dir: str | os.PathLike | None = None,
-              progress: "Progress | Callable[[str], None] | None" = None,
+              progress: Progress | Callable[[str], None] | None = None,
               sources: dict[str, str] | None = None) -> dict:
     """Measure every model in one process; returns ``{"machine", "options", "notes", "models", "seconds"}``.
 
@@ -637,10 +628,8 @@ def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, 
     model_files = dict(model_files or {})
     split = None
     if split_dir is not None:
-        from breastcnn.data.split import load_split
-
         split = load_split(split_dir)
-    uses_tf = any(name in KERAS_MODELS for name in names) or any(
+    uses_tf = any(model_framework(name) == "keras" for name in names) or any(
         str(p).endswith(".keras") for p in model_files.values())
     entries = []
     with pinned_threads(options.threads, tensorflow=uses_tf and _tensorflow_importable()) as threads, \

@@ -41,9 +41,9 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from breastcnn import __version__
 from breastcnn.errors import BreastCNNError, MissingDependencyError, UserInputError
@@ -55,7 +55,6 @@ DASK_INSTALL = "pip install 'breastcnn[dask]'"
 CONNECT_TIMEOUT_S = 10.0
 WORKER_WAIT_S = 30.0
 MODEL_CACHE_SIZE = 2
-READER_CACHE_SIZE = 2
 
 
 def require_distributed():
@@ -82,7 +81,7 @@ class ModelPayload:
     """The model file's path on the client (for messages)."""
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "ModelPayload":
+    def from_path(cls, path: str | os.PathLike) -> ModelPayload:
         path = Path(path)
         names = [path]
         if path.suffix.lower() == ".keras":
@@ -103,15 +102,14 @@ class ModelPayload:
 
 @dataclass(frozen=True)
 class SlideSource:
-    """A slide for a worker to open itself (by absolute path)."""
+    """A slide for a worker to open itself (by absolute path; ``breastcnn.wsi.reader.resolve_reader``)."""
 
     path: str
 
 
-_MODELS: "collections.OrderedDict[str, object]" = collections.OrderedDict()
-_READERS: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+_MODELS: collections.OrderedDict[str, object] = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
-MODEL_LOADS: "collections.Counter[str]" = collections.Counter()
+MODEL_LOADS: collections.Counter[str] = collections.Counter()
 """How many times this process loaded each shipped model (by digest): once, then the cache answers."""
 
 
@@ -146,29 +144,6 @@ def resolve_model(source):
             while len(_MODELS) > MODEL_CACHE_SIZE:
                 _MODELS.popitem(last=False)
         return model
-
-
-def resolve_reader(source):
-    """A slide reader from a local reader (as is) or a :class:`SlideSource` (opened once per process)."""
-    if not isinstance(source, SlideSource):
-        return source
-    key = source.path
-    with _CACHE_LOCK:
-        try:
-            stat = os.stat(key)
-        except OSError as exc:
-            raise UserInputError(f"{key}: worker {socket.gethostname()} cannot read it ({exc.strerror}); "
-                                 "workers open slides at the client's path: use a shared filesystem") from None
-        key = f"{key}\0{stat.st_mtime_ns}\0{stat.st_size}"
-        reader = _READERS.get(key)
-        if reader is None:
-            from breastcnn.wsi.reader import open_slide
-
-            reader = open_slide(source.path)
-            _READERS[key] = reader
-            while len(_READERS) > READER_CACHE_SIZE:
-                _READERS.popitem(last=False)[1].close()
-        return reader
 
 
 # --------------------------------------------------------------------------- executors
@@ -258,14 +233,15 @@ def scheduler_address(option: str | None) -> str | None:
 def predict_paths_task(model_source, paths: Sequence[str], read_paths: Sequence[str], threshold: float,
                        batch_size: int, threads: int | None = None) -> list:
     """Decode and classify one batch (runs on a worker); ``read_paths`` are the absolute paths to open."""
-    from breastcnn.inference import _decode_chunk, chunk_predictions, model_input_spec
+    from breastcnn.inference import _decode_chunk, chunk_predictions
+    from breastcnn.models import model_spec
 
     model = resolve_model(model_source)
-    size, _ = model_input_spec(model)
+    size = model_spec(model).image_size
     decoded = _decode_chunk(list(read_paths), size)
     # error messages name the path as the user gave it
     decoded = [(img, None if err is None else err.replace(read, shown, 1))
-               for (img, err), read, shown in zip(decoded, read_paths, paths)]
+               for (img, err), read, shown in zip(decoded, read_paths, paths, strict=True)]
     return chunk_predictions(model, list(paths), decoded, threshold, batch_size, threads)
 
 

@@ -18,7 +18,8 @@ softmax when the model is confident.
   ``conv5_block3_out``, custom-keras the block :func:`choose_gradcam_layer` picks).
 
 The default Grad-CAM layer is ``model.gradcam_layer`` when the model has one
-(VGG16, ResNet50, custom-keras), else :func:`choose_gradcam_layer`: the output
+(VGG16, ResNet50, custom-keras), else :func:`choose_gradcam_layer` (in
+``models/structure.py``, which the models layer uses too): the output
 of the last conv *block* whose map is at least :data:`MIN_GRADCAM_GRID` cells
 across (custom-keras gets its layer by the same rule, so a NumPy model and its
 Keras export explain the same layer). Feature maps show each conv block's
@@ -32,82 +33,31 @@ never prints.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
+from breastcnn.data.images import decode_image, preprocess
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
+from breastcnn.models.classifier import capabilities, framework_of, model_spec
+from breastcnn.models.structure import MIN_GRADCAM_GRID, choose_gradcam_layer, conv_blocks, keras_model, layer_index
 
-MIN_GRADCAM_GRID = 8
-"""Grad-CAM's default layer has an output at least this many cells across. The report's custom model
-ends on a 4x4 map at 160 px (6x6 at 224): one cell covers a sixteenth of the image and the map is one
-blob (the demo's was almost all red); its second block (19x19 at 160 px, 27x27 at 224) localises."""
-
-# Layers that belong to a conv block when they directly follow a Conv2D.
-_BLOCK_TAIL_CLASSES = ("BatchNorm", "ReLU", "LeakyReLU")
-_KERAS_BLOCK_TAIL_CLASSES = ("BatchNormalization", "ReLU", "LeakyReLU", "Activation")
+__all__ = ["CLASS_CHOICES", "MIN_GRADCAM_GRID", "cam_from_parts", "choose_gradcam_layer", "conv_blocks",
+           "default_gradcam_layer", "explain_image", "feature_maps", "gradcam", "gradcam_parts", "normalise_maps",
+           "overlay", "plot_feature_grid", "plot_gradcam", "plot_input", "resolve_class", "tile_maps",
+           "upsample_heatmap"]
 
 
 # --------------------------------------------------------------------- layers
-def conv_blocks(model) -> list[tuple[str, str]]:
-    """The conv blocks of a model: ``[(conv_layer_name, block_output_layer_name), ...]``.
-
-    A block is a conv layer plus the BatchNorm/activation layers right after it;
-    its output is what feature maps show and what Grad-CAM weighs. Works for
-    NumPy ``Sequential`` models, ``KerasClassifier`` and plain ``keras.Model``
-    (where a conv with a fused activation, as in VGG16, is its own block).
-    """
-    if _framework(model) == "numpy":
-        layers = list(model.layers)
-        names = [layer.name for layer in layers]
-        classes = [type(layer).__name__ for layer in layers]
-        tails = _BLOCK_TAIL_CLASSES
-    else:
-        kmodel = _keras_model(model)
-        layers = [layer for layer in kmodel.layers if _keras_output_rank(layer) == 4]
-        names = [layer.name for layer in layers]
-        classes = [type(layer).__name__ for layer in layers]
-        tails = _KERAS_BLOCK_TAIL_CLASSES
-    blocks = []
-    for i, cls in enumerate(classes):
-        if cls not in ("Conv2D",):
-            continue
-        end = i
-        while end + 1 < len(classes) and classes[end + 1] in tails:
-            end += 1
-        blocks.append((names[i], names[end]))
-    return blocks
-
-
 def default_gradcam_layer(model) -> str:
     """Name of the layer Grad-CAM uses by default (see the module docstring)."""
     layer = getattr(model, "gradcam_layer", None)
     if isinstance(layer, str) and layer:
         return layer
     return choose_gradcam_layer(model)
-
-
-def choose_gradcam_layer(model) -> str:
-    """The output layer of the last conv block whose map is at least :data:`MIN_GRADCAM_GRID` cells
-    across (else of the last block): fine enough to localise, as deep as that allows."""
-    blocks = conv_blocks(model)
-    if not blocks:
-        raise UserInputError(f"model {_arch(model)!r} has no conv layer for Grad-CAM")
-    for _, output in reversed(blocks):
-        if min(_spatial_size(model, output)) >= MIN_GRADCAM_GRID:
-            return output
-    return blocks[-1][1]
-
-
-def _spatial_size(model, name: str) -> tuple[int, int]:
-    """``(H', W')`` of a 4-D layer output."""
-    if _framework(model) == "numpy":
-        shape = model.layers[_layer_index(model, name)].output_shape
-    else:
-        shape = tuple(_keras_model(model).get_layer(name).output.shape)[1:]
-    return int(shape[0]), int(shape[1])
 
 
 def _check_input(model, x: np.ndarray) -> np.ndarray:
@@ -122,13 +72,6 @@ def _check_input(model, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _layer_index(model, name: str) -> int:
-    names = [layer.name for layer in model.layers]
-    if name not in names:
-        raise UserInputError(f"--layers: no layer named {name!r} in the model; layers: {', '.join(names)}")
-    return names.index(name)
-
-
 # ---------------------------------------------------------------- NumPy side
 def _numpy_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: str):
     """Activations ``(H', W', K)``, d logit_c / d activations (same shape), logits ``(C,)``, class.
@@ -138,7 +81,7 @@ def _numpy_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: s
     of a one-hot at the logits down to the output of ``layer``. The layers'
     ``grads`` are restored afterwards, so nothing about the model changes.
     """
-    index = _layer_index(model, layer)
+    index = layer_index(model, layer)
     top = model.logits_index
     if index > top:
         raise UserInputError(f"--layer {layer!r} comes after the logits; pick a conv layer")
@@ -154,7 +97,7 @@ def _numpy_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: s
         try:
             grad = model.backward(grad, start=top, stop=index + 1)  # dlogit_c / d(output of layer index)
         finally:
-            for layer_, grads in zip(model.layers, saved):
+            for layer_, grads in zip(model.layers, saved, strict=True):
                 layer_.grads = grads
     return activations[0], grad[0], logits[0], c
 
@@ -167,22 +110,6 @@ def _check_class(class_index: int, num_classes: int) -> int:
 
 
 # ---------------------------------------------------------------- Keras side
-def _keras_model(model):
-    """The underlying ``keras.Model`` of a KerasClassifier (or the model itself)."""
-    for attr in ("model", "keras_model", "kmodel"):
-        inner = getattr(model, attr, None)
-        if inner is not None and hasattr(inner, "layers"):
-            return inner
-    return model
-
-
-def _keras_output_rank(layer) -> int:
-    try:
-        return len(layer.output.shape)
-    except (AttributeError, ValueError):
-        return -1
-
-
 def _keras_logits_model(kmodel, layer: str):
     """``keras.Model`` mapping the input to ``[activations, logits]``.
 
@@ -209,7 +136,7 @@ def _keras_logits_model(kmodel, layer: str):
 def _keras_gradcam_parts(model, x: np.ndarray, class_index: int | None, layer: str):
     import tensorflow as tf
 
-    kmodel = _keras_model(model)
+    kmodel = keras_model(model)
     grad_model, dense = _keras_logits_model(kmodel, layer)
     xt = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
@@ -273,8 +200,6 @@ def gradcam(model, x_preprocessed: np.ndarray, class_index: int | None = None, l
 
 def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a ``(h, w)`` heatmap in [0, 1] to ``size`` (``(H, W)`` or ``S``)."""
-    from PIL import Image
-
     height, width = (size, size) if isinstance(size, int) else size
     image = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
     resized = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32)
@@ -318,7 +243,7 @@ def feature_maps(model, x_preprocessed: np.ndarray, layers: Sequence[str] | None
     if not wanted:
         raise UserInputError(f"model {_arch(model)!r} has no conv layer to show")
     if _framework(model) == "numpy":
-        index = {name: _layer_index(model, out) for name, out in wanted}
+        index = {name: layer_index(model, out) for name, out in wanted}
         outputs = model.activations(x, training=False)
         result = {}
         for name, i in index.items():
@@ -328,7 +253,7 @@ def feature_maps(model, x_preprocessed: np.ndarray, layers: Sequence[str] | None
         return result
     import keras
 
-    kmodel = _keras_model(model)
+    kmodel = keras_model(model)
     outputs = []
     for name, out in wanted:
         try:
@@ -339,7 +264,7 @@ def feature_maps(model, x_preprocessed: np.ndarray, layers: Sequence[str] | None
     if not isinstance(values, (list, tuple)):
         values = [values]
     result = {}
-    for (name, _), value in zip(wanted, values):
+    for (name, _), value in zip(wanted, values, strict=True):
         arr = np.asarray(value)
         if arr.ndim != 4:
             raise UserInputError(f"--layers: {name!r} has output shape {arr.shape[1:]}, not (H, W, C)")
@@ -385,7 +310,8 @@ def tile_maps(maps: np.ndarray, pad: int = 1) -> np.ndarray:
     mosaic = np.full((rows * (height + pad) - pad, cols * (width + pad) - pad), np.nan, dtype=np.float32)
     for k in range(count):
         r, c = divmod(k, cols)
-        mosaic[r * (height + pad) : r * (height + pad) + height, c * (width + pad) : c * (width + pad) + width] = maps[:, :, k]
+        top, left = r * (height + pad), c * (width + pad)
+        mosaic[top : top + height, left : left + width] = maps[:, :, k]
     return mosaic
 
 
@@ -415,7 +341,8 @@ def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | 
         pre = pre[0]
     shown = normalise_maps(pre[..., ::-1] if mode == "caffe" else pre)  # caffe is BGR: show as RGB
     fig = _figure(7.0, 3.8)
-    for i, (img, label) in enumerate(((image_uint8, "input (RGB, resized)"), (shown, "preprocessed (per channel rescaled)"))):
+    panels = ((image_uint8, "input (RGB, resized)"), (shown, "preprocessed (per channel rescaled)"))
+    for i, (img, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.imshow(img)
         ax.set_title(label, fontsize=8)
@@ -425,7 +352,8 @@ def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | 
     return _save_figure(fig, path)
 
 
-def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str, alpha: float = 0.6) -> Path:
+def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str,
+                 alpha: float = 0.6) -> Path:
     """Input, heatmap and overlay side by side, with a colour bar."""
     blended = overlay(image_uint8, heatmap, alpha=alpha)
     fig = _figure(10.5, 3.8)
@@ -450,17 +378,16 @@ def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path,
 def _framework(model) -> str:
     """``"numpy"`` for Sequential, ``"keras"`` for KerasClassifier and plain keras.Model.
 
-    An ONNX export holds only the folded inference graph (no layer outputs, no gradients): refused."""
-    framework = getattr(model, "framework", None) or "keras"
-    if framework == "onnx":
+    A model without layer outputs (an ONNX export holds only the folded inference graph: no layer outputs,
+    no gradients) is refused."""
+    if not capabilities(model).layer_outputs:
         raise UserInputError("feature maps and Grad-CAM need the NumPy .npz or Keras .keras model; an ONNX "
                              "export holds only the inference graph (use the model it was exported from)")
-    return framework
+    return framework_of(model)
 
 
 def _arch(model) -> str:
-    meta: Any = getattr(model, "meta", None) or {}
-    return str(meta.get("arch", type(model).__name__))
+    return str((getattr(model, "meta", None) or {}).get("arch", type(model).__name__))
 
 
 # ------------------------------------------------------------ one image, all plots
@@ -468,12 +395,12 @@ CLASS_CHOICES = ("predicted", "benign", "malignant")
 
 
 def resolve_class(model, which: str | int | None, probabilities: np.ndarray) -> int:
-    """``"predicted"``/``None`` -> argmax; a class name -> its index in ``model.meta["classes"]``."""
+    """``"predicted"``/``None`` -> argmax; a class name -> its index in ``model.spec.classes``."""
     if which is None or which == "predicted":
         return int(np.argmax(probabilities))
     if isinstance(which, (int, np.integer)):
         return _check_class(int(which), len(probabilities))
-    classes = list((getattr(model, "meta", {}) or {}).get("classes") or [])
+    classes = list(model_spec(model).classes)
     if which not in classes:
         raise UserInputError(f"--class must be predicted or one of {', '.join(classes)}, got {which!r}")
     return classes.index(which)
@@ -495,14 +422,9 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
     ``probabilities`` (class -> p), ``files`` (paths written) and, with
     Grad-CAM, ``gradcam`` (``class``, ``layer``, ``shape``, ``file``).
     """
-    from breastcnn.data.images import decode_image, preprocess
-
     _framework(model)   # refuse an ONNX model before anything is written
-    meta = dict(getattr(model, "meta", {}) or {})
-    size = int(meta.get("image_size") or 224)
-    mode = meta.get("preprocess", "caffe")
-    classes = list(meta.get("classes") or ("benign", "malignant"))
-    arch = meta.get("arch", "model")
+    spec = model_spec(model)
+    size, mode, classes, arch = spec.image_size, spec.preprocess, list(spec.classes), spec.arch
     out_dir = Path(out_dir)
     image = decode_image(image_path, size)                     # (S, S, 3) uint8
     x = preprocess(image[None], mode)                          # (1, S, S, 3) float32
@@ -519,7 +441,7 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
         "image": str(image_path),
         "model": arch,
         "predicted": classes[predicted],
-        "probabilities": {c: float(p) for c, p in zip(classes, probabilities)},
+        "probabilities": {c: float(p) for c, p in zip(classes, probabilities, strict=True)},
         "layers": list(maps),
         "files": [str(f) for f in files],
         "gradcam": None,

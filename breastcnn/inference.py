@@ -1,30 +1,33 @@
-"""Inference for any classifier: evaluate on a split subset, predict image files.
+"""Run any classifier on images: predict image files, and the helpers evaluation shares.
 
 Works only through the classifier interface (``model.predict(x_pre,
-batch_size)``, ``model.meta["image_size"]``, ``model.meta["preprocess"]``,
-``model.framework``), so NumPy ``.npz`` and Keras ``.keras`` models are
-treated the same.
+batch_size)`` and the model's :class:`~breastcnn.models.spec.ModelSpec`:
+``image_size``, ``preprocess``, ``capabilities``), so NumPy ``.npz``, Keras
+``.keras`` and ONNX models are treated the same. Scoring a split lives in
+:mod:`breastcnn.evaluation`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import io
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from breastcnn import CLASSES
+from breastcnn.data.images import decode_image, preprocess
 from breastcnn.errors import UserInputError
+from breastcnn.models.classifier import capabilities, model_source, model_spec
+from breastcnn.nn.parallel import resolve_jobs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 """File types picked up when a folder is given (case-insensitive)."""
-
-PREDICTION_COLUMNS = ("path", "true_label", "probability", "predicted_label", "patient")
-"""Columns of ``predictions.csv`` written by ``evaluate`` (probability = P(malignant))."""
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 """Text cells starting with these are formulas to a spreadsheet (OWASP "CSV injection")."""
@@ -41,11 +44,6 @@ def csv_cell(value):
     return value
 
 
-def model_name(model) -> str:
-    """The model's file for messages (``load_model`` records it), else a generic name."""
-    return str(getattr(model, "source", None) or "the model")
-
-
 def check_threads(threads: int | None) -> None:
     """``--threads``: None (the model's setting: all available cores by default) or >= 1."""
     if threads is not None and threads < 1:
@@ -55,92 +53,27 @@ def check_threads(threads: int | None) -> None:
 def model_threads(model, threads: int | None):
     """A context in which a NumPy model runs on ``threads`` engine threads (None: its own setting).
 
-    Keras models keep TensorFlow's thread pools: a no-op for them."""
+    Models without engine threads (Keras: TensorFlow's pools; ONNX Runtime: its session) are left as they are."""
     check_threads(threads)
-    if threads is None or getattr(model, "framework", None) != "numpy":
+    if threads is None or not capabilities(model).engine_threads:
         return contextlib.nullcontext(model)
     return model.using_threads(threads)
 
 
-def model_input_spec(model) -> tuple[int, str]:
-    """``(image_size, preprocess mode)`` from a model's meta, with a clear error when absent."""
-    meta = getattr(model, "meta", None) or {}
-    try:
-        size = int(meta["image_size"])
-        mode = str(meta["preprocess"])
-    except (KeyError, TypeError, ValueError):
-        raise UserInputError(
-            f"the model's metadata lacks image_size/preprocess (got {sorted(meta)}); it cannot preprocess images"
-        ) from None
-    return size, mode
-
-
-def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512) -> np.ndarray:
+def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
     """P(malignant) ``(N,)`` float32 for uint8 images ``(N, S, S, 3)``, preprocessing chunk by chunk.
 
-    Chunks keep the float32 copy small (a 224px float image is 600 KB).
+    Chunks keep the float32 copy small (a 224px float image is 600 KB); ``progress(n)`` after each.
     """
-    from breastcnn.data.images import preprocess
-
-    _, mode = model_input_spec(model)
+    mode = model_spec(model).preprocess
     out = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), chunk):
         probs = model.predict(preprocess(x[start : start + chunk], mode), batch_size=batch_size)
         out[start : start + chunk] = probs[:, 1]
+        if progress is not None:
+            progress(len(probs))
     return out
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def evaluate_model(
-    model,
-    split,
-    subset: str = "test",
-    threshold: float = 0.5,
-    jobs: int = 1,
-    batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
-    threads: int | None = None,
-) -> tuple[dict, list[dict]]:
-    """Score ``model`` on ``subset`` of ``split`` (a loaded ``Split``).
-
-    Returns ``(metrics, rows)``: metrics from :func:`breastcnn.metrics.classification_metrics`
-    (patient-level accuracy included) and one row per image with
-    :data:`PREDICTION_COLUMNS` (path relative to the data root).
-    ``threads``: engine threads of a NumPy model (None: the model's setting, all available cores).
-    """
-    from breastcnn.data.images import load_subset
-    from breastcnn.metrics import classification_metrics
-
-    size, _ = model_input_spec(model)
-    check_threads(threads)
-    records = split.subset(subset)
-    if not records:
-        raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
-    x, y = load_subset(split, subset, size, jobs=jobs, progress=progress)
-    with model_threads(model, threads):
-        p = predict_uint8(model, x, batch_size=batch_size)
-    bad = np.flatnonzero(~np.isfinite(p))
-    if bad.size:
-        raise UserInputError(
-            f"{model_name(model)}: the model gives non-finite probabilities for {bad.size} of {len(p)} {subset} "
-            f"images (e.g. {records[bad[0]].path}); its weights are unusable"
-        )
-    patients = split.patients(subset)
-    metrics = classification_metrics(y, p, threshold=threshold, patients=patients)
-    metrics["subset"] = subset
-    rows = [
-        {
-            "path": record.path,
-            "true_label": CLASSES[int(label)],
-            "probability": float(prob),
-            "predicted_label": CLASSES[int(prob >= threshold)],
-            "patient": patient,
-        }
-        for record, label, prob, patient in zip(records, y, p, patients)
-    ]
-    return metrics, rows
 
 
 # --------------------------------------------------------------------------- predict
@@ -203,8 +136,6 @@ def collect_images(items: Sequence[str | os.PathLike]) -> tuple[list[str], list[
 
 
 def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    from breastcnn.data.images import decode_image
-
     try:
         return decode_image(path, size), None
     except Exception as exc:  # any decoder failure is reported per file, the others go on
@@ -233,14 +164,12 @@ def predict_paths(
     Results come in input order. ``threads``: engine threads of a NumPy model
     (None: the model's setting, all available cores).
     """
-    from joblib import Parallel, delayed
-
-    from breastcnn.nn.parallel import resolve_jobs
+    from joblib import Parallel, delayed  # third-party, imported when used: it costs CLI start-up time
 
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
     check_threads(threads)
-    size, _ = model_input_spec(model)
+    size = model_spec(model).image_size
     jobs = resolve_jobs(jobs)
     chunk = max(1, batch_size) * 4 * jobs
     per_worker = max(1, -(-chunk // jobs))
@@ -264,20 +193,18 @@ def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.nda
     ``decoded[i]`` is ``(image, None)`` or ``(None, error message)``. Shared by
     :func:`predict_paths` and the cluster tasks (:mod:`breastcnn.cluster`).
     """
-    from breastcnn.data.images import preprocess
-
-    _, mode = model_input_spec(model)
+    mode = model_spec(model).preprocess
     good = [i for i, (img, _) in enumerate(decoded) if img is not None]
     probs = np.empty(0, np.float32)
     if good:
         x = np.stack([decoded[i][0] for i in good])
         with model_threads(model, threads):
             probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
-    by_index = dict(zip(good, probs))
+    by_index = dict(zip(good, probs, strict=True))
     results = []
     for i, path in enumerate(part):
         if i in by_index and not np.isfinite(by_index[i]):
-            results.append(Prediction(path, error=f"{path}: {model_name(model)} gives a non-finite probability "
+            results.append(Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "
                                                   f"({by_index[i]}) for this image; not classified"))
         elif i in by_index:
             p = float(by_index[i])
@@ -289,9 +216,6 @@ def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.nda
 
 def predictions_csv_rows(rows: Iterable[dict], columns: Sequence[str]) -> str:
     """CSV text (header + rows) for ``columns``; floats with 6 decimals, text cells through :func:`csv_cell`."""
-    import csv
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -7,17 +7,9 @@ returns JSON-serialisable Python values (floats, ints, lists, None).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
 
 from breastcnn.errors import UserInputError
 
@@ -74,6 +66,8 @@ def classification_metrics(
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
     y_pred = (p >= threshold).astype(np.int64)
+    # scikit-learn takes ~0.5 s to import: imported here, not when a command merely starts
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
     cm = confusion_matrix(y, y_pred, labels=[0, 1])
     result: dict = {

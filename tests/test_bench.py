@@ -11,7 +11,7 @@ import pytest
 from breastcnn import bench
 from breastcnn.errors import MissingDependencyError, UserInputError
 from breastcnn.metrics import METRIC_KEYS
-from breastcnn.models import create_model
+from breastcnn.models import create_model, save_model
 
 REQUIRED = ("model", "params_total", "params_trainable", "size_kb", "latency_ms_p50", "latency_ms_p95",
             "throughput_ips", "train_step_ms", "skipped")
@@ -123,6 +123,7 @@ def test_missing_dependency_is_reported_as_skipped(monkeypatch):
     assert "| vgg16 | skipped: TensorFlow is not installed" in markdown
 
 
+@pytest.mark.slow  # test metrics of a bench run (8 s)
 def test_metrics_from_a_split_and_a_model_file(tmp_path):
     from breastcnn.data import synth
     from breastcnn.data.split import create_split
@@ -130,7 +131,7 @@ def test_metrics_from_a_split_and_a_model_file(tmp_path):
     tree = synth.generate(tmp_path / "data", scale=0.01, seed=0, jobs=2)
     create_split(tree["root"], mag="200X", out=tmp_path / "split")
     model_file = tmp_path / "model.npz"
-    create_model("custom", input_shape=(64, 64, 3)).save(model_file)
+    save_model(create_model("custom", input_shape=(64, 64, 3)), model_file)
     result = bench.run_bench(["custom"], {"custom": model_file}, bench.BenchOptions(**{**TINY, "train_steps": 0}),
                              split_dir=tmp_path / "split")
     (entry,) = result["models"]
@@ -234,10 +235,9 @@ def test_every_measurement_is_capped_and_reported(tmp_path):
     assert sum(e[0] == "tick" for e in recorder.events) >= 2 * len(starts)   # warm-up + timed calls
 
 
-def test_test_metrics_are_capped_on_a_seeded_sample_and_match_evaluate_when_complete(tmp_path):
+def test_test_metrics_are_capped_on_a_seeded_sample_and_match_evaluate_when_complete(tmp_path, make_breakhis_tree):
     from breastcnn.data.split import create_split, load_split
-    from breastcnn.inference import evaluate_model
-    from tests.data.conftest import make_breakhis_tree
+    from breastcnn.evaluation import evaluate_model
 
     create_split(make_breakhis_tree(tmp_path, traps=False), mag="200X", out=tmp_path / "split", jobs=1)
     split = load_split(tmp_path / "split")

@@ -169,7 +169,8 @@ def test_payload_of_a_keras_model_carries_its_sidecar(tmp_path):
 
 
 def test_a_slide_the_worker_cannot_see_is_named(tmp_path):
-    from breastcnn.cluster import SlideSource, resolve_reader
+    from breastcnn.cluster import SlideSource
+    from breastcnn.wsi.reader import resolve_reader
     from breastcnn.errors import UserInputError
 
     with pytest.raises(UserInputError, match=r"nowhere\.svs: worker .* cannot read it .*shared filesystem"):

@@ -50,32 +50,31 @@ def test_atomic_writes_get_the_umask_mode_not_0600(mask, expected, tmp_path):
 
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600)])
 def test_model_npz_and_plots_get_the_umask_mode(mask, expected, tmp_path):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
     from breastcnn.plots import plot_confusion
 
     model = create_model("custom", input_shape=(64, 64, 3), seed=0)
     with umask(mask):
-        model.save(tmp_path / "model.npz")
+        save_model(model, tmp_path / "model.npz")
         plot_confusion([[3, 1], [0, 4]], tmp_path / "confusion.png")
     assert mode(tmp_path / "model.npz") == expected
     assert mode(tmp_path / "confusion.png") == expected
 
 
 def test_keras_model_and_sidecar_get_the_umask_mode(keras, tmp_path):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     model = create_model("custom-keras", input_shape=(64, 64, 3), seed=0)
     with umask(0o022):
-        path = model.save(tmp_path / "m.keras")
+        path = save_model(model, tmp_path / "m.keras")
     assert mode(path) == 0o644
     assert all(mode(p) == 0o644 for p in tmp_path.iterdir()), {p.name: oct(mode(p)) for p in tmp_path.iterdir()}
 
 
-def test_synthetic_tree_and_split_outputs_are_readable_by_others(tmp_path, monkeypatch):
+def test_synthetic_tree_and_split_outputs_are_readable_by_others(tmp_path, monkeypatch, make_breakhis_tree):
     """mkdtemp gives 0700: the synthetic tree renamed from it must get the umask's 0755."""
     from breastcnn.data import synth
     from breastcnn.data.split import create_split
-    from tests.data.conftest import make_breakhis_tree
 
     full_plan = synth.plan
     monkeypatch.setattr(synth, "plan", lambda scale, mags: full_plan(scale, mags)[:3])  # 3 images suffice

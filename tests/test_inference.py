@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from breastcnn.errors import UserInputError
-from breastcnn.inference import collect_images, evaluate_model, predict_paths, predict_uint8
-from tests.test_train import synth_split
+from breastcnn.evaluation import evaluate_model
+from breastcnn.inference import collect_images, predict_paths, predict_uint8
 
 
 class MeanRedClassifier:
@@ -92,10 +92,10 @@ def test_model_without_input_metadata_is_a_clear_error():
         predict_uint8(model, np.zeros((1, 16, 16, 3), np.uint8))
 
 
-def test_evaluate_model_any_classifier_rows_match_metrics(tmp_path_factory):
+def test_evaluate_model_any_classifier_rows_match_metrics(synth_split):
     from breastcnn.data.split import load_split
 
-    split = load_split(synth_split(tmp_path_factory))
+    split = load_split(synth_split)
     model = MeanRedClassifier()
     metrics, rows = evaluate_model(model, split, "test", threshold=0.5)
     test_rows = split.subset("test")

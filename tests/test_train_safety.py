@@ -27,7 +27,6 @@ from breastcnn.data.split import create_split, load_split
 from breastcnn.errors import UserInputError
 from breastcnn.runs import TrainingCallback
 from breastcnn.train import TrainConfig, run_training
-from tests.data.conftest import make_breakhis_tree
 
 SIZE = 64
 
@@ -37,7 +36,7 @@ def _run(args):
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
+def tree(tmp_path_factory, make_breakhis_tree):
     """A small BreakHis tree (16 patients, about 90 images of 40x30 px) without trap files."""
     return make_breakhis_tree(tmp_path_factory.mktemp("train_safety"), traps=False)
 
@@ -249,7 +248,8 @@ def test_summary_json_that_is_not_an_object(split_dir, tmp_path):
 # --------------------------------------------------------------------------- item 12
 
 
-def test_failed_starts_leave_no_run_dir_and_latest_keeps_the_last_model(tree, split_dir, tmp_path, monkeypatch):
+def test_failed_starts_leave_no_run_dir_and_latest_keeps_the_last_model(tree, split_dir, tmp_path, monkeypatch,
+                                                                          make_breakhis_tree):
     monkeypatch.chdir(tmp_path)
     first = run_training(_config(split_dir, epochs=1, evals_per_epoch=1))
     good = Path(first["run_dir"]).resolve()
@@ -285,7 +285,7 @@ def test_failed_starts_leave_no_run_dir_and_latest_keeps_the_last_model(tree, sp
 # --------------------------------------------------------------------------- item 13
 
 
-def test_one_class_training_data_is_refused(tmp_path):
+def test_one_class_training_data_is_refused(tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path / "src", patients=(8, 0), traps=False)
     info = create_split(data, "200X", out=tmp_path / "s")
     assert any("only benign" in w for w in info["warnings"])

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import List, Optional
 
 import typer
+from rich.table import Table
 
-from breastcnn.bench import FULL_SETTINGS, BenchOptions
-from breastcnn.bench import Progress as _HarnessProgress
+from breastcnn import bench as harness
+from breastcnn.bench import DEFAULT_MODELS, FULL_SETTINGS, BenchOptions
 from breastcnn.cli.common import info, make_progress, print_json, print_table, progress_enabled, stdout, warn
+from breastcnn.data.split import fold_dirs
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
+from breastcnn.models import list_models
+from breastcnn.runs import latest_run_dir, model_in_dir, read_run_config
 
 _DEFAULTS = {f.name: f.default for f in fields(BenchOptions)}
 
@@ -39,11 +44,11 @@ def _sizes(values) -> str:
 
 
 def bench(
-    models: str = typer.Option("custom,vgg16,resnet50", "--models",
-                               help="Comma-separated models: custom, vgg16, resnet50, custom-keras."),
-    model_file: Optional[List[str]] = typer.Option(
+    models: str = typer.Option(",".join(DEFAULT_MODELS), "--models",
+                               help=f"Comma-separated models: {', '.join(list_models())}."),
+    model_file: list[str] | None = typer.Option(
         None, "--model-file", help="NAME=PATH: measure this trained model file instead of a fresh build (repeatable)."),
-    split: Optional[Path] = typer.Option(
+    split: Path | None = typer.Option(
         None, "--split", help="Split directory for the test metrics of trained models (default: the split of the "
         "runs/latest model in use)."),
     fresh: bool = typer.Option(
@@ -51,29 +56,30 @@ def bench(
     full: bool = typer.Option(
         False, "--full", help="The report's settings: throughput at batch 1 and 32, Keras train step at batch 64, "
         "10 s per measurement (about 10 minutes on 2 cores); explicit options still win."),
-    image_size: Optional[int] = typer.Option(
+    image_size: int | None = typer.Option(
         None, "--image-size", help=f"Input size of freshly built models ({_default('image_size')}; the size of the "
         "runs/latest model when one is used)."),
-    batch_sizes: Optional[str] = typer.Option(
+    batch_sizes: str | None = typer.Option(
         None, "--batch-sizes", help=f"Comma-separated batch sizes for throughput ({_default('batch_sizes', _sizes)})."),
-    repeats: Optional[int] = typer.Option(
+    repeats: int | None = typer.Option(
         None, "--repeats", help=f"Most timed calls per measurement, after warm-up ({_default('repeats')})."),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="Threads per model: NumPy engine threads (one BLAS thread each) or TensorFlow "
                                 "intra-op threads (default: all available cores)."),
-    train_steps: Optional[int] = typer.Option(
+    train_steps: int | None = typer.Option(
         None, "--train-steps", help=f"Most timed training steps (0 skips the train step; {_default('train_steps')})."),
-    keras_train_batch: Optional[int] = typer.Option(
+    keras_train_batch: int | None = typer.Option(
         None, "--keras-train-batch",
         help=f"Batch size of the Keras train step ({_default('keras_train_batch_size')}, the report's fine-tuning "
         "batch; VGG16 takes ~46 s per step at 64 on 2 cores)."),
-    weights: str = typer.Option("none", "--weights", help="Keras models built fresh: none or imagenet."),
-    max_seconds: Optional[float] = typer.Option(
+    weights: str | None = typer.Option(
+        None, "--weights", help=f"Keras models built fresh: none or imagenet ({_default('weights')})."),
+    max_seconds: float | None = typer.Option(
         None, "--max-seconds", help="Cap on each measurement (latency, throughput, end-to-end, metrics, train step), "
         f"warm-up included; at least one timed call ({_default('max_seconds', lambda v: f'{v:g}')})."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write bench.json and bench.md into this directory."),
+    out: Path | None = typer.Option(None, "--out", help="Also write bench.json and bench.md into this directory."),
     force: bool = typer.Option(False, "--force", help="Overwrite bench.json/bench.md in --out."),
 ) -> None:
     """Measure params, size, latency, throughput, train step and end-to-end time of each model.
@@ -89,20 +95,16 @@ def bench(
     show(result, as_json=as_json, markdown=markdown)
 
 
-def run_bench_command(models: str = "custom,vgg16,resnet50", model_file=None, split=None, fresh: bool = False,
+def run_bench_command(models: str = ",".join(DEFAULT_MODELS), model_file=None, split=None, fresh: bool = False,
                       full: bool = False, image_size: int | None = None, batch_sizes: str | None = None,
                       repeats: int | None = None, threads=None, train_steps: int | None = None,
-                      keras_train_batch: int | None = None, weights: str = "none", max_seconds: float | None = None,
-                      as_json: bool = False, markdown: bool = False, out=None, force: bool = False) -> dict:
+                      keras_train_batch: int | None = None, weights: str | None = None,
+                      max_seconds: float | None = None, as_json: bool = False, markdown: bool = False, out=None,
+                      force: bool = False) -> dict:
     """Parse and check the options, run the harness, write ``--out``; returns the result dict.
 
     Options left at ``None`` take :class:`BenchOptions`' defaults (or :data:`FULL_SETTINGS` with ``full``).
     """
-    from breastcnn import bench as harness
-    from breastcnn.errors import UserInputError
-    from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
-    from breastcnn.models import list_models
-
     if as_json and markdown:
         raise UserInputError("--json and --markdown are exclusive; pick one")
     names = harness.parse_model_names(models, list_models())
@@ -125,7 +127,8 @@ def run_bench_command(models: str = "custom,vgg16,resnet50", model_file=None, sp
         warn("--split given without a trained model (runs/latest or --model-file): fresh models are untrained, "
              "so no test metrics")
     given = {"image_size": image_size, "repeats": repeats, "threads": threads, "train_steps": train_steps,
-             "keras_train_batch_size": keras_train_batch, "weights": str(weights).lower(), "max_seconds": max_seconds,
+             "keras_train_batch_size": keras_train_batch, "max_seconds": max_seconds,
+             "weights": str(weights).lower() if weights is not None else None,
              "batch_sizes": harness.parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else None}
     given = {k: v for k, v in given.items() if v is not None}
     options = (BenchOptions.full(**given) if full else BenchOptions(**given)).validate()
@@ -156,10 +159,6 @@ def run_bench_command(models: str = "custom,vgg16,resnet50", model_file=None, sp
 def _latest_trained(names: list[str], files: dict) -> tuple[str, Path, Path | None, int | None] | None:
     """``(name, model file, its split or None, its image size)`` when ``runs/latest`` holds a trained
     model of a requested architecture not given with --model-file; ``None`` otherwise."""
-    from breastcnn.data.split import fold_dirs
-    from breastcnn.errors import UserInputError
-    from breastcnn.runs import latest_run_dir, model_in_dir, read_run_config
-
     run_dir = latest_run_dir()
     model = model_in_dir(run_dir) if run_dir is not None else None
     if model is None:
@@ -181,7 +180,7 @@ def _latest_trained(names: list[str], files: dict) -> tuple[str, Path, Path | No
     return arch, model.resolve(), split, int(size) if isinstance(size, int) else None
 
 
-class _Bars(_HarnessProgress):
+class _Bars(harness.Progress):
     """One rich progress bar per model (stderr, terminal only): the measurement under way and the time left.
 
     A model's bar counts its measurements; inside one, the fraction done is the larger of calls/max
@@ -198,7 +197,7 @@ class _Bars(_HarnessProgress):
         self.started: dict = {}   # model -> measurements started
         self.current = None       # (model, max calls, budget seconds)
 
-    def __enter__(self) -> "_Bars":
+    def __enter__(self) -> _Bars:
         self.progress.__enter__()
         return self
 
@@ -246,16 +245,12 @@ class _Bars(_HarnessProgress):
 
 def show(result: dict, as_json: bool = False, markdown: bool = False) -> None:
     """Print ``result`` on stdout: JSON, markdown, or a rich table."""
-    from breastcnn import bench as harness
-
     if as_json:
         print_json(result)
         return
     if markdown:
         stdout().out(harness.to_markdown(result), end="", highlight=False)
         return
-    from rich.table import Table
-
     # Transposed (one column per model) so that it fits a terminal; --markdown has models as rows.
     headers, rows = harness.table_rows(result)
     notes = [f"Machine: {harness.machine_line(result)}. (xN) = ratio to the custom model, same run."]

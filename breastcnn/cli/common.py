@@ -11,9 +11,11 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -24,6 +26,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from breastcnn.data.images import DEFAULT_JOBS
+from breastcnn.models.classifier import capabilities
 
 T = TypeVar("T")
 
@@ -75,8 +80,6 @@ def print_json(obj: Any) -> None:
 
 def _json_default(obj: Any):
     """Make NumPy scalars/arrays and paths JSON-serialisable."""
-    import numpy as np
-
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -88,8 +91,6 @@ def _json_default(obj: Any):
 
 def jobs_option(work: str):
     """The ``--jobs/-j`` option of every command, with the one default (:data:`DEFAULT_JOBS`)."""
-    from breastcnn.data.images import DEFAULT_JOBS
-
     return typer.Option(DEFAULT_JOBS, "--jobs", "-j",
                         help=f"Parallel workers for {work} (-1 = all cores, the default of every command).")
 
@@ -171,5 +172,5 @@ def not_ready(command: str, issue: int) -> None:
 
 def warn_threads_ignored(model, threads: int | None) -> None:
     """Say so when ``--threads`` was given for a model that does not run on the NumPy engine."""
-    if threads is not None and getattr(model, "framework", None) != "numpy":
+    if threads is not None and not capabilities(model).engine_threads:
         warn("--threads sets the NumPy engine's threads; this Keras model uses TensorFlow's own thread pools")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table, warn, warn_threads_ignored
-from breastcnn.errors import UserInputError
-from breastcnn.inference import check_threads
+from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table
+from breastcnn.data.split import DEFAULT_SPLIT_DIR
+from breastcnn.evaluation import check_evaluation_options, plan_evaluation, run_evaluation
 
 _SCORES = ("accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "patient_accuracy")
 _LABELS = {
@@ -26,17 +25,24 @@ _LABELS = {
 
 
 def evaluate(
-    model: Optional[Path] = typer.Option(None, "--model", help="Model file or run directory (default: runs/latest). A k-fold run directory evaluates every fold."),
-    split: Optional[Path] = typer.Option(None, "--split", help="Split directory (default: the split the run was trained on (its config.json), else splits/200X)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model file or run directory (default: runs/latest). A k-fold run directory evaluates "
+                              "every fold."),
+    split: Path | None = typer.Option(
+        None, "--split", help="Split directory (default: the split the run was trained on (its config.json), else "
+                              f"{DEFAULT_SPLIT_DIR})."),
     subset: str = typer.Option("test", "--subset", help="Subset to score: test (default), val or train."),
     threshold: float = typer.Option(0.5, "--threshold", help="Call an image malignant when P(malignant) >= this."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the model, replaced on re-evaluation)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the "
+                            "model, replaced on re-evaluation)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
     jobs: int = jobs_option("decoding images when the image cache must be built (processes)"),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
                                 "TensorFlow's own thread pools)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
 ) -> None:
     """Evaluate a model on a split's test subset.
 
@@ -47,108 +53,23 @@ def evaluate(
     (next to the model) they are replaced on every evaluation, in an explicit
     --out they are kept unless --force.
     """
-    from breastcnn.data.split import fold_dirs, load_split
-    from breastcnn.metrics import aggregate_metrics
-    from breastcnn.runs import fold_run_dirs, latest_run_dir, model_in_dir, resolve_model_path
-
-    if not 0.0 <= threshold <= 1.0:
-        raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
-    if subset not in ("train", "val", "test"):
-        raise UserInputError(f"--subset must be test, val or train, got {subset!r}")
-    check_threads(threads)
-
-    target = Path(model) if model is not None else latest_run_dir()
-    folds = fold_run_dirs(target) if target is not None and target.is_dir() and model_in_dir(target) is None else []
-    if not folds:
-        model_path = resolve_model_path(model)
-        split_dir = split if split is not None else _trained_split(model_path.parent)
-        if fold_dirs(split_dir):
-            raise UserInputError(
-                f"--split {split_dir} is a k-fold split but --model {model_path} is one model; "
-                "pass the k-fold run directory as --model, or one fold's split"
-            )
-        out_dir = out if out is not None else model_path.parent
-        metrics = _evaluate_one(model_path, load_split(split_dir), subset, threshold, out_dir,
-                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output,
-                                threads=threads)
-        if json_output:
-            print_json(metrics)
-        else:
-            _print_table([metrics], None, title=f"{model_path} on {split_dir} ({subset})")
-        return
-
-    split_dir = split if split is not None else _trained_split(target)
-    split_folds = fold_dirs(split_dir)
-    if len(split_folds) != len(folds):
-        raise UserInputError(
-            f"--model {target} has {len(folds)} folds but --split {split_dir} has {len(split_folds)}; "
-            "pass the k-fold split the run was trained on"
-        )
-    results = []
-    for k, (fold_run, fold_split) in enumerate(zip(folds, split_folds), start=1):
-        model_path = resolve_model_path(fold_run)
-        out_dir = (out / fold_run.name) if out is not None else fold_run
-        metrics = _evaluate_one(model_path, load_split(fold_split), subset, threshold, out_dir,
-                                explicit_out=out is not None, force=force, jobs=jobs, quiet=json_output,
-                                threads=threads)
-        results.append({"fold": k, **metrics})
-    summary = aggregate_metrics(results)
+    check_evaluation_options(subset, threshold, threads)
+    plan = plan_evaluation(model, split, out)
+    for note in plan.notes:
+        info(note)
+    with make_progress(json_output) as progress:
+        task = progress.add_task(f"{subset} images", total=plan.images(subset))
+        result = run_evaluation(plan, subset, threshold, force=force, jobs=jobs, threads=threads,
+                                progress=lambda k: progress.advance(task, k))
+    for out_dir, files in result.written:
+        info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
     if json_output:
-        print_json({"folds": results, "mean_std": summary})
+        print_json(result.to_json())
+    elif plan.kfold:
+        _print_table(result.metrics, result.summary,
+                     title=f"{plan.model} on {plan.split_dir} ({subset}, {len(result.metrics)} folds)")
     else:
-        _print_table(results, summary, title=f"{target} on {split_dir} ({subset}, {len(results)} folds)")
-
-
-def _trained_split(run_dir: Path) -> Path:
-    """The --split a run was trained with (its config.json), else the default splits/200X."""
-    from breastcnn.data.split import DEFAULT_SPLIT_DIR
-    from breastcnn.runs import read_run_config
-
-    config = run_dir / "config.json"
-    if config.is_file():
-        split = read_run_config(config)["options"].get("split")
-        if split is not None and not isinstance(split, str):
-            raise UserInputError(f"{config}: option 'split' must be a path, got {split!r}")
-        if split:
-            info(f"using the split the model was trained on: {split} (from {config})")
-            return Path(split)
-    return Path(DEFAULT_SPLIT_DIR)
-
-
-def _evaluate_one(model_path: Path, split, subset: str, threshold: float, out_dir: Path,
-                  explicit_out: bool, force: bool, jobs: int, quiet: bool, threads: int | None = None) -> dict:
-    from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
-    from breastcnn.inference import PREDICTION_COLUMNS, evaluate_model, predictions_csv_rows
-    from breastcnn.models import load_model
-    from breastcnn.plots import plot_confusion, plot_roc
-
-    from breastcnn.data.breakhis import check_outside_data
-
-    check_outside_data(out_dir, split.root, "--out" if explicit_out else "the output folder (next to --model)")
-    outputs = [out_dir / name for name in ("predictions.csv", "roc.png", "confusion.png", "metrics.json")]
-    if explicit_out:
-        for path in outputs:
-            check_overwrite(path, force)
-    classifier = load_model(model_path)
-    warn_threads_ignored(classifier, threads)
-    trained_on = (classifier.meta or {}).get("split_hash")
-    if trained_on and trained_on != split.hash:
-        warn(f"{model_path} was trained on another split (manifest hash {trained_on[:12]} != {split.hash[:12]}); "
-             "its training images may be in this test subset")
-    n = len(split.subset(subset))
-    with make_progress(quiet) as progress:
-        task = progress.add_task(f"{subset} images", total=n)
-        metrics, rows = evaluate_model(classifier, split, subset, threshold, jobs=jobs,
-                                       progress=lambda k: progress.advance(task, k), threads=threads)
-    metrics = {"model": str(model_path), "split": str(split.dir), **metrics}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outputs[0], predictions_csv_rows(rows, PREDICTION_COLUMNS))
-    plot_roc([r["true_label"] == "malignant" for r in rows], [r["probability"] for r in rows], outputs[1],
-             auc=metrics["roc_auc"])
-    plot_confusion(metrics["confusion_matrix"], outputs[2])
-    atomic_write_json(outputs[3], metrics)
-    info(f"wrote {', '.join(p.name for p in outputs)} to {out_dir}")
-    return metrics
+        _print_table(result.metrics, None, title=f"{plan.model} on {plan.split_dir} ({subset})")
 
 
 def _fmt(value) -> str:

@@ -1,7 +1,8 @@
 """`breastcnn export`: convert a model between NumPy (.npz) and Keras (.keras), or NumPy to ONNX (.onnx).
 
 Weights are copied layer by layer (``breastcnn.models.convert``), and the
-metadata (classes, preprocessing, image size) travels along, so the exported
+metadata (the model's spec: classes, preprocessing, image size; built by
+``models.keras_models.keras_from_numpy`` / ``numpy_from_keras``) travels along, so the exported
 model predicts the same probabilities (atol 1e-4) with the same preprocessing.
 ``--to numpy`` takes custom-keras models only: the NumPy engine runs the
 report's custom architecture. ``--to onnx`` writes one ONNX file (BatchNorm
@@ -15,27 +16,30 @@ from pathlib import Path
 
 import typer
 
-from breastcnn import CLASSES
 from breastcnn.cli.common import info, print_json, stdout
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import check_overwrite
+from breastcnn.models import load_model, model_spec, save_model
+from breastcnn.models.keras_models import keras_from_numpy, numpy_from_keras, require_keras, sidecar_path
+from breastcnn.models.onnx_export import export_onnx, require_onnx
+from breastcnn.runs import resolve_model_path
 
 TARGETS = ("keras", "numpy", "onnx")
-NUMPY_EXPORTABLE = ("custom-keras", "custom")
-"""Keras architectures ``--to numpy`` accepts (a custom model exported to Keras is arch custom-keras)."""
 
 
 def export(
-    model: Path = typer.Option(..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
-    to: str = typer.Option(..., "--to", help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx (.npz -> .onnx)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, "
-                                                   "is written beside it), .npz for --to numpy, .onnx for --to onnx."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
+    to: str = typer.Option(
+        ..., "--to", help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx "
+                          "(.npz -> .onnx)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, is "
+                                 "written beside it), .npz for --to numpy, .onnx for --to onnx."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
     """Convert a model between NumPy (.npz) and Keras (.keras), or NumPy to ONNX; all predict the same probabilities."""
-    from breastcnn.runs import resolve_model_path
-
     if to not in TARGETS:
         raise UserInputError(f"--to must be one of {', '.join(TARGETS)}, received {to!r}")
     source = resolve_model_path(model)
@@ -53,9 +57,6 @@ def export(
 
 
 def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
-    from breastcnn.explain import choose_gradcam_layer
-    from breastcnn.models.keras_models import KerasClassifier, library_versions, require_keras, sidecar_path
-
     if source.suffix != ".npz":
         raise UserInputError(f"--model {source}: --to keras converts a NumPy .npz model")
     if out.suffix != ".keras":
@@ -63,26 +64,10 @@ def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
     check_overwrite(out, force)
     check_overwrite(sidecar_path(out), force)
     require_keras()
-    from breastcnn.models import load_model
-    from breastcnn.models.convert import to_keras
-
-    numpy_model = load_model(source)
-    kmodel = to_keras(numpy_model)
-    meta = dict(numpy_model.meta)
-    meta.update({
-        "arch": "custom-keras",  # the NumPy engine builds the custom architecture (and variants) only
-        "source_arch": numpy_model.meta.get("arch"),
-        "image_size": int(numpy_model.input_shape[0]),
-        "exported_from": str(source),
-        "gradcam_layer": choose_gradcam_layer(kmodel),  # the NumPy model's default: same map on both sides
-        "versions": library_versions(),
-    })
-    meta.setdefault("preprocess", "caffe")
-    meta.setdefault("classes", list(CLASSES))
-    classifier = KerasClassifier(kmodel, meta)
-    classifier.save(out)
+    classifier = keras_from_numpy(load_model(source), source=source)
+    save_model(classifier, out)
     return {"from": str(source), "out": str(out), "sidecar": str(sidecar_path(out)), "to": "keras",
-            "source_framework": "numpy", "arch": meta["arch"], "params": classifier.count_params()}
+            "source_framework": "numpy", "arch": classifier.spec.arch, "params": classifier.count_params()}
 
 
 def _keras_to_numpy(source: Path, out: Path, force: bool) -> dict:
@@ -91,24 +76,10 @@ def _keras_to_numpy(source: Path, out: Path, force: bool) -> dict:
     if out.suffix != ".npz":
         raise UserInputError(f"--out {out}: a NumPy model file must end in .npz")
     check_overwrite(out, force)
-    from breastcnn.models.convert import from_keras
-    from breastcnn.models.keras_models import load_keras_model
-
-    classifier = load_keras_model(source)
-    arch = classifier.meta.get("arch")
-    if arch not in NUMPY_EXPORTABLE:
-        raise UserInputError(
-            f"--model {source}: --to numpy exports custom-keras models only (the NumPy engine runs the "
-            f"report's custom architecture), this one is {arch!r}"
-        )
-    keep = {k: v for k, v in classifier.meta.items()
-            if k not in ("format", "framework", "model_file", "gradcam_layer", "versions")}
-    keep.update({"arch": "custom", "exported_from": str(source)})
-    numpy_model = from_keras(classifier.model, meta=keep)
-    numpy_model.save(out)
-    params = numpy_model.count_params()
+    numpy_model = numpy_from_keras(load_model(source), source=source)
+    save_model(numpy_model, out)
     return {"from": str(source), "out": str(out), "to": "numpy", "source_framework": "keras",
-            "arch": "custom", "params": params}
+            "arch": model_spec(numpy_model).arch, "params": numpy_model.count_params()}
 
 
 def _numpy_to_onnx(source: Path, out: Path, force: bool) -> dict:
@@ -117,11 +88,8 @@ def _numpy_to_onnx(source: Path, out: Path, force: bool) -> dict:
     if out.suffix != ".onnx":
         raise UserInputError(f"--out {out}: an ONNX model file must end in .onnx")
     check_overwrite(out, force)
-    from breastcnn.models import load_model
-    from breastcnn.models.onnx_export import export_onnx, require_onnx
-
     require_onnx()
     numpy_model = load_model(source)
     written = export_onnx(numpy_model, out, source=source)
     return {"from": str(source), "out": str(out), "to": "onnx", "source_framework": "numpy",
-            "arch": numpy_model.meta.get("arch", "custom"), "params": numpy_model.count_params(), **written}
+            "arch": model_spec(numpy_model).arch, "params": numpy_model.count_params(), **written}

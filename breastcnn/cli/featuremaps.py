@@ -9,25 +9,30 @@ grid per conv layer, and with ``--gradcam`` ``gradcam.png``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
+from rich.table import Table
 
+from breastcnn import explain
 from breastcnn.cli.common import info, print_json, print_table
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import check_overwrite
+from breastcnn.models import load_model
+from breastcnn.runs import resolve_model_path
 
 DEFAULT_OUT_ROOT = Path("featuremaps")
 
 
 def featuremaps(
     image: Path = typer.Argument(..., metavar="IMAGE", help="The image (PNG/JPEG/TIFF) to look at."),
-    model: Optional[Path] = typer.Option(
+    model: Path | None = typer.Option(
         None, "--model", help="Model file or run directory (default: the model of ./runs/latest)."),
-    layers: Optional[List[str]] = typer.Option(
+    layers: list[str] | None = typer.Option(
         None, "--layers", help="Conv layers to plot (repeat or comma-separate; default: every conv layer)."),
     gradcam: bool = typer.Option(False, "--gradcam", help="Also write the Grad-CAM overlay (gradcam.png)."),
     which_class: str = typer.Option(
         "predicted", "--class", help="Class Grad-CAM explains: malignant, benign or predicted."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Output directory (default: ./featuremaps/<image name>/)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
@@ -44,12 +49,6 @@ def featuremaps(
 def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False, which_class: str = "predicted",
                     out: Path | None = None, force: bool = False) -> dict:
     """Check the arguments, load the model, write the PNGs; returns :func:`explain.explain_image`'s summary."""
-    from breastcnn import explain
-    from breastcnn.errors import UserInputError
-    from breastcnn.fsutil import check_overwrite
-    from breastcnn.models import load_model
-    from breastcnn.runs import resolve_model_path
-
     image = Path(image)
     if not image.is_file():
         raise UserInputError(f"IMAGE {image}: no such file")
@@ -72,15 +71,13 @@ def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False,
 
 def print_summary(summary: dict) -> None:
     """The prediction and the files written, as a rich table on stdout."""
-    from rich.table import Table
-
     probs = ", ".join(f"{c} {p:.3f}" for c, p in summary["probabilities"].items())
     table = Table(title=f"{summary['image']}: predicted {summary['predicted']} ({probs})", title_justify="left")
     table.add_column("plot")
     table.add_column("file")
     files = list(summary["files"])
     table.add_row("input", files[0])
-    for layer, file in zip(summary["layers"], files[1:]):
+    for layer, file in zip(summary["layers"], files[1:], strict=False):
         table.add_row(f"feature maps {layer}", file)
     if summary.get("gradcam"):
         g = summary["gradcam"]

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from breastcnn.cli.common import info, jobs_option, make_progress, print_json, print_table
 from breastcnn.data import synth as synth_lib
+from breastcnn.data.breakhis import MAGNIFICATIONS
 
 
 def synth(
@@ -79,5 +80,6 @@ def synth(
     print_table(table)
     info(
         f"{summary['n_images']} images of {summary['n_patients']} synthetic patients in {summary['seconds']:.1f} s; "
-        f"next: breastcnn split --data {summary['root']} --mag {mag_list[0]}"
+        f"next: breastcnn split --data {summary['root']} --mag "
+        f"{'all' if mag_list == MAGNIFICATIONS else ','.join(mag_list)}"
     )

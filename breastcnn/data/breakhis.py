@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from breastcnn import CLASSES
+from breastcnn.data.images import open_rgb
 from breastcnn.errors import UserInputError
 
 BREAKHIS_URL = "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"
@@ -123,6 +124,34 @@ def parse_mag(mag: str, allow_all: bool = True) -> str | None:
     return text
 
 
+def parse_mags(mags: str | Sequence[str], option: str = "--mag") -> tuple[str, ...]:
+    """A selection of magnifications, in increasing order: ``"all"`` -> all four;
+    ``"200,40x"``, ``"40X+200X"`` (as :func:`mags_label` names it) or ``["40X", "200X"]``
+    -> ``("40X", "200X")``; ``"200X"`` -> ``("200X",)``."""
+    items = [str(m).strip() for m in (re.split(r"[,+]", mags) if isinstance(mags, str) else mags)]
+    if len(items) == 1 and items[0].lower() == "all":
+        return MAGNIFICATIONS
+    chosen = set()
+    for item in items:
+        text = item.upper()
+        text = text if text.endswith("X") else text + "X"
+        if text not in MAGNIFICATIONS:
+            within = f" in {','.join(items)!r}" if len(items) > 1 else ""
+            raise UserInputError(f"{option}: unknown magnification {item!r}{within}; valid values: "
+                                 "40X, 100X, 200X, 400X (or 40, 100, 200, 400), comma-separated, or all")
+        chosen.add(text)
+    if not chosen:
+        raise UserInputError(f"{option} must name at least one magnification, e.g. 200X")
+    return tuple(m for m in MAGNIFICATIONS if m in chosen)
+
+
+def mags_label(mags: Sequence[str]) -> str:
+    """How a selection of magnifications is named in folder names and ``split.json``:
+    ``"200X"``, ``"all"`` (all four), ``"40X+200X"``."""
+    mags = parse_mags(list(mags))
+    return "all" if mags == MAGNIFICATIONS else "+".join(mags)
+
+
 def is_image_name(name: str) -> bool:
     """True for visible files whose extension marks an image (case-insensitive)."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -189,8 +218,8 @@ def missing_data_message(root: Path) -> str:
     )
 
 
-def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record], int, list[str]]:
-    """Walk the BreakHis tree: image records (not yet decode-checked), ignored count, warnings."""
+def _breakhis_candidates(data_root: Path, mags: Sequence[str]) -> tuple[list[Record], int, list[str]]:
+    """Walk the BreakHis tree: image records at ``mags`` (not yet decode-checked), ignored count, warnings."""
     breast = data_root / "histology_slides" / "breast" if (data_root / "histology_slides").is_dir() else data_root
     records: list[Record] = []
     warnings: list[str] = []
@@ -206,7 +235,8 @@ def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record]
             rel = full.relative_to(data_root).as_posix()
             # {benign,malignant}/SOB/<subtype>/<slide>/<mag>/<file>
             if len(rel_breast) != 6 or rel_breast[0] not in CLASSES:
-                warnings.append(f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; skipped")
+                warnings.append(f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; "
+                                "skipped")
                 continue
             label, _, subtype, slide, mag_dir, _ = rel_breast
             magnification = mag_dir.upper()
@@ -216,7 +246,7 @@ def _breakhis_candidates(data_root: Path, mag: str | None) -> tuple[list[Record]
             if magnification not in MAGNIFICATIONS:
                 warnings.append(f"{rel}: unknown magnification folder {mag_dir!r}; skipped")
                 continue
-            if mag is not None and magnification != mag:
+            if magnification not in mags:
                 continue
             records.append(Record(rel, label, subtype, slide, magnification))
     return records, ignored, warnings
@@ -240,8 +270,6 @@ def _folder_candidates(data_root: Path) -> tuple[list[Record], int, list[str]]:
 
 def check_decodes(path: str | os.PathLike) -> str | None:
     """Decode ``path`` fully; None when fine, else a short reason."""
-    from breastcnn.data.images import open_rgb
-
     try:
         open_rgb(path)
     except Exception as exc:  # any decoder failure makes the file unusable
@@ -255,23 +283,24 @@ def _check_chunk(paths: Sequence[str]) -> list[str | None]:
 
 def scan(
     root: str | os.PathLike,
-    mag: str | None = "200X",
+    mag: str | Sequence[str] | None = "200X",
     verify: bool = True,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> ScanResult:
     """Find the images of a BreakHis (or folder-per-class) tree.
 
-    ``mag``: ``"200X"`` (or ``"200"``), or None / ``"all"`` for every
-    magnification (ignored for folder-per-class trees). With ``verify`` every
+    ``mag``: ``"200X"`` (or ``"200"``), several (``"40X,200X"`` or a list, see
+    :func:`parse_mags`), or None / ``"all"`` for every magnification (ignored
+    for folder-per-class trees). With ``verify`` every
     candidate is decoded (``jobs`` processes, ``progress(n)`` after each chunk);
     unreadable ones are left out and listed in ``warnings`` and ``unreadable``.
     Raises ``UserInputError`` when ``root`` holds no recognisable data.
     """
-    mag = None if mag is None else parse_mag(mag)
+    mags = MAGNIFICATIONS if mag is None else parse_mags(mag)
     data_root, layout = locate_data(root)
     if layout == "breakhis":
-        candidates, ignored, warnings = _breakhis_candidates(data_root, mag)
+        candidates, ignored, warnings = _breakhis_candidates(data_root, mags)
     else:
         candidates, ignored, warnings = _folder_candidates(data_root)
     candidates.sort()
@@ -285,7 +314,7 @@ def verify_images(listing: ScanResult, jobs: int = 1, progress: Callable[[int], 
     warnings, unreadable, kept = list(listing.warnings), list(listing.unreadable), []
     if listing.records:
         reasons = _map_chunks(_check_chunk, [str(listing.root / r.path) for r in listing.records], jobs, progress)
-        for record, reason in zip(listing.records, reasons):
+        for record, reason in zip(listing.records, reasons, strict=True):
             if reason is None:
                 kept.append(record)
             else:
@@ -307,7 +336,7 @@ def _map_chunks(fn, items: list, jobs: int, progress, chunk: int = 64) -> list:
     from joblib import Parallel, delayed
 
     results = Parallel(n_jobs=jobs, return_as="generator")(delayed(fn)(part) for part in chunks)
-    for part, result in zip(chunks, results):
+    for part, result in zip(chunks, results, strict=True):
         out.extend(result)
         if progress:
             progress(len(part))

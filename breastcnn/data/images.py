@@ -6,6 +6,8 @@
 - :func:`load_subset`: decoded, resized uint8 arrays of a split subset, cached
   as plain ``.npy`` files in ``<split dir>/cache/``; the file name carries the
   manifest hash and the size, so a new manifest or size builds a new cache.
+  The images do not depend on the task: labels of any task come from the
+  manifest (the cached ``y`` holds the binary labels, as a consistency check).
 - :func:`preprocess`: ``caffe`` (Keras VGG16/ResNet50 ``preprocess_input``) or
   ``minmax`` ([0, 1]); always a new float32 array.
 """
@@ -18,18 +20,28 @@ import os
 import re
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from breastcnn import CLASSES, __version__
+from breastcnn import __version__
+from breastcnn.data.tasks import DEFAULT_TASK
 from breastcnn.errors import BreastCNNWarning, UserInputError
 from breastcnn.fsutil import atomic_write, atomic_write_json
 
-if TYPE_CHECKING:
-    from breastcnn.data.split import Split
+
+class SplitSubsets(Protocol):
+    """What the cache reads of a loaded split (:class:`breastcnn.data.split.Split`, which satisfies this;
+    typed structurally because ``data/split.py`` imports this module)."""
+
+    dir: Path
+    root: Path
+    hash: str
+
+    def subset(self, name: str) -> Sequence: ...
 
 MAX_PIXELS = 64_000_000
 """Refuse images larger than this many pixels (decompression-bomb guard; BreakHis images are 0.32 MP)."""
@@ -43,6 +55,7 @@ cores. What ``--jobs`` spreads is decoding (or drawing) images, which scales wit
 two chunks of images are handled in-process anyway, so small inputs pay no worker start-up."""
 
 PREPROCESS_MODES = ("caffe", "minmax")
+"""What :func:`preprocess` accepts (the one list: ``train --preprocess`` and ``ModelSpec`` check against it)."""
 
 RESAMPLE = Image.Resampling.LANCZOS
 """Resize filter: antialiased Lanczos (Pillow widens the kernel when downsampling)."""
@@ -158,7 +171,7 @@ def deprocess(x: np.ndarray, mode: str) -> np.ndarray:
 CACHE_DIR_NAME = "cache"
 
 
-def cache_paths(split: "Split", subset: str, image_size: int) -> tuple[Path, Path, Path]:
+def cache_paths(split: SplitSubsets, subset: str, image_size: int) -> tuple[Path, Path, Path]:
     """``(x.npy, y.npy, meta.json)`` paths of the cache of ``subset`` at ``image_size``."""
     stem = f"{subset}-{image_size}-{split.hash[:16]}"
     base = Path(split.dir) / CACHE_DIR_NAME
@@ -175,13 +188,15 @@ def _checksum(arr: np.ndarray) -> str:
 
 
 def load_subset(
-    split: "Split",
+    split: SplitSubsets,
     subset: str,
     image_size: int,
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
+    task: str = DEFAULT_TASK,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of one subset: ``x`` uint8 ``(N, S, S, 3)`` RGB, ``y`` int64 ``(N,)``.
+    """Images and labels of one subset: ``x`` uint8 ``(N, S, S, 3)`` RGB, ``y`` int64 ``(N,)`` for ``task``
+    (``binary``: 0/1; ``subtype``: 0..7, see :mod:`breastcnn.data.tasks`).
 
     Rows are in manifest order. The first call decodes every image (``jobs``
     joblib workers, ``progress(n)`` per chunk) and writes the cache next to the
@@ -189,11 +204,14 @@ def load_subset(
     checksums in the cache metadata. A damaged cache (checksum, metadata, shape)
     is rebuilt with a :class:`BreastCNNWarning`. Caches of other manifest
     hashes for the same subset and size are removed when a new one is built.
+    One cache serves every task: the images are the same, and the labels of
+    ``task`` are read from the manifest (whose hash names the cache).
     """
     if image_size < 8 or image_size > 2048:
         raise UserInputError(f"--image-size must be between 8 and 2048, got {image_size}")
     rows = split.subset(subset)
-    y = np.array([CLASSES.index(r.label) for r in rows], dtype=np.int64)
+    y_task = split.labels(subset, task)  # checked before any decoding: a subtype task needs subtypes
+    y = split.labels(subset, "binary")  # what the cache stores (its format predates tasks)
     x_path, y_path, meta_path = cache_paths(split, subset, image_size)
     cached, problem = _read_cache(x_path, y_path, meta_path, split.hash, len(rows), image_size)
     if cached is not None and not np.array_equal(cached[1], y):
@@ -201,7 +219,7 @@ def load_subset(
     if cached is not None:
         if progress:
             progress(len(rows))
-        return cached
+        return cached[0], y_task
     if problem:
         warnings.warn(f"{problem}; rebuilding the cache from the images", BreastCNNWarning, stacklevel=2)
 
@@ -230,7 +248,7 @@ def load_subset(
          "files": [x_path.name, y_path.name], "checksums": {"x": _checksum(x), "y": _checksum(y)},
          "checksum": "crc32"},
     )
-    return x, y
+    return x, y_task
 
 
 def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk: int = 32):
@@ -242,7 +260,7 @@ def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk
         from joblib import Parallel, delayed
 
         results = Parallel(n_jobs=jobs, return_as="generator")(delayed(decode_many)(c, image_size) for c in chunks)
-    for c, part in zip(chunks, results):
+    for c, part in zip(chunks, results, strict=True):
         if progress:
             progress(len(c))
         yield part

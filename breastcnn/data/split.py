@@ -3,8 +3,10 @@
 A split directory holds ``manifest.csv`` (columns exactly
 ``path,label,subtype,patient,magnification,split``; ``path`` relative to the
 data root) and ``split.json`` (data root, options, seed, counts, the manifest
-hash). A k-fold split directory holds ``fold1/ .. foldK/``, each a split
-directory of its own, and a top-level ``split.json`` with ``"kind": "kfold"``.
+hash). A split may cover several magnifications (``--mag all``, ``--mag
+40X,200X``): a patient's images at every one of them go to the same subset.
+A k-fold split directory holds ``fold1/ .. foldK/``, each a split directory of
+its own, and a top-level ``split.json`` with ``"kind": "kfold"``.
 
 Everything is deterministic for a seed: the same data and seed give a
 byte-identical manifest (rows sorted by path, ``\\n`` line ends).
@@ -21,23 +23,27 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from breastcnn import CLASSES, __version__
 from breastcnn.data.breakhis import (
+    MAGNIFICATIONS,
     Record,
     accession,
     check_outside_data,
     image_tree,
     locate_data,
-    parse_mag,
+    mags_label,
+    parse_mags,
     scan,
     verify_images,
 )
+from breastcnn.data.images import owned_cache_files
+from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES, label_indices
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
 
@@ -48,6 +54,13 @@ DEFAULT_SPLIT_DIR = Path("splits/200X")
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
 DEFAULT_FOLD_RATIOS = (0.7, 0.0, 0.3)
 """Spanhol et al. 2016: repeated 70/30 train/test splits by patient."""
+STRATIFY = ("subtype", "class")
+"""What a patient-wise split balances: ``subtype`` (each subset gets patients of every subtype where
+there are enough, image ratios met per class) or ``class`` (per class only: the splits of 0.1.0)."""
+DEFAULT_STRATIFY = "subtype"
+SUBTYPE_WEIGHT = 0.1
+"""With ``stratify="subtype"``: weight of the subtypes' image ratios beside the class's in the distance a
+patient-wise split minimises (measured: see docs/internals.md)."""
 FORMAT_VERSION = 1
 _FOLD_RE = re.compile(r"^fold(\d+)$")
 
@@ -84,9 +97,14 @@ class Split:
             raise UserInputError(f"subset must be one of {', '.join(SUBSETS)}, got {name!r}")
         return [r for r in self.rows if r.split == name]
 
-    def labels(self, name: str) -> np.ndarray:
-        """Integer labels ``(N,)`` int64 of subset ``name``."""
-        return np.array([r.y for r in self.subset(name)], dtype=np.int64)
+    def labels(self, name: str, task: str = DEFAULT_TASK) -> np.ndarray:
+        """Integer labels ``(N,)`` int64 of subset ``name`` for ``task`` (see :mod:`breastcnn.data.tasks`):
+        ``binary`` 0 benign / 1 malignant, ``subtype`` 0..7 in ``SUBTYPE_CLASSES`` order."""
+        return label_indices(self.subset(name), task, where=str(Path(self.dir) / "manifest.csv"))
+
+    def magnifications(self, name: str) -> list[str]:
+        """Magnification of each row of subset ``name`` (``"200X"``; ``""`` when unknown), for per-magnification metrics."""
+        return [r.magnification for r in self.subset(name)]
 
     def patients(self, name: str) -> list[str]:
         """Patient id of each row of subset ``name`` (for patient-level metrics)."""
@@ -123,25 +141,34 @@ def split_by_patient(
     seed: int = 0,
     group: str = "patient",
     trials: int = 256,
+    stratify: str = DEFAULT_STRATIFY,
 ) -> list[Row]:
-    """Patient-disjoint split, stratified by class, image ratios met as closely as whole patients allow.
+    """Patient-disjoint split, stratified by class (and subtype), image ratios met as closely as whole patients allow.
 
     For each class the patients (``group="accession"``: accession numbers) are
     assigned greedily, in a random order, to the subset furthest below its
     target image count; of ``trials`` random orders the one closest to the
-    targets wins (and every subset with a ratio above 0 gets at least one
-    patient of each class when there are enough patients). Deterministic for a seed.
+    targets wins. Every subset with a ratio above 0 gets at least one patient
+    of each class when there are enough patients, and with ``stratify="subtype"``
+    one of each subtype that has at least as many patients as there are such
+    subsets (a rarer subtype gives train a patient first). A patient's images at
+    every magnification count together, so they all land in one subset.
+    ``stratify="class"`` gives the splits of breastcnn 0.1.0. Deterministic for a seed.
     """
+    if stratify not in STRATIFY:
+        raise UserInputError(f"--stratify must be one of {', '.join(STRATIFY)}, got {stratify!r}")
     rng = np.random.default_rng(seed)
     assignment: dict[tuple[str, str], str] = {}
     for label in CLASSES:
-        sizes = Counter(_group_key(r, group) for r in records if r.label == label)
+        members = [r for r in records if r.label == label]
+        sizes = Counter(_group_key(r, group) for r in members)
         if not sizes:
             continue
         names = sorted(sizes)
         counts = np.array([sizes[n] for n in names], dtype=np.float64)
-        best = _best_assignment(counts, np.asarray(ratios, dtype=np.float64), rng, trials)
-        assignment.update({(label, n): SUBSETS[s] for n, s in zip(names, best)})
+        strata = _subtype_strata(members, names, group) if stratify == "subtype" else None
+        best = _best_assignment(counts, np.asarray(ratios, dtype=np.float64), rng, trials, strata)
+        assignment.update({(label, n): SUBSETS[s] for n, s in zip(names, best, strict=True)})
     # a patient with images in both classes (never in BreakHis) stays with its first class's subset
     first: dict[str, str] = {}
     rows = []
@@ -152,31 +179,167 @@ def split_by_patient(
     return rows
 
 
-def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Generator, trials: int) -> np.ndarray:
-    """Subset index per group minimising the distance of image counts to ``ratios * total``."""
+def _subtype_strata(records: Sequence[Record], names: Sequence[str], group: str) -> np.ndarray:
+    """Stratum index ``(G,)`` of each group in ``names``: its subtype (the most frequent one of its images)."""
+    subtypes: dict[str, Counter] = {}
+    for r in records:
+        subtypes.setdefault(_group_key(r, group), Counter())[r.subtype] += 1
+    majority = [min(subtypes[n].items(), key=lambda kv: (-kv[1], kv[0]))[0] for n in names]
+    kinds = sorted(set(majority))
+    return np.array([kinds.index(m) for m in majority], dtype=np.int64)
+
+
+def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Generator, trials: int,
+                     strata: np.ndarray | None = None) -> np.ndarray:
+    """Subset index per group ``(G,)`` minimising the distance of image counts to ``ratios * total``
+    (with ``strata``: plus :data:`SUBTYPE_WEIGHT` times that of each stratum's, see :func:`_distance`).
+
+    ``counts`` ``(G,)`` images per group; ``strata`` ``(G,)`` int stratum (subtype) per group, or None.
+    Coverage rules, kept by the greedy pass and checked in the score (a trial that
+    breaks one loses to any that keeps them): every subset with a ratio above 0
+    ("wanted") gets a group when there are at least as many groups as wanted
+    subsets; with ``strata``, each stratum reaches min(its groups, wanted subsets)
+    of them, train first when the stratum is smaller than that. The coverage
+    rules pin whichever groups come first in a trial's order, so with ``strata``
+    the best trial is then improved by :func:`_polish` (moves and swaps of groups).
+    """
     total = counts.sum()
     targets = ratios * total
     wanted = np.flatnonzero(ratios > 0)
     need_all = len(counts) >= len(wanted)
+    n_strata = 0 if strata is None else int(strata.max()) + 1
+    reach = np.minimum(np.bincount(strata, minlength=n_strata), len(wanted)) if strata is not None else None
+    small = reach < len(wanted) if strata is not None else None
+
+    def broken(members: np.ndarray, seen: np.ndarray | None) -> int:
+        """How many coverage rules an assignment breaks (``members`` groups per subset,
+        ``seen`` ``(strata, subsets)`` groups of each stratum per subset)."""
+        count = int(need_all and (members[wanted] == 0).any())
+        if seen is not None:
+            covered = (seen[:, wanted] > 0).sum(axis=1)
+            count += int(np.maximum(reach - covered, 0).sum() + (small & (seen[:, 0] == 0)).sum())
+        return count
+
     best, best_score = None, np.inf
     for _ in range(trials):
         order = rng.permutation(len(counts))
         filled = np.zeros(len(ratios))
         members = np.zeros(len(ratios), dtype=np.int64)
         choice = np.empty(len(counts), dtype=np.int64)
+        seen = np.zeros((n_strata, len(ratios)), dtype=np.int64) if strata is not None else None
         for i in order:
             deficit = np.where(ratios > 0, (targets - filled) / np.maximum(targets, 1e-9), -np.inf)
             # a subset still empty comes first, so that val/test see every class
             if need_all and (members[wanted] == 0).any():
                 deficit = np.where((members == 0) & (ratios > 0), deficit + 1e6, deficit)
+            if strata is not None:
+                k = strata[i]
+                lacking = (seen[k] == 0) & (ratios > 0)
+                if len(wanted) - lacking.sum() < reach[k]:  # ... and every subtype, where it has the patients
+                    deficit = np.where(lacking, deficit + 1e6, deficit)
+                    if small[k] and lacking[0]:
+                        deficit[0] += 1e7  # too few for every subset: train sees it first
             s = int(np.argmax(deficit))
             choice[i] = s
             filled[s] += counts[i]
             members[s] += 1
-        score = np.abs(filled - targets).sum() + (1e9 if need_all and (members[wanted] == 0).any() else 0)
+            if strata is not None:
+                seen[k, s] += 1
+        score = np.abs(filled - targets).sum() + 1e9 * broken(members, seen)
+        if strata is not None:
+            score += SUBTYPE_WEIGHT * np.abs(_stratum_gaps(choice, counts, strata, ratios)).sum()
         if score < best_score:
             best, best_score = choice.copy(), score
-    return best
+    if strata is None:
+        return best  # the per-class search of 0.1.0, unchanged: same seed, same split
+    n_subsets = len(ratios)
+
+    def broken_of(choice: np.ndarray) -> int:
+        seen = np.bincount(strata * n_subsets + choice, minlength=n_strata * n_subsets).reshape(n_strata, n_subsets)
+        return broken(np.bincount(choice, minlength=n_subsets), seen)
+
+    return _polish(best, counts, ratios, strata, broken_of)
+
+
+def _stratum_gaps(choice: np.ndarray, counts: np.ndarray, strata: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """``(K, S)`` images of each stratum in each subset minus ``ratios`` times the stratum's images."""
+    n_strata, n_subsets = int(strata.max()) + 1, len(ratios)
+    filled = np.bincount(strata * n_subsets + choice, weights=counts, minlength=n_strata * n_subsets)
+    totals = np.bincount(strata, weights=counts, minlength=n_strata)
+    return filled.reshape(n_strata, n_subsets) - totals[:, None] * ratios[None, :]
+
+
+def _distance(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
+              norm: Callable[[np.ndarray], np.ndarray] = np.abs) -> float:
+    """What :func:`_polish` minimises: ``norm`` of the class gaps (images in each subset minus its ratio of
+    the images) summed, plus :data:`SUBTYPE_WEIGHT` times that of every stratum's gaps."""
+    gap = np.bincount(choice, weights=counts, minlength=len(ratios)) - ratios * counts.sum()
+    return float(norm(gap).sum() + SUBTYPE_WEIGHT * norm(_stratum_gaps(choice, counts, strata, ratios)).sum())
+
+
+def _step_changes(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
+                  norm: Callable[[np.ndarray], np.ndarray] = np.abs) -> tuple[np.ndarray, np.ndarray]:
+    """The change of :func:`_distance` for every single step from ``choice``, without recomputing it.
+
+    ``move`` ``(G, S)``: group ``i`` to subset ``s``; ``swap`` ``(G, G)``: groups ``i`` and ``j``
+    trade subsets (``i < j`` in different subsets). Steps that are no step are ``inf``.
+    """
+    n_groups, n_subsets = len(counts), len(ratios)
+    a, k = choice, strata
+    gap = np.bincount(a, weights=counts, minlength=n_subsets) - ratios * counts.sum()  # (S,) over (+), under (-)
+    sgap = _stratum_gaps(a, counts, strata, ratios)  # (K, S)
+    c_i, c_j = counts[:, None], counts[None, :]
+    trade = c_j - c_i  # (G, G): what i's subset gains when i and j swap
+
+    def change(g, add):
+        return norm(g + add) - norm(g)
+
+    move = change(gap[a], -counts)[:, None] + change(gap[None, :], c_i)
+    move += SUBTYPE_WEIGHT * (change(sgap[k, a], -counts)[:, None] + change(sgap[k], c_i))
+    move[np.arange(n_groups), a] = np.inf
+    move[:, ratios <= 0] = np.inf
+    swap = change(gap[a][:, None], trade) + change(gap[a][None, :], -trade)
+    own_i, own_j = sgap[k, a][:, None], sgap[k, a][None, :]  # i's stratum at a[i], j's at a[j]
+    i_at_j, j_at_i = sgap[k[:, None], a[None, :]], sgap[k[None, :], a[:, None]]
+    swap += SUBTYPE_WEIGHT * np.where(
+        k[:, None] == k[None, :], change(own_i, trade) + change(i_at_j, -trade),
+        change(own_i, -c_i) + change(i_at_j, c_i) + change(own_j, -c_j) + change(j_at_i, c_j))
+    swap[np.tri(n_groups, dtype=bool) | (a[:, None] == a[None, :])] = np.inf
+    return move, swap
+
+
+def _polish(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
+            broken_of: Callable[[np.ndarray], int]) -> np.ndarray:
+    """Hill climbing from an assignment ``choice`` ``(G,)`` of groups with ``counts`` ``(G,)`` and
+    ``strata`` ``(G,)`` to subsets with ``ratios`` ``(S,)``.
+
+    Applies the move of one group to another wanted subset, or the swap of two
+    groups in different subsets, that lowers :func:`_distance` most (ties: the
+    same sums of squares, so that an unavoidable excess is shared between
+    subsets) without breaking more coverage rules (``broken_of``), until none
+    lowers it. Deterministic; every step strictly improves, so it ends.
+    """
+    choice = choice.copy()
+    n_moves = len(counts) * len(ratios)
+    while True:
+        first, second = (np.concatenate([d.ravel() for d in _step_changes(choice, counts, ratios, strata, norm)])
+                         for norm in (np.abs, np.square))
+        first = np.where(np.abs(first) <= 1e-9, 0.0, first)  # equal distances: the tie-break decides
+        better = (first < 0) | ((first == 0) & (second < -1e-9))
+        before = broken_of(choice)
+        for flat in np.lexsort((second, first))[: int(better.sum())]:
+            trial = choice.copy()
+            if flat < n_moves:
+                i, s = divmod(int(flat), len(ratios))
+                trial[i] = s
+            else:
+                i, j = divmod(int(flat) - n_moves, len(counts))
+                trial[i], trial[j] = choice[j], choice[i]
+            if broken_of(trial) <= before:
+                choice = trial
+                break
+        else:
+            return choice
 
 
 def split_by_image(records: Sequence[Record], ratios: Sequence[float] = DEFAULT_RATIOS, seed: int = 0) -> list[Row]:
@@ -213,18 +376,34 @@ def manifest_hash(text: str | bytes) -> str:
 
 
 def summarize(rows: Sequence[Row]) -> dict:
-    """``{"images": {subset: {class: n, "total": n}}, "patients": {...}}`` for subsets present."""
-    images: dict = {}
-    patients: dict = {}
+    """Counts per subset (only subsets present), each ``{subset: {name: n}}``.
+
+    ``images``/``patients`` by class (plus ``total``); ``images_by_subtype``/
+    ``patients_by_subtype`` by subtype (every subtype of the split, 0 where a subset
+    has none; empty without subtypes); ``images_by_magnification`` by magnification.
+    """
+    subtypes = sorted({r.subtype for r in rows if r.subtype}, key=_subtype_order)
+    mags = [m for m in MAGNIFICATIONS if any(r.magnification == m for r in rows)]
+    out: dict = {key: {} for key in ("images", "patients", "images_by_subtype", "patients_by_subtype",
+                                     "images_by_magnification")}
     for subset in SUBSETS:
         part = [r for r in rows if r.split == subset]
         if not part:
             continue
-        images[subset] = {c: sum(r.label == c for r in part) for c in CLASSES}
-        images[subset]["total"] = len(part)
-        patients[subset] = {c: len({r.patient for r in part if r.label == c and r.patient}) for c in CLASSES}
-        patients[subset]["total"] = len({r.patient for r in part if r.patient})
-    return {"images": images, "patients": patients}
+        out["images"][subset] = {c: sum(r.label == c for r in part) for c in CLASSES}
+        out["images"][subset]["total"] = len(part)
+        out["patients"][subset] = {c: len({r.patient for r in part if r.label == c and r.patient}) for c in CLASSES}
+        out["patients"][subset]["total"] = len({r.patient for r in part if r.patient})
+        out["images_by_subtype"][subset] = {t: sum(r.subtype == t for r in part) for t in subtypes}
+        out["patients_by_subtype"][subset] = {t: len({r.patient for r in part if r.subtype == t and r.patient})
+                                              for t in subtypes}
+        out["images_by_magnification"][subset] = {m: sum(r.magnification == m for r in part) for m in mags}
+    return out
+
+
+def _subtype_order(name: str) -> tuple[int, str]:
+    """Known subtypes in label order (benign first), any other name after them alphabetically."""
+    return (SUBTYPE_CLASSES.index(name), "") if name in SUBTYPE_CLASSES else (len(SUBTYPE_CLASSES), name)
 
 
 def load_split(split_dir: str | os.PathLike = DEFAULT_SPLIT_DIR) -> Split:
@@ -247,7 +426,8 @@ def load_split(split_dir: str | os.PathLike = DEFAULT_SPLIT_DIR) -> Split:
     except ValueError as exc:
         raise UserInputError(f"{info_path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict):
-        raise UserInputError(f"{info_path}: expected a JSON object, got {type(info).__name__}; re-run 'breastcnn split'")
+        raise UserInputError(f"{info_path}: expected a JSON object, got {type(info).__name__}; "
+                             "re-run 'breastcnn split'")
     rows = _parse_rows(manifest, data)
     root = info.get("data_root")
     if not root or not isinstance(root, str):
@@ -361,8 +541,6 @@ def _previous_split(out: Path) -> tuple[set[str], list[Path]]:
     plus the image caches ``train`` wrote into their ``cache/`` folders (recognised
     by the caches' own metadata). Nothing else in ``out`` is ours.
     """
-    from breastcnn.data.images import owned_cache_files
-
     owned: set[str] = set()
     roots: list[Path] = []
     bases = [out] + sorted(p for p in out.iterdir() if _FOLD_RE.match(p.name) and p.is_dir() and not p.is_symlink())
@@ -457,7 +635,7 @@ def _write_one(out: Path, root: Path, rows: list[Row], info: dict, materialize: 
 
 def create_split(
     data: str | os.PathLike,
-    mag: str = "200X",
+    mag: str | Sequence[str] = "200X",
     out: str | os.PathLike | None = None,
     by: str = "patient",
     ratios: Sequence[float] | None = None,
@@ -470,8 +648,14 @@ def create_split(
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
     on_scanned: Callable[[int], None] | None = None,
+    stratify: str = DEFAULT_STRATIFY,
 ) -> dict:
     """Scan ``data``, split it and write the split directory ``out`` (default ``splits/<mag>``).
+
+    ``mag``: one magnification (``"200X"``), several (``"40X,200X"`` or a list)
+    or ``"all"``; the default ``out`` is named by :func:`~breastcnn.data.breakhis.mags_label`
+    (``splits/200X``, ``splits/all``, ``splits/40X+200X``). ``stratify`` (with
+    ``by="patient"``): see :func:`split_by_patient`.
 
     Returns the ``split.json`` content (for k-fold: the top-level one, with a
     ``"folds"`` list of per-fold infos) plus ``"out"`` and ``"warnings"``.
@@ -484,48 +668,43 @@ def create_split(
     ``force`` replaces only what earlier splits recorded in their ``split.json``
     (and the image caches next to them); any other file in ``out`` is kept.
     """
-    mag_norm = parse_mag(mag)
+    mags = parse_mags(mag)
     if by not in ("patient", "image"):
         raise UserInputError(f"--by must be 'patient' or 'image', got {by!r}")
     if materialize not in ("copy", "link", "none"):
         raise UserInputError(f"--materialize must be copy, link or none, got {materialize!r}")
     if group not in ("patient", "accession"):
         raise UserInputError(f"--group must be 'patient' or 'accession', got {group!r}")
+    if stratify not in STRATIFY:
+        raise UserInputError(f"--stratify must be one of {', '.join(STRATIFY)}, got {stratify!r}")
     if folds < 0 or folds == 1 or folds > 100:
         raise UserInputError(f"--folds must be 0 (no folds) or between 2 and 100, got {folds}")
     if seed < 0:
         raise UserInputError(f"--seed must be >= 0, got {seed}")
     ratios = parse_ratios(ratios) if ratios is not None else (DEFAULT_FOLD_RATIOS if folds else DEFAULT_RATIOS)
-    out = Path(out) if out is not None else Path("splits") / (mag_norm or "all")
+    out = Path(out) if out is not None else Path("splits") / mags_label(mags)
 
     data_root, _ = locate_data(data)  # cheap: where the images are, none opened yet
     check_outside_data(out, data_root, "--out", containing=(data_root, data))
     check_overwrite(out, force)
     with locked_directory(out, "split directory"):
-        return _create_locked(data, mag, mag_norm, out, by, ratios, folds, seed, materialize, strict, force,
-                              group, jobs, progress, on_scanned)
+        return _create_locked(data, mags, out, by, ratios, folds, seed, materialize, strict, force,
+                              group, stratify, jobs, progress, on_scanned)
 
 
-def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, materialize, strict, force, group,
-                   jobs, progress, on_scanned) -> dict:
-    """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
-    listing = scan(data, mag_norm, verify=False)  # the cheap walk: the count before decoding every image
-    if on_scanned is not None:
-        on_scanned(len(listing.records))
-    result = verify_images(listing, jobs, progress)
-    warnings = list(result.warnings)
-    if result.unreadable and strict:
-        raise UserInputError(
-            f"{len(result.unreadable)} unreadable image(s) under {result.root} (--strict), first: {result.unreadable[0]}"
-        )
-    if not result.records:
-        raise UserInputError(f"no readable images for --mag {mag} under {result.root}")
-    root = result.root
+def _effective_by(result, by: str, mags: tuple[str, ...], warnings: list[str]) -> str:
+    """How the scanned images will be split (a folder-per-class tree has no patients), with the warnings
+    that go with it (one class only; a selected magnification missing; patient leakage) appended to
+    ``warnings``."""
     labels = sorted({r.label for r in result.records})
     if len(labels) < len(CLASSES):
-        warnings.append(f"only {labels[0]} images were found under {root}: a classifier needs both "
+        warnings.append(f"only {labels[0]} images were found under {result.root}: a classifier needs both "
                         f"{' and '.join(CLASSES)} images ('breastcnn train' refuses this split)")
-
+    found_mags = found_magnifications(result.records)
+    if result.layout == "breakhis" and len(found_mags) < len(mags):
+        missing = [m for m in mags if m not in found_mags]
+        warnings.append(f"no {', '.join(missing)} images under {result.root}: the split covers only "
+                        f"{', '.join(found_mags)}")
     effective_by = by
     if result.layout == "folders" and by == "patient":
         effective_by = "image"
@@ -533,14 +712,43 @@ def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, mate
     if effective_by == "image" and result.layout == "breakhis":
         warnings.append("--by image puts images of the same patient in train and test (patient leakage); "
                         "scores will be optimistic")
+    return effective_by
+
+
+def found_magnifications(records) -> list[str]:
+    """The magnifications present in ``records``, in :data:`MAGNIFICATIONS` order."""
+    present = {r.magnification for r in records}
+    return [m for m in MAGNIFICATIONS if m in present]
+
+
+def _create_locked(data, mags: tuple[str, ...], out: Path, by, ratios, folds, seed, materialize, strict, force, group,
+                   stratify, jobs, progress, on_scanned) -> dict:
+    """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
+    listing = scan(data, mags, verify=False)  # the cheap walk: the count before decoding every image
+    if on_scanned is not None:
+        on_scanned(len(listing.records))
+    result = verify_images(listing, jobs, progress)
+    warnings = list(result.warnings)
+    if result.unreadable and strict:
+        raise UserInputError(
+            f"{len(result.unreadable)} unreadable image(s) under {result.root} (--strict), "
+            f"first: {result.unreadable[0]}"
+        )
+    if not result.records:
+        raise UserInputError(f"no readable images for --mag {mags_label(mags)} under {result.root}")
+    root = result.root
+    effective_by = _effective_by(result, by, mags, warnings)
+    found_mags = found_magnifications(result.records)
     base_info = {
         "format": FORMAT_VERSION,
         "created_by": f"breastcnn {__version__}",
         "data_root": str(root),
         "layout": result.layout,
-        "magnification": mag_norm or "all",
+        "magnification": mags_label(mags),
+        "magnifications": found_mags,
         "by": effective_by,
         "group": group if effective_by == "patient" else None,
+        "stratify": stratify if effective_by == "patient" else None,
         "ratios": list(ratios),
         "seed": seed,
         "materialize": materialize,
@@ -551,7 +759,7 @@ def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, mate
 
     def assign(fold_seed: int) -> list[Row]:
         if effective_by == "patient":
-            return split_by_patient(result.records, ratios, fold_seed, group)
+            return split_by_patient(result.records, ratios, fold_seed, group, stratify=stratify)
         return split_by_image(result.records, ratios, fold_seed)
 
     if not folds:
@@ -568,7 +776,8 @@ def _create_locked(data, mag, mag_norm, out: Path, by, ratios, folds, seed, mate
     if foreign:
         raise UserInputError(
             f"{out / foreign[0]} exists and was not written by 'breastcnn split' (not recorded in a split.json "
-            f"there){f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; move it away or choose another --out"
+            f"there){f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; "
+            "move it away or choose another --out"
         )
     if force:
         _remove_recorded(out, owned, [root, *previous_roots])

@@ -37,7 +37,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from breastcnn.data.breakhis import MAGNIFICATIONS, SUBTYPES, parse_mag
+from breastcnn.data.breakhis import MAGNIFICATIONS, SUBTYPES
+from breastcnn.data.breakhis import parse_mags as parse_mag_list
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import default_mode
 
@@ -199,21 +200,8 @@ def _share(total: int, weights: np.ndarray) -> np.ndarray:
 
 
 def parse_mags(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"40,100,200,400"`` / ``"200X"`` / ``"all"`` -> ordered tuple of magnifications."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    if len(items) == 1 and str(items[0]).strip().lower() == "all":
-        return MAGNIFICATIONS
-    mags = []
-    for item in items:
-        try:
-            mags.append(parse_mag(item, allow_all=False))
-        except UserInputError:
-            raise UserInputError(
-                f"--mags: unknown magnification {item!r}; valid values: 40, 100, 200, 400 (comma-separated) or all"
-            ) from None
-    if not mags:
-        raise UserInputError("--mags must name at least one magnification, e.g. 200")
-    return tuple(m for m in MAGNIFICATIONS if m in mags)
+    """``"40,100,200,400"`` / ``"200X"`` / ``"all"`` -> ordered tuple of magnifications (``--mags``)."""
+    return parse_mag_list(text, option="--mags")
 
 
 # --------------------------------------------------------------------------- drawing

@@ -17,11 +17,13 @@ Same options (``activation``) and meta (``arch`` = "custom-k4").
 
 from __future__ import annotations
 
-import breastcnn
 from breastcnn.errors import UserInputError
-from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, LeakyReLU, MaxPool2D, ReLU, Sequential, ShapeError, Softmax
+from breastcnn.models.io import NumpyClassifier
+from breastcnn.models.spec import DEFAULT_INPUT_SHAPE, DEFAULT_PREPROCESS, ModelSpec, default_classes
+from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, LeakyReLU, MaxPool2D, ReLU, ShapeError, Softmax
 
 ACTIVATIONS = ("relu", "leaky_relu")
+"""Hidden-layer activations of the custom models (``train --activation``)."""
 
 
 def custom_layers(num_classes: int = 2, activation: str = "relu", first_kernel: int = 3) -> list:
@@ -54,20 +56,20 @@ def minimum_input_size(layers: list, channels: int = 3, limit: int = 4096) -> in
     raise ValueError("no input size up to {limit} fits these layers")
 
 
-def create_custom(input_shape=(224, 224, 3), num_classes: int = 2, seed: int = 0, activation: str = "relu",
-                  **kwargs) -> Sequential:
-    """The report's architecture as a built ``Sequential`` (deterministic for ``seed``)."""
+def create_custom(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 2, seed: int = 0, activation: str = "relu",
+                  **kwargs) -> NumpyClassifier:
+    """The report's architecture as a built :class:`NumpyClassifier` (deterministic for ``seed``)."""
     return _create("custom", 3, input_shape, num_classes, seed, activation, kwargs)
 
 
-def create_custom_k4(input_shape=(224, 224, 3), num_classes: int = 2, seed: int = 0, activation: str = "relu",
-                     **kwargs) -> Sequential:
+def create_custom_k4(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 2, seed: int = 0,
+                     activation: str = "relu", **kwargs) -> NumpyClassifier:
     """"custom-k4": the report's architecture with a 4x4/s4 first convolution (sees every pixel once)."""
     return _create("custom-k4", 4, input_shape, num_classes, seed, activation, kwargs)
 
 
 def _create(arch: str, first_kernel: int, input_shape, num_classes: int, seed: int, activation: str,
-            kwargs: dict) -> Sequential:
+            kwargs: dict) -> NumpyClassifier:
     if kwargs:
         raise UserInputError(f"unexpected options for the {arch} model: {', '.join(sorted(kwargs))}")
     layers = custom_layers(num_classes, activation, first_kernel)
@@ -78,7 +80,6 @@ def _create(arch: str, first_kernel: int, input_shape, num_classes: int, seed: i
             f"input size {h}x{w} is too small for the {arch} model: its valid-padding stack needs at least "
             f"{minimum}x{minimum}"
         )
-    classes = list(breastcnn.CLASSES) if num_classes == len(breastcnn.CLASSES) else [str(i) for i in range(num_classes)]
-    meta = {"arch": arch, "classes": classes, "preprocess": "caffe", "image_size": int(h),
-            "activation": activation}
-    return Sequential(layers, input_shape=(h, w, c), seed=seed, meta=meta)
+    spec = ModelSpec(arch=arch, framework="numpy", classes=default_classes(num_classes), image_size=int(h),
+                     preprocess=DEFAULT_PREPROCESS)
+    return NumpyClassifier(layers, input_shape=(h, w, c), seed=seed, meta={**spec.to_meta(), "activation": activation})

@@ -1,4 +1,12 @@
-"""Save and load NumPy models as ``.npz`` (no pickle), and dispatch ``.keras`` and ``.onnx`` files.
+"""The NumPy classifier and its ``.npz`` file (no pickle); :func:`save_model` / :func:`load_model` for every format.
+
+:class:`NumpyClassifier` is the engine's ``Sequential`` as the models layer
+hands it out (``create_model``, ``load_model``, ``load_checkpoint``): it adds
+the :class:`~breastcnn.models.spec.ModelSpec` read from its ``meta``, which
+makes it a :class:`~breastcnn.models.classifier.Classifier`.
+:func:`save_model` is the one way to write a model: ``.npz`` for a NumPy
+model, the format's own writer (``.keras`` + sidecar, ``.onnx``) for the others;
+:func:`load_model` picks the reader by file type.
 
 File layout (format version 1):
 
@@ -30,6 +38,9 @@ import numpy as np
 
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
+from breastcnn.models.keras_models import load_keras_model
+from breastcnn.models.onnx_runtime import load_onnx_model
+from breastcnn.models.spec import ModelSpec
 from breastcnn.nn.layers import BatchNorm, Conv2D, Dense, layer_from_config
 from breastcnn.nn.model import Sequential
 
@@ -45,14 +56,38 @@ def _plain_array(key: str, value) -> np.ndarray:
     return arr
 
 
-def save_model(model: Sequential, path, optimizer=None, extra: dict | None = None) -> None:
-    """Write ``model`` (and optionally optimizer state and extra arrays) to ``path`` atomically.
+class NumpyClassifier(Sequential):
+    """A NumPy-engine model with its :class:`ModelSpec`: what ``create_model``/``load_model`` return.
 
-    ``optimizer``: an Optimizer (its ``state_dict()`` is stored) or a state dict.
-    ``extra``: {name: array-like} stored as ``extra.{name}``.
+    ``spec`` is read from ``meta`` on each access (the training loop adds to ``meta``), and checked:
+    a bad value raises UserInputError naming ``source`` (the model's file, once loaded).
+    """
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_meta(self.meta, framework="numpy", source=getattr(self, "source", None) or "the model",
+                                   input_shape=self.input_shape,
+                                   num_classes=int(self.output_shape[-1]) if self.built else None)
+
+    def save(self, path, optimizer=None, extra: dict | None = None) -> Path:
+        """:func:`save_model` (kept for the training loop's ``model.save``; new code calls ``save_model``)."""
+        return save_model(self, path, optimizer=optimizer, extra=extra)
+
+
+def save_model(model, path, optimizer=None, extra: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically, in its framework's format; returns ``path``.
+
+    A NumPy model (any ``Sequential``) is an ``.npz``, with optionally the
+    optimizer state (``optimizer``: an Optimizer, whose ``state_dict()`` is
+    stored, or a state dict) and ``extra`` arrays (``{name: array-like}``,
+    stored as ``extra.{name}``) of a resumable checkpoint. A Keras model is its
+    ``.keras`` file plus the sidecar JSON, an ONNX model its ``.onnx`` file
+    (``optimizer``/``extra`` are not stored for those).
     """
     if not isinstance(model, Sequential):
-        raise TypeError(f"save_model expects a breastcnn Sequential, got {type(model).__name__}")
+        if not hasattr(model, "framework") or not callable(getattr(model, "save", None)):
+            raise TypeError(f"save_model expects a breastcnn model, got {type(model).__name__}")
+        return Path(model.save(path))
     arrays: dict[str, np.ndarray] = {}
     for i, layer in enumerate(model.layers):
         for store in (layer.params, layer.state):
@@ -73,6 +108,7 @@ def save_model(model: Sequential, path, optimizer=None, extra: dict | None = Non
     arrays["__config__"] = np.array(json.dumps(config))
     with atomic_write(path, "wb") as handle:
         np.savez(handle, **arrays)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- limits
@@ -180,8 +216,9 @@ def _parameter_shapes(layer, input_shape: tuple) -> dict[str, tuple]:
     return {}
 
 
-def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, dict[str, tuple]]:
-    """Layers (constructed, not built), input shape, and ``layers.{i}.{key}`` -> shape, all within the caps."""
+def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, tuple, dict[str, tuple]]:
+    """Layers (constructed, not built), input and output shapes, and ``layers.{i}.{key}`` -> shape, all within
+    the caps."""
     if len(config["layers"]) > MAX_LAYERS:
         raise _refuse(path, f"declares {len(config['layers'])} layers (at most {MAX_LAYERS})")
     shape = config["input_shape"]
@@ -210,7 +247,7 @@ def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, dict[str, t
         raise _refuse(path, f"cannot build the model from its config ({exc})") from None
     except (TypeError, ValueError, IndexError) as exc:
         raise _refuse(path, f"cannot build the model from its config ({exc})") from None
-    return layers, tuple(shape), expected
+    return layers, tuple(shape), current, expected
 
 
 def _check_declared(path: Path, declared: dict, expected: dict[str, tuple]) -> None:
@@ -233,18 +270,23 @@ def _check_declared(path: Path, declared: dict, expected: dict[str, tuple]) -> N
                 raise _refuse(path, f"{key} has shape {shape} dtype {spec['dtype']}, "
                                     f"the architecture needs {expected[key]} float32")
         elif key.startswith("optimizer."):
-            slot_of = next((p for p in expected if key.endswith("." + p)), None)
-            if slot_of is not None:
-                if shape != expected[slot_of]:
-                    raise _refuse(path, f"{key} has shape {shape}, its parameter {slot_of} has {expected[slot_of]}")
-            elif math.prod(shape) > MAX_SMALL_ARRAY:
-                raise _refuse(path, f"{key} declares {math.prod(shape):,} elements (at most {MAX_SMALL_ARRAY:,})")
+            _check_optimizer_entry(path, key, shape, expected)
         elif key.startswith("extra."):
             extra_elements += math.prod(shape)
             if extra_elements > MAX_SMALL_ARRAY:
                 raise _refuse(path, f"extra arrays (at {key}) declare more than {MAX_SMALL_ARRAY:,} elements")
         else:
             raise _refuse(path, f"unexpected array {key}")
+
+
+def _check_optimizer_entry(path: Path, key: str, shape: tuple, expected: dict[str, tuple]) -> None:
+    """A parameter's slot (``m.layers.0.W``) has its parameter's shape; any other entry is small."""
+    slot_of = next((p for p in expected if key.endswith("." + p)), None)
+    if slot_of is not None:
+        if shape != expected[slot_of]:
+            raise _refuse(path, f"{key} has shape {shape}, its parameter {slot_of} has {expected[slot_of]}")
+    elif math.prod(shape) > MAX_SMALL_ARRAY:
+        raise _refuse(path, f"{key} declares {math.prod(shape):,} elements (at most {MAX_SMALL_ARRAY:,})")
 
 
 def _check_values(path: Path, key: str, arr: np.ndarray) -> None:
@@ -255,7 +297,32 @@ def _check_values(path: Path, key: str, arr: np.ndarray) -> None:
         raise _refuse(path, f"{key} has negative values (a variance is >= 0; min {arr.min():.4g})")
 
 
-def _load(path) -> tuple[Sequential, dict, dict]:
+def _open_archive(path: Path) -> zipfile.ZipFile:
+    """The ``.npz`` as an open zip archive; a missing, special or non-zip file is refused by name."""
+    if not path.is_file():
+        if path.exists():
+            raise UserInputError(f"{path}: not a regular file (a device, pipe or socket is not a model file)")
+        raise UserInputError(f"model file {path} does not exist")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise _refuse(path, "not a breastcnn model file (expected an .npz zip archive)")
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise _refuse(path, f"unreadable model file ({type(exc).__name__}: {exc})") from None
+
+
+def _members(zf: zipfile.ZipFile, path: Path) -> dict[str, str]:
+    """``{array name: member name}``: only ``.npy`` members, no duplicates, a ``__config__`` among them."""
+    names = zf.namelist()
+    if len(names) != len(set(names)) or not all(n.endswith(".npy") for n in names):
+        raise _refuse(path, "not a breastcnn model file (unexpected or duplicate archive members)")
+    members = {n[: -len(".npy")]: n for n in names}
+    if "__config__" not in members:
+        raise _refuse(path, "missing or malformed __config__ entry; not a breastcnn model file")
+    return members
+
+
+def _load(path) -> tuple[NumpyClassifier, dict, dict]:
     """Check then read a model file, cheapest checks first, so that a hostile file costs almost nothing.
 
     1. the archive's member list and the ``__config__`` header (size capped) and JSON;
@@ -266,23 +333,8 @@ def _load(path) -> tuple[Sequential, dict, dict]:
     5. the model is built and the weights set.
     """
     path = Path(path)
-    if not path.is_file():
-        if path.exists():
-            raise UserInputError(f"{path}: not a regular file (a device, pipe or socket is not a model file)")
-        raise UserInputError(f"model file {path} does not exist")
-    try:
-        if not zipfile.is_zipfile(path):
-            raise _refuse(path, "not a breastcnn model file (expected an .npz zip archive)")
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise _refuse(path, f"unreadable model file ({type(exc).__name__}: {exc})") from None
-    with zf:
-        names = zf.namelist()
-        if len(names) != len(set(names)) or not all(n.endswith(".npy") for n in names):
-            raise _refuse(path, "not a breastcnn model file (unexpected or duplicate archive members)")
-        members = {n[: -len(".npy")]: n for n in names}
-        if "__config__" not in members:
-            raise _refuse(path, "missing or malformed __config__ entry; not a breastcnn model file")
+    with _open_archive(path) as zf:
+        members = _members(zf, path)
         shape, dtype = _member_header(zf, members["__config__"], path)
         if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_CONFIG_CHARS:
             raise _refuse(path, f"missing or malformed __config__ entry (shape {shape}, dtype {dtype}, at most "
@@ -296,11 +348,9 @@ def _load(path) -> tuple[Sequential, dict, dict]:
             raise _refuse(path, f"missing array(s) {', '.join(missing)}")
         if undeclared:
             raise _refuse(path, f"unexpected array(s) {', '.join(undeclared)}")
-        layers, input_shape, expected = _expected_arrays(path, config)
-        size = config["meta"].get("image_size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size != input_shape[0]):
-            # inference resizes images to meta.image_size: it must be the input the model takes
-            raise _refuse(path, f"meta image_size {size!r} does not match the input shape {list(input_shape)}")
+        layers, input_shape, output_shape, expected = _expected_arrays(path, config)
+        ModelSpec.from_meta(config["meta"], framework="numpy", source=path, input_shape=input_shape,
+                            num_classes=output_shape[-1] if output_shape else None)
         _check_declared(path, declared, expected)
         for key, spec in declared.items():
             shape, dtype = _member_header(zf, members[key], path)
@@ -313,7 +363,7 @@ def _load(path) -> tuple[Sequential, dict, dict]:
                 _check_values(path, key, arrays[key])
 
     try:
-        model = Sequential(layers, input_shape=input_shape, seed=0, meta=config["meta"])
+        model = NumpyClassifier(layers, input_shape=input_shape, seed=0, meta=config["meta"])
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{path}: cannot build the model from its config ({exc})") from None
     model.set_weights({k: v for k, v in arrays.items() if k.startswith("layers.")})
@@ -324,7 +374,7 @@ def _load(path) -> tuple[Sequential, dict, dict]:
     return model, optimizer_state, extra
 
 
-def load_checkpoint(path) -> tuple[Sequential, dict, dict]:
+def load_checkpoint(path) -> tuple[NumpyClassifier, dict, dict]:
     """``(model, optimizer_state, extra)`` from an ``.npz`` written by save_model.
 
     ``optimizer_state`` is ``Optimizer.state_dict()`` (empty when none was
@@ -335,15 +385,12 @@ def load_checkpoint(path) -> tuple[Sequential, dict, dict]:
 
 
 def load_model(path):
-    """``.npz`` -> Sequential; ``.keras`` -> the Keras classifier (TensorFlow imported lazily);
-    ``.onnx`` -> the ONNX Runtime classifier (``breastcnn[onnx]``, imported lazily)."""
+    """The classifier in ``path``, by file type: ``.npz`` -> :class:`NumpyClassifier`; ``.keras`` ->
+    ``KerasClassifier`` (TensorFlow imported on first use); ``.onnx`` -> ``OnnxClassifier``
+    (``breastcnn[onnx]``). Each reader checks the model's spec (a bad one names the file)."""
     path = Path(os.fspath(path))
     if path.suffix.lower() == ".keras":
-        from breastcnn.models.keras_models import load_keras_model
-
         return load_keras_model(path)
     if path.suffix.lower() == ".onnx":
-        from breastcnn.models.onnx_runtime import load_onnx_model
-
         return load_onnx_model(path)
     return _load(path)[0]

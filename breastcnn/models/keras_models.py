@@ -7,9 +7,9 @@ time; :func:`require_keras` does, on first use, and turns its absence into a
 Models are plain functional ``keras.Model`` objects whose layers are flat (the
 ``keras.applications`` base is not nested), so every layer, including the
 Grad-CAM one, is reachable with ``model.get_layer(name)``. They are wrapped in
-:class:`KerasClassifier`, which implements the same classifier interface as the
-NumPy ``Sequential`` (``framework``, ``meta``, ``predict``, ``count_params``,
-``save``) so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
+:class:`KerasClassifier`, which satisfies the same ``Classifier`` protocol as the
+NumPy model (``framework``, ``meta``, ``spec``, ``predict``, ``count_params``)
+so ``evaluate``/``predict``/``bench``/``featuremaps`` treat both alike.
 
 On disk a Keras model is ``model.keras`` (Keras v3 zip, without optimizer
 state) plus the sidecar ``model.keras.json`` next to it (classes,
@@ -22,6 +22,7 @@ written by earlier versions is still read); it is loaded with Keras
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -34,17 +35,25 @@ from typing import Any
 
 import numpy as np
 
-from breastcnn import CLASSES, __version__
+from breastcnn import __version__
 from breastcnn.errors import MissingDependencyError, UserInputError
 from breastcnn.fsutil import atomic_write_json, default_mode
+from breastcnn.models.classifier import model_spec
+from breastcnn.models.convert import from_keras, to_keras
+from breastcnn.models.registry import create_model, list_models
+from breastcnn.models.spec import DEFAULT_INPUT_SHAPE, DEFAULT_PREPROCESS, ModelSpec, default_classes
+from breastcnn.models.structure import choose_gradcam_layer
 
 LEGACY_SIDECAR_NAME = "breastcnn.json"
 """The one-per-folder sidecar name of earlier versions: still read (:func:`find_sidecar`), never written."""
 
 SIDECAR_FORMAT = 1
 
-KERAS_ARCHS = ("vgg16", "resnet50", "custom-keras")
-"""Architectures built here (registered in ``models.registry`` under these names)."""
+KERAS_ARCHS = tuple(list_models(framework="keras"))
+"""Architectures built here (registered in ``models.registry`` as Keras models)."""
+
+SIDECAR_ONLY_KEYS = ("format", "framework", "model_file")
+"""Keys the sidecar adds to a Keras model's meta (what the file is); not part of the model's own meta."""
 
 GRADCAM_LAYERS = {"vgg16": "block5_conv3", "resnet50": "conv5_block3_out"}
 """Grad-CAM target layer per architecture (custom-keras: the NumPy model's rule, explain.choose_gradcam_layer)."""
@@ -91,8 +100,8 @@ def require_keras():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     try:
         with _stderr_fd_captured() as captured:
-            import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
             import keras
+            import tensorflow  # noqa: F401  (the backend must be importable, not just keras)
     except ImportError as exc:
         if os.environ.get("BREASTCNN_DEBUG", "") not in ("", "0"):
             sys.stderr.write(captured.getvalue())
@@ -187,6 +196,12 @@ class KerasClassifier:
     # -- shape / names ---------------------------------------------------------------
 
     @property
+    def spec(self) -> ModelSpec:
+        """The :class:`ModelSpec` read from ``meta`` (checked; an error names the model's file)."""
+        return ModelSpec.from_meta(self.meta, framework="keras", source=getattr(self, "source", None) or "the model",
+                                   input_shape=self.input_shape, num_classes=self.output_shape[-1])
+
+    @property
     def input_shape(self) -> tuple:
         """Input shape without the batch axis, e.g. ``(224, 224, 3)``."""
         return tuple(int(d) for d in self.model.input_shape[1:])
@@ -227,9 +242,9 @@ class KerasClassifier:
         """Class probabilities for preprocessed images.
 
         Args:
-            x: ``(N, S, S, 3)`` float32, preprocessed with ``meta["preprocess"]``.
+            x: ``(N, S, S, 3)`` float32, preprocessed with ``spec.preprocess``.
             batch_size: images per forward pass.
-            jobs: accepted for interface parity with ``Sequential``; TensorFlow
+            jobs: accepted for the classifier interface (``Sequential`` shards batches); TensorFlow
                 manages its own thread pools.
             progress: optional ``callable(advance: int)`` called after each batch.
 
@@ -274,7 +289,7 @@ class KerasClassifier:
 
         The optimizer state is not saved (an inference model, a third of the
         size for a fully trainable network); ``optimizer``/``extra`` are
-        accepted for parity with ``Sequential.save`` and ignored.
+        accepted for ``models.save_model``'s signature and ignored.
         """
         keras = require_keras()
         path = Path(path)
@@ -364,21 +379,19 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # corrupt zip, unknown layer, unsafe lambda under safe mode...
         raise UserInputError(f"--model {path}: cannot load this Keras model ({' '.join(str(exc).split())})") from None
-    shape = tuple(int(d) for d in model.input_shape[1:])
-    if meta.get("image_size") is not None and shape[:2] != (meta["image_size"],) * 2:
-        raise UserInputError(
-            f"{find_sidecar(path)}: image_size {meta['image_size']} does not match the model input {shape}"
-        )
-    meta.setdefault("image_size", shape[0])
-    if "gradcam_layer" not in meta or meta["gradcam_layer"] not in {layer.name for layer in model.layers}:
-        meta["gradcam_layer"] = _default_gradcam_layer(model)
     classifier = KerasClassifier(model, meta)
     classifier.source = str(path)  # messages about what this model computes name its file
+    spec = ModelSpec.from_meta(meta, framework="keras", source=find_sidecar(path),
+                               input_shape=classifier.input_shape, num_classes=classifier.output_shape[-1])
+    meta["image_size"] = spec.image_size
+    if meta.get("gradcam_layer") not in {layer.name for layer in model.layers}:
+        meta["gradcam_layer"] = _default_gradcam_layer(model)
     return classifier
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict:
-    """The sidecar JSON of a ``.keras`` model (:func:`find_sidecar`), checked."""
+    """The sidecar JSON object of a ``.keras`` model (:func:`find_sidecar`); its values are checked as the
+    model's :class:`ModelSpec` once the model is loaded (:func:`load_keras_model`)."""
     side = find_sidecar(model_path)
     if side is None:
         raise UserInputError(
@@ -392,22 +405,12 @@ def read_sidecar(model_path: str | os.PathLike) -> dict:
         raise UserInputError(f"{side}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise UserInputError(f"{side}: expected a JSON object, received {type(meta).__name__}")
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise UserInputError(f"{side}: 'classes' must be a list of class names, received {classes!r}")
-    if meta.get("preprocess") not in ("caffe", "minmax"):
-        raise UserInputError(f"{side}: 'preprocess' must be caffe or minmax, received {meta.get('preprocess')!r}")
-    size = meta.get("image_size")
-    if size is not None and (not isinstance(size, int) or size < 1):
-        raise UserInputError(f"{side}: 'image_size' must be a positive integer, received {size!r}")
     return meta
 
 
 def _default_gradcam_layer(model) -> str | None:
-    """custom-keras' Grad-CAM layer: the rule of a NumPy model (:func:`breastcnn.explain.choose_gradcam_layer`)
-    so a model and its export explain the same layer; ``None`` without a conv layer."""
-    from breastcnn.explain import choose_gradcam_layer
-
+    """custom-keras' Grad-CAM layer: the rule of a NumPy model (:func:`~breastcnn.models.structure.
+    choose_gradcam_layer`) so a model and its export explain the same layer; ``None`` without a conv layer."""
     try:
         return choose_gradcam_layer(model)
     except UserInputError:
@@ -523,13 +526,13 @@ def _pretrained(arch: str, app_fn, input_shape, num_classes, seed, weights, trai
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     out = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     model = keras.Model(base.input, out, name=arch)
+    spec = ModelSpec(arch=arch, framework="keras", classes=default_classes(num_classes), image_size=shape[0],
+                     preprocess=DEFAULT_PREPROCESS)
     meta = {
-        "arch": arch,
-        "classes": list(CLASSES) if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)],
-        "preprocess": "caffe",
-        "image_size": shape[0],
+        **spec.to_meta(),
         "seed": int(seed),
-        "weights": "none" if weights_file is None else ("imagenet" if str(weights).lower() == "imagenet" else str(weights)),
+        "weights": ("none" if weights_file is None
+                    else "imagenet" if str(weights).lower() == "imagenet" else str(weights)),
         "trainable_layers": int(trainable_layers),
         "base_layers": n_base,
         "dropout": float(dropout),
@@ -540,7 +543,7 @@ def _pretrained(arch: str, app_fn, input_shape, num_classes, seed, weights, trai
 
 
 def create_vgg16(
-    input_shape=(224, 224, 3),
+    input_shape=DEFAULT_INPUT_SHAPE,
     num_classes: int = 2,
     seed: int = 0,
     weights: str | os.PathLike | None = "imagenet",
@@ -561,7 +564,7 @@ def create_vgg16(
 
 
 def create_resnet50(
-    input_shape=(224, 224, 3),
+    input_shape=DEFAULT_INPUT_SHAPE,
     num_classes: int = 2,
     seed: int = 0,
     weights: str | os.PathLike | None = "imagenet",
@@ -575,7 +578,7 @@ def create_resnet50(
 
 
 def create_custom_keras(
-    input_shape=(224, 224, 3),
+    input_shape=DEFAULT_INPUT_SHAPE,
     num_classes: int = 2,
     seed: int = 0,
     weights: str | os.PathLike | None = "none",
@@ -596,9 +599,6 @@ def create_custom_keras(
     architecture. ``custom_kwargs`` go to the NumPy builder.
     """
     keras = require_keras()
-    from breastcnn.models import create_model
-    from breastcnn.models.convert import to_keras
-
     shape = tuple(int(d) for d in input_shape)
     if str(weights).lower() == "imagenet":
         raise UserInputError("--weights imagenet: custom-keras has no ImageNet weights; use --weights none or PATH")
@@ -608,18 +608,52 @@ def create_custom_keras(
     kmodel = to_keras(numpy_model, l2=float(l2))
     if weights_file is not None:
         _load_weights(kmodel, weights_file, weights)
-    meta = dict(getattr(numpy_model, "meta", {}) or {})
-    meta.update({
-        "arch": "custom-keras",
-        "classes": list(meta.get("classes") or CLASSES),
-        "preprocess": meta.get("preprocess", "caffe"),
-        "image_size": shape[0],
-        "seed": int(seed),
-        "weights": "none" if weights_file is None else str(weights),
-        "gradcam_layer": _default_gradcam_layer(kmodel),
-        "versions": library_versions(),
-    })
+    meta = _converted_meta(numpy_model, kmodel)
+    meta.update({"seed": int(seed), "weights": "none" if weights_file is None else str(weights)})
     return KerasClassifier(kmodel, meta)
+
+
+# --------------------------------------------------------------------------- NumPy <-> Keras (export)
+
+NUMPY_EXPORTABLE = ("custom-keras", "custom")
+"""Keras architectures that convert back to the NumPy engine (a custom model exported to Keras is custom-keras)."""
+
+
+def _converted_meta(numpy_model, kmodel) -> dict:
+    """The meta of ``kmodel``, converted from ``numpy_model``: the NumPy model's meta, its spec as a
+    custom-keras model, the Grad-CAM layer of the NumPy model's rule (same map on both sides), versions."""
+    spec = dataclasses.replace(model_spec(numpy_model), arch="custom-keras", framework="keras",
+                               image_size=int(numpy_model.input_shape[0]))
+    return {**numpy_model.meta, **spec.to_meta(), "gradcam_layer": _default_gradcam_layer(kmodel),
+            "versions": library_versions()}
+
+
+def keras_from_numpy(numpy_model, source: str | os.PathLike | None = None) -> KerasClassifier:
+    """The NumPy model as a custom-keras :class:`KerasClassifier` with the same weights (``convert.to_keras``)
+    and metadata (its spec, ``source_arch``, ``exported_from``: ``source``), ready for ``save_model``."""
+    require_keras()
+    kmodel = to_keras(numpy_model)
+    meta = _converted_meta(numpy_model, kmodel)
+    meta["source_arch"] = numpy_model.meta.get("arch")
+    if source is not None:
+        meta["exported_from"] = str(source)
+    return KerasClassifier(kmodel, meta)
+
+
+def numpy_from_keras(classifier: KerasClassifier, source: str | os.PathLike | None = None):
+    """A custom-keras classifier as a NumPy ``Sequential`` (``convert.from_keras``) with its meta (arch
+    ``custom``, ``exported_from``: ``source``); other architectures raise UserInputError naming ``source``."""
+    arch = classifier.spec.arch
+    if arch not in NUMPY_EXPORTABLE:
+        raise UserInputError(
+            f"--model {source or 'the model'}: --to numpy exports custom-keras models only (the NumPy engine runs "
+            f"the report's custom architecture), this one is {arch!r}"
+        )
+    keep = {k: v for k, v in classifier.meta.items() if k not in (*SIDECAR_ONLY_KEYS, "gradcam_layer", "versions")}
+    keep["arch"] = "custom"
+    if source is not None:
+        keep["exported_from"] = str(source)
+    return from_keras(classifier.model, meta=keep)
 
 
 BUILDERS = {"vgg16": create_vgg16, "resnet50": create_resnet50, "custom-keras": create_custom_keras}

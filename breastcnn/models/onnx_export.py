@@ -36,8 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from breastcnn import CLASSES, __version__
+from breastcnn import __version__
+from breastcnn.data.images import IMAGENET_MEAN_BGR, preprocess
 from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.fsutil import atomic_write
+from breastcnn.models.classifier import model_spec
+from breastcnn.nn import functional as F
+from breastcnn.nn import layers as L
+from breastcnn.nn.model import Sequential
 
 OPSET = 17
 """ONNX opset of exported models (ONNX 1.12+, ONNX Runtime 1.13+)."""
@@ -61,14 +67,13 @@ def require_onnx(purpose: str = "ONNX export"):
     try:
         import onnx
     except ImportError as exc:
-        raise MissingDependencyError(f"{purpose} needs the onnx package: pip install 'breastcnn[onnx]' ({exc})") from None
+        raise MissingDependencyError(
+            f"{purpose} needs the onnx package: pip install 'breastcnn[onnx]' ({exc})") from None
     return onnx
 
 
 def preprocess_description(mode: str, image_size: int) -> str:
     """One line saying how to turn an RGB image into this model's input (matches ``data.images.preprocess``)."""
-    from breastcnn.data.images import IMAGENET_MEAN_BGR
-
     resize = f"RGB image resized to {image_size}x{image_size}, as float32"
     if mode == "caffe":
         mean = ", ".join(f"{v:g}" for v in IMAGENET_MEAN_BGR)
@@ -99,16 +104,12 @@ class _Graph:
 
 
 def _exportable_classes() -> dict:
-    from breastcnn.nn import layers as L
-
     return {cls: cls.__name__ for cls in (L.Conv2D, L.BatchNorm, L.ReLU, L.LeakyReLU, L.MaxPool2D,
                                            L.GlobalAveragePooling2D, L.Flatten, L.Dense, L.Dropout, L.Softmax)}
 
 
 def check_exportable(model) -> None:
     """Raise UserInputError naming the first layer that cannot be exported (checked before any work)."""
-    from breastcnn.nn.model import Sequential
-
     if not isinstance(model, Sequential):
         raise UserInputError(f"ONNX export takes a NumPy breastcnn model (Sequential), received {type(model).__name__}")
     if not model.built or not model.layers:
@@ -134,8 +135,6 @@ def _bn_affine64(bn) -> tuple[np.ndarray, np.ndarray]:
 
 def _conv_pads(layer, in_shape: tuple) -> list[int]:
     """ONNX pads [top, left, bottom, right] equal to the engine's padding of a (H, W, C) input."""
-    from breastcnn.nn import functional as F
-
     if layer.padding == "valid":
         return [0, 0, 0, 0]
     (top, bottom), (left, right) = (F.same_padding(d, layer.kernel_size, layer.strides) for d in in_shape[:2])
@@ -147,82 +146,86 @@ def build_graph_nodes(graph: _Graph, model) -> tuple[str, bool]:
 
     Returns ``(name of the last tensor, whether it is still 4-D NCHW)``.
     """
-    from breastcnn.nn import layers as L
-
     x = graph.node("Transpose", [INPUT_NAME], "input_to_nchw", perm=[0, 3, 1, 2])
     spatial = True                      # x is (N, C, H, W); else (N, features)
     layers = model.layers
     i = 0
     while i < len(layers):
-        layer, kind = layers[i], type(layers[i])
-        if kind is L.Conv2D:
+        layer = layers[i]
+        if type(layer) is L.Conv2D:
             bn = layers[i + 1] if i + 1 < len(layers) and type(layers[i + 1]) is L.BatchNorm else None
-            w = layer.params["W"].astype(np.float64)                       # (kh, kw, c_in, f)
-            b = layer.params["b"].astype(np.float64) if layer.use_bias else np.zeros(layer.filters)
-            name = layer.name
-            if bn is not None:
-                scale, shift = _bn_affine64(bn)
-                w, b, name = w * scale, b * scale + shift, f"{layer.name}+{bn.name}"
-            k, s = layer.kernel_size, layer.strides
-            x = graph.node("Conv", [x, graph.const(f"{name}.W", w.transpose(3, 2, 0, 1)),   # (f, c_in, kh, kw)
-                                    graph.const(f"{name}.b", b)], name,
-                           kernel_shape=[k, k], strides=[s, s], pads=_conv_pads(layer, layer.input_shape))
+            x = _conv_node(graph, x, layer, bn)
             i += 2 if bn is not None else 1
             continue
-        if kind is L.BatchNorm:
-            scale, shift = _bn_affine64(layer)
-            shape = (-1, 1, 1) if spatial else (-1,)
-            x = graph.node("Mul", [x, graph.const(f"{layer.name}.scale", scale.reshape(shape))], f"{layer.name}.mul")
-            x = graph.node("Add", [x, graph.const(f"{layer.name}.shift", shift.reshape(shape))], layer.name)
-        elif kind is L.ReLU:
-            x = graph.node("Relu", [x], layer.name)
-        elif kind is L.LeakyReLU:
-            x = graph.node("LeakyRelu", [x], layer.name, alpha=layer.negative_slope)
-        elif kind is L.MaxPool2D:
-            p, s = layer.pool_size, layer.strides
-            x = graph.node("MaxPool", [x], layer.name, kernel_shape=[p, p], strides=[s, s], pads=[0, 0, 0, 0])
-        elif kind is L.GlobalAveragePooling2D:
-            x = graph.node("GlobalAveragePool", [x], f"{layer.name}.pool")    # (N, C, 1, 1)
-            x = graph.node("Flatten", [x], layer.name, axis=1)
-            spatial = False
-        elif kind is L.Flatten:
-            if spatial:   # the engine flattens NHWC: back to NHWC first so Dense weights apply as they are
-                x = graph.node("Transpose", [x], f"{layer.name}.to_nhwc", perm=[0, 2, 3, 1])
-                x = graph.node("Flatten", [x], layer.name, axis=1)
-                spatial = False
-        elif kind is L.Dense:
-            inputs = [x, graph.const(f"{layer.name}.W", layer.params["W"])]
-            if layer.use_bias:
-                inputs.append(graph.const(f"{layer.name}.b", layer.params["b"]))
-            x = graph.node("Gemm", inputs, layer.name)
-        elif kind is L.Softmax:
-            x = graph.node("Softmax", [x], layer.name, axis=1 if spatial else -1)   # the channel axis
-        elif kind is L.Dropout:
-            pass   # identity at inference
-        else:  # pragma: no cover - check_exportable refuses these first
-            raise UserInputError(f"cannot export layer {layer.name!r} ({kind.__name__}) to ONNX")
+        x, spatial = _layer_nodes(graph, x, layer, spatial)
         i += 1
     return x, spatial
 
 
+def _conv_node(graph: _Graph, x: str, layer, bn) -> str:
+    """One ``Conv`` for a Conv2D, with the BatchNorm ``bn`` after it (or None) folded in."""
+    w = layer.params["W"].astype(np.float64)                       # (kh, kw, c_in, f)
+    b = layer.params["b"].astype(np.float64) if layer.use_bias else np.zeros(layer.filters)
+    name = layer.name
+    if bn is not None:
+        scale, shift = _bn_affine64(bn)
+        w, b, name = w * scale, b * scale + shift, f"{layer.name}+{bn.name}"
+    k, s = layer.kernel_size, layer.strides
+    return graph.node("Conv", [x, graph.const(f"{name}.W", w.transpose(3, 2, 0, 1)),   # (f, c_in, kh, kw)
+                               graph.const(f"{name}.b", b)], name,
+                      kernel_shape=[k, k], strides=[s, s], pads=_conv_pads(layer, layer.input_shape))
+
+
+def _layer_nodes(graph: _Graph, x: str, layer, spatial: bool) -> tuple[str, bool]:
+    """The nodes of any other layer: ``(its output tensor, whether that is still NCHW)``."""
+    kind = type(layer)
+    if kind is L.BatchNorm:
+        scale, shift = _bn_affine64(layer)
+        shape = (-1, 1, 1) if spatial else (-1,)
+        x = graph.node("Mul", [x, graph.const(f"{layer.name}.scale", scale.reshape(shape))], f"{layer.name}.mul")
+        x = graph.node("Add", [x, graph.const(f"{layer.name}.shift", shift.reshape(shape))], layer.name)
+    elif kind is L.ReLU:
+        x = graph.node("Relu", [x], layer.name)
+    elif kind is L.LeakyReLU:
+        x = graph.node("LeakyRelu", [x], layer.name, alpha=layer.negative_slope)
+    elif kind is L.MaxPool2D:
+        p, s = layer.pool_size, layer.strides
+        x = graph.node("MaxPool", [x], layer.name, kernel_shape=[p, p], strides=[s, s], pads=[0, 0, 0, 0])
+    elif kind is L.GlobalAveragePooling2D:
+        x = graph.node("GlobalAveragePool", [x], f"{layer.name}.pool")    # (N, C, 1, 1)
+        x, spatial = graph.node("Flatten", [x], layer.name, axis=1), False
+    elif kind is L.Flatten:
+        if spatial:   # the engine flattens NHWC: back to NHWC first so Dense weights apply as they are
+            x = graph.node("Transpose", [x], f"{layer.name}.to_nhwc", perm=[0, 2, 3, 1])
+            x, spatial = graph.node("Flatten", [x], layer.name, axis=1), False
+    elif kind is L.Dense:
+        inputs = [x, graph.const(f"{layer.name}.W", layer.params["W"])]
+        if layer.use_bias:
+            inputs.append(graph.const(f"{layer.name}.b", layer.params["b"]))
+        x = graph.node("Gemm", inputs, layer.name)
+    elif kind is L.Softmax:
+        x = graph.node("Softmax", [x], layer.name, axis=1 if spatial else -1)   # the channel axis
+    elif kind is not L.Dropout:   # Dropout: the identity at inference
+        # pragma: no cover - check_exportable refuses these first
+        raise UserInputError(f"cannot export layer {layer.name!r} ({kind.__name__}) to ONNX")
+    return x, spatial
+
+
 def onnx_metadata(model, source: str | None = None) -> dict[str, str]:
-    """The ``metadata_props`` of an exported model (strings; lists/dicts as JSON)."""
-    meta = dict(model.meta)
-    size = int(model.input_shape[0])
-    num_classes = int(model.output_shape[-1])
-    classes = meta.get("classes") or (list(CLASSES) if num_classes == len(CLASSES) else
-                                       [str(c) for c in range(num_classes)])
+    """The ``metadata_props`` of an exported model (strings; lists/dicts as JSON): its spec, and the rest
+    of its meta as ``source_meta``."""
+    spec = model_spec(model)
     counts = model.count_params()
-    source_meta = {k: v for k, v in meta.items() if k not in ("classes", "image_size", "preprocess", "arch")}
+    source_meta = {k: v for k, v in model.meta.items() if k not in ("classes", "image_size", "preprocess", "arch")}
     if source is not None:
         source_meta["exported_from"] = str(source)
     return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "arch": str(meta.get("arch", "custom")),
-        "classes": json.dumps([str(c) for c in classes]),
-        "image_size": str(size),
-        "preprocess": str(meta.get("preprocess", "caffe")),
+        "arch": spec.arch,
+        "classes": json.dumps(list(spec.classes)),
+        "image_size": str(spec.image_size),
+        "preprocess": spec.preprocess,
         "input_layout": INPUT_LAYOUT,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
@@ -272,9 +275,8 @@ def to_onnx(model, source: str | os.PathLike | None = None):
 
 
 def save_onnx(proto, path: str | os.PathLike) -> int:
-    """Write ``proto`` (a ModelProto or its serialized bytes) to ``path`` atomically (one protobuf, no pickle, no external data); returns its bytes."""
-    from breastcnn.fsutil import atomic_write
-
+    """Write ``proto`` (a ModelProto or its serialized bytes) to ``path`` atomically (one protobuf, no pickle,
+    no external data); returns its bytes."""
     data = proto if isinstance(proto, bytes) else proto.SerializeToString()
     with atomic_write(Path(path), "wb") as handle:
         handle.write(data)
@@ -312,11 +314,9 @@ def _max_abs_diff(model, data: bytes, seed: int) -> float | None:
         import onnxruntime as ort
     except ImportError:
         return None
-    from breastcnn.data.images import preprocess
-
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(4, *model.input_shape), dtype=np.uint8)
-    x = preprocess(images, model.meta.get("preprocess", "caffe")) if model.input_shape[-1] == 3 else \
+    x = preprocess(images, model_spec(model).preprocess) if model.input_shape[-1] == 3 else \
         images.astype(np.float32) / 255.0
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1

@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn.errors import MissingDependencyError, UserInputError
-from breastcnn.models.onnx_export import FORMAT, FORMAT_VERSION, INPUT_NAME, MAX_BYTES, OUTPUT_NAME, require_onnx
+from breastcnn.models.onnx_export import (
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    MAX_BYTES,
+    OUTPUT_NAME,
+    require_onnx,
+    save_onnx,
+)
+from breastcnn.models.spec import ModelSpec
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 """Operator domains a loaded model may use (the standard ONNX operators)."""
@@ -102,9 +111,8 @@ def check_external_data(proto, path: Path) -> bool:
 
 def read_metadata(proto, path) -> tuple[dict, dict]:
     """``(meta, params)`` from a breastcnn export's ``metadata_props``, checked: the classifier ``meta``
-    and the source model's ``{"trainable", "non_trainable"}`` parameter counts."""
-    from breastcnn.data.images import PREPROCESS_MODES
-
+    (its values as a :class:`ModelSpec`) and the source model's ``{"trainable", "non_trainable"}`` parameter
+    counts."""
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("format") != FORMAT:
         raise UserInputError(f"{path}: not a breastcnn ONNX model (metadata format {props.get('format')!r}, expected "
@@ -120,16 +128,12 @@ def read_metadata(proto, path) -> tuple[dict, dict]:
                   "non_trainable": int(props.get("params_non_trainable", 0))}
     except (KeyError, ValueError, TypeError) as exc:
         raise UserInputError(f"{path}: malformed breastcnn metadata ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
-        raise UserInputError(f"{path}: metadata classes must be a list of at least two names, got {classes!r}")
-    if image_size < 1 or props.get("preprocess") not in PREPROCESS_MODES:
-        raise UserInputError(f"{path}: metadata image_size {image_size} / preprocess {props.get('preprocess')!r} "
-                             f"invalid (preprocess must be one of {', '.join(PREPROCESS_MODES)})")
     if not isinstance(source_meta, dict):
         raise UserInputError(f"{path}: metadata source_meta must be a JSON object")
     meta = {**source_meta, "arch": props.get("arch", "custom"), "classes": classes, "image_size": image_size,
-            "preprocess": props["preprocess"], "input_layout": props.get("input_layout"),
+            "preprocess": props.get("preprocess"), "input_layout": props.get("input_layout"),
             "breastcnn_version": props.get("breastcnn_version"), "opset": _opset(proto)}
+    ModelSpec.from_meta(meta, framework="onnx", source=path)
     return meta, params
 
 
@@ -191,7 +195,13 @@ class OnnxClassifier:
         self.session = None
         self.set_threads(threads, inter_op_threads)
 
-    def set_threads(self, threads: int | None, inter_op_threads: int | None = None) -> "OnnxClassifier":
+    @property
+    def spec(self) -> ModelSpec:
+        """The :class:`ModelSpec` read from ``meta`` (checked; an error names the model's file)."""
+        return ModelSpec.from_meta(self.meta, framework="onnx", source=self.path, input_shape=self.input_shape,
+                                   num_classes=self.output_shape[-1])
+
+    def set_threads(self, threads: int | None, inter_op_threads: int | None = None) -> OnnxClassifier:
         """(Re)create the session with ``threads`` intra-op threads (None: ONNX Runtime's default) and
         ``inter_op_threads`` (the graph runs sequentially, so these matter only to parallel execution)."""
         ort = require_onnxruntime()
@@ -217,7 +227,7 @@ class OnnxClassifier:
         """Class probabilities for preprocessed images, like ``Sequential.predict``.
 
         Args:
-            x: ``(N, S, S, C)`` float32 NHWC, preprocessed with ``meta["preprocess"]``.
+            x: ``(N, S, S, C)`` float32 NHWC, preprocessed with ``spec.preprocess``.
             batch_size: images per session run.
             jobs: accepted for interface parity; ONNX Runtime uses ``threads``.
             progress: optional ``callable(advance: int)`` called after each batch.
@@ -245,9 +255,7 @@ class OnnxClassifier:
 
     def save(self, path: str | os.PathLike, optimizer=None, extra=None) -> Path:
         """Write the (checked) model file to ``path`` (``.onnx``) atomically; ``optimizer``/``extra`` are
-        accepted for parity with ``Sequential.save`` and ignored (an inference graph has neither)."""
-        from breastcnn.models.onnx_export import save_onnx
-
+        accepted for ``models.save_model``'s signature and ignored (an inference graph has neither)."""
         path = Path(path)
         if path.suffix.lower() != ".onnx":
             raise UserInputError(f"an ONNX model is saved as .onnx, received {path}")

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from breastcnn.errors import UserInputError
+from breastcnn.nn.inference import PredictPlan
 from breastcnn.nn.layers import Layer, Softmax
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.optim import Adam
@@ -46,9 +47,7 @@ from breastcnn.nn.parallel import (
     map_batches,
     resolve_jobs,
 )
-from breastcnn.nn.inference import PredictPlan
 from breastcnn.nn.steps import Step, compile_steps, run_backward, run_forward
-
 
 _DEFAULT_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "BatchNorm": "batch_norm", "MaxPool2D": "max_pool2d",
                   "GlobalAveragePooling2D": "global_average_pooling2d"}
@@ -63,7 +62,9 @@ class Sequential:
 
     ``Sequential(layers, input_shape=None, seed=0, meta=None, threads=None)``: when
     ``input_shape`` (without batch) is given the model is built at once with
-    ``np.random.default_rng(seed)``.
+    ``np.random.default_rng(seed)``. ``meta`` is a free dict the engine never reads (the
+    models layer reads it as a ``ModelSpec`` and saves it with the weights:
+    ``breastcnn.models.save_model``; the engine does no I/O).
 
     Settings of this model (instance attributes):
 
@@ -138,7 +139,7 @@ class Sequential:
                 return p.dtype
         return np.dtype(np.float32)
 
-    def astype(self, dtype) -> "Sequential":
+    def astype(self, dtype) -> Sequential:
         """Cast all parameters and buffers in place (float64 for gradient checks)."""
         for layer in self.layers:
             layer.astype(dtype)
@@ -252,7 +253,7 @@ class Sequential:
         return out.astype(np.float32, copy=False)
 
     @contextlib.contextmanager
-    def using_threads(self, threads: int | None) -> Iterator["Sequential"]:
+    def using_threads(self, threads: int | None) -> Iterator[Sequential]:
         """``self.threads = threads`` inside the block, restored after it (None: unchanged)."""
         previous = self.threads
         if threads is not None:
@@ -269,7 +270,7 @@ class Sequential:
             return {"engine": current_threads(), "blas": blas_thread_count()}
 
     # -- training -------------------------------------------------------------
-    def compile(self, optimizer=None, loss=None, l2: float = 0.0) -> "Sequential":
+    def compile(self, optimizer=None, loss=None, l2: float = 0.0) -> Sequential:
         """Set optimizer (default Adam(1e-3)), loss (default WeightedSoftmaxCrossEntropy()) and L2 factor."""
         self.optimizer = optimizer if optimizer is not None else Adam(1e-3)
         self.loss = loss if loss is not None else WeightedSoftmaxCrossEntropy()
@@ -402,14 +403,8 @@ class Sequential:
         return {"input_shape": list(self.input_shape or ()), "layers": [layer.get_config() for layer in self.layers],
                 "meta": self.meta}
 
-    def save(self, path, optimizer=None, extra=None) -> None:
-        """Write an ``.npz`` (see ``breastcnn.models.io.save_model``)."""
-        from breastcnn.models.io import save_model
-
-        save_model(self, path, optimizer=optimizer, extra=extra)
-
     def __repr__(self) -> str:
-        return f"Sequential({len(self.layers)} layers, input_shape={self.input_shape}, meta={self.meta})"
+        return f"{type(self).__name__}({len(self.layers)} layers, input_shape={self.input_shape}, meta={self.meta})"
 
 
 __all__ = ["Sequential"]

@@ -143,13 +143,16 @@ def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: 
     The task of ``slide``: it runs here (local objects) or on a dask worker
     (a model payload and a slide path, resolved once per worker process).
     """
-    from breastcnn.cluster import resolve_model, resolve_reader
+    from breastcnn.cluster import resolve_model
     from breastcnn.data.images import preprocess
-    from breastcnn.inference import model_input_spec, model_threads
+    from breastcnn.wsi.reader import resolve_reader
+    from breastcnn.inference import model_threads
+    from breastcnn.models import model_spec
 
     model = resolve_model(model_source)
     reader = resolve_reader(slide_source)
-    size, mode = model_input_spec(model)
+    spec = model_spec(model)
+    size, mode = spec.image_size, spec.preprocess
     x = read_tiles(reader, origins, level, read_size, size)
     with model_threads(model, threads):
         probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]

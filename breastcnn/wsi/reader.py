@@ -34,11 +34,14 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from breastcnn.cluster import SlideSource
+from breastcnn.data.images import _to_rgb
 from breastcnn.errors import MissingDependencyError, UserInputError
 
 PLAIN_IMAGE_MAX_PIXELS = 400_000_000
@@ -353,8 +356,6 @@ class ImageReader(SlideReader):
         super().__init__(path)
         from PIL import Image
 
-        from breastcnn.data.images import _to_rgb
-
         # Pillow refuses > 2 x MAX_IMAGE_PIXELS at open time. The guard is a module global: it is
         # lifted only while the header is parsed, under a lock, and our own cap replaces it.
         with _PILLOW_GUARD_LOCK:
@@ -456,3 +457,31 @@ def _openslide_vendor(path: Path, required: bool) -> str | None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- slides on workers
+
+READER_CACHE_SIZE = 2
+_READERS: collections.OrderedDict[str, SlideReader] = collections.OrderedDict()
+_READERS_LOCK = threading.Lock()
+
+
+def resolve_reader(source):
+    """A slide reader from a local reader (as is) or a :class:`SlideSource` (opened once per process)."""
+    if not isinstance(source, SlideSource):
+        return source
+    key = source.path
+    with _READERS_LOCK:
+        try:
+            stat = os.stat(key)
+        except OSError as exc:
+            raise UserInputError(f"{key}: worker {socket.gethostname()} cannot read it ({exc.strerror}); "
+                                 "workers open slides at the client's path: use a shared filesystem") from None
+        key = f"{key}\0{stat.st_mtime_ns}\0{stat.st_size}"
+        reader = _READERS.get(key)
+        if reader is None:
+            reader = open_slide(source.path)
+            _READERS[key] = reader
+            while len(_READERS) > READER_CACHE_SIZE:
+                _READERS.popitem(last=False)[1].close()
+        return reader

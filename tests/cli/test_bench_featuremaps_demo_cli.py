@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
-from breastcnn.models import create_model
+from breastcnn.models import create_model, save_model
 
 TINY_BENCH = ["--models", "custom", "--image-size", "64", "--batch-sizes", "1,2", "--repeats", "2",
               "--train-steps", "1", "--max-seconds", "0.5", "--threads", "1", "--fresh"]
@@ -73,6 +73,7 @@ def test_bench_bad_input_is_one_line_exit_2(runner, args, message):
     assert message in _one_error_line(result)
 
 
+@pytest.mark.slow  # a bench run (6 s)
 def test_bench_missing_dependency_skips_the_model(runner, monkeypatch):
     from breastcnn.errors import MissingDependencyError
     from breastcnn.models import keras_models
@@ -101,7 +102,7 @@ def _trained_run(tmp_path, monkeypatch):
     assert runner.invoke(app, ["split", "--mag", "200X", "--data", ".", "--out", "split", "-j", "1"]).exit_code == 0
     with run_directory("custom") as run_dir:
         run = run_dir.path
-        create_model("custom", input_shape=(64, 64, 3), seed=1).save(run / "model.npz")
+        save_model(create_model("custom", input_shape=(64, 64, 3), seed=1), run / "model.npz")
         write_run_config(run, {"arch": "custom", "split": "split", "image_size": 64}, load_split("split"))
         run_dir.model_written()
     return run
@@ -110,6 +111,7 @@ def _trained_run(tmp_path, monkeypatch):
 QUICK = ["--batch-sizes", "1", "--repeats", "2", "--train-steps", "0", "--max-seconds", "0.2", "--threads", "1"]
 
 
+@pytest.mark.slow  # a bench run with test metrics (10 s)
 def test_bench_uses_the_trained_model_of_runs_latest_and_its_split(runner, tmp_path, monkeypatch):
     """Issue 16 item 2: after `train`, the README's bench command measures the trained model, with metrics."""
     run = _trained_run(tmp_path, monkeypatch)
@@ -164,7 +166,7 @@ def test_bench_draws_a_bar_per_model_on_a_terminal(runner, monkeypatch):
 @pytest.fixture()
 def model_and_image(tmp_path):
     model_file = tmp_path / "model.npz"
-    create_model("custom", input_shape=(96, 96, 3), seed=0).save(model_file)
+    save_model(create_model("custom", input_shape=(96, 96, 3), seed=0), model_file)
     rng = np.random.default_rng(0)
     image = tmp_path / "SOB_M_DC-14-0000-200-001.png"
     Image.fromarray(rng.integers(0, 256, (46, 70, 3), dtype=np.uint8)).resize((140, 92)).save(image)

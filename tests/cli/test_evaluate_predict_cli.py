@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
-from tests.test_train import IMAGE_SIZE, small_config, synth_split
 
 
 def _run(args):
@@ -19,11 +18,11 @@ def _run(args):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, synth_split, small_config):
     """A small model trained on the session split: (split dir, run dir)."""
     from breastcnn.train import run_training
 
-    split = synth_split(tmp_path_factory)
+    split = synth_split
     run_dir = tmp_path_factory.mktemp("evalrun") / "run"
     run_training(small_config(split, run_dir, epochs=3))
     return split, run_dir
@@ -59,10 +58,11 @@ def test_evaluate_json_and_outputs_next_to_model(trained, tmp_path):
     assert table.exit_code == 0 and "patient-level accuracy" in table.stdout
 
 
-def test_evaluate_kfold_reports_each_fold_and_mean_std(tmp_path_factory, tmp_path):
+@pytest.mark.slow  # two fold trainings (13 s)
+def test_evaluate_kfold_reports_each_fold_and_mean_std(synth_kfold_split, small_config, tmp_path):
     from breastcnn.train import run_training
 
-    kfold = synth_split(tmp_path_factory, folds=2)
+    kfold = synth_kfold_split
     run_training(small_config(kfold, tmp_path / "run", epochs=1, evals_per_epoch=1))
     result = _run(["evaluate", "--model", str(tmp_path / "run"), "--json"])  # split taken from config.json
     assert result.exit_code == 0, result.output

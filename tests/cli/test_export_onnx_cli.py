@@ -10,8 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
-from breastcnn.models import create_model
-from tests.models.test_onnx import randomize_batchnorm, unsaturate
+from breastcnn.models import create_model, save_model
 
 pytestmark = pytest.mark.onnx
 
@@ -21,7 +20,7 @@ def invoke(*args):
 
 
 @pytest.fixture()
-def source(tmp_path):
+def source(tmp_path, randomize_batchnorm, unsaturate):
     """A run directory with a custom model (non-trivial BN statistics) and five PNGs of different sizes."""
     rng = np.random.default_rng(0)
     images = []
@@ -38,7 +37,7 @@ def source(tmp_path):
     model.meta["preprocess"] = "minmax"
     unsaturate(model, preprocess(np.stack([decode_image(str(p), 64) for p in images]), "minmax"))
     run = tmp_path / "run"
-    model.save(run / "model.npz")
+    save_model(model, run / "model.npz")
     return run, images
 
 

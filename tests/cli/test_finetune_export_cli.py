@@ -27,7 +27,8 @@ def data(tmp_path_factory):
     result = invoke("synth", "--out", root, "--scale", "0.02", "--mags", "200X", "--jobs", "1")
     assert result.exit_code == 0, result.output
     split = root / "split"
-    result = invoke("split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1")
+    result = invoke("split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1",
+                    "--stratify", "class")  # the 64/9/9 counts asserted below
     assert result.exit_code == 0, result.output
     images = sorted((root / "BreaKHis_v1").rglob("*.png"))[:6]
     return {"root": root, "split": split, "images": images}
@@ -54,6 +55,7 @@ def _predict(model_path, images):
     return np.array([r["probability"] for r in rows])
 
 
+@pytest.mark.slow  # fine-tunes VGG16 and ResNet50 for an epoch (13-55 s)
 @pytest.mark.parametrize("model", list(SIZES))
 def test_finetune_then_evaluate_and_predict(runs, data, model):
     run, summary = runs[model]
@@ -83,14 +85,15 @@ def test_finetune_then_evaluate_and_predict(runs, data, model):
     assert np.all((probs >= 0) & (probs <= 1))
 
 
+@pytest.mark.slow  # Keras round trip (5 s)
 def test_export_numpy_to_keras_and_back_gives_the_same_probabilities(keras, data, tmp_path):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     npz = tmp_path / "custom" / "model.npz"
     numpy_model = create_model("custom", (64, 64, 3), 2, seed=4)
     # minmax inputs keep an untrained model's softmax away from saturation, so the match is informative
     numpy_model.meta["preprocess"] = "minmax"
-    numpy_model.save(npz)
+    save_model(numpy_model, npz)
     kpath = tmp_path / "exported" / "model.keras"
     result = invoke("export", "--model", npz, "--to", "keras", "--out", kpath)
     assert result.exit_code == 0, result.output
@@ -113,16 +116,17 @@ def test_export_numpy_to_keras_and_back_gives_the_same_probabilities(keras, data
     assert invoke("export", "--model", npz, "--to", "keras", "--out", kpath, "--force").exit_code == 0
 
 
+@pytest.mark.slow  # two Keras exports (7 s)
 def test_two_exports_into_one_folder_each_keep_their_metadata(keras, data, tmp_path):
     """Issue 16 item 5: a.keras and b.keras in one folder (the second refused before: breastcnn.json existed)."""
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     sources = {}
     for name, (seed, mode) in {"a": (1, "minmax"), "b": (2, "caffe")}.items():
         model = create_model("custom", (64, 64, 3), 2, seed=seed)
         model.meta["preprocess"] = mode
         sources[name] = tmp_path / name / "model.npz"
-        model.save(sources[name])
+        save_model(model, sources[name])
     out = tmp_path / "exported"
     for name, source in sources.items():
         result = invoke("export", "--model", source, "--to", "keras", "--out", out / f"{name}.keras", "--json")
@@ -137,6 +141,7 @@ def test_two_exports_into_one_folder_each_keep_their_metadata(keras, data, tmp_p
     assert result.exit_code == 2 and "b.keras already exists; pass --force" in result.output
 
 
+@pytest.mark.slow  # uses the three Keras fine-tunings of `runs` (50 s)
 def test_export_trained_custom_keras_to_numpy(runs, data, tmp_path):
     run, _ = runs["custom-keras"]
     out = tmp_path / "model.npz"
@@ -148,6 +153,7 @@ def test_export_trained_custom_keras_to_numpy(runs, data, tmp_path):
     assert result.exit_code == 2 and "--weights applies to Keras models" in result.output
 
 
+@pytest.mark.slow  # uses the three Keras fine-tunings of `runs` (50 s)
 def test_export_errors(runs, tmp_path):
     vgg_run, _ = runs["vgg16"]
     result = invoke("export", "--model", vgg_run / "model.keras", "--to", "numpy", "--out", tmp_path / "v.npz")
@@ -172,10 +178,10 @@ def test_missing_imagenet_weights_is_one_line_exit_2(keras, data, tmp_path):
 
 
 def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     npz = tmp_path / "start.npz"
-    create_model("custom", (64, 64, 3), 2, seed=0).save(npz)
+    save_model(create_model("custom", (64, 64, 3), 2, seed=0), npz)
     run = tmp_path / "run"
     result = invoke("finetune", "--model", npz, "--split", data["split"], "--epochs", 1, "--freeze", 3,
                     "--out", run, "--json", "--threads", 1)
@@ -205,11 +211,12 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "BREASTCNN_NO_PROGRESS": "1"})
 
 
+@pytest.mark.slow  # fresh interpreters (11 s)
 def test_cli_and_numpy_commands_never_import_tensorflow(data, tmp_path):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     npz = tmp_path / "start.npz"
-    create_model("custom", (64, 64, 3), 2, seed=0).save(npz)
+    save_model(create_model("custom", (64, 64, 3), 2, seed=0), npz)
     finetune = ["finetune", "--model", str(npz), "--split", str(data["split"]), "--epochs", "1",
                 "--out", str(tmp_path / "run")]
     code = (

@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
 from breastcnn.data.split import create_split
-from breastcnn.models import create_model
-from tests.data.conftest import make_breakhis_tree, tree_digest
+from breastcnn.models import create_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]
 FORMULA_STARTS = ("=", "+", "-", "@")
@@ -34,20 +33,20 @@ def _run(args):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, make_breakhis_tree):
     """(data root, split dir, model file): a small tree, its split and an untrained 64 px model."""
     base = tmp_path_factory.mktemp("hostile")
     root = make_breakhis_tree(base / "src", traps=False)
     create_split(root, "200X", out=base / "s")
     model = base / "m.npz"
-    create_model("custom", input_shape=(64, 64, 3), seed=0).save(model)
+    save_model(create_model("custom", input_shape=(64, 64, 3), seed=0), model)
     return root, base / "s", model
 
 
 # --------------------------------------------------------------------------- item 7
 
 
-def test_evaluate_out_inside_the_data_root_is_refused(data):
+def test_evaluate_out_inside_the_data_root_is_refused(data, tree_digest):
     root, split, model = data
     before = tree_digest(root)
     for out in (root / "histology_slides" / "reports", root / "histology_slides" / "breast" / "benign" / "r"):
@@ -57,7 +56,7 @@ def test_evaluate_out_inside_the_data_root_is_refused(data):
     assert tree_digest(root) == before
 
 
-def test_train_out_inside_the_data_root_is_refused(data):
+def test_train_out_inside_the_data_root_is_refused(data, tree_digest):
     root, split, _ = data
     before = tree_digest(root)
     out = root / "histology_slides" / "breast" / "malignant" / "run"

@@ -28,10 +28,10 @@ NOISE = ("Broken pipe", "Errno 32", "Traceback", "Exception ignored", "error")
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A model (64 px), 300 small PNGs with long names, and a tiny split for evaluate."""
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     root = tmp_path_factory.mktemp("pipes")
-    create_model("custom", input_shape=(64, 64, 3), seed=0).save(root / "model.npz")
+    save_model(create_model("custom", input_shape=(64, 64, 3), seed=0), root / "model.npz")
     rng = np.random.default_rng(0)
     images = root / "images"
     images.mkdir()
@@ -69,6 +69,7 @@ def _command(work: Path, name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", ["predict --csv", "predict --json", "predict table", "evaluate --json",
                                   "bench --markdown"])
+@pytest.mark.slow  # a fresh interpreter per command (6-18 s each)
 def test_stdout_closed_before_any_output_ends_quietly(work, name):
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody will ever read: the command's first write to stdout fails
@@ -81,6 +82,7 @@ def test_stdout_closed_before_any_output_ends_quietly(work, name):
     assert not [word for word in NOISE if word in proc.stderr], proc.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter (10 s)
 def test_predict_csv_into_head_1(work):
     """``breastcnn predict ... --csv | head -1``: head gets the header, the rest ends quietly."""
     proc = subprocess.Popen([sys.executable, "-m", "breastcnn", *_command(work, "predict --csv")],
@@ -139,6 +141,7 @@ def test_debug_keeps_exit_code_1_for_a_bug(no_debug_env, monkeypatch, capsys):
         assert ("Traceback" in err) is traceback_shown
 
 
+@pytest.mark.slow  # a fresh interpreter (7 s)
 def test_debug_exit_code_in_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "breastcnn", "--debug", "evaluate", "--model",
                            str(tmp_path / "nope.npz")], capture_output=True, text=True, env=_env(), cwd=tmp_path,

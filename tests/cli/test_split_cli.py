@@ -10,7 +10,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
-from tests.data.conftest import make_breakhis_tree, tree_digest
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ def _run(runner, args, env=None):
     return runner.invoke(app, args, env={"BREASTCNN_NO_PROGRESS": "1", **(env or {})})
 
 
-def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch):
+def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch, make_breakhis_tree, tree_digest):
     data = make_breakhis_tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BREAKHIS_DIR", raising=False)
@@ -38,7 +37,7 @@ def test_default_data_and_out_in_cwd(runner, tmp_path, monkeypatch):
     assert forced.exit_code == 0
 
 
-def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeypatch):
+def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeypatch, make_breakhis_tree):
     """Issue 16 item 6: an existing output is refused before the (expensive) decode check of every image."""
     from breastcnn.data import breakhis
 
@@ -63,7 +62,7 @@ def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeyp
     assert _run(runner, [*args, "--force"]).exit_code == 0  # --force still decodes and rewrites
 
 
-def test_json_only_on_stdout(runner, tmp_path):
+def test_json_only_on_stdout(runner, tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path)
     out = tmp_path / "s"
     result = _run(runner, ["split", "--data", str(data), "--mag", "200", "--out", str(out), "--json", "-j", "2"])
@@ -92,7 +91,7 @@ def test_bad_mag_lists_valid_values(runner, tmp_path):
     assert "40X, 100X, 200X, 400X" in result.stderr
 
 
-def test_folds_and_image_split(runner, tmp_path):
+def test_folds_and_image_split(runner, tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path, traps=False)
     result = _run(runner, ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "k"),
                            "--folds", "2", "--json", "-j", "1"])
@@ -118,3 +117,54 @@ def test_folder_per_class_tree_with_links(runner, tmp_path):
     assert "split by image" in result.stderr
     linked = list((tmp_path / "s" / "train" / "malignant").iterdir())
     assert len(linked) == 16 and all(p.is_symlink() for p in linked)
+
+
+def test_mag_all_json(runner, tmp_path, monkeypatch):
+    """Issue 13: `split --mag all --json` over every magnification, patient-disjoint, stratified by subtype."""
+    from tests.data.plans import make_plan_tree
+
+    data = make_plan_tree(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    result = _run(runner, ["split", "--data", str(data), "--mag", "all", "--json", "-j", "1"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["out"] == "splits/all" and doc["magnification"] == "all"
+    assert doc["magnifications"] == ["40X", "100X", "200X", "400X"] and doc["stratify"] == "subtype"
+    assert doc["n_images"] == 4 * 82 and doc["n_patients"] == 82
+    for subset in ("train", "val", "test"):
+        assert sorted(doc["images_by_magnification"][subset]) == sorted(doc["magnifications"])
+        assert sum(doc["images_by_magnification"][subset].values()) == doc["images"][subset]["total"]
+        assert len(doc["patients_by_subtype"][subset]) == 8 and min(doc["patients_by_subtype"][subset].values()) >= 1
+    rows = (tmp_path / "splits" / "all" / "manifest.csv").read_text().splitlines()[1:]
+    subsets_of = {}
+    for line in rows:
+        _, _, _, patient, _, subset = line.split(",")
+        subsets_of.setdefault(patient, set()).add(subset)
+    assert len(subsets_of) == 82 and all(len(s) == 1 for s in subsets_of.values())
+
+
+def test_mag_list_tables_and_class_stratification(runner, tmp_path):
+    from tests.data.plans import make_plan_tree
+
+    data = make_plan_tree(tmp_path / "src", mags=("40X", "200X", "400X"))
+    result = _run(runner, ["split", "--data", str(data), "--mag", "40X,200X", "--out", str(tmp_path / "s"), "-j", "1"])
+    assert result.exit_code == 0, result.output
+    assert "by subtype" in result.stdout and "phyllodes_tumor" in result.stdout and "by magnification" in result.stdout
+    assert "split 40X+200X by patient" in result.stderr
+    saved = json.loads((tmp_path / "s" / "split.json").read_text())
+    assert saved["magnifications"] == ["40X", "200X"] and saved["magnification"] == "40X+200X"
+    result = _run(runner, ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "c"),
+                           "--stratify", "class", "--json", "-j", "1"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["stratify"] == "class"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mag", "40X,250X"], "--mag: unknown magnification '250X'"),
+    (["--mag", "all,40X"], "--mag: unknown magnification 'all'"),
+    (["--mag", "200X", "--stratify", "tissue"], "--stratify must be one of subtype, class"),
+])
+def test_bad_mag_list_or_stratify_exit_2(runner, tmp_path, args, needle):
+    data = make_breakhis_tree(tmp_path, traps=False)
+    result = _run(runner, ["split", "--data", str(data), "--out", str(tmp_path / "s"), *args, "-j", "1"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert needle in result.stderr and not (tmp_path / "s").exists()

@@ -27,11 +27,11 @@ def test_print_table_keeps_every_character_when_not_a_terminal(capsys, monkeypat
 
 
 def test_featuremaps_and_predict_tables_through_a_non_terminal_stdout(tmp_path, monkeypatch):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     monkeypatch.delenv("COLUMNS", raising=False)
     model = tmp_path / "model.npz"
-    create_model("custom", input_shape=(64, 64, 3), seed=0).save(model)
+    save_model(create_model("custom", input_shape=(64, 64, 3), seed=0), model)
     folder = tmp_path / LONG / LONG
     folder.mkdir(parents=True)
     image = folder / "image_with_a_long_name.png"

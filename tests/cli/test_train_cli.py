@@ -9,26 +9,24 @@ import pytest
 from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
-from tests.test_train import IMAGE_SIZE, final_weights, synth_split
-
-SMALL = ["--image-size", str(IMAGE_SIZE), "--epochs", "1", "--evals-per-epoch", "2"]
 
 
 def _run(args):
     return CliRunner().invoke(app, args, env={"BREASTCNN_NO_PROGRESS": "1"})
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """The session's synthetic BreakHis tree (the synth command has its own tests)."""
-    return synth_split(tmp_path_factory).parent / "data"
+@pytest.fixture(scope="session")
+def small(synth_image_size):
+    """Options of a seconds-long training on the session split."""
+    return ["--image-size", str(synth_image_size), "--epochs", "1", "--evals-per-epoch", "2"]
 
 
-def test_end_to_end_split_train_evaluate_reaches_90_percent(data_root, tmp_path, monkeypatch):
+@pytest.mark.slow  # 15 epochs (20 s)
+def test_end_to_end_split_train_evaluate_reaches_90_percent(synth_data, synth_image_size, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    split = _run(["split", "--data", str(data_root), "--mag", "200X", "-j", "1", "--json"])
+    split = _run(["split", "--data", str(synth_data), "--mag", "200X", "-j", "1", "--json"])
     assert split.exit_code == 0, split.output
-    train = _run(["train", "--image-size", str(IMAGE_SIZE), "--epochs", "15", "--evals-per-epoch", "2",
+    train = _run(["train", "--image-size", str(synth_image_size), "--epochs", "15", "--evals-per-epoch", "2",
                   "--patience", "20", "--json"])
     assert train.exit_code == 0, train.output
     summary = json.loads(train.stdout)  # stdout holds only the JSON summary
@@ -43,9 +41,9 @@ def test_end_to_end_split_train_evaluate_reaches_90_percent(data_root, tmp_path,
             "patient_accuracy", "threshold"} <= set(metrics)
 
 
-def test_config_replays_a_run_with_identical_weights(tmp_path_factory, tmp_path):
-    split = synth_split(tmp_path_factory)
-    first = _run(["train", "--split", str(split), "--out", str(tmp_path / "a"), *SMALL, "--seed", "3",
+def test_config_replays_a_run_with_identical_weights(tmp_path, final_weights, small, synth_split):
+    split = synth_split
+    first = _run(["train", "--split", str(split), "--out", str(tmp_path / "a"), *small, "--seed", "3",
                   "--lr", "0.005", "--no-augment", "--json"])
     assert first.exit_code == 0, first.output
     replay = _run(["train", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--json"])
@@ -60,9 +58,9 @@ def test_config_replays_a_run_with_identical_weights(tmp_path_factory, tmp_path)
     assert json.loads((tmp_path / "c" / "config.json").read_text())["options"]["seed"] == 4
 
 
-def test_resume_of_a_finished_run_has_nothing_to_do(tmp_path_factory, tmp_path):
-    split = synth_split(tmp_path_factory)
-    done = _run(["train", "--split", str(split), "--out", str(tmp_path / "run"), *SMALL, "--json"])
+def test_resume_of_a_finished_run_has_nothing_to_do(tmp_path, small, synth_split):
+    split = synth_split
+    done = _run(["train", "--split", str(split), "--out", str(tmp_path / "run"), *small, "--json"])
     assert done.exit_code == 0, done.output
     again = _run(["train", "--resume", str(tmp_path / "run"), "--json"])
     assert again.exit_code == 0, again.output
@@ -70,12 +68,12 @@ def test_resume_of_a_finished_run_has_nothing_to_do(tmp_path_factory, tmp_path):
     assert "nothing to resume" in again.stderr
 
 
-def test_nan_loss_exits_1_with_a_clear_message(tmp_path_factory, tmp_path, monkeypatch):
+def test_nan_loss_exits_1_with_a_clear_message(tmp_path, monkeypatch, small, synth_split):
     import breastcnn.train as train_module
 
     monkeypatch.setattr(train_module, "_train_step", lambda *args: (float("inf"), 0.5))
-    split = synth_split(tmp_path_factory)
-    result = _run(["train", "--split", str(split), "--out", str(tmp_path / "run"), *SMALL])
+    split = synth_split
+    result = _run(["train", "--split", str(split), "--out", str(tmp_path / "run"), *small])
     assert result.exit_code == 1
     assert "training diverged" in result.stderr and "--lr" in result.stderr
     assert "Traceback" not in result.output

@@ -8,15 +8,14 @@ from PIL import Image
 
 from breastcnn.data.breakhis import accession, parse_mag, scan
 from breastcnn.errors import UserInputError
-from tests.data.conftest import TRAP_KEPT, count_200x
 
 
-def test_scan_counts_and_traps(breakhis_tree):
+def test_scan_counts_and_traps(breakhis_tree, breakhis_200x_counts):
     result = scan(breakhis_tree, "200X")
-    benign, malignant = count_200x()
+    expected = breakhis_200x_counts
     labels = [r.label for r in result.records]
-    assert labels.count("benign") == benign
-    assert labels.count("malignant") == malignant + TRAP_KEPT
+    assert labels.count("benign") == expected["benign"]
+    assert labels.count("malignant") == expected["malignant"] + expected["traps_kept"]
     # the truncated PNG is left out with a warning naming it; stray files are ignored silently
     assert len(result.unreadable) == 1 and result.unreadable[0].endswith("SOB_M_DC-trap-200-091.png")
     assert any("091.png" in w and "unreadable" in w for w in result.warnings)

@@ -24,7 +24,6 @@ from breastcnn.cli.app import app
 from breastcnn.data.images import cache_paths, load_subset
 from breastcnn.data.split import create_split, load_split
 from breastcnn.errors import UserInputError
-from tests.data.conftest import make_breakhis_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +33,7 @@ def _run(args):
 
 
 @pytest.fixture
-def split(tmp_path):
+def split(tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path / "src", traps=False)
     create_split(data, "200X", out=tmp_path / "s")
     return load_split(tmp_path / "s")
@@ -103,10 +102,10 @@ def test_decompression_bomb_in_the_cache_build_is_a_user_error(split, tmp_path):
 
 
 def test_decompression_bomb_as_featuremaps_image(tmp_path):
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     model = tmp_path / "m.npz"
-    create_model("custom", input_shape=(64, 64, 3)).save(model)
+    save_model(create_model("custom", input_shape=(64, 64, 3)), model)
     image = bomb_png(tmp_path / "bomb.png")
     result = _run(["featuremaps", "--model", str(model), str(image), "--out", str(tmp_path / "maps")])
     assert result.exit_code == 2 and result.stderr.count("\n") <= 2, result.output

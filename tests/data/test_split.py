@@ -15,7 +15,6 @@ from breastcnn.data.split import (
     split_by_patient,
 )
 from breastcnn.errors import UserInputError
-from tests.data.conftest import tree_digest
 
 
 def _records(n_benign=24, n_malignant=58, seed=0):
@@ -80,7 +79,7 @@ def test_parse_ratios_two_values_mean_train_test():
     assert parse_ratios("0.7,0.3") == (0.7, 0.0, 0.3)
 
 
-def test_create_split_files_determinism_and_source_untouched(breakhis_tree, tmp_path):
+def test_create_split_files_determinism_and_source_untouched(breakhis_tree, tmp_path, tree_digest):
     before = tree_digest(breakhis_tree)
     info = create_split(breakhis_tree, "200X", out=tmp_path / "s1", seed=5)
     create_split(breakhis_tree, "200X", out=tmp_path / "s2", seed=5)

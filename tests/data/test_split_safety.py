@@ -23,7 +23,6 @@ from breastcnn.cli.app import app
 from breastcnn.data.images import load_subset
 from breastcnn.data.split import create_split, load_split
 from breastcnn.errors import UserInputError
-from tests.data.conftest import make_breakhis_tree, tree_digest
 
 
 def _run(args):
@@ -43,7 +42,7 @@ def _folder_tree(root: Path, n: int = 6, classes=("benign", "malignant")) -> Pat
 
 
 @pytest.fixture
-def clean_tree(tmp_path) -> Path:
+def clean_tree(tmp_path, make_breakhis_tree) -> Path:
     """A BreakHis tree without trap files (no warnings: stderr holds only the error line)."""
     return make_breakhis_tree(tmp_path / "src", traps=False)
 
@@ -129,7 +128,7 @@ def test_doctored_split_json_cannot_make_force_delete_outside(breakhis_tree, tmp
     assert victim.read_text() == "precious"
 
 
-def test_out_containing_the_data_is_refused_and_source_images_survive(tmp_path):
+def test_out_containing_the_data_is_refused_and_source_images_survive(tmp_path, tree_digest):
     x = tmp_path / "X"
     data = _folder_tree(x / "test")
     before = tree_digest(x)
@@ -140,7 +139,7 @@ def test_out_containing_the_data_is_refused_and_source_images_survive(tmp_path):
     assert tree_digest(x) == before
 
 
-def test_out_inside_the_data_is_refused(tmp_path):
+def test_out_inside_the_data_is_refused(tmp_path, tree_digest):
     data = _folder_tree(tmp_path / "D")
     before = tree_digest(data)
     for out in (data, data / "splits", data / "benign" / "s"):

@@ -15,7 +15,6 @@ import json
 import time
 import tracemalloc
 import zipfile
-import zlib
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from typer.testing import CliRunner
 
 from breastcnn.cli.app import app
 from breastcnn.errors import UserInputError
-from breastcnn.models import create_model, load_checkpoint, load_model
+from breastcnn.models import create_model, load_model, save_model
 
 MEMORY_BOUND = 4 * 2**20
 """Peak bytes (tracemalloc) a refused hostile file may cost; the refused files declare 256 MB to 3.6 TiB."""
@@ -38,7 +37,7 @@ def _run(args):
 def good(tmp_path_factory):
     """A small valid model file (custom at 64 px)."""
     path = tmp_path_factory.mktemp("io_limits") / "good.npz"
-    create_model("custom", input_shape=(64, 64, 3), seed=0).save(path)
+    save_model(create_model("custom", input_shape=(64, 64, 3), seed=0), path)
     return path
 
 

@@ -23,7 +23,8 @@ def split_dir(tmp_path_factory):
     result = runner.invoke(app, ["synth", "--out", str(root), "--scale", "0.02", "--mags", "200X", "--jobs", "1"])
     assert result.exit_code == 0, result.output
     out = root / "split"
-    result = runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(out), "--jobs", "1"])
+    result = runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(out), "--jobs", "1",
+                                 "--stratify", "class"])  # the 64/9/9 counts asserted below
     assert result.exit_code == 0, result.output
     return out
 
@@ -77,6 +78,7 @@ def test_batches_are_our_augmented_preprocessed_stream(kt, keras):
     np.testing.assert_allclose(plain[0][0], x[order[:4]] / 255.0, atol=1e-6)
 
 
+@pytest.mark.slow  # a Keras fine-tuning run (8 s)
 def test_finetune_custom_keras_writes_the_run(kt, split_dir, tmp_path):
     from breastcnn.data.split import load_split
     from breastcnn.models import load_model
@@ -120,6 +122,7 @@ def test_finetune_custom_keras_writes_the_run(kt, split_dir, tmp_path):
         kt.finetune_keras("custom-keras", split_dir, out, epochs=1, image_size=64)
 
 
+@pytest.mark.slow  # a Keras training (7 s)
 def test_early_stopping_really_stops(kt, split_dir, tmp_path):
     # lr so small that validation scores cannot change: no improvement after epoch 1, patience 1.
     summary = kt.finetune_keras("vgg16", split_dir, tmp_path / "es", weights="none", epochs=5, batch_size=64,
@@ -188,6 +191,7 @@ def test_bad_options_are_user_errors(kt, split_dir, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow  # two Keras trainings (14 s)
 def test_same_seed_same_weights_with_op_determinism(keras, split_dir, tmp_path):
     """In a subprocess: op determinism is process-wide and cannot be switched off again."""
     code = f"""

@@ -5,7 +5,7 @@ only while the weights they came from stay the same."""
 import numpy as np
 import pytest
 
-from breastcnn.models import create_model, load_model
+from breastcnn.models import create_model, load_model, save_model
 from breastcnn.nn import (
     BatchNorm,
     Conv2D,
@@ -316,6 +316,6 @@ def test_a_loaded_model_predicts_like_the_saved_one(tmp_path):
     m = _small_custom()
     x = np.random.default_rng(8).normal(0, 40, size=(3, 56, 56, 3)).astype(np.float32)
     before = m.predict(x)
-    m.save(tmp_path / "model.npz")
+    save_model(m, tmp_path / "model.npz")
     loaded = load_model(tmp_path / "model.npz")
     np.testing.assert_array_equal(loaded.predict(x), before)

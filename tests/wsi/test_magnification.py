@@ -101,12 +101,11 @@ def test_model_magnification_from_meta_then_the_runs_split_then_default(tmp_path
     assert default.mpp == 0.5 and default.assumed and "200X" in default.source
 
 
-def test_training_records_the_splits_magnification_in_the_model(tmp_path_factory, tmp_path):
+def test_training_records_the_splits_magnification_in_the_model(synth_split, small_config, tmp_path):
     from breastcnn.models import load_model
     from breastcnn.train import run_training
-    from tests.test_train import small_config, synth_split
 
-    split = synth_split(tmp_path_factory)   # a 200X split
+    split = synth_split   # a 200X split
     run_training(small_config(split, tmp_path / "run", epochs=1, evals_per_epoch=1))
     model = load_model(tmp_path / "run" / "model.npz")
     assert model.meta["magnification"] == "200X"
