@@ -1,7 +1,7 @@
 """Recipes and the training schedule: units (epochs vs evaluations), minimum epochs, best-model ties,
 the report recipe's LR column, config.json, history columns, the one-class warning.
 
-Runs use the session's small synthetic split of ``tests/test_train.py`` at 64x64 pixels.
+Runs use the session's small synthetic split (``tests/conftest.py``) at 64x64 pixels.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 
 from breastcnn.errors import UserInputError
 from breastcnn.recipes import MONITORS, RECIPES, TrainingSchedule, resolve
-from tests.test_train import IMAGE_SIZE, small_config, synth_split
+from tests.conftest import SYNTH_IMAGE_SIZE as IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
-def split_dir(tmp_path_factory):
-    return synth_split(tmp_path_factory)
+def split_dir(synth_split):
+    return synth_split
 
 
 def _schedule(**overrides) -> TrainingSchedule:
@@ -138,7 +138,7 @@ def test_report_recipe_reproduces_the_old_lr_column_and_records_the_recipe(split
     assert summary["recipe"] == "report" and summary["monitor"] == "val_accuracy"
 
 
-def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_dir, tmp_path):
+def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_dir, tmp_path, small_config):
     """A patience of 0.25 epoch is spent at once, yet the run goes on for 30% of --epochs; the stop obeys the rule."""
     from breastcnn.runs import read_history
     from breastcnn.train import run_training
@@ -168,7 +168,7 @@ def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_
     assert stop == positions[-1]
 
 
-def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, tmp_path):
+def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, tmp_path, small_config):
     from breastcnn.runs import HISTORY_COLUMNS, read_history
     from breastcnn.train import run_training
 
@@ -205,7 +205,8 @@ def _one_class_model(path, image_size=IMAGE_SIZE):
     return len(model.layers)
 
 
-def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, tmp_path_factory, tmp_path):
+def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synth_kfold_split, tmp_path,
+                                                                  small_config):
     """Every layer frozen on a model that answers malignant: the summary, stderr and k-fold runs say so."""
     from typer.testing import CliRunner
 
@@ -228,13 +229,13 @@ def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, tmp_
     assert json.loads(result.stdout)["warnings"] == summary["warnings"]
     assert result.stderr.count("warning:") == 2 and "collapsed to one class" in result.stderr
 
-    kfold = synth_split(tmp_path_factory, folds=2)
+    kfold = synth_kfold_split
     folds = finetune_numpy(start, small_config(kfold, tmp_path / "kfold", epochs=1), freeze=n_layers)
     assert all(len(fold["warnings"]) == 2 for fold in folds["folds"])
     assert [w[:7] for w in folds["warnings"]] == ["fold 1:", "fold 1:", "fold 2:", "fold 2:"]
 
 
-def test_a_model_that_learns_has_no_warning(split_dir, tmp_path):
+def test_a_model_that_learns_has_no_warning(split_dir, tmp_path, small_config):
     from breastcnn.train import run_training
 
     summary = run_training(small_config(split_dir, tmp_path / "run", epochs=6))
