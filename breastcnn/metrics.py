@@ -137,6 +137,8 @@ def fast_validation_scores(y_true: np.ndarray, p_malignant: np.ndarray, threshol
     holds one class only). A constant predictor scores the majority share on
     ``accuracy`` but 0.5 on ``balanced_accuracy`` and ``roc_auc``.
     """
+    from sklearn.metrics import roc_auc_score  # imported on first use, like classification_metrics
+
     y = np.asarray(y_true).ravel().astype(np.int64)
     p = np.asarray(p_malignant).ravel()
     pred = (p >= threshold).astype(np.int64)
