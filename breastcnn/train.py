@@ -50,9 +50,15 @@ from breastcnn import CLASSES
 from breastcnn.data.images import DEFAULT_JOBS
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
-from breastcnn.recipes import DEFAULT_RECIPE, MONITORS as RECIPE_MONITORS, RECIPE_OPTIONS, RECIPES
-from breastcnn.recipes import TrainingSchedule, resolve as resolve_recipe
-from breastcnn.recipes import evaluation_points  # noqa: F401  (its home before recipes.py; scripts import it from here)
+from breastcnn.recipes import (
+    DEFAULT_RECIPE,
+    RECIPE_OPTIONS,
+    RECIPES,
+    TrainingSchedule,
+    evaluation_points,  # noqa: F401  (its home before recipes.py; scripts import it from here)
+)
+from breastcnn.recipes import MONITORS as RECIPE_MONITORS
+from breastcnn.recipes import resolve as resolve_recipe
 from breastcnn.runs import (
     HISTORY_COLUMNS,
     HistoryLogger,
@@ -123,7 +129,7 @@ class TrainConfig:
     force: bool = False
     eval_batch_size: int = 128
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy whose recipe options are all set: ``None`` ones from the recipe (idempotent)."""
         if self.recipe not in RECIPES:
             raise UserInputError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
@@ -138,7 +144,7 @@ class TrainConfig:
         plain, _ = resolve_recipe(self.recipe, {}, self.epochs)
         return [name for name in RECIPE_OPTIONS if getattr(self, name) != plain[name]]
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """The :meth:`resolved` config; raises :class:`UserInputError` naming the option for any out-of-range value."""
         self.check_types(self.to_dict())
         self = self.resolved()
@@ -498,7 +504,8 @@ def _fit(
     ``resume``: ``{"state": ..., "permutation": ...}`` from :func:`_load_checkpoint`
     (the model and optimizer already hold the checkpointed weights and state).
     """
-    from breastcnn.data.augment import Augmenter, class_weights as compute_class_weights
+    from breastcnn.data.augment import Augmenter
+    from breastcnn.data.augment import class_weights as compute_class_weights
     from breastcnn.data.images import preprocess
     from breastcnn.metrics import degenerate_model_warnings
 

@@ -100,7 +100,8 @@ def test_resolve_fills_from_the_recipe_and_overrides_single_values():
     # the default recipe never stops in the first 30% of the epochs
     default = RECIPES["default"]
     assert default.min_epochs_fraction >= 0.3
-    assert resolve("default", {}, epochs=10)[0]["min_epochs"] == max(default.min_epochs, 10 * default.min_epochs_fraction)
+    minimum = max(default.min_epochs, 10 * default.min_epochs_fraction)
+    assert resolve("default", {}, epochs=10)[0]["min_epochs"] == minimum
     with pytest.raises(ValueError, match="--patience .* --patience-epochs"):
         resolve("default", {"patience": 3, "patience_epochs": 1.0}, epochs=5)
     with pytest.raises(ValueError, match="--recipe"):
@@ -159,7 +160,7 @@ def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_
     sign = 1.0 if MONITORS[summary["monitor"]] == "max" else -1.0
     scores = [sign * float(r[summary["monitor"]]) for r in rows]
     best, best_at, stop = -math.inf, None, None
-    for score, at in zip(scores, positions):
+    for score, at in zip(scores, positions, strict=True):
         if score > best:
             best, best_at = score, at
         if at - best_at >= 0.25 - 1e-9 and at > minimum + 1e-9:

@@ -145,6 +145,28 @@ def _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given):
     return TrainConfig(recipe=recipe, epochs=epochs, image_size=image_size, **explicit).validate()
 
 
+def _schedule_options(arch, recipe, recipe_options, epochs, image_size, given: dict) -> tuple:
+    """``(plan, values)``: the resolved recipe (``None`` without one) and lr/batch_size/patience/monitor to use.
+
+    Without a recipe, ``None`` values take :data:`TRANSFER_DEFAULTS`.
+    """
+    if recipe is not None:
+        plan = _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given)
+        return plan, {k: getattr(plan, k) for k in given}
+    if recipe_options:
+        raise UserInputError(f"{', '.join(sorted(recipe_options))}: recipe options need a recipe (--recipe)")
+    return None, {k: TRANSFER_DEFAULTS[k] if v is None else v for k, v in given.items()}
+
+
+def _transfer_callbacks(keras, monitor: str, patience: int) -> list:
+    """The transfer-learning schedule's Keras callbacks: early stopping on ``monitor``, LR on plateaus of val_loss."""
+    return [
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=patience, verbose=0),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=LR_FACTOR,
+                                          patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0),
+    ]
+
+
 def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed=0):
     if arch not in KERAS_ARCHS:
         raise UserInputError(f"--model {arch!r}: expected one of {', '.join(KERAS_ARCHS)} or a .npz file")
@@ -224,18 +246,9 @@ def finetune_keras(
     from breastcnn.data.images import load_subset, preprocess
     from breastcnn.data.split import load_split
 
-    plan = None
-    if recipe is not None:
-        plan = _resolve_recipe(arch, recipe, recipe_options, epochs, image_size,
-                               {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor})
-        lr, batch_size, patience, monitor = plan.lr, plan.batch_size, plan.patience, plan.monitor
-    else:
-        if recipe_options:
-            raise UserInputError(f"{', '.join(sorted(recipe_options))}: recipe options need a recipe (--recipe)")
-        lr = TRANSFER_DEFAULTS["lr"] if lr is None else lr
-        batch_size = TRANSFER_DEFAULTS["batch_size"] if batch_size is None else batch_size
-        patience = TRANSFER_DEFAULTS["patience"] if patience is None else patience
-        monitor = TRANSFER_DEFAULTS["monitor"] if monitor is None else monitor
+    given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor}
+    plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
+    lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     hooks = callback if callback is not None else TrainingCallback()
     weights = default_weights(arch) if weights is None else weights
@@ -278,8 +291,8 @@ def finetune_keras(
             builder_kwargs = {"weights": weights}
             if arch != "custom-keras":
                 builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
-            elif plan is not None:
-                builder_kwargs.update(l2=plan.l2)
+            else:
+                builder_kwargs.update(l2=plan.l2 if plan is not None else 0.0)
             classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
                                         **builder_kwargs)
             model = classifier.model
@@ -317,23 +330,15 @@ def finetune_keras(
         })
         model_path = Path(run_dir) / "model.keras"
         history = runs.HistoryLogger(Path(run_dir) / "history.csv")
-        schedule = None
-        if plan is not None:
-            from breastcnn.train import training_schedule
+        from breastcnn.train import training_schedule
 
-            schedule = training_schedule(plan, batches.num_batches)
+        schedule = training_schedule(plan, batches.num_batches) if plan is not None else None
         adapter = _make_keras_hooks(keras)(
             classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
             schedule=schedule, on_saved=run.model_written,
         )
-        if schedule is None:
-            keras_callbacks = [
-                keras.callbacks.EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=patience, verbose=0),
-                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=LR_FACTOR,
-                                                  patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0),
-            ]
-        else:
-            keras_callbacks = []  # the adapter applies the recipe's schedule
+        # with a recipe the adapter applies the schedule itself
+        keras_callbacks = _transfer_callbacks(keras, monitor, patience) if schedule is None else []
         hooks.on_train_begin(
             total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
             n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
