@@ -592,14 +592,14 @@ def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, opti
 def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
     """One optimizer step with the training settings of each side.
 
-    NumPy: ``train`` defaults (Adam at ``TrainConfig.lr``, L2 ``TrainConfig.l2``,
+    NumPy: ``train`` defaults (Adam at the default recipe's lr, its L2,
     weighted cross-entropy). Keras: as ``finetune`` compiles it (Adam 1e-4,
     sparse categorical cross-entropy, class weights), on the wrapped
     ``keras.Model`` through ``train_on_batch`` (a compiled train function).
     """
     weights = {0: 1.5, 1: 0.75}  # balanced-like weights: the same arithmetic as real ones
     if model_spec(model).framework == "numpy":
-        defaults = TrainConfig()
+        defaults = TrainConfig().validate()  # the default recipe's lr and L2
         model.compile(optimizer=Adam(defaults.lr), l2=defaults.l2)
         cw = np.array([weights[0], weights[1]], dtype=np.float32)
         return lambda: model.train_on_batch(x, y, class_weights=cw)

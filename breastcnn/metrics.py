@@ -128,18 +128,70 @@ def aggregate_metrics(results: Iterable[dict]) -> dict:
 
 
 def fast_validation_scores(y_true: np.ndarray, p_malignant: np.ndarray, threshold: float = 0.5) -> dict:
-    """accuracy / malignant F1 / malignant recall with plain NumPy (hot path in training).
+    """The scores the training loops monitor, at every validation pass (hot path in training).
 
-    Same values as :func:`classification_metrics` (tested), without sklearn's
-    per-call overhead, because the training loop scores the validation subset
-    many times per epoch.
+    ``accuracy``, malignant ``f1`` and ``recall``, ``benign_recall`` and
+    ``balanced_accuracy`` (mean of the two recalls) in plain NumPy, without
+    scikit-learn's per-call overhead (same values as scikit-learn: tested);
+    ``roc_auc`` from scikit-learn's ``roc_auc_score`` (NaN when ``y_true``
+    holds one class only). A constant predictor scores the majority share on
+    ``accuracy`` but 0.5 on ``balanced_accuracy`` and ``roc_auc``.
     """
+    from sklearn.metrics import roc_auc_score  # imported on first use, like classification_metrics
+
     y = np.asarray(y_true).ravel().astype(np.int64)
-    pred = (np.asarray(p_malignant).ravel() >= threshold).astype(np.int64)
+    p = np.asarray(p_malignant).ravel()
+    pred = (p >= threshold).astype(np.int64)
     tp = int(np.sum((pred == 1) & (y == 1)))
     fp = int(np.sum((pred == 1) & (y == 0)))
     fn = int(np.sum((pred == 0) & (y == 1)))
+    tn = int(np.sum((pred == 0) & (y == 0)))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    benign_recall = tn / (tn + fp) if tn + fp else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": float(np.mean(pred == y)), "f1": float(f1), "recall": float(recall)}
+    present = [r for r, n in ((recall, tp + fn), (benign_recall, tn + fp)) if n]
+    balanced = float(np.mean(present)) if present else 0.0
+    auc = float(roc_auc_score(y, p)) if tp + fn and tn + fp else float("nan")
+    return {"accuracy": float(np.mean(pred == y)), "f1": float(f1), "recall": float(recall),
+            "benign_recall": float(benign_recall), "balanced_accuracy": balanced, "roc_auc": auc}
+
+
+ONE_CLASS_SHARE = 0.05
+"""A model that gives one class to fewer than this share of the images is called (almost) one-class."""
+
+
+def degenerate_model_warnings(y_true, p_malignant, subset: str = "validation", threshold: float = 0.5) -> list[str]:
+    """Plain-language warnings when a classifier is no better than a constant guess on ``subset``.
+
+    Two checks, each giving one sentence: the model predicts (almost) one class
+    (the other class gets fewer than :data:`ONE_CLASS_SHARE` of the
+    predictions), and its accuracy is no better than always answering the
+    majority class. Returns ``[]`` for a model that passes both.
+    """
+    from breastcnn import CLASSES
+
+    y = np.asarray(y_true).ravel().astype(np.int64)
+    if y.size == 0:
+        return []
+    pred = (np.asarray(p_malignant).ravel() >= threshold).astype(np.int64)
+    warnings = []
+    predicted = np.bincount(pred, minlength=2) / y.size
+    rare = int(np.argmin(predicted))
+    if predicted[rare] < ONE_CLASS_SHARE:
+        recalls = [float(np.mean(pred[y == c] == c)) if np.any(y == c) else float("nan") for c in (0, 1)]
+        warnings.append(
+            f"the model predicts {CLASSES[1 - rare]} for {predicted[1 - rare]:.0%} of the {y.size} {subset} images "
+            f"({CLASSES[0]} recall {recalls[0]:.2f}, {CLASSES[1]} recall {recalls[1]:.2f}): it has (almost) "
+            "collapsed to one class"
+        )
+    counts = np.bincount(y, minlength=2)
+    majority = int(np.argmax(counts))
+    majority_share = counts[majority] / y.size
+    accuracy = float(np.mean(pred == y))
+    if accuracy <= majority_share:
+        warnings.append(
+            f"{subset} accuracy {accuracy:.3f} is no better than always answering the majority class "
+            f"({CLASSES[majority]}, {majority_share:.3f})"
+        )
+    return warnings

@@ -46,20 +46,41 @@ def _column(rows: Sequence[dict], key: str) -> np.ndarray:
 
 
 def plot_training(history: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Loss and accuracy (train running mean and validation) against the step.
+    """Loss and accuracy (train running mean and validation) against the step, like with like.
 
+    The loss panel plots the training ``data_loss`` (unweighted cross-entropy,
+    no L2) against ``val_loss`` (the same definition); the L2 penalty, when
+    logged and non-zero, goes on a second axis of its own. Histories without a
+    ``data_loss`` column (older runs) plot ``loss``. The accuracy panel adds
+    ``val_balanced_accuracy`` when logged (a one-class model sits at 0.5 there).
     ``history`` rows have the ``HISTORY_COLUMNS`` of :mod:`breastcnn.runs`
     (values may be strings as read back from the CSV).
     """
     fig, (ax_loss, ax_acc) = _figure(11, 4, ncols=2)
     steps = _column(history, "step")
-    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
-        ax.plot(steps, _column(history, metric), label=f"train {label}", marker=".")
-        ax.plot(steps, _column(history, f"val_{metric}"), label=f"validation {label}", marker=".")
+    data_loss = _column(history, "data_loss")
+    if np.isfinite(data_loss).any():
+        ax_loss.plot(steps, data_loss, label="train data loss (no L2)", marker=".")
+    else:
+        ax_loss.plot(steps, _column(history, "loss"), label="train loss", marker=".")
+    ax_loss.plot(steps, _column(history, "val_loss"), label="validation loss", marker=".")
+    ax_loss.set_ylabel("cross-entropy")
+    l2 = _column(history, "l2_penalty")
+    if np.nan_to_num(l2).any():
+        ax_l2 = ax_loss.twinx()
+        ax_l2.plot(steps, l2, color="grey", linestyle=":", label="L2 penalty (right axis)")
+        ax_l2.set_ylabel("L2 penalty")
+        ax_l2.legend(loc="upper center")
+    ax_acc.plot(steps, _column(history, "accuracy"), label="train accuracy", marker=".")
+    ax_acc.plot(steps, _column(history, "val_accuracy"), label="validation accuracy", marker=".")
+    balanced = _column(history, "val_balanced_accuracy")
+    if np.isfinite(balanced).any():
+        ax_acc.plot(steps, balanced, label="validation balanced accuracy", linestyle="--")
+    ax_acc.set_ylabel("accuracy")
+    for ax in (ax_loss, ax_acc):
         ax.set_xlabel("step (batches)")
-        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper right" if ax is ax_loss else "lower right")
     ax_acc.set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)

@@ -40,13 +40,32 @@ HISTORY_COLUMNS = [
     "val_recall",
     "lr",
     "elapsed_s",
+    "data_loss",
+    "l2_penalty",
+    "val_balanced_accuracy",
+    "val_auc",
 ]
 """Columns of ``history.csv``: one row per validation evaluation.
 
-``loss``/``accuracy`` are the running means over the training batches since the
-previous evaluation; ``val_*`` are scored on the validation subset (never test);
-``elapsed_s`` is wall-clock seconds of training since the run started; a
-resumed run continues from the checkpointed value (the pause is not counted)."""
+Training columns are running means over the training batches since the
+previous evaluation (training mode, augmented images):
+
+- ``loss``: what the optimizer minimises: the class-weighted cross-entropy
+  **plus** ``l2_penalty`` (Keras reports its ``loss`` the same way);
+- ``data_loss``: the unweighted mean cross-entropy, no L2: the same
+  definition as ``val_loss``, so the two compare like with like
+  (``loss = data_loss + l2_penalty`` when ``--class-weights none``);
+- ``l2_penalty``: ``l2 * sum(W**2)`` over the regularised kernels;
+- ``accuracy``.
+
+``val_*`` are scored on the validation subset (never test), in inference mode:
+``val_loss`` (unweighted mean cross-entropy), ``val_accuracy``, malignant
+``val_f1`` and ``val_recall``, ``val_balanced_accuracy`` (mean of the two class
+recalls) and ``val_auc`` (ROC AUC). ``lr`` is the learning rate used since the
+previous evaluation; ``elapsed_s`` is wall-clock seconds of training since the
+run started (a resumed run continues from the checkpointed value; the pause
+is not counted). The last four columns were added after the first ten; a
+history written before keeps its ten columns when its run is resumed."""
 
 RUNS_ROOT = Path("runs")
 LATEST_LINK = "latest"
@@ -253,7 +272,9 @@ class HistoryLogger:
         if self.path.is_file() and self.path.stat().st_size > 0:
             with open(self.path, newline="", encoding="utf-8") as handle:
                 header = next(csv.reader(handle), [])
-            if header != self.columns:
+            if header != self.columns and header == self.columns[: len(header)]:
+                self.columns = header  # an older run's history (fewer columns) goes on with its own header
+            elif header != self.columns:
                 raise UserInputError(
                     f"{self.path}: unexpected history columns {header}, expected {self.columns}"
                 )

@@ -10,10 +10,19 @@ generator, then per batch take the uint8 images from memory, augment them
 (fresh draws from the augmentation generator), preprocess, and take one
 optimizer step (class weights and L2 inside ``Sequential.train_on_batch``).
 ``evals_per_epoch`` times per epoch it scores the validation subset (inference
-mode, batched, deterministic), logs a history row, applies the LR schedule
-(``lr = lr0 * lr_decay ** (evaluations // lr_decay_every)``, counted over the
-whole run so it never resets at an epoch boundary), keeps the best model, and
-writes ``last.npz``. Early stopping ends the whole run.
+mode, batched, deterministic), logs a history row, and hands the monitored
+score to the run's :class:`~breastcnn.recipes.TrainingSchedule`, which says
+whether this is the best model so far (kept as ``model.npz``; a tie goes to the
+later pass), the LR for the next steps (``lr = lr0 * lr_decay ** floor(t /
+every)`` on a clock counted over the whole run, in epochs or evaluations, so it
+never resets at an epoch boundary) and whether early stopping ends the run
+(patience in epochs or evaluations, never at or before ``min_epochs``). Then
+it writes ``last.npz``. The values come from a recipe (:mod:`breastcnn.recipes`:
+``default`` or ``report``), single options overriding it.
+
+At the end, a best model that predicts (almost) one class on the validation
+subset, or is no more accurate there than the majority class, is reported in
+the summary's ``warnings`` (and on stderr by the CLI).
 
 Exact resume: every random draw comes from three generators (shuffle,
 augmentation, and the model's dropout layers) whose states go into
@@ -41,6 +50,15 @@ from breastcnn import CLASSES
 from breastcnn.data.images import DEFAULT_JOBS
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
+from breastcnn.recipes import (
+    DEFAULT_RECIPE,
+    RECIPE_OPTIONS,
+    RECIPES,
+    TrainingSchedule,
+    evaluation_points,  # noqa: F401  (its home before recipes.py; scripts import it from here)
+)
+from breastcnn.recipes import MONITORS as RECIPE_MONITORS
+from breastcnn.recipes import resolve as resolve_recipe
 from breastcnn.runs import (
     HISTORY_COLUMNS,
     HistoryLogger,
@@ -50,24 +68,8 @@ from breastcnn.runs import (
     write_run_config,
 )
 
-DEFAULT_L2 = 0.1
-"""Default L2 factor (Keras ``L2(l2)`` convention: ``l2 * sum(W**2)`` over conv/dense kernels).
-
-The report's 0.1, which now really reaches the gradient (the report's code
-only added it to the loss). Chosen by measurement
-(``benchmarks/bench_train.py --l2-sweep --image-size 64``, synthetic 200X
-split at scale 0.5, default options, 3 seeds): mean test accuracy 0.98 with
-0.1 against 0.81 (1e-3), 0.77 (1e-4) and 0.84 (0). With BatchNorm after each
-conv, weight decay shrinks the kernels and so raises their effective learning
-rate: 0.1 beats the constant (majority-class) predictor within the first
-epoch, the smaller values often not before early stopping ends the run.
-Trained without early stopping all four reach the same validation accuracy."""
-
-DEFAULT_LR_DECAY = 0.8
-"""LR factor applied every ``lr_decay_every`` (5) evaluations: 0.01 -> ~1.2e-4 after 5 epochs x 20 evaluations."""
-
 NUMPY_ARCHS = ("custom", "custom-k4")
-MONITORS = ("val_accuracy", "val_f1", "val_recall")
+MONITORS = tuple(RECIPE_MONITORS)
 CLASS_WEIGHT_MODES = ("balanced", "none")
 ACTIVATIONS = ("relu", "leaky_relu")
 PREPROCESS_MODES = ("caffe", "minmax")
@@ -90,22 +92,31 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Every option of ``breastcnn train`` (same names, underscores for dashes)."""
+    """Every option of ``breastcnn train`` (same names, underscores for dashes).
+
+    The options of :data:`~breastcnn.recipes.RECIPE_OPTIONS` default to ``None``:
+    :meth:`resolved` fills them from the recipe named by ``recipe`` (their
+    defaults live there). ``patience``/``lr_decay_every`` count evaluations,
+    ``patience_epochs``/``lr_decay_epochs``/``min_epochs`` count epochs.
+    """
 
     split: str = "splits/200X"
     out: str | None = None
     arch: str = "custom"
+    recipe: str = DEFAULT_RECIPE
     epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.01
-    l2: float = DEFAULT_L2
+    batch_size: int | None = None
+    lr: float | None = None
+    l2: float | None = None
     class_weights: str = "balanced"
-    evals_per_epoch: int = 20
-    patience: int = 10
-    min_epochs: int = 1
-    lr_decay: float = DEFAULT_LR_DECAY
-    lr_decay_every: int = 5
-    monitor: str = "val_accuracy"
+    evals_per_epoch: int | None = None
+    patience: int | None = None
+    patience_epochs: float | None = None
+    min_epochs: float | None = None
+    lr_decay: float | None = None
+    lr_decay_every: int | None = None
+    lr_decay_epochs: float | None = None
+    monitor: str | None = None
     image_size: int = 224
     preprocess: str = "caffe"
     activation: str = "relu"
@@ -118,9 +129,26 @@ class TrainConfig:
     force: bool = False
     eval_batch_size: int = 128
 
-    def validate(self) -> "TrainConfig":
-        """Raise :class:`UserInputError` naming the option for any out-of-range value."""
+    def resolved(self) -> TrainConfig:
+        """A copy whose recipe options are all set: ``None`` ones from the recipe (idempotent)."""
+        if self.recipe not in RECIPES:
+            raise UserInputError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        try:
+            values, _ = resolve_recipe(self.recipe, {k: getattr(self, k) for k in RECIPE_OPTIONS}, self.epochs)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
+        return dataclasses.replace(self, **values)
+
+    def recipe_overrides(self) -> list[str]:
+        """The recipe options whose value differs from what the recipe alone would give (resolved configs)."""
+        plain, _ = resolve_recipe(self.recipe, {}, self.epochs)
+        return [name for name in RECIPE_OPTIONS if getattr(self, name) != plain[name]]
+
+    def validate(self) -> TrainConfig:
+        """The :meth:`resolved` config; raises :class:`UserInputError` naming the option for any out-of-range value."""
         self.check_types(self.to_dict())
+        self = self.resolved()
+        optional = lambda value, ok: value is None or ok(value)  # noqa: E731 (one of a unit pair is None)
         checks = [
             (self.arch.removesuffix("-finetuned") in NUMPY_ARCHS, "--arch", self.arch,
              f"must be one of {', '.join(NUMPY_ARCHS)} (train vgg16/resnet50/custom-keras with "
@@ -132,10 +160,16 @@ class TrainConfig:
             (self.class_weights in CLASS_WEIGHT_MODES, "--class-weights", self.class_weights,
              f"must be one of {', '.join(CLASS_WEIGHT_MODES)}"),
             (self.evals_per_epoch >= 1, "--evals-per-epoch", self.evals_per_epoch, "must be >= 1"),
-            (self.patience >= 1, "--patience", self.patience, "must be >= 1"),
-            (self.min_epochs >= 0, "--min-epochs", self.min_epochs, "must be >= 0"),
+            (optional(self.patience, lambda v: v >= 1), "--patience", self.patience, "must be >= 1 (evaluations)"),
+            (optional(self.patience_epochs, lambda v: math.isfinite(v) and v > 0), "--patience-epochs",
+             self.patience_epochs, "must be > 0 (epochs; fractions allowed)"),
+            (math.isfinite(self.min_epochs) and self.min_epochs >= 0, "--min-epochs", self.min_epochs,
+             "must be >= 0"),
             (0 < self.lr_decay <= 1, "--lr-decay", self.lr_decay, "must be in (0, 1] (1 = constant LR)"),
-            (self.lr_decay_every >= 1, "--lr-decay-every", self.lr_decay_every, "must be >= 1"),
+            (optional(self.lr_decay_every, lambda v: v >= 1), "--lr-decay-every", self.lr_decay_every,
+             "must be >= 1 (evaluations)"),
+            (optional(self.lr_decay_epochs, lambda v: math.isfinite(v) and v > 0), "--lr-decay-epochs",
+             self.lr_decay_epochs, "must be > 0 (epochs; fractions allowed)"),
             (self.monitor in MONITORS, "--monitor", self.monitor, f"must be one of {', '.join(MONITORS)}"),
             (8 <= self.image_size <= 2048, "--image-size", self.image_size, "must be between 8 and 2048"),
             (self.preprocess in PREPROCESS_MODES, "--preprocess", self.preprocess,
@@ -158,10 +192,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, options: dict, source: str | Path | None = None, **overrides) -> "TrainConfig":
-        """Build from a ``config.json`` ``options`` object (unknown keys ignored; ``source`` names it in errors)."""
+        """Build from a ``config.json`` ``options`` object (unknown keys ignored; ``source`` names it in errors).
+
+        A ``config.json`` from before recipes existed (no ``recipe`` key) ran the
+        report's schedule: it is read as ``recipe="report"``.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in options.items() if k in names}
         cls.check_types(kwargs, source)
+        kwargs.setdefault("recipe", "report")
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -180,20 +219,11 @@ class TrainConfig:
 
 
 _OPTION_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
-                 "float": (float, int), "bool": (bool,)}
+                 "float": (float, int), "float | None": (float, int, type(None)), "bool": (bool,)}
 """JSON types accepted for each TrainConfig field type (bool is never taken for a number)."""
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def evaluation_points(steps_per_epoch: int, evals_per_epoch: int) -> list[int]:
-    """Batch counts within an epoch after which to evaluate; always ends with the last batch.
-
-    ``evals_per_epoch`` points spread evenly (fewer when the epoch has fewer batches).
-    """
-    e = max(1, min(evals_per_epoch, steps_per_epoch))
-    return sorted({int(round(k * steps_per_epoch / e)) for k in range(1, e + 1)} - {0})
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -214,7 +244,12 @@ def _dropout_layers(model) -> list:
 
 
 def validation_scores(probs: np.ndarray, y: np.ndarray) -> dict:
-    """Unweighted mean cross-entropy (no L2) and accuracy/F1/recall of the malignant class."""
+    """The ``val_*`` history columns from validation probabilities ``(M, 2)`` and labels ``(M,)``.
+
+    ``val_loss``: unweighted mean cross-entropy (no class weights, no L2);
+    accuracy, F1 and recall of the malignant class; balanced accuracy (mean of
+    the two class recalls) and ROC AUC (scikit-learn; NaN with one class).
+    """
     from breastcnn.metrics import fast_validation_scores
 
     p_true = np.clip(probs[np.arange(y.size), y].astype(np.float64), 1e-12, 1.0)
@@ -224,6 +259,8 @@ def validation_scores(probs: np.ndarray, y: np.ndarray) -> dict:
         "val_accuracy": scores["accuracy"],
         "val_f1": scores["f1"],
         "val_recall": scores["recall"],
+        "val_balanced_accuracy": scores["balanced_accuracy"],
+        "val_auc": scores["roc_auc"],
     }
 
 
@@ -360,6 +397,8 @@ def _load_checkpoint(path: Path):
     if state.get("format") != STATE_FORMAT:
         raise UserInputError(f"{path}: checkpoint format {state.get('format')} is not supported")
     missing = sorted(set(_STATE_KEYS) - set(state))
+    if not {"schedule", "early_stopping"} & set(state):
+        missing.append("schedule")
     if missing:
         raise UserInputError(f"{path}: incomplete training checkpoint (train_state lacks {', '.join(missing)})")
     try:
@@ -367,17 +406,18 @@ def _load_checkpoint(path: Path):
             _set_rng_state(np.random.default_rng(), state["rngs"][name])
         for rng_state in state.get("dropout_rngs", []):
             _set_rng_state(np.random.default_rng(), rng_state)
-        if not isinstance(state["early_stopping"], dict) or not isinstance(state["running"], list) \
-                or len(state["running"]) != 3:
-            raise ValueError("early_stopping or running is malformed")
+        # "schedule" since recipes; "early_stopping" in checkpoints written before (resumed as they were)
+        schedule = state.get("schedule", state.get("early_stopping"))
+        if not isinstance(schedule, dict) or not isinstance(state["running"], list) \
+                or len(state["running"]) not in (3, 5):
+            raise ValueError("schedule or running is malformed")
     except (KeyError, TypeError, ValueError) as exc:
         raise UserInputError(f"{path}: damaged training checkpoint ({type(exc).__name__}: {exc})") from None
     permutation = np.asarray(extra.get("permutation", np.zeros(0)), dtype=np.int64)
     return model, optimizer_state, state, permutation
 
 
-_STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "evaluations", "early_stopping", "running", "elapsed_s",
-               "lr", "rngs")
+_STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "evaluations", "running", "elapsed_s", "lr", "rngs")
 """Keys a ``last.npz`` train state must have to be resumed."""
 
 
@@ -385,19 +425,30 @@ _STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "evaluations", "early_st
 
 
 class _AccuracyRecordingLoss:
-    """Wraps the model's loss to record the batch accuracy from the logits it already computes.
+    """Wraps the model's loss to record batch scores from the logits it already computes.
 
-    ``Sequential.train_on_batch`` returns only the loss; this avoids a second
-    forward pass for the running training accuracy.
+    ``Sequential.train_on_batch`` returns only the loss (class-weighted
+    cross-entropy + L2 penalty); this avoids a second forward pass for the
+    running training accuracy and keeps the parts of that loss apart:
+    ``last_loss`` (class-weighted cross-entropy, what the gradient follows) and
+    ``last_data_loss`` (unweighted cross-entropy, the definition of ``val_loss``).
     """
 
     def __init__(self, loss):
         self.loss = loss
         self.last_accuracy = float("nan")
+        self.last_loss = float("nan")
+        self.last_data_loss = float("nan")
 
     def __call__(self, logits, y, class_weights=None):
-        self.last_accuracy = float(np.mean(np.argmax(logits, axis=1) == np.asarray(y)))
-        return self.loss(logits, y, class_weights)
+        y = np.asarray(y)
+        self.last_accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        self.last_data_loss = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(y.size), y]))
+        loss, grad = self.loss(logits, y, class_weights)
+        self.last_loss = float(loss)
+        return loss, grad
 
     def get_config(self) -> dict:
         return self.loss.get_config()
@@ -415,6 +466,29 @@ def _train_step(model, xb: np.ndarray, yb: np.ndarray, class_weights) -> tuple[f
     return float(loss), getattr(model.loss, "last_accuracy", float("nan"))
 
 
+def _loss_parts(model, loss: float) -> tuple[float, float]:
+    """``(data_loss, l2_penalty)`` of the step that returned ``loss`` (see :class:`_AccuracyRecordingLoss`)."""
+    recorder = model.loss
+    return recorder.last_data_loss, loss - recorder.last_loss
+
+
+def training_schedule(config: TrainConfig, steps_per_epoch: int) -> TrainingSchedule:
+    """The :class:`~breastcnn.recipes.TrainingSchedule` of a resolved config (also used by the Keras loop)."""
+    return TrainingSchedule(
+        lr=config.lr, lr_decay=config.lr_decay, monitor=config.monitor, evals_per_epoch=config.evals_per_epoch,
+        steps_per_epoch=steps_per_epoch, lr_decay_every=config.lr_decay_every,
+        lr_decay_epochs=config.lr_decay_epochs, patience=config.patience, patience_epochs=config.patience_epochs,
+        min_epochs=config.min_epochs,
+    )
+
+
+def _legacy_schedule_state(state: dict) -> dict:
+    """The schedule state of a checkpoint written before :class:`TrainingSchedule` existed."""
+    stopper = state["early_stopping"]
+    return {"evaluations": state["evaluations"], "lr": state["lr"], "early_stopping": stopper,
+            "best": {"best": stopper["best"], "best_step": stopper["best_step"], "step": stopper["step"]}}
+
+
 def _fit(
     model,
     optimizer,
@@ -430,18 +504,18 @@ def _fit(
     ``resume``: ``{"state": ..., "permutation": ...}`` from :func:`_load_checkpoint`
     (the model and optimizer already hold the checkpointed weights and state).
     """
-    from breastcnn.data.augment import Augmenter, class_weights as compute_class_weights
+    from breastcnn.data.augment import Augmenter
+    from breastcnn.data.augment import class_weights as compute_class_weights
     from breastcnn.data.images import preprocess
-    from breastcnn.nn.schedules import EarlyStopping, StepDecay
+    from breastcnn.metrics import degenerate_model_warnings
 
     model.threads = config.threads
     n_train = len(data.y_train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
-    eval_points = set(evaluation_points(steps_per_epoch, config.evals_per_epoch))
+    schedule = training_schedule(config, steps_per_epoch)
+    eval_points = set(schedule.eval_points)
     class_weights = compute_class_weights(data.y_train, config.class_weights, num_classes=len(CLASSES))
     augmenter = Augmenter() if config.augment else None
-    schedule = StepDecay(config.lr, factor=config.lr_decay, every=config.lr_decay_every)
-    stopper = EarlyStopping(patience=config.patience, mode="max")
 
     seeds = np.random.SeedSequence(config.seed).spawn(2)
     rngs = {"shuffle": np.random.default_rng(seeds[0]), "augment": np.random.default_rng(seeds[1])}
@@ -457,8 +531,10 @@ def _fit(
         "evaluations": 0,
         "best_score": None,
         "best_step": None,
-        "early_stopping": stopper.state_dict(),
-        "running": [0.0, 0.0, 0],  # loss sum, accuracy sum, batches since the last evaluation
+        "warnings": [],  # about the best model (degenerate_model_warnings on validation)
+        "schedule": schedule.state_dict(),
+        # loss, accuracy, batches, data loss, L2 penalty: sums since the last evaluation
+        "running": [0.0, 0.0, 0, 0.0, 0.0],
         "elapsed_s": 0.0,
         "lr": config.lr,
         "stopped": None,
@@ -470,7 +546,12 @@ def _fit(
             _set_rng_state(rng, state["rngs"][name])
         for layer, rng_state in zip(_dropout_layers(model), state.get("dropout_rngs", [])):
             _set_rng_state(layer.rng, rng_state)
-        stopper.load_state_dict(state["early_stopping"])
+        try:
+            schedule.load_state_dict(state["schedule"] if "schedule" in state else _legacy_schedule_state(state))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"{checkpoint_path}: damaged training checkpoint (schedule: "
+                                 f"{type(exc).__name__}: {exc})") from None
+        state["running"] = list(state["running"]) + [0.0] * (5 - len(state["running"]))
         permutation = resume["permutation"] if resume["permutation"].size == n_train else None
         history = HistoryLogger(history_path)
         history.truncate(state["evaluations"])  # drop rows logged after the checkpoint
@@ -482,15 +563,16 @@ def _fit(
 
     timing = {"data_s": 0.0, "step_s": 0.0, "validation_s": 0.0, "checkpoint_s": 0.0}
     started = time.perf_counter() - float(state["elapsed_s"])
-    loss_sum, acc_sum, batches = state["running"]
+    loss_sum, acc_sum, batches, data_loss_sum, l2_sum = state["running"]
 
     def snapshot_state() -> dict:
         state.update(
-            running=[loss_sum, acc_sum, batches],
+            running=[loss_sum, acc_sum, batches, data_loss_sum, l2_sum],
             elapsed_s=time.perf_counter() - started,
             lr=float(optimizer.lr),
-            early_stopping=stopper.state_dict(),
+            schedule=schedule.state_dict(),
         )
+        state.pop("early_stopping", None)  # a resumed pre-recipe checkpoint's, now in "schedule"
         return state
 
     def checkpoint() -> None:
@@ -499,31 +581,35 @@ def _fit(
         timing["checkpoint_s"] += time.perf_counter() - t0
 
     def evaluate() -> dict:
-        nonlocal loss_sum, acc_sum, batches
+        nonlocal loss_sum, acc_sum, batches, data_loss_sum, l2_sum
         t0 = time.perf_counter()
         probs = model.predict(data.x_val, batch_size=config.eval_batch_size)
         timing["validation_s"] += time.perf_counter() - t0
         scores = validation_scores(probs, data.y_val)
         state["evaluations"] += 1
+        mean = (lambda total: total / batches) if batches else (lambda total: None)
         row = {
             "step": state["global_step"],
             "epoch": state["epoch"],
-            "loss": loss_sum / batches if batches else None,
-            "accuracy": acc_sum / batches if batches else None,
+            "loss": mean(loss_sum),
+            "accuracy": mean(acc_sum),
             **scores,
             "lr": float(optimizer.lr),
             "elapsed_s": time.perf_counter() - started,
+            "data_loss": mean(data_loss_sum),
+            "l2_penalty": mean(l2_sum),
         }
-        loss_sum, acc_sum, batches = 0.0, 0.0, 0
+        loss_sum, acc_sum, batches, data_loss_sum, l2_sum = 0.0, 0.0, 0, 0.0, 0.0
         history.log(row)
-        improved = stopper.update(scores[config.monitor])
+        # best model (ties: the later pass), then the LR for the next steps and the stop decision
+        improved = schedule.update(scores[config.monitor])
         if improved:
             state["best_score"], state["best_step"] = scores[config.monitor], state["global_step"]
+            state["warnings"] = degenerate_model_warnings(data.y_val, probs[:, 1], "validation")
             t1 = time.perf_counter()
             model.save(model_path)
             timing["checkpoint_s"] += time.perf_counter() - t1
-        # LR for the next steps: counted over the whole run, never reset per epoch.
-        optimizer.lr = schedule(state["evaluations"])
+        optimizer.lr = schedule.lr
         hooks.on_evaluation({**row, "improved": improved, "monitor": config.monitor})
         return row
 
@@ -536,7 +622,7 @@ def _fit(
     interrupt = _DeferredInterrupt()
     try:
         with interrupt:
-            if stopper.should_stop and state["epoch"] > config.min_epochs and state["step_in_epoch"] in eval_points:
+            if schedule.should_stop and state["step_in_epoch"] in eval_points:
                 # interrupted during the evaluation that ended the run (a hook raised in on_evaluation)
                 stopped = "early_stopping"
             while stopped is None and state["epoch"] <= config.epochs:
@@ -558,6 +644,7 @@ def _fit(
                     yb = data.y_train[idx]
                     t1 = time.perf_counter()
                     loss, accuracy = _train_step(model, xb, yb, class_weights)
+                    data_loss, l2_penalty = _loss_parts(model, loss)
                     timing["data_s"] += t1 - t0
                     timing["step_s"] += time.perf_counter() - t1
                     if not math.isfinite(loss):
@@ -573,13 +660,15 @@ def _fit(
                     state["global_step"] += 1
                     loss_sum += loss
                     acc_sum += accuracy
+                    data_loss_sum += data_loss
+                    l2_sum += l2_penalty
                     batches += 1
                     if state["step_in_epoch"] in eval_points:
                         evaluate()
-                        # Early stopping ends the whole run, but not before --min-epochs:
+                        # Early stopping ends the whole run, but never within --min-epochs:
                         # while BatchNorm's moving statistics settle (about an epoch)
                         # validation scores are those of a constant predictor.
-                        if stopper.should_stop and epoch > config.min_epochs:
+                        if schedule.should_stop:
                             stopped = state["stopped"] = "early_stopping"
                         checkpoint()
                     # After the evaluation and its checkpoint: an interruption raised
@@ -632,6 +721,7 @@ def _summary(config: TrainConfig, run_dir: Path, state: dict, stopped: str, timi
         "checkpoint_path": str(run_dir / CHECKPOINT_NAME),
         "fold": fold,
         "stopped": stopped,
+        "recipe": config.recipe,
         "monitor": config.monitor,
         "best_score": state.get("best_score"),
         "best_step": state.get("best_step"),
@@ -641,10 +731,16 @@ def _summary(config: TrainConfig, run_dir: Path, state: dict, stopped: str, timi
         "final_lr": state.get("lr"),
         "elapsed_s": state.get("elapsed_s"),
         "timing": {k: round(v, 3) for k, v in timing.items()},
+        "warnings": list(state.get("warnings") or []),
     }
 
 
 # --------------------------------------------------------------------------- public entry points
+
+
+def _recorded_options(config: TrainConfig, extra: dict | None) -> dict:
+    """``config.json``'s ``options``: every resolved option, the recipe and which of its values were overridden."""
+    return {**config.to_dict(), "recipe_overrides": config.recipe_overrides(), **(extra or {})}
 
 
 def _build_model(config: TrainConfig, meta_extra: dict):
@@ -751,8 +847,13 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
         model, optimizer = _build_model(config, meta_extra)
         resume_state = None
     data = _load_data(split, config, hooks)
+    if config.monitor == "val_auc" and np.unique(data.y_val).size < 2:
+        raise UserInputError(
+            f"--monitor val_auc: the validation subset of {split_dir} holds one class only, so ROC AUC is "
+            "undefined; use --monitor val_loss or val_balanced_accuracy"
+        )
     if resume_state is None:
-        write_run_config(run_dir, {**config.to_dict(), **(extra_options or {})}, split)
+        write_run_config(run_dir, _recorded_options(config, extra_options), split)
     return _fit(model, optimizer, config, run_dir, data, hooks, resume=resume_state, fold=fold)
 
 
@@ -849,7 +950,7 @@ def run_training(
             _base_model = _finetune_base(Path(options["finetune_from"]), int(options.get("freeze") or 0), config)
             _extra_options = {"finetune_from": options["finetune_from"], "freeze": int(options.get("freeze") or 0)}
     else:
-        config.validate()
+        config = config.validate()
         if not Path(config.split).exists():
             raise UserInputError(
                 f"--split {config.split}: no such split directory; run 'breastcnn split --mag 200X' first"
@@ -870,7 +971,7 @@ def run_training(
                               extra_options=_extra_options)
 
         if resume is None:
-            write_run_config(run_dir, {**config.to_dict(), **(_extra_options or {}), "folds": len(folds)},
+            write_run_config(run_dir, {**_recorded_options(config, _extra_options), "folds": len(folds)},
                              _SplitIdentity(split_dir, split_hash))
         summaries = []
         for k, fold_split in enumerate(folds, start=1):
@@ -881,7 +982,9 @@ def run_training(
             if summary["stopped"] == "interrupted":
                 break
         stopped = "interrupted" if summaries[-1]["stopped"] == "interrupted" else "completed"
-        result = {"run_dir": str(run_dir), "folds": summaries, "stopped": stopped, "monitor": config.monitor}
+        warnings = [f"fold {s['fold']}: {w}" for s in summaries for w in s.get("warnings", [])]
+        result = {"run_dir": str(run_dir), "folds": summaries, "stopped": stopped, "recipe": config.recipe,
+                  "monitor": config.monitor, "warnings": warnings}
         if stopped != "interrupted":
             atomic_write_json(run_dir / SUMMARY_NAME, result)
         return result
@@ -907,6 +1010,7 @@ def finetune_numpy(
 
     if resume is not None:
         return run_training(config, progress_callbacks, resume=resume)
+    config = config.resolved()
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserInputError(f"--model {model_path}: no such file; run 'breastcnn train' first")
@@ -923,7 +1027,7 @@ def finetune_numpy(
         arch=f"{probe.meta.get('arch', 'custom')}-finetuned" if not config.arch.endswith("-finetuned") else config.arch,
     )
 
-    config.validate()
+    config = config.validate()
     model_path = model_path.resolve()  # recorded in config.json: a resume from elsewhere finds it
     return run_training(config, progress_callbacks, _base_model=_finetune_base(model_path, freeze, config),
                         _extra_options={"finetune_from": str(model_path), "freeze": freeze})

@@ -119,6 +119,58 @@ def test_aggregate_mean_std_over_folds():
         aggregate_metrics([])
 
 
+def test_monitored_validation_scores_match_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, log_loss
+
+    from breastcnn.train import validation_scores
+
+    rng = np.random.default_rng(3)
+    for n, share in ((41, 0.7), (200, 0.3), (9, 0.5)):
+        y = (rng.random(n) < share).astype(np.int64)
+        y[:2] = [0, 1]  # both classes present
+        p = np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1)
+        probs = np.stack([1 - p, p], axis=1).astype(np.float32)
+        scores = validation_scores(probs, y)
+        pred = (p >= 0.5).astype(int)
+        assert scores["val_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+        assert scores["val_auc"] == pytest.approx(roc_auc_score(y, p))
+        assert scores["val_loss"] == pytest.approx(log_loss(y, probs, labels=[0, 1]), rel=1e-5)
+        assert scores["val_accuracy"] == pytest.approx(np.mean(pred == y))
+    # a constant (one-class) predictor: the majority share on accuracy, 0.5 on the two balanced scores
+    y = np.array([1] * 7 + [0] * 3)
+    constant = fast_validation_scores(y, np.full(10, 0.9))
+    assert constant["accuracy"] == 0.7 and constant["balanced_accuracy"] == 0.5 and constant["roc_auc"] == 0.5
+    # one class in y: balanced accuracy is that class's recall (as scikit-learn), AUC undefined
+    single = fast_validation_scores(np.array([1, 1, 1]), np.array([0.9, 0.2, 0.8]))
+    assert single["balanced_accuracy"] == pytest.approx(2 / 3) and np.isnan(single["roc_auc"])
+
+
+def test_degenerate_model_warnings():
+    from breastcnn.metrics import degenerate_model_warnings
+
+    y = np.array([1] * 28 + [0] * 13)
+    # all malignant: one class, and no better than the majority answer
+    warnings = degenerate_model_warnings(y, np.full(41, 0.8))
+    assert len(warnings) == 2
+    assert warnings[0].startswith("the model predicts malignant for 100% of the 41 validation images")
+    assert "benign recall 0.00, malignant recall 1.00" in warnings[0]
+    assert warnings[1] == ("validation accuracy 0.683 is no better than always answering the majority class "
+                           "(malignant, 0.683)")
+    # one benign answer in 41 (2.4% < 5%) is still (almost) one class
+    p = np.full(41, 0.8)
+    p[-1] = 0.1
+    assert "collapsed to one class" in degenerate_model_warnings(y, p, "test")[0]
+    # a real model: both classes predicted, better than the majority: no warning
+    good = np.where(y == 1, 0.8, 0.2)
+    good[0] = 0.3
+    assert degenerate_model_warnings(y, good) == []
+    # both classes predicted but below the majority rate
+    bad = np.where(y == 1, 0.2, 0.8)
+    bad[:10] = 0.9
+    assert degenerate_model_warnings(y, bad) == [
+        "validation accuracy 0.244 is no better than always answering the majority class (malignant, 0.683)"]
+
+
 def test_patient_accuracy_is_spanhols_patient_recognition_rate_by_hand():
     """Spanhol et al. (2016): patient score = N_rec / N_P; recognition rate = sum of scores / patients."""
     patients = ["p1"] * 5 + ["p2"] + ["p3"] * 2

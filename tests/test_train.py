@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from breastcnn.errors import UserInputError
+from breastcnn.recipes import RECIPES
 from breastcnn.runs import TrainingCallback
 
 
@@ -100,16 +101,19 @@ def test_training_learns_and_writes_run_outputs(split_dir, tmp_path, small_confi
     assert len(rows) == summary["evaluations"] == len([c for c in recorder.calls if c[0] == "eval"])
     assert recorder.calls[0][0] == "begin" and recorder.calls[-1] == ("end", summary["stopped"])
     config = json.loads((out / "config.json").read_text())
-    assert config["options"]["lr"] == 0.01 and config["seed"] == 0 and config["split"]["hash"]
+    assert config["options"]["lr"] == RECIPES["default"].lr and config["options"]["recipe"] == "default"
+    assert config["seed"] == 0 and config["split"]["hash"]
     assert config["environment"]["numpy"] == np.__version__
 
     model = load_model(out / "model.npz")
     assert model.meta["image_size"] == synth_image_size and model.meta["preprocess"] == "caffe"
     metrics, _ = evaluate_model(model, load_split(split_dir), "test")
     assert metrics["accuracy"] >= 0.90, metrics  # the end-to-end bar
-    # the kept model is the best by val_accuracy: its history row holds the max
-    best = max(float(r["val_accuracy"]) for r in rows)
-    assert summary["best_score"] == pytest.approx(best)
+    # the kept model is the best by the monitor (the default recipe's val_loss): its row holds the min
+    assert summary["monitor"] == "val_loss"
+    best = min(float(r["val_loss"]) for r in rows)
+    assert summary["best_score"] == pytest.approx(best, rel=1e-5)
+    assert summary["warnings"] == []
 
 
 def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, tmp_path, final_weights, small_config):
@@ -129,8 +133,11 @@ def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, t
 
     assert_same_weights(load_model(tmp_path / "a" / "model.npz").get_weights(),
                         load_model(tmp_path / "c" / "model.npz").get_weights())
-    history_a = [r.split(",")[:-1] for r in (tmp_path / "a" / "history.csv").read_text().splitlines()]
-    history_c = [r.split(",")[:-1] for r in (tmp_path / "c" / "history.csv").read_text().splitlines()]
+    from breastcnn.runs import read_history
+
+    history_a, history_c = (read_history(tmp_path / name / "history.csv") for name in ("a", "c"))
+    for row in history_a + history_c:
+        row.pop("elapsed_s")
     assert history_a == history_c  # same rows except elapsed_s
 
     other_seed = run_training(small_config(split_dir, tmp_path / "d", seed=1))
@@ -142,9 +149,10 @@ def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_pa
     from breastcnn.runs import read_history
     from breastcnn.train import run_training
 
-    # lr decays every 2 evaluations by 0.5; 3 evaluations per epoch -> a decay falls mid-epoch 1
+    # The old units (evaluations) still work: lr decays every 2 evaluations by 0.5; 3 evaluations per
+    # epoch -> a decay falls mid-epoch 1
     summary = run_training(small_config(split_dir, tmp_path / "run", epochs=6, evals_per_epoch=3, patience=4,
-                                        lr_decay=0.5, lr_decay_every=2, lr=1e-6))
+                                        lr_decay=0.5, lr_decay_every=2, lr=1e-6, recipe="report"))
     assert summary["stopped"] == "early_stopping"
     rows = read_history(tmp_path / "run" / "history.csv")
     assert len(rows) == 5  # best at the first evaluation (lr 1e-6 barely moves), then 4 without improvement
@@ -155,7 +163,7 @@ def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_pa
 
     # patience 1 would stop at evaluation 2, but never within the first --min-epochs (1) epoch
     summary = run_training(small_config(split_dir, tmp_path / "run1", epochs=6, evals_per_epoch=3, patience=1,
-                                        lr=1e-6))
+                                        lr=1e-6, recipe="report"))
     assert summary["stopped"] == "early_stopping" and summary["evaluations"] == 4 and summary["steps"] == 6 + 2
 
 

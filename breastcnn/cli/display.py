@@ -110,13 +110,15 @@ class TrainingDisplay(TrainingCallback):
 
     def on_evaluation(self, row: dict) -> None:
         # compact on the bar (it shares one line with the bar), complete in plain lines
-        self._val_text = f"val acc {_fmt(row.get('val_accuracy'), 3)} f1 {_fmt(row.get('val_f1'), 3)}"
+        self._val_text = (f"val acc {_fmt(row.get('val_accuracy'), 3)} "
+                          f"bal {_fmt(row.get('val_balanced_accuracy'), 3)} f1 {_fmt(row.get('val_f1'), 3)}")
         if self.progress is None:
             mark = " *" if row.get("improved") else ""
             self.console.print(
                 f"{self._prefix}epoch {row.get('epoch')} step {row.get('step')}: "
                 f"loss {_fmt(row.get('loss'))} acc {_fmt(row.get('accuracy'), 3)} | "
                 f"val_loss {_fmt(row.get('val_loss'))} val_acc {_fmt(row.get('val_accuracy'), 3)} "
+                f"bal_acc {_fmt(row.get('val_balanced_accuracy'), 3)} auc {_fmt(row.get('val_auc'), 3)} "
                 f"f1 {_fmt(row.get('val_f1'), 3)} recall {_fmt(row.get('val_recall'), 3)} "
                 f"| lr {_fmt(row.get('lr'), 6)} | {_fmt(row.get('elapsed_s'), 1)}s{mark}",
                 highlight=False,
@@ -146,3 +148,5 @@ class TrainingDisplay(TrainingCallback):
             f"best {monitor} {_fmt(best, 4)} at step {summary.get('best_step', '-')}; model: {where}",
             highlight=False,
         )
+        for warning in summary.get("warnings") or []:
+            self.console.print(f"[yellow]warning:[/yellow] {self._prefix}{warning}", highlight=False)

@@ -3,7 +3,11 @@
 ``--model vgg16|resnet50|custom-keras`` runs :func:`breastcnn.models.keras_train.finetune_keras`
 (TensorFlow, imported only on this path); ``--model RUN_DIR/model.npz`` runs
 :func:`breastcnn.train.finetune_numpy` (NumPy only). Options whose defaults
-differ between the two paths default to None here and are resolved per path.
+differ between the paths default to None here and are resolved per path:
+vgg16/resnet50 use the transfer-learning schedule, custom-keras and NumPy
+models a training recipe (``--recipe``, default ``default``: the schedule of
+``breastcnn train``, so that custom-keras and the NumPy engine train the same
+network the same way).
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from breastcnn.errors import UserInputError
 
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
 
-# Per-path defaults of the options that default to None on the command line.
+# Per-path defaults of the options that default to None on the command line
+# (lr/batch size/patience/monitor of a recipe path come from the recipe).
 KERAS_DEFAULTS = {"epochs": 200, "batch_size": 64, "lr": 1e-4, "image_size": 224, "trainable_layers": 20}
+CUSTOM_KERAS_DEFAULTS = {"epochs": 5, "image_size": 224, "trainable_layers": 20}
 NUMPY_DEFAULTS = {"epochs": 5, "batch_size": 32, "lr": 1e-3}
+RECIPE_MODELS = ("custom-keras",)
+"""Keras models trained with a recipe (the others keep the transfer-learning schedule)."""
 
 EXIT_INTERRUPTED = 130
 
@@ -44,18 +52,35 @@ def finetune(
         "VGG16's base has only 19 layers, so 20 trains the whole network; the report's 7.08 M "
         "trainable parameters are --trainable-layers 4.",
     ),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default: Keras 200, NumPy 5)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: Keras 64, NumPy 32)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: Keras 1e-4, NumPy 1e-3)."),
-    patience: int = typer.Option(
-        10, "--patience", help="Early stopping: validation passes without improvement (Keras: epochs)."
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe",
+        help="custom-keras and NumPy .npz models: the training recipe of 'breastcnn train' (default or report; "
+        "default: default). vgg16/resnet50 use the transfer-learning schedule (no recipe).",
+    ),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", help="Maximum epochs (default: vgg16/resnet50 200, custom-keras and NumPy 5)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Batch size (default: vgg16/resnet50 64, NumPy 32, custom-keras the recipe's)."),
+    lr: Optional[float] = typer.Option(
+        None, "--lr", help="Adam learning rate (default: vgg16/resnet50 1e-4, NumPy 1e-3, custom-keras the recipe's)."),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="Early stopping: validation passes without improvement (vgg16/resnet50: epochs, "
+        "default 10; custom-keras and NumPy: evaluations, default: the recipe's patience)."
+    ),
+    patience_epochs: Optional[float] = typer.Option(
+        None, "--patience-epochs", help="custom-keras and NumPy: early-stopping patience in epochs (default: the recipe's)."
+    ),
+    l2: Optional[float] = typer.Option(
+        None, "--l2", help="custom-keras and NumPy: L2 factor on conv/dense kernels (default: the recipe's)."
     ),
     class_weights: str = typer.Option("balanced", "--class-weights", help="balanced or none."),
     image_size: Optional[int] = typer.Option(
         None, "--image-size",
         help="Keras: input side (default 224; custom-keras needs >= 51). NumPy: taken from the model.",
     ),
-    monitor: str = typer.Option("val_accuracy", "--monitor", help="Best-model metric: val_accuracy, val_f1 or val_recall."),
+    monitor: Optional[str] = typer.Option(
+        None, "--monitor", help="Best-model metric: val_balanced_accuracy, val_auc, val_loss, val_accuracy, val_f1 or "
+        "val_recall (default: vgg16/resnet50 val_accuracy, custom-keras and NumPy the recipe's)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment the training images."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
@@ -114,27 +139,46 @@ def _run_keras(opts: dict, display) -> dict:
         raise UserInputError("--freeze applies to NumPy .npz models; for Keras models use --trainable-layers")
     if opts["threads"] is not None:
         raise UserInputError("--threads applies to NumPy .npz models; Keras models use TensorFlow's own thread pools")
+    arch = opts["model"]
+    with_recipe = arch in RECIPE_MODELS
+    if not with_recipe:
+        given = [flag for flag, name in (("--recipe", "recipe"), ("--patience-epochs", "patience_epochs"),
+                                         ("--l2", "l2")) if opts[name] is not None]
+        if given:
+            raise UserInputError(
+                f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to custom-keras and NumPy .npz models; "
+                f"{arch} uses the transfer-learning schedule (--patience in epochs, ReduceLROnPlateau)"
+            )
     from breastcnn.models.keras_models import require_keras
 
     require_keras()  # MissingDependencyError (exit 2) with the install command when TF is absent
-    from breastcnn.models.keras_train import default_weights, finetune_keras
+    from breastcnn.models.keras_train import TRANSFER_DEFAULTS, default_weights, finetune_keras
 
-    resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in KERAS_DEFAULTS.items()}
-    arch = opts["model"]
+    if with_recipe:
+        resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in CUSTOM_KERAS_DEFAULTS.items()}
+        resolved.update(batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
+                        monitor=opts["monitor"])  # None: the recipe's
+        recipe_options = {k: opts[k] for k in ("patience_epochs", "l2") if opts[k] is not None}
+        recipe = opts["recipe"] or "default"
+    else:
+        resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in KERAS_DEFAULTS.items()}
+        resolved.update(patience=opts["patience"] if opts["patience"] is not None else TRANSFER_DEFAULTS["patience"],
+                        monitor=opts["monitor"] or TRANSFER_DEFAULTS["monitor"])
+        recipe_options, recipe = None, None
     resolved["weights"] = opts["weights"] if opts["weights"] is not None else default_weights(arch)
     recorded = {
         "model": arch, "split": str(opts["split"]), "out": None if opts["out"] is None else str(opts["out"]),
-        "class_weights": opts["class_weights"], "patience": opts["patience"],
-        "monitor": opts["monitor"], "augment": opts["augment"], "seed": opts["seed"],
+        "class_weights": opts["class_weights"], "augment": opts["augment"], "seed": opts["seed"],
         "deterministic": opts["deterministic"], "strategy": opts["strategy"], "jobs": opts["jobs"], **resolved,
     }
     return finetune_keras(
         arch, opts["split"], opts["out"],
         weights=resolved["weights"], trainable_layers=resolved["trainable_layers"], epochs=resolved["epochs"],
-        batch_size=resolved["batch_size"], lr=resolved["lr"], patience=opts["patience"],
-        class_weights=opts["class_weights"], image_size=resolved["image_size"], monitor=opts["monitor"],
+        batch_size=resolved["batch_size"], lr=resolved["lr"], patience=resolved["patience"],
+        class_weights=opts["class_weights"], image_size=resolved["image_size"], monitor=resolved["monitor"],
         augment=opts["augment"], seed=opts["seed"], deterministic=opts["deterministic"],
         strategy=opts["strategy"], jobs=opts["jobs"], force=opts["force"], callback=display, options=recorded,
+        recipe=recipe, recipe_options=recipe_options,
     )
 
 
@@ -160,8 +204,9 @@ def _run_numpy(opts: dict, display) -> dict:
     resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in NUMPY_DEFAULTS.items()}
     config = TrainConfig(
         split=str(opts["split"]), out=None if opts["out"] is None else str(opts["out"]),
-        epochs=resolved["epochs"], batch_size=resolved["batch_size"], lr=resolved["lr"],
-        patience=opts["patience"], class_weights=opts["class_weights"], monitor=opts["monitor"],
+        recipe=opts["recipe"] or "default", epochs=resolved["epochs"], batch_size=resolved["batch_size"],
+        lr=resolved["lr"], l2=opts["l2"], patience=opts["patience"], patience_epochs=opts["patience_epochs"],
+        class_weights=opts["class_weights"], monitor=opts["monitor"],
         augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], threads=opts["threads"], force=opts["force"],
     )
     if opts["image_size"] is not None:

@@ -10,19 +10,30 @@ import typer
 from breastcnn.cli.common import info, jobs_option, print_json, stderr
 from breastcnn.cli.display import TrainingDisplay
 from breastcnn.errors import UserInputError
-from breastcnn.train import (
-    DEFAULT_L2,
-    DEFAULT_LR_DECAY,
-    EXIT_DIVERGED,
-    TrainConfig,
-    TrainingDiverged,
-    run_training,
-)
+from breastcnn.recipes import MONITORS, RECIPE_OPTIONS, RECIPES, UNIT_PAIRS
+from breastcnn.train import EXIT_DIVERGED, TrainConfig, TrainingDiverged, run_training
 
-_L2_HELP = (
-    f"L2 factor on conv/dense kernels, in the gradient (Keras L2 convention, l2*sum(W^2)). Default {DEFAULT_L2:g} "
-    "(the report's value) by measurement on the synthetic 200X split: mean test accuracy 0.98 against 0.77-0.84 "
-    "for 1e-3, 1e-4 and 0, which learn too slowly to beat early stopping (see README)."
+
+def _by_recipe(name: str, unit: str = "") -> str:
+    """' Recipe default: default X, report Y.' for an option's help (the values live in breastcnn.recipes)."""
+    values = []
+    for recipe_name, recipe in RECIPES.items():
+        value = getattr(recipe, name)
+        if name == "min_epochs" and recipe.min_epochs_fraction:
+            text = f"{recipe.min_epochs_fraction:.0%} of --epochs, at least {value:g}"
+        elif value is None:
+            text = "-"
+        else:
+            text = f"{value:g}{unit}" if isinstance(value, float) else f"{value}{unit}"
+        values.append(f"{recipe_name} {text}")
+    return f" [recipe: {', '.join(values)}]"
+
+
+_RECIPE_HELP = (
+    "Named set of lr, L2, batch size, evaluations per epoch, LR decay, patience, minimum epochs and monitor; "
+    "each option given here overrides one value. 'default': tuned on hard synthetic data (see README); "
+    "'report': the schedule this tool ran before recipes (20 evaluations/epoch, patience 10 evaluations, "
+    "LR x0.8 every 5 evaluations, lr 0.01, L2 0.1, val_accuracy). Recorded in config.json."
 )
 
 
@@ -31,21 +42,39 @@ def train(
     split: Path = typer.Option(Path("splits/200X"), "--split", help="Split directory (a k-fold split trains one model per fold)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<arch>-<timestamp>, linked as runs/latest)."),
     arch: str = typer.Option("custom", "--arch", help="Architecture (NumPy): custom (the report's) or custom-k4 (first conv 4x4/s4, sees every pixel)."),
-    epochs: int = typer.Option(5, "--epochs", help="Maximum number of epochs."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per optimizer step."),
-    lr: float = typer.Option(0.01, "--lr", help="Initial learning rate (Adam)."),
-    l2: float = typer.Option(DEFAULT_L2, "--l2", help=_L2_HELP),
+    recipe: str = typer.Option("default", "--recipe", help=_RECIPE_HELP),
+    epochs: int = typer.Option(5, "--epochs", help="Epochs to train (fewer only when early stopping ends the run)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per optimizer step." + _by_recipe("batch_size")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate (Adam)." + _by_recipe("lr")),
+    l2: Optional[float] = typer.Option(
+        None, "--l2", help="L2 factor on conv/dense kernels, in the gradient (Keras L2 convention, l2*sum(W^2))."
+        + _by_recipe("l2")),
     class_weights: str = typer.Option("balanced", "--class-weights", help="balanced (weights n/(2*count) in the loss gradient) or none."),
-    evals_per_epoch: int = typer.Option(20, "--evals-per-epoch", help="Validation evaluations per epoch (each logged to history.csv)."),
-    patience: int = typer.Option(10, "--patience", help="Stop the run after this many evaluations without improvement of --monitor."),
-    min_epochs: int = typer.Option(1, "--min-epochs", help="Early stopping never ends a run before this many epochs (BatchNorm's moving statistics need about an epoch to settle; before that the validation scores are a constant predictor's)."),
-    lr_decay: float = typer.Option(
-        DEFAULT_LR_DECAY, "--lr-decay",
-        help="Multiply the LR by this factor every --lr-decay-every evaluations, counted over the whole run "
-             "(never reset per epoch); 1 = constant. 0.8 takes 0.01 to ~1.2e-4 over 5 epochs x 20 evaluations.",
-    ),
-    lr_decay_every: int = typer.Option(5, "--lr-decay-every", help="Evaluations between LR decays (the report: 5)."),
-    monitor: str = typer.Option("val_accuracy", "--monitor", help="Metric that selects the best model and drives early stopping: val_accuracy, val_f1 or val_recall."),
+    evals_per_epoch: Optional[int] = typer.Option(
+        None, "--evals-per-epoch", help="Validation evaluations per epoch (each logged to history.csv)."
+        + _by_recipe("evals_per_epoch")),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="Early stopping patience in EVALUATIONS (the old unit; scales with --evals-per-epoch "
+        "and the data-set size): stop after this many evaluations without improvement of --monitor. "
+        "Use --patience-epochs for a patience in epochs." + _by_recipe("patience")),
+    patience_epochs: Optional[float] = typer.Option(
+        None, "--patience-epochs", help="Early stopping patience in EPOCHS (fractions allowed): stop once --monitor "
+        "has not improved for this long." + _by_recipe("patience_epochs")),
+    min_epochs: Optional[float] = typer.Option(
+        None, "--min-epochs", help="Early stopping never ends a run within this many epochs (fractions allowed; "
+        "BatchNorm's moving statistics need about an epoch to settle)." + _by_recipe("min_epochs")),
+    lr_decay: Optional[float] = typer.Option(
+        None, "--lr-decay", help="Multiply the LR by this factor every --lr-decay-epochs epochs (or --lr-decay-every "
+        "evaluations), counted over the whole run (never reset per epoch); 1 = constant." + _by_recipe("lr_decay")),
+    lr_decay_every: Optional[int] = typer.Option(
+        None, "--lr-decay-every", help="Evaluations between LR decays (the old unit; the report: 5)."
+        + _by_recipe("lr_decay_every")),
+    lr_decay_epochs: Optional[float] = typer.Option(
+        None, "--lr-decay-epochs", help="Epochs between LR decays (fractions allowed)." + _by_recipe("lr_decay_epochs")),
+    monitor: Optional[str] = typer.Option(
+        None, "--monitor", help=f"Metric that selects the best model (ties: the later evaluation) and drives early "
+        f"stopping: {', '.join(MONITORS)} (val_loss is minimised; a one-class model scores 0.5 on "
+        "val_balanced_accuracy and val_auc but the majority share on val_accuracy)." + _by_recipe("monitor")),
     image_size: int = typer.Option(224, "--image-size", help="Square input size in pixels."),
     preprocess: str = typer.Option("caffe", "--preprocess", help="caffe (BGR minus ImageNet mean, like VGG16) or minmax (x/255)."),
     activation: str = typer.Option("relu", "--activation", help="relu or leaky_relu."),
@@ -62,30 +91,26 @@ def train(
 
     Writes RUN_DIR/model.npz (best by --monitor on the validation subset),
     last.npz (resumable checkpoint, also written on Ctrl-C), history.csv,
-    training.png, config.json and summary.json. Exit codes: 0 done (completed or
-    early stop), 1 the loss became NaN/inf (best model so far kept), 2 bad
-    input, 130 interrupted (resume with --resume RUN_DIR).
+    training.png, config.json and summary.json. A best model that predicts
+    (almost) one class, or is no more accurate than the majority class on
+    validation, is named in a warning on stderr and in the summary's
+    "warnings". Exit codes: 0 done (completed or early stop), 1 the loss became
+    NaN/inf (best model so far kept), 2 bad input, 130 interrupted (resume
+    with --resume RUN_DIR).
     """
     options = {
-        "split": str(split), "out": str(out) if out is not None else None, "arch": arch, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "l2": l2, "class_weights": class_weights,
-        "evals_per_epoch": evals_per_epoch, "patience": patience, "min_epochs": min_epochs, "lr_decay": lr_decay,
-        "lr_decay_every": lr_decay_every, "monitor": monitor, "image_size": image_size,
+        "split": str(split), "out": str(out) if out is not None else None, "arch": arch, "recipe": recipe,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "l2": l2, "class_weights": class_weights,
+        "evals_per_epoch": evals_per_epoch, "patience": patience, "patience_epochs": patience_epochs,
+        "min_epochs": min_epochs, "lr_decay": lr_decay, "lr_decay_every": lr_decay_every,
+        "lr_decay_epochs": lr_decay_epochs, "monitor": monitor, "image_size": image_size,
         "preprocess": preprocess, "activation": activation, "augment": augment, "seed": seed, "jobs": jobs,
         "threads": threads, "force": force,
     }
     if resume is not None and config is not None:
         raise UserInputError("--resume and --config cannot be combined (--resume already uses RUN_DIR/config.json)")
     if config is not None:
-        from breastcnn.runs import read_run_config
-
-        replayed = read_run_config(config)["options"]
-        TrainConfig.check_types(replayed, source=config / "config.json" if config.is_dir() else config)
-        explicit = {name for name in options if _given(ctx, name)}
-        options = {**options, **{k: v for k, v in replayed.items() if k in options and k not in explicit}}
-        if "out" not in explicit:
-            options["out"] = None  # a replay writes a new run directory
-        info(f"replaying {config} (options given on the command line override it)")
+        options = _replay(config, options, {name for name in options if _given(ctx, name)})
 
     display = TrainingDisplay(quiet=json_output)
     try:
@@ -107,6 +132,31 @@ def train(
             highlight=False,
         )
         raise typer.Exit(130)
+
+
+def _replay(config: Path, options: dict, explicit: set[str]) -> dict:
+    """The options of a ``--config`` replay: the replayed run's values, except those typed on the command line.
+
+    Typing ``--recipe`` takes that recipe's values for every recipe option not
+    typed as well; typing one option of a unit pair (``--patience`` /
+    ``--patience-epochs``, ``--lr-decay-every`` / ``--lr-decay-epochs``)
+    drops the replayed other one.
+    """
+    from breastcnn.runs import read_run_config
+
+    replayed = dict(read_run_config(config)["options"])
+    TrainConfig.check_types(replayed, source=config / "config.json" if config.is_dir() else config)
+    replayed.setdefault("recipe", "report")  # a config.json from before recipes ran the report's schedule
+    dropped = set(RECIPE_OPTIONS) if "recipe" in explicit else set()
+    for pair in UNIT_PAIRS:
+        if explicit & set(pair):
+            dropped |= set(pair)
+    merged = {**options, **{k: v for k, v in replayed.items()
+                            if k in options and k not in explicit and k not in dropped}}
+    if "out" not in explicit:
+        merged["out"] = None  # a replay writes a new run directory
+    info(f"replaying {config} (options given on the command line override it)")
+    return merged
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -584,6 +584,7 @@ def create_custom_keras(
     weights: str | os.PathLike | None = "none",
     trainable_layers: int | None = None,
     dropout: float | None = None,
+    l2: float = 0.0,
     **custom_kwargs,
 ) -> KerasClassifier:
     """The report's custom CNN in Keras, converted from the NumPy definition (one source of truth).
@@ -591,7 +592,9 @@ def create_custom_keras(
     Built as ``convert.to_keras(create_model("custom", ...))``, so its initial
     weights equal the NumPy model's for the same seed. ``trainable_layers``
     and ``dropout`` are accepted and ignored (the whole network trains; the
-    architecture has no dropout). ``weights``: ``"none"`` or a path
+    architecture has no dropout). ``l2``: ``keras.regularizers.L2(l2)`` on the
+    conv/dense kernels, the NumPy engine's convention (``l2 * sum(W**2)`` added
+    to the loss). ``weights``: ``"none"`` or a path
     to a Keras weights file (``.weights.h5``) or a ``.keras`` model of this
     architecture. ``custom_kwargs`` go to the NumPy builder.
     """
@@ -602,7 +605,7 @@ def create_custom_keras(
     weights_file = _resolve_weights(weights, "custom-keras")
     numpy_model = create_model("custom", input_shape=shape, num_classes=num_classes, seed=seed, **custom_kwargs)
     keras.utils.set_random_seed(int(seed))
-    kmodel = to_keras(numpy_model)
+    kmodel = to_keras(numpy_model, l2=float(l2))
     if weights_file is not None:
         _load_weights(kmodel, weights_file, weights)
     meta = _converted_meta(numpy_model, kmodel)

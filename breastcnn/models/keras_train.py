@@ -9,10 +9,23 @@ network is shared: the same split manifest, the same uint8 image cache
 progress hooks (:class:`breastcnn.runs.TrainingCallback`). Batches reach Keras
 through a ``keras.utils.PyDataset`` (no deprecated ``ImageDataGenerator``).
 
-Validation runs once per epoch on the validation subset (never test);
-``EarlyStopping`` and ``ReduceLROnPlateau`` watch it, and the best model by
-``monitor`` is written to ``RUN_DIR/model.keras`` (+ ``model.keras.json``) every
-time it improves, so an interrupted run keeps its best model.
+Two schedules:
+
+- VGG16/ResNet50 (transfer learning): validation once per epoch on the
+  validation subset (never test); Keras ``EarlyStopping`` (patience in
+  epochs) and ``ReduceLROnPlateau`` (on ``val_loss``) watch it.
+- ``custom-keras`` with a ``recipe`` (what ``breastcnn finetune --model
+  custom-keras`` does): the NumPy loop's schedule (:mod:`breastcnn.recipes`):
+  the same lr, batch size, L2 (``keras.regularizers.L2`` on the same kernels),
+  validation passes per epoch, LR step decay and patience (epochs or
+  evaluations), minimum epochs and monitor, driven by the same
+  :class:`~breastcnn.recipes.TrainingSchedule`, so that the two engines train
+  the same network the same way.
+
+Either way the best model by ``monitor`` (a tie goes to the later pass) is
+written to ``RUN_DIR/model.keras`` (+ ``model.keras.json``) every time it
+improves, so an interrupted run keeps its best model, and the summary's
+``warnings`` name a best model that predicts (almost) one class.
 """
 
 from __future__ import annotations
@@ -35,10 +48,12 @@ from breastcnn.models.keras_models import (
     library_versions,
     require_keras,
 )
+from breastcnn.recipes import MONITORS, RECIPE_OPTIONS
 from breastcnn.runs import TrainingCallback
 from breastcnn.train import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
 
-MONITORS = ("val_accuracy", "val_f1", "val_recall")
+TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy"}
+"""Defaults of the transfer-learning schedule (no recipe): the report's fine-tuning settings; patience in epochs."""
 STRATEGIES = ("default", "mirrored")
 LR_FACTOR = 0.5
 """ReduceLROnPlateau factor; it waits ``max(1, patience // 2)`` epochs without a lower val_loss."""
@@ -104,6 +119,54 @@ def default_weights(arch: str) -> str:
     return "none" if arch == "custom-keras" else "imagenet"
 
 
+def _unweighted_cross_entropy(keras):
+    """A Keras metric: mean cross-entropy ignoring sample (class) weights: the ``data_loss`` history column."""
+
+    class UnweightedCrossEntropy(keras.metrics.Mean):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            return super().update_state(keras.losses.sparse_categorical_crossentropy(y_true, y_pred))
+
+    return UnweightedCrossEntropy(name="data_loss")
+
+
+def _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given):
+    """The resolved recipe options (a ``TrainConfig``) for ``custom-keras``; ``given`` are explicit values."""
+    from breastcnn.train import TrainConfig
+
+    if arch != "custom-keras":
+        raise UserInputError(
+            f"--recipe applies to custom-keras and NumPy .npz models, not to {arch} "
+            "(vgg16/resnet50 keep the transfer-learning schedule: patience in epochs, ReduceLROnPlateau)"
+        )
+    explicit = {k: v for k, v in {**given, **(recipe_options or {})}.items() if v is not None}
+    unknown = set(explicit) - set(RECIPE_OPTIONS)
+    if unknown:
+        raise UserInputError(f"recipe_options: unknown options {sorted(unknown)}")
+    return TrainConfig(recipe=recipe, epochs=epochs, image_size=image_size, **explicit).validate()
+
+
+def _schedule_options(arch, recipe, recipe_options, epochs, image_size, given: dict) -> tuple:
+    """``(plan, values)``: the resolved recipe (``None`` without one) and lr/batch_size/patience/monitor to use.
+
+    Without a recipe, ``None`` values take :data:`TRANSFER_DEFAULTS`.
+    """
+    if recipe is not None:
+        plan = _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given)
+        return plan, {k: getattr(plan, k) for k in given}
+    if recipe_options:
+        raise UserInputError(f"{', '.join(sorted(recipe_options))}: recipe options need a recipe (--recipe)")
+    return None, {k: TRANSFER_DEFAULTS[k] if v is None else v for k, v in given.items()}
+
+
+def _transfer_callbacks(keras, monitor: str, patience: int) -> list:
+    """The transfer-learning schedule's Keras callbacks: early stopping on ``monitor``, LR on plateaus of val_loss."""
+    return [
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=patience, verbose=0),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=LR_FACTOR,
+                                          patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0),
+    ]
+
+
 def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed=0):
     if arch not in KERAS_ARCHS:
         raise UserInputError(f"--model {arch!r}: expected one of {', '.join(KERAS_ARCHS)} or a .npz file")
@@ -113,7 +176,7 @@ def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, im
         raise UserInputError(f"--batch-size must be >= 1, received {batch_size}")
     if not (lr > 0 and math.isfinite(lr)):
         raise UserInputError(f"--lr must be a positive number, received {lr}")
-    if patience < 1:
+    if patience is not None and patience < 1:
         raise UserInputError(f"--patience must be >= 1, received {patience}")
     if monitor not in MONITORS:
         raise UserInputError(f"--monitor must be one of {', '.join(MONITORS)}, received {monitor!r}")
@@ -135,12 +198,12 @@ def finetune_keras(
     trainable_layers: int = DEFAULT_TRAINABLE_LAYERS,
     dropout: float = DEFAULT_DROPOUT,
     epochs: int = 200,
-    batch_size: int = 64,
-    lr: float = 1e-4,
-    patience: int = 10,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    patience: int | None = None,
     class_weights: str | None = "balanced",
     image_size: int = 224,
-    monitor: str = "val_accuracy",
+    monitor: str | None = None,
     augment: bool = True,
     seed: int = 0,
     deterministic: bool = False,
@@ -150,6 +213,8 @@ def finetune_keras(
     callback: TrainingCallback | None = None,
     runs_root=None,
     options: dict | None = None,
+    recipe: str | None = None,
+    recipe_options: dict | None = None,
 ) -> dict:
     """Fine-tune ``arch`` (vgg16 | resnet50 | custom-keras) on ``split_dir``; return the run summary.
 
@@ -161,10 +226,17 @@ def finetune_keras(
     vgg16/resnet50, none for custom-keras. ``options``: what to record as the
     run's options in ``config.json`` (default: these arguments).
 
+    ``recipe`` (``custom-keras`` only; a name from :data:`breastcnn.recipes.RECIPES`):
+    train with the NumPy loop's schedule; ``lr``, ``batch_size``, ``patience``
+    (evaluations) and ``monitor`` then override single recipe values, as do
+    ``recipe_options`` (any other of :data:`~breastcnn.recipes.RECIPE_OPTIONS`,
+    e.g. ``{"l2": 0.0, "patience_epochs": 2.0}``). Without a recipe, ``None``
+    values take :data:`TRANSFER_DEFAULTS`.
+
     Returns a dict with ``run_dir``, ``model_path``, ``arch``, ``stopped``
     (``completed`` | ``early_stopping`` | ``interrupted`` | ``nan``),
     ``epochs_run``, ``steps``, ``best_score``, ``best_epoch``, ``best_step``,
-    ``monitor``, ``elapsed_s``, ``params``, ``strategy``, ``devices``. A
+    ``monitor``, ``elapsed_s``, ``params``, ``strategy``, ``devices``, ``recipe``, ``warnings``. A
     KeyboardInterrupt is caught: the best model so far stays on disk and the
     summary says ``interrupted``.
     """
@@ -174,6 +246,9 @@ def finetune_keras(
     from breastcnn.data.images import load_subset, preprocess
     from breastcnn.data.split import load_split
 
+    given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor}
+    plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
+    lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     hooks = callback if callback is not None else TrainingCallback()
     weights = default_weights(arch) if weights is None else weights
@@ -200,6 +275,9 @@ def finetune_keras(
         }
         recorded.setdefault("seed", seed)
         recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
+        if plan is not None:
+            recorded.update({name: getattr(plan, name) for name in RECIPE_OPTIONS})
+            recorded.update(recipe=recipe, recipe_overrides=plan.recipe_overrides())
 
         gpus = tf.config.list_physical_devices("GPU")
         if strategy == "mirrored":
@@ -213,13 +291,15 @@ def finetune_keras(
             builder_kwargs = {"weights": weights}
             if arch != "custom-keras":
                 builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
+            else:
+                builder_kwargs.update(l2=plan.l2 if plan is not None else 0.0)
             classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
                                         **builder_kwargs)
             model = classifier.model
             model.compile(
                 optimizer=keras.optimizers.Adam(learning_rate=lr),
                 loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
+                metrics=["accuracy", _unweighted_cross_entropy(keras)],
             )
 
         run_dir = run.path
@@ -250,14 +330,15 @@ def finetune_keras(
         })
         model_path = Path(run_dir) / "model.keras"
         history = runs.HistoryLogger(Path(run_dir) / "history.csv")
+        from breastcnn.train import training_schedule
+
+        schedule = training_schedule(plan, batches.num_batches) if plan is not None else None
         adapter = _make_keras_hooks(keras)(
             classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
-            on_saved=run.model_written,
+            schedule=schedule, on_saved=run.model_written,
         )
-        early = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience, verbose=0)
-        plateau = keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", mode="min", factor=LR_FACTOR, patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0
-        )
+        # with a recipe the adapter applies the schedule itself
+        keras_callbacks = _transfer_callbacks(keras, monitor, patience) if schedule is None else []
         hooks.on_train_begin(
             total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
             n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
@@ -267,14 +348,14 @@ def finetune_keras(
             # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
             model.fit(
                 batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
-                callbacks=[adapter, keras.callbacks.TerminateOnNaN(), early, plateau],
+                callbacks=[adapter, keras.callbacks.TerminateOnNaN(), *keras_callbacks],
             )
         except KeyboardInterrupt:
             stopped = "interrupted"
         if stopped != "interrupted":
             if adapter.nan:
                 stopped = "nan"
-            elif early.stopped_epoch > 0:
+            elif adapter.early_stopped or any(getattr(cb, "stopped_epoch", 0) > 0 for cb in keras_callbacks):
                 stopped = "early_stopping"
 
         rows = history.rows()
@@ -293,6 +374,7 @@ def finetune_keras(
             "best_score": adapter.best_score,
             "best_epoch": adapter.best_epoch,
             "best_step": adapter.best_step,
+            "recipe": recipe,
             "monitor": monitor,
             "elapsed_s": round(time.perf_counter() - adapter.start, 3) if adapter.start else 0.0,
             "params": classifier.count_params(),
@@ -301,6 +383,7 @@ def finetune_keras(
             "n_train": int(len(x_train)),
             "n_val": int(len(x_val)),
             "weights": str(weights),
+            "warnings": list(adapter.warnings),
         }
         if stopped != "interrupted":
             atomic_write_json(Path(run_dir) / SUMMARY_NAME, summary)
@@ -316,16 +399,27 @@ def finetune_keras(
 
 def _make_keras_hooks(keras):
     """The callback adapter class, defined on first use (subclassing keras needs keras imported)."""
+    from breastcnn.metrics import degenerate_model_warnings
+    from breastcnn.nn.schedules import BestScore
 
     class KerasHooks(keras.callbacks.Callback):
         """Adapter: Keras callback events -> TrainingCallback hooks, history.csv and best-model saving.
 
         Keras reports running means over the epoch; the display wants per-batch
-        values, recovered from consecutive means weighted by batch sizes.
+        values and history.csv means since the previous validation pass, both
+        recovered from consecutive means weighted by batch sizes.
+
+        With a ``schedule`` (:class:`~breastcnn.recipes.TrainingSchedule`) it
+        validates at the schedule's points inside each epoch, sets the LR after
+        each pass and stops the run (``model.stop_training``) when the schedule
+        says so; without one it validates at each epoch's end and leaves LR
+        and stopping to Keras callbacks placed after it.
         """
 
+        TRACKED = ("loss", "accuracy", "data_loss", "l2_penalty")
+
         def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
-                     monitor, on_saved=None):
+                     monitor, schedule=None, on_saved=None):
             super().__init__()
             self.on_saved = on_saved  # told after each best-model save (moves runs/latest)
             self.classifier = classifier
@@ -336,50 +430,83 @@ def _make_keras_hooks(keras):
             self.x_val_pre, self.y_val = x_val_pre, y_val
             self.batch_size = batch_size
             self.monitor = monitor
+            self.schedule = schedule
+            self.eval_points = set(schedule.eval_points) if schedule is not None else set()
+            self.best = schedule.best if schedule is not None else BestScore(MONITORS[monitor])
             self.step = 0
+            self.epoch = 0
             self.epochs_run = 0
             self.best_score = None
             self.best_epoch = None
             self.best_step = None
+            self.warnings: list[str] = []
             self.nan = False
+            self.early_stopped = False
             self.start = None
             self._seen = 0
-            self._loss_sum = 0.0
-            self._acc_sum = 0.0
+            self._sums = dict.fromkeys(self.TRACKED, 0.0)  # mean * images seen, this epoch
+            self._seen_at_eval = 0
+            self._sums_at_eval = dict(self._sums)
 
         def on_train_begin(self, logs=None):
             self.start = time.perf_counter()
 
         def on_epoch_begin(self, epoch, logs=None):
-            self._seen = 0
-            self._loss_sum = self._acc_sum = 0.0
+            self.epoch = epoch + 1
+            self._seen = self._seen_at_eval = 0
+            self._sums = dict.fromkeys(self.TRACKED, 0.0)
+            self._sums_at_eval = dict(self._sums)
             self.hooks.on_epoch_begin(epoch + 1)
 
+        def _l2_penalty(self) -> float:
+            losses = self.model.losses
+            return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses)) if losses else 0.0
+
         def on_train_batch_end(self, batch, logs=None):
-            logs = logs or {}
+            logs = dict(logs or {})
             self.step += 1
             size = self.sizes[batch] if batch < len(self.sizes) else self.sizes[-1]
             seen = self._seen + size
-            mean_loss = float(logs.get("loss", float("nan")))
-            mean_acc = float(logs.get("accuracy", float("nan")))
-            batch_loss = (mean_loss * seen - self._loss_sum) / size
-            batch_acc = (mean_acc * seen - self._acc_sum) / size
-            self._seen, self._loss_sum, self._acc_sum = seen, mean_loss * seen, mean_acc * seen
-            if not math.isfinite(mean_loss):
+            previous = dict(self._sums)
+            # l2_penalty is not a Keras metric: keep its running mean the same way
+            l2_mean = (previous["l2_penalty"] + self._l2_penalty() * size) / seen
+            for key in self.TRACKED:
+                mean = l2_mean if key == "l2_penalty" else float(logs.get(key, float("nan")))
+                self._sums[key] = mean * seen
+            self._seen = seen
+            batch_loss = (self._sums["loss"] - previous["loss"]) / size
+            batch_acc = (self._sums["accuracy"] - previous["accuracy"]) / size
+            if not math.isfinite(float(logs.get("loss", float("nan")))):
                 self.nan = True
             self.hooks.on_batch_end(step=self.step, loss=batch_loss, accuracy=batch_acc)
+            if self.schedule is not None and batch + 1 in self.eval_points and not self.nan:
+                self._evaluate(logs=None)
+                if self.schedule.should_stop:
+                    self.early_stopped = self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
             self.epochs_run = epoch + 1
+            if self.schedule is None:
+                # EarlyStopping / ReduceLROnPlateau (after us in the callback list) read the val_* we add
+                self._evaluate(logs=logs if logs is not None else {})
+            self.hooks.on_epoch_end(epoch + 1)
+
+        def _since_last_evaluation(self) -> dict:
+            seen = self._seen - self._seen_at_eval
+            means = {k: (self._sums[k] - self._sums_at_eval[k]) / seen if seen else None for k in self.TRACKED}
+            self._seen_at_eval, self._sums_at_eval = self._seen, dict(self._sums)
+            return means
+
+        def _evaluate(self, logs: dict | None) -> None:
             probs = self.classifier.predict(self.x_val_pre, batch_size=self.batch_size)
             val = validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
-            logs.update(val)  # EarlyStopping / ReduceLROnPlateau (after us in the list) read these
+            if logs is not None:
+                logs.update(val)
+            train = self._since_last_evaluation()
             row = {
                 "step": self.step,
-                "epoch": epoch + 1,
-                "loss": logs.get("loss"),
-                "accuracy": logs.get("accuracy"),
+                "epoch": self.epoch,
+                **train,
                 **val,
                 "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                 "elapsed_s": round(time.perf_counter() - self.start, 3),
@@ -388,17 +515,21 @@ def _make_keras_hooks(keras):
             if loss is not None and not math.isfinite(float(loss)):
                 self.nan = True
             score = val[self.monitor]
-            improved = not self.nan and (self.best_score is None or score > self.best_score)
+            if self.schedule is not None:
+                improved = self.schedule.update(score) and not self.nan
+                self.model.optimizer.learning_rate.assign(self.schedule.lr)
+            else:
+                improved = not self.nan and self.best.update(score)
             if improved:
-                self.best_score, self.best_epoch, self.best_step = float(score), epoch + 1, self.step
+                self.best_score, self.best_epoch, self.best_step = float(score), self.epoch, self.step
+                self.warnings = degenerate_model_warnings(self.y_val, probs[:, 1], "validation")
                 self.classifier.meta.update({
-                    "best_epoch": epoch + 1, "best_step": self.step, "best_score": float(score),
+                    "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
                 })
                 self.classifier.save(self.model_path)
                 if self.on_saved is not None:
                     self.on_saved()
             self.history.log(row)
             self.hooks.on_evaluation({**row, "improved": improved, "monitor": self.monitor})
-            self.hooks.on_epoch_end(epoch + 1)
 
     return KerasHooks

@@ -20,11 +20,11 @@ from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from breastcnn.nn.model import Sequential
 from breastcnn.nn.optim import SGD, Adam, optimizer_from_state
 from breastcnn.nn.parallel import blas_threads
-from breastcnn.nn.schedules import CosineDecay, EarlyStopping, ReduceOnPlateau, StepDecay
+from breastcnn.nn.schedules import BestScore, CosineDecay, EarlyStopping, ReduceOnPlateau, StepDecay
 
 __all__ = [
     "LAYER_CLASSES", "BatchNorm", "Conv2D", "Dense", "Dropout", "Flatten", "GlobalAveragePooling2D", "Layer",
     "LeakyReLU", "MaxPool2D", "ReLU", "ShapeError", "Softmax", "layer_from_config", "WeightedSoftmaxCrossEntropy",
     "Sequential", "SGD", "Adam", "optimizer_from_state", "blas_threads", "CosineDecay", "EarlyStopping",
-    "ReduceOnPlateau", "StepDecay",
+    "ReduceOnPlateau", "StepDecay", "BestScore",
 ]

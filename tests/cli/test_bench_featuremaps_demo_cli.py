@@ -236,5 +236,9 @@ def test_demo_quick_end_to_end(runner, tmp_path):
     bench = json.loads((out / "bench" / "bench.json").read_text())
     custom = bench["models"][0]
     assert custom["model"] == "custom" and custom["accuracy"] is not None   # metrics of the trained model
+    # not a one-class model (issue #10: the quick demo used to save one that called everything malignant)
+    metrics = json.loads((out / "runs" / "custom" / "metrics.json").read_text())
+    assert metrics["benign_recall"] > 0.5 and metrics["roc_auc"] > 0.9, metrics
+    assert json.loads((out / "runs" / "custom" / "summary.json").read_text())["warnings"] == []
     assert "NOT medical data" in result.stdout
     assert not (tmp_path / "runs").exists()                                  # nothing written outside --out

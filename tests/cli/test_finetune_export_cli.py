@@ -64,9 +64,18 @@ def test_finetune_then_evaluate_and_predict(runs, data, model):
     side = json.loads((run / "model.keras.json").read_text())
     assert side["image_size"] == SIZES[model] and side["preprocess"] == "caffe"
     header = (run / "history.csv").read_text().splitlines()[0]
-    assert header == "step,epoch,loss,accuracy,val_loss,val_accuracy,val_f1,val_recall,lr,elapsed_s"
+    assert header == ("step,epoch,loss,accuracy,val_loss,val_accuracy,val_f1,val_recall,lr,elapsed_s,"
+                      "data_loss,l2_penalty,val_balanced_accuracy,val_auc")
     config = json.loads((run / "config.json").read_text())["options"]
-    assert config["lr"] == 1e-4 and config["weights"] == "none" and config["epochs"] == 1
+    assert config["weights"] == "none" and config["epochs"] == 1
+    if model == "custom-keras":  # trained like `breastcnn train`: the default recipe
+        from breastcnn.recipes import RECIPES
+
+        assert config["recipe"] == "default" and summary["recipe"] == "default"
+        assert config["lr"] == RECIPES["default"].lr and config["l2"] == RECIPES["default"].l2
+        assert config["batch_size"] == 32 and config["monitor"] == RECIPES["default"].monitor
+    else:  # transfer learning, no recipe
+        assert config["lr"] == 1e-4 and "recipe" not in config and summary["recipe"] is None
 
     result = invoke("evaluate", "--model", run, "--split", data["split"], "--json", "--out", run / "eval")
     assert result.exit_code == 0, result.output

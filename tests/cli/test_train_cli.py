@@ -83,7 +83,9 @@ def test_nan_loss_exits_1_with_a_clear_message(tmp_path, monkeypatch, small, syn
     "args, needle",
     [
         (["--split", "{tmp}/missing"], "--split"),
-        (["--monitor", "val_loss"], "--monitor"),
+        (["--monitor", "loss"], "--monitor"),
+        (["--patience", "3", "--patience-epochs", "1.5"], "--patience-epochs"),
+        (["--recipe", "fast"], "--recipe"),
         (["--class-weights", "auto"], "--class-weights"),
         (["--threads", "0"], "--threads"),
         (["--resume", "{tmp}/nothing"], "--resume"),

@@ -128,7 +128,43 @@ def test_early_stopping_really_stops(kt, split_dir, tmp_path):
     summary = kt.finetune_keras("vgg16", split_dir, tmp_path / "es", weights="none", epochs=5, batch_size=64,
                                 lr=1e-12, patience=1, image_size=32, augment=False, trainable_layers=0)
     assert summary["stopped"] == "early_stopping" and summary["epochs_run"] == 2
-    assert summary["best_epoch"] == 1
+    assert summary["best_epoch"] == 2  # the same score: the tie goes to the later epoch
+
+
+def test_custom_keras_with_a_recipe_follows_the_numpy_schedule(kt, split_dir, tmp_path):
+    """Evaluations inside epochs, LR decay in epochs, L2 on the kernels, the recipe recorded, early stop in epochs."""
+    from breastcnn.runs import read_history
+
+    rec = Recorder()
+    summary = kt.finetune_keras(
+        "custom-keras", split_dir, tmp_path / "run", epochs=2, batch_size=16, image_size=64, seed=1, callback=rec,
+        recipe="report", recipe_options={"evals_per_epoch": 2, "lr_decay_epochs": 0.5, "patience_epochs": 5.0},
+    )
+    rows = read_history(tmp_path / "run" / "history.csv")
+    # 64 training images at batch 16: 4 steps per epoch, evaluated after steps 2 and 4
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8] and [int(r["epoch"]) for r in rows] == [1, 1, 2, 2]
+    assert summary["steps"] == 8 and summary["recipe"] == "report" and summary["monitor"] == "val_accuracy"
+    # report lr 0.01, x0.8 every 0.5 epoch: the LR used before evaluation k is 0.01 * 0.8**k
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01 * 0.8 ** k for k in range(4)], rel=1e-5)
+    assert all(float(r["l2_penalty"]) > 0 and 0 < float(r["data_loss"]) < 5 for r in rows)
+    assert all(0 <= float(r["val_balanced_accuracy"]) <= 1 for r in rows)
+    options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
+    assert options["recipe"] == "report" and options["l2"] == 0.1 and options["lr_decay_epochs"] == 0.5
+    assert sorted(options["recipe_overrides"]) == ["batch_size", "evals_per_epoch", "lr_decay_epochs",
+                                                   "lr_decay_every", "patience", "patience_epochs"]
+    assert isinstance(summary["warnings"], list)
+    assert [c[0] for c in rec.calls].count("on_evaluation") == 4
+
+    # early stopping in epochs: an LR too small to change anything, patience 0.5 epoch, no minimum
+    stopped = kt.finetune_keras(
+        "custom-keras", split_dir, tmp_path / "es", epochs=6, batch_size=16, image_size=64, lr=1e-12,
+        augment=False, recipe="default",
+        recipe_options={"evals_per_epoch": 2, "patience_epochs": 0.5, "min_epochs": 0.0},
+    )
+    assert stopped["stopped"] == "early_stopping" and stopped["epochs_run"] < 6
+    # a recipe is for custom-keras (and NumPy models) only
+    with pytest.raises(UserInputError, match="--recipe applies to custom-keras"):
+        kt.finetune_keras("vgg16", split_dir, tmp_path / "x", weights="none", recipe="default", image_size=32)
 
 
 def test_interruption_keeps_the_best_model(kt, split_dir, tmp_path):

@@ -94,3 +94,19 @@ def test_early_stopping_stops_after_patience():
     es2 = EarlyStopping(patience=3, mode="min", min_delta=0.1)
     assert es2.update(1.0) and not es2.update(0.95) and es2.update(0.8)
     assert not es2.should_stop
+
+
+def test_step_decay_and_early_stopping_on_an_epoch_clock():
+    sched = StepDecay(1.0, factor=0.5, every=0.75)  # epochs: 0.75 / 0.25 must count as exactly 3 steps of 0.25
+    assert [sched(t) for t in (0.5, 0.75, 1.4, 1.5, 2.25)] == [1.0, 0.5, 0.5, 0.25, 0.125]
+    es = EarlyStopping(patience=1.5, mode="max", min_at=2.0)
+    for at, value in ((0.5, 0.4), (1.0, 0.5), (1.5, 0.5), (2.0, 0.45), (2.5, 0.45)):
+        es.update(value, at=at)
+    assert es.should_stop and es.best == 0.5 and es.best_at == 1.0  # 2.5 - 1.0 >= 1.5, and 2.5 > 2.0
+    again = EarlyStopping(patience=1.5, mode="max", min_at=2.0)
+    again.load_state_dict(es.state_dict())
+    assert again.update(0.6, at=3.0) and not again.should_stop  # an improvement clears the stop
+    legacy = {"best": 0.5, "best_step": 1, "step": 4, "wait": 3, "should_stop": True}  # a pre-clock checkpoint
+    old = EarlyStopping(patience=3)
+    old.load_state_dict(legacy)
+    assert old.best_at == 1 and not old.update(0.4) and old.should_stop
