@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from PIL import Image
 from breastcnn import inference
 from breastcnn.data.images import DEFAULT_JOBS, load_subset, preprocess
 from breastcnn.data.split import load_split
-from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.errors import BreastCNNWarning, MissingDependencyError, UserInputError
 from breastcnn.fsutil import atomic_write
 from breastcnn.metrics import classification_metrics
 from breastcnn.models import create_model, list_models, load_model, model_spec, save_model
@@ -535,8 +536,10 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
 def _time_end_to_end(model, workdir: Path, rng: np.random.Generator, options: BenchOptions, measure) -> dict:
     png = str(_write_png(workdir / "bench-input.png", rng))
 
-    def classify() -> None:
-        (result,) = inference.predict_paths(model, [png], batch_size=1)
+    def classify() -> None:  # a stain-normalised model normalises too (noise may fall back: not worth a warning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BreastCNNWarning)
+            (result,) = inference.predict_paths(model, [png], batch_size=1)
         if result.error:  # pragma: no cover - our own PNG always decodes
             raise RuntimeError(result.error)
 
@@ -551,7 +554,8 @@ def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, 
     chunk); ``metrics_images`` / ``test_images`` say how many were scored, with a note when not all.
     Building the image cache (a one-off data step) is not part of the budget.
     """
-    x, y = load_subset(split, "test", model_spec(model).image_size, jobs=DEFAULT_JOBS)
+    spec = model_spec(model)
+    x, y = load_subset(split, "test", spec.image_size, jobs=DEFAULT_JOBS, normaliser=spec.normaliser)
     patients = np.asarray(split.patients("test"))
     total = len(y)
     if total == 0:
@@ -564,7 +568,8 @@ def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, 
         if i and spent >= options.max_seconds:
             break
         start = time.perf_counter()
-        probabilities.append(inference.predict_uint8(model, x[index], batch_size=chunk))
+        # x comes normalised from the cache (normalise=False); a subtype model's P(malignant) is its derived one
+        probabilities.append(inference.predict_uint8(model, x[index], batch_size=chunk, normalise=False))
         spent += time.perf_counter() - start
         scored.append(index)
         report.tick(i + 1, spent)

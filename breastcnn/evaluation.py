@@ -23,20 +23,23 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn import CLASSES
-from breastcnn.data.breakhis import check_outside_data
+from breastcnn.data.breakhis import MAGNIFICATIONS, check_outside_data
 from breastcnn.data.images import load_subset
 from breastcnn.data.split import DEFAULT_SPLIT_DIR, SUBSETS, Split, fold_dirs, load_split
+from breastcnn.data.tasks import binary_probabilities
 from breastcnn.errors import BreastCNNWarning, UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite
-from breastcnn.inference import check_threads, model_threads, predict_uint8, predictions_csv_rows
-from breastcnn.metrics import aggregate_metrics, classification_metrics
+from breastcnn.inference import check_threads, model_threads, predict_proba_uint8, predictions_csv_rows
+from breastcnn.metrics import aggregate_metrics, classification_metrics, subtype_metrics
 from breastcnn.models import load_model, model_spec
 from breastcnn.models.classifier import capabilities, model_source
 from breastcnn.plots import plot_confusion, plot_roc
 from breastcnn.runs import fold_run_dirs, latest_run_dir, model_in_dir, read_run_config, resolve_model_path
 
 PREDICTION_COLUMNS = ("path", "true_label", "probability", "predicted_label", "patient")
-"""Columns of ``predictions.csv`` (probability = P(malignant))."""
+"""Columns of ``predictions.csv`` (probability = P(malignant)); a multi-magnification split adds
+``magnification``, a subtype model ``true_class``/``predicted_class`` (benign/malignant; ``true_label`` and
+``predicted_label`` are then subtypes) and one ``p_<class>`` column per subtype."""
 
 OUTPUT_NAMES = ("predictions.csv", "roc.png", "confusion.png", "metrics.json")
 """What an evaluation writes into its output folder."""
@@ -58,41 +61,75 @@ def evaluate_model(
     """Score ``model`` on ``subset`` of ``split`` (a loaded ``Split``).
 
     Returns ``(metrics, rows)``: metrics from :func:`breastcnn.metrics.classification_metrics`
-    (patient-level accuracy included) and one row per image with
-    :data:`PREDICTION_COLUMNS` (path relative to the data root). ``progress(n)`` calls add up to the
-    subset's size: images decoded while the image cache is built, else images scored (a cached subset
-    loads at once). ``threads``: engine threads of a NumPy model (None: the model's setting, all
-    available cores).
+    (a subtype model: :func:`breastcnn.metrics.subtype_metrics`), patient-level accuracy included, and
+    ``per_magnification`` (``{"40X": {...the same metrics...}}``) when the subset holds several
+    magnifications; and one row per image with :data:`PREDICTION_COLUMNS` (path relative to the data
+    root). Images are stain-normalised as the model was trained (``spec.normaliser``), through the
+    image cache. ``progress(n)`` calls add up to the subset's size: images decoded while the image
+    cache is built, else images scored (a cached subset loads at once). ``threads``: engine threads of
+    a NumPy model (None: the model's setting, all available cores).
     """
-    size = model_spec(model).image_size
+    spec = model_spec(model)
     check_threads(threads)
     records = split.subset(subset)
     if not records:
         raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
     told = _Told(progress)
-    x, y = load_subset(split, subset, size, jobs=jobs, progress=told.decoded)
+    x, y = load_subset(split, subset, spec.image_size, jobs=jobs, progress=told.decoded, task=spec.task,
+                       normaliser=spec.normaliser)
     with model_threads(model, threads):
-        p = predict_uint8(model, x, batch_size=batch_size, progress=told.scored)
-    bad = np.flatnonzero(~np.isfinite(p))
+        proba = predict_proba_uint8(model, x, batch_size=batch_size, progress=told.scored, normalise=False)
+    bad = np.flatnonzero(~np.all(np.isfinite(proba), axis=1))
     if bad.size:
         raise UserInputError(
-            f"{model_source(model)}: the model gives non-finite probabilities for {bad.size} of {len(p)} {subset} "
-            f"images (e.g. {records[bad[0]].path}); its weights are unusable"
+            f"{model_source(model)}: the model gives non-finite probabilities for {bad.size} of {len(proba)} "
+            f"{subset} images (e.g. {records[bad[0]].path}); its weights are unusable"
         )
     patients = split.patients(subset)
-    metrics = classification_metrics(y, p, threshold=threshold, patients=patients)
+    mags = split.magnifications(subset)
+
+    def scores(index: np.ndarray) -> dict:
+        chosen = [patients[i] for i in index]
+        if spec.task == "subtype":
+            return subtype_metrics(y[index], proba[index], spec.classes, threshold=threshold, patients=chosen)
+        return classification_metrics(y[index], proba[index, 1], threshold=threshold, patients=chosen)
+
+    metrics = scores(np.arange(len(y)))
     metrics["subset"] = subset
-    rows = [
-        {
-            "path": record.path,
-            "true_label": CLASSES[int(label)],
-            "probability": float(prob),
-            "predicted_label": CLASSES[int(prob >= threshold)],
-            "patient": patient,
-        }
-        for record, label, prob, patient in zip(records, y, p, patients, strict=True)
-    ]
-    return metrics, rows
+    found = [m for m in MAGNIFICATIONS if m in set(mags)]
+    if len(set(mags)) > 1:
+        metrics["per_magnification"] = {m: scores(np.flatnonzero(np.asarray(mags) == m)) for m in found}
+    return metrics, _prediction_rows(spec, records, y, proba, patients, mags, threshold)
+
+
+def _prediction_rows(spec, records, y: np.ndarray, proba: np.ndarray, patients, mags, threshold: float) -> list[dict]:
+    """One ``predictions.csv`` row per image (:data:`PREDICTION_COLUMNS` and the task's extra columns)."""
+    p_malignant = binary_probabilities(proba)[:, 1] if spec.task == "subtype" else proba[:, 1]
+    several = len(set(mags)) > 1
+    rows = []
+    for i, record in enumerate(records):
+        prob = float(p_malignant[i])
+        row = {"path": record.path, "probability": prob, "patient": patients[i]}
+        if spec.task == "subtype":
+            row.update(true_label=spec.classes[int(y[i])], predicted_label=spec.classes[int(np.argmax(proba[i]))],
+                       true_class=record.label, predicted_class=CLASSES[int(prob >= threshold)],
+                       **{f"p_{c}": float(v) for c, v in zip(spec.classes, proba[i], strict=True)})
+        else:
+            row.update(true_label=CLASSES[int(y[i])], predicted_label=CLASSES[int(prob >= threshold)])
+        if several:
+            row["magnification"] = mags[i]
+        rows.append(row)
+    return rows
+
+
+def prediction_columns(spec, several_magnifications: bool = False) -> list[str]:
+    """The ``predictions.csv`` columns of a model of ``spec`` (see :data:`PREDICTION_COLUMNS`)."""
+    columns = list(PREDICTION_COLUMNS)
+    if spec.task == "subtype":
+        columns += ["true_class", "predicted_class", *(f"p_{c}" for c in spec.classes)]
+    if several_magnifications:
+        columns.append("magnification")
+    return columns
 
 
 class _Told:
@@ -279,14 +316,16 @@ def _evaluate_target(target: EvaluationTarget, subset: str, threshold: float, jo
               "model": str(target.model_path), "split": str(split.dir), **scores}
     outputs = [target.out_dir / name for name in OUTPUT_NAMES]
     target.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outputs[0], predictions_csv_rows(rows, PREDICTION_COLUMNS))
-    plot_roc([r["true_label"] == "malignant" for r in rows], [r["probability"] for r in rows], outputs[1],
-             auc=scores["roc_auc"])
-    plot_confusion(scores["confusion_matrix"], outputs[2])
+    spec = model_spec(classifier)
+    atomic_write_text(outputs[0], predictions_csv_rows(rows, prediction_columns(spec, "per_magnification" in scores)))
+    binary = scores.get("binary", scores)  # a subtype model's ROC is of its derived P(malignant)
+    plot_roc([r.get("true_class", r["true_label"]) == "malignant" for r in rows], [r["probability"] for r in rows],
+             outputs[1], auc=binary["roc_auc"])
+    plot_confusion(scores["confusion_matrix"], outputs[2], classes=spec.classes)
     atomic_write_json(outputs[3], {k: v for k, v in scores.items() if k != "fold"})
     return scores, outputs
 
 
 __all__ = ["EvaluationPlan", "EvaluationResult", "EvaluationTarget", "OUTPUT_NAMES", "PREDICTION_COLUMNS",
-           "check_evaluation_options", "evaluate", "evaluate_model", "plan_evaluation", "run_evaluation",
-           "trained_split"]
+           "check_evaluation_options", "evaluate", "evaluate_model", "plan_evaluation", "prediction_columns",
+           "run_evaluation", "trained_split"]

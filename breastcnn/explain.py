@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from breastcnn.data.images import decode_image, preprocess
+from breastcnn.data.stain import normalise_batch
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write
 from breastcnn.models.classifier import capabilities, framework_of, model_spec
@@ -418,15 +419,22 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
     ``NN_<conv layer>.png`` (one grid per conv layer, every filter, each map
     normalised) and, with ``with_gradcam``, ``gradcam.png``.
 
+    The image is stain-normalised first when the model was trained so (``spec.normaliser``); the
+    plots show the normalised image, what the model sees.
+
     Returns a JSON-able summary: ``image``, ``model`` (arch), ``predicted``,
     ``probabilities`` (class -> p), ``files`` (paths written) and, with
-    Grad-CAM, ``gradcam`` (``class``, ``layer``, ``shape``, ``file``).
+    Grad-CAM, ``gradcam`` (``class``, ``layer``, ``shape``, ``file``); for a stain-normalised model
+    ``stain`` (``method``, ``unchanged``: True when the image had too little tissue to normalise).
     """
     _framework(model)   # refuse an ONNX model before anything is written
     spec = model_spec(model)
     size, mode, classes, arch = spec.image_size, spec.preprocess, list(spec.classes), spec.arch
     out_dir = Path(out_dir)
     image = decode_image(image_path, size)                     # (S, S, 3) uint8
+    if spec.normaliser is not None:                            # as the model was trained: what it sees is shown
+        image, unchanged = normalise_batch(spec.normaliser, image[None])
+        image = image[0]
     x = preprocess(image[None], mode)                          # (1, S, S, 3) float32
     probabilities = model.predict(x, batch_size=1)[0]
     predicted = int(np.argmax(probabilities))
@@ -446,6 +454,8 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
         "files": [str(f) for f in files],
         "gradcam": None,
     }
+    if spec.normaliser is not None:
+        summary["stain"] = {"method": spec.normaliser.method, "unchanged": bool(unchanged)}
     if with_gradcam:
         target = resolve_class(model, which_class, probabilities)
         parts = gradcam_parts(model, x, class_index=target)

@@ -14,6 +14,7 @@ import csv
 import glob
 import io
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from breastcnn import CLASSES
 from breastcnn.data.images import decode_image, preprocess
-from breastcnn.errors import UserInputError
+from breastcnn.errors import BreastCNNWarning, UserInputError
 from breastcnn.models.classifier import capabilities, model_source, model_spec
 from breastcnn.nn.parallel import resolve_jobs
 
@@ -60,20 +61,52 @@ def model_threads(model, threads: int | None):
     return model.using_threads(threads)
 
 
-def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
-                  progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """P(malignant) ``(N,)`` float32 for uint8 images ``(N, S, S, 3)``, preprocessing chunk by chunk.
+def model_input(model, x: np.ndarray, normalise: bool = True) -> tuple[np.ndarray, int]:
+    """``(float32 model input, images left unnormalised)`` of uint8 images ``(N, S, S, 3)`` already resized to
+    the model's ``image_size``: stain-normalised as the model was trained (``spec.normaliser``; skipped when
+    ``normalise`` is False: images from a normalised cache), then ``preprocess``-ed.
+
+    The one place every consumer (predict, evaluate, bench, featuremaps, slide) prepares images.
+    """
+    from breastcnn.data.stain import normalise_batch
+
+    spec = model_spec(model)
+    x, unchanged = normalise_batch(spec.normaliser if normalise else None, x)
+    return preprocess(x, spec.preprocess), unchanged
+
+
+def malignant_probability(model, probabilities: np.ndarray) -> np.ndarray:
+    """P(malignant) ``(N,)`` from the model's class probabilities ``(N, C)``: column 1 of a binary model, the
+    sum over the malignant subtypes of a subtype model (:func:`breastcnn.data.tasks.binary_probabilities`)."""
+    if model_spec(model).task == "subtype":
+        from breastcnn.data.tasks import binary_probabilities
+
+        return binary_probabilities(probabilities)[:, 1]
+    return probabilities[:, 1]
+
+
+def predict_proba_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
+                        progress: Callable[[int], None] | None = None, normalise: bool = True) -> np.ndarray:
+    """Class probabilities ``(N, num_classes)`` float32 for uint8 images ``(N, S, S, 3)``, prepared
+    (:func:`model_input`) chunk by chunk.
 
     Chunks keep the float32 copy small (a 224px float image is 600 KB); ``progress(n)`` after each.
+    ``normalise``: False when ``x`` is already stain-normalised (a normalised image cache).
     """
-    mode = model_spec(model).preprocess
-    out = np.empty(len(x), dtype=np.float32)
+    out = np.empty((len(x), model_spec(model).num_classes), dtype=np.float32)
     for start in range(0, len(x), chunk):
-        probs = model.predict(preprocess(x[start : start + chunk], mode), batch_size=batch_size)
-        out[start : start + chunk] = probs[:, 1]
+        probs = model.predict(model_input(model, x[start : start + chunk], normalise)[0], batch_size=batch_size)
+        out[start : start + chunk] = probs
         if progress is not None:
             progress(len(probs))
     return out
+
+
+def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
+                  progress: Callable[[int], None] | None = None, normalise: bool = True) -> np.ndarray:
+    """P(malignant) ``(N,)`` float32 for uint8 images ``(N, S, S, 3)`` (see :func:`predict_proba_uint8`)."""
+    probs = predict_proba_uint8(model, x, batch_size, chunk, progress, normalise)
+    return np.asarray(malignant_probability(model, probs), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- predict
@@ -81,17 +114,25 @@ def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
 
 @dataclass
 class Prediction:
-    """One image's result: ``probability`` of malignant and ``label``, or ``error`` when unreadable."""
+    """One image's result: ``probability`` of malignant and ``label``, or ``error`` when unreadable.
+
+    For a subtype model ``label`` is the most probable subtype and ``probabilities`` holds every class's
+    probability (``{class: p}``); ``probability`` stays P(malignant) (the sum over the malignant subtypes).
+    """
 
     path: str
     label: str | None = None
     probability: float | None = None
     error: str | None = None
+    probabilities: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "probability": self.probability}
+        out = {"path": self.path, "label": self.label, "probability": self.probability}
+        if self.probabilities is not None:
+            out["probabilities"] = self.probabilities
+        return out
 
 
 def collect_images(items: Sequence[str | os.PathLike]) -> tuple[list[str], list[Prediction]]:
@@ -193,24 +234,33 @@ def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.nda
     ``decoded[i]`` is ``(image, None)`` or ``(None, error message)``. Shared by
     :func:`predict_paths` and the cluster tasks (:mod:`breastcnn.cluster`).
     """
-    mode = model_spec(model).preprocess
+    spec = model_spec(model)
     good = [i for i, (img, _) in enumerate(decoded) if img is not None]
-    probs = np.empty(0, np.float32)
+    probs = np.empty((0, spec.num_classes), np.float32)
     if good:
-        x = np.stack([decoded[i][0] for i in good])
+        x, unchanged = model_input(model, np.stack([decoded[i][0] for i in good]))
+        if unchanged:
+            warnings.warn(f"{spec.normaliser.method} stain normalisation left {unchanged} of {len(good)} images "
+                          "unchanged (background only or too little stained tissue)", BreastCNNWarning, stacklevel=2)
         with model_threads(model, threads):
-            probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
-    by_index = dict(zip(good, probs, strict=True))
+            probs = model.predict(x, batch_size=batch_size)
+    malignant = malignant_probability(model, probs)
+    by_index = {i: k for k, i in enumerate(good)}
     results = []
     for i, path in enumerate(part):
-        if i in by_index and not np.isfinite(by_index[i]):
-            results.append(Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "
-                                                  f"({by_index[i]}) for this image; not classified"))
-        elif i in by_index:
-            p = float(by_index[i])
-            results.append(Prediction(path, CLASSES[int(p >= threshold)], p))
-        else:
+        if i not in by_index:
             results.append(Prediction(path, error=decoded[i][1]))
+            continue
+        k = by_index[i]
+        p = float(malignant[k])
+        if not np.all(np.isfinite(probs[k])):
+            results.append(Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "
+                                                  f"({p}) for this image; not classified"))
+        elif spec.task == "subtype":
+            results.append(Prediction(path, spec.classes[int(np.argmax(probs[k]))], p,
+                                      probabilities={c: float(v) for c, v in zip(spec.classes, probs[k], strict=True)}))
+        else:
+            results.append(Prediction(path, CLASSES[int(p >= threshold)], p))
     return results
 
 

@@ -7,6 +7,7 @@ returns JSON-serialisable Python values (floats, ints, lists, None).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -91,6 +92,80 @@ def classification_metrics(
     return result
 
 
+SUBTYPE_METRIC_KEYS = ("task", "classes", "n", "accuracy", "balanced_accuracy", "macro_f1", "per_class",
+                       "confusion_matrix", "patient_accuracy", "binary")
+"""Keys of :func:`subtype_metrics` (the ``evaluate --json`` contract of a subtype model)."""
+
+
+def subtype_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    threshold: float = 0.5,
+    patients: Sequence[str] | None = None,
+) -> dict:
+    """Scores of a multi-class (subtype) prediction, with the benign/malignant scores derived from it.
+
+    Args:
+        y_true: ``(N,)`` int labels, ``0 .. len(classes) - 1``.
+        probabilities: ``(N, len(classes))`` class probabilities; the prediction is their argmax.
+        classes: class names in label order (:data:`breastcnn.data.tasks.SUBTYPE_CLASSES`).
+        threshold, patients: as :func:`classification_metrics` (patients: the patient-level rate).
+
+    Returns:
+        dict with :data:`SUBTYPE_METRIC_KEYS`: ``task`` ``"subtype"``, ``classes``, ``accuracy``,
+        ``balanced_accuracy`` (mean recall over the classes present in ``y_true``), ``macro_f1`` (over
+        all classes, 0 for a class never predicted nor present), ``per_class``
+        (``{class: {precision, recall, f1, support}}``), ``confusion_matrix`` (rows true, columns
+        predicted, in class order), ``patient_accuracy`` (None without ``patients``), and ``binary``:
+        :func:`classification_metrics` of P(malignant) = the summed probability of the malignant
+        subtypes against the true subtype's class (:func:`breastcnn.data.tasks.binary_probabilities`).
+    """
+    from breastcnn.data.tasks import SUBTYPE_CLASSES, binary_probabilities, subtype_to_binary
+
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(probabilities, dtype=np.float64)
+    k = len(classes)
+    if p.ndim != 2 or p.shape != (y.size, k):
+        raise UserInputError(f"probabilities must have shape ({y.size}, {k}), got {p.shape}")
+    if y.size == 0:
+        raise UserInputError("cannot compute metrics on 0 images")
+    if y.min() < 0 or y.max() >= k:
+        raise UserInputError(f"labels must be in 0..{k - 1}, got {sorted(set(y.tolist()))}")
+    if not np.isfinite(p).all():
+        raise UserInputError("probabilities contain NaN or infinite values")
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
+    y_pred = p.argmax(axis=1)
+    labels = list(range(k))
+    with warnings.catch_warnings():  # balanced accuracy warns when y_pred has classes y_true lacks
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, y_pred))
+    precision, recall, f1, support = precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
+    result: dict = {
+        "task": "subtype",
+        "classes": list(classes),
+        "n": int(y.size),
+        "accuracy": float(accuracy_score(y, y_pred)),
+        "balanced_accuracy": balanced,
+        "macro_f1": float(f1_score(y, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
+        "patient_accuracy": None if patients is None else patient_accuracy(y, y_pred, patients),
+    }
+    if tuple(classes) == SUBTYPE_CLASSES:  # the BreakHis subtypes: benign/malignant follow from them
+        result["binary"] = classification_metrics(subtype_to_binary(y), binary_probabilities(p)[:, 1],
+                                                  threshold=threshold, patients=patients)
+    return result
+
+
 def patient_accuracy(y_true, y_pred, patients: Sequence[str]) -> float:
     """Patient-level recognition rate: mean over patients of their share of correct images."""
     y_true = np.asarray(y_true).ravel()
@@ -115,7 +190,8 @@ def aggregate_metrics(results: Iterable[dict]) -> dict:
     if not results:
         raise UserInputError("no results to aggregate")
     summary: dict = {"folds": len(results), "n": int(sum(r["n"] for r in results))}
-    for key in SCALAR_KEYS:
+    subtype_keys = ("balanced_accuracy", "macro_f1") if any(r.get("task") == "subtype" for r in results) else ()
+    for key in (*SCALAR_KEYS, *subtype_keys):
         values = [r.get(key) for r in results if r.get(key) is not None]
         values = [float(v) for v in values if not (isinstance(v, float) and math.isnan(v))]
         if values:

@@ -110,12 +110,14 @@ def plot_roc(y_true, p_malignant, path: str | os.PathLike, auc: float | None = N
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], path: str | os.PathLike, classes=CLASSES) -> Path:
-    """Confusion matrix ``[[tn, fp], [fn, tp]]`` (rows true, columns predicted)."""
-    fig, ax = _figure(4.5, 4)
+    """Confusion matrix (rows true, columns predicted; binary: ``[[tn, fp], [fn, tp]]``) of ``classes``."""
+    many = len(classes) > 2
+    fig, ax = _figure(8, 7) if many else _figure(4.5, 4)
     cm = np.asarray(matrix, dtype=np.int64)
     image = ax.imshow(cm, cmap="Blues")
     fig.colorbar(image, ax=ax)
-    ax.set_xticks(range(len(classes)), labels=list(classes))
+    ax.set_xticks(range(len(classes)), labels=list(classes), rotation=45 if many else 0,
+                  ha="right" if many else "center")
     ax.set_yticks(range(len(classes)), labels=list(classes))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -72,6 +72,21 @@ def evaluate(
         _print_table(result.metrics, None, title=f"{plan.model} on {plan.split_dir} ({subset})")
 
 
+_SUBTYPE_SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy", "binary.accuracy",
+                   "binary.recall", "binary.benign_recall", "binary.roc_auc")
+"""Rows of a subtype model's table (``binary.*``: benign/malignant scores derived from the subtypes)."""
+_LABELS.update({"balanced_accuracy": "balanced accuracy (subtypes)", "macro_f1": "macro F1 (subtypes)",
+                "binary.accuracy": "benign/malignant accuracy", "binary.recall": "recall (malignant)",
+                "binary.benign_recall": "recall (benign)", "binary.roc_auc": "ROC AUC (malignant)"})
+
+
+def _score(result: dict, key: str):
+    """``result[key]``; ``"binary.x"`` reads ``result["binary"]["x"]``; None when absent."""
+    if key.startswith("binary."):
+        return (result.get("binary") or {}).get(key.split(".", 1)[1])
+    return result.get(key)
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -84,14 +99,16 @@ def _print_table(results: list[dict], summary: dict | None, title: str) -> None:
         table.add_column(f"fold {r['fold']}" if many else "value", justify="right")
     if summary is not None:
         table.add_column("mean ± std", justify="right")
-    for key in _SCORES:
-        cells = [_fmt(r.get(key)) for r in results]
+    subtype = any(r.get("task") == "subtype" for r in results)
+    for key in _SUBTYPE_SCORES if subtype else _SCORES:
+        cells = [_fmt(_score(r, key)) for r in results]
         if summary is not None:
             s = summary.get(key)
             cells.append("n/a" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}")
-        table.add_row(_LABELS[key], *cells)
+        table.add_row(_LABELS.get(key, key), *cells)
     table.add_row("images", *[str(r["n"]) for r in results], *([str(summary["n"])] if summary else []))
     cms = [r["confusion_matrix"] for r in results] + ([summary["confusion_matrix"]] if summary else [])
-    table.add_row(escape("confusion [[tn, fp], [fn, tp]]"), *[str(cm) for cm in cms])
+    if not subtype:  # an 8x8 matrix does not fit a cell: it is in confusion.png and --json
+        table.add_row(escape("confusion [[tn, fp], [fn, tp]]"), *[str(cm) for cm in cms])
     table.add_row("threshold", *[f"{r['threshold']:g}" for r in results], *([""] if summary else []))
     print_table(table)

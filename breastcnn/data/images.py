@@ -8,6 +8,10 @@
   manifest hash and the size, so a new manifest or size builds a new cache.
   The images do not depend on the task: labels of any task come from the
   manifest (the cached ``y`` holds the binary labels, as a consistency check).
+  Stain-normalised images (``normaliser=``) have a cache of their own, built
+  from the plain one, whose name adds the normaliser's key
+  (:func:`breastcnn.data.stain.normaliser_key`: method + a hash of the fitted
+  target), so another target never reads these.
 - :func:`preprocess`: ``caffe`` (Keras VGG16/ResNet50 ``preprocess_input``) or
   ``minmax`` ([0, 1]); always a new float32 array.
 """
@@ -171,9 +175,14 @@ def deprocess(x: np.ndarray, mode: str) -> np.ndarray:
 CACHE_DIR_NAME = "cache"
 
 
-def cache_paths(split: SplitSubsets, subset: str, image_size: int) -> tuple[Path, Path, Path]:
-    """``(x.npy, y.npy, meta.json)`` paths of the cache of ``subset`` at ``image_size``."""
+def cache_paths(split: SplitSubsets, subset: str, image_size: int, normaliser=None) -> tuple[Path, Path, Path]:
+    """``(x.npy, y.npy, meta.json)`` paths of the cache of ``subset`` at ``image_size`` (stain-normalised by
+    ``normaliser`` when given: the key of :func:`~breastcnn.data.stain.normaliser_key` ends the name)."""
     stem = f"{subset}-{image_size}-{split.hash[:16]}"
+    if normaliser is not None:
+        from breastcnn.data.stain import normaliser_key
+
+        stem += f"-{normaliser_key(normaliser)}"
     base = Path(split.dir) / CACHE_DIR_NAME
     return base / f"{stem}.x.npy", base / f"{stem}.y.npy", base / f"{stem}.json"
 
@@ -194,6 +203,7 @@ def load_subset(
     jobs: int = 1,
     progress: Callable[[int], None] | None = None,
     task: str = DEFAULT_TASK,
+    normaliser=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one subset: ``x`` uint8 ``(N, S, S, 3)`` RGB, ``y`` int64 ``(N,)`` for ``task``
     (``binary``: 0/1; ``subtype``: 0..7, see :mod:`breastcnn.data.tasks`).
@@ -206,11 +216,17 @@ def load_subset(
     hashes for the same subset and size are removed when a new one is built.
     One cache serves every task: the images are the same, and the labels of
     ``task`` are read from the manifest (whose hash names the cache).
+
+    ``normaliser``: a fitted stain normaliser (:mod:`breastcnn.data.stain`): the images come normalised,
+    from a cache of their own built from the plain one. Images it cannot normalise (background only,
+    too little tissue) stay as they are and are counted in a :class:`BreastCNNWarning` (at every load).
     """
     if image_size < 8 or image_size > 2048:
         raise UserInputError(f"--image-size must be between 8 and 2048, got {image_size}")
     rows = split.subset(subset)
     y_task = split.labels(subset, task)  # checked before any decoding: a subtype task needs subtypes
+    if normaliser is not None:
+        return _load_normalised(split, subset, image_size, jobs, progress, normaliser), y_task
     y = split.labels(subset, "binary")  # what the cache stores (its format predates tasks)
     x_path, y_path, meta_path = cache_paths(split, subset, image_size)
     cached, problem = _read_cache(x_path, y_path, meta_path, split.hash, len(rows), image_size)
@@ -236,19 +252,53 @@ def load_subset(
         x[offset : offset + len(part)] = part
         offset += len(part)
 
-    _remove_stale(x_path.parent, subset, image_size, keep=x_path.name.split(".")[0])
+    _remove_stale(x_path.parent, subset, image_size, split.hash)
+    _write_cache(x_path, y_path, meta_path, x, y,
+                 {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": len(rows)})
+    return x, y_task
+
+
+def _write_cache(x_path: Path, y_path: Path, meta_path: Path, x: np.ndarray, y: np.ndarray, meta: dict) -> None:
+    """Write the two arrays, then the metadata (with their checksums) last: a cache without it is no cache."""
     with atomic_write(x_path, "wb") as fh:
         np.save(fh, x, allow_pickle=False)
     with atomic_write(y_path, "wb") as fh:
         np.save(fh, y, allow_pickle=False)
     atomic_write_json(
         meta_path,
-        {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": len(rows),
-         "resample": "lanczos", "layout": "NHWC uint8 RGB", "created_by": f"breastcnn {__version__}",
+        {**meta, "resample": "lanczos", "layout": "NHWC uint8 RGB", "created_by": f"breastcnn {__version__}",
          "files": [x_path.name, y_path.name], "checksums": {"x": _checksum(x), "y": _checksum(y)},
          "checksum": "crc32"},
     )
-    return x, y_task
+
+
+def _load_normalised(split: SplitSubsets, subset: str, image_size: int, jobs: int, progress, normaliser) -> np.ndarray:
+    """The stain-normalised images of ``subset`` (see :func:`load_subset`), from their cache or built now."""
+    from breastcnn.data.stain import normalise_batch
+
+    stain = normaliser.to_dict()
+    n = len(split.subset(subset))
+    x_path, y_path, meta_path = cache_paths(split, subset, image_size, normaliser)
+    cached, problem = _read_cache(x_path, y_path, meta_path, split.hash, n, image_size, stain=stain)
+    if cached is not None:
+        if progress:
+            progress(n)
+        fallback = json.loads(meta_path.read_text(encoding="utf-8")).get("stain_fallback", 0)
+    else:
+        if problem:
+            warnings.warn(f"{problem}; rebuilding the cache from the images", BreastCNNWarning, stacklevel=3)
+        raw, _ = load_subset(split, subset, image_size, jobs=jobs, progress=progress)
+        x, fallback = normalise_batch(normaliser, raw, jobs=jobs)
+        y = split.labels(subset, "binary")
+        _write_cache(x_path, y_path, meta_path, x, y,
+                     {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": n,
+                      "stain": stain, "stain_fallback": fallback})
+        cached = (x, y)
+    if fallback:
+        warnings.warn(f"{normaliser.method} stain normalisation left {fallback} of {n} {subset} images unchanged "
+                      "(background only or too little stained tissue to estimate their stains)",
+                      BreastCNNWarning, stacklevel=3)
+    return cached[0]
 
 
 def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk: int = 32):
@@ -266,8 +316,10 @@ def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk
         yield part
 
 
-def _read_cache(x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str, n: int, size: int):
-    """``((x, y), None)`` when the cache is present and intact; ``(None, problem)`` otherwise.
+def _read_cache(x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str, n: int, size: int,
+                stain: dict | None = None):
+    """``((x, y), None)`` when the cache is present and intact (and normalised by ``stain``, a normaliser's
+    ``to_dict()``, when given); ``(None, problem)`` otherwise.
 
     ``problem`` is None when there is simply no cache (or one written before caches
     carried checksums), else one line naming the damaged file.
@@ -282,6 +334,8 @@ def _read_cache(x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str,
         return None, f"{meta_path}: cache metadata is not a JSON object"
     if meta.get("manifest_hash") != manifest_hash or meta.get("image_size") != size or meta.get("n") != n:
         return None, f"{meta_path}: cache metadata does not match the split (manifest hash, size or count)"
+    if meta.get("stain") != stain:
+        return None, f"{meta_path}: cache metadata does not match the stain normalisation"
     checksums = meta.get("checksums")
     if not isinstance(checksums, dict):
         return None, None  # a cache from before checksums: rebuilt once, nothing is wrong with it
@@ -298,18 +352,20 @@ def _read_cache(x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str,
     return (x, y.astype(np.int64, copy=False)), None
 
 
-def _remove_stale(cache_dir: Path, subset: str, image_size: int, keep: str) -> None:
-    """Delete cache files of ``subset``/``image_size`` built from other manifests."""
+def _remove_stale(cache_dir: Path, subset: str, image_size: int, manifest_hash: str) -> None:
+    """Delete cache files of ``subset``/``image_size`` built from other manifests (plain or normalised)."""
     if not cache_dir.is_dir():
         return
-    prefix = f"{subset}-{image_size}-"
     for path in cache_dir.iterdir():
-        if path.name.startswith(prefix) and not path.name.startswith(keep + "."):
+        match = _CACHE_STEM.match(path.name.split(".")[0])
+        if (match and match.group("subset") == subset and match.group("size") == str(image_size)
+                and match.group("hash") != manifest_hash[:16]):
             with contextlib.suppress(OSError):
                 path.unlink()
 
 
-_CACHE_STEM = re.compile(r"^(?P<subset>train|val|test)-(?P<size>\d+)-(?P<hash>[0-9a-f]{16})$")
+_CACHE_STEM = re.compile(
+    r"^(?P<subset>train|val|test)-(?P<size>\d+)-(?P<hash>[0-9a-f]{16})(?:-(?P<stain>[a-z]+[0-9a-f]{10}))?$")
 
 
 def owned_cache_files(split_dir: str | os.PathLike) -> list[str]:

@@ -48,6 +48,8 @@ distilled stain-invariant convolutional networks", IEEE TMI 2018.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -663,3 +665,75 @@ class HEDJitter:
                 y[bright] = 255.0
             np.copyto(out[i].reshape(y.shape), y, casting="unsafe")
         return out
+
+
+# --------------------------------------------------------------------------- a model's stain settings
+
+STAIN_META_KEYS = ("method", "target", "normaliser", "augment")
+"""Keys of a model's ``stain`` metadata (:func:`stain_meta`)."""
+
+
+def stain_meta(normaliser=None, target: str | None = None, augment: HEDJitter | None = None) -> dict | None:
+    """A model file's ``stain`` entry (plain JSON), or None when there is neither normalisation nor augmentation.
+
+    ``{"method": "none"|"macenko"|"reinhard", "target": where the target came from ("training subset" or
+    an image path; None without normalisation), "normaliser": normaliser.to_dict() (the fitted target as
+    plain numbers) or None, "augment": HEDJitter.to_dict() or None (what training used; inference ignores it)}``.
+    """
+    if normaliser is None and augment is None:
+        return None
+    return {"method": normaliser.method if normaliser is not None else "none",
+            "target": target if normaliser is not None else None,
+            "normaliser": normaliser.to_dict() if normaliser is not None else None,
+            "augment": augment.to_dict() if augment is not None else None}
+
+
+def check_stain_meta(value, source: str = "the model"):
+    """``(normaliser or None, HEDJitter or None)`` of a model's ``stain`` metadata, every value checked.
+
+    Raises :class:`UserInputError` starting with ``source`` (the model file) for an unknown key or method,
+    a method without its fitted normaliser (or the other way round), or a bad normaliser/jitter value.
+    """
+    if not isinstance(value, dict):
+        raise UserInputError(f"{source}: 'stain' must be a JSON object or absent, received {value!r}")
+    unknown = sorted(set(value) - set(STAIN_META_KEYS))
+    if unknown:
+        raise UserInputError(f"{source}: 'stain' has unknown keys {unknown} (expected {', '.join(STAIN_META_KEYS)})")
+    method = value.get("method", "none")
+    if method not in STAIN_METHODS:
+        raise UserInputError(f"{source}: stain 'method' must be one of {', '.join(STAIN_METHODS)}, got {method!r}")
+    fitted = value.get("normaliser")
+    if (method == "none") != (fitted is None):
+        raise UserInputError(f"{source}: stain method {method!r} "
+                             + ("has no fitted 'normaliser'" if fitted is None else "must not carry a 'normaliser'"))
+    normaliser = None if fitted is None else normaliser_from_dict(fitted, f"{source}: stain normaliser", expect=method)
+    augment = value.get("augment")
+    jitter = None if augment is None else HEDJitter.from_dict(augment)
+    return normaliser, jitter
+
+
+def normaliser_key(normaliser) -> str:
+    """Short name of a fitted normaliser for file names: method + 10 hex digits of its parameters' SHA-1."""
+    text = json.dumps(normaliser.to_dict(), sort_keys=True)
+    return f"{normaliser.method}{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def normalise_batch(normaliser, images: np.ndarray, jobs: int = 1, chunk: int = 64) -> tuple[np.ndarray, int]:
+    """``(normalised uint8 (N, H, W, 3), how many images were left unchanged)``; ``normaliser`` None copies nothing.
+
+    ``jobs`` joblib threads over chunks of ``chunk`` images (the NumPy work releases the GIL); the result does
+    not depend on ``jobs``.
+    """
+    if normaliser is None:
+        return images, 0
+    x, _ = check_images(images)
+    if jobs == 1 or len(x) <= chunk:
+        out, fallback = normaliser.transform(x, return_fallback=True)
+        return out, int(fallback.sum())
+    from joblib import Parallel, delayed
+
+    from breastcnn.nn.parallel import resolve_jobs
+
+    parts = Parallel(n_jobs=resolve_jobs(jobs), prefer="threads")(
+        delayed(normaliser.transform)(x[i : i + chunk], return_fallback=True) for i in range(0, len(x), chunk))
+    return np.concatenate([p[0] for p in parts]), int(sum(p[1].sum() for p in parts))

@@ -10,8 +10,13 @@ needs are read from it here, once, where a model is loaded or built:
 - ``classes``: class names in label order (``breastcnn.CLASSES`` for the binary task);
 - ``image_size``: the square input side the images are resized to;
 - ``preprocess``: one of :data:`breastcnn.data.images.PREPROCESS_MODES`;
-- ``task`` and ``stain``: room for the subtype task and the stain options of
-  issue 13 (``"binary"`` and ``None`` for every model written so far).
+- ``task``: ``"binary"`` (benign/malignant) or ``"subtype"`` (the 8 BreakHis
+  classes, :mod:`breastcnn.data.tasks`); the classes must be the task's;
+- ``stain``: None, or the stain settings the model was trained with
+  (:func:`breastcnn.data.stain.stain_meta`: the normalisation method and its
+  fitted target as plain numbers, the HED jitter used); ``spec.normaliser``
+  is the fitted normaliser every consumer applies to images before
+  ``preprocess``, None without normalisation.
 
 ``model.meta`` stays a plain dict (the file format and scripts use it; the
 training loop adds keys to it), and the spec is read from it:
@@ -32,6 +37,8 @@ from typing import Any
 
 from breastcnn import CLASSES
 from breastcnn.data.images import PREPROCESS_MODES
+from breastcnn.data.stain import check_stain_meta
+from breastcnn.data.tasks import DEFAULT_TASK, TASK_CLASSES, TASKS
 from breastcnn.errors import UserInputError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -43,9 +50,6 @@ DEFAULT_INPUT_SHAPE = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3)
 DEFAULT_PREPROCESS = "caffe"
 """What every builder records (ImageNet BGR mean subtraction, as the Keras VGG16/ResNet50 expect)."""
 
-DEFAULT_TASK = "binary"
-TASKS = ("binary",)
-"""Classification tasks a model may declare (issue 13 adds ``"subtype"``, the 8 BreakHis classes)."""
 
 FRAMEWORKS = ("numpy", "keras", "onnx")
 
@@ -110,6 +114,11 @@ class ModelSpec:
     def capabilities(self) -> Capabilities:
         return CAPABILITIES[self.framework]
 
+    @property
+    def normaliser(self):
+        """The fitted stain normaliser (Macenko/Reinhard) to apply to uint8 images before ``preprocess``, or None."""
+        return None if self.stain is None else check_stain_meta(self.stain)[0]
+
     def to_meta(self) -> dict:
         """The meta keys this spec owns (``task``/``stain`` only when not the defaults, so that files written
         before they existed and files written now are the same)."""
@@ -148,7 +157,7 @@ class ModelSpec:
             classes=_classes(meta.get("classes"), num_classes, source),
             image_size=_image_size(meta.get("image_size"), side, input_shape, source),
             preprocess=_preprocess(meta.get("preprocess"), source),
-            task=_task(meta.get("task"), source),
+            task=_task(meta.get("task"), meta.get("classes"), source),
             stain=_stain(meta.get("stain"), source),
         )
 
@@ -205,18 +214,22 @@ def _preprocess(value, source) -> str:
     return value
 
 
-def _task(value, source) -> str:
+def _task(value, classes, source) -> str:
     if value is None:
         return DEFAULT_TASK
     if value not in TASKS:
         raise UserInputError(f"{source}: 'task' must be one of {', '.join(TASKS)}, received {value!r}")
+    if value != DEFAULT_TASK and (classes is None or tuple(classes) != TASK_CLASSES[value]):
+        raise UserInputError(f"{source}: a {value} model's 'classes' must be {list(TASK_CLASSES[value])}, "
+                             f"received {classes!r}")
     return value
 
 
 def _stain(value, source) -> dict | None:
-    if value is not None and not isinstance(value, Mapping):
-        raise UserInputError(f"{source}: 'stain' must be a JSON object or absent, received {value!r}")
-    return None if value is None else dict(value)
+    if value is None:
+        return None
+    check_stain_meta(dict(value) if isinstance(value, Mapping) else value, str(source))
+    return dict(value)
 
 
 __all__ = ["CAPABILITIES", "Capabilities", "DEFAULT_IMAGE_SIZE", "DEFAULT_INPUT_SHAPE", "DEFAULT_PREPROCESS",

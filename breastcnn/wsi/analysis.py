@@ -144,18 +144,16 @@ def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: 
     (a model payload and a slide path, resolved once per worker process).
     """
     from breastcnn.cluster import resolve_model
-    from breastcnn.data.images import preprocess
-    from breastcnn.wsi.reader import resolve_reader
-    from breastcnn.inference import model_threads
+    from breastcnn.inference import malignant_probability, model_input, model_threads
     from breastcnn.models import model_spec
+    from breastcnn.wsi.reader import resolve_reader
 
     model = resolve_model(model_source)
     reader = resolve_reader(slide_source)
-    spec = model_spec(model)
-    size, mode = spec.image_size, spec.preprocess
-    x = read_tiles(reader, origins, level, read_size, size)
+    x = read_tiles(reader, origins, level, read_size, model_spec(model).image_size)
+    x, _ = model_input(model, x)  # stain-normalised as the model was trained; a tile it cannot is left as is
     with model_threads(model, threads):
-        probs = model.predict(preprocess(x, mode), batch_size=batch_size)[:, 1]
+        probs = malignant_probability(model, model.predict(x, batch_size=batch_size))
     return np.asarray(probs, dtype=np.float32)
 
 
