@@ -233,6 +233,30 @@ def fast_validation_scores(y_true: np.ndarray, p_malignant: np.ndarray, threshol
             "benign_recall": float(benign_recall), "balanced_accuracy": balanced, "roc_auc": auc}
 
 
+def fast_subtype_validation_scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
+    """The validation scores of a subtype model, under the keys of :func:`fast_validation_scores`.
+
+    ``accuracy`` and ``balanced_accuracy`` (mean recall over the subtypes present) of the subtype
+    argmax, ``f1`` = macro F1 over the subtypes; ``recall``, ``benign_recall`` and ``roc_auc`` are the
+    benign/malignant ones of the derived P(malignant) (summed malignant subtypes), so that every
+    ``--monitor`` means the same kind of thing for both tasks.
+    """
+    from sklearn.metrics import f1_score
+
+    from breastcnn.data.tasks import binary_probabilities, subtype_to_binary
+
+    y = np.asarray(y_true).ravel().astype(np.int64)
+    p = np.asarray(probabilities)
+    pred = p.argmax(axis=1)
+    present = np.unique(y)
+    recalls = [float(np.mean(pred[y == c] == c)) for c in present]
+    binary = fast_validation_scores(subtype_to_binary(y), binary_probabilities(p)[:, 1])
+    return {"accuracy": float(np.mean(pred == y)),
+            "f1": float(f1_score(y, pred, labels=list(range(p.shape[1])), average="macro", zero_division=0)),
+            "recall": binary["recall"], "benign_recall": binary["benign_recall"],
+            "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0, "roc_auc": binary["roc_auc"]}
+
+
 ONE_CLASS_SHARE = 0.05
 """A model that gives one class to fewer than this share of the images is called (almost) one-class."""
 

@@ -48,6 +48,8 @@ import numpy as np
 
 from breastcnn import CLASSES
 from breastcnn.data.images import DEFAULT_JOBS
+from breastcnn.data.stain_options import check_stain_options, training_stain
+from breastcnn.data.tasks import TASK_CLASSES, TASKS
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
 from breastcnn.recipes import (
@@ -121,6 +123,14 @@ class TrainConfig:
     preprocess: str = "caffe"
     activation: str = "relu"
     augment: bool = True
+    task: str = "binary"
+    """``binary`` (benign/malignant) or ``subtype`` (the 8 BreakHis classes, :mod:`breastcnn.data.tasks`)."""
+    stain_norm: str = "none"
+    """``--stain-norm``: none, macenko or reinhard (:mod:`breastcnn.data.stain_options`)."""
+    stain_target: str | None = None
+    """``--stain-target``: the image whose stains are the target (None: fitted on the training subset)."""
+    stain_augment: bool = False
+    """``--stain-augment``: HED colour jitter after the affine augmentation (default: see the README's study)."""
     seed: int = 0
     jobs: int = DEFAULT_JOBS
     threads: int | None = None
@@ -181,10 +191,12 @@ class TrainConfig:
              "must be >= 1 (default: all available cores)"),
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
             (self.seed >= 0, "--seed", self.seed, "must be >= 0"),
+            (self.task in TASKS, "--task", self.task, f"must be one of {', '.join(TASKS)}"),
         ]
         for ok, option, value, why in checks:
             if not ok:
                 raise UserInputError(f"{option} {why}, got {value!r}")
+        check_stain_options(self.stain_norm, self.stain_target, self.stain_augment)
         return self
 
     def to_dict(self) -> dict:
@@ -243,17 +255,22 @@ def _dropout_layers(model) -> list:
     return [layer for layer in getattr(model, "layers", []) if isinstance(getattr(layer, "rng", None), np.random.Generator)]
 
 
-def validation_scores(probs: np.ndarray, y: np.ndarray) -> dict:
-    """The ``val_*`` history columns from validation probabilities ``(M, 2)`` and labels ``(M,)``.
+def validation_scores(probs: np.ndarray, y: np.ndarray, task: str = "binary") -> dict:
+    """The ``val_*`` history columns from validation probabilities ``(M, C)`` and labels ``(M,)``.
 
     ``val_loss``: unweighted mean cross-entropy (no class weights, no L2);
     accuracy, F1 and recall of the malignant class; balanced accuracy (mean of
     the two class recalls) and ROC AUC (scikit-learn; NaN with one class).
+    ``task="subtype"``: accuracy, balanced accuracy and (macro) F1 of the subtypes, recall and AUC of
+    the derived benign/malignant call (:func:`breastcnn.metrics.fast_subtype_validation_scores`).
     """
-    from breastcnn.metrics import fast_validation_scores
+    from breastcnn.metrics import fast_subtype_validation_scores, fast_validation_scores
 
     p_true = np.clip(probs[np.arange(y.size), y].astype(np.float64), 1e-12, 1.0)
-    scores = fast_validation_scores(y, probs[:, 1])
+    if task == "subtype":
+        scores = fast_subtype_validation_scores(y, probs)
+    else:
+        scores = fast_validation_scores(y, probs[:, 1])
     return {
         "val_loss": float(-np.mean(np.log(p_true))),
         "val_accuracy": scores["accuracy"],
@@ -345,18 +362,20 @@ def carve_validation(split, seed: int = 0):
                  info={**split.info, "validation": f"carved from train (seed {seed})"})
 
 
-def _load_data(split, config: TrainConfig, hooks: _Hooks) -> _Data:
+def _load_data(split, config: TrainConfig, hooks: _Hooks, normaliser=None) -> _Data:
     from breastcnn.data.images import cache_paths, load_subset, preprocess
 
     arrays = {}
     for subset in ("train", "val"):
-        x_path = cache_paths(split, subset, config.image_size)[0]
+        x_path = cache_paths(split, subset, config.image_size, normaliser)[0]
         if not x_path.is_file():
             hooks.on_message(
                 f"building the {subset} image cache at {config.image_size}px ({len(split.subset(subset))} images, "
-                f"--jobs {config.jobs}) -> {x_path.parent}"
+                f"--jobs {config.jobs}{', ' + normaliser.method + ' stain normalisation' if normaliser else ''})"
+                f" -> {x_path.parent}"
             )
-        arrays[subset] = load_subset(split, subset, config.image_size, jobs=config.jobs)
+        arrays[subset] = load_subset(split, subset, config.image_size, jobs=config.jobs, task=config.task,
+                                     normaliser=normaliser)
     x_train, y_train = arrays["train"]
     x_val, y_val = arrays["val"]
     if len(y_train) == 0:
@@ -507,6 +526,7 @@ def _fit(
     from breastcnn.data.augment import Augmenter
     from breastcnn.data.augment import class_weights as compute_class_weights
     from breastcnn.data.images import preprocess
+    from breastcnn.data.stain import HEDJitter
     from breastcnn.metrics import degenerate_model_warnings
 
     model.threads = config.threads
@@ -514,8 +534,9 @@ def _fit(
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     schedule = training_schedule(config, steps_per_epoch)
     eval_points = set(schedule.eval_points)
-    class_weights = compute_class_weights(data.y_train, config.class_weights, num_classes=len(CLASSES))
-    augmenter = Augmenter() if config.augment else None
+    class_weights = compute_class_weights(data.y_train, config.class_weights,
+                                          num_classes=len(TASK_CLASSES[config.task]))
+    augmenter = Augmenter(stain_jitter=HEDJitter() if config.stain_augment else None) if config.augment else None
 
     seeds = np.random.SeedSequence(config.seed).spawn(2)
     rngs = {"shuffle": np.random.default_rng(seeds[0]), "augment": np.random.default_rng(seeds[1])}
@@ -585,7 +606,7 @@ def _fit(
         t0 = time.perf_counter()
         probs = model.predict(data.x_val, batch_size=config.eval_batch_size)
         timing["validation_s"] += time.perf_counter() - t0
-        scores = validation_scores(probs, data.y_val)
+        scores = validation_scores(probs, data.y_val, config.task)
         state["evaluations"] += 1
         mean = (lambda total: total / batches) if batches else (lambda total: None)
         row = {
@@ -605,7 +626,7 @@ def _fit(
         improved = schedule.update(scores[config.monitor])
         if improved:
             state["best_score"], state["best_step"] = scores[config.monitor], state["global_step"]
-            state["warnings"] = degenerate_model_warnings(data.y_val, probs[:, 1], "validation")
+            state["warnings"] = degenerate_model_warnings(*_binary_view(data.y_val, probs, config.task), "validation")
             t1 = time.perf_counter()
             model.save(model_path)
             timing["checkpoint_s"] += time.perf_counter() - t1
@@ -704,6 +725,15 @@ def _fit(
     return summary
 
 
+def _binary_view(y: np.ndarray, probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(benign/malignant labels, P(malignant))`` of a task's labels and probabilities (subtypes summed)."""
+    if task == "subtype":
+        from breastcnn.data.tasks import binary_probabilities, subtype_to_binary
+
+        return subtype_to_binary(y), binary_probabilities(probs)[:, 1]
+    return y, probs[:, 1]
+
+
 def _plot_history(history_path: Path, png: Path, config: TrainConfig, fold: int | None) -> None:
     from breastcnn.plots import plot_training
 
@@ -756,7 +786,7 @@ def _build_model(config: TrainConfig, meta_extra: dict):
         model = create_model(
             config.arch,
             input_shape=(config.image_size, config.image_size, 3),
-            num_classes=len(CLASSES),
+            num_classes=len(TASK_CLASSES[config.task]),
             seed=config.seed,
             activation=config.activation,
         )
@@ -767,8 +797,8 @@ def _build_model(config: TrainConfig, meta_extra: dict):
             f"--arch {config.arch} is a Keras model; train it with 'breastcnn finetune --arch {config.arch}'"
         )
     model.meta.update(
-        {"arch": config.arch, "classes": list(CLASSES), "preprocess": config.preprocess,
-         "image_size": config.image_size, **meta_extra}
+        {"arch": config.arch, "classes": list(TASK_CLASSES[config.task]), "preprocess": config.preprocess,
+         "image_size": config.image_size, "task": config.task, **meta_extra}
     )
     optimizer = Adam(lr=config.lr)
     _compile(model, optimizer, config.l2)
@@ -788,8 +818,11 @@ def _restore(run_dir: Path, config: TrainConfig):
     return model, optimizer, {"state": state, "permutation": permutation}
 
 
-def require_both_classes(split) -> None:
-    """Refuse a split whose train subset lacks a class (one-class data trains to a constant, "100%" on val)."""
+def require_both_classes(split, task: str = "binary") -> None:
+    """Refuse a split whose train subset lacks a class (one-class data trains to a constant, "100%" on val),
+    or, for the subtype task, an image without a BreakHis subtype."""
+    if task != "binary":
+        split.labels("train", task)  # a UserInputError naming the first image without a subtype
     labels = split.labels("train")
     if labels.size == 0:
         return  # reported as an empty train subset where the data are loaded
@@ -821,7 +854,7 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
 
     split = load_split(split_dir)
     split_hash = split.hash
-    require_both_classes(split)
+    require_both_classes(split, config.task)
     if not split.subset("val"):
         split = carve_validation(split, seed=config.seed)
         hooks.on_message(
@@ -838,15 +871,21 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
                   "magnification": (split.info or {}).get("magnification")}  # read by `breastcnn slide`
     # the model before the data: a size the architecture cannot take is refused before any cache is written
     if resume and (run_dir / CHECKPOINT_NAME).is_file():
-        model, optimizer, resume_state = _restore(run_dir, config)
-    elif base_model is not None:
-        model, optimizer = base_model()
-        model.meta.update(meta_extra)
-        resume_state = None
+        model, optimizer, resume_state = _restore(run_dir, config)  # its meta has the stain target it was fitted
     else:
-        model, optimizer = _build_model(config, meta_extra)
+        if base_model is not None:
+            model, optimizer = base_model()
+            model.meta.update(meta_extra)
+            _check_base_task(model, config)
+        else:
+            model, optimizer = _build_model(config, meta_extra)
         resume_state = None
-    data = _load_data(split, config, hooks)
+        stain = training_stain(split, config.image_size, config.stain_norm, config.stain_target,
+                               config.stain_augment, jobs=config.jobs)
+        model.meta.pop("stain", None)
+        if stain.meta is not None:
+            model.meta["stain"] = stain.meta
+    data = _load_data(split, config, hooks, model.spec.normaliser)
     if config.monitor == "val_auc" and np.unique(data.y_val).size < 2:
         raise UserInputError(
             f"--monitor val_auc: the validation subset of {split_dir} holds one class only, so ROC AUC is "
@@ -855,6 +894,14 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, hooks: _Hook
     if resume_state is None:
         write_run_config(run_dir, _recorded_options(config, extra_options), split)
     return _fit(model, optimizer, config, run_dir, data, hooks, resume=resume_state, fold=fold)
+
+
+def _check_base_task(model, config: TrainConfig) -> None:
+    """A fine-tuned NumPy model keeps its outputs: ``--task`` must be the task it was trained for."""
+    task = model.spec.task
+    if task != config.task:
+        raise UserInputError(f"--task {config.task}: the model to fine-tune ({model.meta.get('finetuned_from')}) "
+                             f"was trained for the {task} task; pass --task {task}")
 
 
 class _PointLatest(TrainingCallback):

@@ -95,6 +95,34 @@ def jobs_option(work: str):
                         help=f"Parallel workers for {work} (-1 = all cores, the default of every command).")
 
 
+def task_option():
+    """``--task`` of ``train``/``finetune`` (default: :data:`breastcnn.data.tasks.DEFAULT_TASK`)."""
+    from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES
+
+    return typer.Option(DEFAULT_TASK, "--task", help="binary (benign vs malignant) or subtype (the 8 BreakHis "
+                        f"classes: {', '.join(SUBTYPE_CLASSES)}; needs a BreakHis-layout split).")
+
+
+def stain_options() -> dict:
+    """``--stain-norm``, ``--stain-target`` and ``--stain-augment`` of ``train``/``finetune`` (defaults from
+    :mod:`breastcnn.data.stain_options`), by parameter name."""
+    from breastcnn.data.stain_options import DEFAULT_STAIN_AUGMENT, DEFAULT_STAIN_NORM
+
+    return {
+        "stain_norm": typer.Option(
+            DEFAULT_STAIN_NORM, "--stain-norm", help="Stain normalisation of every image: none, macenko or reinhard. "
+            "The fitted target is stored in the model file, and evaluate, predict, bench, featuremaps and slide "
+            "apply it; normalised images are cached. An image with too little tissue is left as is (counted in a "
+            "warning)."),
+        "stain_target": typer.Option(
+            None, "--stain-target", help="Image whose stains are the normalisation target (default: fitted on the "
+            "training subset)."),
+        "stain_augment": typer.Option(
+            DEFAULT_STAIN_AUGMENT, "--stain-augment/--no-stain-augment", help="HED colour jitter (Tellez et al. "
+            "2018) on top of --augment: stain variation between labs and scanners."),
+    }
+
+
 def stdout_is_closed() -> bool:
     """Whether stdout is a pipe (or socket) whose reader went away (``... | head -2``).
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import jobs_option, print_json, stderr
+from breastcnn.cli.common import jobs_option, print_json, stain_options, stderr, task_option
 from breastcnn.errors import UserInputError
 
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
@@ -31,6 +31,8 @@ RECIPE_MODELS = ("custom-keras",)
 """Keras models trained with a recipe (the others keep the transfer-learning schedule)."""
 
 EXIT_INTERRUPTED = 130
+
+_STAIN = stain_options()
 
 
 def finetune(
@@ -82,6 +84,10 @@ def finetune(
         None, "--monitor", help="Best-model metric: val_balanced_accuracy, val_auc, val_loss, val_accuracy, val_f1 or "
         "val_recall (default: vgg16/resnet50 val_accuracy, custom-keras and NumPy the recipe's)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment the training images."),
+    task: str = task_option(),
+    stain_norm: str = _STAIN["stain_norm"],
+    stain_target: Optional[Path] = _STAIN["stain_target"],
+    stain_augment: bool = _STAIN["stain_augment"],
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(
@@ -170,6 +176,7 @@ def _run_keras(opts: dict, display) -> dict:
         "model": arch, "split": str(opts["split"]), "out": None if opts["out"] is None else str(opts["out"]),
         "class_weights": opts["class_weights"], "augment": opts["augment"], "seed": opts["seed"],
         "deterministic": opts["deterministic"], "strategy": opts["strategy"], "jobs": opts["jobs"], **resolved,
+        **_task_and_stain(opts),
     }
     return finetune_keras(
         arch, opts["split"], opts["out"],
@@ -178,8 +185,15 @@ def _run_keras(opts: dict, display) -> dict:
         class_weights=opts["class_weights"], image_size=resolved["image_size"], monitor=resolved["monitor"],
         augment=opts["augment"], seed=opts["seed"], deterministic=opts["deterministic"],
         strategy=opts["strategy"], jobs=opts["jobs"], force=opts["force"], callback=display, options=recorded,
-        recipe=recipe, recipe_options=recipe_options,
+        recipe=recipe, recipe_options=recipe_options, **_task_and_stain(opts),
     )
+
+
+def _task_and_stain(opts: dict) -> dict:
+    """``task``, ``stain_norm``, ``stain_target`` (a string or None) and ``stain_augment`` of the command."""
+    target = opts["stain_target"]
+    return {"task": opts["task"], "stain_norm": opts["stain_norm"],
+            "stain_target": str(target) if target is not None else None, "stain_augment": opts["stain_augment"]}
 
 
 def _run_numpy(opts: dict, display) -> dict:
@@ -208,6 +222,7 @@ def _run_numpy(opts: dict, display) -> dict:
         lr=resolved["lr"], l2=opts["l2"], patience=opts["patience"], patience_epochs=opts["patience_epochs"],
         class_weights=opts["class_weights"], monitor=opts["monitor"],
         augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], threads=opts["threads"], force=opts["force"],
+        **_task_and_stain(opts),
     )
     if opts["image_size"] is not None:
         from breastcnn.models import load_model

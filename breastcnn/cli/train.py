@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from breastcnn.cli.common import info, jobs_option, print_json, stderr
+from breastcnn.cli.common import info, jobs_option, print_json, stain_options, stderr, task_option
 from breastcnn.cli.display import TrainingDisplay
 from breastcnn.errors import UserInputError
 from breastcnn.recipes import MONITORS, RECIPE_OPTIONS, RECIPES, UNIT_PAIRS
@@ -28,6 +28,8 @@ def _by_recipe(name: str, unit: str = "") -> str:
         values.append(f"{recipe_name} {text}")
     return f" [recipe: {', '.join(values)}]"
 
+
+_STAIN = stain_options()
 
 _RECIPE_HELP = (
     "Named set of lr, L2, batch size, evaluations per epoch, LR decay, patience, minimum epochs and monitor; "
@@ -79,6 +81,10 @@ def train(
     preprocess: str = typer.Option("caffe", "--preprocess", help="caffe (BGR minus ImageNet mean, like VGG16) or minmax (x/255)."),
     activation: str = typer.Option("relu", "--activation", help="relu or leaky_relu."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch."),
+    task: str = task_option(),
+    stain_norm: str = _STAIN["stain_norm"],
+    stain_target: Optional[Path] = _STAIN["stain_target"],
+    stain_augment: bool = _STAIN["stain_augment"],
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),
@@ -104,7 +110,9 @@ def train(
         "evals_per_epoch": evals_per_epoch, "patience": patience, "patience_epochs": patience_epochs,
         "min_epochs": min_epochs, "lr_decay": lr_decay, "lr_decay_every": lr_decay_every,
         "lr_decay_epochs": lr_decay_epochs, "monitor": monitor, "image_size": image_size,
-        "preprocess": preprocess, "activation": activation, "augment": augment, "seed": seed, "jobs": jobs,
+        "preprocess": preprocess, "activation": activation, "augment": augment, "task": task,
+        "stain_norm": stain_norm, "stain_target": str(stain_target) if stain_target is not None else None,
+        "stain_augment": stain_augment, "seed": seed, "jobs": jobs,
         "threads": threads, "force": force,
     }
     if resume is not None and config is not None:

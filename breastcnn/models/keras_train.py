@@ -50,7 +50,7 @@ from breastcnn.models.keras_models import (
 )
 from breastcnn.recipes import MONITORS, RECIPE_OPTIONS
 from breastcnn.runs import TrainingCallback
-from breastcnn.train import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
+from breastcnn.train import SUMMARY_NAME, TrainingDiverged, _binary_view, require_both_classes, validation_scores
 
 TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy"}
 """Defaults of the transfer-learning schedule (no recipe): the report's fine-tuning settings; patience in epochs."""
@@ -215,6 +215,10 @@ def finetune_keras(
     options: dict | None = None,
     recipe: str | None = None,
     recipe_options: dict | None = None,
+    task: str = "binary",
+    stain_norm: str = "none",
+    stain_target: str | None = None,
+    stain_augment: bool = False,
 ) -> dict:
     """Fine-tune ``arch`` (vgg16 | resnet50 | custom-keras) on ``split_dir``; return the run summary.
 
@@ -233,6 +237,9 @@ def finetune_keras(
     e.g. ``{"l2": 0.0, "patience_epochs": 2.0}``). Without a recipe, ``None``
     values take :data:`TRANSFER_DEFAULTS`.
 
+    ``task``: binary or subtype (8 outputs); ``stain_norm``/``stain_target``/``stain_augment``: as
+    ``breastcnn train`` (:mod:`breastcnn.data.stain_options`; the fitted target goes into the sidecar).
+
     Returns a dict with ``run_dir``, ``model_path``, ``arch``, ``stopped``
     (``completed`` | ``early_stopping`` | ``interrupted`` | ``nan``),
     ``epochs_run``, ``steps``, ``best_score``, ``best_epoch``, ``best_step``,
@@ -245,15 +252,19 @@ def finetune_keras(
     from breastcnn.data.augment import class_weights as compute_class_weights
     from breastcnn.data.images import load_subset, preprocess
     from breastcnn.data.split import load_split
+    from breastcnn.data.stain_options import check_stain_options, training_stain
+    from breastcnn.data.tasks import TASK_CLASSES, check_task
 
     given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor}
     plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
     lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
+    check_task(task)
+    check_stain_options(stain_norm, stain_target, stain_augment)
     hooks = callback if callback is not None else TrainingCallback()
     weights = default_weights(arch) if weights is None else weights
     split = load_split(split_dir)
-    require_both_classes(split)
+    require_both_classes(split, task)
     run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
     check_outside_data(out if out is not None else (runs_root or runs.RUNS_ROOT), split.root, "--out")
     # The run directory is locked (and a non-empty --out refused) before the slow model build; a build
@@ -271,7 +282,8 @@ def finetune_keras(
             "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
             "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
             "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
-            "seed": seed, "deterministic": deterministic, "strategy": strategy,
+            "seed": seed, "deterministic": deterministic, "strategy": strategy, "task": task,
+            "stain_norm": stain_norm, "stain_target": stain_target, "stain_augment": stain_augment,
         }
         recorded.setdefault("seed", seed)
         recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
@@ -293,8 +305,9 @@ def finetune_keras(
                 builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
             else:
                 builder_kwargs.update(l2=plan.l2 if plan is not None else 0.0)
-            classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
-                                        **builder_kwargs)
+            classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=len(TASK_CLASSES[task]),
+                                        seed=seed, **builder_kwargs)
+            classifier.meta.update(classes=list(TASK_CLASSES[task]), task=task)
             model = classifier.model
             model.compile(
                 optimizer=keras.optimizers.Adam(learning_rate=lr),
@@ -306,17 +319,19 @@ def finetune_keras(
         runs.write_run_config(run_dir, recorded, split)
 
         hooks.on_message(f"loading {split.dir} at {image_size}x{image_size} (cached after the first run)")
-        x_train, y_train = load_subset(split, "train", image_size, jobs=jobs)
-        x_val, y_val = load_subset(split, "val", image_size, jobs=jobs)
+        stain = training_stain(split, image_size, stain_norm, stain_target, stain_augment, jobs=jobs)
+        classifier.meta.update({"stain": stain.meta} if stain.meta is not None else {})
+        x_train, y_train = load_subset(split, "train", image_size, jobs=jobs, task=task, normaliser=stain.normaliser)
+        x_val, y_val = load_subset(split, "val", image_size, jobs=jobs, task=task, normaliser=stain.normaliser)
         if len(x_train) == 0 or len(x_val) == 0:
             raise UserInputError(
                 f"--split {split.dir}: fine-tuning needs train and val images, found {len(x_train)} train / {len(x_val)} val"
             )
         mode = classifier.meta["preprocess"]
         x_val_pre = preprocess(x_val, mode)
-        weights_by_class = compute_class_weights(y_train, class_weights)
+        weights_by_class = compute_class_weights(y_train, class_weights, num_classes=len(TASK_CLASSES[task]))
         batches = _batches(keras)(
-            x_train, y_train, batch_size, mode, Augmenter() if augment else None, seed
+            x_train, y_train, batch_size, mode, Augmenter(stain_jitter=stain.jitter) if augment else None, seed
         )
 
         classifier.meta.update({
@@ -499,7 +514,7 @@ def _make_keras_hooks(keras):
 
         def _evaluate(self, logs: dict | None) -> None:
             probs = self.classifier.predict(self.x_val_pre, batch_size=self.batch_size)
-            val = validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
+            val = validation_scores(probs, self.y_val, self.classifier.spec.task)  # the NumPy loop's definitions
             if logs is not None:
                 logs.update(val)
             train = self._since_last_evaluation()
@@ -522,7 +537,8 @@ def _make_keras_hooks(keras):
                 improved = not self.nan and self.best.update(score)
             if improved:
                 self.best_score, self.best_epoch, self.best_step = float(score), self.epoch, self.step
-                self.warnings = degenerate_model_warnings(self.y_val, probs[:, 1], "validation")
+                self.warnings = degenerate_model_warnings(*_binary_view(self.y_val, probs, self.classifier.spec.task),
+                                                          "validation")
                 self.classifier.meta.update({
                     "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
                 })
