@@ -183,3 +183,91 @@ def test_patient_accuracy_is_spanhols_patient_recognition_rate_by_hand():
     again = classification_metrics(np.array(y_true)[shuffled], np.array(p)[shuffled],
                                    patients=list(np.array(patients)[shuffled]))
     assert again["patient_accuracy"] == pytest.approx(0.6)
+
+
+# --------------------------------------------------------------------------- the subtype task
+
+
+def _subtype_example(n: int = 120, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 8, n)
+    logits = rng.normal(size=(n, 8))
+    logits[np.arange(n), y] += 1.5  # better than chance, far from perfect
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    patients = [f"P{i % 9}" for i in range(n)]
+    return y, p, patients
+
+
+def test_subtype_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    from breastcnn.data.tasks import SUBTYPE_CLASSES, binary_probabilities, subtype_to_binary
+    from breastcnn.metrics import SUBTYPE_METRIC_KEYS, subtype_metrics
+
+    y, p, patients = _subtype_example()
+    m = subtype_metrics(y, p, SUBTYPE_CLASSES, patients=patients)
+    pred = p.argmax(axis=1)
+    assert set(m) == set(SUBTYPE_METRIC_KEYS) and m["task"] == "subtype" and m["classes"] == list(SUBTYPE_CLASSES)
+    assert m["n"] == 120
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=range(8), zero_division=0)
+    for i, name in enumerate(SUBTYPE_CLASSES):
+        assert m["per_class"][name] == pytest.approx({"precision": precision[i], "recall": recall[i], "f1": f1[i],
+                                                      "support": support[i]})
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(8)).tolist()
+    assert np.asarray(m["confusion_matrix"]).shape == (8, 8) and np.trace(m["confusion_matrix"]) == (pred == y).sum()
+    assert m["patient_accuracy"] == pytest.approx(patient_accuracy(y, pred, patients))
+    expected = classification_metrics(subtype_to_binary(y), binary_probabilities(p)[:, 1], patients=patients)
+    assert m["binary"]["confusion_matrix"] == expected.pop("confusion_matrix")
+    assert {k: v for k, v in m["binary"].items() if k != "confusion_matrix"} == pytest.approx(expected)
+    assert m["binary"]["roc_auc"] == pytest.approx(roc_auc_score(subtype_to_binary(y), p[:, 4:].sum(axis=1)))
+    json.dumps(m)  # plain JSON
+
+
+def test_subtype_metrics_edge_cases():
+    from breastcnn.data.tasks import SUBTYPE_CLASSES
+    from breastcnn.metrics import subtype_metrics
+
+    y = np.array([0, 0, 5])  # classes absent from y_true and from the predictions: 0 scores, no warning
+    p = np.eye(8)[[0, 1, 5]]
+    m = subtype_metrics(y, p, SUBTYPE_CLASSES)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["per_class"]["mucinous_carcinoma"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert m["per_class"]["lobular_carcinoma"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert m["patient_accuracy"] is None
+    with pytest.raises(UserInputError, match=r"probabilities must have shape \(3, 8\), got \(3, 2\)"):
+        subtype_metrics(y, p[:, :2], SUBTYPE_CLASSES)
+    with pytest.raises(UserInputError, match=r"labels must be in 0..7"):
+        subtype_metrics([0, 9, 1], p, SUBTYPE_CLASSES)
+    with pytest.raises(UserInputError, match="NaN"):
+        subtype_metrics(y, np.full((3, 8), np.nan), SUBTYPE_CLASSES)
+
+
+def test_fast_subtype_validation_scores_match_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from breastcnn.data.tasks import binary_probabilities, subtype_to_binary
+    from breastcnn.metrics import fast_subtype_validation_scores
+
+    y, p, _ = _subtype_example(seed=3)
+    s = fast_subtype_validation_scores(y, p)
+    pred = p.argmax(axis=1)
+    assert s["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert s["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    yb, pb = subtype_to_binary(y), binary_probabilities(p)[:, 1]
+    assert s["recall"] == pytest.approx(recall_score(yb, pb >= 0.5))
+    assert s["roc_auc"] == pytest.approx(roc_auc_score(yb, pb))
+
+
+def test_aggregate_metrics_summarises_the_subtype_scores():
+    from breastcnn.data.tasks import SUBTYPE_CLASSES
+    from breastcnn.metrics import subtype_metrics
+
+    folds = [subtype_metrics(*_subtype_example(seed=s)[:2], SUBTYPE_CLASSES) for s in (0, 1)]
+    summary = aggregate_metrics(folds)
+    assert summary["macro_f1"]["mean"] == pytest.approx(np.mean([f["macro_f1"] for f in folds]))
+    assert summary["balanced_accuracy"]["std"] == pytest.approx(np.std([f["balanced_accuracy"] for f in folds]))
+    assert np.asarray(summary["confusion_matrix"]).shape == (8, 8)

@@ -708,7 +708,10 @@ def check_stain_meta(value, source: str = "the model"):
                              + ("has no fitted 'normaliser'" if fitted is None else "must not carry a 'normaliser'"))
     normaliser = None if fitted is None else normaliser_from_dict(fitted, f"{source}: stain normaliser", expect=method)
     augment = value.get("augment")
-    jitter = None if augment is None else HEDJitter.from_dict(augment)
+    try:
+        jitter = None if augment is None else HEDJitter.from_dict(augment)
+    except UserInputError as exc:
+        raise UserInputError(f"{source}: stain 'augment': {exc}") from None
     return normaliser, jitter
 
 
