@@ -110,5 +110,6 @@ def _print_table(results: list[dict], summary: dict | None, title: str) -> None:
     cms = [r["confusion_matrix"] for r in results] + ([summary["confusion_matrix"]] if summary else [])
     if not subtype:  # an 8x8 matrix does not fit a cell: it is in confusion.png and --json
         table.add_row(escape("confusion [[tn, fp], [fn, tp]]"), *[str(cm) for cm in cms])
-    table.add_row("threshold", *[f"{r['threshold']:g}" for r in results], *([""] if summary else []))
+    thresholds = [r["binary"]["threshold"] if subtype else r["threshold"] for r in results]
+    table.add_row("threshold", *[f"{t:g}" for t in thresholds], *([""] if summary else []))
     print_table(table)

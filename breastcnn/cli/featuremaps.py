@@ -15,6 +15,7 @@ from rich.table import Table
 
 from breastcnn import explain
 from breastcnn.cli.common import info, print_json, print_table
+from breastcnn.data.tasks import SUBTYPE_CLASSES
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import check_overwrite
 from breastcnn.models import load_model
@@ -31,7 +32,8 @@ def featuremaps(
         None, "--layers", help="Conv layers to plot (repeat or comma-separate; default: every conv layer)."),
     gradcam: bool = typer.Option(False, "--gradcam", help="Also write the Grad-CAM overlay (gradcam.png)."),
     which_class: str = typer.Option(
-        "predicted", "--class", help="Class Grad-CAM explains: malignant, benign or predicted."),
+        "predicted", "--class", help="Class Grad-CAM explains: predicted, or one of the model's classes (benign, "
+        "malignant; a subtype model's subtypes, e.g. ductal_carcinoma)."),
     out: Path | None = typer.Option(
         None, "--out", help="Output directory (default: ./featuremaps/<image name>/)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out."),
@@ -52,8 +54,9 @@ def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False,
     image = Path(image)
     if not image.is_file():
         raise UserInputError(f"IMAGE {image}: no such file")
-    if which_class not in explain.CLASS_CHOICES:
-        raise UserInputError(f"--class must be one of {', '.join(explain.CLASS_CHOICES)}, got {which_class!r}")
+    known = (*explain.CLASS_CHOICES, *SUBTYPE_CLASSES)
+    if which_class not in known:
+        raise UserInputError(f"--class must be one of {', '.join(known)}, got {which_class!r}")
     names = [part.strip() for item in (layers or []) for part in item.split(",") if part.strip()] or None
     out_dir = Path(out) if out is not None else DEFAULT_OUT_ROOT / image.stem
     if out_dir.exists() and not out_dir.is_dir():
@@ -62,6 +65,9 @@ def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False,
     path = resolve_model_path(model)
     info(f"model: {path}")
     loaded = load_model(path)
+    classes = loaded.spec.classes
+    if which_class != "predicted" and which_class not in classes:  # before anything is written
+        raise UserInputError(f"--class {which_class}: {path} predicts {', '.join(classes)} (or use predicted)")
     summary = explain.explain_image(loaded, image, out_dir, layers=names, with_gradcam=gradcam,
                                     which_class=which_class)
     summary["model_file"] = str(path)

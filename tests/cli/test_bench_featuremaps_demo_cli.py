@@ -202,7 +202,8 @@ def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--class", "cancer"], "--class must be one of predicted, benign, malignant, got 'cancer'"),
+        (["--class", "cancer"], "--class must be one of predicted, benign, malignant, adenosis, fibroadenoma"),
+        (["--class", "ductal_carcinoma"], "--class ductal_carcinoma: "),
         (["--layers", "conv9"], "no layer named 'conv9'"),
     ],
 )
