@@ -126,7 +126,7 @@ def main() -> None:
               f"{_ms([r['macro_f1'] for r in rows])} | {_ms([r['patient_accuracy'] for r in rows])} | "
               f"{_ms([r['binary']['accuracy'] for r in rows])} | "
               f"{_ms([done[f'subtype-s{s}']['train_s'] for s in SEEDS])} |")
-        for seed, r in zip(SEEDS, rows):
+        for seed, r in zip(SEEDS, rows, strict=True):
             print(f"\nseed {seed}: accuracy {r['accuracy']:.3f}, macro F1 {r['macro_f1']:.3f}, per-class recall "
                   + ", ".join(f"{c} {v['recall']:.2f}" for c, v in r["per_class"].items()))
         return

@@ -114,3 +114,18 @@ def test_predict_of_a_subtype_model_gives_the_subtype_and_every_probability(synt
         np.testing.assert_allclose(list(result["probabilities"].values()), p, rtol=1e-5)
         assert result["label"] == SUBTYPE_CLASSES[int(np.argmax(p))]
         assert result["probability"] == pytest.approx(float(p[4:].sum()), rel=1e-5)
+
+
+def test_task_and_stain_survive_export_to_onnx(onnxruntime, synth_split, synth_image_size, tmp_path):
+    from breastcnn.models.onnx_export import export_onnx
+
+    split = load_split(synth_split)
+    normaliser = MacenkoNormaliser().fit(load_subset(split, "train", synth_image_size)[0])
+    model = _subtype_model(synth_image_size, stain=stain_meta(normaliser, "training subset"))
+    export_onnx(model, tmp_path / "m.onnx")
+    onnx_model = load_model(tmp_path / "m.onnx")
+    spec = model_spec(onnx_model)
+    assert spec.task == "subtype" and spec.classes == SUBTYPE_CLASSES
+    np.testing.assert_allclose(spec.normaliser.stain_matrix, normaliser.stain_matrix)
+    x, _ = load_subset(split, "test", synth_image_size)
+    np.testing.assert_allclose(predict_proba_uint8(onnx_model, x[:8]), predict_proba_uint8(model, x[:8]), atol=1e-4)

@@ -199,7 +199,12 @@ def _subtype_example(n: int = 120, seed: int = 0):
 
 
 def test_subtype_metrics_match_scikit_learn():
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     from breastcnn.data.tasks import SUBTYPE_CLASSES, binary_probabilities, subtype_to_binary
     from breastcnn.metrics import SUBTYPE_METRIC_KEYS, subtype_metrics
