@@ -9,8 +9,8 @@ with ``--stain-profile default`` and once with ``shifted`` (the same tissue,
 patients and file names in another lab's stain), each split with
 ``--seed 0`` (the same patients in each subset of both trees).
 
-- ``--study subtype``: ``train --task subtype`` at the defaults (``--epochs
-  10 --image-size 224``) on the default-stain tree, seeds 0, 1, 2; test
+- ``--study subtype``: ``train --task subtype`` at the defaults (the default
+  recipe, so HED stain jitter on; ``--epochs 10 --image-size 224``) on the default-stain tree, seeds 0, 1, 2; test
   accuracy, balanced accuracy, macro F1, patient accuracy and the derived
   benign/malignant accuracy.
 - ``--study stain``: ``train`` (binary) on the default-stain tree with
@@ -34,11 +34,12 @@ from pathlib import Path
 
 SEEDS = (0, 1, 2)
 STAIN_SETTINGS = {
-    "none": [],
+    "none": ["--no-stain-augment"],
     "augment": ["--stain-augment"],
-    "macenko": ["--stain-norm", "macenko"],
+    "macenko": ["--stain-norm", "macenko", "--no-stain-augment"],
     "macenko+augment": ["--stain-norm", "macenko", "--stain-augment"],
 }
+"""The stain study's settings (explicit: ``--stain-augment`` is a recipe value, on in ``default``)."""
 
 
 def _cli(*args: str) -> dict:

@@ -129,8 +129,9 @@ class TrainConfig:
     """``--stain-norm``: none, macenko or reinhard (:mod:`breastcnn.data.stain_options`)."""
     stain_target: str | None = None
     """``--stain-target``: the image whose stains are the target (None: fitted on the training subset)."""
-    stain_augment: bool = False
-    """``--stain-augment``: HED colour jitter after the affine augmentation (default: see the README's study)."""
+    stain_augment: bool | None = None
+    """``--stain-augment``: HED colour jitter after the affine augmentation (a recipe option: None = the
+    recipe's; on in ``default``, off in ``report``)."""
     seed: int = 0
     jobs: int = DEFAULT_JOBS
     threads: int | None = None
@@ -231,7 +232,8 @@ class TrainConfig:
 
 
 _OPTION_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
-                 "float": (float, int), "float | None": (float, int, type(None)), "bool": (bool,)}
+                 "float": (float, int), "float | None": (float, int, type(None)), "bool": (bool,),
+                 "bool | None": (bool, type(None))}
 """JSON types accepted for each TrainConfig field type (bool is never taken for a number)."""
 
 

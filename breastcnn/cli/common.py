@@ -106,7 +106,7 @@ def task_option():
 def stain_options() -> dict:
     """``--stain-norm``, ``--stain-target`` and ``--stain-augment`` of ``train``/``finetune`` (defaults from
     :mod:`breastcnn.data.stain_options`), by parameter name."""
-    from breastcnn.data.stain_options import DEFAULT_STAIN_AUGMENT, DEFAULT_STAIN_NORM
+    from breastcnn.data.stain_options import DEFAULT_STAIN_NORM
 
     return {
         "stain_norm": typer.Option(
@@ -118,8 +118,9 @@ def stain_options() -> dict:
             None, "--stain-target", help="Image whose stains are the normalisation target (default: fitted on the "
             "training subset)."),
         "stain_augment": typer.Option(
-            DEFAULT_STAIN_AUGMENT, "--stain-augment/--no-stain-augment", help="HED colour jitter (Tellez et al. "
-            "2018) on top of --augment: stain variation between labs and scanners."),
+            None, "--stain-augment/--no-stain-augment", show_default=False, help="HED colour jitter (Tellez et "
+            "al. 2018) on top of --augment: stain variation between labs and scanners. Default: the recipe's "
+            "(default: on, report: off); vgg16/resnet50: off."),
     }
 
 

@@ -87,7 +87,7 @@ def finetune(
     task: str = task_option(),
     stain_norm: str = _STAIN["stain_norm"],
     stain_target: Optional[Path] = _STAIN["stain_target"],
-    stain_augment: bool = _STAIN["stain_augment"],
+    stain_augment: Optional[bool] = _STAIN["stain_augment"],
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(

@@ -84,7 +84,7 @@ def train(
     task: str = task_option(),
     stain_norm: str = _STAIN["stain_norm"],
     stain_target: Optional[Path] = _STAIN["stain_target"],
-    stain_augment: bool = _STAIN["stain_augment"],
+    stain_augment: Optional[bool] = _STAIN["stain_augment"],
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),

@@ -1,5 +1,7 @@
 """The stain options of ``train`` and ``finetune``: ``--stain-norm``, ``--stain-target``, ``--stain-augment``.
 
+(``--stain-augment``'s default is a recipe value: :data:`breastcnn.recipes.DEFAULT` turns it on.)
+
 :func:`check_stain_options` checks them (one error naming the option);
 :func:`training_stain` fits the normalisation target (on ``--stain-target``,
 else on the training subset's images) and gives what training needs: the
@@ -26,9 +28,6 @@ from breastcnn.errors import UserInputError
 
 DEFAULT_STAIN_NORM = "none"
 """``--stain-norm`` default: images as they are."""
-
-DEFAULT_STAIN_AUGMENT = False
-"""``--stain-augment`` default (see the README's stain-shift study for why it is off)."""
 
 TRAIN_TARGET = "training subset"
 """What a model's ``stain.target`` says when the target was fitted on the training images."""
@@ -58,7 +57,7 @@ def check_stain_options(norm: str, target: str | None, augment: bool) -> None:
 
 
 def training_stain(split, image_size: int, norm: str = DEFAULT_STAIN_NORM, target: str | None = None,
-                   augment: bool = DEFAULT_STAIN_AUGMENT, jobs: int = 1) -> TrainingStain:
+                   augment: bool = False, jobs: int = 1) -> TrainingStain:
     """Fit the stain target of a training run and describe the stain settings (see the module docstring).
 
     The target is fitted on the ``target`` image (whole, at its own resolution) or, without one, on the
@@ -91,5 +90,5 @@ def training_stain(split, image_size: int, norm: str = DEFAULT_STAIN_NORM, targe
     return TrainingStain(normaliser, jitter, stain_meta(normaliser, str(target) if target else TRAIN_TARGET, jitter))
 
 
-__all__ = ["DEFAULT_STAIN_AUGMENT", "DEFAULT_STAIN_NORM", "TRAIN_TARGET", "TrainingStain", "check_stain_options",
+__all__ = ["DEFAULT_STAIN_NORM", "TRAIN_TARGET", "TrainingStain", "check_stain_options",
            "training_stain"]

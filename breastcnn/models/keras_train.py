@@ -52,7 +52,7 @@ from breastcnn.recipes import MONITORS, RECIPE_OPTIONS
 from breastcnn.runs import TrainingCallback
 from breastcnn.train import SUMMARY_NAME, TrainingDiverged, _binary_view, require_both_classes, validation_scores
 
-TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy"}
+TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy", "stain_augment": False}
 """Defaults of the transfer-learning schedule (no recipe): the report's fine-tuning settings; patience in epochs."""
 STRATEGIES = ("default", "mirrored")
 LR_FACTOR = 0.5
@@ -218,7 +218,7 @@ def finetune_keras(
     task: str = "binary",
     stain_norm: str = "none",
     stain_target: str | None = None,
-    stain_augment: bool = False,
+    stain_augment: bool | None = None,
 ) -> dict:
     """Fine-tune ``arch`` (vgg16 | resnet50 | custom-keras) on ``split_dir``; return the run summary.
 
@@ -238,7 +238,8 @@ def finetune_keras(
     values take :data:`TRANSFER_DEFAULTS`.
 
     ``task``: binary or subtype (8 outputs); ``stain_norm``/``stain_target``/``stain_augment``: as
-    ``breastcnn train`` (:mod:`breastcnn.data.stain_options`; the fitted target goes into the sidecar).
+    ``breastcnn train`` (:mod:`breastcnn.data.stain_options`; the fitted target goes into the sidecar);
+    ``stain_augment`` None: the recipe's (custom-keras), else off (:data:`TRANSFER_DEFAULTS`).
 
     Returns a dict with ``run_dir``, ``model_path``, ``arch``, ``stopped``
     (``completed`` | ``early_stopping`` | ``interrupted`` | ``nan``),
@@ -255,9 +256,11 @@ def finetune_keras(
     from breastcnn.data.stain_options import check_stain_options, training_stain
     from breastcnn.data.tasks import TASK_CLASSES, check_task
 
-    given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor}
+    given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor,
+             "stain_augment": stain_augment}
     plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
-    lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
+    lr, batch_size, patience, monitor, stain_augment = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor",
+                                                                            "stain_augment"))
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     check_task(task)
     check_stain_options(stain_norm, stain_target, stain_augment)
@@ -287,6 +290,7 @@ def finetune_keras(
         }
         recorded.setdefault("seed", seed)
         recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
+        recorded["stain_augment"] = stain_augment  # resolved (the command may have left it to the recipe)
         if plan is not None:
             recorded.update({name: getattr(plan, name) for name in RECIPE_OPTIONS})
             recorded.update(recipe=recipe, recipe_overrides=plan.recipe_overrides())
