@@ -255,3 +255,26 @@ def test_recipe_option_errors(split_dir, tmp_path):
         TrainConfig(lr_decay_epochs=0.0).validate()
     with pytest.raises(UserInputError, match="--lr-decay-every .* --lr-decay-epochs"):
         TrainConfig(lr_decay_every=3, lr_decay_epochs=1.0).validate()
+
+
+def test_stain_augment_is_a_recipe_value_on_in_default_off_in_report():
+    from breastcnn.train import TrainConfig
+
+    assert RECIPES["default"].stain_augment is True and RECIPES["report"].stain_augment is False
+    assert TrainConfig().resolved().stain_augment is True
+    assert TrainConfig(recipe="report").resolved().stain_augment is False
+    off = TrainConfig(stain_augment=False).resolved()
+    assert off.stain_augment is False and off.recipe_overrides() == ["stain_augment"]
+    assert TrainConfig(recipe="report", stain_augment=True).resolved().recipe_overrides() == ["stain_augment"]
+    with pytest.raises(UserInputError, match="option 'stain_augment' must be bool or null, got 'yes'"):
+        TrainConfig.from_dict({"stain_augment": "yes"})
+
+
+def test_keras_stain_augment_follows_the_recipe_or_is_off_for_transfer_learning():
+    from breastcnn.models.keras_train import _schedule_options
+
+    given = {"lr": None, "batch_size": None, "patience": None, "monitor": None, "stain_augment": None}
+    assert _schedule_options("custom-keras", "default", None, 5, 224, given)[1]["stain_augment"] is True
+    assert _schedule_options("custom-keras", "report", None, 5, 224, given)[1]["stain_augment"] is False
+    assert _schedule_options("vgg16", None, None, 5, 224, given)[1]["stain_augment"] is False
+    assert _schedule_options("vgg16", None, None, 5, 224, {**given, "stain_augment": True})[1]["stain_augment"]
