@@ -112,21 +112,23 @@ def main() -> None:
     done = _done(log)
     default_split = _tree(root, args.scale, "default", args.jobs)
     if args.study == "subtype":
+        name = "subtype" if args.epochs == 10 else f"subtype-e{args.epochs}"  # the defaults' runs keep their key
         for seed in SEEDS:
-            key = f"subtype-s{seed}"
+            key = f"{name}-s{seed}"
             if key not in done:
                 done[key] = _train_eval(root, key, default_split, ["--task", "subtype"], seed, args.epochs,
                                         args.jobs, {"same": default_split})
                 _record(log, done[key])
-        rows = [done[f"subtype-s{seed}"]["scores"]["same"] for seed in SEEDS]
-        print(f"subtype task, scale {args.scale}, {rows[0]['n']} test images, seeds {SEEDS}:\n")
+        rows = [done[f"{name}-s{seed}"]["scores"]["same"] for seed in SEEDS]
+        print(f"subtype task, scale {args.scale}, --epochs {args.epochs}, {rows[0]['n']} test images, "
+              f"seeds {SEEDS}:\n")
         print("| test accuracy | balanced accuracy | macro F1 | patient accuracy | benign/malignant accuracy "
               "(derived) | train s |")
         print("|---|---|---|---|---|---|")
         print(f"| {_ms([r['accuracy'] for r in rows])} | {_ms([r['balanced_accuracy'] for r in rows])} | "
               f"{_ms([r['macro_f1'] for r in rows])} | {_ms([r['patient_accuracy'] for r in rows])} | "
               f"{_ms([r['binary']['accuracy'] for r in rows])} | "
-              f"{_ms([done[f'subtype-s{s}']['train_s'] for s in SEEDS])} |")
+              f"{_ms([done[f'{name}-s{s}']['train_s'] for s in SEEDS])} |")
         for seed, r in zip(SEEDS, rows, strict=True):
             print(f"\nseed {seed}: accuracy {r['accuracy']:.3f}, macro F1 {r['macro_f1']:.3f}, per-class recall "
                   + ", ".join(f"{c} {v['recall']:.2f}" for c, v in r["per_class"].items()))
