@@ -108,15 +108,23 @@ def test_stain_target_image_and_finetune_of_a_numpy_model(synth_split, synth_ima
                   "--stain-target", str(target), "--json"])
     assert first.exit_code == 0, first.output
     stain = load_model(tmp_path / "a" / "model.npz").meta["stain"]
-    assert stain["method"] == "reinhard" and stain["target"] == str(target) and stain["augment"] is None
+    assert stain["method"] == "reinhard" and stain["target"] == str(target)
+    assert stain["augment"] == HEDJitter().to_dict()  # the default recipe's
     # finetune a binary model for the subtype task: refused (its outputs are the binary ones)
     wrong = _run(["finetune", "--model", str(tmp_path / "a" / "model.npz"), "--split", str(synth_split),
                   "--out", str(tmp_path / "b"), "--task", "subtype", "--epochs", "1"])
     assert wrong.exit_code == 2 and "was trained for the binary task; pass --task binary" in wrong.output
     tuned = _run(["finetune", "--model", str(tmp_path / "a" / "model.npz"), "--split", str(synth_split),
-                  "--out", str(tmp_path / "c"), "--epochs", "1", "--stain-norm", "macenko", "--json"])
+                  "--out", str(tmp_path / "c"), "--epochs", "1", "--stain-norm", "macenko", "--no-stain-augment",
+                  "--json"])
     assert tuned.exit_code == 0, tuned.output
-    assert load_model(tmp_path / "c" / "model.npz").meta["stain"]["method"] == "macenko"  # the command's
+    stain = load_model(tmp_path / "c" / "model.npz").meta["stain"]
+    assert stain["method"] == "macenko" and stain["augment"] is None  # the command's, not the source model's
+    assert "stain_augment" in json.loads((tmp_path / "c" / "config.json").read_text())["options"]["recipe_overrides"]
+    plain = _run(["train", "--split", str(synth_split), "--out", str(tmp_path / "d"), "--image-size",
+                  str(synth_image_size), "--epochs", "1", "--evals-per-epoch", "1", "--recipe", "report", "--json"])
+    assert plain.exit_code == 0, plain.output
+    assert "stain" not in load_model(tmp_path / "d" / "model.npz").meta  # files stay as they were
 
 
 def test_finetune_custom_keras_subtype_with_stain(keras, synth_split, synth_image_size, tmp_path):
