@@ -210,3 +210,31 @@ def test_missing_scikit_image_is_one_line_exit_2(pyramid_tiff, tile_model, tmp_p
     assert result.exit_code == 2
     assert result.stderr.startswith("error: scikit-image is not installed: pip install 'breastcnn[slide]'")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "generated").exists()
+
+
+def test_a_stain_normalised_subtype_model_on_a_real_slide(cmu_slide, tmp_path):
+    """slide applies the model's stain normalisation to every tile; a subtype model's heat map is P(malignant)."""
+    import openslide
+
+    from breastcnn.data.stain import MacenkoNormaliser, normalise_batch, stain_meta
+    from breastcnn.data.tasks import SUBTYPE_CLASSES
+    from breastcnn.models import create_model, load_model, save_model
+    from tests.he_tissue import he_tiles
+
+    tiles_for_target, _ = he_tiles()
+    model = create_model("custom", input_shape=(64, 64, 3), num_classes=8, seed=4)
+    model.meta.update(preprocess="minmax", classes=list(SUBTYPE_CLASSES), task="subtype",
+                      stain=stain_meta(MacenkoNormaliser().fit(tiles_for_target[:6]), "training subset"))
+    path = save_model(model, tmp_path / "model.npz")
+    result = _run([cmu_slide, "--model", path, "--out", tmp_path / "out", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = _tiles(tmp_path / "out" / "cmu_small_region")
+    origins = [(int(r["x"]), int(r["y"])) for r in rows][:5]
+    slide = openslide.OpenSlide(str(cmu_slide))
+    tiles = np.stack([resize_tile(np.asarray(slide.read_region(o, 0, (224, 224)).convert("RGB")), 64)
+                      for o in origins])
+    loaded = load_model(path)
+    normalised, _ = normalise_batch(loaded.spec.normaliser, tiles)
+    assert not np.array_equal(normalised, tiles)
+    probs = loaded.predict(normalised.astype(np.float32) / 255.0)
+    np.testing.assert_allclose([float(r["probability"]) for r in rows[:5]], probs[:, 4:].sum(axis=1), atol=5e-6)
