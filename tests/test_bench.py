@@ -281,3 +281,22 @@ def test_a_batch_slower_than_batch_1_is_re_timed_on_one_thread_and_explained():
     quiet = {"throughput_ips": {"1": 10.0, "4": 30.0}, "notes": []}
     bench._explain_slow_batches(model, quiet, np.random.default_rng(0), 64, "caffe", options, measure, planned.append)
     assert quiet["notes"] == [] and "throughput_ips_one_thread" not in quiet
+
+
+def test_test_metrics_of_a_stain_normalised_subtype_model_match_evaluates_binary_scores(synth_split,
+                                                                                      synth_image_size):
+    from breastcnn.data.images import load_subset
+    from breastcnn.data.split import load_split
+    from breastcnn.data.stain import ReinhardNormaliser, stain_meta
+    from breastcnn.data.tasks import SUBTYPE_CLASSES
+    from breastcnn.evaluation import evaluate_model
+
+    split = load_split(synth_split)
+    model = create_model("custom", input_shape=(synth_image_size,) * 2 + (3,), num_classes=8, seed=3)
+    model.meta.update(classes=list(SUBTYPE_CLASSES), task="subtype", stain=stain_meta(
+        ReinhardNormaliser().fit(load_subset(split, "train", synth_image_size)[0]), "training subset"))
+    scores = bench._evaluate(model, split, bench.BenchOptions(max_seconds=60), bench.Progress(), "custom")
+    reference, _ = evaluate_model(model, split)  # normalised the same way; bench reports the binary call
+    assert scores["confusion_matrix"] == reference["binary"]["confusion_matrix"]
+    for key in ("accuracy", "recall", "roc_auc", "patient_accuracy"):
+        assert scores[key] == pytest.approx(reference["binary"][key]), key
