@@ -1004,7 +1004,8 @@ def run_training(
             raise UserInputError(
                 f"--split {config.split}: no such split directory; run 'breastcnn split --mag 200X' first"
             )
-        config = dataclasses.replace(config, split=str(Path(config.split).resolve()))
+        config = dataclasses.replace(config, split=str(Path(config.split).resolve()),  # a replay finds them
+                                     stain_target=config.stain_target and str(Path(config.stain_target).resolve()))
         split_hash, data_root = split_identity(config.split)
     check_outside_data(resume or config.out or RUNS_ROOT, data_root, "--resume" if resume else "--out")
     split_dir = Path(config.split)

@@ -264,6 +264,7 @@ def finetune_keras(
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     check_task(task)
     check_stain_options(stain_norm, stain_target, stain_augment)
+    stain_target = stain_target and str(Path(stain_target).resolve())  # recorded: a replay finds it
     hooks = callback if callback is not None else TrainingCallback()
     weights = default_weights(arch) if weights is None else weights
     split = load_split(split_dir)
@@ -290,7 +291,7 @@ def finetune_keras(
         }
         recorded.setdefault("seed", seed)
         recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
-        recorded["stain_augment"] = stain_augment  # resolved (the command may have left it to the recipe)
+        recorded.update(stain_augment=stain_augment, stain_target=stain_target)  # resolved: a recipe's, absolute
         if plan is not None:
             recorded.update({name: getattr(plan, name) for name in RECIPE_OPTIONS})
             recorded.update(recipe=recipe, recipe_overrides=plan.recipe_overrides())

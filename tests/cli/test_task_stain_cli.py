@@ -108,7 +108,8 @@ def test_stain_target_image_and_finetune_of_a_numpy_model(synth_split, synth_ima
                   "--stain-target", str(target), "--json"])
     assert first.exit_code == 0, first.output
     stain = load_model(tmp_path / "a" / "model.npz").meta["stain"]
-    assert stain["method"] == "reinhard" and stain["target"] == str(target)
+    assert stain["method"] == "reinhard" and stain["target"] == str(target.resolve())
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["options"]["stain_target"] == str(target.resolve())
     assert stain["augment"] == HEDJitter().to_dict()  # the default recipe's
     # finetune a binary model for the subtype task: refused (its outputs are the binary ones)
     wrong = _run(["finetune", "--model", str(tmp_path / "a" / "model.npz"), "--split", str(synth_split),
