@@ -6,7 +6,7 @@ network is shared: the same split manifest, the same uint8 image cache
 (seeded, new draws every epoch), the same preprocessing
 (``data.images.preprocess``), the same balanced class weights, the same
 ``history.csv`` columns (:data:`breastcnn.runs.HISTORY_COLUMNS`) and the same
-progress hooks (:class:`breastcnn.runs.TrainingCallback`). Batches reach Keras
+progress hooks (:class:`breastcnn.training.callbacks.TrainingCallback`). Batches reach Keras
 through a ``keras.utils.PyDataset`` (no deprecated ``ImageDataGenerator``).
 
 Two schedules:
@@ -15,11 +15,11 @@ Two schedules:
   validation subset (never test); Keras ``EarlyStopping`` (patience in
   epochs) and ``ReduceLROnPlateau`` (on ``val_loss``) watch it.
 - ``custom-keras`` with a ``recipe`` (what ``breastcnn finetune --model
-  custom-keras`` does): the NumPy loop's schedule (:mod:`breastcnn.recipes`):
+  custom-keras`` does): the NumPy loop's schedule (:mod:`breastcnn.training.recipes`):
   the same lr, batch size, L2 (``keras.regularizers.L2`` on the same kernels),
   validation passes per epoch, LR step decay and patience (epochs or
   evaluations), minimum epochs and monitor, driven by the same
-  :class:`~breastcnn.recipes.TrainingSchedule`, so that the two engines train
+  :class:`~breastcnn.training.recipes.TrainingSchedule`, so that the two engines train
   the same network the same way.
 
 Either way the best model by ``monitor`` (a tie goes to the later pass) is
@@ -37,9 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from breastcnn.errors import UserInputError
+from breastcnn import runs
+from breastcnn.data.augment import Augmenter
+from breastcnn.data.augment import class_weights as compute_class_weights
 from breastcnn.data.breakhis import check_outside_data
+from breastcnn.data.images import load_subset, preprocess
+from breastcnn.data.split import DEFAULT_SPLIT_DIR, load_split
+from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
+from breastcnn.metrics import degenerate_model_warnings
 from breastcnn.models.keras_models import (
     BUILDERS,
     DEFAULT_DROPOUT,
@@ -48,10 +54,16 @@ from breastcnn.models.keras_models import (
     library_versions,
     require_keras,
 )
-from breastcnn.recipes import MONITORS, RECIPE_OPTIONS
-from breastcnn.runs import TrainingCallback
-from breastcnn.train import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+from breastcnn.nn.schedules import BestScore
+from breastcnn.plots import plot_training
+from breastcnn.training.callbacks import TrainingCallback
+from breastcnn.training.common import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
+from breastcnn.training.config import TrainConfig
+from breastcnn.training.recipes import MONITORS, RECIPE_OPTIONS
 
+TRANSFER_EPOCHS = 200
+"""Maximum epochs of the transfer-learning schedule (early stopping usually ends it sooner)."""
 TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy"}
 """Defaults of the transfer-learning schedule (no recipe): the report's fine-tuning settings; patience in epochs."""
 STRATEGIES = ("default", "mirrored")
@@ -100,8 +112,6 @@ def _batches(keras):
             return self._order
 
         def __getitem__(self, index: int):
-            from breastcnn.data.images import preprocess
-
             idx = self._epoch_order()[index * self.batch_size : (index + 1) * self.batch_size]
             xb = self.x[idx]
             if self.augmenter is not None:
@@ -131,8 +141,6 @@ def _unweighted_cross_entropy(keras):
 
 def _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given):
     """The resolved recipe options (a ``TrainConfig``) for ``custom-keras``; ``given`` are explicit values."""
-    from breastcnn.train import TrainConfig
-
     if arch != "custom-keras":
         raise UserInputError(
             f"--recipe applies to custom-keras and NumPy .npz models, not to {arch} "
@@ -191,18 +199,18 @@ def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, im
 
 def finetune_keras(
     arch: str,
-    split_dir="splits/200X",
+    split_dir=DEFAULT_SPLIT_DIR,
     out=None,
     *,
     weights: str | None = None,
     trainable_layers: int = DEFAULT_TRAINABLE_LAYERS,
     dropout: float = DEFAULT_DROPOUT,
-    epochs: int = 200,
+    epochs: int = TRANSFER_EPOCHS,
     batch_size: int | None = None,
     lr: float | None = None,
     patience: int | None = None,
     class_weights: str | None = "balanced",
-    image_size: int = 224,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     monitor: str | None = None,
     augment: bool = True,
     seed: int = 0,
@@ -226,10 +234,10 @@ def finetune_keras(
     vgg16/resnet50, none for custom-keras. ``options``: what to record as the
     run's options in ``config.json`` (default: these arguments).
 
-    ``recipe`` (``custom-keras`` only; a name from :data:`breastcnn.recipes.RECIPES`):
+    ``recipe`` (``custom-keras`` only; a name from :data:`breastcnn.training.recipes.RECIPES`):
     train with the NumPy loop's schedule; ``lr``, ``batch_size``, ``patience``
     (evaluations) and ``monitor`` then override single recipe values, as do
-    ``recipe_options`` (any other of :data:`~breastcnn.recipes.RECIPE_OPTIONS`,
+    ``recipe_options`` (any other of :data:`~breastcnn.training.recipes.RECIPE_OPTIONS`,
     e.g. ``{"l2": 0.0, "patience_epochs": 2.0}``). Without a recipe, ``None``
     values take :data:`TRANSFER_DEFAULTS`.
 
@@ -240,12 +248,6 @@ def finetune_keras(
     KeyboardInterrupt is caught: the best model so far stays on disk and the
     summary says ``interrupted``.
     """
-    from breastcnn import runs
-    from breastcnn.data.augment import Augmenter
-    from breastcnn.data.augment import class_weights as compute_class_weights
-    from breastcnn.data.images import load_subset, preprocess
-    from breastcnn.data.split import load_split
-
     given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor}
     plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
     lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
@@ -330,9 +332,7 @@ def finetune_keras(
         })
         model_path = Path(run_dir) / "model.keras"
         history = runs.HistoryLogger(Path(run_dir) / "history.csv")
-        from breastcnn.train import training_schedule
-
-        schedule = training_schedule(plan, batches.num_batches) if plan is not None else None
+        schedule = plan.training_schedule(batches.num_batches) if plan is not None else None
         adapter = _make_keras_hooks(keras)(
             classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
             schedule=schedule, on_saved=run.model_written,
@@ -360,8 +360,6 @@ def finetune_keras(
 
         rows = history.rows()
         if rows:
-            from breastcnn.plots import plot_training
-
             plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
         summary = {
             "run_dir": str(run_dir),
@@ -399,8 +397,6 @@ def finetune_keras(
 
 def _make_keras_hooks(keras):
     """The callback adapter class, defined on first use (subclassing keras needs keras imported)."""
-    from breastcnn.metrics import degenerate_model_warnings
-    from breastcnn.nn.schedules import BestScore
 
     class KerasHooks(keras.callbacks.Callback):
         """Adapter: Keras callback events -> TrainingCallback hooks, history.csv and best-model saving.
@@ -409,7 +405,7 @@ def _make_keras_hooks(keras):
         values and history.csv means since the previous validation pass, both
         recovered from consecutive means weighted by batch sizes.
 
-        With a ``schedule`` (:class:`~breastcnn.recipes.TrainingSchedule`) it
+        With a ``schedule`` (:class:`~breastcnn.training.recipes.TrainingSchedule`) it
         validates at the schedule's points inside each epoch, sets the LR after
         each pass and stops the run (``model.stop_training``) when the schedule
         says so; without one it validates at each epoch's end and leaves LR
