@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from breastcnn.data import Augmenter, decode_image, load_split, load_subset
-from breastcnn.data import synth
+from breastcnn.data import Augmenter, decode_image, load_split, load_subset, synth
 from breastcnn.data.split import create_split
 
 

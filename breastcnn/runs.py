@@ -22,8 +22,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from breastcnn import __version__
 from breastcnn.errors import UserInputError

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from breastcnn.errors import UserInputError
-from breastcnn.training.recipes import RECIPES
 from breastcnn.training.callbacks import TrainingCallback
+from breastcnn.training.recipes import RECIPES
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -55,49 +54,49 @@ def finetune(
         "(continue training a saved NumPy model, e.g. a 200X model on a 400X split).",
     ),
     split: Path = typer.Option(Path(TrainConfig.split), "--split", help="Split directory (manifest.csv + split.json)."),
-    weights: Optional[str] = typer.Option(
+    weights: str | None = typer.Option(
         None, "--weights",
         help="Keras only: imagenet (default for vgg16/resnet50: the Keras cache $KERAS_HOME/models or "
         "~/.keras/models, else a download), none (random init; default for custom-keras), or PATH "
         "to a weights file.",
     ),
-    trainable_layers: Optional[int] = typer.Option(
+    trainable_layers: int | None = typer.Option(
         None, "--trainable-layers",
         help="Keras vgg16/resnet50: train the last N layers of the base (default 20, the report's). "
         "VGG16's base has only 19 layers, so 20 trains the whole network; the report's 7.08 M "
         "trainable parameters are --trainable-layers 4.",
     ),
-    recipe: Optional[str] = typer.Option(
+    recipe: str | None = typer.Option(
         None, "--recipe",
         help="custom-keras and NumPy .npz models: the training recipe of 'breastcnn train' (default or report; "
         "default: default). vgg16/resnet50 use the transfer-learning schedule (no recipe).",
     ),
-    epochs: Optional[int] = typer.Option(
+    epochs: int | None = typer.Option(
         None, "--epochs", help="Maximum epochs (default: vgg16/resnet50 200, custom-keras and NumPy 5)."),
-    batch_size: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(
         None, "--batch-size", help="Batch size (default: vgg16/resnet50 64, NumPy 32, custom-keras the recipe's)."),
-    lr: Optional[float] = typer.Option(
+    lr: float | None = typer.Option(
         None, "--lr", help="Adam learning rate (default: vgg16/resnet50 1e-4, NumPy 1e-3, custom-keras the recipe's)."),
-    patience: Optional[int] = typer.Option(
+    patience: int | None = typer.Option(
         None, "--patience", help="Early stopping: validation passes without improvement (vgg16/resnet50: epochs, "
         "default 10; custom-keras and NumPy: evaluations, default: the recipe's patience)."
     ),
-    patience_epochs: Optional[float] = typer.Option(
+    patience_epochs: float | None = typer.Option(
         None, "--patience-epochs", help="custom-keras and NumPy: early-stopping patience in epochs (default: the recipe's)."
     ),
-    l2: Optional[float] = typer.Option(
+    l2: float | None = typer.Option(
         None, "--l2", help="custom-keras and NumPy: L2 factor on conv/dense kernels (default: the recipe's)."
     ),
     class_weights: str = typer.Option(TrainConfig.class_weights, "--class-weights", help="balanced or none."),
-    image_size: Optional[int] = typer.Option(
+    image_size: int | None = typer.Option(
         None, "--image-size",
         help=f"Keras: input side (default {DEFAULT_IMAGE_SIZE}; custom-keras needs >= 51). NumPy: taken from the model.",
     ),
-    monitor: Optional[str] = typer.Option(
+    monitor: str | None = typer.Option(
         None, "--monitor", help="Best-model metric: val_balanced_accuracy, val_auc, val_loss, val_accuracy, val_f1 or "
         "val_recall (default: vgg16/resnet50 val_accuracy, custom-keras and NumPy the recipe's)."),
     augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment", help="Augment the training images."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(
         False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in model.keras.json)."
@@ -106,11 +105,11 @@ def finetune(
         "default", "--strategy",
         help="Keras: default, or mirrored (tf.distribute.MirroredStrategy over all visible GPUs; CPU if none).",
     ),
-    freeze: Optional[int] = typer.Option(
+    freeze: int | None = typer.Option(
         None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
     ),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="NumPy .npz only: engine threads (default: all available cores)."
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
@@ -140,7 +139,7 @@ def finetune(
         if json_output:
             print_json(exc.summary)
         stderr().print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(EXIT_DIVERGED)
+        raise typer.Exit(EXIT_DIVERGED) from None
     _report(summary, json_output)
 
 

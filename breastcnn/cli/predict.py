@@ -6,28 +6,34 @@ import contextlib
 import csv
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import jobs_option, make_progress, print_json, print_table, stderr, stdout, warn_threads_ignored
+from breastcnn.cli.common import (
+    jobs_option,
+    make_progress,
+    print_json,
+    print_table,
+    stderr,
+    warn_threads_ignored,
+)
 from breastcnn.errors import UserInputError
 
 
 def predict(
-    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."),
+    images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    model: Path | None = typer.Option(None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
     jobs: int = jobs_option("decoding the images (threads)"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
                                 "TensorFlow's own thread pools)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
                                             help="dask.distributed scheduler address (tcp://host:8786): classify "
                                             "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER)."),
 ) -> None:

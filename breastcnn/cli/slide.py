@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
@@ -18,29 +17,29 @@ _DEFAULTS = SlideSettings()
 
 
 def slide(
-    slides: List[Path] = typer.Argument(..., help="Whole-slide files (.svs, .ndpi, .mrxs, ... via OpenSlide; "
+    slides: list[Path] = typer.Argument(..., help="Whole-slide files (.svs, .ndpi, .mrxs, ... via OpenSlide; "
                                         "pyramidal or plain TIFF; PNG/JPEG)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model file (.npz/.keras/.onnx) or run directory "
+    model: Path | None = typer.Option(None, "--model", help="Model file (.npz/.keras/.onnx) or run directory "
                                          "(default: runs/latest)."),
-    mag: Optional[str] = typer.Option(None, "--mag", help="The slide's level-0 magnification, BreakHis style "
+    mag: str | None = typer.Option(None, "--mag", help="The slide's level-0 magnification, BreakHis style "
                                       "(200X = 20x objective = 0.5 um/px); overrides the file's metadata."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", help="The slide's level-0 microns per pixel; overrides "
+    mpp: float | None = typer.Option(None, "--mpp", help="The slide's level-0 microns per pixel; overrides "
                                         "the file's metadata."),
     tile: int = typer.Option(_DEFAULTS.tile, "--tile", help="Tile side in pixels at the model's magnification."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Step between tiles in pixels at the model's "
+    stride: int | None = typer.Option(None, "--stride", help="Step between tiles in pixels at the model's "
                                          "magnification (default: --tile, no overlap)."),
     tissue_threshold: float = typer.Option(_DEFAULTS.tissue_threshold, "--tissue-threshold",
                                            help="Least tissue fraction of a tile for it to be classified."),
     threshold: float = typer.Option(_DEFAULTS.threshold, "--threshold",
                                     help="Label a tile malignant when P(malignant) >= this."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Tiles per model call."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of a NumPy model (default: all "
+    threads: int | None = typer.Option(None, "--threads", help="Engine threads of a NumPy model (default: all "
                                           "available cores; Keras models use TensorFlow's own thread pools)."),
     out: Path = typer.Option(Path("slides"), "--out", help="Output folder: one sub-folder per slide."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON array: one summary object per slide."),
     force: bool = typer.Option(False, "--force", help="Overwrite tiles.csv/heatmap.png/summary.json of an "
                                "earlier run (other files are left alone)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
                                             help="dask.distributed scheduler address (tcp://host:8786): "
                                             "classify the tiles on its workers (env BREASTCNN_SCHEDULER)."),
 ) -> None:

@@ -20,8 +20,8 @@ A callback that needs the loop gets it from :meth:`TrainingCallback.set_loop`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from breastcnn.metrics import degenerate_model_warnings
 from breastcnn.models.io import save_model

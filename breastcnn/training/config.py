@@ -135,7 +135,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, options: dict, source: str | Path | None = None, **overrides) -> "TrainConfig":
+    def from_dict(cls, options: dict, source: str | Path | None = None, **overrides) -> TrainConfig:
         """Build from a ``config.json`` ``options`` object (unknown keys ignored; ``source`` names it in errors).
 
         A ``config.json`` from before recipes existed (no ``recipe`` key) ran the

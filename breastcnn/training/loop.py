@@ -26,8 +26,8 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class SlideSettings:
     """Engine threads of a NumPy model (None: the model's setting), here and on each dask worker."""
     tissue: TissueSettings = field(default_factory=TissueSettings)
 
-    def validated(self) -> "SlideSettings":
+    def validated(self) -> SlideSettings:
         """Self with ``stride`` filled in; UserInputError naming the option for bad values."""
         if self.tile < 8:
             raise UserInputError(f"--tile must be >= 8 pixels, got {self.tile}")
@@ -145,9 +145,9 @@ def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: 
     """
     from breastcnn.cluster import resolve_model
     from breastcnn.data.images import preprocess
-    from breastcnn.wsi.reader import resolve_reader
     from breastcnn.inference import model_threads
     from breastcnn.models import model_spec
+    from breastcnn.wsi.reader import resolve_reader
 
     model = resolve_model(model_source)
     reader = resolve_reader(slide_source)
