@@ -10,8 +10,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from breastcnn.cli.common import make_progress, print_json, print_table, stderr, warn, warn_threads_ignored
+from breastcnn.cluster import LocalExecutor, connect, scheduler_address
 from breastcnn.errors import BreastCNNError, UserInputError
-from breastcnn.wsi.analysis import SlideSettings
+from breastcnn.models import load_model
+from breastcnn.runs import resolve_model_path
+from breastcnn.wsi.analysis import SlideSettings, analyse_slide, existing_outputs, output_dirs
+from breastcnn.wsi.magnification import model_magnification
+from breastcnn.wsi.tissue import require_skimage
 
 _DEFAULTS = SlideSettings()
 
@@ -53,13 +58,6 @@ def slide(
     still processed, and the exit code is 1 at the end (2 for bad options or a
     missing model).
     """
-    from breastcnn.cluster import LocalExecutor, connect, scheduler_address
-    from breastcnn.models import load_model
-    from breastcnn.runs import resolve_model_path
-    from breastcnn.wsi.analysis import analyse_slide, existing_outputs, output_dirs
-    from breastcnn.wsi.magnification import model_magnification
-    from breastcnn.wsi.tissue import require_skimage
-
     settings = SlideSettings(tile=tile, stride=stride, tissue_threshold=tissue_threshold, threshold=threshold,
                              batch_size=batch_size, mpp=mpp, mag=mag, threads=threads).validated()
     if out.exists() and not out.is_dir():
@@ -73,10 +71,7 @@ def slide(
         warn(f"the model's magnification is {model_resolution.source}")
     folders = output_dirs([str(s) for s in slides], out)
     if not force:
-        for folder in folders:
-            taken = existing_outputs(folder)
-            if taken:
-                raise UserInputError(f"{taken[0]} already exists; pass --force to overwrite it")
+        _refuse_existing(folders)
 
     address = scheduler_address(scheduler)
     summaries: list[dict] = []
@@ -97,9 +92,7 @@ def slide(
                                         model_path=model_path, on_start=on_start,
                                         progress=lambda k, task=task: progress.advance(task, k))
             except (BreastCNNError, ValueError, OSError) as exc:
-                message = " ".join(str(exc).split()) or type(exc).__name__
-                if str(path) not in message:
-                    message = f"{path}: {message}"
+                message = _error_message(path, exc)
                 stderr().print(f"[red]error:[/red] {escape(message)}", highlight=False)
                 summaries.append({"slide": str(path), "error": message})
                 errors += 1
@@ -112,6 +105,20 @@ def slide(
     if errors:
         stderr().print(f"[red]{errors} slide(s) could not be processed[/red]", highlight=False)
         raise typer.Exit(1)
+
+
+def _refuse_existing(folders: list[Path]) -> None:
+    """Without --force, an earlier run's outputs in any slide's folder are refused, naming the first."""
+    for folder in folders:
+        taken = existing_outputs(folder)
+        if taken:
+            raise UserInputError(f"{taken[0]} already exists; pass --force to overwrite it")
+
+
+def _error_message(path: Path, exc: Exception) -> str:
+    """One line naming the slide."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return message if str(path) in message else f"{path}: {message}"
 
 
 def _print_table(summaries: list[dict]) -> None:
