@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+
 
 def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
@@ -107,7 +109,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="folder of PNGs (default: synth --scale 1.0)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()

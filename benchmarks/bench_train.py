@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+
 
 def _prepare(root: Path, scale: float, jobs: int) -> Path:
     from breastcnn.data.split import create_split
@@ -262,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/breastcnn-bench-train"))
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-cli", action="store_true", help="skip the cold-cache CLI runs")

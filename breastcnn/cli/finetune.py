@@ -28,7 +28,7 @@ from breastcnn.training.common import EXIT_DIVERGED, TrainingDiverged
 from breastcnn.training.config import TrainConfig
 from breastcnn.training.keras_loop import TRANSFER_DEFAULTS, TRANSFER_EPOCHS, default_weights, finetune_keras
 from breastcnn.training.numpy_run import finetune_numpy
-from breastcnn.training.recipes import DEFAULT_RECIPE
+from breastcnn.training.recipes import DEFAULT_RECIPE, MONITORS
 
 KERAS_MODELS = tuple(list_models(framework="keras"))
 
@@ -93,8 +93,8 @@ def finetune(
         help=f"Keras: input side (default {DEFAULT_IMAGE_SIZE}; custom-keras needs >= 51). NumPy: taken from the model.",
     ),
     monitor: str | None = typer.Option(
-        None, "--monitor", help="Best-model metric: val_balanced_accuracy, val_auc, val_loss, val_accuracy, val_f1 or "
-        "val_recall (default: vgg16/resnet50 val_accuracy, custom-keras and NumPy the recipe's)."),
+        None, "--monitor", help=f"Best-model metric: {', '.join(MONITORS)} "
+        f"(default: vgg16/resnet50 {TRANSFER_DEFAULTS['monitor']}, custom-keras and NumPy the recipe's)."),
     augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment", help="Augment the training images."),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),

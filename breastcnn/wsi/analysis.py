@@ -29,6 +29,7 @@ import numpy as np
 
 from breastcnn import CLASSES
 from breastcnn.errors import UserInputError
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
 from breastcnn.wsi.magnification import (
     Resolution,
     TilePlan,
@@ -56,7 +57,7 @@ class SlideSettings:
     ``mpp``/``mag``: the slide's level-0 resolution, overriding its metadata.
     """
 
-    tile: int = 224
+    tile: int = DEFAULT_IMAGE_SIZE
     stride: int | None = None
     tissue_threshold: float = 0.5
     threshold: float = 0.5
