@@ -196,14 +196,14 @@ def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, 
 
 def _one_class_model(path, image_size=IMAGE_SIZE):
     """A NumPy model whose output layer always says malignant (kernel 0, bias favouring class 1)."""
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     model = create_model("custom", (image_size, image_size, 3), 2, seed=0)
     dense = [layer for layer in model.layers if "W" in layer.params][-1]
     dense.params["W"][...] = 0.0
     dense.params["b"][...] = np.array([0.0, 5.0], dtype=np.float32)
     model.meta.update({"image_size": image_size, "preprocess": "caffe", "arch": "custom"})
-    model.save(path)
+    save_model(model, path)
     return len(model.layers)
 
 

@@ -45,6 +45,7 @@ from breastcnn.data.split import DEFAULT_SPLIT_DIR, load_split
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
 from breastcnn.metrics import degenerate_model_warnings
+from breastcnn.models.io import save_model
 from breastcnn.models.keras_models import (
     BUILDERS,
     DEFAULT_DROPOUT,
@@ -536,7 +537,7 @@ class _KerasHooksLogic:
             self.classifier.meta.update({
                 "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
             })
-            self.classifier.save(self.model_path)
+            save_model(self.classifier, self.model_path)
             if self.on_saved is not None:
                 self.on_saved()
         self.history.log(row)
