@@ -50,7 +50,7 @@ EXIT_INTERRUPTED = 130
 def finetune(
     model: str = typer.Option(
         ..., "--model", "-m",
-        help="vgg16, resnet50 or custom-keras (Keras, needs the keras extra), or RUN_DIR/model.npz "
+        help=f"{', '.join(KERAS_MODELS)} (Keras, needs the keras extra), or RUN_DIR/model.npz "
         "(continue training a saved NumPy model, e.g. a 200X model on a 400X split).",
     ),
     split: Path = typer.Option(Path(TrainConfig.split), "--split", help="Split directory (manifest.csv + split.json)."),
