@@ -8,8 +8,8 @@ nothing leaks between calls and no display is needed.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """The stain options of ``train`` and ``finetune``: ``--stain-norm``, ``--stain-target``, ``--stain-augment``.
 
-(``--stain-augment``'s default is a recipe value: :data:`breastcnn.recipes.DEFAULT` turns it on.)
+(``--stain-augment``'s default is a recipe value: :data:`breastcnn.training.recipes.DEFAULT` turns it on.)
 
 :func:`check_stain_options` checks them (one error naming the option);
 :func:`training_stain` fits the normalisation target (on ``--stain-target``,
