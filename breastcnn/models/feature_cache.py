@@ -1,0 +1,243 @@
+"""Linear probe of a pretrained backbone: frozen pooled features cached on disk, only the head trains.
+
+With ``--trainable-layers 0`` no layer of the VGG16/ResNet50 base changes during
+training, so the output of its global-average-pooling layer (``avg_pool``,
+``(D,)`` per image: 512 for VGG16, 2048 for ResNet50) is a fixed function of the
+image. :func:`ensure_features` computes it **once per image** and keeps it in
+``CACHE_DIR/<arch>-<size>-<key>.npz``; the head (dropout + dense softmax, the
+same layers and names as :func:`~breastcnn.models.keras_models.create_vgg16`
+builds) then trains on the cached vectors in seconds (:func:`train_linear_probe`),
+and its weights are copied into the full model, which is saved as a normal
+``model.keras`` (``evaluate``/``predict``/``bench`` use it unchanged).
+
+The cache key (:func:`feature_key`) covers everything the features depend on:
+architecture, the weights (SHA-256 of the weights file; ``none`` plus the seed,
+since random weights come from the seed), image size, preprocessing, the Keras
+version, and the hash of the image list (paths relative to the data root and
+the data root). A changed input is a new file, never a stale hit.
+
+Augmentation: the features are those of the unaugmented images (an augmented
+image would need the backbone again at every epoch, which is what the cache
+avoids), so a linear probe trains without augmentation; the run's
+``config.json`` records ``"augment": false``. Dropout on the features still
+regularises the head.
+
+Concurrent builders (several folds on a Dask cluster) serialise on a blocking
+``flock`` on ``<file>.lock``: the first builds, the others wait and then read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write
+
+PROBE_ARCHS = ("vgg16", "resnet50")
+"""Architectures with a frozen-backbone linear probe (custom-keras always trains whole)."""
+FEATURE_LAYER = "avg_pool"
+CACHE_FORMAT = 1
+EXTRACT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """Cached features: ``paths`` ``(N,)`` image paths relative to the data root, ``features`` float32 ``(N, D)``."""
+
+    key: str
+    file: Path
+    paths: np.ndarray
+    features: np.ndarray
+    status: str  # "built" (computed by this call) or "hit" (read from the cache)
+    seconds: float
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """``(len(paths), D)`` features of ``paths`` (each must be in the table)."""
+        index = {p: i for i, p in enumerate(self.paths.tolist())}
+        missing = [p for p in paths if p not in index]
+        if missing:
+            raise UserInputError(f"{self.file}: no features for {missing[0]} ({len(missing)} image(s)); "
+                                 "delete the file to rebuild it")
+        return self.features[[index[p] for p in paths]]
+
+
+def weights_identity(arch: str, weights: str | None, seed: int) -> str:
+    """What the backbone's weights are: ``sha256:<hex>`` of the weights file, or ``none:seed<k>``."""
+    from breastcnn.models.keras_models import _resolve_weights
+
+    path = _resolve_weights(weights, arch)
+    if path is None:
+        return f"none:seed{int(seed)}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def feature_key(arch: str, weights_id: str, image_size: int, preprocess: str, data_root: str,
+                paths: Sequence[str], keras_version: str) -> str:
+    """SHA-256 (hex) over everything the cached features depend on (see the module docstring)."""
+    manifest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
+    ident = {"format": CACHE_FORMAT, "arch": arch, "weights": weights_id, "image_size": int(image_size),
+             "preprocess": preprocess, "data_root": str(data_root), "manifest": manifest, "keras": keras_version,
+             "layer": FEATURE_LAYER}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def build_backbone(arch: str, image_size: int, weights: str | None, seed: int):
+    """The full classifier with every base layer frozen (``trainable_layers=0``)."""
+    from breastcnn.models.keras_models import BUILDERS
+
+    if arch not in PROBE_ARCHS:
+        raise UserInputError(f"--trainable-layers 0 (linear probe) applies to {', '.join(PROBE_ARCHS)}, not {arch}")
+    return BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
+                          trainable_layers=0)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """Blocking exclusive ``flock`` on ``path`` (released when the holder exits, however it exits)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(file: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            return data["paths"], data["features"]
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or partial: rebuilt (the writer is atomic, so this is a foreign file)
+
+
+def ensure_features(classifier, weights: str | None, seed: int, data_root: str | Path, paths: Sequence[str],
+                    cache_dir: str | Path, progress: Callable[[str], None] | None = None,
+                    batch_size: int = EXTRACT_BATCH) -> FeatureTable:
+    """The pooled features of ``paths`` (relative to ``data_root``) through the frozen base of ``classifier``
+    (:func:`build_backbone` with ``weights`` and ``seed``), from the cache or computed now.
+
+    Returns a :class:`FeatureTable` whose ``status`` says which. ``paths`` are deduplicated; the
+    file is written atomically.
+    """
+    from breastcnn.models.keras_models import require_keras
+
+    keras = require_keras()
+    paths = sorted(set(paths))
+    arch, image_size = classifier.meta["arch"], int(classifier.meta["image_size"])
+    mode = classifier.meta["preprocess"]
+    key = feature_key(arch, weights_identity(arch, weights, seed), image_size, mode, str(data_root), paths,
+                      keras.__version__)
+    cache_dir = Path(cache_dir)
+    file = cache_dir / f"{arch}-{image_size}-{key[:16]}.npz"
+    start = time.perf_counter()
+    with _build_lock(cache_dir / f".{file.name}.lock"):
+        cached = _read(file, key) if file.is_file() else None
+        if cached is not None:
+            return FeatureTable(key, file, cached[0], cached[1], "hit", time.perf_counter() - start)
+        if progress:
+            progress(f"{arch}: computing frozen features of {len(paths)} images at {image_size}px -> {file}")
+        features = extract_features(classifier, [str(Path(data_root) / p) for p in paths], image_size, batch_size)
+        with atomic_write(file, "wb") as handle:
+            np.savez(handle, key=np.array(key), paths=np.array(paths), features=features)
+    return FeatureTable(key, file, np.array(paths), features, "built", time.perf_counter() - start)
+
+
+def feature_extractor(classifier):
+    """``keras.Model``: image batch ``(B, S, S, 3)`` preprocessed -> ``(B, D)`` pooled features."""
+    from breastcnn.models.keras_models import require_keras
+
+    keras = require_keras()
+    model = classifier.model
+    return keras.Model(model.input, model.get_layer(FEATURE_LAYER).output)
+
+
+def extract_features(classifier, files: Sequence[str], image_size: int, batch_size: int = EXTRACT_BATCH) -> np.ndarray:
+    """``(len(files), D)`` float32 pooled features, decoded and preprocessed batch by batch (bounded memory)."""
+    from breastcnn.data.images import decode_many, preprocess
+
+    extractor = feature_extractor(classifier)
+    mode = classifier.meta["preprocess"]
+    chunks = []
+    for i in range(0, len(files), batch_size):
+        x = preprocess(decode_many(list(files[i:i + batch_size]), image_size), mode)
+        chunks.append(np.asarray(extractor(x, training=False), dtype=np.float32))
+    width = extractor.output.shape[-1]
+    return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+
+
+# --------------------------------------------------------------------------- the head
+
+
+@dataclass
+class ProbeSettings:
+    """The head's training: the transfer-learning schedule of ``finetune`` (``TRANSFER_DEFAULTS``)."""
+
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 1e-4
+    patience: int = 10
+    monitor: str = "val_accuracy"
+    dropout: float = 0.5
+
+
+def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_val: np.ndarray, y_val: np.ndarray,
+                       settings: ProbeSettings, seed: int) -> dict:
+    """Train the head of ``classifier`` on features ``(N, D)``; copy the best head's weights into it.
+
+    The head is the model's own ``head_dropout`` + ``predictions`` layers on a ``(D,)`` input; balanced
+    class weights; Adam; early stopping on ``settings.monitor`` with the best epoch's weights restored
+    (a tie goes to the earlier epoch, Keras' rule); LR halved on val_loss plateaus, as ``finetune``.
+    Returns ``{"epochs_run", "best_epoch", "best_score", "monitor"}``.
+    """
+    from breastcnn.data.augment import class_weights
+    from breastcnn.models.keras_models import require_keras
+    from breastcnn.recipes import MONITORS
+
+    keras = require_keras()
+    keras.utils.set_random_seed(int(seed))
+    inputs = keras.Input(shape=(f_train.shape[1],), name="features")
+    x = keras.layers.Dropout(settings.dropout, name="head_dropout")(inputs)
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(x)
+    head = keras.Model(inputs, outputs, name="probe_head")
+    # the full model's freshly initialised head (same seed) is the starting point
+    head.get_layer("predictions").set_weights(classifier.model.get_layer("predictions").get_weights())
+    head.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.lr),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    stopper = keras.callbacks.EarlyStopping(monitor=settings.monitor, mode=MONITORS.get(settings.monitor, "auto"),
+                                            patience=settings.patience, restore_best_weights=True, verbose=0)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.5,
+                                                patience=max(1, settings.patience // 2), min_lr=1e-7, verbose=0)
+    history = head.fit(f_train, y_train, validation_data=(f_val, y_val), epochs=settings.epochs,
+                       batch_size=settings.batch_size, class_weight=class_weights(y_train, "balanced"),
+                       shuffle=True, verbose=0, callbacks=[stopper, plateau])
+    scores = history.history.get(settings.monitor, [])
+    best = int(np.argmax(scores) if MONITORS.get(settings.monitor) == "max" else np.argmin(scores)) if scores else 0
+    if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
+        head.set_weights(stopper.best_weights)  # ran to the end: Keras restores the best weights only on a stop
+    classifier.model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
+    classifier.meta.update({"linear_probe": True, "best_epoch": best + 1,
+                            "best_score": float(scores[best]) if scores else None})
+    return {"epochs_run": len(scores), "best_epoch": best + 1, "best_score": float(scores[best]) if scores else None,
+            "monitor": settings.monitor, "head": head}
+
+
+def head_probabilities(head, features: np.ndarray) -> np.ndarray:
+    """P(malignant) ``(N,)`` of the trained head on cached features (inference: no dropout)."""
+    return np.asarray(head.predict(features, batch_size=256, verbose=0), dtype=np.float64)[:, 1]
