@@ -213,7 +213,9 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
     keras = require_keras()
     keras.utils.set_random_seed(int(seed))
     inputs = keras.Input(shape=(f_train.shape[1],), name="features")
-    x = keras.layers.Dropout(settings.dropout, name="head_dropout")(inputs)
+    # explicit seeds (dropout here, the order of batches below): TensorFlow's op-level random state depends on
+    # what the process ran before, so the same cell on a Dask worker would otherwise train differently
+    x = keras.layers.Dropout(settings.dropout, seed=int(seed), name="head_dropout")(inputs)
     outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(x)
     head = keras.Model(inputs, outputs, name="probe_head")
     # the full model's freshly initialised head (same seed) is the starting point
@@ -224,9 +226,11 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
                                             patience=settings.patience, restore_best_weights=True, verbose=0)
     plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.5,
                                                 patience=max(1, settings.patience // 2), min_lr=1e-7, verbose=0)
-    history = head.fit(f_train, y_train, validation_data=(f_val, y_val), epochs=settings.epochs,
-                       batch_size=settings.batch_size, class_weight=class_weights(y_train, "balanced"),
-                       shuffle=True, verbose=0, callbacks=[stopper, plateau])
+    weights = class_weights(y_train, "balanced")
+    batches = _feature_batches(keras)(f_train, y_train, np.array([weights[int(k)] for k in y_train], np.float32),
+                                      settings.batch_size, seed)
+    history = head.fit(batches, validation_data=(f_val, y_val), epochs=settings.epochs, shuffle=False, verbose=0,
+                       callbacks=[stopper, plateau])
     scores = history.history.get(settings.monitor, [])
     best = int(np.argmax(scores) if MONITORS.get(settings.monitor) == "max" else np.argmin(scores)) if scores else 0
     if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
@@ -236,6 +240,32 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
                             "best_score": float(scores[best]) if scores else None})
     return {"epochs_run": len(scores), "best_epoch": best + 1, "best_score": float(scores[best]) if scores else None,
             "monitor": settings.monitor, "head": head}
+
+
+def _feature_batches(keras):
+    """A ``keras.utils.PyDataset`` of shuffled ``(features, labels, class weights)`` batches; the order of epoch
+    ``e`` is ``default_rng([seed, e]).permutation`` (the same on any machine and after anything else ran)."""
+
+    class FeatureBatches(keras.utils.PyDataset):
+        def __init__(self, x, y, w, batch_size, seed):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.x, self.y, self.w = x, y.astype(np.int64), w
+            self.batch_size, self.seed, self.epoch = int(batch_size), int(seed), 0
+            self.order = np.random.default_rng([self.seed, 0]).permutation(len(x))
+
+        @property
+        def num_batches(self) -> int:
+            return -(-len(self.x) // self.batch_size)
+
+        def __getitem__(self, index: int):
+            idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+            return self.x[idx], self.y[idx], self.w[idx]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+
+    return FeatureBatches
 
 
 def head_probabilities(head, features: np.ndarray) -> np.ndarray:
