@@ -36,7 +36,6 @@ McNemar).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -352,45 +351,26 @@ def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
 
 
 def _probe_cell(spec: CellSpec, run_dir: Path) -> dict:
-    """Linear probe: features from the shared cache, only the head trains (:mod:`breastcnn.models.feature_cache`)."""
+    """Linear probe: features from the shared cache, only the head trains (:mod:`breastcnn.models.feature_cache`);
+    the test predictions come from the cached test features (equal to the saved model's: tested)."""
     from breastcnn import runs
     from breastcnn.data.split import load_split
-    from breastcnn.models.feature_cache import (
-        ProbeSettings,
-        build_backbone,
-        ensure_features,
-        head_probabilities,
-        train_linear_probe,
-    )
+    from breastcnn.models.feature_cache import ProbeSettings, head_probabilities, run_linear_probe
 
     split = load_split(spec.split_dir)
     _fresh(run_dir)
+    settings = ProbeSettings(**({"epochs": spec.epochs} if spec.epochs else {}))
     with runs.run_directory(spec.model, run_dir) as run:
-        classifier = build_backbone(spec.model, spec.image_size, spec.weights, spec.seed)
-        table = ensure_features(classifier, spec.weights, spec.seed, split.root,
-                                spec.feature_images or [r.path for r in split.rows], spec.feature_dir)
-        settings = ProbeSettings(**({"epochs": spec.epochs} if spec.epochs else {}))
-        runs.write_run_config(run.path, {"model": spec.model, "weights": str(spec.weights), "trainable_layers": 0,
-                                         "linear_probe": True, "augment": False, "feature_cache": table.file.name,
-                                         "image_size": spec.image_size, "seed": spec.seed,
-                                         **dataclasses.asdict(settings)}, split)
-        features = {s: table.rows([r.path for r in split.subset(s)]) for s in ("train", "val", "test")}
-        start = time.perf_counter()
-        trained = train_linear_probe(classifier, features["train"], split.labels("train"), features["val"],
-                                     split.labels("val"), settings, spec.seed)
-        train_seconds = time.perf_counter() - start
-        classifier.meta.update({"split_hash": split.hash, "split_dir": str(split.dir), "seed": spec.seed,
-                                "feature_cache": table.key})
-        model_path = run.path / "model.keras"
-        classifier.save(model_path)
-        rows = split.subset("test")
-        predictions = {"paths": [r.path for r in rows], "y_true": split.labels("test").tolist(),
-                       "p_malignant": head_probabilities(trained["head"], features["test"]).tolist(),
-                       "patients": split.patients("test")}
-        summary = {k: v for k, v in trained.items() if k != "head"}
-        atomic_write_json(run.path / "summary.json", {**summary, "train_seconds": round(train_seconds, 3)})
-    return {"model_path": str(model_path), "train_seconds": round(train_seconds, 3), "predictions": predictions,
-            "feature_cache": {"status": table.status, "seconds": round(table.seconds, 3), "file": table.file.name}}
+        summary = run_linear_probe(spec.model, split, run.path, weights=spec.weights, seed=spec.seed,
+                                   image_size=spec.image_size, settings=settings, cache_dir=spec.feature_dir,
+                                   images=spec.feature_images)
+    head, _, features = summary.pop("_probe")
+    rows = split.subset("test")
+    predictions = {"paths": [r.path for r in rows], "y_true": split.labels("test").tolist(),
+                   "p_malignant": head_probabilities(head, features["test"]).tolist(),
+                   "patients": split.patients("test")}
+    return {"model_path": summary["model_path"], "train_seconds": summary["train_seconds"],
+            "predictions": predictions, "feature_cache": summary["feature_cache"]}
 
 
 # --------------------------------------------------------------------------- cost

@@ -29,6 +29,7 @@ Concurrent builders (several folds on a Dask cluster) serialise on a blocking
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn.errors import UserInputError
-from breastcnn.fsutil import atomic_write
+from breastcnn.fsutil import atomic_write, atomic_write_json
 
 PROBE_ARCHS = ("vgg16", "resnet50")
 """Architectures with a frozen-backbone linear probe (custom-keras always trains whole)."""
@@ -101,8 +102,32 @@ def build_backbone(arch: str, image_size: int, weights: str | None, seed: int):
 
     if arch not in PROBE_ARCHS:
         raise UserInputError(f"--trainable-layers 0 (linear probe) applies to {', '.join(PROBE_ARCHS)}, not {arch}")
-    return BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
-                          trainable_layers=0)
+    classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
+                                trainable_layers=0)
+    reseed_random_weights(classifier.model, seed, head_only=str(weights).lower() != "none")
+    return classifier
+
+
+def reseed_random_weights(model, seed: int, head_only: bool = False) -> None:
+    """Re-draw the randomly initialised weights from initialisers with explicit seeds ``(seed, layer index)``.
+
+    Keras gives an initialiser without a seed one from Python's global ``random`` module; on a Dask worker
+    other threads draw from that module too, so the same seed built different networks there (measured:
+    1 build in 3). Explicit seeds make the weights a function of ``seed`` alone. ``head_only``: only the
+    layers after the base (its weights came from a file).
+    """
+    layers = model.layers
+    start = next(i for i, layer in enumerate(layers) if layer.name == FEATURE_LAYER) if head_only else 0
+    for index, layer in enumerate(layers[start:], start=start):
+        for weight_name, init_name in (("kernel", "kernel_initializer"), ("bias", "bias_initializer")):
+            variable, initializer = getattr(layer, weight_name, None), getattr(layer, init_name, None)
+            if variable is None or initializer is None:
+                continue
+            config = initializer.get_config()
+            if "seed" in config:  # random initialisers (constant ones, e.g. zero biases, have no seed)
+                config["seed"] = int((seed * 100_003 + index * 2 + (weight_name == "bias")) % 2**31)
+                fresh = type(initializer).from_config(config)
+                variable.assign(fresh(tuple(variable.shape), dtype=variable.dtype))
 
 
 @contextlib.contextmanager
@@ -271,3 +296,78 @@ def _feature_batches(keras):
 def head_probabilities(head, features: np.ndarray) -> np.ndarray:
     """P(malignant) ``(N,)`` of the trained head on cached features (inference: no dropout)."""
     return np.asarray(head.predict(features, batch_size=256, verbose=0), dtype=np.float64)[:, 1]
+
+
+# --------------------------------------------------------------------------- a whole linear-probe run
+
+
+def run_linear_probe(arch: str, split, run_dir: Path, *, weights: str | None, seed: int, image_size: int,
+                     settings: ProbeSettings, cache_dir: str | Path, images: Sequence[str] | None = None,
+                     options: dict | None = None, message: Callable[[str], None] | None = None) -> dict:
+    """One linear-probe run into ``run_dir`` (held by the caller): ``config.json``, ``model.keras`` (+ sidecar),
+    ``summary.json``. ``images``: the paths to cache features for (default: the split's; a k-fold comparison
+    passes every fold's, so the cache serves all folds).
+
+    Returns the summary plus, under ``"_probe"``, ``(head, table, features by subset)`` for the caller.
+    """
+    from breastcnn import runs
+
+    classifier = build_backbone(arch, image_size, weights, seed)
+    table = ensure_features(classifier, weights, seed, split.root, images or [r.path for r in split.rows],
+                            cache_dir, progress=message)
+    recorded = {"model": arch, "weights": str(weights), "trainable_layers": 0, "linear_probe": True,
+                "augment": False, "feature_cache": str(table.file), "image_size": image_size, "seed": seed,
+                **dataclasses.asdict(settings), **(options or {})}
+    recorded.update(trainable_layers=0, augment=False)
+    runs.write_run_config(run_dir, recorded, split)
+    features = {s: table.rows([r.path for r in split.subset(s)]) for s in ("train", "val", "test")}
+    start = time.perf_counter()
+    trained = train_linear_probe(classifier, features["train"], split.labels("train"), features["val"],
+                                 split.labels("val"), settings, seed)
+    train_seconds = time.perf_counter() - start
+    classifier.meta.update({"split_hash": split.hash, "split_dir": str(split.dir), "seed": int(seed),
+                            "magnification": (split.info or {}).get("magnification"), "feature_cache": table.key})
+    model_path = Path(run_dir) / "model.keras"
+    classifier.save(model_path)
+    summary = {
+        "run_dir": str(run_dir), "model_path": str(model_path), "arch": arch, "framework": "keras",
+        "stopped": "early_stopping" if trained["epochs_run"] < settings.epochs else "completed",
+        "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"], "best_score": trained["best_score"],
+        "monitor": settings.monitor, "elapsed_s": round(train_seconds, 3), "train_seconds": round(train_seconds, 3),
+        "params": classifier.count_params(), "n_train": int(len(features["train"])),
+        "n_val": int(len(features["val"])), "weights": str(weights), "linear_probe": True,
+        "feature_cache": {"status": table.status, "seconds": round(table.seconds, 3), "file": table.file.name},
+        "warnings": [],
+    }
+    atomic_write_json(Path(run_dir) / "summary.json", summary)
+    return {**summary, "_probe": (trained["head"], table, features)}
+
+
+def finetune_linear_probe(arch: str, split_dir, out, *, weights: str | None, epochs: int, batch_size: int,
+                          lr: float, patience: int | None, monitor: str, image_size: int, seed: int, augment: bool,
+                          force: bool = False, callback=None, runs_root=None) -> dict:
+    """``finetune --trainable-layers 0`` for vgg16/resnet50: :func:`run_linear_probe` in a run directory, the
+    features cached in ``<split>/cache/features`` (reused by later runs on the split). Returns the run summary."""
+    from breastcnn import runs
+    from breastcnn.data.split import load_split
+    from breastcnn.runs import TrainingCallback
+    from breastcnn.train import require_both_classes
+
+    hooks = callback if callback is not None else TrainingCallback()
+    split = load_split(split_dir)
+    require_both_classes(split)
+    if not split.subset("val"):
+        raise UserInputError(f"--split {split.dir}: the linear probe needs a validation subset (early stopping)")
+    if augment:
+        hooks.on_message("--trainable-layers 0: the head trains on features of the unaugmented images "
+                         "(no augmentation in this mode)")
+    settings = ProbeSettings(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience or 10, monitor=monitor)
+    run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
+    with runs.run_directory(arch, out, force=force, **run_kwargs) as run:
+        summary = run_linear_probe(arch, split, run.path, weights=weights, seed=seed, image_size=image_size,
+                                   settings=settings, cache_dir=Path(split.dir) / "cache" / "features",
+                                   message=hooks.on_message)
+        run.model_written()
+    summary.pop("_probe")
+    hooks.on_train_end(summary)
+    return summary
