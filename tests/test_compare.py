@@ -272,3 +272,38 @@ def test_cells_on_a_dask_cluster_give_the_local_numbers(compared, tmp_path):
         for key in ("folds", "mean", "std", "ci95", "params_total", "size_kb"):
             assert mine[key] == theirs[key], key
     assert remote["pairwise"] == doc["pairwise"]
+
+
+# --------------------------------------------------------------------------- finetune --trainable-layers 0
+
+
+@pytest.mark.slow
+def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_split, tmp_path):
+    """`finetune --trainable-layers 0`: a normal run directory (model.keras evaluates as usual), augmentation
+    off and said so, the features cached next to the split's image cache and hit by the next run."""
+    from breastcnn.data.split import load_split
+    from breastcnn.evaluation import evaluate_model
+    from breastcnn.models import load_model
+
+    def finetune(out):
+        return _run(["finetune", "--model", "resnet50", "--split", synth_split, "--weights", "none",
+                     "--trainable-layers", "0", "--epochs", "2", "--image-size", "64", "--out", out, "--json"])
+
+    first = finetune(tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["linear_probe"] is True and summary["epochs_run"] == 2
+    assert summary["feature_cache"]["status"] in ("built", "hit")           # another test may have built it
+    assert "no augmentation" in first.stderr
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["options"]
+    assert config["augment"] is False and config["trainable_layers"] == 0
+    assert Path(config["feature_cache"]).parent == synth_split / "cache" / "features"
+    second = finetune(tmp_path / "b")
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["feature_cache"]["status"] == "hit"
+    model = load_model(tmp_path / "b" / "model.keras")
+    metrics, _ = evaluate_model(model, load_split(synth_split), "test")
+    assert 0 <= metrics["accuracy"] <= 1 and model.meta["linear_probe"] is True
+    a, b = (load_model(tmp_path / d / "model.keras").model.get_layer("predictions").get_weights()[0]
+            for d in ("a", "b"))
+    np.testing.assert_array_equal(a, b)                                     # same seed, same head
