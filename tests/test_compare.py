@@ -307,3 +307,47 @@ def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_s
     a, b = (load_model(tmp_path / d / "model.keras").model.get_layer("predictions").get_weights()[0]
             for d in ("a", "b"))
     np.testing.assert_array_equal(a, b)                                     # same seed, same head
+
+
+# --------------------------------------------------------------------------- partial fine-tuning, cached prefix
+
+
+@pytest.mark.slow
+def test_split_at_trainable_is_the_same_network(keras):
+    """prefix -> top equals the whole model: one crossing tensor for VGG16, two (branch and shortcut) when the
+    cut falls inside a ResNet50 block; nothing to cache when every base layer trains."""
+    from breastcnn.models.feature_cache import split_at_trainable
+    from breastcnn.models.keras_models import create_resnet50, create_vgg16
+
+    x = np.random.default_rng(0).normal(0, 50, (3, 32, 32, 3)).astype(np.float32)
+    vgg = create_vgg16(input_shape=(32, 32, 3), weights="none", trainable_layers=4)
+    prefix, top, crossing = split_at_trainable(vgg)
+    assert crossing == ["block4_pool"]
+    np.testing.assert_allclose(np.asarray(top(prefix(x))), np.asarray(vgg.model(x)), atol=1e-6)
+    resnet = create_resnet50(input_shape=(32, 32, 3), weights="none", trainable_layers=18)
+    prefix, top, crossing = split_at_trainable(resnet)
+    assert len(crossing) == 2 and "conv5_block1_out" in crossing
+    np.testing.assert_allclose(np.asarray(top(prefix(x))), np.asarray(resnet.model(x)), atol=1e-5)
+    assert split_at_trainable(create_vgg16(input_shape=(32, 32, 3), weights="none", trainable_layers=20)) is None
+
+
+@pytest.mark.slow
+def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations(keras, synth_split, tmp_path):
+    from breastcnn.models import load_model
+    from breastcnn.models.keras_models import create_vgg16
+
+    result = _run(["finetune", "--model", "vgg16", "--split", synth_split, "--weights", "none", "--trainable-layers",
+                   "4", "--no-augment", "--epochs", "2", "--image-size", "64", "--out", tmp_path / "run", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["prefix_cache"]["tensors"] == ["block4_pool"] and summary["epochs_run"] == 2
+    assert "ran once per image" in result.stderr
+    trained = load_model(tmp_path / "run" / "model.keras").model
+    fresh = create_vgg16(input_shape=(64, 64, 3), weights="none", trainable_layers=4).model
+    def kernel(model, layer):
+        return model.get_layer(layer).get_weights()[0]
+
+    for layer in ("block1_conv1", "block4_conv3"):                  # frozen: as built
+        np.testing.assert_array_equal(kernel(trained, layer), kernel(fresh, layer))
+    for layer in ("block5_conv1", "predictions"):                   # trainable: changed by training
+        assert not np.array_equal(kernel(trained, layer), kernel(fresh, layer))

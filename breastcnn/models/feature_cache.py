@@ -226,9 +226,36 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
                        settings: ProbeSettings, seed: int) -> dict:
     """Train the head of ``classifier`` on features ``(N, D)``; copy the best head's weights into it.
 
-    The head is the model's own ``head_dropout`` + ``predictions`` layers on a ``(D,)`` input; balanced
-    class weights; Adam; early stopping on ``settings.monitor`` with the best epoch's weights restored
-    (a tie goes to the earlier epoch, Keras' rule); LR halved on val_loss plateaus, as ``finetune``.
+    The head is the model's own ``head_dropout`` + ``predictions`` layers on a ``(D,)`` input, trained by
+    :func:`fit_top`. Returns ``{"epochs_run", "best_epoch", "best_score", "monitor", "head"}``.
+    """
+    from breastcnn.models.keras_models import require_keras
+
+    keras = require_keras()
+    keras.utils.set_random_seed(int(seed))
+    inputs = keras.Input(shape=(f_train.shape[1],), name="features")
+    # an explicit dropout seed: an unseeded layer takes one from Python's global random (see reseed_random_weights)
+    x = keras.layers.Dropout(settings.dropout, seed=int(seed), name="head_dropout")(inputs)
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(x)
+    head = keras.Model(inputs, outputs, name="probe_head")
+    # the full model's freshly initialised head (same seed) is the starting point
+    head.get_layer("predictions").set_weights(classifier.model.get_layer("predictions").get_weights())
+    result = fit_top(head, [f_train], y_train, [f_val], y_val, settings, seed)
+    classifier.model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
+    classifier.meta.update({"linear_probe": True, "best_epoch": result["best_epoch"],
+                            "best_score": result["best_score"]})
+    return {**result, "head": head}
+
+
+def fit_top(top, x_train: list[np.ndarray], y_train: np.ndarray, x_val: list[np.ndarray], y_val: np.ndarray,
+            settings: ProbeSettings, seed: int) -> dict:
+    """Train ``top`` (a Keras model on cached inputs: a list of arrays, one per model input) with ``finetune``'s
+    transfer-learning schedule: Adam at ``settings.lr``, balanced class weights, early stopping on
+    ``settings.monitor`` (patience in epochs, Keras' rule as ``finetune``), the best epoch's weights restored
+    at the end (a tie goes to the later epoch: :class:`~breastcnn.nn.schedules.BestScore`, as ``finetune``
+    saves its best model), LR halved on val_loss plateaus. Batch order from NumPy generators seeded by
+    ``seed`` (TensorFlow's op-level random state depends on what the process ran before).
+
     Returns ``{"epochs_run", "best_epoch", "best_score", "monitor"}``.
     """
     from breastcnn.data.augment import class_weights
@@ -236,59 +263,70 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
     from breastcnn.recipes import MONITORS
 
     keras = require_keras()
-    keras.utils.set_random_seed(int(seed))
-    inputs = keras.Input(shape=(f_train.shape[1],), name="features")
-    # explicit seeds (dropout here, the order of batches below): TensorFlow's op-level random state depends on
-    # what the process ran before, so the same cell on a Dask worker would otherwise train differently
-    x = keras.layers.Dropout(settings.dropout, seed=int(seed), name="head_dropout")(inputs)
-    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(x)
-    head = keras.Model(inputs, outputs, name="probe_head")
-    # the full model's freshly initialised head (same seed) is the starting point
-    head.get_layer("predictions").set_weights(classifier.model.get_layer("predictions").get_weights())
-    head.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.lr),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    top.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.lr),
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     stopper = keras.callbacks.EarlyStopping(monitor=settings.monitor, mode=MONITORS.get(settings.monitor, "auto"),
-                                            patience=settings.patience, restore_best_weights=True, verbose=0)
+                                            patience=settings.patience, verbose=0)
     plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.5,
                                                 patience=max(1, settings.patience // 2), min_lr=1e-7, verbose=0)
+    keeper = _best_weights(keras)(settings.monitor)
     weights = class_weights(y_train, "balanced")
-    batches = _feature_batches(keras)(f_train, y_train, np.array([weights[int(k)] for k in y_train], np.float32),
+    batches = _feature_batches(keras)(x_train, y_train, np.array([weights[int(k)] for k in y_train], np.float32),
                                       settings.batch_size, seed)
-    history = head.fit(batches, validation_data=(f_val, y_val), epochs=settings.epochs, shuffle=False, verbose=0,
-                       callbacks=[stopper, plateau])
+    validation = (x_val[0] if len(x_val) == 1 else tuple(x_val), y_val)
+    history = top.fit(batches, validation_data=validation, epochs=settings.epochs, shuffle=False, verbose=0,
+                      callbacks=[keeper, stopper, plateau])
     scores = history.history.get(settings.monitor, [])
-    best = int(np.argmax(scores) if MONITORS.get(settings.monitor) == "max" else np.argmin(scores)) if scores else 0
-    if stopper.stopped_epoch == 0 and stopper.best_weights is not None:
-        head.set_weights(stopper.best_weights)  # ran to the end: Keras restores the best weights only on a stop
-    classifier.model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
-    classifier.meta.update({"linear_probe": True, "best_epoch": best + 1,
-                            "best_score": float(scores[best]) if scores else None})
+    if keeper.weights is not None:
+        top.set_weights(keeper.weights)
+    best = keeper.best.best_step if keeper.weights is not None else len(scores) - 1
     return {"epochs_run": len(scores), "best_epoch": best + 1, "best_score": float(scores[best]) if scores else None,
-            "monitor": settings.monitor, "head": head}
+            "monitor": settings.monitor}
+
+
+def _best_weights(keras):
+    """A callback class keeping the weights of the best epoch by ``monitor`` (:class:`BestScore`'s tie rule)."""
+    from breastcnn.nn.schedules import BestScore
+    from breastcnn.recipes import MONITORS
+
+    class KeepBest(keras.callbacks.Callback):
+        def __init__(self, monitor: str):
+            super().__init__()
+            self.monitor = monitor
+            self.best = BestScore(MONITORS[monitor])
+            self.weights = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.best.update((logs or {}).get(self.monitor, float("nan"))):
+                self.weights = self.model.get_weights()
+
+    return KeepBest
 
 
 def _feature_batches(keras):
-    """A ``keras.utils.PyDataset`` of shuffled ``(features, labels, class weights)`` batches; the order of epoch
-    ``e`` is ``default_rng([seed, e]).permutation`` (the same on any machine and after anything else ran)."""
+    """A ``keras.utils.PyDataset`` of shuffled ``(inputs, labels, class weights)`` batches (``inputs``: a tuple, one
+    array per model input); the order of epoch ``e`` is ``default_rng([seed, e]).permutation`` (the same on any
+    machine and after anything else ran)."""
 
     class FeatureBatches(keras.utils.PyDataset):
         def __init__(self, x, y, w, batch_size, seed):
             super().__init__(workers=1, use_multiprocessing=False)
             self.x, self.y, self.w = x, y.astype(np.int64), w
             self.batch_size, self.seed, self.epoch = int(batch_size), int(seed), 0
-            self.order = np.random.default_rng([self.seed, 0]).permutation(len(x))
+            self.order = np.random.default_rng([self.seed, 0]).permutation(len(y))
 
         @property
         def num_batches(self) -> int:
-            return -(-len(self.x) // self.batch_size)
+            return -(-len(self.y) // self.batch_size)
 
         def __getitem__(self, index: int):
             idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-            return self.x[idx], self.y[idx], self.w[idx]
+            inputs = tuple(x[idx] for x in self.x)
+            return inputs[0] if len(inputs) == 1 else inputs, self.y[idx], self.w[idx]
 
         def on_epoch_end(self):
             self.epoch += 1
-            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.y))
 
     return FeatureBatches
 
@@ -371,3 +409,143 @@ def finetune_linear_probe(arch: str, split_dir, out, *, weights: str | None, epo
     summary.pop("_probe")
     hooks.on_train_end(summary)
     return summary
+
+
+# --------------------------------------------------------------------------- partial fine-tuning, frozen prefix cached
+
+
+def split_at_trainable(classifier) -> tuple | None:
+    """``(prefix, top, crossing layer names)`` of a vgg16/resnet50 classifier built with ``trainable_layers`` N.
+
+    ``prefix``: ``keras.Model`` from the image to the tensors the trainable part reads from the frozen part
+    (one for VGG16; a residual block cut in the middle gives two: the branch and the shortcut); ``top``:
+    those tensors -> the softmax, sharing its layers (and weights) with ``classifier.model``, so training
+    ``top`` trains the classifier. ``top(prefix(x)) == model(x)`` (tested). None when nothing is frozen.
+    """
+    from breastcnn.models.keras_models import require_keras
+
+    keras = require_keras()
+    model = classifier.model
+    cut = int(classifier.meta["base_layers"]) - int(classifier.meta["trainable_layers"])
+    if cut <= 1:  # only the input layer (or nothing) is frozen
+        return None
+    frozen = {id(layer) for layer in model.layers[:cut]}
+    crossing, seen = [], set()
+    for layer in model.layers[cut:]:
+        for tensor in layer._inbound_nodes[0].input_tensors:  # the node of the model's own graph
+            source = tensor._keras_history.operation
+            if id(source) in frozen and id(tensor) not in seen:
+                seen.add(id(tensor))
+                crossing.append((tensor, source.name))
+    tensors = [t for t, _ in crossing]
+    prefix = keras.Model(model.input, tensors if len(tensors) > 1 else tensors[0], name="frozen_prefix")
+    top = keras.Model(tensors if len(tensors) > 1 else tensors[0], model.output, name="trainable_top")
+    return prefix, top, [name for _, name in crossing]
+
+
+def prefix_activations(prefix, x_uint8: np.ndarray, mode: str, batch_size: int = EXTRACT_BATCH) -> list[np.ndarray]:
+    """The frozen prefix's outputs for uint8 images ``(N, S, S, 3)``: one float32 array per output, batch by batch."""
+    from breastcnn.data.images import preprocess
+
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, len(x_uint8), batch_size):
+        out = prefix(preprocess(x_uint8[i:i + batch_size], mode), training=False)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        parts.append([np.asarray(o, dtype=np.float32) for o in out])
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def finetune_cached_prefix(arch: str, split_dir, out, *, weights: str | None, trainable_layers: int, dropout: float,
+                           epochs: int, batch_size: int, lr: float, patience: int | None, monitor: str,
+                           image_size: int, seed: int, jobs: int = 1, force: bool = False, callback=None,
+                           runs_root=None) -> dict | None:
+    """``finetune --no-augment --trainable-layers N`` for vgg16/resnet50: the frozen prefix runs once per image.
+
+    Its outputs for the train and val images are kept in memory, and only the trainable top trains on them
+    (:func:`fit_top`: the transfer-learning schedule). Returns the run summary, or None when nothing is
+    frozen (N covers the whole base: the regular loop runs). Writes ``config.json``, ``model.keras`` (the
+    whole network) and ``summary.json``.
+    """
+    from breastcnn import runs
+    from breastcnn.data.images import load_subset
+    from breastcnn.data.split import load_split
+    from breastcnn.models.keras_models import BUILDERS, require_keras
+    from breastcnn.runs import TrainingCallback
+    from breastcnn.train import require_both_classes
+
+    keras = require_keras()
+    hooks = callback if callback is not None else TrainingCallback()
+    split = load_split(split_dir)
+    require_both_classes(split)
+    classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
+                                trainable_layers=trainable_layers, dropout=dropout)
+    parts = split_at_trainable(classifier)
+    if parts is None:
+        return None
+    prefix, top, crossing = parts
+    settings = ProbeSettings(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience or 10, monitor=monitor,
+                             dropout=dropout)
+    run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
+    with runs.run_directory(arch, out, force=force, **run_kwargs) as run:
+        runs.write_run_config(run.path, {"model": arch, "weights": str(weights), "trainable_layers": trainable_layers,
+                                         "augment": False, "prefix_cache": crossing, "image_size": image_size,
+                                         "seed": seed, **dataclasses.asdict(settings)}, split)
+        mode = classifier.meta["preprocess"]
+        start = time.perf_counter()
+        cached = {}
+        for subset in ("train", "val"):
+            x, y = load_subset(split, subset, image_size, jobs=jobs)
+            if len(y) == 0:
+                raise UserInputError(f"--split {split.dir}: fine-tuning needs train and val images; {subset} is empty")
+            cached[subset] = (prefix_activations(prefix, x, mode), y)
+        prefix_seconds = time.perf_counter() - start
+        hooks.on_message(f"{arch}: frozen prefix (up to {', '.join(crossing)}) ran once per image in "
+                         f"{prefix_seconds:.1f} s; training the top {trainable_layers} layers on its outputs")
+        keras.utils.set_random_seed(int(seed))
+        start = time.perf_counter()
+        result = fit_top(top, *cached["train"], *cached["val"], settings, seed)
+        train_seconds = time.perf_counter() - start
+        classifier.meta.update({"split_hash": split.hash, "split_dir": str(split.dir), "seed": int(seed),
+                                "magnification": (split.info or {}).get("magnification"),
+                                "best_epoch": result["best_epoch"], "best_score": result["best_score"]})
+        model_path = run.path / "model.keras"
+        classifier.save(model_path)
+        run.model_written()
+        summary = {
+            "run_dir": str(run.path), "model_path": str(model_path), "arch": arch, "framework": "keras",
+            "stopped": "early_stopping" if result["epochs_run"] < epochs else "completed",
+            "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+            "best_score": result["best_score"], "monitor": monitor, "elapsed_s": round(train_seconds, 3),
+            "train_seconds": round(train_seconds, 3), "params": classifier.count_params(),
+            "n_train": int(len(cached["train"][1])), "n_val": int(len(cached["val"][1])), "weights": str(weights),
+            "prefix_cache": {"tensors": crossing, "seconds": round(prefix_seconds, 3)}, "warnings": [],
+        }
+        atomic_write_json(run.path / "summary.json", summary)
+    hooks.on_train_end(summary)
+    return summary
+
+
+def frozen_shortcut(arch: str, split_dir, out, *, weights: str | None, trainable_layers: int, dropout: float,
+                    epochs: int, batch_size: int, lr: float, patience: int | None, monitor: str, image_size: int,
+                    seed: int, augment: bool, class_weights: str | None, strategy: str, recipe: str | None,
+                    jobs: int = 1, force: bool = False, callback=None, runs_root=None) -> dict | None:
+    """What ``finetune_keras`` runs instead of its loop when part of the network is frozen and can be cached:
+
+    - ``trainable_layers == 0`` (vgg16/resnet50): :func:`finetune_linear_probe` (features cached on disk);
+    - ``trainable_layers > 0`` without augmentation: :func:`finetune_cached_prefix` (frozen prefix run once).
+
+    Only for the transfer-learning schedule with balanced class weights on the default strategy (what these
+    paths implement); returns None when the regular loop should run.
+    """
+    if arch not in PROBE_ARCHS or recipe is not None or strategy != "default" or class_weights != "balanced":
+        return None
+    weights = weights or "imagenet"
+    common = {"weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+              "monitor": monitor, "image_size": image_size, "seed": seed, "force": force, "callback": callback,
+              "runs_root": runs_root}
+    if trainable_layers == 0:
+        return finetune_linear_probe(arch, split_dir, out, augment=augment, **common)
+    if not augment:
+        return finetune_cached_prefix(arch, split_dir, out, trainable_layers=trainable_layers, dropout=dropout,
+                                      jobs=jobs, **common)
+    return None

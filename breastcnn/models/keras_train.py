@@ -251,13 +251,16 @@ def finetune_keras(
     lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     hooks = callback if callback is not None else TrainingCallback()
-    if trainable_layers == 0 and arch in ("vgg16", "resnet50"):  # linear probe on cached frozen features
-        from breastcnn.models.feature_cache import finetune_linear_probe
+    from breastcnn.models.feature_cache import frozen_shortcut
 
-        return finetune_linear_probe(arch, split_dir, out, weights=weights or default_weights(arch), epochs=epochs,
-                                     batch_size=batch_size, lr=lr, patience=patience, monitor=monitor,
-                                     image_size=image_size, seed=seed, augment=augment, force=force, callback=hooks,
-                                     runs_root=runs_root)
+    # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable
+    summary = frozen_shortcut(arch, split_dir, out, weights=weights, trainable_layers=trainable_layers,
+                              dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                              monitor=monitor, image_size=image_size, seed=seed, augment=augment,
+                              class_weights=class_weights, strategy=strategy, recipe=recipe, jobs=jobs, force=force,
+                              callback=hooks, runs_root=runs_root)
+    if summary is not None:
+        return summary
     weights = default_weights(arch) if weights is None else weights
     split = load_split(split_dir)
     require_both_classes(split)
