@@ -351,3 +351,47 @@ def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations
         np.testing.assert_array_equal(kernel(trained, layer), kernel(fresh, layer))
     for layer in ("block5_conv1", "predictions"):                   # trainable: changed by training
         assert not np.array_equal(kernel(trained, layer), kernel(fresh, layer))
+
+
+# --------------------------------------------------------------------------- Ctrl-C (fast: cells faked)
+
+
+def test_ctrl_c_keeps_finished_cells_and_the_rerun_continues(tmp_path, synth_kfold_split, monkeypatch):
+    """Ctrl-C in the second cell: exit 130, the first cell's cell.json kept, nothing half-written marked finished,
+    the directory unlocked; the rerun skips the first cell and computes the others."""
+    from breastcnn import comparison
+    from breastcnn.data.split import load_split
+
+    calls = []
+
+    def fake_cell(spec, run_dir):
+        calls.append((spec.model, spec.fold))
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model.npz").write_bytes(b"")
+        split = load_split(spec.split_dir)
+        y = split.labels("test")
+        p = np.random.default_rng(len(calls)).uniform(size=y.size)
+        return {"model_path": str(run_dir / "model.npz"), "train_seconds": 0.0,
+                "predictions": {"paths": [r.path for r in split.subset("test")], "y_true": y.tolist(),
+                                "p_malignant": p.tolist(), "patients": split.patients("test")}}
+
+    monkeypatch.setattr(comparison, "_numpy_cell", fake_cell)
+    monkeypatch.setattr(comparison, "model_cost",
+                        lambda *a, **k: {"params_total": 1, "size_kb": 1.0, "latency_ms_p50": 1.0})
+    out = tmp_path / "out"
+    args = ["compare", "--split", synth_kfold_split, "--models", "custom,custom-k4", "--resamples", "200",
+            "--out", out, "--image-size", "64"]
+    interrupt = True
+    result = _run(args)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert (out / "cells" / "fold1" / "custom" / "cell.json").is_file()
+    assert not (out / "cells" / "fold1" / "custom-k4" / "cell.json").exists()
+    assert not (out / "compare.json").exists() and not (out / ".breastcnn.lock").exists()
+    interrupt, calls[:] = False, []
+    result = _run([*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("custom-k4", 1), ("custom", 2), ("custom-k4", 2)]
+    assert result.stderr.count("already done") == 1
+    assert [m["model"] for m in json.loads(result.stdout)["models"]] == ["custom", "custom-k4"]
