@@ -516,6 +516,12 @@ def _document(options: CompareOptions, kfold: Path, stats: dict, models: list[di
                 "(12.5% per class), the same for every model; test untouched",
                 "image_size": options.image_size, "trainable_layers": options.trainable_layers,
                 "epochs": options.epochs, "weights": options.weights, "threshold": THRESHOLD}
+    # the folds are independent 70/30 draws (Spanhol et al.): a patient can be in several folds' test sets
+    by_fold = {}
+    for c in cells:
+        by_fold.setdefault(c["fold"], set(c["predictions"]["patients"]))
+    protocol["test_patients_per_fold"] = [len(by_fold[k]) for k in sorted(by_fold)]
+    protocol["distinct_test_patients"] = len(set().union(*by_fold.values()))
     timing = [{"model": c["model"], "fold": c["fold"], "cell_seconds": c["cell_seconds"],
                "train_seconds": c["train_seconds"],
                **({"feature_cache": c["feature_cache"]} if c.get("feature_cache") else {})} for c in cells]

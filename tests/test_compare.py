@@ -52,6 +52,7 @@ def test_json_contract_and_outputs(compared):
     assert set(doc) >= {"protocol", "models", "pairwise"}
     assert {"folds", "by", "mag", "seed", "split"} <= set(doc["protocol"])
     assert doc["protocol"]["folds"] == 2 and doc["protocol"]["by"] == "patient" and doc["protocol"]["mag"] == "200X"
+    assert len(doc["protocol"]["test_patients_per_fold"]) == 2 and doc["protocol"]["distinct_test_patients"] > 0
     assert [m["model"] for m in doc["models"]] == ["custom", "vgg16"]
     for entry in doc["models"]:
         assert {"model", "params_total", "size_kb", "latency_ms_p50", "train_seconds", "folds", "mean", "std",
