@@ -47,7 +47,8 @@ from breastcnn.fsutil import atomic_write, atomic_write_json
 PROBE_ARCHS = ("vgg16", "resnet50")
 """Architectures with a frozen-backbone linear probe (custom-keras always trains whole)."""
 FEATURE_LAYER = "avg_pool"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Part of the cache key: 2 since random backbones are drawn with explicit initialiser seeds."""
 EXTRACT_BATCH = 32
 
 
