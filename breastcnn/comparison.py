@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn import __version__
+from breastcnn.data.images import DEFAULT_JOBS
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, locked_directory
 
@@ -84,7 +85,7 @@ class CompareOptions:
     out: str = "compare"
     force: bool = False
     n_resamples: int = 10_000
-    jobs: int = 1
+    jobs: int = DEFAULT_JOBS
     scheduler: str | None = None
 
     DEFAULT_FOLDS = 5
@@ -201,7 +202,7 @@ def _kfold_dir(options: CompareOptions, owned: Ownership, message: Callable[[str
     owned.claim("kfold")
     message(f"making a {folds}-fold patient-wise split of {options.data} ({options.mag}) -> {split_dir}")
     create_split(options.data, mag=options.mag, out=split_dir, folds=folds, seed=options.seed, force=True,
-                 jobs=max(1, options.jobs))
+                 jobs=options.jobs)
     return split_dir.resolve()
 
 
