@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from breastcnn.data import Augmenter, decode_image, load_split, load_subset
-from breastcnn.data import synth
+from breastcnn.data import Augmenter, decode_image, load_split, load_subset, synth
 from breastcnn.data.split import create_split
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the full 200X tree to generate")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--difficulty", choices=synth.DIFFICULTIES, default=synth.DEFAULT_DIFFICULTY,
                         help="synth difficulty of the generated tree (the rest of the pipeline is the same)")

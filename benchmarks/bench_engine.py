@@ -28,11 +28,12 @@ import time
 import numpy as np
 
 from breastcnn.models import create_model
+from breastcnn.models.spec import DEFAULT_INPUT_SHAPE
 from breastcnn.nn import Adam
 from breastcnn.nn.parallel import blas_thread_count, resolve_jobs
 
 BATCH = 32
-SHAPE = (224, 224, 3)
+SHAPE = DEFAULT_INPUT_SHAPE
 L2 = 0.1
 
 

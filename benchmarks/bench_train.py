@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+
 
 def _prepare(root: Path, scale: float, jobs: int) -> Path:
     from breastcnn.data.split import create_split
@@ -75,7 +77,8 @@ def _cli_cold(root: Path, split_dir: Path, image_size: int, jobs: int, extra: li
 
 
 def _epochs_warm(root: Path, split_dir: Path, image_size: int, jobs: int, repeats: int, recipe: str = "default") -> None:
-    from breastcnn.train import TrainConfig, run_training
+    from breastcnn.training.config import TrainConfig
+    from breastcnn.training.numpy_run import run_training
 
     per_epoch = []
     for r in range(repeats + 1):  # the first is a warm-up (page cache, BLAS init)
@@ -172,12 +175,13 @@ def _study_run(split_dir: Path, out: Path, engine: str, recipe: str, options: di
 
     t0 = time.perf_counter()
     if engine == "numpy":
-        from breastcnn.train import TrainConfig, run_training
+        from breastcnn.training.config import TrainConfig
+        from breastcnn.training.numpy_run import run_training
 
         summary = run_training(TrainConfig(split=str(split_dir), out=str(out), force=True, recipe=recipe,
                                            epochs=epochs, image_size=image_size, seed=seed, jobs=jobs, **options))
     else:
-        from breastcnn.models.keras_train import finetune_keras
+        from breastcnn.training.keras_loop import finetune_keras
 
         given = {k: options.pop(k) for k in ("lr", "batch_size", "patience", "monitor") if k in options}
         summary = finetune_keras("custom-keras", split_dir, out, weights="none", epochs=epochs, image_size=image_size,
@@ -260,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/breastcnn-bench-train"))
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-cli", action="store_true", help="skip the cold-cache CLI runs")

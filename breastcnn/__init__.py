@@ -10,6 +10,11 @@ Public API (kept stable for scripts)::
     from breastcnn.evaluation import evaluate
 """
 
+# Imports: the package's own modules are imported at the top of each module (tests/test_imports.py
+# fails on a cycle). Only third-party modules that are optional or slow to import stay inside the
+# functions that need them: tensorflow/keras, onnx/onnxruntime, dask/distributed, openslide,
+# tifffile, scikit-image, histolab and matplotlib (plots build figures on first use).
+
 __version__ = "0.1.0"
 
 CLASSES = ("benign", "malignant")

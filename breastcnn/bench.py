@@ -56,7 +56,7 @@ from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
 from breastcnn.nn.optim import Adam
 from breastcnn.nn.parallel import available_cores, blas_thread_count, blas_threads
 from breastcnn.runs import environment_info, resolve_model_path
-from breastcnn.train import TrainConfig
+from breastcnn.training.config import TrainConfig
 
 KERAS_NOTE = (
     "Keras latency/throughput are the compiled tf.function forward pass (KerasClassifier.predict); "

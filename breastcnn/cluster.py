@@ -47,6 +47,9 @@ from pathlib import Path
 
 from breastcnn import __version__
 from breastcnn.errors import BreastCNNError, MissingDependencyError, UserInputError
+from breastcnn.inference import _decode_chunk, check_threads, chunk_predictions
+from breastcnn.models import load_model, model_spec
+from breastcnn.models.keras_models import find_sidecar
 
 SCHEDULER_ENV = "BREASTCNN_SCHEDULER"
 """Environment variable read when ``--scheduler`` is not given."""
@@ -85,7 +88,6 @@ class ModelPayload:
         path = Path(path)
         names = [path]
         if path.suffix.lower() == ".keras":
-            from breastcnn.models.keras_models import find_sidecar
 
             sidecar = find_sidecar(path)  # <name>.keras.json, or a legacy breastcnn.json
             if sidecar is not None:
@@ -127,7 +129,6 @@ def resolve_model(source):
     with _CACHE_LOCK:
         model = _MODELS.get(source.digest)
         if model is None:
-            from breastcnn.models import load_model
 
             folder = tempfile.mkdtemp(prefix="breastcnn-model-")
             try:
@@ -233,9 +234,6 @@ def scheduler_address(option: str | None) -> str | None:
 def predict_paths_task(model_source, paths: Sequence[str], read_paths: Sequence[str], threshold: float,
                        batch_size: int, threads: int | None = None) -> list:
     """Decode and classify one batch (runs on a worker); ``read_paths`` are the absolute paths to open."""
-    from breastcnn.inference import _decode_chunk, chunk_predictions
-    from breastcnn.models import model_spec
-
     model = resolve_model(model_source)
     size = model_spec(model).image_size
     decoded = _decode_chunk(list(read_paths), size)
@@ -253,8 +251,6 @@ def predict_paths_distributed(executor: DaskExecutor, model, model_path, paths: 
     Yields :class:`~breastcnn.inference.Prediction` in input order. ``threads``:
     engine threads of a NumPy model on each worker (None: the model's setting).
     """
-    from breastcnn.inference import check_threads
-
     if not 0.0 <= threshold <= 1.0:
         raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
     check_threads(threads)

@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import IO, Collection, Iterator
+from typing import IO
 
 from breastcnn.errors import UserInputError
 
@@ -116,7 +117,7 @@ class DirLock:
         self.what = what
         self._fd: int | None = None
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         if fcntl is None:
             return self
         while True:
@@ -150,7 +151,7 @@ class DirLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from breastcnn import CLASSES
 from breastcnn.errors import UserInputError
 
 METRIC_KEYS = (
@@ -169,8 +170,6 @@ def degenerate_model_warnings(y_true, p_malignant, subset: str = "validation", t
     predictions), and its accuracy is no better than always answering the
     majority class. Returns ``[]`` for a model that passes both.
     """
-    from breastcnn import CLASSES
-
     y = np.asarray(y_true).ravel().astype(np.int64)
     if y.size == 0:
         return []

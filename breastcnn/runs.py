@@ -9,7 +9,7 @@ symlinks are impossible), so ``evaluate`` and ``predict`` find the latest model
 without ``--model``. A run holds its directory's lock (:func:`run_directory`)
 while it writes there.
 
-Shared by the NumPy training loop (:mod:`breastcnn.train`) and the Keras
+Shared by the NumPy training loop (:mod:`breastcnn.training.loop`) and the Keras
 fine-tuning; both write the same :data:`HISTORY_COLUMNS`.
 """
 
@@ -22,8 +22,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from breastcnn import __version__
 from breastcnn.errors import UserInputError
@@ -403,40 +404,3 @@ def read_run_config(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("options"), dict):
         raise UserInputError(f"{path}: not a breastcnn config.json (no 'options' object)")
     return data
-
-
-# --------------------------------------------------------------------------- training hooks
-
-
-class TrainingCallback:
-    """Hooks a training loop calls (NumPy ``train.py`` and the Keras fine-tuning alike).
-
-    Subclass and override what you need; every method is a no-op here. Order:
-    ``on_train_begin`` once, then per epoch ``on_epoch_begin``, ``on_batch_end``
-    per optimizer step, ``on_evaluation`` per validation pass (``row`` has the
-    :data:`HISTORY_COLUMNS`), ``on_epoch_end``; finally ``on_train_end`` with the
-    summary dict (also after an early stop, an interruption or a NaN loss).
-    ``on_message`` carries one-line notes (cache building, early stop, resume).
-    A hook may raise ``KeyboardInterrupt`` to interrupt the run as Ctrl-C would.
-    """
-
-    def on_train_begin(self, total_epochs: int, steps_per_epoch: int, **info) -> None:
-        """``info``: ``initial_epoch`` (1-based), ``initial_step`` (within it), ``n_train``, ``n_val``, ``run_dir``, ``fold``."""
-
-    def on_epoch_begin(self, epoch: int) -> None:
-        """``epoch`` is 1-based."""
-
-    def on_batch_end(self, step: int, loss: float, accuracy: float) -> None:
-        """``step``: global optimizer step (1-based); ``loss``/``accuracy`` of this batch."""
-
-    def on_evaluation(self, row: dict) -> None:
-        """One ``history.csv`` row, plus ``improved`` (bool) and ``monitor`` (the metric name)."""
-
-    def on_epoch_end(self, epoch: int) -> None:
-        """After the last batch (and evaluation) of ``epoch``."""
-
-    def on_message(self, text: str) -> None:
-        """A one-line note for the user."""
-
-    def on_train_end(self, summary: dict) -> None:
-        """The run's summary dict (``stopped``: ``"completed"``, ``"early_stopping"``, ``"interrupted"``, ``"nan"``)."""

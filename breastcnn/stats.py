@@ -76,8 +76,8 @@ import itertools
 import math
 import numbers
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import DegenerateDataWarning, binomtest, bootstrap
@@ -316,27 +316,62 @@ def _as_arrays(model: str, fp: FoldPredictions) -> tuple[np.ndarray, np.ndarray,
     return y.astype(np.int64), p, patients, ids
 
 
-def _align(predictions: Mapping[str, Sequence[FoldPredictions]]) -> list[_Fold]:
-    """Check that every model predicted the same images in the same folds; rows aligned to the first model."""
-    if not predictions:
-        raise UserInputError("no models to compare")
-    models = list(predictions)
+def _fold_numbers(predictions: Mapping[str, Sequence[FoldPredictions]]) -> dict[str, list[int]]:
+    """``{model: its fold numbers}``, checked: every model has folds, none twice, all the same set."""
     fold_sets = {}
-    for model in models:
-        numbers = [int(fp.fold) for fp in predictions[model]]
+    for model, folds in predictions.items():
+        numbers = [int(fp.fold) for fp in folds]
         if not numbers:
             raise UserInputError(f"model {model!r} has no folds")
         if len(set(numbers)) != len(numbers):
             twice = sorted(n for n in numbers if numbers.count(n) > 1)[0]
             raise UserInputError(f"model {model!r} lists fold {twice} twice")
         fold_sets[model] = numbers
-    reference = models[0]
-    for model in models[1:]:
-        if sorted(fold_sets[model]) != sorted(fold_sets[reference]):
+    reference = next(iter(fold_sets))
+    for model, numbers in fold_sets.items():
+        if sorted(numbers) != sorted(fold_sets[reference]):
             raise UserInputError(
                 f"models are not paired: {reference!r} has folds {sorted(fold_sets[reference])}, "
-                f"{model!r} has folds {sorted(fold_sets[model])}"
+                f"{model!r} has folds {sorted(numbers)}"
             )
+    return fold_sets
+
+
+def _paired_probabilities(where: str, reference: tuple, other: tuple) -> np.ndarray:
+    """``other``'s p_malignant in the reference's row order, after checking both predicted the same images.
+
+    ``reference``: ``(y, patients, image_ids or None)``; ``other``: :func:`_as_arrays` of the other model.
+    Rows pair by image id when both give ids, else by row order.
+    """
+    y, patients, ids = reference
+    y_m, p_m, patients_m, ids_m = other
+    if (ids is None) != (ids_m is None):
+        raise UserInputError(f"{where}: one has image_ids and the other not; give image_ids for every model")
+    if ids is not None:
+        if ids_m.size != ids.size or not np.array_equal(np.sort(ids_m), np.sort(ids)):
+            only = sorted(set(ids.tolist()) ^ set(ids_m.tolist()))
+            raise UserInputError(
+                f"{where} did not predict the same test images ({len(only)} image ids differ, e.g. {only[0]!r})"
+            )
+        position = {image: i for i, image in enumerate(ids_m.tolist())}
+        order = np.array([position[image] for image in ids.tolist()])
+        y_m, p_m, patients_m = y_m[order], p_m[order], patients_m[order]
+    elif y_m.size != y.size:
+        raise UserInputError(f"{where} have {y.size} and {y_m.size} test predictions (paired by row order)")
+    if not np.array_equal(y_m, y):
+        raise UserInputError(f"{where} disagree on the true labels of the same images")
+    if not np.array_equal(patients_m, patients):
+        raise UserInputError(f"{where} disagree on the patients of the same images")
+    return p_m
+
+
+def _align(predictions: Mapping[str, Sequence[FoldPredictions]]) -> list[_Fold]:
+    """Check that every model predicted the same images in the same folds; rows aligned to the first model."""
+    if not predictions:
+        raise UserInputError("no models to compare")
+    models = list(predictions)
+    fold_sets = _fold_numbers(predictions)
+    reference = models[0]
 
     folds = []
     for number in sorted(fold_sets[reference]):
@@ -344,26 +379,8 @@ def _align(predictions: Mapping[str, Sequence[FoldPredictions]]) -> list[_Fold]:
         y, p_ref, patients, ids = _as_arrays(reference, by_model[reference])
         p = {reference: p_ref}
         for model in models[1:]:
-            y_m, p_m, patients_m, ids_m = _as_arrays(model, by_model[model])
             where = f"fold {number}: models {reference!r} and {model!r}"
-            if (ids is None) != (ids_m is None):
-                raise UserInputError(f"{where}: one has image_ids and the other not; give image_ids for every model")
-            if ids is not None:
-                if ids_m.size != ids.size or not np.array_equal(np.sort(ids_m), np.sort(ids)):
-                    only = sorted(set(ids.tolist()) ^ set(ids_m.tolist()))
-                    raise UserInputError(
-                        f"{where} did not predict the same test images ({len(only)} image ids differ, e.g. {only[0]!r})"
-                    )
-                position = {image: i for i, image in enumerate(ids_m.tolist())}
-                order = np.array([position[image] for image in ids.tolist()])
-                y_m, p_m, patients_m = y_m[order], p_m[order], patients_m[order]
-            elif y_m.size != y.size:
-                raise UserInputError(f"{where} have {y.size} and {y_m.size} test predictions (paired by row order)")
-            if not np.array_equal(y_m, y):
-                raise UserInputError(f"{where} disagree on the true labels of the same images")
-            if not np.array_equal(patients_m, patients):
-                raise UserInputError(f"{where} disagree on the patients of the same images")
-            p[model] = p_m
+            p[model] = _paired_probabilities(where, (y, patients, ids), _as_arrays(model, by_model[model]))
         patient_ids, patient_index = np.unique(patients, return_inverse=True)
         folds.append(
             _Fold(

@@ -106,7 +106,7 @@ def synth_image_size() -> int:
 @pytest.fixture(scope="session")
 def small_config():
     """``small_config(split_dir, out, **overrides) -> TrainConfig``: 2 epochs x 2 evaluations at 64 px."""
-    from breastcnn.train import TrainConfig
+    from breastcnn.training.config import TrainConfig
 
     def make(split_dir: Path, out: Path, **overrides):
         options = dict(split=str(split_dir), out=str(out), image_size=SYNTH_IMAGE_SIZE, epochs=2, evals_per_epoch=2,

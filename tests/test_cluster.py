@@ -170,8 +170,8 @@ def test_payload_of_a_keras_model_carries_its_sidecar(tmp_path):
 
 def test_a_slide_the_worker_cannot_see_is_named(tmp_path):
     from breastcnn.cluster import SlideSource
-    from breastcnn.wsi.reader import resolve_reader
     from breastcnn.errors import UserInputError
+    from breastcnn.wsi.reader import resolve_reader
 
     with pytest.raises(UserInputError, match=r"nowhere\.svs: worker .* cannot read it .*shared filesystem"):
         resolve_reader(SlideSource(str(tmp_path / "nowhere.svs")))

@@ -21,14 +21,6 @@ import breastcnn
 
 PACKAGE_DIR = Path(breastcnn.__file__).parent
 
-KNOWN_CYCLE_EDGES = {
-    # cli/demo.py runs the other commands through the composed app (cli/app.py), which registers demo: issue 15
-    # item 3 reworks cli/demo.py (one of the files of the training restructure); remove this entry then.
-    ("breastcnn.cli.demo", "breastcnn.cli.app"),
-}
-"""Edges left in place on purpose, each with the issue that removes it; the test fails once one is gone."""
-
-
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -121,18 +113,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_package_imports_form_no_cycle():
-    graph = import_graph()
-    for source, target in KNOWN_CYCLE_EDGES:
-        graph[source].discard(target)
-    assert cycles(graph) == [], "import cycles (break them; see tests/test_imports.py for what counts)"
-
-
-def test_known_exceptions_are_still_needed():
-    """An exception whose edge is gone, or that no longer closes a cycle, must be removed from the list."""
-    graph = import_graph()
-    for source, target in KNOWN_CYCLE_EDGES:
-        assert target in graph[source], f"{source} no longer imports {target}: drop it from KNOWN_CYCLE_EDGES"
-        assert any(source in c and target in c for c in cycles(graph)), f"{source} -> {target} closes no cycle"
+    assert cycles(import_graph()) == [], "import cycles (break them; see tests/test_imports.py for what counts)"
 
 
 @pytest.mark.parametrize("code, expected", [

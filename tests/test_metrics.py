@@ -122,7 +122,7 @@ def test_aggregate_mean_std_over_folds():
 def test_monitored_validation_scores_match_scikit_learn():
     from sklearn.metrics import balanced_accuracy_score, log_loss
 
-    from breastcnn.train import validation_scores
+    from breastcnn.training.common import validation_scores
 
     rng = np.random.default_rng(3)
     for n, share in ((41, 0.7), (200, 0.3), (9, 0.5)):

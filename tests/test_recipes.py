@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from breastcnn.errors import UserInputError
-from breastcnn.recipes import MONITORS, RECIPES, TrainingSchedule, resolve
+from breastcnn.training.recipes import MONITORS, RECIPES, TrainingSchedule, resolve
 from tests.conftest import SYNTH_IMAGE_SIZE as IMAGE_SIZE
 
 
@@ -114,7 +114,8 @@ def test_resolve_fills_from_the_recipe_and_overrides_single_values():
 def test_report_recipe_reproduces_the_old_lr_column_and_records_the_recipe(split_dir, tmp_path):
     """The report's schedule: 20 evaluations per epoch, x0.8 every 5 evaluations from 0.01, patience 10 evaluations."""
     from breastcnn.runs import read_history
-    from breastcnn.train import TrainConfig, run_training
+    from breastcnn.training.config import TrainConfig
+    from breastcnn.training.numpy_run import run_training
 
     # 162 training images at batch 8: 21 batches, so all 20 evaluations per epoch happen
     config = TrainConfig(split=str(split_dir), out=str(tmp_path / "run"), image_size=IMAGE_SIZE, epochs=2,
@@ -142,7 +143,7 @@ def test_report_recipe_reproduces_the_old_lr_column_and_records_the_recipe(split
 def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_dir, tmp_path, small_config):
     """A patience of 0.25 epoch is spent at once, yet the run goes on for 30% of --epochs; the stop obeys the rule."""
     from breastcnn.runs import read_history
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     summary = run_training(small_config(split_dir, tmp_path / "run", epochs=10, evals_per_epoch=4,
                                         patience=None, patience_epochs=0.25, lr=1e-6))
@@ -171,7 +172,7 @@ def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_
 
 def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, tmp_path, small_config):
     from breastcnn.runs import HISTORY_COLUMNS, read_history
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     summary = run_training(small_config(split_dir, tmp_path / "run", epochs=2, monitor="val_loss",
                                         class_weights="none"))
@@ -195,14 +196,14 @@ def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, 
 
 def _one_class_model(path, image_size=IMAGE_SIZE):
     """A NumPy model whose output layer always says malignant (kernel 0, bias favouring class 1)."""
-    from breastcnn.models import create_model
+    from breastcnn.models import create_model, save_model
 
     model = create_model("custom", (image_size, image_size, 3), 2, seed=0)
     dense = [layer for layer in model.layers if "W" in layer.params][-1]
     dense.params["W"][...] = 0.0
     dense.params["b"][...] = np.array([0.0, 5.0], dtype=np.float32)
     model.meta.update({"image_size": image_size, "preprocess": "caffe", "arch": "custom"})
-    model.save(path)
+    save_model(model, path)
     return len(model.layers)
 
 
@@ -212,7 +213,7 @@ def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synt
     from typer.testing import CliRunner
 
     from breastcnn.cli.app import app
-    from breastcnn.train import finetune_numpy
+    from breastcnn.training.numpy_run import finetune_numpy
 
     start = tmp_path / "one-class.npz"
     n_layers = _one_class_model(start)
@@ -237,7 +238,7 @@ def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synt
 
 
 def test_a_model_that_learns_has_no_warning(split_dir, tmp_path, small_config):
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     summary = run_training(small_config(split_dir, tmp_path / "run", epochs=6))
     assert summary["monitor"] == RECIPES["default"].monitor == "val_loss"
@@ -245,7 +246,7 @@ def test_a_model_that_learns_has_no_warning(split_dir, tmp_path, small_config):
 
 
 def test_recipe_option_errors(split_dir, tmp_path):
-    from breastcnn.train import TrainConfig
+    from breastcnn.training.config import TrainConfig
 
     with pytest.raises(UserInputError, match="--recipe must be one of default, report"):
         TrainConfig(recipe="fast").validate()

@@ -338,7 +338,7 @@ def test_mcnemar_pools_discordant_pairs_over_folds():
         a_right[:c_count] = False  # a wrong, b right
         b_right[c_count:c_count + b_count] = False  # a right, b wrong
         a_right[-2:] = b_right[-2:] = False  # concordant errors do not count
-        to_p = lambda right: np.where(right == (y == 1), 0.8, 0.2)  # noqa: E731
+        to_p = lambda right, y=y: np.where(right == (y == 1), 0.8, 0.2)  # noqa: E731 (a one-line helper per fold)
         patients = [f"{fold}-{i % 10}" for i in range(n)]
         preds["a"].append(FoldPredictions(fold, y, to_p(a_right), patients, 0.5))
         preds["b"].append(FoldPredictions(fold, y, to_p(b_right), patients, 0.5))

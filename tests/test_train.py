@@ -1,4 +1,4 @@
-"""The NumPy training loop (breastcnn.train): learning, exact resume, reproducibility, stopping rules.
+"""The NumPy training loop (breastcnn.training): learning, exact resume, reproducibility, stopping rules.
 
 All runs use one small synthetic BreakHis split (built once per session: the
 ``synth_split`` fixture of ``tests/conftest.py``) at 64x64 pixels, so each
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from breastcnn.errors import UserInputError
-from breastcnn.recipes import RECIPES
-from breastcnn.runs import TrainingCallback
+from breastcnn.training.callbacks import TrainingCallback
+from breastcnn.training.recipes import RECIPES
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -59,7 +59,7 @@ def split_dir(synth_split):
 
 
 def test_evaluation_points_spread_and_end_on_last_batch():
-    from breastcnn.train import evaluation_points
+    from breastcnn.training.recipes import evaluation_points
 
     assert evaluation_points(51, 20)[-1] == 51
     assert len(evaluation_points(51, 20)) == 20
@@ -74,7 +74,7 @@ def test_evaluation_points_spread_and_end_on_last_batch():
      ("preprocess", "zscore", "--preprocess"), ("activation", "tanh", "--activation"), ("threads", 0, "--threads")],
 )
 def test_config_validation_names_the_option(field, value, option):
-    from breastcnn.train import TrainConfig
+    from breastcnn.training.config import TrainConfig
 
     with pytest.raises(UserInputError, match=option):
         TrainConfig(**{field: value}).validate()
@@ -88,7 +88,7 @@ def test_training_learns_and_writes_run_outputs(split_dir, tmp_path, small_confi
     from breastcnn.evaluation import evaluate_model
     from breastcnn.models import load_model
     from breastcnn.runs import HISTORY_COLUMNS
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     recorder = Recorder()
     out = tmp_path / "run"
@@ -117,7 +117,7 @@ def test_training_learns_and_writes_run_outputs(split_dir, tmp_path, small_confi
 
 
 def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, tmp_path, final_weights, small_config):
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     run_a = run_training(small_config(split_dir, tmp_path / "a"))
     run_training(small_config(split_dir, tmp_path / "b"))
@@ -147,7 +147,7 @@ def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, t
 
 def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_path, small_config):
     from breastcnn.runs import read_history
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     # The old units (evaluations) still work: lr decays every 2 evaluations by 0.5; 3 evaluations per
     # epoch -> a decay falls mid-epoch 1
@@ -169,9 +169,11 @@ def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_pa
 
 def test_nan_loss_stops_with_message_and_keeps_best_model(split_dir, tmp_path, monkeypatch, small_config,
                                                           synth_image_size):
-    import breastcnn.train as train_module
+    from breastcnn.training import loop
+    from breastcnn.training.common import TrainingDiverged
+    from breastcnn.training.numpy_run import run_training
 
-    real_step = train_module._train_step
+    real_step = loop.train_step
     calls = {"n": 0}
 
     def exploding_step(model, xb, yb, class_weights):
@@ -179,10 +181,10 @@ def test_nan_loss_stops_with_message_and_keeps_best_model(split_dir, tmp_path, m
         loss, accuracy = real_step(model, xb, yb, class_weights)
         return (float("nan") if calls["n"] == 5 else loss), accuracy
 
-    monkeypatch.setattr(train_module, "_train_step", exploding_step)
+    monkeypatch.setattr(loop, "train_step", exploding_step)
     out = tmp_path / "run"
-    with pytest.raises(train_module.TrainingDiverged, match="loss is nan at step 5") as info:
-        train_module.run_training(small_config(split_dir, out, evals_per_epoch=6))
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 5") as info:
+        run_training(small_config(split_dir, out, evals_per_epoch=6))
     assert info.value.summary["stopped"] == "nan"
     assert "best model so far is kept" in str(info.value)
     from breastcnn.models import load_model
@@ -192,7 +194,7 @@ def test_nan_loss_stops_with_message_and_keeps_best_model(split_dir, tmp_path, m
 
 
 def test_class_weights_and_l2_change_training(split_dir, tmp_path, final_weights, small_config):
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     common = dict(epochs=1, evals_per_epoch=1)
     run_training(small_config(split_dir, tmp_path / "balanced", **common))
@@ -206,7 +208,7 @@ def test_class_weights_and_l2_change_training(split_dir, tmp_path, final_weights
 
 
 def test_kfold_split_trains_one_model_per_fold(tmp_path, small_config, synth_kfold_split):
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     kfold = synth_kfold_split
     messages = []
@@ -229,7 +231,8 @@ def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(split_d
     run uses the threads of the resuming command (a machine setting), and the weights never depend on it."""
     from breastcnn.nn.parallel import observe_chunks
     from breastcnn.runs import read_run_config
-    from breastcnn.train import TrainConfig, run_training
+    from breastcnn.training.config import TrainConfig
+    from breastcnn.training.numpy_run import run_training
 
     with observe_chunks() as log:
         run_training(small_config(split_dir, tmp_path / "one", threads=1, epochs=1))
@@ -246,7 +249,7 @@ def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(split_d
 
 def test_finetune_numpy_freezes_layers(split_dir, tmp_path, small_config):
     from breastcnn.models import load_model
-    from breastcnn.train import finetune_numpy, run_training
+    from breastcnn.training.numpy_run import finetune_numpy, run_training
 
     run_training(small_config(split_dir, tmp_path / "base", epochs=1, evals_per_epoch=1))
     base = load_model(tmp_path / "base" / "model.npz").get_weights()
@@ -263,7 +266,8 @@ def test_finetune_numpy_freezes_layers(split_dir, tmp_path, small_config):
 
 
 def test_missing_split_and_existing_out_are_user_errors(split_dir, tmp_path):
-    from breastcnn.train import TrainConfig, run_training
+    from breastcnn.training.config import TrainConfig
+    from breastcnn.training.numpy_run import run_training
 
     with pytest.raises(UserInputError, match="--split"):
         run_training(TrainConfig(split=str(tmp_path / "nope"), out=str(tmp_path / "run")))
@@ -280,7 +284,7 @@ def test_ctrl_c_is_deferred_to_the_end_of_the_step(split_dir, tmp_path, small_co
     import os
     import signal
 
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     class SendSigint(TrainingCallback):
         def on_batch_end(self, step, loss, accuracy):
@@ -297,7 +301,8 @@ def test_ctrl_c_is_deferred_to_the_end_of_the_step(split_dir, tmp_path, small_co
 def test_resume_of_a_finetune_that_crashed_before_its_first_checkpoint(split_dir, tmp_path, small_config):
     """A fine-tuning run killed before any checkpoint restarts from its source model, frozen layers and all."""
     from breastcnn.models import load_model
-    from breastcnn.train import TrainConfig, finetune_numpy, run_training
+    from breastcnn.training.config import TrainConfig
+    from breastcnn.training.numpy_run import finetune_numpy, run_training
 
     run_training(small_config(split_dir, tmp_path / "base", epochs=1, evals_per_epoch=1))
     base = load_model(tmp_path / "base" / "model.npz").get_weights()

@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from breastcnn.cli.app import app
 from breastcnn.data.split import create_split, load_split
 from breastcnn.errors import UserInputError
-from breastcnn.runs import TrainingCallback
-from breastcnn.train import TrainConfig, run_training
+from breastcnn.training.callbacks import TrainingCallback
+from breastcnn.training.config import TrainConfig
+from breastcnn.training.numpy_run import run_training
 
 SIZE = 64
 
@@ -178,7 +179,7 @@ def test_lock_of_a_killed_process_does_not_block(split_dir, tmp_path):
 
 @pytest.mark.keras
 def test_keras_finetune_into_a_busy_run_dir_is_refused(split_dir, tmp_path, keras):
-    from breastcnn.models.keras_train import finetune_keras
+    from breastcnn.training.keras_loop import finetune_keras
 
     run_dir = tmp_path / "run"
     hold = Hold()

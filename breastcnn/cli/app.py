@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 from rich.markup import escape
@@ -60,14 +60,14 @@ def handle_errors(command: Callable) -> Callable:
             raise
         except KeyboardInterrupt:
             stderr().print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except _EXPECTED_ERRORS as exc:
             if isinstance(exc, BrokenPipeError) and stdout_is_closed():
                 silence_stdout()
-                raise typer.Exit(EXIT_BROKEN_PIPE)
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
             _show_traceback_if_debug(exc)
             stderr().print(f"[red]error:[/red] {escape(_one_line(exc))}", highlight=False)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except Exception as exc:  # a bug: still one line, the traceback behind --debug
             _show_traceback_if_debug(exc)
             stderr().print(
@@ -75,7 +75,7 @@ def handle_errors(command: Callable) -> Callable:
                 + ("" if _debug_enabled() else " (run with --debug for the traceback)"),
                 highlight=False,
             )
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -20,13 +20,23 @@ steps) the saved model answered malignant for every image (seeds 0-2).
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import typer
+from rich.table import Table
 
-from breastcnn.cli.common import info, print_table, stdout
+from breastcnn.cli.common import info, print_table, stderr, stdout
+from breastcnn.data.split import load_split
+from breastcnn.errors import UserInputError
+from breastcnn.fsutil import check_overwrite
+
+CommandRunner = Callable[[list[str]], "int | None"]
+"""Runs one ``breastcnn`` command line (arguments after ``breastcnn``) in this process; returns its exit code."""
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC sample data (computer-drawn imitations of H&E tissue), NOT medical data: "
@@ -56,6 +66,7 @@ QUICK = DemoSizes(scale=0.04, image_size=96, epochs=6, batch_size=16, repeats=5,
 
 
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("breastcnn-demo"), "--out", help="Fresh directory for everything the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="Smaller data and images: under a minute on 2 cores."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample data, the split and the training."),
@@ -66,14 +77,17 @@ def demo(
     synth -> split -> train -> evaluate -> bench -> featuremaps + Grad-CAM, in
     --out (default ./breastcnn-demo). Under 3 minutes on 2 cores; --quick under 1.
     """
-    run_demo(out, quick=quick, force=force, seed=seed)
+    # the steps run through the command group this command belongs to (no import of cli/app: no cycle)
+    run_demo(out, command_runner(ctx.find_root().command), quick=quick, force=force, seed=seed)
 
 
-def run_demo(out: Path, quick: bool = False, force: bool = False, seed: int = 0) -> dict:
-    """Run every step; returns ``{"out", "seconds", "steps": {name: seconds}, "files": {...}}``."""
-    from breastcnn.errors import UserInputError
-    from breastcnn.fsutil import check_overwrite
+def command_runner(group: click.Command) -> CommandRunner:
+    """A :data:`CommandRunner` over the ``breastcnn`` click group (``typer.main.get_command(app)``)."""
+    return lambda args: group.main(args=args, prog_name="breastcnn", standalone_mode=False)
 
+
+def run_demo(out: Path, run_command: CommandRunner, quick: bool = False, force: bool = False, seed: int = 0) -> dict:
+    """Run every step with ``run_command``; returns ``{"out", "seconds", "steps": {name: seconds}, "files": {...}}``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
@@ -95,7 +109,7 @@ def run_demo(out: Path, quick: bool = False, force: bool = False, seed: int = 0)
     def step(name: str, args: list[str], where: str) -> None:
         console.rule(f"[bold]{len(steps) + 1}. breastcnn {' '.join(args)}", align="left")
         t0 = time.perf_counter()
-        _invoke(args, name)
+        _invoke(run_command, args, name)
         steps[name] = round(time.perf_counter() - t0, 1)
         console.print(f"[dim]{name}: {steps[name]:.1f} s; files: {where}[/dim]", highlight=False)
 
@@ -129,14 +143,9 @@ def run_demo(out: Path, quick: bool = False, force: bool = False, seed: int = 0)
     return {"out": str(out), "seconds": seconds, "steps": steps, "files": {k: str(v) for k, v in files.items()}}
 
 
-def _invoke(args: list[str], name: str) -> None:
+def _invoke(run_command: CommandRunner, args: list[str], name: str) -> None:
     """Run one ``breastcnn`` command in this process; a non-zero exit stops the demo with that code."""
-    from typer.main import get_command
-
-    from breastcnn.cli.app import app
-    from breastcnn.cli.common import stderr
-
-    code = get_command(app).main(args=args, prog_name="breastcnn", standalone_mode=False)
+    code = run_command(args)
     if code not in (None, 0):
         stderr().print(f"[red]demo stopped:[/red] step '{name}' exited with code {code}", highlight=False)
         raise typer.Exit(code)
@@ -144,8 +153,6 @@ def _invoke(args: list[str], name: str) -> None:
 
 def _keras_available() -> tuple[list[str], str | None]:
     """``(["vgg16", "resnet50"], None)`` with TensorFlow, else ``([], why they are skipped)``."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
         return [], ("TensorFlow is not installed: VGG16/ResNet50 are left out of the bench "
                     "(pip install 'breastcnn[keras]' to include them)")
@@ -154,8 +161,6 @@ def _keras_available() -> tuple[list[str], str | None]:
 
 def _pick_image(split_dir: Path) -> Path:
     """A malignant test image of the split (any test image if none), for the feature maps."""
-    from breastcnn.data.split import load_split
-
     split = load_split(split_dir)
     rows = split.subset("test") or split.rows
     chosen = next((r for r in rows if r.label == "malignant"), rows[0])
@@ -163,8 +168,6 @@ def _pick_image(split_dir: Path) -> Path:
 
 
 def _print_summary(files: dict, steps: dict, seconds: float) -> None:
-    from rich.table import Table
-
     table = Table(title=f"demo done in {seconds:.1f} s ({SYNTHETIC_NOTE})", title_justify="left")
     table.add_column("output")
     table.add_column("where")

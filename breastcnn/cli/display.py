@@ -1,6 +1,6 @@
 """Live display of a training run on stderr (shared by `train` and `finetune`).
 
-:class:`TrainingDisplay` implements the :class:`breastcnn.runs.TrainingCallback`
+:class:`TrainingDisplay` implements the :class:`breastcnn.training.callbacks.TrainingCallback`
 hooks: on a terminal, a rich progress bar per epoch with the running
 loss/accuracy and the latest validation scores; otherwise (CI, pipes, files)
 one plain line per validation evaluation. It never writes to stdout, so
@@ -22,7 +22,7 @@ from __future__ import annotations
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from breastcnn.cli.common import progress_enabled, stderr
-from breastcnn.runs import TrainingCallback
+from breastcnn.training.callbacks import TrainingCallback
 
 
 def _fmt(value, digits: int = 4) -> str:

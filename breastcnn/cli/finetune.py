@@ -1,8 +1,8 @@
 """`breastcnn finetune`: fine-tune VGG16/ResNet50/custom-keras, or continue training a saved NumPy model.
 
-``--model vgg16|resnet50|custom-keras`` runs :func:`breastcnn.models.keras_train.finetune_keras`
+``--model vgg16|resnet50|custom-keras`` runs :func:`breastcnn.training.keras_loop.finetune_keras`
 (TensorFlow, imported only on this path); ``--model RUN_DIR/model.npz`` runs
-:func:`breastcnn.train.finetune_numpy` (NumPy only). Options whose defaults
+:func:`breastcnn.training.numpy_run.finetune_numpy` (NumPy only). Options whose defaults
 differ between the paths default to None here and are resolved per path:
 vgg16/resnet50 use the transfer-learning schedule, custom-keras and NumPy
 models a training recipe (``--recipe``, default ``default``: the schedule of
@@ -12,21 +12,35 @@ network the same way).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from breastcnn.cli.common import jobs_option, print_json, stderr
+from breastcnn.cli.display import TrainingDisplay
 from breastcnn.errors import UserInputError
+from breastcnn.models import list_models, load_model
+from breastcnn.models.keras_models import DEFAULT_TRAINABLE_LAYERS, require_keras
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+from breastcnn.runs import resolve_model_path
+from breastcnn.training.common import EXIT_DIVERGED, TrainingDiverged
+from breastcnn.training.config import TrainConfig
+from breastcnn.training.keras_loop import TRANSFER_DEFAULTS, TRANSFER_EPOCHS, default_weights, finetune_keras
+from breastcnn.training.numpy_run import finetune_numpy
+from breastcnn.training.recipes import DEFAULT_RECIPE, MONITORS
 
-KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
+KERAS_MODELS = tuple(list_models(framework="keras"))
 
 # Per-path defaults of the options that default to None on the command line
 # (lr/batch size/patience/monitor of a recipe path come from the recipe).
-KERAS_DEFAULTS = {"epochs": 200, "batch_size": 64, "lr": 1e-4, "image_size": 224, "trainable_layers": 20}
-CUSTOM_KERAS_DEFAULTS = {"epochs": 5, "image_size": 224, "trainable_layers": 20}
-NUMPY_DEFAULTS = {"epochs": 5, "batch_size": 32, "lr": 1e-3}
+KERAS_DEFAULTS = {"epochs": TRANSFER_EPOCHS, "batch_size": TRANSFER_DEFAULTS["batch_size"],
+                  "lr": TRANSFER_DEFAULTS["lr"], "image_size": DEFAULT_IMAGE_SIZE,
+                  "trainable_layers": DEFAULT_TRAINABLE_LAYERS}
+CUSTOM_KERAS_DEFAULTS = {"epochs": TrainConfig.epochs, "image_size": DEFAULT_IMAGE_SIZE,
+                         "trainable_layers": DEFAULT_TRAINABLE_LAYERS}
+NUMPY_DEFAULTS = {"epochs": TrainConfig.epochs, "batch_size": 32, "lr": 1e-3}
+"""A saved NumPy model continues at a tenth of the default recipe's LR, in batches of 32."""
 RECIPE_MODELS = ("custom-keras",)
 """Keras models trained with a recipe (the others keep the transfer-learning schedule)."""
 
@@ -36,54 +50,54 @@ EXIT_INTERRUPTED = 130
 def finetune(
     model: str = typer.Option(
         ..., "--model", "-m",
-        help="vgg16, resnet50 or custom-keras (Keras, needs the keras extra), or RUN_DIR/model.npz "
+        help=f"{', '.join(KERAS_MODELS)} (Keras, needs the keras extra), or RUN_DIR/model.npz "
         "(continue training a saved NumPy model, e.g. a 200X model on a 400X split).",
     ),
-    split: Path = typer.Option(Path("splits/200X"), "--split", help="Split directory (manifest.csv + split.json)."),
-    weights: Optional[str] = typer.Option(
+    split: Path = typer.Option(Path(TrainConfig.split), "--split", help="Split directory (manifest.csv + split.json)."),
+    weights: str | None = typer.Option(
         None, "--weights",
         help="Keras only: imagenet (default for vgg16/resnet50: the Keras cache $KERAS_HOME/models or "
         "~/.keras/models, else a download), none (random init; default for custom-keras), or PATH "
         "to a weights file.",
     ),
-    trainable_layers: Optional[int] = typer.Option(
+    trainable_layers: int | None = typer.Option(
         None, "--trainable-layers",
         help="Keras vgg16/resnet50: train the last N layers of the base (default 20, the report's). "
         "VGG16's base has only 19 layers, so 20 trains the whole network; the report's 7.08 M "
         "trainable parameters are --trainable-layers 4.",
     ),
-    recipe: Optional[str] = typer.Option(
+    recipe: str | None = typer.Option(
         None, "--recipe",
         help="custom-keras and NumPy .npz models: the training recipe of 'breastcnn train' (default or report; "
         "default: default). vgg16/resnet50 use the transfer-learning schedule (no recipe).",
     ),
-    epochs: Optional[int] = typer.Option(
+    epochs: int | None = typer.Option(
         None, "--epochs", help="Maximum epochs (default: vgg16/resnet50 200, custom-keras and NumPy 5)."),
-    batch_size: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(
         None, "--batch-size", help="Batch size (default: vgg16/resnet50 64, NumPy 32, custom-keras the recipe's)."),
-    lr: Optional[float] = typer.Option(
+    lr: float | None = typer.Option(
         None, "--lr", help="Adam learning rate (default: vgg16/resnet50 1e-4, NumPy 1e-3, custom-keras the recipe's)."),
-    patience: Optional[int] = typer.Option(
+    patience: int | None = typer.Option(
         None, "--patience", help="Early stopping: validation passes without improvement (vgg16/resnet50: epochs, "
         "default 10; custom-keras and NumPy: evaluations, default: the recipe's patience)."
     ),
-    patience_epochs: Optional[float] = typer.Option(
+    patience_epochs: float | None = typer.Option(
         None, "--patience-epochs", help="custom-keras and NumPy: early-stopping patience in epochs (default: the recipe's)."
     ),
-    l2: Optional[float] = typer.Option(
+    l2: float | None = typer.Option(
         None, "--l2", help="custom-keras and NumPy: L2 factor on conv/dense kernels (default: the recipe's)."
     ),
-    class_weights: str = typer.Option("balanced", "--class-weights", help="balanced or none."),
-    image_size: Optional[int] = typer.Option(
+    class_weights: str = typer.Option(TrainConfig.class_weights, "--class-weights", help="balanced or none."),
+    image_size: int | None = typer.Option(
         None, "--image-size",
-        help="Keras: input side (default 224; custom-keras needs >= 51). NumPy: taken from the model.",
+        help=f"Keras: input side (default {DEFAULT_IMAGE_SIZE}; custom-keras needs >= 51). NumPy: taken from the model.",
     ),
-    monitor: Optional[str] = typer.Option(
-        None, "--monitor", help="Best-model metric: val_balanced_accuracy, val_auc, val_loss, val_accuracy, val_f1 or "
-        "val_recall (default: vgg16/resnet50 val_accuracy, custom-keras and NumPy the recipe's)."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment the training images."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
+    monitor: str | None = typer.Option(
+        None, "--monitor", help=f"Best-model metric: {', '.join(MONITORS)} "
+        f"(default: vgg16/resnet50 {TRANSFER_DEFAULTS['monitor']}, custom-keras and NumPy the recipe's)."),
+    augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment", help="Augment the training images."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
+    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
     deterministic: bool = typer.Option(
         False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in model.keras.json)."
     ),
@@ -91,11 +105,11 @@ def finetune(
         "default", "--strategy",
         help="Keras: default, or mirrored (tf.distribute.MirroredStrategy over all visible GPUs; CPU if none).",
     ),
-    freeze: Optional[int] = typer.Option(
+    freeze: int | None = typer.Option(
         None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
     ),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="NumPy .npz only: engine threads (default: all available cores)."
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON document."),
@@ -107,10 +121,12 @@ def finetune(
     training.png and the best model by --monitor (model.keras + model.keras.json,
     or model.npz).
     """
-    opts = dict(locals())  # every option, by parameter name
-    from breastcnn.cli.display import TrainingDisplay
-    from breastcnn.train import EXIT_DIVERGED, TrainingDiverged
-
+    opts = FinetuneOptions(
+        model=model, split=split, weights=weights, trainable_layers=trainable_layers, recipe=recipe, epochs=epochs,
+        batch_size=batch_size, lr=lr, patience=patience, patience_epochs=patience_epochs, l2=l2,
+        class_weights=class_weights, image_size=image_size, monitor=monitor, augment=augment, out=out, seed=seed,
+        deterministic=deterministic, strategy=strategy, freeze=freeze, jobs=jobs, threads=threads, force=force,
+    )
     display = TrainingDisplay(quiet=json_output)
     try:
         if model in KERAS_MODELS:
@@ -123,8 +139,41 @@ def finetune(
         if json_output:
             print_json(exc.summary)
         stderr().print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(EXIT_DIVERGED)
+        raise typer.Exit(EXIT_DIVERGED) from None
     _report(summary, json_output)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    """The command's options as typed (None: the path's default)."""
+
+    model: str
+    split: Path
+    weights: str | None
+    trainable_layers: int | None
+    recipe: str | None
+    epochs: int | None
+    batch_size: int | None
+    lr: float | None
+    patience: int | None
+    patience_epochs: float | None
+    l2: float | None
+    class_weights: str
+    image_size: int | None
+    monitor: str | None
+    augment: bool
+    out: Path | None
+    seed: int
+    deterministic: bool
+    strategy: str
+    freeze: int | None
+    jobs: int
+    threads: int | None
+    force: bool
+
+    def or_default(self, defaults: dict) -> dict:
+        """``defaults`` with the options given on the command line in place of them."""
+        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
 
 
 def _unknown_model(model: str) -> None:
@@ -134,90 +183,86 @@ def _unknown_model(model: str) -> None:
     raise UserInputError(f"--model {model!r}: expected vgg16, resnet50, custom-keras or a NumPy model .npz{hint}")
 
 
-def _run_keras(opts: dict, display) -> dict:
-    if opts["freeze"] is not None:
+def _refuse_options(opts: FinetuneOptions, arch: str) -> None:
+    """Refuse the options that do not apply to Keras model ``arch``."""
+    if opts.freeze is not None:
         raise UserInputError("--freeze applies to NumPy .npz models; for Keras models use --trainable-layers")
-    if opts["threads"] is not None:
+    if opts.threads is not None:
         raise UserInputError("--threads applies to NumPy .npz models; Keras models use TensorFlow's own thread pools")
-    arch = opts["model"]
-    with_recipe = arch in RECIPE_MODELS
-    if not with_recipe:
-        given = [flag for flag, name in (("--recipe", "recipe"), ("--patience-epochs", "patience_epochs"),
-                                         ("--l2", "l2")) if opts[name] is not None]
-        if given:
-            raise UserInputError(
-                f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to custom-keras and NumPy .npz models; "
-                f"{arch} uses the transfer-learning schedule (--patience in epochs, ReduceLROnPlateau)"
-            )
-    from breastcnn.models.keras_models import require_keras
+    if arch in RECIPE_MODELS:
+        return
+    given = [flag for flag, value in (("--recipe", opts.recipe), ("--patience-epochs", opts.patience_epochs),
+                                      ("--l2", opts.l2)) if value is not None]
+    if given:
+        raise UserInputError(
+            f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to custom-keras and NumPy .npz models; "
+            f"{arch} uses the transfer-learning schedule (--patience in epochs, ReduceLROnPlateau)"
+        )
 
+
+def _run_keras(opts: FinetuneOptions, display) -> dict:
+    arch = opts.model
+    _refuse_options(opts, arch)
     require_keras()  # MissingDependencyError (exit 2) with the install command when TF is absent
-    from breastcnn.models.keras_train import TRANSFER_DEFAULTS, default_weights, finetune_keras
-
-    if with_recipe:
-        resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in CUSTOM_KERAS_DEFAULTS.items()}
-        resolved.update(batch_size=opts["batch_size"], lr=opts["lr"], patience=opts["patience"],
-                        monitor=opts["monitor"])  # None: the recipe's
-        recipe_options = {k: opts[k] for k in ("patience_epochs", "l2") if opts[k] is not None}
-        recipe = opts["recipe"] or "default"
+    if arch in RECIPE_MODELS:
+        resolved = opts.or_default(CUSTOM_KERAS_DEFAULTS)
+        resolved.update(batch_size=opts.batch_size, lr=opts.lr, patience=opts.patience,
+                        monitor=opts.monitor)  # None: the recipe's
+        recipe_options = {k: getattr(opts, k) for k in ("patience_epochs", "l2") if getattr(opts, k) is not None}
+        recipe = opts.recipe or DEFAULT_RECIPE
     else:
-        resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in KERAS_DEFAULTS.items()}
-        resolved.update(patience=opts["patience"] if opts["patience"] is not None else TRANSFER_DEFAULTS["patience"],
-                        monitor=opts["monitor"] or TRANSFER_DEFAULTS["monitor"])
+        resolved = opts.or_default(KERAS_DEFAULTS)
+        resolved.update(patience=opts.patience if opts.patience is not None else TRANSFER_DEFAULTS["patience"],
+                        monitor=opts.monitor or TRANSFER_DEFAULTS["monitor"])
         recipe_options, recipe = None, None
-    resolved["weights"] = opts["weights"] if opts["weights"] is not None else default_weights(arch)
+    resolved["weights"] = opts.weights if opts.weights is not None else default_weights(arch)
     recorded = {
-        "model": arch, "split": str(opts["split"]), "out": None if opts["out"] is None else str(opts["out"]),
-        "class_weights": opts["class_weights"], "augment": opts["augment"], "seed": opts["seed"],
-        "deterministic": opts["deterministic"], "strategy": opts["strategy"], "jobs": opts["jobs"], **resolved,
+        "model": arch, "split": str(opts.split), "out": None if opts.out is None else str(opts.out),
+        "class_weights": opts.class_weights, "augment": opts.augment, "seed": opts.seed,
+        "deterministic": opts.deterministic, "strategy": opts.strategy, "jobs": opts.jobs, **resolved,
     }
     return finetune_keras(
-        arch, opts["split"], opts["out"],
+        arch, opts.split, opts.out,
         weights=resolved["weights"], trainable_layers=resolved["trainable_layers"], epochs=resolved["epochs"],
         batch_size=resolved["batch_size"], lr=resolved["lr"], patience=resolved["patience"],
-        class_weights=opts["class_weights"], image_size=resolved["image_size"], monitor=resolved["monitor"],
-        augment=opts["augment"], seed=opts["seed"], deterministic=opts["deterministic"],
-        strategy=opts["strategy"], jobs=opts["jobs"], force=opts["force"], callback=display, options=recorded,
+        class_weights=opts.class_weights, image_size=resolved["image_size"], monitor=resolved["monitor"],
+        augment=opts.augment, seed=opts.seed, deterministic=opts.deterministic,
+        strategy=opts.strategy, jobs=opts.jobs, force=opts.force, callback=display, options=recorded,
         recipe=recipe, recipe_options=recipe_options,
     )
 
 
-def _run_numpy(opts: dict, display) -> dict:
+def _run_numpy(opts: FinetuneOptions, display) -> dict:
     keras_only = {
-        "--weights": opts["weights"] is not None,
-        "--trainable-layers": opts["trainable_layers"] is not None,
-        "--deterministic": opts["deterministic"],
-        "--strategy": opts["strategy"] != "default",
+        "--weights": opts.weights is not None,
+        "--trainable-layers": opts.trainable_layers is not None,
+        "--deterministic": opts.deterministic,
+        "--strategy": opts.strategy != "default",
     }
     given = [name for name, used in keras_only.items() if used]
     if given:
         raise UserInputError(
             f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to Keras models "
-            f"(vgg16/resnet50/custom-keras), not to --model {opts['model']}"
+            f"(vgg16/resnet50/custom-keras), not to --model {opts.model}"
         )
-    from breastcnn.runs import resolve_model_path
-    from breastcnn.train import TrainConfig, finetune_numpy
-
-    model_path = resolve_model_path(opts["model"])
+    model_path = resolve_model_path(opts.model)
     if model_path.suffix != ".npz":
-        raise UserInputError(f"--model {opts['model']}: {model_path} is not a NumPy .npz model")
-    resolved = {k: (opts[k] if opts[k] is not None else v) for k, v in NUMPY_DEFAULTS.items()}
+        raise UserInputError(f"--model {opts.model}: {model_path} is not a NumPy .npz model")
+    resolved = opts.or_default(NUMPY_DEFAULTS)
     config = TrainConfig(
-        split=str(opts["split"]), out=None if opts["out"] is None else str(opts["out"]),
-        recipe=opts["recipe"] or "default", epochs=resolved["epochs"], batch_size=resolved["batch_size"],
-        lr=resolved["lr"], l2=opts["l2"], patience=opts["patience"], patience_epochs=opts["patience_epochs"],
-        class_weights=opts["class_weights"], monitor=opts["monitor"],
-        augment=opts["augment"], seed=opts["seed"], jobs=opts["jobs"], threads=opts["threads"], force=opts["force"],
+        split=str(opts.split), out=None if opts.out is None else str(opts.out),
+        recipe=opts.recipe or DEFAULT_RECIPE, epochs=resolved["epochs"], batch_size=resolved["batch_size"],
+        lr=resolved["lr"], l2=opts.l2, patience=opts.patience, patience_epochs=opts.patience_epochs,
+        class_weights=opts.class_weights, monitor=opts.monitor,
+        augment=opts.augment, seed=opts.seed, jobs=opts.jobs, threads=opts.threads, force=opts.force,
     )
-    if opts["image_size"] is not None:
-        from breastcnn.models import load_model
-
-        size = load_model(model_path).meta.get("image_size")
-        if size is not None and int(size) != opts["image_size"]:
-            raise UserInputError(
-                f"--image-size {opts['image_size']}: {model_path} takes {size}x{size} images (leave --image-size out)"
-            )
-    return finetune_numpy(model_path, config, freeze=opts["freeze"] or 0, progress_callbacks=[display])
+    model = load_model(model_path)  # read once: checked here, then trained
+    size = model.meta.get("image_size")
+    if opts.image_size is not None and size is not None and int(size) != opts.image_size:
+        raise UserInputError(
+            f"--image-size {opts.image_size}: {model_path} takes {size}x{size} images (leave --image-size out)"
+        )
+    return finetune_numpy(model_path, config, freeze=opts.freeze or 0, progress_callbacks=[display], model=model)
 
 
 def _report(summary: dict, json_output: bool) -> None:

@@ -6,28 +6,38 @@ import contextlib
 import csv
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import jobs_option, make_progress, print_json, print_table, stderr, stdout, warn_threads_ignored
+from breastcnn.cli.common import (
+    jobs_option,
+    make_progress,
+    print_json,
+    print_table,
+    stderr,
+    warn_threads_ignored,
+)
+from breastcnn.cluster import connect, predict_paths_distributed, scheduler_address
 from breastcnn.errors import UserInputError
+from breastcnn.inference import check_threads, collect_images, csv_cell, predict_paths
+from breastcnn.models import load_model
+from breastcnn.runs import resolve_model_path
 
 
 def predict(
-    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."),
+    images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    model: Path | None = typer.Option(None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
     jobs: int = jobs_option("decoding the images (threads)"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
                                 "TensorFlow's own thread pools)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
                                             help="dask.distributed scheduler address (tcp://host:8786): classify "
                                             "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER)."),
 ) -> None:
@@ -40,20 +50,7 @@ def predict(
     still classified, and the exit code is 1 at the end (2 for bad options or
     a missing model).
     """
-    from breastcnn.cluster import connect, predict_paths_distributed, scheduler_address
-    from breastcnn.inference import check_threads, collect_images, csv_cell, predict_paths
-    from breastcnn.models import load_model
-    from breastcnn.runs import resolve_model_path
-
-    if json_output and csv_output:
-        raise UserInputError("--json and --csv are exclusive; pick one")
-    if not 0.0 <= threshold <= 1.0:
-        raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
-    if batch_size < 1:
-        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
-    if jobs == 0 or jobs < -1:
-        raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
-    check_threads(threads)
+    _check_options(json_output, csv_output, threshold, batch_size, jobs, threads)
     model_path = resolve_model_path(model)
     classifier = load_model(model_path)
     warn_threads_ignored(classifier, threads)
@@ -92,17 +89,34 @@ def predict(
     if json_output:
         print_json(results)
     elif not csv_output:
-        table = Table(title=f"{len(results)} image(s), threshold {threshold:g}")
-        table.add_column("path", overflow="fold")
-        table.add_column("label")
-        table.add_column("P(malignant)", justify="right")
-        for row in results:
-            colour = "red" if row["label"] == "malignant" else "green"
-            table.add_row(escape(row["path"]), f"[{colour}]{row['label']}[/{colour}]", f"{row['probability']:.4f}")
-        print_table(table)
+        _print_results(results, threshold)
     if errors:
         stderr().print(f"[red]{errors} input(s) could not be classified[/red]", highlight=False)
         raise typer.Exit(1)
+
+
+def _check_options(json_output: bool, csv_output: bool, threshold: float, batch_size: int, jobs: int,
+                   threads: int | None) -> None:
+    if json_output and csv_output:
+        raise UserInputError("--json and --csv are exclusive; pick one")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserInputError(f"--threshold must be in [0, 1], got {threshold}")
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
+    if jobs == 0 or jobs < -1:
+        raise UserInputError(f"--jobs must be >= 1 (or -1 for all cores), got {jobs}")
+    check_threads(threads)
+
+
+def _print_results(results: list[dict], threshold: float) -> None:
+    table = Table(title=f"{len(results)} image(s), threshold {threshold:g}")
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    table.add_column("P(malignant)", justify="right")
+    for row in results:
+        colour = "red" if row["label"] == "malignant" else "green"
+        table.add_row(escape(row["path"]), f"[{colour}]{row['label']}[/{colour}]", f"{row['probability']:.4f}")
+    print_table(table)
 
 
 def _error_line(message: str) -> None:

@@ -4,43 +4,47 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from breastcnn.cli.common import make_progress, print_json, print_table, stderr, warn, warn_threads_ignored
+from breastcnn.cluster import LocalExecutor, connect, scheduler_address
 from breastcnn.errors import BreastCNNError, UserInputError
-from breastcnn.wsi.analysis import SlideSettings
+from breastcnn.models import load_model
+from breastcnn.runs import resolve_model_path
+from breastcnn.wsi.analysis import SlideSettings, analyse_slide, existing_outputs, output_dirs
+from breastcnn.wsi.magnification import model_magnification
+from breastcnn.wsi.tissue import require_skimage
 
 _DEFAULTS = SlideSettings()
 
 
 def slide(
-    slides: List[Path] = typer.Argument(..., help="Whole-slide files (.svs, .ndpi, .mrxs, ... via OpenSlide; "
+    slides: list[Path] = typer.Argument(..., help="Whole-slide files (.svs, .ndpi, .mrxs, ... via OpenSlide; "
                                         "pyramidal or plain TIFF; PNG/JPEG)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model file (.npz/.keras/.onnx) or run directory "
+    model: Path | None = typer.Option(None, "--model", help="Model file (.npz/.keras/.onnx) or run directory "
                                          "(default: runs/latest)."),
-    mag: Optional[str] = typer.Option(None, "--mag", help="The slide's level-0 magnification, BreakHis style "
+    mag: str | None = typer.Option(None, "--mag", help="The slide's level-0 magnification, BreakHis style "
                                       "(200X = 20x objective = 0.5 um/px); overrides the file's metadata."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", help="The slide's level-0 microns per pixel; overrides "
+    mpp: float | None = typer.Option(None, "--mpp", help="The slide's level-0 microns per pixel; overrides "
                                         "the file's metadata."),
     tile: int = typer.Option(_DEFAULTS.tile, "--tile", help="Tile side in pixels at the model's magnification."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Step between tiles in pixels at the model's "
+    stride: int | None = typer.Option(None, "--stride", help="Step between tiles in pixels at the model's "
                                          "magnification (default: --tile, no overlap)."),
     tissue_threshold: float = typer.Option(_DEFAULTS.tissue_threshold, "--tissue-threshold",
                                            help="Least tissue fraction of a tile for it to be classified."),
     threshold: float = typer.Option(_DEFAULTS.threshold, "--threshold",
                                     help="Label a tile malignant when P(malignant) >= this."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Tiles per model call."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of a NumPy model (default: all "
+    threads: int | None = typer.Option(None, "--threads", help="Engine threads of a NumPy model (default: all "
                                           "available cores; Keras models use TensorFlow's own thread pools)."),
     out: Path = typer.Option(Path("slides"), "--out", help="Output folder: one sub-folder per slide."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON array: one summary object per slide."),
     force: bool = typer.Option(False, "--force", help="Overwrite tiles.csv/heatmap.png/summary.json of an "
                                "earlier run (other files are left alone)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
                                             help="dask.distributed scheduler address (tcp://host:8786): "
                                             "classify the tiles on its workers (env BREASTCNN_SCHEDULER)."),
 ) -> None:
@@ -54,13 +58,6 @@ def slide(
     still processed, and the exit code is 1 at the end (2 for bad options or a
     missing model).
     """
-    from breastcnn.cluster import LocalExecutor, connect, scheduler_address
-    from breastcnn.models import load_model
-    from breastcnn.runs import resolve_model_path
-    from breastcnn.wsi.analysis import analyse_slide, existing_outputs, output_dirs
-    from breastcnn.wsi.magnification import model_magnification
-    from breastcnn.wsi.tissue import require_skimage
-
     settings = SlideSettings(tile=tile, stride=stride, tissue_threshold=tissue_threshold, threshold=threshold,
                              batch_size=batch_size, mpp=mpp, mag=mag, threads=threads).validated()
     if out.exists() and not out.is_dir():
@@ -74,10 +71,7 @@ def slide(
         warn(f"the model's magnification is {model_resolution.source}")
     folders = output_dirs([str(s) for s in slides], out)
     if not force:
-        for folder in folders:
-            taken = existing_outputs(folder)
-            if taken:
-                raise UserInputError(f"{taken[0]} already exists; pass --force to overwrite it")
+        _refuse_existing(folders)
 
     address = scheduler_address(scheduler)
     summaries: list[dict] = []
@@ -98,9 +92,7 @@ def slide(
                                         model_path=model_path, on_start=on_start,
                                         progress=lambda k, task=task: progress.advance(task, k))
             except (BreastCNNError, ValueError, OSError) as exc:
-                message = " ".join(str(exc).split()) or type(exc).__name__
-                if str(path) not in message:
-                    message = f"{path}: {message}"
+                message = _error_message(path, exc)
                 stderr().print(f"[red]error:[/red] {escape(message)}", highlight=False)
                 summaries.append({"slide": str(path), "error": message})
                 errors += 1
@@ -113,6 +105,20 @@ def slide(
     if errors:
         stderr().print(f"[red]{errors} slide(s) could not be processed[/red]", highlight=False)
         raise typer.Exit(1)
+
+
+def _refuse_existing(folders: list[Path]) -> None:
+    """Without --force, an earlier run's outputs in any slide's folder are refused, naming the first."""
+    for folder in folders:
+        taken = existing_outputs(folder)
+        if taken:
+            raise UserInputError(f"{taken[0]} already exists; pass --force to overwrite it")
+
+
+def _error_message(path: Path, exc: Exception) -> str:
+    """One line naming the slide."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return message if str(path) in message else f"{path}: {message}"
 
 
 def _print_table(summaries: list[dict]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -26,11 +25,11 @@ def split(
         ..., "--mag", help="Magnification(s) to keep: 40X, 100X, 200X, 400X, a comma list (40X,200X), or all. "
         "With several, a patient's images at all of them go to the same subset."
     ),
-    data: Optional[Path] = typer.Option(
+    data: Path | None = typer.Option(
         None, "--data", help="Data root (BreaKHis_v1, or a folder with benign/ and malignant/). "
         "Default: $BREAKHIS_DIR, else ./BreaKHis_v1."
     ),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Split directory to write. Default: ./splits/<mag> (splits/200X, splits/all, "
         "splits/40X+200X)."
     ),
@@ -38,7 +37,7 @@ def split(
         "patient", "--by", help="patient: no patient in two subsets (default); image: the report's "
         "per-class image split, which leaks patients between train and test."
     ),
-    ratios: Optional[str] = typer.Option(
+    ratios: str | None = typer.Option(
         None, "--ratios", help="train,val,test fractions (default 0.8,0.1,0.1; with --folds 0.7,0.3 train,test)."
     ),
     folds: int = typer.Option(

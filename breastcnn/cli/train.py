@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from breastcnn.cli.common import info, jobs_option, print_json, stderr
 from breastcnn.cli.display import TrainingDisplay
 from breastcnn.errors import UserInputError
-from breastcnn.recipes import MONITORS, RECIPE_OPTIONS, RECIPES, UNIT_PAIRS
-from breastcnn.train import EXIT_DIVERGED, TrainConfig, TrainingDiverged, run_training
+from breastcnn.models.custom import ACTIVATIONS
+from breastcnn.runs import read_run_config
+from breastcnn.training.common import EXIT_DIVERGED, TrainingDiverged
+from breastcnn.training.config import TrainConfig
+from breastcnn.training.numpy_run import run_training
+from breastcnn.training.recipes import MONITORS, RECIPE_OPTIONS, RECIPES, UNIT_PAIRS
+
+DEFAULTS = TrainConfig()
+"""The option defaults: they live in :class:`TrainConfig` (the recipe options default to None: the recipe's)."""
 
 
 def _by_recipe(name: str, unit: str = "") -> str:
-    """' Recipe default: default X, report Y.' for an option's help (the values live in breastcnn.recipes)."""
+    """' Recipe default: default X, report Y.' for an option's help (the values live in breastcnn.training.recipes)."""
     values = []
     for recipe_name, recipe in RECIPES.items():
         value = getattr(recipe, name)
@@ -39,52 +45,52 @@ _RECIPE_HELP = (
 
 def train(
     ctx: typer.Context,
-    split: Path = typer.Option(Path("splits/200X"), "--split", help="Split directory (a k-fold split trains one model per fold)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<arch>-<timestamp>, linked as runs/latest)."),
-    arch: str = typer.Option("custom", "--arch", help="Architecture (NumPy): custom (the report's) or custom-k4 (first conv 4x4/s4, sees every pixel)."),
-    recipe: str = typer.Option("default", "--recipe", help=_RECIPE_HELP),
-    epochs: int = typer.Option(5, "--epochs", help="Epochs to train (fewer only when early stopping ends the run)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per optimizer step." + _by_recipe("batch_size")),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate (Adam)." + _by_recipe("lr")),
-    l2: Optional[float] = typer.Option(
+    split: Path = typer.Option(Path(DEFAULTS.split), "--split", help="Split directory (a k-fold split trains one model per fold)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<arch>-<timestamp>, linked as runs/latest)."),
+    arch: str = typer.Option(DEFAULTS.arch, "--arch", help="Architecture (NumPy): custom (the report's) or custom-k4 (first conv 4x4/s4, sees every pixel)."),
+    recipe: str = typer.Option(DEFAULTS.recipe, "--recipe", help=_RECIPE_HELP),
+    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs to train (fewer only when early stopping ends the run)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per optimizer step." + _by_recipe("batch_size")),
+    lr: float | None = typer.Option(None, "--lr", help="Initial learning rate (Adam)." + _by_recipe("lr")),
+    l2: float | None = typer.Option(
         None, "--l2", help="L2 factor on conv/dense kernels, in the gradient (Keras L2 convention, l2*sum(W^2))."
         + _by_recipe("l2")),
-    class_weights: str = typer.Option("balanced", "--class-weights", help="balanced (weights n/(2*count) in the loss gradient) or none."),
-    evals_per_epoch: Optional[int] = typer.Option(
+    class_weights: str = typer.Option(DEFAULTS.class_weights, "--class-weights", help="balanced (weights n/(2*count) in the loss gradient) or none."),
+    evals_per_epoch: int | None = typer.Option(
         None, "--evals-per-epoch", help="Validation evaluations per epoch (each logged to history.csv)."
         + _by_recipe("evals_per_epoch")),
-    patience: Optional[int] = typer.Option(
+    patience: int | None = typer.Option(
         None, "--patience", help="Early stopping patience in EVALUATIONS (the old unit; scales with --evals-per-epoch "
         "and the data-set size): stop after this many evaluations without improvement of --monitor. "
         "Use --patience-epochs for a patience in epochs." + _by_recipe("patience")),
-    patience_epochs: Optional[float] = typer.Option(
+    patience_epochs: float | None = typer.Option(
         None, "--patience-epochs", help="Early stopping patience in EPOCHS (fractions allowed): stop once --monitor "
         "has not improved for this long." + _by_recipe("patience_epochs")),
-    min_epochs: Optional[float] = typer.Option(
+    min_epochs: float | None = typer.Option(
         None, "--min-epochs", help="Early stopping never ends a run within this many epochs (fractions allowed; "
         "BatchNorm's moving statistics need about an epoch to settle)." + _by_recipe("min_epochs")),
-    lr_decay: Optional[float] = typer.Option(
+    lr_decay: float | None = typer.Option(
         None, "--lr-decay", help="Multiply the LR by this factor every --lr-decay-epochs epochs (or --lr-decay-every "
         "evaluations), counted over the whole run (never reset per epoch); 1 = constant." + _by_recipe("lr_decay")),
-    lr_decay_every: Optional[int] = typer.Option(
+    lr_decay_every: int | None = typer.Option(
         None, "--lr-decay-every", help="Evaluations between LR decays (the old unit; the report: 5)."
         + _by_recipe("lr_decay_every")),
-    lr_decay_epochs: Optional[float] = typer.Option(
+    lr_decay_epochs: float | None = typer.Option(
         None, "--lr-decay-epochs", help="Epochs between LR decays (fractions allowed)." + _by_recipe("lr_decay_epochs")),
-    monitor: Optional[str] = typer.Option(
+    monitor: str | None = typer.Option(
         None, "--monitor", help=f"Metric that selects the best model (ties: the later evaluation) and drives early "
         f"stopping: {', '.join(MONITORS)} (val_loss is minimised; a one-class model scores 0.5 on "
         "val_balanced_accuracy and val_auc but the majority share on val_accuracy)." + _by_recipe("monitor")),
-    image_size: int = typer.Option(224, "--image-size", help="Square input size in pixels."),
-    preprocess: str = typer.Option("caffe", "--preprocess", help="caffe (BGR minus ImageNet mean, like VGG16) or minmax (x/255)."),
-    activation: str = typer.Option("relu", "--activation", help="relu or leaky_relu."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
+    image_size: int = typer.Option(DEFAULTS.image_size, "--image-size", help="Square input size in pixels."),
+    preprocess: str = typer.Option(DEFAULTS.preprocess, "--preprocess", help="caffe (BGR minus ImageNet mean, like VGG16) or minmax (x/255)."),
+    activation: str = typer.Option(DEFAULTS.activation, "--activation", help=" or ".join(ACTIVATIONS) + "."),
+    augment: bool = typer.Option(DEFAULTS.augment, "--augment/--no-augment", help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in RUN_DIR from its last.npz (its config.json options are used)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Replay RUN_DIR/config.json: its options are the defaults, options given here override them."),
-    force: bool = typer.Option(False, "--force", help="Allow --out to be an existing non-empty directory."),
+    threads: int | None = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the interrupted run in RUN_DIR from its last.npz (its config.json options are used)."),
+    config: Path | None = typer.Option(None, "--config", help="Replay RUN_DIR/config.json: its options are the defaults, options given here override them."),
+    force: bool = typer.Option(DEFAULTS.force, "--force", help="Allow --out to be an existing non-empty directory."),
     json_output: bool = typer.Option(False, "--json", help="Print only a final JSON summary on stdout."),
 ) -> None:
     """Train the NumPy CNN on a split.
@@ -122,7 +128,7 @@ def train(
         stderr().print(f"[red]error:[/red] {exc}", highlight=False)
         if json_output:
             print_json(exc.summary)
-        raise typer.Exit(EXIT_DIVERGED)
+        raise typer.Exit(EXIT_DIVERGED) from None
     if json_output:
         print_json(summary)
     if summary.get("stopped") == "interrupted":
@@ -142,8 +148,6 @@ def _replay(config: Path, options: dict, explicit: set[str]) -> dict:
     ``--patience-epochs``, ``--lr-decay-every`` / ``--lr-decay-epochs``)
     drops the replayed other one.
     """
-    from breastcnn.runs import read_run_config
-
     replayed = dict(read_run_config(config)["options"])
     TrainConfig.check_types(replayed, source=config / "config.json" if config.is_dir() else config)
     replayed.setdefault("recipe", "report")  # a config.json from before recipes ran the report's schedule

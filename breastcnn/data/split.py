@@ -189,6 +189,48 @@ def _subtype_strata(records: Sequence[Record], names: Sequence[str], group: str)
     return np.array([kinds.index(m) for m in majority], dtype=np.int64)
 
 
+@dataclass
+class _Coverage:
+    """The coverage rules of :func:`_best_assignment`: which subsets and strata must get a group.
+
+    ``wanted``: subsets with a ratio above 0; ``need_all``: at least as many
+    groups as wanted subsets; ``reach`` ``(strata,)``: subsets each stratum
+    must reach; ``small``: strata too small for every wanted subset (train first).
+    """
+
+    ratios: np.ndarray
+    wanted: np.ndarray
+    need_all: bool
+    reach: np.ndarray | None
+    small: np.ndarray | None
+
+    def broken(self, members: np.ndarray, seen: np.ndarray | None) -> int:
+        """How many coverage rules an assignment breaks (``members`` groups per subset,
+        ``seen`` ``(strata, subsets)`` groups of each stratum per subset)."""
+        count = int(self.need_all and (members[self.wanted] == 0).any())
+        if seen is not None:
+            covered = (seen[:, self.wanted] > 0).sum(axis=1)
+            count += int(np.maximum(self.reach - covered, 0).sum() + (self.small & (seen[:, 0] == 0)).sum())
+        return count
+
+    def deficit(self, targets: np.ndarray, filled: np.ndarray, members: np.ndarray, seen: np.ndarray | None,
+                k: int | None) -> np.ndarray:
+        """Per subset, how much the next group (of stratum ``k``) is wanted there; the greedy pass takes the max."""
+        ratios = self.ratios
+        deficit = np.where(ratios > 0, (targets - filled) / np.maximum(targets, 1e-9), -np.inf)
+        # a subset still empty comes first, so that val/test see every class
+        if self.need_all and (members[self.wanted] == 0).any():
+            deficit = np.where((members == 0) & (ratios > 0), deficit + 1e6, deficit)
+        if k is None:
+            return deficit
+        lacking = (seen[k] == 0) & (ratios > 0)
+        if len(self.wanted) - lacking.sum() < self.reach[k]:  # ... and every subtype, where it has the patients
+            deficit = np.where(lacking, deficit + 1e6, deficit)
+            if self.small[k] and lacking[0]:
+                deficit[0] += 1e7  # too few for every subset: train sees it first
+        return deficit
+
+
 def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Generator, trials: int,
                      strata: np.ndarray | None = None) -> np.ndarray:
     """Subset index per group ``(G,)`` minimising the distance of image counts to ``ratios * total``
@@ -211,14 +253,8 @@ def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Gene
     reach = np.minimum(np.bincount(strata, minlength=n_strata), len(wanted)) if strata is not None else None
     small = reach < len(wanted) if strata is not None else None
 
-    def broken(members: np.ndarray, seen: np.ndarray | None) -> int:
-        """How many coverage rules an assignment breaks (``members`` groups per subset,
-        ``seen`` ``(strata, subsets)`` groups of each stratum per subset)."""
-        count = int(need_all and (members[wanted] == 0).any())
-        if seen is not None:
-            covered = (seen[:, wanted] > 0).sum(axis=1)
-            count += int(np.maximum(reach - covered, 0).sum() + (small & (seen[:, 0] == 0)).sum())
-        return count
+    rules = _Coverage(ratios, wanted, need_all, reach, small)
+    broken = rules.broken
 
     best, best_score = None, np.inf
     for _ in range(trials):
@@ -228,18 +264,8 @@ def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Gene
         choice = np.empty(len(counts), dtype=np.int64)
         seen = np.zeros((n_strata, len(ratios)), dtype=np.int64) if strata is not None else None
         for i in order:
-            deficit = np.where(ratios > 0, (targets - filled) / np.maximum(targets, 1e-9), -np.inf)
-            # a subset still empty comes first, so that val/test see every class
-            if need_all and (members[wanted] == 0).any():
-                deficit = np.where((members == 0) & (ratios > 0), deficit + 1e6, deficit)
-            if strata is not None:
-                k = strata[i]
-                lacking = (seen[k] == 0) & (ratios > 0)
-                if len(wanted) - lacking.sum() < reach[k]:  # ... and every subtype, where it has the patients
-                    deficit = np.where(lacking, deficit + 1e6, deficit)
-                    if small[k] and lacking[0]:
-                        deficit[0] += 1e7  # too few for every subset: train sees it first
-            s = int(np.argmax(deficit))
+            k = strata[i] if strata is not None else None
+            s = int(np.argmax(rules.deficit(targets, filled, members, seen, k)))
             choice[i] = s
             filled[s] += counts[i]
             members[s] += 1

@@ -30,13 +30,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from breastcnn.data import synth_hard
 from breastcnn.data.breakhis import MAGNIFICATIONS, SUBTYPES
 from breastcnn.data.breakhis import parse_mags as parse_mag_list
 from breastcnn.errors import UserInputError
@@ -382,24 +383,20 @@ def render(spec: ImageSpec, seed: int, difficulty: str = DEFAULT_DIFFICULTY,
     return np.clip(od, 0, 255).astype(np.uint8)
 
 
-def hard_tissue(spec: ImageSpec, seed: int) -> "synth_hard.Tissue":
+def hard_tissue(spec: ImageSpec, seed: int) -> synth_hard.Tissue:
     """The stain-free tissue of a hard image: densities and the fractions its layout achieved.
 
     It depends on the patient's index, class and tumour code, the magnification and sequence
     number, and the seed; never on the stain profile.
     """
-    from breastcnn.data import synth_hard
-
     p = spec.patient
     return synth_hard.compose(p.code, p.label == "malignant", spec.magnification, seed, p.index, spec.seq)
 
 
-def paint_hard(tissue: "synth_hard.Tissue", spec: ImageSpec, seed: int, stain: str = DEFAULT_STAIN_PROFILE) -> np.ndarray:
+def paint_hard(tissue: synth_hard.Tissue, spec: ImageSpec, seed: int, stain: str = DEFAULT_STAIN_PROFILE) -> np.ndarray:
     """Colour ``tissue`` (of ``spec``) with stain profile ``stain`` and the patient's stain and
     scanner nuisance: uint8 ``(460, 700, 3)``. ``render(spec, seed, "hard", stain)`` is
     ``paint_hard(hard_tissue(spec, seed), spec, seed, stain)``."""
-    from breastcnn.data import synth_hard
-
     p = spec.patient
     scanner = synth_hard.patient_scanner(seed, p.index)
     h_base, e_base = stain_profile(stain).vectors()

@@ -11,7 +11,8 @@ benign subtypes first, in the order of :data:`breastcnn.data.breakhis.SUBTYPES`:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from breastcnn import CLASSES
 from breastcnn.errors import UserInputError
 
 if TYPE_CHECKING:  # an annotation only: breakhis -> images -> tasks would import breakhis half-initialised
-    from breastcnn.data.breakhis import Record
+    pass
 
 TASKS = ("binary", "subtype")
 """What a model predicts: ``binary`` = benign vs malignant, ``subtype`` = the 8 BreakHis tumour types."""

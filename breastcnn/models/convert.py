@@ -92,63 +92,85 @@ def _activation_layer(klayer, activation) -> list[L.Layer]:
     return [] if cls is None else [cls(name=f"{klayer.name}_{name}")]
 
 
+def _unsupported(klayer, reason: str) -> UserInputError:
+    return UserInputError(f"cannot convert Keras layer {klayer.name!r} ({type(klayer).__name__}): {reason}")
+
+
+def _with_activation(klayer, layer: L.Layer, weights: list) -> list[tuple[L.Layer, list]]:
+    return [(layer, weights)] + [(a, []) for a in _activation_layer(klayer, klayer.activation)]
+
+
+def _conv2d(klayer, cfg: dict, weights: list):
+    ks, st = tuple(cfg["kernel_size"]), tuple(cfg["strides"])
+    if ks[0] != ks[1] or st[0] != st[1] or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1) \
+            or cfg.get("groups", 1) != 1 or cfg.get("data_format", "channels_last") != "channels_last":
+        raise _unsupported(klayer, f"only square kernels/strides, no dilation/groups, channels_last (config {cfg})")
+    layer = L.Conv2D(cfg["filters"], ks[0], st[0], cfg["padding"], cfg["use_bias"], name=klayer.name)
+    return _with_activation(klayer, layer, weights)
+
+
+def _dense(klayer, cfg: dict, weights: list):
+    return _with_activation(klayer, L.Dense(cfg["units"], use_bias=cfg["use_bias"], name=klayer.name), weights)
+
+
+def _batch_norm(klayer, cfg: dict, weights: list):
+    axis = cfg["axis"]
+    axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+    if axis not in (-1, 3, 1) or not cfg.get("center", True) or not cfg.get("scale", True):
+        raise _unsupported(klayer, "only channel-last BatchNormalization with center and scale")
+    return [(L.BatchNorm(cfg["momentum"], cfg["epsilon"], name=klayer.name), weights)]
+
+
+def _relu(klayer, cfg: dict, weights: list):
+    if cfg.get("max_value") is not None or cfg.get("negative_slope", 0) or cfg.get("threshold", 0):
+        raise _unsupported(klayer, "only plain ReLU (no max_value/negative_slope/threshold)")
+    return [(L.ReLU(name=klayer.name), [])]
+
+
+def _activation(klayer, cfg: dict, weights: list):
+    acts = _activation_layer(klayer, klayer.activation)
+    for a in acts:
+        a.name = klayer.name
+    return [(a, []) for a in acts]
+
+
+def _max_pool(klayer, cfg: dict, weights: list):
+    ps, st = tuple(cfg["pool_size"]), tuple(cfg["strides"] or cfg["pool_size"])
+    if ps[0] != ps[1] or st[0] != st[1] or cfg["padding"] != "valid":
+        raise _unsupported(klayer, "only square, valid max pooling")
+    return [(L.MaxPool2D(ps[0], st[0], name=klayer.name), [])]
+
+
+def _global_average_pool(klayer, cfg: dict, weights: list):
+    if cfg.get("keepdims"):
+        raise _unsupported(klayer, "keepdims=True is not supported")
+    return [(L.GlobalAveragePooling2D(name=klayer.name), [])]
+
+
+_CONVERTERS = {
+    "InputLayer": lambda klayer, cfg, weights: [],
+    "Conv2D": _conv2d,
+    "Dense": _dense,
+    "BatchNormalization": _batch_norm,
+    "ReLU": _relu,
+    "LeakyReLU": lambda klayer, cfg, weights: [(L.LeakyReLU(cfg["negative_slope"], name=klayer.name), [])],
+    "Activation": _activation,
+    "MaxPooling2D": _max_pool,
+    "GlobalAveragePooling2D": _global_average_pool,
+    "Flatten": lambda klayer, cfg, weights: [(L.Flatten(name=klayer.name), [])],
+    "Dropout": lambda klayer, cfg, weights: [(L.Dropout(cfg["rate"], name=klayer.name), [])],
+    "Softmax": lambda klayer, cfg, weights: [(L.Softmax(name=klayer.name), [])],
+}
+"""Keras layer class name -> ``(klayer, config, weights) -> [(our layer, weights in _weight_order)]``."""
+
+
 def _from_keras_layer(klayer) -> list[tuple[L.Layer, list]]:
     """[(our layer, weights in _weight_order)] for one Keras layer."""
-    kind = type(klayer).__name__
-    cfg = klayer.get_config()
-    weights = [np.asarray(w) for w in klayer.get_weights()]
-
-    def unsupported(reason: str):
-        return UserInputError(f"cannot convert Keras layer {klayer.name!r} ({kind}): {reason}")
-
-    if kind == "InputLayer":
-        return []
-    if kind == "Conv2D":
-        ks, st = tuple(cfg["kernel_size"]), tuple(cfg["strides"])
-        if ks[0] != ks[1] or st[0] != st[1] or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1) \
-                or cfg.get("groups", 1) != 1 or cfg.get("data_format", "channels_last") != "channels_last":
-            raise unsupported(f"only square kernels/strides, no dilation/groups, channels_last (config {cfg})")
-        layer = L.Conv2D(cfg["filters"], ks[0], st[0], cfg["padding"], cfg["use_bias"], name=klayer.name)
-        return [(layer, weights)] + [(a, []) for a in _activation_layer(klayer, klayer.activation)]
-    if kind == "Dense":
-        layer = L.Dense(cfg["units"], use_bias=cfg["use_bias"], name=klayer.name)
-        return [(layer, weights)] + [(a, []) for a in _activation_layer(klayer, klayer.activation)]
-    if kind == "BatchNormalization":
-        axis = cfg["axis"]
-        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-        if axis not in (-1, 3, 1) or not cfg.get("center", True) or not cfg.get("scale", True):
-            raise unsupported("only channel-last BatchNormalization with center and scale")
-        return [(L.BatchNorm(cfg["momentum"], cfg["epsilon"], name=klayer.name), weights)]
-    if kind == "ReLU":
-        if cfg.get("max_value") is not None or cfg.get("negative_slope", 0) or cfg.get("threshold", 0):
-            raise unsupported("only plain ReLU (no max_value/negative_slope/threshold)")
-        return [(L.ReLU(name=klayer.name), [])]
-    if kind == "LeakyReLU":
-        return [(L.LeakyReLU(cfg["negative_slope"], name=klayer.name), [])]
-    if kind == "Activation":
-        acts = _activation_layer(klayer, klayer.activation)
-        for a in acts:
-            a.name = klayer.name
-        return [(a, []) for a in acts]
-    if kind == "MaxPooling2D":
-        ps, st = tuple(cfg["pool_size"]), tuple(cfg["strides"] or cfg["pool_size"])
-        if ps[0] != ps[1] or st[0] != st[1] or cfg["padding"] != "valid":
-            raise unsupported("only square, valid max pooling")
-        return [(L.MaxPool2D(ps[0], st[0], name=klayer.name), [])]
-    if kind == "GlobalAveragePooling2D":
-        if cfg.get("keepdims"):
-            raise unsupported("keepdims=True is not supported")
-        return [(L.GlobalAveragePooling2D(name=klayer.name), [])]
-    if kind == "Flatten":
-        return [(L.Flatten(name=klayer.name), [])]
-    if kind == "Dropout":
-        return [(L.Dropout(cfg["rate"], name=klayer.name), [])]
-    if kind == "Softmax":
-        return [(L.Softmax(name=klayer.name), [])]
-    raise unsupported(
-        "layer type not supported by the NumPy engine (supported: Conv2D, Dense, BatchNormalization, ReLU, "
-        "LeakyReLU, Activation, MaxPooling2D, GlobalAveragePooling2D, Flatten, Dropout, Softmax)"
-    )
+    convert = _CONVERTERS.get(type(klayer).__name__)
+    if convert is None:
+        supported = ", ".join(name for name in _CONVERTERS if name != "InputLayer")
+        raise _unsupported(klayer, f"layer type not supported by the NumPy engine (supported: {supported})")
+    return convert(klayer, klayer.get_config(), [np.asarray(w) for w in klayer.get_weights()])
 
 
 def from_keras(kmodel, meta: dict | None = None) -> Sequential:

@@ -69,10 +69,6 @@ class NumpyClassifier(Sequential):
                                    input_shape=self.input_shape,
                                    num_classes=int(self.output_shape[-1]) if self.built else None)
 
-    def save(self, path, optimizer=None, extra: dict | None = None) -> Path:
-        """:func:`save_model` (kept for the training loop's ``model.save``; new code calls ``save_model``)."""
-        return save_model(self, path, optimizer=optimizer, extra=extra)
-
 
 def save_model(model, path, optimizer=None, extra: dict | None = None) -> Path:
     """Write ``model`` to ``path`` atomically, in its framework's format; returns ``path``.

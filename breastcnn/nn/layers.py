@@ -69,7 +69,7 @@ class Layer:
         return {"class": type(self).__name__, "name": self.name, "trainable": self.trainable}
 
     # -- helpers --------------------------------------------------------------
-    def astype(self, dtype) -> "Layer":
+    def astype(self, dtype) -> Layer:
         """Cast parameters and buffers in place (float64 for gradient checks)."""
         for store in (self.params, self.state):
             for key, value in store.items():

@@ -22,8 +22,8 @@ import contextlib
 import functools
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info

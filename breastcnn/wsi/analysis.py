@@ -21,14 +21,21 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from breastcnn import CLASSES
+from breastcnn.cluster import LocalExecutor, resolve_model
+from breastcnn.data.images import RESAMPLE, preprocess
 from breastcnn.errors import UserInputError
+from breastcnn.fsutil import atomic_write, atomic_write_json
+from breastcnn.inference import check_threads, model_threads
+from breastcnn.models import model_spec
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+from breastcnn.wsi.heatmap import plot_heatmap
 from breastcnn.wsi.magnification import (
     Resolution,
     TilePlan,
@@ -38,6 +45,7 @@ from breastcnn.wsi.magnification import (
     plan_tiles,
     slide_resolution,
 )
+from breastcnn.wsi.reader import open_slide, resolve_reader
 from breastcnn.wsi.tissue import Thumbnail, TissueSettings, read_thumbnail, tile_tissue_fractions, tissue_mask
 
 TILE_COLUMNS = ("x", "y", "level", "width", "height", "probability", "label")
@@ -56,7 +64,7 @@ class SlideSettings:
     ``mpp``/``mag``: the slide's level-0 resolution, overriding its metadata.
     """
 
-    tile: int = 224
+    tile: int = DEFAULT_IMAGE_SIZE
     stride: int | None = None
     tissue_threshold: float = 0.5
     threshold: float = 0.5
@@ -67,7 +75,7 @@ class SlideSettings:
     """Engine threads of a NumPy model (None: the model's setting), here and on each dask worker."""
     tissue: TissueSettings = field(default_factory=TissueSettings)
 
-    def validated(self) -> "SlideSettings":
+    def validated(self) -> SlideSettings:
         """Self with ``stride`` filled in; UserInputError naming the option for bad values."""
         if self.tile < 8:
             raise UserInputError(f"--tile must be >= 8 pixels, got {self.tile}")
@@ -86,7 +94,6 @@ class SlideSettings:
             raise UserInputError(f"--mpp must be a positive number of microns per pixel, got {self.mpp}")
         if self.mag is not None:
             parse_magnification(self.mag)
-        from breastcnn.inference import check_threads
 
         check_threads(self.threads)
         return replace(self, stride=stride)
@@ -124,8 +131,6 @@ def read_tiles(reader, origins: np.ndarray, level: int, read_size: int, image_si
     """uint8 ``(n, image_size, image_size, 3)``: each region read at ``level``, resized once (Lanczos)."""
     from PIL import Image
 
-    from breastcnn.data.images import RESAMPLE
-
     out = np.empty((len(origins), image_size, image_size, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(origins):
         region = reader.read_region(int(x), int(y), level, read_size, read_size)
@@ -143,12 +148,6 @@ def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: 
     The task of ``slide``: it runs here (local objects) or on a dask worker
     (a model payload and a slide path, resolved once per worker process).
     """
-    from breastcnn.cluster import resolve_model
-    from breastcnn.data.images import preprocess
-    from breastcnn.wsi.reader import resolve_reader
-    from breastcnn.inference import model_threads
-    from breastcnn.models import model_spec
-
     model = resolve_model(model_source)
     reader = resolve_reader(slide_source)
     spec = model_spec(model)
@@ -191,11 +190,6 @@ def analyse_slide(path: str | os.PathLike, model, out_dir: str | os.PathLike, se
     after each batch. Returns the summary (:data:`SUMMARY_KEYS` and more).
     Raises UserInputError for an unreadable or unsupported slide.
     """
-    from breastcnn.cluster import LocalExecutor
-    from breastcnn.fsutil import atomic_write, atomic_write_json
-    from breastcnn.wsi.heatmap import plot_heatmap
-    from breastcnn.wsi.reader import open_slide
-
     started = time.perf_counter()
     settings = settings.validated()
     executor = executor or LocalExecutor()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from breastcnn.plots import _figure, _save
 from breastcnn.wsi.magnification import TilePlan
 from breastcnn.wsi.tissue import Thumbnail
 
@@ -28,8 +29,6 @@ def plot_heatmap(thumbnail: Thumbnail, plan: TilePlan, grid: np.ndarray, path: s
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from PIL import Image
-
-    from breastcnn.plots import _figure, _save
 
     pixels = thumbnail.pixels
     height, width = pixels.shape[:2]

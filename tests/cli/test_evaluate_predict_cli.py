@@ -20,7 +20,7 @@ def _run(args):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synth_split, small_config):
     """A small model trained on the session split: (split dir, run dir)."""
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     split = synth_split
     run_dir = tmp_path_factory.mktemp("evalrun") / "run"
@@ -60,7 +60,7 @@ def test_evaluate_json_and_outputs_next_to_model(trained, tmp_path):
 
 @pytest.mark.slow  # two fold trainings (13 s)
 def test_evaluate_kfold_reports_each_fold_and_mean_std(synth_kfold_split, small_config, tmp_path):
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     kfold = synth_kfold_split
     run_training(small_config(kfold, tmp_path / "run", epochs=1, evals_per_epoch=1))

@@ -69,7 +69,7 @@ def test_finetune_then_evaluate_and_predict(runs, data, model):
     config = json.loads((run / "config.json").read_text())["options"]
     assert config["weights"] == "none" and config["epochs"] == 1
     if model == "custom-keras":  # trained like `breastcnn train`: the default recipe
-        from breastcnn.recipes import RECIPES
+        from breastcnn.training.recipes import RECIPES
 
         assert config["recipe"] == "default" and summary["recipe"] == "default"
         assert config["lr"] == RECIPES["default"].lr and config["l2"] == RECIPES["default"].l2

@@ -6,7 +6,7 @@ from typer.main import get_command
 
 from breastcnn.cli.app import app
 from breastcnn.data.images import DEFAULT_JOBS
-from breastcnn.train import TrainConfig
+from breastcnn.training.config import TrainConfig
 
 
 def test_every_jobs_option_has_the_one_default_and_says_so():

@@ -18,7 +18,7 @@ def test_decode_modes_all_become_rgb(tmp_path):
     gray = rng.integers(0, 256, (30, 40), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     Image.fromarray(gray).save(tmp_path / "l.png")
-    Image.fromarray((gray.astype(np.uint16) * 257)).save(tmp_path / "i16.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "i16.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
     rgba = np.dstack([rgb, np.full((30, 40), 255, np.uint8)])
     rgba[0, 0, 3] = 0  # one transparent pixel -> white
@@ -45,7 +45,7 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
 def test_truncated_file_raises(tmp_path):
     Image.new("RGB", (50, 50), "red").save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes((tmp_path / "a.png").read_bytes()[:40])
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):  # PIL's UnidentifiedImageError
         decode_image(tmp_path / "b.png", 8)
 
 
@@ -107,7 +107,7 @@ def test_cache_rebuilt_when_manifest_edited(breakhis_tree, tmp_path):
     split = load_split(out)
     load_subset(split, "test", 16)
     text = (out / "manifest.csv").read_text().splitlines()
-    dropped = [line for line in text if not line.endswith(",test")] + [l for l in text if l.endswith(",test")][1:]
+    dropped = [line for line in text if not line.endswith(",test")] + [line for line in text if line.endswith(",test")][1:]
     (out / "manifest.csv").write_text("\n".join(dropped) + "\n")
     edited = load_split(out)
     x, y = load_subset(edited, "test", 16)

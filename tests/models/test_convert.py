@@ -71,7 +71,7 @@ def test_same_gradients_in_training_mode(keras):
         scale = np.abs(k_grads[key[:-1] + "W"] if key.endswith(".b") else g).max()
         np.testing.assert_allclose(ours[key] / scale, g / scale, atol=2e-4, err_msg=key)
     # the batch statistics updated the moving averages the same way
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         if "moving_mean" in layer.state:
             kl = kmodel.get_layer(layer.name)
             np.testing.assert_allclose(layer.state["moving_mean"], kl.moving_mean.numpy(), rtol=1e-4, atol=1e-4)

@@ -6,8 +6,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from breastcnn.nn import blas_threads
-from breastcnn.nn import Adam, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Softmax
+from breastcnn.nn import Adam, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Softmax, blas_threads
 
 
 def test_small_convnet_learns_digits():

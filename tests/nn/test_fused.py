@@ -7,8 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax
-from breastcnn.nn import inference
+from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax, inference
 from breastcnn.nn import parallel as P
 from breastcnn.nn.parallel import engine_threads
 from breastcnn.nn.steps import BNReLU, ConvBNReLU, Single
@@ -79,7 +78,7 @@ def test_fused_equals_unfused(training, frozen_bn, big, dtype, monkeypatch):
             _close(a, b, dtype, scale=grad_scale, err_msg=k)
         for (k, a), (_, b) in zip(fused.buffers().items(), plain.buffers().items()):
             _close(a, b, dtype, err_msg=k)
-    assert [l.get_config() for l in fused.layers] == [l.get_config() for l in plain.layers]
+    assert [layer.get_config() for layer in fused.layers] == [layer.get_config() for layer in plain.layers]
 
 
 def test_fused_is_deterministic_over_threads():
@@ -107,7 +106,7 @@ def test_fused_forward_leaves_caches_for_the_separate_backward():
     x = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
     fused, plain = _model(), _unfused(_model())
     fused.logits(x, training=True), plain.logits(x, training=True)
-    g = rng.normal(size=(3, 2)).astype(np.float32)
+    rng.normal(size=(3, 2))  # a draw the gradients below were written after
     # starts/stops between a BatchNorm and its ReLU run the lone layer on its own
     for start, stop in [(2, 2), (2, 1), (5, 2), (4, 3), (10, 3), (10, 0), (9, 1)]:
         gs = rng.normal(size=fused.layers[start].output_shape).astype(np.float32)

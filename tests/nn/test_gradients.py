@@ -4,8 +4,19 @@ import numpy as np
 import pytest
 
 from breastcnn.models import create_model
-from breastcnn.nn import (BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAveragePooling2D, LeakyReLU, MaxPool2D,
-                          ReLU, Softmax, WeightedSoftmaxCrossEntropy)
+from breastcnn.nn import (
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    LeakyReLU,
+    MaxPool2D,
+    ReLU,
+    Softmax,
+    WeightedSoftmaxCrossEntropy,
+)
 from tests.nn.gradcheck import assert_close_grads, check_layer, numeric_grad, sample_indices
 
 
@@ -64,7 +75,7 @@ def test_maxpool_routes_ties_to_one_element():
 
 
 @pytest.mark.parametrize("layer", [ReLU(), LeakyReLU(0.2), GlobalAveragePooling2D(), Flatten(), Softmax()],
-                         ids=lambda l: type(l).__name__)
+                         ids=lambda layer: type(layer).__name__)
 def test_parameter_free_layer_gradients(layer):
     rng = np.random.default_rng(7)
     shape = (3, 4, 5) if not isinstance(layer, Softmax) else (5,)

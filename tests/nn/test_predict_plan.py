@@ -22,7 +22,6 @@ from breastcnn.nn import functional as F
 from breastcnn.nn import inference as I
 from breastcnn.nn import parallel as P
 
-
 # -- functional: conv_rows, im2col_pooled, matmul_rows ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kh, kw, s, h, w", [

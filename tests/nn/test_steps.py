@@ -151,8 +151,8 @@ def test_overlapping_pool_completes_the_pending_batchnorm_pass():
     layers = [Conv2D(3, 3), BatchNorm(), ReLU(), MaxPool2D(3, strides=2), Conv2D(2, 3), BatchNorm(), ReLU(),
               MaxPool2D(2), Flatten(), Dense(2), Softmax()]
     m = Sequential(layers, input_shape=(21, 21, 3), seed=3).astype(np.float64)
-    plain = Sequential([type(l)(**{k: v for k, v in l.get_config().items() if k not in ("class", "name")})
-                        for l in layers], input_shape=(21, 21, 3), seed=3).astype(np.float64)
+    plain = Sequential([type(layer)(**{k: v for k, v in layer.get_config().items() if k not in ("class", "name")})
+                        for layer in layers], input_shape=(21, 21, 3), seed=3).astype(np.float64)
     plain.fuse = False
     assert [s.hooked for s in m.steps] == [True, False, True, True, False, False, False]
     x = np.random.default_rng(4).normal(size=(5, 21, 21, 3))

@@ -103,7 +103,7 @@ def test_model_magnification_from_meta_then_the_runs_split_then_default(tmp_path
 
 def test_training_records_the_splits_magnification_in_the_model(synth_split, small_config, tmp_path):
     from breastcnn.models import load_model
-    from breastcnn.train import run_training
+    from breastcnn.training.numpy_run import run_training
 
     split = synth_split   # a 200X split
     run_training(small_config(split, tmp_path / "run", epochs=1, evals_per_epoch=1))

@@ -6,7 +6,7 @@ network is shared: the same split manifest, the same uint8 image cache
 (seeded, new draws every epoch), the same preprocessing
 (``data.images.preprocess``), the same balanced class weights, the same
 ``history.csv`` columns (:data:`breastcnn.runs.HISTORY_COLUMNS`) and the same
-progress hooks (:class:`breastcnn.runs.TrainingCallback`). Batches reach Keras
+progress hooks (:class:`breastcnn.training.callbacks.TrainingCallback`). Batches reach Keras
 through a ``keras.utils.PyDataset`` (no deprecated ``ImageDataGenerator``).
 
 Two schedules:
@@ -15,11 +15,11 @@ Two schedules:
   validation subset (never test); Keras ``EarlyStopping`` (patience in
   epochs) and ``ReduceLROnPlateau`` (on ``val_loss``) watch it.
 - ``custom-keras`` with a ``recipe`` (what ``breastcnn finetune --model
-  custom-keras`` does): the NumPy loop's schedule (:mod:`breastcnn.recipes`):
+  custom-keras`` does): the NumPy loop's schedule (:mod:`breastcnn.training.recipes`):
   the same lr, batch size, L2 (``keras.regularizers.L2`` on the same kernels),
   validation passes per epoch, LR step decay and patience (epochs or
   evaluations), minimum epochs and monitor, driven by the same
-  :class:`~breastcnn.recipes.TrainingSchedule`, so that the two engines train
+  :class:`~breastcnn.training.recipes.TrainingSchedule`, so that the two engines train
   the same network the same way.
 
 Either way the best model by ``monitor`` (a tie goes to the later pass) is
@@ -31,15 +31,21 @@ improves, so an interrupted run keeps its best model, and the summary's
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from breastcnn.errors import UserInputError
+from breastcnn import runs
+from breastcnn.data.augment import Augmenter
+from breastcnn.data.augment import class_weights as compute_class_weights
 from breastcnn.data.breakhis import check_outside_data
+from breastcnn.data.images import load_subset, preprocess
+from breastcnn.data.split import DEFAULT_SPLIT_DIR, load_split
+from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
+from breastcnn.metrics import degenerate_model_warnings
+from breastcnn.models.io import save_model
 from breastcnn.models.keras_models import (
     BUILDERS,
     DEFAULT_DROPOUT,
@@ -48,10 +54,16 @@ from breastcnn.models.keras_models import (
     library_versions,
     require_keras,
 )
-from breastcnn.recipes import MONITORS, RECIPE_OPTIONS
-from breastcnn.runs import TrainingCallback
-from breastcnn.train import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
+from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
+from breastcnn.nn.schedules import BestScore
+from breastcnn.plots import plot_training
+from breastcnn.training.callbacks import TrainingCallback
+from breastcnn.training.common import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
+from breastcnn.training.config import TrainConfig
+from breastcnn.training.recipes import MONITORS, RECIPE_OPTIONS
 
+TRANSFER_EPOCHS = 200
+"""Maximum epochs of the transfer-learning schedule (early stopping usually ends it sooner)."""
 TRANSFER_DEFAULTS = {"batch_size": 64, "lr": 1e-4, "patience": 10, "monitor": "val_accuracy"}
 """Defaults of the transfer-learning schedule (no recipe): the report's fine-tuning settings; patience in epochs."""
 STRATEGIES = ("default", "mirrored")
@@ -100,8 +112,6 @@ def _batches(keras):
             return self._order
 
         def __getitem__(self, index: int):
-            from breastcnn.data.images import preprocess
-
             idx = self._epoch_order()[index * self.batch_size : (index + 1) * self.batch_size]
             xb = self.x[idx]
             if self.augmenter is not None:
@@ -131,8 +141,6 @@ def _unweighted_cross_entropy(keras):
 
 def _resolve_recipe(arch, recipe, recipe_options, epochs, image_size, given):
     """The resolved recipe options (a ``TrainConfig``) for ``custom-keras``; ``given`` are explicit values."""
-    from breastcnn.train import TrainConfig
-
     if arch != "custom-keras":
         raise UserInputError(
             f"--recipe applies to custom-keras and NumPy .npz models, not to {arch} "
@@ -189,20 +197,41 @@ def _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, im
         raise UserInputError(f"--seed must be >= 0, received {seed}")
 
 
+def _distribution(tf, strategy: str, hooks) -> tuple:
+    """``(tf.distribute strategy, device names)`` for ``--strategy``."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if strategy == "mirrored":
+        dist = tf.distribute.MirroredStrategy()
+        if not gpus:
+            hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
+    else:
+        dist = tf.distribute.get_strategy()
+    return dist, [d.name for d in gpus] or ["CPU"]
+
+
+def _outcome(adapter, keras_callbacks: list) -> str:
+    """``summary["stopped"]`` of a ``model.fit`` that returned: ``nan``, ``early_stopping`` or ``completed``."""
+    if adapter.nan:
+        return "nan"
+    if adapter.early_stopped or any(getattr(cb, "stopped_epoch", 0) > 0 for cb in keras_callbacks):
+        return "early_stopping"
+    return "completed"
+
+
 def finetune_keras(
     arch: str,
-    split_dir="splits/200X",
+    split_dir=DEFAULT_SPLIT_DIR,
     out=None,
     *,
     weights: str | None = None,
     trainable_layers: int = DEFAULT_TRAINABLE_LAYERS,
     dropout: float = DEFAULT_DROPOUT,
-    epochs: int = 200,
+    epochs: int = TRANSFER_EPOCHS,
     batch_size: int | None = None,
     lr: float | None = None,
     patience: int | None = None,
     class_weights: str | None = "balanced",
-    image_size: int = 224,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     monitor: str | None = None,
     augment: bool = True,
     seed: int = 0,
@@ -226,10 +255,10 @@ def finetune_keras(
     vgg16/resnet50, none for custom-keras. ``options``: what to record as the
     run's options in ``config.json`` (default: these arguments).
 
-    ``recipe`` (``custom-keras`` only; a name from :data:`breastcnn.recipes.RECIPES`):
+    ``recipe`` (``custom-keras`` only; a name from :data:`breastcnn.training.recipes.RECIPES`):
     train with the NumPy loop's schedule; ``lr``, ``batch_size``, ``patience``
     (evaluations) and ``monitor`` then override single recipe values, as do
-    ``recipe_options`` (any other of :data:`~breastcnn.recipes.RECIPE_OPTIONS`,
+    ``recipe_options`` (any other of :data:`~breastcnn.training.recipes.RECIPE_OPTIONS`,
     e.g. ``{"l2": 0.0, "patience_epochs": 2.0}``). Without a recipe, ``None``
     values take :data:`TRANSFER_DEFAULTS`.
 
@@ -240,12 +269,6 @@ def finetune_keras(
     KeyboardInterrupt is caught: the best model so far stays on disk and the
     summary says ``interrupted``.
     """
-    from breastcnn import runs
-    from breastcnn.data.augment import Augmenter
-    from breastcnn.data.augment import class_weights as compute_class_weights
-    from breastcnn.data.images import load_subset, preprocess
-    from breastcnn.data.split import load_split
-
     given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor}
     plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
     lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
@@ -289,20 +312,12 @@ def finetune_keras(
             recorded.update({name: getattr(plan, name) for name in RECIPE_OPTIONS})
             recorded.update(recipe=recipe, recipe_overrides=plan.recipe_overrides())
 
-        gpus = tf.config.list_physical_devices("GPU")
-        if strategy == "mirrored":
-            dist = tf.distribute.MirroredStrategy()
-            if not gpus:
-                hooks.on_message("--strategy mirrored: no GPU visible, MirroredStrategy runs on the CPU")
-        else:
-            dist = tf.distribute.get_strategy()
-        devices = [d.name for d in gpus] or ["CPU"]
+        dist, devices = _distribution(tf, strategy, hooks)
         with dist.scope():
-            builder_kwargs = {"weights": weights}
             if arch != "custom-keras":
-                builder_kwargs.update(trainable_layers=trainable_layers, dropout=dropout)
+                builder_kwargs = {"weights": weights, "trainable_layers": trainable_layers, "dropout": dropout}
             else:
-                builder_kwargs.update(l2=plan.l2 if plan is not None else 0.0)
+                builder_kwargs = {"weights": weights, "l2": plan.l2 if plan is not None else 0.0}
             classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed,
                                         **builder_kwargs)
             model = classifier.model
@@ -340,9 +355,7 @@ def finetune_keras(
         })
         model_path = Path(run_dir) / "model.keras"
         history = runs.HistoryLogger(Path(run_dir) / "history.csv")
-        from breastcnn.train import training_schedule
-
-        schedule = training_schedule(plan, batches.num_batches) if plan is not None else None
+        schedule = plan.training_schedule(batches.num_batches) if plan is not None else None
         adapter = _make_keras_hooks(keras)(
             classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
             schedule=schedule, on_saved=run.model_written,
@@ -353,25 +366,18 @@ def finetune_keras(
             total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
             n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
         )
-        stopped = "completed"
         try:
             # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
             model.fit(
                 batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
                 callbacks=[adapter, keras.callbacks.TerminateOnNaN(), *keras_callbacks],
             )
+            stopped = _outcome(adapter, keras_callbacks)
         except KeyboardInterrupt:
             stopped = "interrupted"
-        if stopped != "interrupted":
-            if adapter.nan:
-                stopped = "nan"
-            elif adapter.early_stopped or any(getattr(cb, "stopped_epoch", 0) > 0 for cb in keras_callbacks):
-                stopped = "early_stopping"
 
         rows = history.rows()
         if rows:
-            from breastcnn.plots import plot_training
-
             plot_training(rows, Path(run_dir) / "training.png", title=f"{arch} fine-tuning")
         summary = {
             "run_dir": str(run_dir),
@@ -408,138 +414,141 @@ def finetune_keras(
 
 
 def _make_keras_hooks(keras):
-    """The callback adapter class, defined on first use (subclassing keras needs keras imported)."""
-    from breastcnn.metrics import degenerate_model_warnings
-    from breastcnn.nn.schedules import BestScore
+    """The callback adapter class, made on first use (subclassing keras needs keras imported)."""
 
-    class KerasHooks(keras.callbacks.Callback):
-        """Adapter: Keras callback events -> TrainingCallback hooks, history.csv and best-model saving.
+    class KerasHooks(_KerasHooksLogic, keras.callbacks.Callback):
+        pass
 
-        Keras reports running means over the epoch; the display wants per-batch
-        values and history.csv means since the previous validation pass, both
-        recovered from consecutive means weighted by batch sizes.
-
-        With a ``schedule`` (:class:`~breastcnn.recipes.TrainingSchedule`) it
-        validates at the schedule's points inside each epoch, sets the LR after
-        each pass and stops the run (``model.stop_training``) when the schedule
-        says so; without one it validates at each epoch's end and leaves LR
-        and stopping to Keras callbacks placed after it.
-        """
-
-        TRACKED = ("loss", "accuracy", "data_loss", "l2_penalty")
-
-        def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
-                     monitor, schedule=None, on_saved=None):
-            super().__init__()
-            self.on_saved = on_saved  # told after each best-model save (moves runs/latest)
-            self.classifier = classifier
-            self.hooks = hooks
-            self.history = history
-            self.model_path = model_path
-            self.sizes = batches.batch_sizes()
-            self.x_val_pre, self.y_val = x_val_pre, y_val
-            self.batch_size = batch_size
-            self.monitor = monitor
-            self.schedule = schedule
-            self.eval_points = set(schedule.eval_points) if schedule is not None else set()
-            self.best = schedule.best if schedule is not None else BestScore(MONITORS[monitor])
-            self.step = 0
-            self.epoch = 0
-            self.epochs_run = 0
-            self.best_score = None
-            self.best_epoch = None
-            self.best_step = None
-            self.warnings: list[str] = []
-            self.nan = False
-            self.early_stopped = False
-            self.start = None
-            self._seen = 0
-            self._sums = dict.fromkeys(self.TRACKED, 0.0)  # mean * images seen, this epoch
-            self._seen_at_eval = 0
-            self._sums_at_eval = dict(self._sums)
-
-        def on_train_begin(self, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch + 1
-            self._seen = self._seen_at_eval = 0
-            self._sums = dict.fromkeys(self.TRACKED, 0.0)
-            self._sums_at_eval = dict(self._sums)
-            self.hooks.on_epoch_begin(epoch + 1)
-
-        def _l2_penalty(self) -> float:
-            losses = self.model.losses
-            return float(sum(float(keras.ops.convert_to_numpy(v)) for v in losses)) if losses else 0.0
-
-        def on_train_batch_end(self, batch, logs=None):
-            logs = dict(logs or {})
-            self.step += 1
-            size = self.sizes[batch] if batch < len(self.sizes) else self.sizes[-1]
-            seen = self._seen + size
-            previous = dict(self._sums)
-            # l2_penalty is not a Keras metric: keep its running mean the same way
-            l2_mean = (previous["l2_penalty"] + self._l2_penalty() * size) / seen
-            for key in self.TRACKED:
-                mean = l2_mean if key == "l2_penalty" else float(logs.get(key, float("nan")))
-                self._sums[key] = mean * seen
-            self._seen = seen
-            batch_loss = (self._sums["loss"] - previous["loss"]) / size
-            batch_acc = (self._sums["accuracy"] - previous["accuracy"]) / size
-            if not math.isfinite(float(logs.get("loss", float("nan")))):
-                self.nan = True
-            self.hooks.on_batch_end(step=self.step, loss=batch_loss, accuracy=batch_acc)
-            if self.schedule is not None and batch + 1 in self.eval_points and not self.nan:
-                self._evaluate(logs=None)
-                if self.schedule.should_stop:
-                    self.early_stopped = self.model.stop_training = True
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.epochs_run = epoch + 1
-            if self.schedule is None:
-                # EarlyStopping / ReduceLROnPlateau (after us in the callback list) read the val_* we add
-                self._evaluate(logs=logs if logs is not None else {})
-            self.hooks.on_epoch_end(epoch + 1)
-
-        def _since_last_evaluation(self) -> dict:
-            seen = self._seen - self._seen_at_eval
-            means = {k: (self._sums[k] - self._sums_at_eval[k]) / seen if seen else None for k in self.TRACKED}
-            self._seen_at_eval, self._sums_at_eval = self._seen, dict(self._sums)
-            return means
-
-        def _evaluate(self, logs: dict | None) -> None:
-            probs = self.classifier.predict(self.x_val_pre, batch_size=self.batch_size)
-            val = validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
-            if logs is not None:
-                logs.update(val)
-            train = self._since_last_evaluation()
-            row = {
-                "step": self.step,
-                "epoch": self.epoch,
-                **train,
-                **val,
-                "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                "elapsed_s": round(time.perf_counter() - self.start, 3),
-            }
-            loss = row["loss"]
-            if loss is not None and not math.isfinite(float(loss)):
-                self.nan = True
-            score = val[self.monitor]
-            if self.schedule is not None:
-                improved = self.schedule.update(score) and not self.nan
-                self.model.optimizer.learning_rate.assign(self.schedule.lr)
-            else:
-                improved = not self.nan and self.best.update(score)
-            if improved:
-                self.best_score, self.best_epoch, self.best_step = float(score), self.epoch, self.step
-                self.warnings = degenerate_model_warnings(self.y_val, probs[:, 1], "validation")
-                self.classifier.meta.update({
-                    "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
-                })
-                self.classifier.save(self.model_path)
-                if self.on_saved is not None:
-                    self.on_saved()
-            self.history.log(row)
-            self.hooks.on_evaluation({**row, "improved": improved, "monitor": self.monitor})
-
+    KerasHooks.keras = keras
     return KerasHooks
+
+
+class _KerasHooksLogic:
+    """Adapter: Keras callback events -> TrainingCallback hooks, history.csv and best-model saving.
+
+    Keras reports running means over the epoch; the display wants per-batch
+    values and history.csv means since the previous validation pass, both
+    recovered from consecutive means weighted by batch sizes.
+
+    With a ``schedule`` (:class:`~breastcnn.training.recipes.TrainingSchedule`) it
+    validates at the schedule's points inside each epoch, sets the LR after
+    each pass and stops the run (``model.stop_training``) when the schedule
+    says so; without one it validates at each epoch's end and leaves LR
+    and stopping to Keras callbacks placed after it.
+    """
+
+    TRACKED = ("loss", "accuracy", "data_loss", "l2_penalty")
+
+    def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
+                 monitor, schedule=None, on_saved=None):
+        super().__init__()
+        self.on_saved = on_saved  # told after each best-model save (moves runs/latest)
+        self.classifier = classifier
+        self.hooks = hooks
+        self.history = history
+        self.model_path = model_path
+        self.sizes = batches.batch_sizes()
+        self.x_val_pre, self.y_val = x_val_pre, y_val
+        self.batch_size = batch_size
+        self.monitor = monitor
+        self.schedule = schedule
+        self.eval_points = set(schedule.eval_points) if schedule is not None else set()
+        self.best = schedule.best if schedule is not None else BestScore(MONITORS[monitor])
+        self.step = 0
+        self.epoch = 0
+        self.epochs_run = 0
+        self.best_score = None
+        self.best_epoch = None
+        self.best_step = None
+        self.warnings: list[str] = []
+        self.nan = False
+        self.early_stopped = False
+        self.start = None
+        self._seen = 0
+        self._sums = dict.fromkeys(self.TRACKED, 0.0)  # mean * images seen, this epoch
+        self._seen_at_eval = 0
+        self._sums_at_eval = dict(self._sums)
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        self._seen = self._seen_at_eval = 0
+        self._sums = dict.fromkeys(self.TRACKED, 0.0)
+        self._sums_at_eval = dict(self._sums)
+        self.hooks.on_epoch_begin(epoch + 1)
+
+    def _l2_penalty(self) -> float:
+        losses = self.model.losses
+        return float(sum(float(self.keras.ops.convert_to_numpy(v)) for v in losses)) if losses else 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = dict(logs or {})
+        self.step += 1
+        size = self.sizes[batch] if batch < len(self.sizes) else self.sizes[-1]
+        seen = self._seen + size
+        previous = dict(self._sums)
+        # l2_penalty is not a Keras metric: keep its running mean the same way
+        l2_mean = (previous["l2_penalty"] + self._l2_penalty() * size) / seen
+        for key in self.TRACKED:
+            mean = l2_mean if key == "l2_penalty" else float(logs.get(key, float("nan")))
+            self._sums[key] = mean * seen
+        self._seen = seen
+        batch_loss = (self._sums["loss"] - previous["loss"]) / size
+        batch_acc = (self._sums["accuracy"] - previous["accuracy"]) / size
+        if not math.isfinite(float(logs.get("loss", float("nan")))):
+            self.nan = True
+        self.hooks.on_batch_end(step=self.step, loss=batch_loss, accuracy=batch_acc)
+        if self.schedule is not None and batch + 1 in self.eval_points and not self.nan:
+            self._evaluate(logs=None)
+            if self.schedule.should_stop:
+                self.early_stopped = self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_run = epoch + 1
+        if self.schedule is None:
+            # EarlyStopping / ReduceLROnPlateau (after us in the callback list) read the val_* we add
+            self._evaluate(logs=logs if logs is not None else {})
+        self.hooks.on_epoch_end(epoch + 1)
+
+    def _since_last_evaluation(self) -> dict:
+        seen = self._seen - self._seen_at_eval
+        means = {k: (self._sums[k] - self._sums_at_eval[k]) / seen if seen else None for k in self.TRACKED}
+        self._seen_at_eval, self._sums_at_eval = self._seen, dict(self._sums)
+        return means
+
+    def _evaluate(self, logs: dict | None) -> None:
+        probs = self.classifier.predict(self.x_val_pre, batch_size=self.batch_size)
+        val = validation_scores(probs, self.y_val)  # the NumPy loop's definitions, so rows compare
+        if logs is not None:
+            logs.update(val)
+        train = self._since_last_evaluation()
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            **train,
+            **val,
+            "lr": float(self.keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "elapsed_s": round(time.perf_counter() - self.start, 3),
+        }
+        loss = row["loss"]
+        if loss is not None and not math.isfinite(float(loss)):
+            self.nan = True
+        score = val[self.monitor]
+        if self.schedule is not None:
+            improved = self.schedule.update(score) and not self.nan
+            self.model.optimizer.learning_rate.assign(self.schedule.lr)
+        else:
+            improved = not self.nan and self.best.update(score)
+        if improved:
+            self.best_score, self.best_epoch, self.best_step = float(score), self.epoch, self.step
+            self.warnings = degenerate_model_warnings(self.y_val, probs[:, 1], "validation")
+            self.classifier.meta.update({
+                "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
+            })
+            save_model(self.classifier, self.model_path)
+            if self.on_saved is not None:
+                self.on_saved()
+        self.history.log(row)
+        self.hooks.on_evaluation({**row, "improved": improved, "monitor": self.monitor})

@@ -31,7 +31,7 @@ def split_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kt(keras):
-    from breastcnn.models import keras_train
+    from breastcnn.training import keras_loop as keras_train
 
     return keras_train
 
@@ -198,7 +198,7 @@ def test_same_seed_same_weights_with_op_determinism(keras, split_dir, tmp_path):
 import json, sys
 import numpy as np
 from breastcnn.models import load_model
-from breastcnn.models.keras_train import finetune_keras
+from breastcnn.training.keras_loop import finetune_keras
 weights = []
 for name in ("a", "b"):
     out = {str(tmp_path)!r} + "/" + name
