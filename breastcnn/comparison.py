@@ -13,7 +13,7 @@ this layout that exists without being recorded is refused, ``--force`` or not)::
 
 The same validation subset for every model: a 70/30 fold has no validation
 subset, so ``splits/foldK`` gives 12.5% of the training patients (per class) to
-validation (:func:`breastcnn.train.carve_validation`, the rule ``train`` applies
+validation (:func:`breastcnn.training.data.carve_validation`, the rule ``train`` applies
 to such a split); test is untouched. Every model then trains with its default
 schedule (NumPy ``custom``/``custom-k4``: ``train``'s default recipe;
 ``vgg16``/``resnet50``: ``finetune``'s transfer-learning schedule;
@@ -47,10 +47,24 @@ from pathlib import Path
 
 import numpy as np
 
-from breastcnn import __version__
+from breastcnn import __version__, runs
+from breastcnn.bench import BenchOptions, bench_model
+from breastcnn.cluster import LocalExecutor, connect, scheduler_address
+from breastcnn.data.breakhis import check_outside_data, locate_data
 from breastcnn.data.images import DEFAULT_JOBS
+from breastcnn.data.split import create_split, fold_dirs, load_split, manifest_text
 from breastcnn.errors import UserInputError
+from breastcnn.evaluation import evaluate_model
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, locked_directory
+from breastcnn.models import load_model
+from breastcnn.plots import plot_folds, plot_pareto
+from breastcnn.stats import FoldPredictions, StatsOptions, comparison_statistics, markdown_report
+from breastcnn.training.common import CHECKPOINT_NAME
+from breastcnn.training.config import TrainConfig
+from breastcnn.training.data import carve_validation
+from breastcnn.training.feature_cache import PROBE_ARCHS, ProbeSettings, head_probabilities, run_linear_probe
+from breastcnn.training.keras_loop import finetune_keras
+from breastcnn.training.numpy_run import run_training
 
 NUMPY_MODELS = ("custom", "custom-k4")
 KERAS_MODELS = ("vgg16", "resnet50", "custom-keras")
@@ -178,8 +192,6 @@ class Ownership:
 
 def _kfold_dir(options: CompareOptions, owned: Ownership, message: Callable[[str], None]) -> Path:
     """The k-fold split: ``--split`` as given, or ``out/kfold`` made (or reused) from ``--data``."""
-    from breastcnn.data.split import create_split, fold_dirs
-
     if options.split is not None:
         split_dir = Path(options.split)
         folds = fold_dirs(split_dir)
@@ -208,9 +220,6 @@ def _kfold_dir(options: CompareOptions, owned: Ownership, message: Callable[[str
 
 def _carved_folds(kfold: Path, owned: Ownership, seed: int) -> list[Path]:
     """``out/splits/foldK``: each fold with validation carved from its training patients (written when changed)."""
-    from breastcnn.data.split import fold_dirs, load_split, manifest_text
-    from breastcnn.train import carve_validation
-
     carved_dirs = []
     for k, fold_dir in enumerate(fold_dirs(kfold), start=1):
         fold = load_split(fold_dir)
@@ -253,8 +262,6 @@ class CellSpec:
     @property
     def mode(self) -> str:
         """``numpy``, ``probe`` (frozen backbone, cached features) or ``keras`` (fine-tuning)."""
-        from breastcnn.models.feature_cache import PROBE_ARCHS
-
         if self.model in NUMPY_MODELS:
             return "numpy"
         return "probe" if self.trainable_layers == 0 and self.model in PROBE_ARCHS else "keras"
@@ -297,9 +304,6 @@ def run_cell(spec: CellSpec) -> dict:
 
 
 def _test_predictions(model, split_dir: str, jobs: int) -> dict:
-    from breastcnn.data.split import load_split
-    from breastcnn.evaluation import evaluate_model
-
     split = load_split(split_dir)
     _, rows = evaluate_model(model, split, "test", threshold=THRESHOLD, jobs=jobs)
     return {"paths": [r["path"] for r in rows], "y_true": split.labels("test").tolist(),
@@ -313,9 +317,6 @@ def _fresh(run_dir: Path) -> None:
 
 
 def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:
-    from breastcnn.models import load_model
-    from breastcnn.train import CHECKPOINT_NAME, TrainConfig, run_training
-
     resume = run_dir if (run_dir / CHECKPOINT_NAME).is_file() and (run_dir / "config.json").is_file() else None
     if resume is None:
         _fresh(run_dir)
@@ -333,9 +334,6 @@ def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:
 
 
 def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
-    from breastcnn.models import load_model
-    from breastcnn.models.keras_train import finetune_keras
-
     _fresh(run_dir)
     kwargs = {"recipe": "default"} if spec.model == "custom-keras" else {}
     epochs = spec.epochs or (5 if spec.model == "custom-keras" else 200)
@@ -352,12 +350,8 @@ def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
 
 
 def _probe_cell(spec: CellSpec, run_dir: Path) -> dict:
-    """Linear probe: features from the shared cache, only the head trains (:mod:`breastcnn.models.feature_cache`);
+    """Linear probe: features from the shared cache, only the head trains (:mod:`breastcnn.training.feature_cache`);
     the test predictions come from the cached test features (equal to the saved model's: tested)."""
-    from breastcnn import runs
-    from breastcnn.data.split import load_split
-    from breastcnn.models.feature_cache import ProbeSettings, head_probabilities, run_linear_probe
-
     split = load_split(spec.split_dir)
     _fresh(run_dir)
     settings = ProbeSettings(**({"epochs": spec.epochs} if spec.epochs else {}))
@@ -383,8 +377,6 @@ def model_cost(model: str, model_path: Path, image_size: int, cache: Path, key: 
     Stored in ``cache`` with ``key``; a rerun with the same key reads it back (latency is a measurement:
     rereading keeps a resumed comparison's numbers identical).
     """
-    from breastcnn.bench import BenchOptions, bench_model
-
     if cache.is_file():
         stored = json.loads(cache.read_text(encoding="utf-8"))
         if stored.get("key") == key:
@@ -426,8 +418,6 @@ class _Progress:
 
 
 def _cell_specs(options: CompareOptions, carved: list[Path], kfold: Path, owned: Ownership) -> list[CellSpec]:
-    from breastcnn.data.split import fold_dirs, load_split
-
     images = tuple(sorted({r.path for f in fold_dirs(kfold) for r in load_split(f).rows}))
     feature_dir = owned.claim("features")
     specs = []
@@ -467,8 +457,6 @@ def _run_cells(specs: list[CellSpec], scheduler: str | None, message: Callable[[
         else:
             todo.append(i)
     if todo:
-        from breastcnn.cluster import LocalExecutor, connect
-
         with connect(scheduler) if scheduler else contextlib.nullcontext(LocalExecutor()) as executor:
             for i, cell in zip(todo, executor.map(run_cell, [(specs[i],) for i in todo]), strict=True):
                 results[i] = cell
@@ -477,8 +465,6 @@ def _run_cells(specs: list[CellSpec], scheduler: str | None, message: Callable[[
 
 
 def _statistics(options: CompareOptions, cells: list[dict]) -> dict:
-    from breastcnn.stats import FoldPredictions, StatsOptions, comparison_statistics
-
     predictions = {m: [] for m in options.models}
     for cell in cells:
         p = cell["predictions"]
@@ -532,8 +518,6 @@ def _document(options: CompareOptions, kfold: Path, stats: dict, models: list[di
 
 def markdown(document: dict) -> str:
     """``compare.md``: the protocol line and :func:`breastcnn.stats.markdown_report`'s tables."""
-    from breastcnn.stats import markdown_report
-
     p = document["protocol"]
     head = (f"# Model comparison\n\n{p['folds']} patient-wise folds ({p['by']}, {p['mag']}, seed {p['seed']}), "
             f"{p['image_size']} px, trainable layers {p['trainable_layers']}; split {p['split']}.\n\n")
@@ -542,15 +526,10 @@ def markdown(document: dict) -> str:
 
 def run_compare(options: CompareOptions, message: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) a comparison into ``options.out``; returns the ``compare.json`` document."""
-    from breastcnn.cluster import scheduler_address
-    from breastcnn.plots import plot_folds, plot_pareto
-
     message = message or (lambda text: None)
     options = options.validate()
     out = Path(options.out)
     if options.data is not None:
-        from breastcnn.data.breakhis import check_outside_data, locate_data
-
         check_outside_data(out, locate_data(options.data)[0], "--out")
     scheduler = scheduler_address(options.scheduler)
     with locked_directory(out, "compare directory", removable=(OWNED_FILE,)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score
 from typer.testing import CliRunner
 
+from breastcnn import comparison
 from breastcnn.cli.app import app
+from breastcnn.data.split import load_split
+from breastcnn.evaluation import evaluate_model
+from breastcnn.models import load_model
+from breastcnn.models.keras_models import create_resnet50, create_vgg16
+from breastcnn.training.feature_cache import split_at_trainable
 
 METRICS = ("accuracy", "patient_accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc")
 RESAMPLES = 400
@@ -160,9 +167,6 @@ def test_feature_cache_is_built_once_and_hit_on_the_second_fold(compared):
 @pytest.mark.slow
 def test_probe_predictions_equal_the_saved_full_model(compared):
     """The head on cached features gives what the saved model.keras gives on the test images (evaluate's code)."""
-    from breastcnn.data.split import load_split
-    from breastcnn.evaluation import evaluate_model
-    from breastcnn.models import load_model
 
     out, _, _ = compared
     cell = _cells(out)["vgg16", "fold2"]
@@ -178,7 +182,6 @@ def test_probe_predictions_equal_the_saved_full_model(compared):
 def test_an_interrupted_numpy_cell_continues_from_its_checkpoint(compared, tmp_path):
     """A cell without cell.json (killed before it finished) is trained again, resuming from last.npz:
     the same predictions as the uninterrupted run."""
-    import shutil
 
     out, doc, _ = compared
     copy = tmp_path / "out"
@@ -194,7 +197,6 @@ def test_an_interrupted_numpy_cell_continues_from_its_checkpoint(compared, tmp_p
 
 @pytest.mark.slow
 def test_other_options_are_refused_and_force_keeps_the_users_files(compared, tmp_path):
-    import shutil
 
     out, doc, _ = compared
     copy = tmp_path / "out"
@@ -282,9 +284,6 @@ def test_cells_on_a_dask_cluster_give_the_local_numbers(compared, tmp_path):
 def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_split, tmp_path):
     """`finetune --trainable-layers 0`: a normal run directory (model.keras evaluates as usual), augmentation
     off and said so, the features cached next to the split's image cache and hit by the next run."""
-    from breastcnn.data.split import load_split
-    from breastcnn.evaluation import evaluate_model
-    from breastcnn.models import load_model
 
     def finetune(out):
         return _run(["finetune", "--model", "resnet50", "--split", synth_split, "--weights", "none",
@@ -317,8 +316,6 @@ def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_s
 def test_split_at_trainable_is_the_same_network(keras):
     """prefix -> top equals the whole model: one crossing tensor for VGG16, two (branch and shortcut) when the
     cut falls inside a ResNet50 block; nothing to cache when every base layer trains."""
-    from breastcnn.models.feature_cache import split_at_trainable
-    from breastcnn.models.keras_models import create_resnet50, create_vgg16
 
     x = np.random.default_rng(0).normal(0, 50, (3, 32, 32, 3)).astype(np.float32)
     vgg = create_vgg16(input_shape=(32, 32, 3), weights="none", trainable_layers=4)
@@ -334,8 +331,6 @@ def test_split_at_trainable_is_the_same_network(keras):
 
 @pytest.mark.slow
 def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations(keras, synth_split, tmp_path):
-    from breastcnn.models import load_model
-    from breastcnn.models.keras_models import create_vgg16
 
     result = _run(["finetune", "--model", "vgg16", "--split", synth_split, "--weights", "none", "--trainable-layers",
                    "4", "--no-augment", "--epochs", "2", "--image-size", "64", "--out", tmp_path / "run", "--json"])
@@ -360,8 +355,6 @@ def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations
 def test_ctrl_c_keeps_finished_cells_and_the_rerun_continues(tmp_path, synth_kfold_split, monkeypatch):
     """Ctrl-C in the second cell: exit 130, the first cell's cell.json kept, nothing half-written marked finished,
     the directory unlocked; the rerun skips the first cell and computes the others."""
-    from breastcnn import comparison
-    from breastcnn.data.split import load_split
 
     calls = []
 

@@ -60,6 +60,7 @@ from breastcnn.plots import plot_training
 from breastcnn.training.callbacks import TrainingCallback
 from breastcnn.training.common import SUMMARY_NAME, TrainingDiverged, require_both_classes, validation_scores
 from breastcnn.training.config import TrainConfig
+from breastcnn.training.feature_cache import frozen_shortcut
 from breastcnn.training.recipes import MONITORS, RECIPE_OPTIONS
 
 TRANSFER_EPOCHS = 200
@@ -274,8 +275,6 @@ def finetune_keras(
     lr, batch_size, patience, monitor = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor"))
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     hooks = callback if callback is not None else TrainingCallback()
-    from breastcnn.models.feature_cache import frozen_shortcut
-
     # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable
     summary = frozen_shortcut(arch, split_dir, out, weights=weights, trainable_layers=trainable_layers,
                               dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,

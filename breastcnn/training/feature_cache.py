@@ -41,8 +41,18 @@ from pathlib import Path
 
 import numpy as np
 
+from breastcnn import runs
+from breastcnn.data.augment import class_weights
+from breastcnn.data.images import decode_many, load_subset, preprocess
+from breastcnn.data.split import load_split
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write, atomic_write_json
+from breastcnn.models.io import save_model
+from breastcnn.models.keras_models import BUILDERS, _resolve_weights, require_keras
+from breastcnn.nn.schedules import BestScore
+from breastcnn.training.callbacks import TrainingCallback
+from breastcnn.training.common import require_both_classes
+from breastcnn.training.recipes import MONITORS
 
 PROBE_ARCHS = ("vgg16", "resnet50")
 """Architectures with a frozen-backbone linear probe (custom-keras always trains whole)."""
@@ -75,8 +85,6 @@ class FeatureTable:
 
 def weights_identity(arch: str, weights: str | None, seed: int) -> str:
     """What the backbone's weights are: ``sha256:<hex>`` of the weights file, or ``none:seed<k>``."""
-    from breastcnn.models.keras_models import _resolve_weights
-
     path = _resolve_weights(weights, arch)
     if path is None:
         return f"none:seed{int(seed)}"
@@ -99,8 +107,6 @@ def feature_key(arch: str, weights_id: str, image_size: int, preprocess: str, da
 
 def build_backbone(arch: str, image_size: int, weights: str | None, seed: int):
     """The full classifier with every base layer frozen (``trainable_layers=0``)."""
-    from breastcnn.models.keras_models import BUILDERS
-
     if arch not in PROBE_ARCHS:
         raise UserInputError(f"--trainable-layers 0 (linear probe) applies to {', '.join(PROBE_ARCHS)}, not {arch}")
     classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
@@ -162,8 +168,6 @@ def ensure_features(classifier, weights: str | None, seed: int, data_root: str |
     Returns a :class:`FeatureTable` whose ``status`` says which. ``paths`` are deduplicated; the
     file is written atomically.
     """
-    from breastcnn.models.keras_models import require_keras
-
     keras = require_keras()
     paths = sorted(set(paths))
     arch, image_size = classifier.meta["arch"], int(classifier.meta["image_size"])
@@ -187,8 +191,6 @@ def ensure_features(classifier, weights: str | None, seed: int, data_root: str |
 
 def feature_extractor(classifier):
     """``keras.Model``: image batch ``(B, S, S, 3)`` preprocessed -> ``(B, D)`` pooled features."""
-    from breastcnn.models.keras_models import require_keras
-
     keras = require_keras()
     model = classifier.model
     return keras.Model(model.input, model.get_layer(FEATURE_LAYER).output)
@@ -196,8 +198,6 @@ def feature_extractor(classifier):
 
 def extract_features(classifier, files: Sequence[str], image_size: int, batch_size: int = EXTRACT_BATCH) -> np.ndarray:
     """``(len(files), D)`` float32 pooled features, decoded and preprocessed batch by batch (bounded memory)."""
-    from breastcnn.data.images import decode_many, preprocess
-
     extractor = feature_extractor(classifier)
     mode = classifier.meta["preprocess"]
     chunks = []
@@ -230,8 +230,6 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
     The head is the model's own ``head_dropout`` + ``predictions`` layers on a ``(D,)`` input, trained by
     :func:`fit_top`. Returns ``{"epochs_run", "best_epoch", "best_score", "monitor", "head"}``.
     """
-    from breastcnn.models.keras_models import require_keras
-
     keras = require_keras()
     keras.utils.set_random_seed(int(seed))
     inputs = keras.Input(shape=(f_train.shape[1],), name="features")
@@ -259,10 +257,6 @@ def fit_top(top, x_train: list[np.ndarray], y_train: np.ndarray, x_val: list[np.
 
     Returns ``{"epochs_run", "best_epoch", "best_score", "monitor"}``.
     """
-    from breastcnn.data.augment import class_weights
-    from breastcnn.models.keras_models import require_keras
-    from breastcnn.recipes import MONITORS
-
     keras = require_keras()
     top.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.lr),
                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -287,9 +281,6 @@ def fit_top(top, x_train: list[np.ndarray], y_train: np.ndarray, x_val: list[np.
 
 def _best_weights(keras):
     """A callback class keeping the weights of the best epoch by ``monitor`` (:class:`BestScore`'s tie rule)."""
-    from breastcnn.nn.schedules import BestScore
-    from breastcnn.recipes import MONITORS
-
     class KeepBest(keras.callbacks.Callback):
         def __init__(self, monitor: str):
             super().__init__()
@@ -349,8 +340,6 @@ def run_linear_probe(arch: str, split, run_dir: Path, *, weights: str | None, se
 
     Returns the summary plus, under ``"_probe"``, ``(head, table, features by subset)`` for the caller.
     """
-    from breastcnn import runs
-
     classifier = build_backbone(arch, image_size, weights, seed)
     table = ensure_features(classifier, weights, seed, split.root, images or [r.path for r in split.rows],
                             cache_dir, progress=message)
@@ -367,7 +356,7 @@ def run_linear_probe(arch: str, split, run_dir: Path, *, weights: str | None, se
     classifier.meta.update({"split_hash": split.hash, "split_dir": str(split.dir), "seed": int(seed),
                             "magnification": (split.info or {}).get("magnification"), "feature_cache": table.key})
     model_path = Path(run_dir) / "model.keras"
-    classifier.save(model_path)
+    save_model(classifier, model_path)
     summary = {
         "run_dir": str(run_dir), "model_path": str(model_path), "arch": arch, "framework": "keras",
         "stopped": "early_stopping" if trained["epochs_run"] < settings.epochs else "completed",
@@ -387,11 +376,6 @@ def finetune_linear_probe(arch: str, split_dir, out, *, weights: str | None, epo
                           force: bool = False, callback=None, runs_root=None) -> dict:
     """``finetune --trainable-layers 0`` for vgg16/resnet50: :func:`run_linear_probe` in a run directory, the
     features cached in ``<split>/cache/features`` (reused by later runs on the split). Returns the run summary."""
-    from breastcnn import runs
-    from breastcnn.data.split import load_split
-    from breastcnn.runs import TrainingCallback
-    from breastcnn.train import require_both_classes
-
     hooks = callback if callback is not None else TrainingCallback()
     split = load_split(split_dir)
     require_both_classes(split)
@@ -423,8 +407,6 @@ def split_at_trainable(classifier) -> tuple | None:
     those tensors -> the softmax, sharing its layers (and weights) with ``classifier.model``, so training
     ``top`` trains the classifier. ``top(prefix(x)) == model(x)`` (tested). None when nothing is frozen.
     """
-    from breastcnn.models.keras_models import require_keras
-
     keras = require_keras()
     model = classifier.model
     cut = int(classifier.meta["base_layers"]) - int(classifier.meta["trainable_layers"])
@@ -446,8 +428,6 @@ def split_at_trainable(classifier) -> tuple | None:
 
 def prefix_activations(prefix, x_uint8: np.ndarray, mode: str, batch_size: int = EXTRACT_BATCH) -> list[np.ndarray]:
     """The frozen prefix's outputs for uint8 images ``(N, S, S, 3)``: one float32 array per output, batch by batch."""
-    from breastcnn.data.images import preprocess
-
     parts: list[list[np.ndarray]] = []
     for i in range(0, len(x_uint8), batch_size):
         out = prefix(preprocess(x_uint8[i:i + batch_size], mode), training=False)
@@ -467,13 +447,6 @@ def finetune_cached_prefix(arch: str, split_dir, out, *, weights: str | None, tr
     frozen (N covers the whole base: the regular loop runs). Writes ``config.json``, ``model.keras`` (the
     whole network) and ``summary.json``.
     """
-    from breastcnn import runs
-    from breastcnn.data.images import load_subset
-    from breastcnn.data.split import load_split
-    from breastcnn.models.keras_models import BUILDERS, require_keras
-    from breastcnn.runs import TrainingCallback
-    from breastcnn.train import require_both_classes
-
     keras = require_keras()
     hooks = callback if callback is not None else TrainingCallback()
     split = load_split(split_dir)
@@ -510,7 +483,7 @@ def finetune_cached_prefix(arch: str, split_dir, out, *, weights: str | None, tr
                                 "magnification": (split.info or {}).get("magnification"),
                                 "best_epoch": result["best_epoch"], "best_score": result["best_score"]})
         model_path = run.path / "model.keras"
-        classifier.save(model_path)
+        save_model(classifier, model_path)
         run.model_written()
         summary = {
             "run_dir": str(run.path), "model_path": str(model_path), "arch": arch, "framework": "keras",
