@@ -36,7 +36,6 @@ McNemar).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
@@ -551,8 +550,3 @@ def run_compare(options: CompareOptions, message: Callable[[str], None] | None =
         plot_folds(models, paths["folds.png"])
     return document
 
-
-def cells_digest(document: dict) -> str:
-    """SHA-256 of the per-fold numbers of a ``compare.json`` (to check that two runs agree)."""
-    folds = [[m["model"], m["folds"]] for m in document["models"]]
-    return hashlib.sha256(json.dumps(folds, sort_keys=True).encode()).hexdigest()
