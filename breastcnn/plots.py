@@ -126,3 +126,51 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: str | os.PathLike, cla
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
     return _save(fig, path)
+
+
+def _ci_errors(entry: dict, metric: str) -> tuple[float, list[list[float]]]:
+    """``(mean, [[below], [above]])`` error-bar lengths of a compare model entry's 95% CI (0 where unknown)."""
+    mean = entry["mean"][metric]
+    low, high = entry["ci95"][metric]
+    return mean, [[mean - low if low is not None else 0.0], [high - mean if high is not None else 0.0]]
+
+
+def plot_pareto(models: Sequence[dict], path: str | os.PathLike, metric: str = "accuracy") -> Path:
+    """``pareto.png``: ``metric`` (mean over folds, 95% CI bars) vs batch-1 latency and vs file size, one
+    point per ``compare.json`` model entry; models without a cost figure are left out of that panel."""
+    fig, axes = _figure(10, 4, ncols=2)
+    for ax, key, label in ((axes[0], "latency_ms_p50", "batch-1 latency p50 (ms, log)"),
+                           (axes[1], "size_kb", "model file size (KB, log)")):
+        for entry in models:
+            if entry.get(key) is None or entry["mean"].get(metric) is None:
+                continue
+            mean, err = _ci_errors(entry, metric)
+            ax.errorbar([entry[key]], [mean], yerr=err, fmt="o", capsize=4, label=entry["model"])
+            ax.annotate(entry["model"], (entry[key], mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric} (mean over folds, 95% CI)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title(f"{metric} vs latency")
+    axes[1].set_title(f"{metric} vs size")
+    return _save(fig, path)
+
+
+def plot_folds(models: Sequence[dict], path: str | os.PathLike,
+               metrics: Sequence[str] = ("accuracy", "patient_accuracy")) -> Path:
+    """``folds.png``: per-fold values (dots) and the mean (bar) of each model, one panel per metric."""
+    fig, axes = _figure(5 * len(metrics), 4, ncols=len(metrics))
+    axes = np.atleast_1d(axes)
+    names = [entry["model"] for entry in models]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for i, entry in enumerate(models):
+            values = [f[metric] for f in entry["folds"] if f[metric] is not None]
+            ax.scatter(np.full(len(values), i, dtype=float), values, s=18, alpha=0.8)
+            if entry["mean"][metric] is not None:
+                ax.hlines(entry["mean"][metric], i - 0.25, i + 0.25, colors="black")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per fold (bar: mean)")
+        ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -22,6 +22,7 @@ from rich.markup import escape
 from breastcnn import __version__
 from breastcnn.cli import (
     bench,
+    compare,
     demo,
     evaluate,
     export,
@@ -140,6 +141,7 @@ app.command("evaluate")(handle_errors(evaluate.evaluate))
 app.command("predict")(handle_errors(predict.predict))
 app.command("slide")(handle_errors(slide.slide))
 app.command("bench")(handle_errors(bench.bench))
+app.command("compare")(handle_errors(compare.compare))
 app.command("featuremaps")(handle_errors(featuremaps.featuremaps))
 app.command("export")(handle_errors(export.export))
 app.command("demo")(handle_errors(demo.demo))

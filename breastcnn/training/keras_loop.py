@@ -68,6 +68,7 @@ from breastcnn.training.common import (
     validation_scores,
 )
 from breastcnn.training.config import TrainConfig
+from breastcnn.training.feature_cache import frozen_shortcut
 from breastcnn.training.recipes import MONITORS, RECIPE_OPTIONS
 
 TRANSFER_EPOCHS = 200
@@ -295,6 +296,14 @@ def finetune_keras(
     check_stain_options(stain_norm, stain_target, stain_augment)
     stain_target = stain_target and str(Path(stain_target).resolve())  # recorded: a replay finds it
     hooks = callback if callback is not None else TrainingCallback()
+    # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable
+    summary = frozen_shortcut(arch, split_dir, out, weights=weights, trainable_layers=trainable_layers,
+                              dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                              monitor=monitor, image_size=image_size, seed=seed, augment=augment,
+                              class_weights=class_weights, strategy=strategy, recipe=recipe, jobs=jobs, force=force,
+                              callback=hooks, runs_root=runs_root)
+    if summary is not None:
+        return summary
     weights = default_weights(arch) if weights is None else weights
     split = load_split(split_dir)
     require_both_classes(split, task)

@@ -16,7 +16,7 @@ def test_every_jobs_option_has_the_one_default_and_says_so():
         for param in command.params:
             if param.name == "jobs":
                 found[name] = param
-    assert set(found) == {"synth", "split", "train", "finetune", "evaluate", "predict"}
+    assert set(found) == {"synth", "split", "train", "finetune", "evaluate", "predict", "compare"}
     assert DEFAULT_JOBS == -1 and TrainConfig().jobs == DEFAULT_JOBS
     for name, param in found.items():
         assert param.default == DEFAULT_JOBS, name

@@ -1,0 +1,391 @@
+"""`breastcnn compare`: the compare.json contract, resume, statistics cross-checks, the feature cache, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import accuracy_score
+from typer.testing import CliRunner
+
+from breastcnn import comparison
+from breastcnn.cli.app import app
+from breastcnn.data.split import load_split
+from breastcnn.evaluation import evaluate_model
+from breastcnn.models import load_model
+from breastcnn.models.keras_models import create_resnet50, create_vgg16
+from breastcnn.training.feature_cache import split_at_trainable
+
+METRICS = ("accuracy", "patient_accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc")
+RESAMPLES = 400
+
+
+def _run(args, **env):
+    return CliRunner().invoke(app, [str(a) for a in args], env={"BREASTCNN_NO_PROGRESS": "1", **env})
+
+
+def _args(split, out, models="custom,vgg16", *extra):
+    return ["compare", "--split", split, "--models", models, "--epochs", "1", "--image-size", "64",
+            "--trainable-layers", "0", "--weights", "none", "--resamples", RESAMPLES, "--out", out, *extra]
+
+
+def _cells(out: Path) -> dict:
+    return {(p.parent.name, p.parent.parent.name): json.loads(p.read_text()) for p in out.glob("cells/*/*/cell.json")}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, synth_kfold_split, keras):
+    """One small comparison (custom vs a vgg16 linear probe, 2 folds, 64 px): (out, document, seconds)."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    start = time.perf_counter()
+    result = _run([*_args(synth_kfold_split, out), "--json"])
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout), seconds
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.slow
+def test_json_contract_and_outputs(compared):
+    out, doc, _ = compared
+    assert set(doc) >= {"protocol", "models", "pairwise"}
+    assert {"folds", "by", "mag", "seed", "split"} <= set(doc["protocol"])
+    assert doc["protocol"]["folds"] == 2 and doc["protocol"]["by"] == "patient" and doc["protocol"]["mag"] == "200X"
+    assert len(doc["protocol"]["test_patients_per_fold"]) == 2 and doc["protocol"]["distinct_test_patients"] > 0
+    assert [m["model"] for m in doc["models"]] == ["custom", "vgg16"]
+    for entry in doc["models"]:
+        assert {"model", "params_total", "size_kb", "latency_ms_p50", "train_seconds", "folds", "mean", "std",
+                "ci95"} <= set(entry)
+        assert entry["params_total"] > 0 and entry["size_kb"] > 0 and entry["latency_ms_p50"] > 0
+        assert entry["train_seconds"] == pytest.approx(np.mean(entry["train_seconds_folds"]))
+        assert [f["fold"] for f in entry["folds"]] == [1, 2]
+        for fold in entry["folds"]:
+            assert {"fold", "n", *METRICS} <= set(fold) and fold["n"] > 0
+        for metric in METRICS:
+            values = [f[metric] for f in entry["folds"]]
+            assert entry["mean"][metric] == pytest.approx(np.mean(values))
+            assert entry["std"][metric] == pytest.approx(np.std(values, ddof=1))
+            low, high = entry["ci95"][metric]
+            assert low <= high
+    # the VGG16 probe has the whole network's parameters and a file to match (the backbone is in model.keras)
+    assert doc["models"][1]["params_total"] > 14_000_000 and doc["models"][1]["size_kb"] > 50_000
+    [pair] = doc["pairwise"]
+    assert {"a", "b", "accuracy_diff", "ci95", "p_value", "significant"} <= set(pair)
+    assert (pair["a"], pair["b"]) == ("custom", "vgg16")
+    accuracy = {m["model"]: m["mean"]["accuracy"] for m in doc["models"]}
+    assert pair["accuracy_diff"] == pytest.approx(accuracy["custom"] - accuracy["vgg16"])
+    assert isinstance(pair["significant"], bool) and 0 < pair["p_value"] <= 1
+    assert pair["significant"] == (pair["p_value_holm"] < 0.05)
+    for name in ("compare.json", "compare.md", "pareto.png", "folds.png"):
+        assert (out / name).is_file()
+    assert json.loads((out / "compare.json").read_text()) == doc       # --json prints exactly the file
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "compare.md").read_text()
+    assert "| custom |" in md and "| vgg16 |" in md and ("not significant" in md or "significant (" in md)
+
+
+@pytest.mark.slow
+def test_statistics_agree_with_an_independent_computation(compared):
+    """Per-fold accuracy (scikit-learn), pooled McNemar (scipy binomtest) and the patient-bootstrap CI (a
+    plain loop over patients, other random numbers) recomputed from the cells' stored predictions."""
+    out, doc, _ = compared
+    cells = _cells(out)
+    right = {}
+    for (model, fold), cell in cells.items():
+        p = cell["predictions"]
+        y, pred = np.array(p["y_true"]), (np.array(p["p_malignant"]) >= 0.5).astype(int)
+        entry = next(m for m in doc["models"] if m["model"] == model)
+        assert entry["folds"][int(fold[4:]) - 1]["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        right[model, fold] = pred == y
+    b = sum(int(np.sum(right["custom", f] & ~right["vgg16", f])) for f in ("fold1", "fold2"))
+    c = sum(int(np.sum(~right["custom", f] & right["vgg16", f])) for f in ("fold1", "fold2"))
+    [pair] = doc["pairwise"]
+    assert (pair["mcnemar"]["a_right_b_wrong"], pair["mcnemar"]["a_wrong_b_right"]) == (b, c)
+    expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+    assert pair["mcnemar"]["p_value"] == pytest.approx(expected)
+
+    # stratified patient bootstrap by hand: per fold and class draw patients with replacement, all their images
+    rng = np.random.default_rng(12345)
+    replicates = []
+    folds = [cells["custom", f]["predictions"] for f in ("fold1", "fold2")]
+    groups = []
+    for p in folds:
+        patients = np.array(p["patients"])
+        y = np.array(p["y_true"])
+        ok = (np.array(p["p_malignant"]) >= 0.5) == (y == 1)
+        by_patient = {q: ok[patients == q] for q in np.unique(patients)}
+        label = {q: int(y[patients == q][0]) for q in by_patient}
+        groups.append([[by_patient[q] for q in by_patient if label[q] == k] for k in (0, 1)])
+    for _ in range(2000):
+        accs = []
+        for classes in groups:
+            drawn = [grp[i] for grp in classes for i in rng.integers(0, len(grp), len(grp))]
+            accs.append(np.concatenate(drawn).mean())
+        replicates.append(np.mean(accs))
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    got_low, got_high = doc["models"][0]["ci95"]["accuracy"]
+    assert got_low == pytest.approx(low, abs=0.02) and got_high == pytest.approx(high, abs=0.02)
+
+
+# --------------------------------------------------------------------------- resume and the feature cache
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_cells_with_identical_numbers(compared):
+    out, doc, first_seconds = compared
+    stamps = {key: (out / "cells" / key[1] / key[0] / "cell.json").stat().st_mtime_ns for key in _cells(out)}
+    start = time.perf_counter()
+    result = _run([*_args(doc["protocol"]["split"], out), "--json"])
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == doc                           # identical numbers, cost included
+    assert result.stderr.count("already done") == 4
+    assert seconds < first_seconds / 3, (seconds, first_seconds)
+    assert {key: (out / "cells" / key[1] / key[0] / "cell.json").stat().st_mtime_ns for key in _cells(out)} == stamps
+
+
+@pytest.mark.slow
+def test_feature_cache_is_built_once_and_hit_on_the_second_fold(compared):
+    out, doc, _ = compared
+    cells = _cells(out)
+    assert cells["vgg16", "fold1"]["feature_cache"]["status"] == "built"
+    assert cells["vgg16", "fold2"]["feature_cache"]["status"] == "hit"
+    assert cells["vgg16", "fold1"]["feature_cache"]["file"] == cells["vgg16", "fold2"]["feature_cache"]["file"]
+    assert len(list((out / "features").glob("*.npz"))) == 1
+    assert doc["models"][1]["feature_cache"]["statuses"] == ["built", "hit"]
+    assert "custom" not in {m for m, _ in cells if "feature_cache" in cells[m, _]}
+
+
+@pytest.mark.slow
+def test_probe_predictions_equal_the_saved_full_model(compared):
+    """The head on cached features gives what the saved model.keras gives on the test images (evaluate's code)."""
+
+    out, _, _ = compared
+    cell = _cells(out)["vgg16", "fold2"]
+    model = load_model(out / "cells" / "fold2" / "vgg16" / cell["model_path"])
+    assert model.meta["linear_probe"] is True and model.meta["weights"] == "none"
+    _, rows = evaluate_model(model, load_split(out / "splits" / "fold2"), "test")
+    assert [r["path"] for r in rows] == cell["predictions"]["paths"]
+    np.testing.assert_allclose([r["probability"] for r in rows], cell["predictions"]["p_malignant"], atol=1e-5)
+    assert np.std(cell["predictions"]["p_malignant"]) > 0
+
+
+@pytest.mark.slow
+def test_an_interrupted_numpy_cell_continues_from_its_checkpoint(compared, tmp_path):
+    """A cell without cell.json (killed before it finished) is trained again, resuming from last.npz:
+    the same predictions as the uninterrupted run."""
+
+    out, doc, _ = compared
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = _cells(copy)["custom", "fold2"]
+    (copy / "cells" / "fold2" / "custom" / "cell.json").unlink()
+    result = _run([*_args(doc["protocol"]["split"], copy), "--json"])
+    assert result.exit_code == 0, result.output
+    after = _cells(copy)["custom", "fold2"]
+    assert after["resumed"] is True and after["predictions"] == before["predictions"]
+    assert result.stderr.count("already done") == 3
+
+
+@pytest.mark.slow
+def test_other_options_are_refused_and_force_keeps_the_users_files(compared, tmp_path):
+
+    out, doc, _ = compared
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "notes.txt").write_text("mine")
+    changed = _run([*_args(doc["protocol"]["split"], copy)[:-2], "--seed", "1", "--out", copy])
+    assert changed.exit_code == 2 and "other options" in changed.stderr and "--force" in changed.stderr
+    assert "Traceback" not in changed.output and len(changed.stderr.strip().splitlines()) == 1
+    owned = json.loads((copy / "compare-files.json").read_text())["paths"]
+    assert "notes.txt" not in owned
+    # --force on a 1-epoch custom-only rerun (custom vs custom-k4: no TensorFlow cells)
+    forced = _run(["compare", "--split", doc["protocol"]["split"], "--models", "custom,custom-k4", "--epochs", "1",
+                   "--image-size", "64", "--resamples", RESAMPLES, "--out", copy, "--force", "--json"])
+    assert forced.exit_code == 0, forced.output
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert not (copy / "cells" / "fold1" / "vgg16").exists()               # ours: removed by --force
+    assert [m["model"] for m in json.loads(forced.stdout)["models"]] == ["custom", "custom-k4"]
+    assert len(list((copy / "features").glob("*.npz"))) == 1               # the feature cache is kept
+
+
+# --------------------------------------------------------------------------- bad input (fast)
+
+
+def test_a_users_file_where_compare_writes_is_refused_even_with_force(tmp_path, synth_kfold_split):
+    out = tmp_path / "out"
+    (out / "cells" / "fold1").mkdir(parents=True)
+    (out / "cells" / "fold1" / "custom").write_text("the user's")
+    result = _run(["compare", "--split", synth_kfold_split, "--models", "custom,custom-k4", "--out", out, "--force"])
+    assert result.exit_code == 2
+    assert "was not written by 'breastcnn compare'" in result.stderr and "Traceback" not in result.output
+    assert (out / "cells" / "fold1" / "custom").read_text() == "the user's"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "exactly one of --data"),
+        (["--data", "x", "--split", "y"], "exactly one of --data"),
+        (["--split", "{split}", "--models", "custom,alexnet"], "unknown model 'alexnet'"),
+        (["--split", "{split}", "--models", "custom"], "at least two models"),
+        (["--split", "{split}", "--models", "custom,custom"], "twice"),
+        (["--split", "{split}", "--models", "custom,vgg16", "--folds", "3"], "has 2 folds"),
+        (["--split", "{split}", "--models", "custom,vgg16", "--trainable-layers", "-1"], "--trainable-layers"),
+        (["--split", "{split}", "--models", "custom,vgg16", "--resamples", "5"], "--resamples"),
+        (["--split", "{split}", "--models", "custom,vgg16", "--json", "--markdown"], "exclusive"),
+        (["--split", "{split}", "--models", "custom,vgg16", "--weights", "/no/such.h5"], "--weights /no/such.h5"),
+        (["--split", "{data}", "--models", "custom,vgg16"], "not a k-fold split"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, synth_kfold_split, synth_data):
+    args = [a.format(split=synth_kfold_split, data=synth_data) for a in args]
+    result = _run(["compare", *args, "--out", tmp_path / "out"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
+
+
+# --------------------------------------------------------------------------- on a cluster
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_cells_on_a_dask_cluster_give_the_local_numbers(compared, tmp_path):
+    distributed = pytest.importorskip("distributed") if not os.environ.get("CI") else __import__("distributed")
+    out, doc, _ = compared
+    local = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                     worker_dashboard_address=None)
+    try:
+        result = _run([*_args(doc["protocol"]["split"], tmp_path / "out"), "--json", "--scheduler",
+                       local.scheduler_address])
+    finally:
+        local.close()
+    assert result.exit_code == 0, result.output
+    remote = json.loads(result.stdout)
+    for mine, theirs in zip(remote["models"], doc["models"], strict=True):
+        for key in ("folds", "mean", "std", "ci95", "params_total", "size_kb"):
+            assert mine[key] == theirs[key], key
+    assert remote["pairwise"] == doc["pairwise"]
+
+
+# --------------------------------------------------------------------------- finetune --trainable-layers 0
+
+
+@pytest.mark.slow
+def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_split, tmp_path):
+    """`finetune --trainable-layers 0`: a normal run directory (model.keras evaluates as usual), augmentation
+    off and said so, the features cached next to the split's image cache and hit by the next run."""
+
+    def finetune(out):
+        return _run(["finetune", "--model", "resnet50", "--split", synth_split, "--weights", "none",
+                     "--trainable-layers", "0", "--epochs", "2", "--image-size", "64", "--out", out, "--json"])
+
+    first = finetune(tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["linear_probe"] is True and summary["epochs_run"] == 2
+    assert summary["feature_cache"]["status"] in ("built", "hit")           # another test may have built it
+    assert "no augmentation" in first.stderr
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["options"]
+    assert config["augment"] is False and config["trainable_layers"] == 0
+    assert Path(config["feature_cache"]).parent == synth_split / "cache" / "features"
+    second = finetune(tmp_path / "b")
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["feature_cache"]["status"] == "hit"
+    model = load_model(tmp_path / "b" / "model.keras")
+    metrics, _ = evaluate_model(model, load_split(synth_split), "test")
+    assert 0 <= metrics["accuracy"] <= 1 and model.meta["linear_probe"] is True
+    a, b = (load_model(tmp_path / d / "model.keras").model.get_layer("predictions").get_weights()[0]
+            for d in ("a", "b"))
+    np.testing.assert_array_equal(a, b)                                     # same seed, same head
+
+
+# --------------------------------------------------------------------------- partial fine-tuning, cached prefix
+
+
+@pytest.mark.slow
+def test_split_at_trainable_is_the_same_network(keras):
+    """prefix -> top equals the whole model: one crossing tensor for VGG16, two (branch and shortcut) when the
+    cut falls inside a ResNet50 block; nothing to cache when every base layer trains."""
+
+    x = np.random.default_rng(0).normal(0, 50, (3, 32, 32, 3)).astype(np.float32)
+    vgg = create_vgg16(input_shape=(32, 32, 3), weights="none", trainable_layers=4)
+    prefix, top, crossing = split_at_trainable(vgg)
+    assert crossing == ["block4_pool"]
+    np.testing.assert_allclose(np.asarray(top(prefix(x))), np.asarray(vgg.model(x)), atol=1e-6)
+    resnet = create_resnet50(input_shape=(32, 32, 3), weights="none", trainable_layers=18)
+    prefix, top, crossing = split_at_trainable(resnet)
+    assert len(crossing) == 2 and "conv5_block1_out" in crossing
+    np.testing.assert_allclose(np.asarray(top(prefix(x))), np.asarray(resnet.model(x)), atol=1e-5)
+    assert split_at_trainable(create_vgg16(input_shape=(32, 32, 3), weights="none", trainable_layers=20)) is None
+
+
+@pytest.mark.slow
+def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations(keras, synth_split, tmp_path):
+
+    result = _run(["finetune", "--model", "vgg16", "--split", synth_split, "--weights", "none", "--trainable-layers",
+                   "4", "--no-augment", "--epochs", "2", "--image-size", "64", "--out", tmp_path / "run", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["prefix_cache"]["tensors"] == ["block4_pool"] and summary["epochs_run"] == 2
+    assert "ran once per image" in result.stderr
+    trained = load_model(tmp_path / "run" / "model.keras").model
+    fresh = create_vgg16(input_shape=(64, 64, 3), weights="none", trainable_layers=4).model
+    def kernel(model, layer):
+        return model.get_layer(layer).get_weights()[0]
+
+    for layer in ("block1_conv1", "block4_conv3"):                  # frozen: as built
+        np.testing.assert_array_equal(kernel(trained, layer), kernel(fresh, layer))
+    for layer in ("block5_conv1", "predictions"):                   # trainable: changed by training
+        assert not np.array_equal(kernel(trained, layer), kernel(fresh, layer))
+
+
+# --------------------------------------------------------------------------- Ctrl-C (fast: cells faked)
+
+
+def test_ctrl_c_keeps_finished_cells_and_the_rerun_continues(tmp_path, synth_kfold_split, monkeypatch):
+    """Ctrl-C in the second cell: exit 130, the first cell's cell.json kept, nothing half-written marked finished,
+    the directory unlocked; the rerun skips the first cell and computes the others."""
+
+    calls = []
+
+    def fake_cell(spec, run_dir):
+        calls.append((spec.model, spec.fold))
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model.npz").write_bytes(b"")
+        split = load_split(spec.split_dir)
+        y = split.labels("test")
+        p = np.random.default_rng(len(calls)).uniform(size=y.size)
+        return {"model_path": str(run_dir / "model.npz"), "train_seconds": 0.0,
+                "predictions": {"paths": [r.path for r in split.subset("test")], "y_true": y.tolist(),
+                                "p_malignant": p.tolist(), "patients": split.patients("test")}}
+
+    monkeypatch.setattr(comparison, "_numpy_cell", fake_cell)
+    monkeypatch.setattr(comparison, "model_cost",
+                        lambda *a, **k: {"params_total": 1, "size_kb": 1.0, "latency_ms_p50": 1.0})
+    out = tmp_path / "out"
+    args = ["compare", "--split", synth_kfold_split, "--models", "custom,custom-k4", "--resamples", "200",
+            "--out", out, "--image-size", "64"]
+    interrupt = True
+    result = _run(args)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert (out / "cells" / "fold1" / "custom" / "cell.json").is_file()
+    assert not (out / "cells" / "fold1" / "custom-k4" / "cell.json").exists()
+    assert not (out / "compare.json").exists() and not (out / ".breastcnn.lock").exists()
+    interrupt, calls[:] = False, []
+    result = _run([*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("custom-k4", 1), ("custom", 2), ("custom-k4", 2)]
+    assert result.stderr.count("already done") == 1
+    assert [m["model"] for m in json.loads(result.stdout)["models"]] == ["custom", "custom-k4"]
