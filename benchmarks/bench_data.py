@@ -34,8 +34,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--difficulty", choices=synth.DIFFICULTIES, default=synth.DEFAULT_DIFFICULTY,
-                        help="synth difficulty of the generated tree (the rest of the pipeline is the same)")
+    parser.add_argument(
+        "--difficulty",
+        choices=synth.DIFFICULTIES,
+        default=synth.DEFAULT_DIFFICULTY,
+        help="synth difficulty of the generated tree (the rest of the pipeline is the same)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_data.", dir=args.workdir))
@@ -50,8 +54,10 @@ def main() -> None:
         summary = synth.generate(work, scale=1.0, mags=("200X",), seed=0, jobs=args.jobs, difficulty=args.difficulty)
         wall = time.perf_counter() - t0
         n = summary["n_images"]
-        print(f"synth: {n} images in {wall:.1f} s wall ({wall / n * 1e3:.1f} ms/image with {args.jobs} jobs); "
-              f"full 200X tree ({len(full)} images) extrapolated: {wall * len(full) / n:.1f} s")
+        print(
+            f"synth: {n} images in {wall:.1f} s wall ({wall / n * 1e3:.1f} ms/image with {args.jobs} jobs); "
+            f"full 200X tree ({len(full)} images) extrapolated: {wall * len(full) / n:.1f} s"
+        )
 
         import io
 
@@ -62,8 +68,10 @@ def main() -> None:
         for spec in specs:
             Image.fromarray(synth.render(spec, 0, args.difficulty)).save(io.BytesIO(), format="PNG", compress_level=1)
         cpu = (time.process_time() - c0) / len(specs)
-        print(f"synth CPU time: {cpu * 1e3:.1f} ms/image (render + PNG, 1 process); "
-              f"full 200X tree on 2 idle cores ~ {cpu * len(full) / 2:.0f} s")
+        print(
+            f"synth CPU time: {cpu * 1e3:.1f} ms/image (render + PNG, 1 process); "
+            f"full 200X tree on 2 idle cores ~ {cpu * len(full) / 2:.0f} s"
+        )
 
         t0 = time.perf_counter()
         create_split(work / "BreaKHis_v1", "200X", out=work / "splits" / "200X", jobs=args.jobs)
@@ -75,8 +83,10 @@ def main() -> None:
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
         load_subset(split, "train", args.size)
-        print(f"cache train {x.shape} build: {build:.2f} s ({build / len(x) * 1e3:.2f} ms/image, "
-              f"{args.jobs} jobs); load: {time.perf_counter() - t0:.2f} s")
+        print(
+            f"cache train {x.shape} build: {build:.2f} s ({build / len(x) * 1e3:.2f} ms/image, "
+            f"{args.jobs} jobs); load: {time.perf_counter() - t0:.2f} s"
+        )
 
         aug, rng = Augmenter(), np.random.default_rng(0)
         batch = x[:32] if len(x) >= 32 else np.resize(x, (32,) + x.shape[1:])
@@ -88,8 +98,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 aug(batch, rng)
                 times.append(time.perf_counter() - t0)
-        print(f"augment {batch.shape[1]}x{batch.shape[2]}: {np.median(times) / 32 * 1e3:.3f} ms/image "
-              f"(median of 20 batches of 32, 1 thread)")
+        print(
+            f"augment {batch.shape[1]}x{batch.shape[2]}: {np.median(times) / 32 * 1e3:.3f} ms/image "
+            f"(median of 20 batches of 32, 1 thread)"
+        )
 
         paths = [split.root / r.path for r in split.rows[:60]]
         for p in paths[:5]:
@@ -100,8 +112,10 @@ def main() -> None:
             decode_image(p, args.size)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        print(f"decode+resize 700x460 PNG -> {args.size}: {np.median(times) * 1e3:.2f} ms/image wall, "
-              f"{np.median(cpu) * 1e3:.2f} ms CPU (median of {len(paths)}, 1 process)")
+        print(
+            f"decode+resize 700x460 PNG -> {args.size}: {np.median(times) * 1e3:.2f} ms/image wall, "
+            f"{np.median(cpu) * 1e3:.2f} ms CPU (median of {len(paths)}, 1 process)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -88,7 +88,7 @@ def profile_steps(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
     Each step's forward and backward are timed where Sequential calls them. Work a step leaves pending
     (a BatchNorm's normalisation, its input gradient) runs in the next step's chunks and counts there.
     """
-    steps = model._steps(0, model.logits_index + 1)    # the plan that compute_gradients runs
+    steps = model._steps(0, model.logits_index + 1)  # the plan that compute_gradients runs
     times = {(k, d): [] for k in range(len(steps)) for d in ("forward", "backward")}
     for k, step in enumerate(steps):
         for direction in ("forward", "backward"):
@@ -106,8 +106,9 @@ def profile_steps(model, x, y, repeats: int) -> list[tuple[str, float, float]]:
             model.train_on_batch(x, y)
     finally:
         for step in steps:
-            del step.forward, step.backward   # back to the class methods
-    def median_ms(k: int, direction: str) -> float:   # the first two steps warm up
+            del step.forward, step.backward  # back to the class methods
+
+    def median_ms(k: int, direction: str) -> float:  # the first two steps warm up
         return statistics.median(times[(k, direction)][2:]) * 1e3
 
     return [(repr(step), median_ms(k, "forward"), median_ms(k, "backward")) for k, step in enumerate(steps)]
@@ -121,7 +122,7 @@ def keras_side(model, x, y, x1, repeats: int, keras_threads: int = 0) -> dict:
 
     from breastcnn.models.convert import to_keras
 
-    if keras_threads:   # before TensorFlow runs anything
+    if keras_threads:  # before TensorFlow runs anything
         tf.config.threading.set_intra_op_parallelism_threads(keras_threads)
         tf.config.threading.set_inter_op_parallelism_threads(keras_threads)
 
@@ -147,7 +148,7 @@ def keras_side(model, x, y, x1, repeats: int, keras_threads: int = 0) -> dict:
         "train": lambda: float(train_step(xt, yt)),
         "infer1": lambda: infer(x1t).numpy(),
         "threads": f"intra_op={tf.config.threading.get_intra_op_parallelism_threads() or 'default(all cores)'}, "
-                   f"inter_op={tf.config.threading.get_inter_op_parallelism_threads() or 'default'}",
+        f"inter_op={tf.config.threading.get_inter_op_parallelism_threads() or 'default'}",
         "versions": f"tensorflow {tf.__version__}, keras {keras.__version__}",
     }
 
@@ -157,22 +158,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-keras", action="store_true")
     parser.add_argument("--profile", action="store_true", help="per-step NumPy times (train step)")
-    parser.add_argument("--threads", default="0,1",
-                        help="comma-separated Sequential.threads values to compare (0: all cores); the first "
-                             "one is used for the inference, profile and prediction figures")
-    parser.add_argument("--blas-threads", type=int, default=1,
-                        help="Sequential.blas_threads for the NumPy model (0: process default, all cores)")
-    parser.add_argument("--blas2", action="store_true",
-                        help="also time threads=1 with 2 BLAS threads (separately, after the rest)")
-    parser.add_argument("--settle", type=int, default=1,
-                        help="untimed calls before each timed block (train: blocks of 2 steps, inference: 10 "
-                             "calls after 5x as many untimed); 0: alternate call by call, every call timed")
-    parser.add_argument("--keras-threads", type=int, default=0,
-                        help="TensorFlow intra/inter-op threads (0: its default, all cores); with --threads 1 "
-                             "this compares the two engines per core")
+    parser.add_argument(
+        "--threads",
+        default="0,1",
+        help="comma-separated Sequential.threads values to compare (0: all cores); the first "
+        "one is used for the inference, profile and prediction figures",
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="Sequential.blas_threads for the NumPy model (0: process default, all cores)",
+    )
+    parser.add_argument(
+        "--blas2", action="store_true", help="also time threads=1 with 2 BLAS threads (separately, after the rest)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=int,
+        default=1,
+        help="untimed calls before each timed block (train: blocks of 2 steps, inference: 10 "
+        "calls after 5x as many untimed); 0: alternate call by call, every call timed",
+    )
+    parser.add_argument(
+        "--keras-threads",
+        type=int,
+        default=0,
+        help="TensorFlow intra/inter-op threads (0: its default, all cores); with --threads 1 "
+        "this compares the two engines per core",
+    )
     parser.add_argument("--predict-batch", type=int, default=256, help="images for the sharding comparison")
-    parser.add_argument("--onnx", action="store_true",
-                        help="also time ONNX Runtime on the same weights (batch 1 and 32, per --threads value)")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also time ONNX Runtime on the same weights (batch 1 and 32, per --threads value)",
+    )
     args = parser.parse_args()
     args.blas_threads = args.blas_threads or None
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -195,6 +215,7 @@ def run(args) -> None:
         def step():
             model.threads, model.blas_threads = threads, blas
             return model.train_on_batch(x, y)
+
         return step
 
     np_fns = {_label(t, args.blas_threads): train_fn(t, args.blas_threads) for t in args.threads}
@@ -204,11 +225,20 @@ def run(args) -> None:
     k = None if args.no_keras else keras_side(model, x, y, x1, args.repeats, args.keras_threads)
     # numpy settings and keras alternate, so that all see the same load
     settle = args.settle
-    train = interleaved_ms({**np_fns, **({} if k is None else {"keras": k["train"]})}, args.repeats,
-                           block=2 if settle else 1, settle=settle)
+    train = interleaved_ms(
+        {**np_fns, **({} if k is None else {"keras": k["train"]})},
+        args.repeats,
+        block=2 if settle else 1,
+        settle=settle,
+    )
     model.threads = args.threads[0]
-    infer = interleaved_ms({"numpy": np_infer_fn, **({} if k is None else {"keras": k["infer1"]})},
-                           args.repeats * 10, warmup=20, block=10 if settle else 1, settle=5 * settle)
+    infer = interleaved_ms(
+        {"numpy": np_infer_fn, **({} if k is None else {"keras": k["infer1"]})},
+        args.repeats * 10,
+        warmup=20,
+        block=10 if settle else 1,
+        settle=5 * settle,
+    )
     if args.blas2:  # after the rest: spinning OpenBLAS threads would slow the next timed call
         train[_label(1, 2) + " (timed alone)"] = median_ms(train_fn(1, 2), args.repeats)
         model.threads, model.blas_threads = args.threads[0], args.blas_threads
@@ -221,7 +251,9 @@ def run(args) -> None:
     print(f"batch-1 inference ({main_label}), median ms:")
     print(f"  numpy {infer['numpy']:8.3f}")
     if k is not None:
-        print(f"  keras {infer['keras']:8.3f}   ratio numpy/keras {infer['numpy'] / infer['keras']:.2f} (target <= 0.5)")
+        print(
+            f"  keras {infer['keras']:8.3f}   ratio numpy/keras {infer['numpy'] / infer['keras']:.2f} (target <= 0.5)"
+        )
 
     if args.profile:
         print(f"per-step median ms within a train step (forward / backward), {main_label}:")
@@ -234,9 +266,11 @@ def run(args) -> None:
     reps = max(args.repeats // 4, 3)
     plain = median_ms(lambda: model.predict(xb, batch_size=64, jobs=1), reps, warmup=1)
     sharded = median_ms(lambda: model.predict(xb, batch_size=64, jobs=jobs), reps, warmup=1)
-    print(f"predict {args.predict_batch} images, batch 64: jobs=1 ({main_label}) {plain:.1f} ms; "
-          f"jobs={jobs} (joblib threads, 1 engine + 1 BLAS thread each) {sharded:.1f} ms; "
-          f"sharded/plain = {sharded / plain:.2f}")
+    print(
+        f"predict {args.predict_batch} images, batch 64: jobs=1 ({main_label}) {plain:.1f} ms; "
+        f"jobs={jobs} (joblib threads, 1 engine + 1 BLAS thread each) {sharded:.1f} ms; "
+        f"sharded/plain = {sharded / plain:.2f}"
+    )
     if args.onnx:
         onnx_vs_numpy(model, x, x1, args)
 
@@ -255,23 +289,37 @@ def onnx_vs_numpy(model, x, x1, args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, Path(tmp) / "custom.onnx")
-        ort_model = load_onnx_model(Path(tmp) / "custom.onnx")   # the session keeps the bytes
+        ort_model = load_onnx_model(Path(tmp) / "custom.onnx")  # the session keeps the bytes
     settle = args.settle
-    print(f"NumPy predict vs ONNX Runtime {onnxruntime.__version__} (same weights), median ms "
-          f"(targets numpy/onnx <= 1.5 at batch 1, <= 1.2 at batch {BATCH}):")
+    print(
+        f"NumPy predict vs ONNX Runtime {onnxruntime.__version__} (same weights), median ms "
+        f"(targets numpy/onnx <= 1.5 at batch 1, <= 1.2 at batch {BATCH}):"
+    )
     for threads in args.threads:
         n = resolve_jobs(threads)
         model.threads, model.blas_threads = n, args.blas_threads
         ort_model.set_threads(n, 1)
-        b1 = interleaved_ms({"numpy": lambda: model.predict(x1, batch_size=1),
-                             "onnx": lambda: ort_model.predict(x1, batch_size=1)},
-                            args.repeats * 10, warmup=20, block=10 if settle else 1, settle=5 * settle)
-        bn = interleaved_ms({"numpy": lambda: model.predict(x, batch_size=BATCH),
-                             "onnx": lambda: ort_model.predict(x, batch_size=BATCH)},
-                            args.repeats, block=2 if settle else 1, settle=settle)
+        b1 = interleaved_ms(
+            {"numpy": lambda: model.predict(x1, batch_size=1), "onnx": lambda: ort_model.predict(x1, batch_size=1)},
+            args.repeats * 10,
+            warmup=20,
+            block=10 if settle else 1,
+            settle=5 * settle,
+        )
+        bn = interleaved_ms(
+            {
+                "numpy": lambda: model.predict(x, batch_size=BATCH),
+                "onnx": lambda: ort_model.predict(x, batch_size=BATCH),
+            },
+            args.repeats,
+            block=2 if settle else 1,
+            settle=settle,
+        )
         for label, t in ((1, b1), (BATCH, bn)):
-            print(f"  {n} thread(s), batch {label:>2}: numpy {t['numpy']:8.3f}  onnx {t['onnx']:8.3f}  "
-                  f"ratio numpy/onnx {t['numpy'] / t['onnx']:.2f}")
+            print(
+                f"  {n} thread(s), batch {label:>2}: numpy {t['numpy']:8.3f}  onnx {t['onnx']:8.3f}  "
+                f"ratio numpy/onnx {t['numpy'] / t['onnx']:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -53,27 +53,38 @@ def main(argv=None) -> int:
     except (AttributeError, OSError):
         affinity = os.cpu_count()
     gpus = tf.config.list_physical_devices("GPU")
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; cores visible {affinity}; "
-          f"intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or f'auto ({affinity})'}, "
-          f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}; "
-          f"devices: {', '.join(d.name for d in gpus) or 'CPU only'}")
-    print(f"input {args.size}x{args.size}x3, weights none, last {args.trainable_layers} layers trainable, "
-          f"Adam 1e-4; median of {args.steps} steps after {args.warmup} warm-up\n")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; cores visible {affinity}; "
+        f"intra-op threads {tf.config.threading.get_intra_op_parallelism_threads() or f'auto ({affinity})'}, "
+        f"inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}; "
+        f"devices: {', '.join(d.name for d in gpus) or 'CPU only'}"
+    )
+    print(
+        f"input {args.size}x{args.size}x3, weights none, last {args.trainable_layers} layers trainable, "
+        f"Adam 1e-4; median of {args.steps} steps after {args.warmup} warm-up\n"
+    )
 
     batches = [int(b) for b in args.batches.split(",") if b]
     rng = np.random.default_rng(0)
     for name in [m for m in args.models.split(",") if m]:
-        clf = BUILDERS[name](input_shape=(args.size, args.size, 3), num_classes=2, seed=0, weights="none",
-                             trainable_layers=args.trainable_layers)
+        clf = BUILDERS[name](
+            input_shape=(args.size, args.size, 3),
+            num_classes=2,
+            seed=0,
+            weights="none",
+            trainable_layers=args.trainable_layers,
+        )
         params = clf.count_params()
         total = params["trainable"] + params["non_trainable"]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.keras"
             clf.save(path)
             size_kb = path.stat().st_size / 1024
-        print(f"{name}: params total {total:,} / trainable {params['trainable']:,} "
-              f"(non-trainable {params['non_trainable']:,}); model.keras {size_kb:,.0f} KB "
-              f"(weights only, no optimizer state)")
+        print(
+            f"{name}: params total {total:,} / trainable {params['trainable']:,} "
+            f"(non-trainable {params['non_trainable']:,}); model.keras {size_kb:,.0f} KB "
+            f"(weights only, no optimizer state)"
+        )
         model = clf.model
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
         for batch in batches:
@@ -92,8 +103,10 @@ def main(argv=None) -> int:
                 print(f"  batch {batch}: out of memory ({type(exc).__name__})")
                 continue
             med = statistics.median(times)
-            print(f"  batch {batch:3d}: train step median {med:.3f} s (min {min(times):.3f}, max {max(times):.3f}); "
-                  f"{batch / med:.1f} images/s")
+            print(
+                f"  batch {batch:3d}: train step median {med:.3f} s (min {min(times):.3f}, max {max(times):.3f}); "
+                f"{batch / med:.1f} images/s"
+            )
             sys.stdout.flush()
         del model, clf
         keras.backend.clear_session()

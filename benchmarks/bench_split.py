@@ -34,8 +34,10 @@ from breastcnn.data.tasks import SUBTYPE_CLASSES  # noqa: E402
 
 
 def records(mags) -> list[Record]:
-    return [Record(s.path, s.patient.label, s.patient.subtype, s.patient.folder, s.magnification)
-            for s in synth.plan(1.0, mags)]
+    return [
+        Record(s.path, s.patient.label, s.patient.subtype, s.patient.folder, s.magnification)
+        for s in synth.plan(1.0, mags)
+    ]
 
 
 def measure(recs: list[Record], ratios, seeds: int, stratify: str) -> dict:
@@ -66,16 +68,30 @@ def measure(recs: list[Record], ratios, seeds: int, stratify: str) -> dict:
             for label in ("benign", "malignant"):
                 whole = [r for r in rows if r.label == label]
                 part = [r for r in whole if r.split == s]
-                tv.append(0.5 * sum(abs(sum(r.subtype == t for r in part) / len(part)
-                                        - sum(r.subtype == t for r in whole) / len(whole)) for t in SUBTYPE_CLASSES))
+                tv.append(
+                    0.5
+                    * sum(
+                        abs(
+                            sum(r.subtype == t for r in part) / len(part)
+                            - sum(r.subtype == t for r in whole) / len(whole)
+                        )
+                        for t in SUBTYPE_CLASSES
+                    )
+                )
             mix[s].append(np.mean(tv))
-        empty.append(sum(not any(r.subtype == t and r.split == s for r in rows)
-                         for t in SUBTYPE_CLASSES for s in subsets))
+        empty.append(
+            sum(not any(r.subtype == t and r.split == s for r in rows) for t in SUBTYPE_CLASSES for s in subsets)
+        )
     return {
-        "class": {label: " / ".join(f"{100 * np.mean(share[(label, s)]):.1f}" for s in subsets)
-                  for label in ("benign", "malignant")},
-        "class_err": 100 * class_err, "mag_err": 100 * mag_err, "subtype_err": 100 * subtype_err,
-        "empty": (np.mean(empty), max(empty)), "mix": " / ".join(f"{np.mean(mix[s]):.2f}" for s in subsets),
+        "class": {
+            label: " / ".join(f"{100 * np.mean(share[(label, s)]):.1f}" for s in subsets)
+            for label in ("benign", "malignant")
+        },
+        "class_err": 100 * class_err,
+        "mag_err": 100 * mag_err,
+        "subtype_err": 100 * subtype_err,
+        "empty": (np.mean(empty), max(empty)),
+        "mix": " / ".join(f"{np.mean(mix[s]):.2f}" for s in subsets),
         "seconds": float(np.median(seconds)),
     }
 
@@ -84,9 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
     args = parser.parse_args()
-    print("| magnifications | ratios | --stratify | benign % (train/val/test) | malignant % | max class err (pts) "
-          "| max mag err (pts) | empty (subtype, subset) cells: mean (max) | subtype mix TV | max subtype err (pts) "
-          "| s/split (median) |")
+    print(
+        "| magnifications | ratios | --stratify | benign % (train/val/test) | malignant % | max class err (pts) "
+        "| max mag err (pts) | empty (subtype, subset) cells: mean (max) | subtype mix TV | max subtype err (pts) "
+        "| s/split (median) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mags in (("200X",), MAGNIFICATIONS):
         recs = records(mags)
@@ -94,10 +112,13 @@ def main() -> None:
             for stratify in ("class", "subtype"):
                 m = measure(recs, ratios, args.seeds, stratify)
                 name = "all" if mags == MAGNIFICATIONS else mags[0]
-                print(f"| {name} | {'/'.join(f'{q:g}' for q in ratios if q)} | {stratify} | {m['class']['benign']} "
-                      f"| {m['class']['malignant']} | {m['class_err']:.2f} | {m['mag_err']:.2f} "
-                      f"| {m['empty'][0]:.2f} ({m['empty'][1]}) | {m['mix']} | {m['subtype_err']:.0f} "
-                      f"| {m['seconds']:.2f} |", flush=True)
+                print(
+                    f"| {name} | {'/'.join(f'{q:g}' for q in ratios if q)} | {stratify} | {m['class']['benign']} "
+                    f"| {m['class']['malignant']} | {m['class_err']:.2f} | {m['mag_err']:.2f} "
+                    f"| {m['empty'][0]:.2f} ({m['empty'][1]}) | {m['mix']} | {m['subtype_err']:.0f} "
+                    f"| {m['seconds']:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def real_tiles() -> np.ndarray | None:
 def synthetic_tiles(n: int = 40) -> np.ndarray:
     from breastcnn.data import synth
 
-    specs = synth.plan(1.0, ("200X",))[:: 50][: (n + 5) // 6]
+    specs = synth.plan(1.0, ("200X",))[::50][: (n + 5) // 6]
     images = [synth.render(s, 0) for s in specs]
     tiles = [im[y : y + TILE, x : x + TILE] for im in images for y in (0, 230) for x in (0, 230, 470)]
     return np.stack(tiles[:n])
@@ -145,8 +145,10 @@ def main() -> None:
         aug = timed({"off": lambda: off(batch, rng_off), "on": lambda: on(batch, rng_on)}, args.rounds * 4, len(batch))
         for i, clock in enumerate(("wall", "CPU")):
             a, b = aug["off"][i], aug["on"][i]
-            print(f"Augmenter ({clock}): affine {a:.3f} ms/image; with HED jitter {b:.3f} ms/image "
-                  f"(jitter adds {b - a:.3f}, ratio {b / a:.2f}; budget 1 ms)")
+            print(
+                f"Augmenter ({clock}): affine {a:.3f} ms/image; with HED jitter {b:.3f} ms/image "
+                f"(jitter adds {b - a:.3f}, ratio {b / a:.2f}; budget 1 ms)"
+            )
 
         pool = np.resize(tiles, (200,) + tiles.shape[1:])
         t0 = time.perf_counter()
@@ -154,15 +156,19 @@ def main() -> None:
         fit200 = time.perf_counter() - t0
         t0 = time.perf_counter()
         stain.ReinhardNormaliser().fit(pool)
-        print(f"training-set fit on 200 tiles: macenko {fit200:.2f} s, reinhard {time.perf_counter() - t0:.2f} s "
-              f"(pixels thinned to 2,000,000)")
+        print(
+            f"training-set fit on 200 tiles: macenko {fit200:.2f} s, reinhard {time.perf_counter() - t0:.2f} s "
+            f"(pixels thinned to 2,000,000)"
+        )
 
     hed_shift = (np.array([[1.3, 0.75, 1.0]]), np.array([[0.01, -0.005, 0.0]]))
     shifts = {
-        "re-stained (H/E turned 15 deg apart, amounts x1.4/x0.7)":
-            lambda tile: restain(tile, stain.MacenkoNormaliser().fit(tile).stain_matrix),
-        "HED-space shift (H x1.3, E x0.75, offsets +0.01/-0.005)":
-            lambda tile: stain.HEDJitter().apply(tile[None], *hed_shift)[0],
+        "re-stained (H/E turned 15 deg apart, amounts x1.4/x0.7)": lambda tile: restain(
+            tile, stain.MacenkoNormaliser().fit(tile).stain_matrix
+        ),
+        "HED-space shift (H x1.3, E x0.75, offsets +0.01/-0.005)": lambda tile: stain.HEDJitter().apply(
+            tile[None], *hed_shift
+        )[0],
     }
     for name, shift in shifts.items():
         before, after = [], {"macenko": [], "reinhard": []}
@@ -171,8 +177,11 @@ def main() -> None:
             before.append(delta_e(shifted, tile))
             for method in after:
                 after[method].append(delta_e(stain.fit_normaliser(method, tile).transform(shifted), tile))
-        print(f"{name}, normalised to the original's target: mean Delta E {np.mean(before):.2f} -> "
-              + ", ".join(f"{m} {np.mean(a):.2f}" for m, a in after.items()))
+        print(
+            f"{name}, normalised to the original's target: mean Delta E {np.mean(before):.2f} -> "
+            + ", ".join(f"{m} {np.mean(a):.2f}" for m, a in after.items())
+        )
+
 
 if __name__ == "__main__":
     main()

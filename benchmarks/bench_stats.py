@@ -66,8 +66,10 @@ def main() -> None:
                 comparison_statistics(predictions, StatsOptions(n_resamples=n, seed=0))
                 times[n].append(time.perf_counter() - start)
         for n, values in times.items():
-            print(f"comparison_statistics, {n} resamples: median {statistics.median(values):.2f} s "
-                  f"(min {min(values):.2f}, max {max(values):.2f}, {args.repeats} runs)")
+            print(
+                f"comparison_statistics, {n} resamples: median {statistics.median(values):.2f} s "
+                f"(min {min(values):.2f}, max {max(values):.2f}, {args.repeats} runs)"
+            )
 
         fold = predictions["model0"][0]
         calls = []
@@ -77,9 +79,11 @@ def main() -> None:
             calls.append(time.perf_counter() - start)
         per_call = statistics.median(calls)
         n = max(args.resamples)
-        print(f"classification_metrics on one fold: median {per_call * 1e3:.1f} ms per call; "
-              f"{n} resamples x {args.folds} folds x {args.models} models through it would take "
-              f"~{per_call * n * args.folds * args.models:.0f} s")
+        print(
+            f"classification_metrics on one fold: median {per_call * 1e3:.1f} ms per call; "
+            f"{n} resamples x {args.folds} folds x {args.models} models through it would take "
+            f"~{per_call * n * args.folds * args.models:.0f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,13 @@ def morphology_features(img: np.ndarray) -> np.ndarray:
         labels, n = ndimage.label(mask)
         sizes = np.bincount(labels.ravel())[1:] if n else np.zeros(0)
         sizes = sizes[sizes >= 3] if (sizes >= 3).any() else np.ones(1)
-        out += [np.log1p(len(sizes)), np.log(sizes.mean()), np.log(sizes.std() + 1),
-                np.log(np.percentile(sizes, 90)), np.log(sizes.max())]
+        out += [
+            np.log1p(len(sizes)),
+            np.log(sizes.mean()),
+            np.log(sizes.std() + 1),
+            np.log(np.percentile(sizes, 90)),
+            np.log(sizes.max()),
+        ]
         for k in (8, 24, 64):  # clustering: spread of the mask's density over k x k blocks
             h, w = (mask.shape[0] // k) * k, (mask.shape[1] // k) * k
             out.append(mask[:h, :w].reshape(h // k, k, w // k, k).mean((1, 3)).std())
@@ -77,8 +82,10 @@ def _splits(specs, n: int):
     index = {s.path: i for i, s in enumerate(specs)}
     for seed in range(n):
         rows = split_by_patient(records, (0.6, 0.0, 0.4), seed=seed)
-        yield (np.array([index[r.path] for r in rows if r.split == "train"]),
-               np.array([index[r.path] for r in rows if r.split == "test"]))
+        yield (
+            np.array([index[r.path] for r in rows if r.split == "train"]),
+            np.array([index[r.path] for r in rows if r.split == "test"]),
+        )
 
 
 def paired_gaps(n_patients: int, seed: int) -> None:
@@ -99,8 +106,10 @@ def paired_gaps(n_patients: int, seed: int) -> None:
                 rows.setdefault(label, []).append(np.r_[img.reshape(-1, 3).mean(0), extra])
             gaps.append(np.mean(rows["malignant"], 0) - np.mean(rows["benign"], 0))
         g, se = np.mean(gaps, 0), np.std(gaps, 0) / np.sqrt(len(gaps))
-        print(f"   {difficulty}: mean RGB {np.round(g[:3], 2)} (se {np.round(se[:3], 2)}) grey levels; "
-              f"nuclear fraction {g[3]:+.4f}, white fraction {g[4]:+.4f}")
+        print(
+            f"   {difficulty}: mean RGB {np.round(g[:3], 2)} (se {np.round(se[:3], 2)}) grey levels; "
+            f"nuclear fraction {g[3]:+.4f}, white fraction {g[4]:+.4f}"
+        )
 
 
 def main() -> None:
@@ -121,8 +130,9 @@ def main() -> None:
     data = {}
     for difficulty in ("easy", "hard"):
         t0 = time.perf_counter()
-        parts = Parallel(n_jobs=args.jobs)(delayed(_describe)(specs[i : i + 16], args.seed, difficulty)
-                                           for i in range(0, len(specs), 16))
+        parts = Parallel(n_jobs=args.jobs)(
+            delayed(_describe)(specs[i : i + 16], args.seed, difficulty) for i in range(0, len(specs), 16)
+        )
         rows = [r for part in parts for r in part]
         data[difficulty] = (np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
         print(f"   ({difficulty}: rendered and described in {time.perf_counter() - t0:.0f} s)")
@@ -138,8 +148,10 @@ def main() -> None:
                     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
                     scores[c].append(model.fit(x[train], y[train]).score(x[test], y[test]))
                 majority.append(max(y[test].mean(), 1 - y[test].mean()))
-            print(f"   | {difficulty} | {name} | {np.mean(scores[0.01]):.3f} | {np.mean(scores[1.0]):.3f} | "
-                  f"{np.mean(majority):.3f} |")
+            print(
+                f"   | {difficulty} | {name} | {np.mean(scores[0.01]):.3f} | {np.mean(scores[1.0]):.3f} | "
+                f"{np.mean(majority):.3f} |"
+            )
 
     print("\n3. subtype check: random forest on 19 colour-free morphology features (mean over splits)")
     for difficulty, (_, feats) in data.items():
@@ -152,8 +164,10 @@ def main() -> None:
             maj.append(np.bincount(subtype[test]).max() / len(test))
             forest = RandomForestClassifier(300, random_state=k, n_jobs=args.jobs, class_weight="balanced")
             binary.append(forest.fit(feats[train], y[train]).score(feats[test], y[test]))
-        print(f"   {difficulty}: 8 subtypes accuracy {np.mean(acc):.3f}, balanced accuracy {np.mean(bal):.3f} "
-              f"(majority {np.mean(maj):.3f}, chance balanced 0.125); benign/malignant {np.mean(binary):.3f}")
+        print(
+            f"   {difficulty}: 8 subtypes accuracy {np.mean(acc):.3f}, balanced accuracy {np.mean(bal):.3f} "
+            f"(majority {np.mean(maj):.3f}, chance balanced 0.125); benign/malignant {np.mean(binary):.3f}"
+        )
 
     print("\n4. render speed (one process, easy and hard alternated)")
     sample = specs[:: max(1, len(specs) // 40)]
@@ -164,8 +178,10 @@ def main() -> None:
             synth.render(spec, args.seed, difficulty)
             times[difficulty].append(time.perf_counter() - t0)
     easy, hard = np.median(times["easy"]), np.median(times["hard"])
-    print(f"   easy {easy * 1e3:.1f} ms, hard {hard * 1e3:.1f} ms per image (medians of {len(sample)}); "
-          f"hard/easy {hard / easy:.2f}")
+    print(
+        f"   easy {easy * 1e3:.1f} ms, hard {hard * 1e3:.1f} ms per image (medians of {len(sample)}); "
+        f"hard/easy {hard / easy:.2f}"
+    )
 
 
 if __name__ == "__main__":

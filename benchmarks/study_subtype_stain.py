@@ -56,10 +56,38 @@ def _tree(root: Path, scale: float, profile: str, jobs: int) -> Path:
     split = base / "split"
     if not (split / "split.json").is_file():
         t0 = time.perf_counter()
-        _cli("synth", "--out", str(base), "--scale", str(scale), "--mags", "200X", "--seed", "0",
-             "--difficulty", "hard", "--stain-profile", profile, "--jobs", str(jobs), "--force")
-        _cli("split", "--data", str(base / "BreaKHis_v1"), "--out", str(split), "--mag", "200X", "--seed", "0",
-             "--jobs", str(jobs), "--force")
+        _cli(
+            "synth",
+            "--out",
+            str(base),
+            "--scale",
+            str(scale),
+            "--mags",
+            "200X",
+            "--seed",
+            "0",
+            "--difficulty",
+            "hard",
+            "--stain-profile",
+            profile,
+            "--jobs",
+            str(jobs),
+            "--force",
+        )
+        _cli(
+            "split",
+            "--data",
+            str(base / "BreaKHis_v1"),
+            "--out",
+            str(split),
+            "--mag",
+            "200X",
+            "--seed",
+            "0",
+            "--jobs",
+            str(jobs),
+            "--force",
+        )
         print(f"synth + split {profile} (scale {scale}): {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return split
 
@@ -76,18 +104,48 @@ def _record(path: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def _train_eval(root: Path, key: str, split: Path, extra: list[str], seed: int, epochs: int, jobs: int,
-                tests: dict[str, Path]) -> dict:
+def _train_eval(
+    root: Path, key: str, split: Path, extra: list[str], seed: int, epochs: int, jobs: int, tests: dict[str, Path]
+) -> dict:
     out = root / "runs" / key
     t0 = time.perf_counter()
-    summary = _cli("train", "--split", str(split), "--out", str(out), "--epochs", str(epochs), "--seed", str(seed),
-                   "--jobs", str(jobs), "--force", *extra)
+    summary = _cli(
+        "train",
+        "--split",
+        str(split),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--jobs",
+        str(jobs),
+        "--force",
+        *extra,
+    )
     seconds = time.perf_counter() - t0
-    scores = {name: _cli("evaluate", "--model", str(out / "model.npz"), "--split", str(test_split),
-                         "--out", str(out / f"eval-{name}"), "--force")
-              for name, test_split in tests.items()}
-    return {"key": key, "seed": seed, "extra": extra, "train_s": round(seconds, 1),
-            "epochs_run": summary.get("epochs_run"), "scores": scores}
+    scores = {
+        name: _cli(
+            "evaluate",
+            "--model",
+            str(out / "model.npz"),
+            "--split",
+            str(test_split),
+            "--out",
+            str(out / f"eval-{name}"),
+            "--force",
+        )
+        for name, test_split in tests.items()
+    }
+    return {
+        "key": key,
+        "seed": seed,
+        "extra": extra,
+        "train_s": round(seconds, 1),
+        "epochs_run": summary.get("epochs_run"),
+        "scores": scores,
+    }
 
 
 def _ms(values) -> str:
@@ -116,22 +174,35 @@ def main() -> None:
         for seed in SEEDS:
             key = f"{name}-s{seed}"
             if key not in done:
-                done[key] = _train_eval(root, key, default_split, ["--task", "subtype"], seed, args.epochs,
-                                        args.jobs, {"same": default_split})
+                done[key] = _train_eval(
+                    root,
+                    key,
+                    default_split,
+                    ["--task", "subtype"],
+                    seed,
+                    args.epochs,
+                    args.jobs,
+                    {"same": default_split},
+                )
                 _record(log, done[key])
         rows = [done[f"{name}-s{seed}"]["scores"]["same"] for seed in SEEDS]
-        print(f"subtype task, scale {args.scale}, --epochs {args.epochs}, {rows[0]['n']} test images, "
-              f"seeds {SEEDS}:\n")
-        print("| test accuracy | balanced accuracy | macro F1 | patient accuracy | benign/malignant accuracy "
-              "(derived) | train s |")
+        print(f"subtype task, scale {args.scale}, --epochs {args.epochs}, {rows[0]['n']} test images, seeds {SEEDS}:\n")
+        print(
+            "| test accuracy | balanced accuracy | macro F1 | patient accuracy | benign/malignant accuracy "
+            "(derived) | train s |"
+        )
         print("|---|---|---|---|---|---|")
-        print(f"| {_ms([r['accuracy'] for r in rows])} | {_ms([r['balanced_accuracy'] for r in rows])} | "
-              f"{_ms([r['macro_f1'] for r in rows])} | {_ms([r['patient_accuracy'] for r in rows])} | "
-              f"{_ms([r['binary']['accuracy'] for r in rows])} | "
-              f"{_ms([done[f'{name}-s{s}']['train_s'] for s in SEEDS])} |")
+        print(
+            f"| {_ms([r['accuracy'] for r in rows])} | {_ms([r['balanced_accuracy'] for r in rows])} | "
+            f"{_ms([r['macro_f1'] for r in rows])} | {_ms([r['patient_accuracy'] for r in rows])} | "
+            f"{_ms([r['binary']['accuracy'] for r in rows])} | "
+            f"{_ms([done[f'{name}-s{s}']['train_s'] for s in SEEDS])} |"
+        )
         for seed, r in zip(SEEDS, rows, strict=True):
-            print(f"\nseed {seed}: accuracy {r['accuracy']:.3f}, macro F1 {r['macro_f1']:.3f}, per-class recall "
-                  + ", ".join(f"{c} {v['recall']:.2f}" for c, v in r["per_class"].items()))
+            print(
+                f"\nseed {seed}: accuracy {r['accuracy']:.3f}, macro F1 {r['macro_f1']:.3f}, per-class recall "
+                + ", ".join(f"{c} {v['recall']:.2f}" for c, v in r["per_class"].items())
+            )
         return
     shifted_split = _tree(root, args.scale, "shifted", args.jobs)
     settings = [s for s in args.settings.split(",") if s]
@@ -139,13 +210,22 @@ def main() -> None:
         for seed in SEEDS:
             key = f"stain-{name}-s{seed}"
             if key not in done:
-                done[key] = _train_eval(root, key, default_split, STAIN_SETTINGS[name], seed, args.epochs,
-                                        args.jobs, {"same": default_split, "shifted": shifted_split})
+                done[key] = _train_eval(
+                    root,
+                    key,
+                    default_split,
+                    STAIN_SETTINGS[name],
+                    seed,
+                    args.epochs,
+                    args.jobs,
+                    {"same": default_split, "shifted": shifted_split},
+                )
                 _record(log, done[key])
-    print(f"stain shift, binary task, scale {args.scale}, train on the default stain, seeds {SEEDS} "
-          "(mean +- std):\n")
-    print("| setting | test accuracy, same stain | balanced accuracy, same stain | test accuracy, shifted stain "
-          "| balanced accuracy, shifted | ROC AUC, shifted | train s |")
+    print(f"stain shift, binary task, scale {args.scale}, train on the default stain, seeds {SEEDS} (mean +- std):\n")
+    print(
+        "| setting | test accuracy, same stain | balanced accuracy, same stain | test accuracy, shifted stain "
+        "| balanced accuracy, shifted | ROC AUC, shifted | train s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in settings:
         runs = [done[f"stain-{name}-s{seed}"] for seed in SEEDS]
@@ -155,9 +235,11 @@ def main() -> None:
         def balanced(rows):
             return [(r["recall"] + r["benign_recall"]) / 2 for r in rows]
 
-        print(f"| {name} | {_ms([r['accuracy'] for r in same])} | {_ms(balanced(same))} | "
-              f"{_ms([r['accuracy'] for r in shifted])} | {_ms(balanced(shifted))} | "
-              f"{_ms([r['roc_auc'] for r in shifted])} | {_ms([r['train_s'] for r in runs])} |")
+        print(
+            f"| {name} | {_ms([r['accuracy'] for r in same])} | {_ms(balanced(same))} | "
+            f"{_ms([r['accuracy'] for r in shifted])} | {_ms(balanced(shifted))} | "
+            f"{_ms([r['roc_auc'] for r in shifted])} | {_ms([r['train_s'] for r in runs])} |"
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,13 @@ default train step runs at :attr:`BenchOptions.keras_train_batch_size` (the batc
 
 METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "benign_recall")
 """Test metrics shown in the table (the report's Table 3.1); every metric is in the JSON."""
-METRIC_LABELS = {"accuracy": "test accuracy", "precision": "precision (malignant)", "recall": "recall (malignant)",
-                 "f1": "F1 (malignant)", "benign_recall": "recall (benign)"}
+METRIC_LABELS = {
+    "accuracy": "test accuracy",
+    "precision": "precision (malignant)",
+    "recall": "recall (malignant)",
+    "f1": "F1 (malignant)",
+    "benign_recall": "recall (benign)",
+}
 
 
 @dataclass
@@ -108,8 +113,12 @@ class BenchOptions:
         """Raise :class:`UserInputError` naming the option for impossible values."""
         checks = [
             (self.image_size >= 32, "--image-size", self.image_size, "an integer >= 32"),
-            (len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes), "--batch-sizes",
-             ",".join(map(str, self.batch_sizes)), "positive integers"),
+            (
+                len(self.batch_sizes) > 0 and all(b >= 1 for b in self.batch_sizes),
+                "--batch-sizes",
+                ",".join(map(str, self.batch_sizes)),
+                "positive integers",
+            ),
             (self.repeats >= 1, "--repeats", self.repeats, ">= 1"),
             (self.threads is None or self.threads >= 1, "--threads", self.threads, ">= 1"),
             (self.train_steps >= 0, "--train-steps", self.train_steps, ">= 0 (0 skips the train step)"),
@@ -117,8 +126,12 @@ class BenchOptions:
             (self.keras_train_batch_size >= 1, "--keras-train-batch", self.keras_train_batch_size, ">= 1"),
             (self.weights in ("none", "imagenet"), "--weights", self.weights, "'none' or 'imagenet'"),
             (self.max_seconds > 0, "--max-seconds", self.max_seconds, "> 0"),
-            (self.warmup >= 0 and self.min_calls >= 1, "warm-up / minimum calls", (self.warmup, self.min_calls),
-             ">= 0 and >= 1"),
+            (
+                self.warmup >= 0 and self.min_calls >= 1,
+                "warm-up / minimum calls",
+                (self.warmup, self.min_calls),
+                ">= 0 and >= 1",
+            ),
         ]
         for ok, option, value, expected in checks:
             if not ok:
@@ -131,8 +144,12 @@ class BenchOptions:
         return cls(**{**FULL_SETTINGS, **overrides})
 
 
-FULL_SETTINGS = {"batch_sizes": (1, 32), "min_calls": 3, "max_seconds": 10.0,
-                 "keras_train_batch_size": REPORT_KERAS_TRAIN_BATCH}
+FULL_SETTINGS = {
+    "batch_sizes": (1, 32),
+    "min_calls": 3,
+    "max_seconds": 10.0,
+    "keras_train_batch_size": REPORT_KERAS_TRAIN_BATCH,
+}
 """``bench --full``: the report's Tables 3.1/3.2 (throughput at batch 32, the Keras train step at the
 report's batch 64) and 10 s per measurement: about 10 minutes for the three models on 2 CPU cores."""
 
@@ -219,8 +236,14 @@ def parse_model_files(items: Sequence[str], names: Sequence[str]) -> dict[str, P
 
 
 # ---------------------------------------------------------------- timing
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2, max_seconds: float = 10.0,
-               min_calls: int = 3, tick: Callable[[int, float], None] | None = None) -> np.ndarray:
+def time_calls(
+    fn: Callable[[], object],
+    repeats: int,
+    warmup: int = 2,
+    max_seconds: float = 10.0,
+    min_calls: int = 3,
+    tick: Callable[[int, float], None] | None = None,
+) -> np.ndarray:
     """Wall-clock milliseconds of ``fn()`` per call, after up to ``warmup`` untimed calls.
 
     ``max_seconds`` caps the measurement, warm-up included, from the end of the
@@ -381,8 +404,14 @@ def _write_png(path: Path, rng: np.random.Generator) -> Path:
     return path
 
 
-def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Path, split=None,
-                progress: Progress | Callable[[str], None] | None = None) -> dict:
+def bench_model(
+    name: str,
+    path: Path | None,
+    options: BenchOptions,
+    workdir: Path,
+    split=None,
+    progress: Progress | Callable[[str], None] | None = None,
+) -> dict:
     """Measure one model; a missing optional dependency gives ``skipped`` (the reason), not an error.
 
     Args:
@@ -419,18 +448,25 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
     rng = np.random.default_rng(options.seed)
     # Forward pass on preprocessed arrays, per batch size (batch 1, the latency contract, even when not listed).
     batches = list(options.batch_sizes) + ([] if 1 in options.batch_sizes else [1])
-    planned = (len(batches) + (spec.framework == "keras") + 1 + (split is not None and not fresh)
-               + (options.train_steps > 0 and can.train_step))
+    planned = (
+        len(batches)
+        + (spec.framework == "keras")
+        + 1
+        + (split is not None and not fresh)
+        + (options.train_steps > 0 and can.train_step)
+    )
     report.plan(name, planned)
     _time_forward_passes(model, entry, batches, rng, size, mode, options, measure)
     if can.engine_threads:
-        _explain_slow_batches(model, entry, rng, size, mode, options, measure,
-                              lambda extra: report.plan(name, planned + extra))
+        _explain_slow_batches(
+            model, entry, rng, size, mode, options, measure, lambda extra: report.plan(name, planned + extra)
+        )
 
     if spec.framework == "keras":  # back the claim in KERAS_NOTE with a number
         x = preprocess(_rng_images(rng, 1, size), mode)
-        stats = measure("keras Model.predict(), batch 1", lambda: model.model.predict(x, verbose=0),
-                        min(options.repeats, 5), 1)
+        stats = measure(
+            "keras Model.predict(), batch 1", lambda: model.model.predict(x, verbose=0), min(options.repeats, 5), 1
+        )
         entry["keras_predict_ms_p50"] = round(stats["p50"], 3)
 
     # End to end: one PNG from disk, decode + preprocess + forward.
@@ -455,30 +491,41 @@ def bench_model(name: str, path: Path | None, options: BenchOptions, workdir: Pa
 def _describe(model, entry: dict, file: Path, fresh: bool, with_split: bool, options: BenchOptions) -> None:
     """Fill ``entry``'s framework, arch, file, size, parameter counts and threads; apply ``--threads``."""
     spec = model_spec(model)
-    if spec.capabilities.session_threads and options.threads:   # ONNX Runtime's threads are set per session
+    if spec.capabilities.session_threads and options.threads:  # ONNX Runtime's threads are set per session
         model.set_threads(options.threads)
-    if spec.capabilities.engine_threads:   # --threads flows down to the engine; record what is in force there
+    if spec.capabilities.engine_threads:  # --threads flows down to the engine; record what is in force there
         model.threads = options.threads
         entry["threads"] = model.thread_settings()
-    entry.update(framework=spec.framework, arch=spec.arch, file=None if fresh else str(file),
-                 image_size=spec.image_size, size_kb=round(file_size_kb(file), 1))
+    entry.update(
+        framework=spec.framework,
+        arch=spec.arch,
+        file=None if fresh else str(file),
+        image_size=spec.image_size,
+        size_kb=round(file_size_kb(file), 1),
+    )
     if fresh:
-        entry["notes"].append("freshly built, random weights: size and timings only"
-                              + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)"
-                                 if with_split else ""))
+        entry["notes"].append(
+            "freshly built, random weights: size and timings only"
+            + (" (test metrics need a trained model: runs/latest or --model-file NAME=PATH)" if with_split else "")
+        )
     counts = model.count_params()
     entry["params_trainable"] = int(counts["trainable"])
     entry["params_total"] = int(counts["trainable"]) + int(counts["non_trainable"])
 
 
-def _time_forward_passes(model, entry: dict, batches: list[int], rng, size: int, mode: str, options: BenchOptions,
-                         measure) -> None:
+def _time_forward_passes(
+    model, entry: dict, batches: list[int], rng, size: int, mode: str, options: BenchOptions, measure
+) -> None:
     """Latency (batch 1) and throughput (each of ``options.batch_sizes``) of ``model.predict`` on
     preprocessed arrays."""
     for batch in batches:
         x = preprocess(_rng_images(rng, batch, size), mode)
-        stats = measure(f"forward pass, batch {batch}", lambda x=x, batch=batch: model.predict(x, batch_size=batch),
-                        options.repeats, options.warmup)
+        stats = measure(
+            f"forward pass, batch {batch}",
+            lambda x=x, batch=batch: model.predict(x, batch_size=batch),
+            options.repeats,
+            options.warmup,
+        )
         if batch in options.batch_sizes:
             entry["throughput_ips"][str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
         entry["calls"][f"forward_b{batch}"] = stats["calls"]
@@ -487,8 +534,9 @@ def _time_forward_passes(model, entry: dict, batches: list[int], rng, size: int,
             entry["latency_ms_p95"] = round(stats["p95"], 3)
 
 
-def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options: BenchOptions, measure,
-                          plan_more: Callable[[int], None]) -> None:
+def _explain_slow_batches(
+    model, entry: dict, rng, size: int, mode: str, options: BenchOptions, measure, plan_more: Callable[[int], None]
+) -> None:
     """When a batch > 1 gives fewer images/s than batch 1, time it again on one engine thread and say why.
 
     Batch 1 runs on one thread in well under a millisecond; a batch > 1 cuts every layer into chunks
@@ -511,17 +559,22 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
             model.threads = 1
             for batch in slow:
                 x = preprocess(_rng_images(rng, batch, size), mode)
-                stats = measure(f"forward pass, batch {batch}, one engine thread",
-                                lambda x=x, batch=batch: model.predict(x, batch_size=batch), options.repeats,
-                                options.warmup)
+                stats = measure(
+                    f"forward pass, batch {batch}, one engine thread",
+                    lambda x=x, batch=batch: model.predict(x, batch_size=batch),
+                    options.repeats,
+                    options.warmup,
+                )
                 one_thread[str(batch)] = round(batch / (stats["p50"] / 1e3), 2)
                 shares.append(stats["cpu_per_wall"])
         finally:
             model.threads = threads
     entry["throughput_ips_one_thread"] = one_thread
-    shown = "; ".join(f"b{b}: {entry['throughput_ips'][str(b)]:,.0f} img/s"
-                      + (f" on all engine threads, {one_thread[str(b)]:,.0f} on one" if one_thread else "")
-                      for b in slow)
+    shown = "; ".join(
+        f"b{b}: {entry['throughput_ips'][str(b)]:,.0f} img/s"
+        + (f" on all engine threads, {one_thread[str(b)]:,.0f} on one" if one_thread else "")
+        for b in slow
+    )
     load = _load_averages()
     machine = [f"load average {load[0]:.1f} on {available_cores()} cores"] if load else []
     if shares:
@@ -530,7 +583,8 @@ def _explain_slow_batches(model, entry: dict, rng, size: int, mode: str, options
         f"img/s at batch > 1 below batch 1 ({'; '.join([shown, *machine])}): other processes were running. "
         "A batch-1 call (sub-millisecond) mostly runs between their turns, a longer call shares the CPU with "
         "them, and a batch > 1 split over the engine threads also waits at every layer for a worker thread "
-        "that is not running. Re-measure on a quiet machine (there the threads win).")
+        "that is not running. Re-measure on a quiet machine (there the threads win)."
+    )
 
 
 def _time_end_to_end(model, workdir: Path, rng: np.random.Generator, options: BenchOptions, measure) -> dict:
@@ -577,9 +631,11 @@ def _evaluate(model, split, options: BenchOptions, report: Progress, name: str, 
     metrics = classification_metrics(y[index], np.concatenate(probabilities), patients=patients[index])
     metrics.update(subset="test", metrics_images=int(index.size), test_images=int(total))
     if index.size < total:
-        metrics["notes"] = [f"test metrics on {index.size} of {total} test images (a seeded random sample: "
-                            f"--max-seconds {options.max_seconds:g} was spent; --full or a larger --max-seconds "
-                            "scores them all)"]
+        metrics["notes"] = [
+            f"test metrics on {index.size} of {total} test images (a seeded random sample: "
+            f"--max-seconds {options.max_seconds:g} was spent; --full or a larger --max-seconds "
+            "scores them all)"
+        ]
     return metrics
 
 
@@ -590,8 +646,12 @@ def _time_train_step(model, rng: np.random.Generator, size: int, mode: str, opti
     y = np.arange(batch, dtype=np.int64) % 2
     step = _train_step_fn(model, x, y)
     stats = measure(f"train step, batch {batch}", step, options.train_steps, 1)
-    return {"train_step_ms": round(stats["p50"], 2), "train_batch_size": batch,
-            "train_ms_per_image": round(stats["p50"] / batch, 3), "train_steps_timed": stats["calls"]}
+    return {
+        "train_step_ms": round(stats["p50"], 2),
+        "train_batch_size": batch,
+        "train_ms_per_image": round(stats["p50"] / batch, 3),
+        "train_steps_timed": stats["calls"],
+    }
 
 
 def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
@@ -615,10 +675,14 @@ def _train_step_fn(model, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
 
 
 # ---------------------------------------------------------------- the run
-def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, options: BenchOptions | None = None,
-              split_dir: str | os.PathLike | None = None,
-              progress: Progress | Callable[[str], None] | None = None,
-              sources: dict[str, str] | None = None) -> dict:
+def run_bench(
+    names: Sequence[str],
+    model_files: dict[str, Path] | None = None,
+    options: BenchOptions | None = None,
+    split_dir: str | os.PathLike | None = None,
+    progress: Progress | Callable[[str], None] | None = None,
+    sources: dict[str, str] | None = None,
+) -> dict:
     """Measure every model in one process; returns ``{"machine", "options", "notes", "models", "seconds"}``.
 
     ``models`` keeps the order of ``names``; ratios to the custom model are
@@ -635,10 +699,13 @@ def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, 
     if split_dir is not None:
         split = load_split(split_dir)
     uses_tf = any(model_framework(name) == "keras" for name in names) or any(
-        str(p).endswith(".keras") for p in model_files.values())
+        str(p).endswith(".keras") for p in model_files.values()
+    )
     entries = []
-    with pinned_threads(options.threads, tensorflow=uses_tf and _tensorflow_importable()) as threads, \
-            tempfile.TemporaryDirectory(prefix="breastcnn-bench-") as tmp:
+    with (
+        pinned_threads(options.threads, tensorflow=uses_tf and _tensorflow_importable()) as threads,
+        tempfile.TemporaryDirectory(prefix="breastcnn-bench-") as tmp,
+    ):
         for name in names:
             entry = bench_model(name, model_files.get(name), options, Path(tmp), split, progress)
             entry["source"] = (sources or {}).get(name) or ("--model-file" if name in model_files else "fresh")
@@ -649,14 +716,22 @@ def run_bench(names: Sequence[str], model_files: dict[str, Path] | None = None, 
     notes = [TIMING_NOTE]
     if any(e["framework"] == "keras" for e in entries):
         notes.append(KERAS_NOTE)
-        measured = [f"{e['model']} {e['keras_predict_ms_p50']:.1f} ms vs {e['latency_ms_p50']:.1f} ms"
-                    for e in entries if e.get("keras_predict_ms_p50") is not None]
+        measured = [
+            f"{e['model']} {e['keras_predict_ms_p50']:.1f} ms vs {e['latency_ms_p50']:.1f} ms"
+            for e in entries
+            if e.get("keras_predict_ms_p50") is not None
+        ]
         if measured:
             notes.append("Measured here, batch 1 p50, Model.predict() vs tf.function: " + "; ".join(measured) + ".")
     opts = asdict(options)
     opts["batch_sizes"] = list(options.batch_sizes)
-    return {"machine": machine, "options": opts, "notes": notes, "models": entries,
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "machine": machine,
+        "options": opts,
+        "notes": notes,
+        "models": entries,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _load_averages() -> list[float] | None:
@@ -714,7 +789,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted rows shared by the rich table and the markdown table."""
     models = result["models"]
     batches = [str(b) for b in result.get("options", {}).get("batch_sizes", [])] or sorted(
-        {b for e in models for b in e.get("throughput_ips", {})}, key=int)
+        {b for e in models for b in e.get("throughput_ips", {})}, key=int
+    )
     show_metrics = [k for k in METRIC_COLUMNS if any(e.get(k) is not None for e in models)]
     headers = ["model", "params", "size KB", "latency ms b1 p50 / p95"]
     headers += [f"img/s b{b}" for b in batches]
@@ -725,12 +801,16 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         if e.get("skipped"):
             rows.append([e["model"], f"skipped: {e['skipped']}"] + [""] * (len(headers) - 2))
             continue
-        label = ", ".join(([f"{e['image_size']}px"] if e.get("image_size") else [])
-                          + (["runs/latest"] if e.get("source") == "runs/latest" else []))
-        row = [e["model"] + (f" ({label})" if label else ""),
-               _with_ratio(e, "params_total", 0), _with_ratio(e, "size_kb"),
-               f"{_fmt(e['latency_ms_p50'], 2)} / {_fmt(e['latency_ms_p95'], 2)}"
-               + _ratio_suffix(e, "latency_ms_p50")]
+        label = ", ".join(
+            ([f"{e['image_size']}px"] if e.get("image_size") else [])
+            + (["runs/latest"] if e.get("source") == "runs/latest" else [])
+        )
+        row = [
+            e["model"] + (f" ({label})" if label else ""),
+            _with_ratio(e, "params_total", 0),
+            _with_ratio(e, "size_kb"),
+            f"{_fmt(e['latency_ms_p50'], 2)} / {_fmt(e['latency_ms_p95'], 2)}" + _ratio_suffix(e, "latency_ms_p50"),
+        ]
         row += [_fmt(e["throughput_ips"].get(b)) for b in batches]
         step = _fmt(e.get("train_step_ms"))
         if e.get("train_batch_size"):
@@ -753,8 +833,10 @@ def machine_line(result: dict) -> str:
     """One line: CPU, cores, threads in force, library versions."""
     m = result["machine"]
     threads = m.get("threads", {})
-    parts = [f"{m.get('cpu_model', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores",
-             f"threads: BLAS {threads.get('blas', '?')}"]
+    parts = [
+        f"{m.get('cpu_model', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores",
+        f"threads: BLAS {threads.get('blas', '?')}",
+    ]
     engine = next((e["threads"] for e in result.get("models", []) if e.get("threads")), None)
     if engine:
         parts[-1] += f", NumPy engine {engine['engine']} x BLAS {engine['blas']}"

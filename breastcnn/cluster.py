@@ -88,7 +88,6 @@ class ModelPayload:
         path = Path(path)
         names = [path]
         if path.suffix.lower() == ".keras":
-
             sidecar = find_sidecar(path)  # <name>.keras.json, or a legacy breastcnn.json
             if sidecar is not None:
                 names.append(sidecar)
@@ -117,8 +116,10 @@ MODEL_LOADS: collections.Counter[str] = collections.Counter()
 
 def _check_version(payload_version: str) -> None:
     if payload_version != __version__:
-        raise BreastCNNError(f"worker runs breastcnn {__version__} but the client runs {payload_version}; "
-                             "install the same version on every machine")
+        raise BreastCNNError(
+            f"worker runs breastcnn {__version__} but the client runs {payload_version}; "
+            "install the same version on every machine"
+        )
 
 
 def resolve_model(source):
@@ -129,7 +130,6 @@ def resolve_model(source):
     with _CACHE_LOCK:
         model = _MODELS.get(source.digest)
         if model is None:
-
             folder = tempfile.mkdtemp(prefix="breastcnn-model-")
             try:
                 for name, data in source.files:
@@ -208,14 +208,18 @@ def connect(address: str) -> Iterator[DaskExecutor]:
     try:
         client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
-        raise UserInputError(f"--scheduler {address}: cannot connect to a dask scheduler "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+        raise UserInputError(
+            f"--scheduler {address}: cannot connect to a dask scheduler "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())})"
+        ) from None
     try:
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
         except (TimeoutError, OSError) as exc:
-            raise UserInputError(f"--scheduler {address}: no dask worker joined within {WORKER_WAIT_S:g} s "
-                                 f"({type(exc).__name__}); start one with `dask worker {address}`") from None
+            raise UserInputError(
+                f"--scheduler {address}: no dask worker joined within {WORKER_WAIT_S:g} s "
+                f"({type(exc).__name__}); start one with `dask worker {address}`"
+            ) from None
         yield DaskExecutor(client)
     finally:
         client.close()
@@ -231,21 +235,36 @@ def scheduler_address(option: str | None) -> str | None:
 # --------------------------------------------------------------------------- predict on a cluster
 
 
-def predict_paths_task(model_source, paths: Sequence[str], read_paths: Sequence[str], threshold: float,
-                       batch_size: int, threads: int | None = None) -> list:
+def predict_paths_task(
+    model_source,
+    paths: Sequence[str],
+    read_paths: Sequence[str],
+    threshold: float,
+    batch_size: int,
+    threads: int | None = None,
+) -> list:
     """Decode and classify one batch (runs on a worker); ``read_paths`` are the absolute paths to open."""
     model = resolve_model(model_source)
     size = model_spec(model).image_size
     decoded = _decode_chunk(list(read_paths), size)
     # error messages name the path as the user gave it
-    decoded = [(img, None if err is None else err.replace(read, shown, 1))
-               for (img, err), read, shown in zip(decoded, read_paths, paths, strict=True)]
+    decoded = [
+        (img, None if err is None else err.replace(read, shown, 1))
+        for (img, err), read, shown in zip(decoded, read_paths, paths, strict=True)
+    ]
     return chunk_predictions(model, list(paths), decoded, threshold, batch_size, threads)
 
 
-def predict_paths_distributed(executor: DaskExecutor, model, model_path, paths: Sequence[str],
-                              threshold: float = 0.5, batch_size: int = 64,
-                              progress: Callable[[int], None] | None = None, threads: int | None = None) -> Iterator:
+def predict_paths_distributed(
+    executor: DaskExecutor,
+    model,
+    model_path,
+    paths: Sequence[str],
+    threshold: float = 0.5,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
+) -> Iterator:
     """Like :func:`breastcnn.inference.predict_paths`, on the cluster: tasks of ``batch_size`` images.
 
     Yields :class:`~breastcnn.inference.Prediction` in input order. ``threads``:
@@ -256,8 +275,17 @@ def predict_paths_distributed(executor: DaskExecutor, model, model_path, paths: 
     check_threads(threads)
     source = executor.model_source(model, model_path)
     step = max(1, batch_size)
-    tasks = [(source, list(paths[i:i + step]), [os.path.abspath(p) for p in paths[i:i + step]], threshold,
-              batch_size, threads) for i in range(0, len(paths), step)]
+    tasks = [
+        (
+            source,
+            list(paths[i : i + step]),
+            [os.path.abspath(p) for p in paths[i : i + step]],
+            threshold,
+            batch_size,
+            threads,
+        )
+        for i in range(0, len(paths), step)
+    ]
     for results in executor.map(predict_paths_task, tasks):
         yield from results
         if progress:

@@ -110,8 +110,10 @@ class CompareOptions:
         models = tuple(self.models)
         unknown = [m for m in models if m not in COMPARE_MODELS]
         if unknown or not models:
-            raise UserInputError(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; "
-                                 f"expected a comma-separated list of {', '.join(COMPARE_MODELS)}")
+            raise UserInputError(
+                f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; "
+                f"expected a comma-separated list of {', '.join(COMPARE_MODELS)}"
+            )
         if len(set(models)) != len(models):
             raise UserInputError(f"--models lists a model twice: {','.join(models)}")
         if len(models) < 2:
@@ -130,8 +132,11 @@ class CompareOptions:
                 raise UserInputError(f"{option} {why}, got {value!r}")
         if "custom-keras" in models and self.image_size < 51:
             raise UserInputError(f"--image-size must be at least 51 for custom-keras, got {self.image_size}")
-        if self.weights is not None and self.weights.lower() not in ("imagenet", "none") \
-                and not Path(self.weights).is_file():
+        if (
+            self.weights is not None
+            and self.weights.lower() not in ("imagenet", "none")
+            and not Path(self.weights).is_file()
+        ):
             raise UserInputError(f"--weights {self.weights}: no such file (expected imagenet, none or a weights file)")
         self.models = models
         return self
@@ -160,16 +165,20 @@ class Ownership:
                 recorded = json.loads(self.file.read_text(encoding="utf-8"))
                 self.paths = set(recorded["paths"])
             except (ValueError, KeyError, TypeError):
-                raise UserInputError(f"{self.file}: not a compare-files.json written by breastcnn compare; "
-                                     "move it away or choose another --out") from None
+                raise UserInputError(
+                    f"{self.file}: not a compare-files.json written by breastcnn compare; "
+                    "move it away or choose another --out"
+                ) from None
 
     def claim(self, relative: str) -> Path:
         """Record ``relative`` as ours before creating it; refuse when something we did not write is there."""
         path = self.out / relative
         if relative not in self.paths:
             if path.exists() or path.is_symlink():
-                raise UserInputError(f"{path} exists and was not written by 'breastcnn compare' (not recorded in "
-                                     f"{self.file}); move it away or choose another --out")
+                raise UserInputError(
+                    f"{path} exists and was not written by 'breastcnn compare' (not recorded in "
+                    f"{self.file}); move it away or choose another --out"
+                )
             self.paths.add(relative)
             atomic_write_json(self.file, {"created_by": f"breastcnn {__version__}", "paths": sorted(self.paths)})
         return path
@@ -195,8 +204,10 @@ def _kfold_dir(options: CompareOptions, owned: Ownership, message: Callable[[str
         split_dir = Path(options.split)
         folds = fold_dirs(split_dir)
         if not folds:
-            raise UserInputError(f"--split {split_dir}: not a k-fold split (no fold1/manifest.csv); make one with "
-                                 "'breastcnn split --folds 5' or pass --data")
+            raise UserInputError(
+                f"--split {split_dir}: not a k-fold split (no fold1/manifest.csv); make one with "
+                "'breastcnn split --folds 5' or pass --data"
+            )
         if options.folds is not None and options.folds != len(folds):
             raise UserInputError(f"--folds {options.folds}: --split {split_dir} has {len(folds)} folds")
         return split_dir.resolve()
@@ -205,15 +216,17 @@ def _kfold_dir(options: CompareOptions, owned: Ownership, message: Callable[[str
     info_path = split_dir / "split.json"
     if "kfold" in owned.paths and info_path.is_file():
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        if info.get("folds") == folds and info.get("seed") == options.seed \
-                and info.get("magnification") == options.mag:
+        if info.get("folds") == folds and info.get("seed") == options.seed and info.get("magnification") == options.mag:
             return split_dir.resolve()
-        raise UserInputError(f"{split_dir} holds a {info.get('folds')}-fold split of {info.get('magnification')} "
-                             f"(seed {info.get('seed')}); pass --force to replace it, or another --out")
+        raise UserInputError(
+            f"{split_dir} holds a {info.get('folds')}-fold split of {info.get('magnification')} "
+            f"(seed {info.get('seed')}); pass --force to replace it, or another --out"
+        )
     owned.claim("kfold")
     message(f"making a {folds}-fold patient-wise split of {options.data} ({options.mag}) -> {split_dir}")
-    create_split(options.data, mag=options.mag, out=split_dir, folds=folds, seed=options.seed, force=True,
-                 jobs=options.jobs)
+    create_split(
+        options.data, mag=options.mag, out=split_dir, folds=folds, seed=options.seed, force=True, jobs=options.jobs
+    )
     return split_dir.resolve()
 
 
@@ -229,8 +242,14 @@ def _carved_folds(kfold: Path, owned: Ownership, seed: int) -> list[Path]:
         if not manifest.is_file() or manifest.read_text(encoding="utf-8") != text:
             target.mkdir(parents=True, exist_ok=True)
             atomic_write_text(manifest, text)
-            info = {**fold.info, "data_root": str(fold.root), "kind": "fold", "fold": k,
-                    "source": str(fold_dir), "validation": carved.info.get("validation", "from the split")}
+            info = {
+                **fold.info,
+                "data_root": str(fold.root),
+                "kind": "fold",
+                "fold": k,
+                "source": str(fold_dir),
+                "validation": carved.info.get("validation", "from the split"),
+            }
             info.pop("files", None)
             atomic_write_json(target / "split.json", info)
         carved_dirs.append(target.resolve())
@@ -267,10 +286,18 @@ class CellSpec:
 
     def key(self) -> dict:
         """What the cell's numbers depend on; a finished cell is reused only when this matches."""
-        return {"format": CELL_FORMAT, "model": self.model, "fold": self.fold, "split_hash": self.split_hash,
-                "epochs": self.epochs, "image_size": self.image_size, "mode": self.mode,
-                "trainable_layers": self.trainable_layers if self.mode != "numpy" else None,
-                "weights": self.weights, "seed": self.seed}
+        return {
+            "format": CELL_FORMAT,
+            "model": self.model,
+            "fold": self.fold,
+            "split_hash": self.split_hash,
+            "epochs": self.epochs,
+            "image_size": self.image_size,
+            "mode": self.mode,
+            "trainable_layers": self.trainable_layers if self.mode != "numpy" else None,
+            "weights": self.weights,
+            "seed": self.seed,
+        }
 
 
 def read_cell(cell_dir: Path) -> dict | None:
@@ -295,9 +322,15 @@ def run_cell(spec: CellSpec) -> dict:
     cell_dir.mkdir(parents=True, exist_ok=True)
     runner = {"numpy": _numpy_cell, "probe": _probe_cell, "keras": _keras_cell}[spec.mode]
     result = runner(spec, run_dir)
-    cell = {"key": spec.key(), "model": spec.model, "fold": spec.fold, "mode": spec.mode,
-            "model_path": str(Path(result.pop("model_path")).relative_to(cell_dir)),
-            "cell_seconds": round(time.perf_counter() - start, 3), **result}
+    cell = {
+        "key": spec.key(),
+        "model": spec.model,
+        "fold": spec.fold,
+        "mode": spec.mode,
+        "model_path": str(Path(result.pop("model_path")).relative_to(cell_dir)),
+        "cell_seconds": round(time.perf_counter() - start, 3),
+        **result,
+    }
     atomic_write_json(cell_dir / CELL_FILE, cell)
     return cell
 
@@ -305,8 +338,12 @@ def run_cell(spec: CellSpec) -> dict:
 def _test_predictions(model, split_dir: str, jobs: int) -> dict:
     split = load_split(split_dir)
     _, rows = evaluate_model(model, split, "test", threshold=THRESHOLD, jobs=jobs)
-    return {"paths": [r["path"] for r in rows], "y_true": split.labels("test").tolist(),
-            "p_malignant": [r["probability"] for r in rows], "patients": [r["patient"] for r in rows]}
+    return {
+        "paths": [r["path"] for r in rows],
+        "y_true": split.labels("test").tolist(),
+        "p_malignant": [r["probability"] for r in rows],
+        "patients": [r["patient"] for r in rows],
+    }
 
 
 def _fresh(run_dir: Path) -> None:
@@ -319,17 +356,27 @@ def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:
     resume = run_dir if (run_dir / CHECKPOINT_NAME).is_file() and (run_dir / "config.json").is_file() else None
     if resume is None:
         _fresh(run_dir)
-    config = TrainConfig(split=spec.split_dir, out=str(run_dir), arch=spec.model, image_size=spec.image_size,
-                         seed=spec.seed, jobs=spec.jobs, **({"epochs": spec.epochs} if spec.epochs else {}))
+    config = TrainConfig(
+        split=spec.split_dir,
+        out=str(run_dir),
+        arch=spec.model,
+        image_size=spec.image_size,
+        seed=spec.seed,
+        jobs=spec.jobs,
+        **({"epochs": spec.epochs} if spec.epochs else {}),
+    )
     start = time.perf_counter()
     summary = run_training(config, resume=resume)
     if summary["stopped"] == "interrupted":
         raise KeyboardInterrupt
     train_seconds = time.perf_counter() - start
     model_path = run_dir / "model.npz"
-    return {"model_path": str(model_path), "train_seconds": round(train_seconds, 3),
-            "predictions": _test_predictions(load_model(model_path), spec.split_dir, spec.jobs),
-            "resumed": resume is not None}
+    return {
+        "model_path": str(model_path),
+        "train_seconds": round(train_seconds, 3),
+        "predictions": _test_predictions(load_model(model_path), spec.split_dir, spec.jobs),
+        "resumed": resume is not None,
+    }
 
 
 def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
@@ -337,15 +384,27 @@ def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
     kwargs = {"recipe": "default"} if spec.model == "custom-keras" else {}
     epochs = spec.epochs or (5 if spec.model == "custom-keras" else 200)
     start = time.perf_counter()
-    summary = finetune_keras(spec.model, spec.split_dir, out=run_dir, weights=spec.weights,
-                             trainable_layers=spec.trainable_layers, epochs=epochs, image_size=spec.image_size,
-                             seed=spec.seed, jobs=spec.jobs, **kwargs)
+    summary = finetune_keras(
+        spec.model,
+        spec.split_dir,
+        out=run_dir,
+        weights=spec.weights,
+        trainable_layers=spec.trainable_layers,
+        epochs=epochs,
+        image_size=spec.image_size,
+        seed=spec.seed,
+        jobs=spec.jobs,
+        **kwargs,
+    )
     if summary["stopped"] == "interrupted":
         raise KeyboardInterrupt
     train_seconds = time.perf_counter() - start
     model_path = run_dir / "model.keras"
-    return {"model_path": str(model_path), "train_seconds": round(train_seconds, 3),
-            "predictions": _test_predictions(load_model(model_path), spec.split_dir, spec.jobs)}
+    return {
+        "model_path": str(model_path),
+        "train_seconds": round(train_seconds, 3),
+        "predictions": _test_predictions(load_model(model_path), spec.split_dir, spec.jobs),
+    }
 
 
 def _probe_cell(spec: CellSpec, run_dir: Path) -> dict:
@@ -355,16 +414,31 @@ def _probe_cell(spec: CellSpec, run_dir: Path) -> dict:
     _fresh(run_dir)
     settings = ProbeSettings(**({"epochs": spec.epochs} if spec.epochs else {}))
     with runs.run_directory(spec.model, run_dir) as run:
-        summary = run_linear_probe(spec.model, split, run.path, weights=spec.weights, seed=spec.seed,
-                                   image_size=spec.image_size, settings=settings, cache_dir=spec.feature_dir,
-                                   images=spec.feature_images)
+        summary = run_linear_probe(
+            spec.model,
+            split,
+            run.path,
+            weights=spec.weights,
+            seed=spec.seed,
+            image_size=spec.image_size,
+            settings=settings,
+            cache_dir=spec.feature_dir,
+            images=spec.feature_images,
+        )
     head, _, features = summary.pop("_probe")
     rows = split.subset("test")
-    predictions = {"paths": [r.path for r in rows], "y_true": split.labels("test").tolist(),
-                   "p_malignant": head_probabilities(head, features["test"]).tolist(),
-                   "patients": split.patients("test")}
-    return {"model_path": summary["model_path"], "train_seconds": summary["train_seconds"],
-            "predictions": predictions, "feature_cache": summary["feature_cache"]}
+    predictions = {
+        "paths": [r.path for r in rows],
+        "y_true": split.labels("test").tolist(),
+        "p_malignant": head_probabilities(head, features["test"]).tolist(),
+        "patients": split.patients("test"),
+    }
+    return {
+        "model_path": summary["model_path"],
+        "train_seconds": summary["train_seconds"],
+        "predictions": predictions,
+        "feature_cache": summary["feature_cache"],
+    }
 
 
 # --------------------------------------------------------------------------- cost
@@ -385,8 +459,11 @@ def model_cost(model: str, model_path: Path, image_size: int, cache: Path, key: 
         entry = bench_model(model, model_path, options, Path(work))
     if entry.get("skipped"):
         raise UserInputError(f"{model}: cannot measure its cost ({entry['skipped']})")
-    cost = {"params_total": entry["params_total"], "size_kb": entry["size_kb"],
-            "latency_ms_p50": entry["latency_ms_p50"]}
+    cost = {
+        "params_total": entry["params_total"],
+        "size_kb": entry["size_kb"],
+        "latency_ms_p50": entry["latency_ms_p50"],
+    }
     atomic_write_json(cache, {"key": key, "cost": cost})
     return cost
 
@@ -412,8 +489,9 @@ class _Progress:
         remaining = self.total - self.done
         eta = f", about {np.mean(self.computed) * remaining:.0f} s left" if self.computed and remaining else ""
         how = "already done" if skipped else f"{cell['cell_seconds']:.1f} s"
-        self.message(f"[{self.done}/{self.total}] {cell['model']} fold {cell['fold']}: {how} "
-                     f"(elapsed {elapsed:.0f} s{eta})")
+        self.message(
+            f"[{self.done}/{self.total}] {cell['model']} fold {cell['fold']}: {how} (elapsed {elapsed:.0f} s{eta})"
+        )
 
 
 def _cell_specs(options: CompareOptions, carved: list[Path], kfold: Path, owned: Ownership) -> list[CellSpec]:
@@ -424,11 +502,23 @@ def _cell_specs(options: CompareOptions, carved: list[Path], kfold: Path, owned:
         split_hash = load_split(split_dir).hash
         for model in options.models:
             cell_dir = owned.claim(f"cells/fold{k}/{model}")
-            specs.append(CellSpec(model=model, fold=k, split_dir=str(split_dir), cell_dir=str(cell_dir.resolve()),
-                                  epochs=options.epochs, image_size=options.image_size,
-                                  trainable_layers=options.trainable_layers, weights=options.weights_for(model),
-                                  seed=options.seed, jobs=options.jobs, feature_dir=str(feature_dir.resolve()),
-                                  feature_images=images, split_hash=split_hash))
+            specs.append(
+                CellSpec(
+                    model=model,
+                    fold=k,
+                    split_dir=str(split_dir),
+                    cell_dir=str(cell_dir.resolve()),
+                    epochs=options.epochs,
+                    image_size=options.image_size,
+                    trainable_layers=options.trainable_layers,
+                    weights=options.weights_for(model),
+                    seed=options.seed,
+                    jobs=options.jobs,
+                    feature_dir=str(feature_dir.resolve()),
+                    feature_images=images,
+                    split_hash=split_hash,
+                )
+            )
     return specs
 
 
@@ -438,8 +528,10 @@ def _finished(spec: CellSpec) -> dict | None:
         return None
     if cell["key"] != spec.key():
         changed = sorted(k for k in spec.key() if cell["key"].get(k) != spec.key()[k])
-        raise UserInputError(f"{spec.cell_dir} was computed with other options ({', '.join(changed)} differ); "
-                             "pass --force to recompute the comparison, or choose another --out")
+        raise UserInputError(
+            f"{spec.cell_dir} was computed with other options ({', '.join(changed)} differ); "
+            "pass --force to recompute the comparison, or choose another --out"
+        )
     return cell
 
 
@@ -467,14 +559,22 @@ def _statistics(options: CompareOptions, cells: list[dict]) -> dict:
     predictions = {m: [] for m in options.models}
     for cell in cells:
         p = cell["predictions"]
-        predictions[cell["model"]].append(FoldPredictions(
-            fold=cell["fold"], y_true=p["y_true"], p_malignant=p["p_malignant"], patients=p["patients"],
-            threshold=THRESHOLD, image_ids=p["paths"]))
+        predictions[cell["model"]].append(
+            FoldPredictions(
+                fold=cell["fold"],
+                y_true=p["y_true"],
+                p_malignant=p["p_malignant"],
+                patients=p["patients"],
+                threshold=THRESHOLD,
+                image_ids=p["paths"],
+            )
+        )
     return comparison_statistics(predictions, StatsOptions(n_resamples=options.n_resamples, seed=options.seed))
 
 
-def _model_entries(options: CompareOptions, stats: dict, cells: list[dict], owned: Ownership,
-                   message: Callable[[str], None]) -> list[dict]:
+def _model_entries(
+    options: CompareOptions, stats: dict, cells: list[dict], owned: Ownership, message: Callable[[str], None]
+) -> list[dict]:
     entries = []
     for entry in stats["models"]:
         model = entry["model"]
@@ -482,44 +582,76 @@ def _model_entries(options: CompareOptions, stats: dict, cells: list[dict], owne
         first = mine[0]
         cost_path = owned.claim(f"cost/{model}.json")
         message(f"{model}: measuring parameters, size and batch-1 latency (bench harness)")
-        cost = model_cost(model, Path(options.out) / "cells" / "fold1" / model / first["model_path"],
-                          options.image_size, cost_path, first["key"])
+        cost = model_cost(
+            model,
+            Path(options.out) / "cells" / "fold1" / model / first["model_path"],
+            options.image_size,
+            cost_path,
+            first["key"],
+        )
         train = [c["train_seconds"] for c in mine]
         extra = {"train_seconds_folds": train, "mode": first["mode"]}
         caches = [c["feature_cache"] for c in mine if c.get("feature_cache")]
         if caches:
-            extra["feature_cache"] = {"built_seconds": sum(c["seconds"] for c in caches if c["status"] == "built"),
-                                      "statuses": [c["status"] for c in caches], "file": caches[0]["file"]}
+            extra["feature_cache"] = {
+                "built_seconds": sum(c["seconds"] for c in caches if c["status"] == "built"),
+                "statuses": [c["status"] for c in caches],
+                "file": caches[0]["file"],
+            }
         entries.append({"model": model, **cost, "train_seconds": float(np.mean(train)), **entry, **extra})
     return entries
 
 
 def _document(options: CompareOptions, kfold: Path, stats: dict, models: list[dict], cells: list[dict]) -> dict:
     info = json.loads((kfold / "split.json").read_text(encoding="utf-8"))
-    protocol = {"folds": len({c["fold"] for c in cells}), "by": info.get("by"),
-                "mag": info.get("magnification", options.mag), "seed": options.seed, "split": str(kfold),
-                "ratios": info.get("ratios"), "validation": "carved from each fold's training patients "
-                "(12.5% per class), the same for every model; test untouched",
-                "image_size": options.image_size, "trainable_layers": options.trainable_layers,
-                "epochs": options.epochs, "weights": options.weights, "threshold": THRESHOLD}
+    protocol = {
+        "folds": len({c["fold"] for c in cells}),
+        "by": info.get("by"),
+        "mag": info.get("magnification", options.mag),
+        "seed": options.seed,
+        "split": str(kfold),
+        "ratios": info.get("ratios"),
+        "validation": "carved from each fold's training patients "
+        "(12.5% per class), the same for every model; test untouched",
+        "image_size": options.image_size,
+        "trainable_layers": options.trainable_layers,
+        "epochs": options.epochs,
+        "weights": options.weights,
+        "threshold": THRESHOLD,
+    }
     # the folds are independent 70/30 draws (Spanhol et al.): a patient can be in several folds' test sets
     by_fold = {}
     for c in cells:
         by_fold.setdefault(c["fold"], set(c["predictions"]["patients"]))
     protocol["test_patients_per_fold"] = [len(by_fold[k]) for k in sorted(by_fold)]
     protocol["distinct_test_patients"] = len(set().union(*by_fold.values()))
-    timing = [{"model": c["model"], "fold": c["fold"], "cell_seconds": c["cell_seconds"],
-               "train_seconds": c["train_seconds"],
-               **({"feature_cache": c["feature_cache"]} if c.get("feature_cache") else {})} for c in cells]
-    return {"protocol": protocol, "models": models, "pairwise": stats["pairwise"],
-            "statistics": stats["statistics"], "cells": timing, "created_by": f"breastcnn {__version__}"}
+    timing = [
+        {
+            "model": c["model"],
+            "fold": c["fold"],
+            "cell_seconds": c["cell_seconds"],
+            "train_seconds": c["train_seconds"],
+            **({"feature_cache": c["feature_cache"]} if c.get("feature_cache") else {}),
+        }
+        for c in cells
+    ]
+    return {
+        "protocol": protocol,
+        "models": models,
+        "pairwise": stats["pairwise"],
+        "statistics": stats["statistics"],
+        "cells": timing,
+        "created_by": f"breastcnn {__version__}",
+    }
 
 
 def markdown(document: dict) -> str:
     """``compare.md``: the protocol line and :func:`breastcnn.stats.markdown_report`'s tables."""
     p = document["protocol"]
-    head = (f"# Model comparison\n\n{p['folds']} patient-wise folds ({p['by']}, {p['mag']}, seed {p['seed']}), "
-            f"{p['image_size']} px, trainable layers {p['trainable_layers']}; split {p['split']}.\n\n")
+    head = (
+        f"# Model comparison\n\n{p['folds']} patient-wise folds ({p['by']}, {p['mag']}, seed {p['seed']}), "
+        f"{p['image_size']} px, trainable layers {p['trainable_layers']}; split {p['split']}.\n\n"
+    )
     return head + markdown_report(document)
 
 
@@ -549,4 +681,3 @@ def run_compare(options: CompareOptions, message: Callable[[str], None] | None =
         plot_pareto(models, paths["pareto.png"])
         plot_folds(models, paths["folds.png"])
     return document
-

@@ -75,8 +75,9 @@ def evaluate_model(
     if not records:
         raise UserInputError(f"--subset {subset}: the {subset} subset of split {split.dir} is empty")
     told = _Told(progress)
-    x, y = load_subset(split, subset, spec.image_size, jobs=jobs, progress=told.decoded, task=spec.task,
-                       normaliser=spec.normaliser)
+    x, y = load_subset(
+        split, subset, spec.image_size, jobs=jobs, progress=told.decoded, task=spec.task, normaliser=spec.normaliser
+    )
     with model_threads(model, threads):
         proba = predict_proba_uint8(model, x, batch_size=batch_size, progress=told.scored, normalise=False)
     bad = np.flatnonzero(~np.all(np.isfinite(proba), axis=1))
@@ -111,9 +112,13 @@ def _prediction_rows(spec, records, y: np.ndarray, proba: np.ndarray, patients, 
         prob = float(p_malignant[i])
         row = {"path": record.path, "probability": prob, "patient": patients[i]}
         if spec.task == "subtype":
-            row.update(true_label=spec.classes[int(y[i])], predicted_label=spec.classes[int(np.argmax(proba[i]))],
-                       true_class=record.label, predicted_class=CLASSES[int(prob >= threshold)],
-                       **{f"p_{c}": float(v) for c, v in zip(spec.classes, proba[i], strict=True)})
+            row.update(
+                true_label=spec.classes[int(y[i])],
+                predicted_label=spec.classes[int(np.argmax(proba[i]))],
+                true_class=record.label,
+                predicted_class=CLASSES[int(prob >= threshold)],
+                **{f"p_{c}": float(v) for c, v in zip(spec.classes, proba[i], strict=True)},
+            )
         else:
             row.update(true_label=CLASSES[int(y[i])], predicted_label=CLASSES[int(prob >= threshold)])
         if several:
@@ -211,8 +216,9 @@ def trained_split(run_dir: Path) -> tuple[Path, Path | None]:
     return Path(DEFAULT_SPLIT_DIR), None
 
 
-def plan_evaluation(model: str | Path | None = None, split: str | Path | None = None,
-                    out: str | Path | None = None) -> EvaluationPlan:
+def plan_evaluation(
+    model: str | Path | None = None, split: str | Path | None = None, out: str | Path | None = None
+) -> EvaluationPlan:
     """Resolve ``evaluate``'s ``--model``/``--split``/``--out`` into targets (see the module docstring).
 
     A k-fold run directory (``fold1/``, ``fold2/``... without a model of its own) is paired fold by fold
@@ -239,8 +245,9 @@ def plan_evaluation(model: str | Path | None = None, split: str | Path | None = 
                 f"--split {split_dir} is a k-fold split but --model {model_path} is one model; "
                 "pass the k-fold run directory as --model, or one fold's split"
             )
-        targets = [EvaluationTarget(model_path, load_split(split_dir), Path(out) if out is not None
-                                    else model_path.parent)]
+        targets = [
+            EvaluationTarget(model_path, load_split(split_dir), Path(out) if out is not None else model_path.parent)
+        ]
         return EvaluationPlan(targets, model_path, split_dir, out is not None, kfold=False, notes=notes)
 
     split_dir = split_of(target)
@@ -250,9 +257,15 @@ def plan_evaluation(model: str | Path | None = None, split: str | Path | None = 
             f"--model {target} has {len(folds)} folds but --split {split_dir} has {len(split_folds)}; "
             "pass the k-fold split the run was trained on"
         )
-    targets = [EvaluationTarget(resolve_model_path(fold_run), load_split(fold_split),
-                                (Path(out) / fold_run.name) if out is not None else fold_run, fold=k)
-               for k, (fold_run, fold_split) in enumerate(zip(folds, split_folds, strict=True), start=1)]
+    targets = [
+        EvaluationTarget(
+            resolve_model_path(fold_run),
+            load_split(fold_split),
+            (Path(out) / fold_run.name) if out is not None else fold_run,
+            fold=k,
+        )
+        for k, (fold_run, fold_split) in enumerate(zip(folds, split_folds, strict=True), start=1)
+    ]
     return EvaluationPlan(targets, target, split_dir, out is not None, kfold=True, notes=notes)
 
 
@@ -265,9 +278,15 @@ def check_evaluation_options(subset: str, threshold: float, threads: int | None)
     check_threads(threads)
 
 
-def run_evaluation(plan: EvaluationPlan, subset: str = "test", threshold: float = 0.5, force: bool = False,
-                   jobs: int = 1, threads: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> EvaluationResult:
+def run_evaluation(
+    plan: EvaluationPlan,
+    subset: str = "test",
+    threshold: float = 0.5,
+    force: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvaluationResult:
     """Score every target of ``plan`` on ``subset`` and write its outputs; ``progress(images)`` after each
     batch of images is decoded (as many in all as ``plan.images(subset)``).
 
@@ -290,42 +309,80 @@ def run_evaluation(plan: EvaluationPlan, subset: str = "test", threshold: float 
     return EvaluationResult(plan, metrics, written, summary)
 
 
-def evaluate(model=None, split=None, subset: str = "test", threshold: float = 0.5, out=None, force: bool = False,
-             jobs: int = 1, threads: int | None = None, progress: Callable[[int], None] | None = None
-             ) -> EvaluationResult:
+def evaluate(
+    model=None,
+    split=None,
+    subset: str = "test",
+    threshold: float = 0.5,
+    out=None,
+    force: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvaluationResult:
     """:func:`plan_evaluation` then :func:`run_evaluation` (the options are checked before anything is read)."""
     check_evaluation_options(subset, threshold, threads)
     return run_evaluation(plan_evaluation(model, split, out), subset, threshold, force, jobs, threads, progress)
 
 
-def _evaluate_target(target: EvaluationTarget, subset: str, threshold: float, jobs: int, threads: int | None,
-                     progress: Callable[[int], None] | None) -> tuple[dict, list[Path]]:
+def _evaluate_target(
+    target: EvaluationTarget,
+    subset: str,
+    threshold: float,
+    jobs: int,
+    threads: int | None,
+    progress: Callable[[int], None] | None,
+) -> tuple[dict, list[Path]]:
     classifier = load_model(target.model_path)
     if threads is not None and not capabilities(classifier).engine_threads:
-        warnings.warn("--threads sets the NumPy engine's threads; this Keras model uses TensorFlow's own "
-                      "thread pools", BreastCNNWarning, stacklevel=2)
+        warnings.warn(
+            "--threads sets the NumPy engine's threads; this Keras model uses TensorFlow's own thread pools",
+            BreastCNNWarning,
+            stacklevel=2,
+        )
     split = target.split
     trained_on = classifier.meta.get("split_hash")
     if trained_on and trained_on != split.hash:
-        warnings.warn(f"{target.model_path} was trained on another split (manifest hash {trained_on[:12]} != "
-                      f"{split.hash[:12]}); its training images may be in this test subset",
-                      BreastCNNWarning, stacklevel=2)
-    scores, rows = evaluate_model(classifier, split, subset, threshold, jobs=jobs, progress=progress,
-                                  threads=threads)
-    scores = {**({"fold": target.fold} if target.fold is not None else {}),
-              "model": str(target.model_path), "split": str(split.dir), **scores}
+        warnings.warn(
+            f"{target.model_path} was trained on another split (manifest hash {trained_on[:12]} != "
+            f"{split.hash[:12]}); its training images may be in this test subset",
+            BreastCNNWarning,
+            stacklevel=2,
+        )
+    scores, rows = evaluate_model(classifier, split, subset, threshold, jobs=jobs, progress=progress, threads=threads)
+    scores = {
+        **({"fold": target.fold} if target.fold is not None else {}),
+        "model": str(target.model_path),
+        "split": str(split.dir),
+        **scores,
+    }
     outputs = [target.out_dir / name for name in OUTPUT_NAMES]
     target.out_dir.mkdir(parents=True, exist_ok=True)
     spec = model_spec(classifier)
     atomic_write_text(outputs[0], predictions_csv_rows(rows, prediction_columns(spec, "per_magnification" in scores)))
     binary = scores.get("binary", scores)  # a subtype model's ROC is of its derived P(malignant)
-    plot_roc([r.get("true_class", r["true_label"]) == "malignant" for r in rows], [r["probability"] for r in rows],
-             outputs[1], auc=binary["roc_auc"])
+    plot_roc(
+        [r.get("true_class", r["true_label"]) == "malignant" for r in rows],
+        [r["probability"] for r in rows],
+        outputs[1],
+        auc=binary["roc_auc"],
+    )
     plot_confusion(scores["confusion_matrix"], outputs[2], classes=spec.classes)
     atomic_write_json(outputs[3], {k: v for k, v in scores.items() if k != "fold"})
     return scores, outputs
 
 
-__all__ = ["EvaluationPlan", "EvaluationResult", "EvaluationTarget", "OUTPUT_NAMES", "PREDICTION_COLUMNS",
-           "check_evaluation_options", "evaluate", "evaluate_model", "plan_evaluation", "prediction_columns",
-           "run_evaluation", "trained_split"]
+__all__ = [
+    "EvaluationPlan",
+    "EvaluationResult",
+    "EvaluationTarget",
+    "OUTPUT_NAMES",
+    "PREDICTION_COLUMNS",
+    "check_evaluation_options",
+    "evaluate",
+    "evaluate_model",
+    "plan_evaluation",
+    "prediction_columns",
+    "run_evaluation",
+    "trained_split",
+]

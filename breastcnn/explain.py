@@ -46,10 +46,26 @@ from breastcnn.fsutil import atomic_write
 from breastcnn.models.classifier import capabilities, framework_of, model_spec
 from breastcnn.models.structure import MIN_GRADCAM_GRID, choose_gradcam_layer, conv_blocks, keras_model, layer_index
 
-__all__ = ["CLASS_CHOICES", "MIN_GRADCAM_GRID", "cam_from_parts", "choose_gradcam_layer", "conv_blocks",
-           "default_gradcam_layer", "explain_image", "feature_maps", "gradcam", "gradcam_parts", "normalise_maps",
-           "overlay", "plot_feature_grid", "plot_gradcam", "plot_input", "resolve_class", "tile_maps",
-           "upsample_heatmap"]
+__all__ = [
+    "CLASS_CHOICES",
+    "MIN_GRADCAM_GRID",
+    "cam_from_parts",
+    "choose_gradcam_layer",
+    "conv_blocks",
+    "default_gradcam_layer",
+    "explain_image",
+    "feature_maps",
+    "gradcam",
+    "gradcam_parts",
+    "normalise_maps",
+    "overlay",
+    "plot_feature_grid",
+    "plot_gradcam",
+    "plot_input",
+    "resolve_class",
+    "tile_maps",
+    "upsample_heatmap",
+]
 
 
 # --------------------------------------------------------------------- layers
@@ -181,11 +197,11 @@ def gradcam_parts(model, x_preprocessed: np.ndarray, class_index: int | None = N
 
 def cam_from_parts(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     """Grad-CAM from activations and gradients ``(H', W', K)`` -> heatmap ``(H', W')`` in [0, 1]."""
-    weights = gradients.mean(axis=(0, 1))                       # (K,)
+    weights = gradients.mean(axis=(0, 1))  # (K,)
     cam = np.maximum(np.tensordot(activations, weights, axes=([2], [0])), 0.0)
     peak = float(cam.max()) if cam.size else 0.0
     if not np.isfinite(peak) or peak <= 0.0:
-        return np.zeros(cam.shape, dtype=np.float32)           # nothing supports the class
+        return np.zeros(cam.shape, dtype=np.float32)  # nothing supports the class
     return (cam / peak).astype(np.float32)
 
 
@@ -334,8 +350,9 @@ def plot_feature_grid(maps: np.ndarray, path: str | Path, title: str, cmap: str 
     return _save_figure(fig, path)
 
 
-def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | Path, title: str,
-               mode: str = "caffe") -> Path:
+def plot_input(
+    image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | Path, title: str, mode: str = "caffe"
+) -> Path:
     """The resized RGB input beside the preprocessed array (each channel rescaled for display)."""
     pre = np.asarray(x_preprocessed, dtype=np.float32)
     if pre.ndim == 4:
@@ -353,8 +370,9 @@ def plot_input(image_uint8: np.ndarray, x_preprocessed: np.ndarray, path: str | 
     return _save_figure(fig, path)
 
 
-def plot_gradcam(image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str,
-                 alpha: float = 0.6) -> Path:
+def plot_gradcam(
+    image_uint8: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str, alpha: float = 0.6
+) -> Path:
     """Input, heatmap and overlay side by side, with a colour bar."""
     blended = overlay(image_uint8, heatmap, alpha=alpha)
     fig = _figure(10.5, 3.8)
@@ -382,8 +400,10 @@ def _framework(model) -> str:
     A model without layer outputs (an ONNX export holds only the folded inference graph: no layer outputs,
     no gradients) is refused."""
     if not capabilities(model).layer_outputs:
-        raise UserInputError("feature maps and Grad-CAM need the NumPy .npz or Keras .keras model; an ONNX "
-                             "export holds only the inference graph (use the model it was exported from)")
+        raise UserInputError(
+            "feature maps and Grad-CAM need the NumPy .npz or Keras .keras model; an ONNX "
+            "export holds only the inference graph (use the model it was exported from)"
+        )
     return framework_of(model)
 
 
@@ -411,8 +431,14 @@ def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Sequence[str] | None = None,
-                  with_gradcam: bool = False, which_class: str | int | None = "predicted") -> dict:
+def explain_image(
+    model,
+    image_path: str | Path,
+    out_dir: str | Path,
+    layers: Sequence[str] | None = None,
+    with_gradcam: bool = False,
+    which_class: str | int | None = "predicted",
+) -> dict:
     """Write the feature-map PNGs (and the Grad-CAM overlay) of one image into ``out_dir``.
 
     Files: ``input.png`` (resized input and the preprocessed array),
@@ -427,15 +453,15 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
     Grad-CAM, ``gradcam`` (``class``, ``layer``, ``shape``, ``file``); for a stain-normalised model
     ``stain`` (``method``, ``unchanged``: True when the image had too little tissue to normalise).
     """
-    _framework(model)   # refuse an ONNX model before anything is written
+    _framework(model)  # refuse an ONNX model before anything is written
     spec = model_spec(model)
     size, mode, classes, arch = spec.image_size, spec.preprocess, list(spec.classes), spec.arch
     out_dir = Path(out_dir)
-    image = decode_image(image_path, size)                     # (S, S, 3) uint8
-    if spec.normaliser is not None:                            # as the model was trained: what it sees is shown
+    image = decode_image(image_path, size)  # (S, S, 3) uint8
+    if spec.normaliser is not None:  # as the model was trained: what it sees is shown
         image, unchanged = normalise_batch(spec.normaliser, image[None])
         image = image[0]
-    x = preprocess(image[None], mode)                          # (1, S, S, 3) float32
+    x = preprocess(image[None], mode)  # (1, S, S, 3) float32
     probabilities = model.predict(x, batch_size=1)[0]
     predicted = int(np.argmax(probabilities))
     headline = f"{arch}: predicted {classes[predicted]} (p={probabilities[predicted]:.3f})"
@@ -465,8 +491,12 @@ def explain_image(model, image_path: str | Path, out_dir: str | Path, layers: Se
         title = f"Grad-CAM for {classes[target]} at {where} | {headline}"
         path = plot_gradcam(image, heatmap, out_dir / "gradcam.png", title)
         summary["files"].append(str(path))
-        summary["gradcam"] = {"class": classes[target], "layer": parts["layer"],
-                              "shape": list(heatmap.shape), "file": str(path)}
+        summary["gradcam"] = {
+            "class": classes[target],
+            "layer": parts["layer"],
+            "shape": list(heatmap.shape),
+            "file": str(path),
+        }
     return summary
 
 

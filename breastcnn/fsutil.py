@@ -159,8 +159,9 @@ class DirLock:
 
 
 @contextlib.contextmanager
-def locked_directory(path: str | os.PathLike, what: str = "directory", removable: Collection[str] = (),
-                     created: bool | None = None) -> Iterator[bool]:
+def locked_directory(
+    path: str | os.PathLike, what: str = "directory", removable: Collection[str] = (), created: bool | None = None
+) -> Iterator[bool]:
     """Create ``path`` if needed and hold its :class:`DirLock` for the block; yields whether it was created.
 
     When the block fails and the directory was created here (or by the caller,

@@ -85,8 +85,14 @@ def malignant_probability(model, probabilities: np.ndarray) -> np.ndarray:
     return probabilities[:, 1]
 
 
-def predict_proba_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
-                        progress: Callable[[int], None] | None = None, normalise: bool = True) -> np.ndarray:
+def predict_proba_uint8(
+    model,
+    x: np.ndarray,
+    batch_size: int = 64,
+    chunk: int = 512,
+    progress: Callable[[int], None] | None = None,
+    normalise: bool = True,
+) -> np.ndarray:
     """Class probabilities ``(N, num_classes)`` float32 for uint8 images ``(N, S, S, 3)``, prepared
     (:func:`model_input`) chunk by chunk.
 
@@ -102,8 +108,14 @@ def predict_proba_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int =
     return out
 
 
-def predict_uint8(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512,
-                  progress: Callable[[int], None] | None = None, normalise: bool = True) -> np.ndarray:
+def predict_uint8(
+    model,
+    x: np.ndarray,
+    batch_size: int = 64,
+    chunk: int = 512,
+    progress: Callable[[int], None] | None = None,
+    normalise: bool = True,
+) -> np.ndarray:
     """P(malignant) ``(N,)`` float32 for uint8 images ``(N, S, S, 3)`` (see :func:`predict_proba_uint8`)."""
     probs = predict_proba_uint8(model, x, batch_size, chunk, progress, normalise)
     return np.asarray(malignant_probability(model, probs), dtype=np.float32)
@@ -227,8 +239,14 @@ def predict_paths(
                 progress(len(part))
 
 
-def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.ndarray | None, str | None]],
-                      threshold: float, batch_size: int, threads: int | None = None) -> list[Prediction]:
+def chunk_predictions(
+    model,
+    part: Sequence[str],
+    decoded: Sequence[tuple[np.ndarray | None, str | None]],
+    threshold: float,
+    batch_size: int,
+    threads: int | None = None,
+) -> list[Prediction]:
     """Classify the decoded images of one chunk; one :class:`Prediction` per path, in order.
 
     ``decoded[i]`` is ``(image, None)`` or ``(None, error message)``. Shared by
@@ -240,8 +258,12 @@ def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.nda
     if good:
         x, unchanged = model_input(model, np.stack([decoded[i][0] for i in good]))
         if unchanged:
-            warnings.warn(f"{spec.normaliser.method} stain normalisation left {unchanged} of {len(good)} images "
-                          "unchanged (background only or too little stained tissue)", BreastCNNWarning, stacklevel=2)
+            warnings.warn(
+                f"{spec.normaliser.method} stain normalisation left {unchanged} of {len(good)} images "
+                "unchanged (background only or too little stained tissue)",
+                BreastCNNWarning,
+                stacklevel=2,
+            )
         with model_threads(model, threads):
             probs = model.predict(x, batch_size=batch_size)
     malignant = malignant_probability(model, probs)
@@ -254,11 +276,22 @@ def chunk_predictions(model, part: Sequence[str], decoded: Sequence[tuple[np.nda
         k = by_index[i]
         p = float(malignant[k])
         if not np.all(np.isfinite(probs[k])):
-            results.append(Prediction(path, error=f"{path}: {model_source(model)} gives a non-finite probability "
-                                                  f"({p}) for this image; not classified"))
+            results.append(
+                Prediction(
+                    path,
+                    error=f"{path}: {model_source(model)} gives a non-finite probability "
+                    f"({p}) for this image; not classified",
+                )
+            )
         elif spec.task == "subtype":
-            results.append(Prediction(path, spec.classes[int(np.argmax(probs[k]))], p,
-                                      probabilities={c: float(v) for c, v in zip(spec.classes, probs[k], strict=True)}))
+            results.append(
+                Prediction(
+                    path,
+                    spec.classes[int(np.argmax(probs[k]))],
+                    p,
+                    probabilities={c: float(v) for c, v in zip(spec.classes, probs[k], strict=True)},
+                )
+            )
         else:
             results.append(Prediction(path, CLASSES[int(p >= threshold)], p))
     return results

@@ -93,8 +93,18 @@ def classification_metrics(
     return result
 
 
-SUBTYPE_METRIC_KEYS = ("task", "classes", "n", "accuracy", "balanced_accuracy", "macro_f1", "per_class",
-                       "confusion_matrix", "patient_accuracy", "binary")
+SUBTYPE_METRIC_KEYS = (
+    "task",
+    "classes",
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "patient_accuracy",
+    "binary",
+)
 """Keys of :func:`subtype_metrics` (the ``evaluate --json`` contract of a subtype model)."""
 
 
@@ -156,14 +166,22 @@ def subtype_metrics(
         "accuracy": float(accuracy_score(y, y_pred)),
         "balanced_accuracy": balanced,
         "macro_f1": float(f1_score(y, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(classes)},
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
         "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
         "patient_accuracy": None if patients is None else patient_accuracy(y, y_pred, patients),
     }
     if tuple(classes) == SUBTYPE_CLASSES:  # the BreakHis subtypes: benign/malignant follow from them
-        result["binary"] = classification_metrics(subtype_to_binary(y), binary_probabilities(p)[:, 1],
-                                                  threshold=threshold, patients=patients)
+        result["binary"] = classification_metrics(
+            subtype_to_binary(y), binary_probabilities(p)[:, 1], threshold=threshold, patients=patients
+        )
     return result
 
 
@@ -230,8 +248,14 @@ def fast_validation_scores(y_true: np.ndarray, p_malignant: np.ndarray, threshol
     present = [r for r, n in ((recall, tp + fn), (benign_recall, tn + fp)) if n]
     balanced = float(np.mean(present)) if present else 0.0
     auc = float(roc_auc_score(y, p)) if tp + fn and tn + fp else float("nan")
-    return {"accuracy": float(np.mean(pred == y)), "f1": float(f1), "recall": float(recall),
-            "benign_recall": float(benign_recall), "balanced_accuracy": balanced, "roc_auc": auc}
+    return {
+        "accuracy": float(np.mean(pred == y)),
+        "f1": float(f1),
+        "recall": float(recall),
+        "benign_recall": float(benign_recall),
+        "balanced_accuracy": balanced,
+        "roc_auc": auc,
+    }
 
 
 def fast_subtype_validation_scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
@@ -252,10 +276,14 @@ def fast_subtype_validation_scores(y_true: np.ndarray, probabilities: np.ndarray
     present = np.unique(y)
     recalls = [float(np.mean(pred[y == c] == c)) for c in present]
     binary = fast_validation_scores(subtype_to_binary(y), binary_probabilities(p)[:, 1])
-    return {"accuracy": float(np.mean(pred == y)),
-            "f1": float(f1_score(y, pred, labels=list(range(p.shape[1])), average="macro", zero_division=0)),
-            "recall": binary["recall"], "benign_recall": binary["benign_recall"],
-            "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0, "roc_auc": binary["roc_auc"]}
+    return {
+        "accuracy": float(np.mean(pred == y)),
+        "f1": float(f1_score(y, pred, labels=list(range(p.shape[1])), average="macro", zero_division=0)),
+        "recall": binary["recall"],
+        "benign_recall": binary["benign_recall"],
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
+        "roc_auc": binary["roc_auc"],
+    }
 
 
 ONE_CLASS_SHARE = 0.05

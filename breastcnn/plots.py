@@ -116,8 +116,9 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: str | os.PathLike, cla
     cm = np.asarray(matrix, dtype=np.int64)
     image = ax.imshow(cm, cmap="Blues")
     fig.colorbar(image, ax=ax)
-    ax.set_xticks(range(len(classes)), labels=list(classes), rotation=45 if many else 0,
-                  ha="right" if many else "center")
+    ax.set_xticks(
+        range(len(classes)), labels=list(classes), rotation=45 if many else 0, ha="right" if many else "center"
+    )
     ax.set_yticks(range(len(classes)), labels=list(classes))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -139,8 +140,10 @@ def plot_pareto(models: Sequence[dict], path: str | os.PathLike, metric: str = "
     """``pareto.png``: ``metric`` (mean over folds, 95% CI bars) vs batch-1 latency and vs file size, one
     point per ``compare.json`` model entry; models without a cost figure are left out of that panel."""
     fig, axes = _figure(10, 4, ncols=2)
-    for ax, key, label in ((axes[0], "latency_ms_p50", "batch-1 latency p50 (ms, log)"),
-                           (axes[1], "size_kb", "model file size (KB, log)")):
+    for ax, key, label in (
+        (axes[0], "latency_ms_p50", "batch-1 latency p50 (ms, log)"),
+        (axes[1], "size_kb", "model file size (KB, log)"),
+    ):
         for entry in models:
             if entry.get(key) is None or entry["mean"].get(metric) is None:
                 continue
@@ -156,8 +159,9 @@ def plot_pareto(models: Sequence[dict], path: str | os.PathLike, metric: str = "
     return _save(fig, path)
 
 
-def plot_folds(models: Sequence[dict], path: str | os.PathLike,
-               metrics: Sequence[str] = ("accuracy", "patient_accuracy")) -> Path:
+def plot_folds(
+    models: Sequence[dict], path: str | os.PathLike, metrics: Sequence[str] = ("accuracy", "patient_accuracy")
+) -> Path:
     """``folds.png``: per-fold values (dots) and the mean (bar) of each model, one panel per metric."""
     fig, axes = _figure(5 * len(metrics), 4, ncols=len(metrics))
     axes = np.atleast_1d(axes)

@@ -78,8 +78,20 @@ MODEL_FILES = ("model.npz", "model.keras")
 # --------------------------------------------------------------------------- run dirs
 
 
-RUN_FILES = ("config.json", "history.csv", "model.npz", "model.keras", "breastcnn.json", "last.npz",
-             "training.png", "summary.json", "metrics.json", "predictions.csv", "roc.png", "confusion.png")
+RUN_FILES = (
+    "config.json",
+    "history.csv",
+    "model.npz",
+    "model.keras",
+    "breastcnn.json",
+    "last.npz",
+    "training.png",
+    "summary.json",
+    "metrics.json",
+    "predictions.csv",
+    "roc.png",
+    "confusion.png",
+)
 """Files the tool writes into a run directory (their stale ``.tmp`` files are removed on resume)."""
 
 START_FILES = ("config.json",)
@@ -108,9 +120,14 @@ class RunDir:
 
 
 @contextlib.contextmanager
-def run_directory(arch: str, out: str | os.PathLike | None = None, force: bool = False,
-                  runs_root: str | os.PathLike = RUNS_ROOT, resume: str | os.PathLike | None = None,
-                  latest_root: str | os.PathLike | None = None) -> Iterator[RunDir]:
+def run_directory(
+    arch: str,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    runs_root: str | os.PathLike = RUNS_ROOT,
+    resume: str | os.PathLike | None = None,
+    latest_root: str | os.PathLike | None = None,
+) -> Iterator[RunDir]:
     """Create (or, with ``resume``, reopen) a run directory and hold its lock while the block runs.
 
     ``out=None``: a fresh ``<runs_root>/<arch>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``...
@@ -233,14 +250,15 @@ def resolve_model_path(model: str | os.PathLike | None, runs_root: str | os.Path
         if found is None:
             hint = " (a k-fold run: use its fold directories)" if fold_run_dirs(path) else ""
             raise UserInputError(
-                f"--model {path}: no {' or '.join(MODEL_FILES)} in this directory{hint}; "
-                "run `breastcnn train` first"
+                f"--model {path}: no {' or '.join(MODEL_FILES)} in this directory{hint}; run `breastcnn train` first"
             )
         return found
     if not path.is_file():
         if path.exists():
-            raise UserInputError(f"--model {path}: not a regular file (a device, pipe or socket); "
-                                 "pass a model file (.npz/.keras) or a run directory")
+            raise UserInputError(
+                f"--model {path}: not a regular file (a device, pipe or socket); "
+                "pass a model file (.npz/.keras) or a run directory"
+            )
         raise UserInputError(f"--model {path}: no such file or directory; run `breastcnn train` first")
     return path
 
@@ -276,9 +294,7 @@ class HistoryLogger:
             if header != self.columns and header == self.columns[: len(header)]:
                 self.columns = header  # an older run's history (fewer columns) goes on with its own header
             elif header != self.columns:
-                raise UserInputError(
-                    f"{self.path}: unexpected history columns {header}, expected {self.columns}"
-                )
+                raise UserInputError(f"{self.path}: unexpected history columns {header}, expected {self.columns}")
         else:
             atomic_write_text(self.path, ",".join(self.columns) + "\n")
 

@@ -109,8 +109,16 @@ def small_config():
     from breastcnn.training.config import TrainConfig
 
     def make(split_dir: Path, out: Path, **overrides):
-        options = dict(split=str(split_dir), out=str(out), image_size=SYNTH_IMAGE_SIZE, epochs=2, evals_per_epoch=2,
-                       patience=50, seed=0, force=True)
+        options = dict(
+            split=str(split_dir),
+            out=str(out),
+            image_size=SYNTH_IMAGE_SIZE,
+            epochs=2,
+            evals_per_epoch=2,
+            patience=50,
+            seed=0,
+            force=True,
+        )
         options.update(overrides)
         return TrainConfig(**options)
 

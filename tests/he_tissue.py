@@ -51,7 +51,11 @@ def he_tiles(min_tissue: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
     channel below 215), uint8 (N, 224, 224, 3), and the tile with the least tissue (bare glass)."""
     region = he_region()
     rows, cols = region.shape[0] // TILE, region.shape[1] // TILE
-    tiles = region[: rows * TILE, : cols * TILE].reshape(rows, TILE, cols, TILE, 3).swapaxes(1, 2).reshape(-1, TILE,
-                                                                                                        TILE, 3)
+    tiles = (
+        region[: rows * TILE, : cols * TILE]
+        .reshape(rows, TILE, cols, TILE, 3)
+        .swapaxes(1, 2)
+        .reshape(-1, TILE, TILE, 3)
+    )
     tissue = (tiles.min(axis=-1) < 215).mean(axis=(1, 2))
     return np.ascontiguousarray(tiles[tissue >= min_tissue]), tiles[np.argmin(tissue)].copy()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-LEVEL0 = (1536, 2048)                  # (height, width) of the generated slide
-MPP = 0.25                             # its level-0 microns per pixel (a 40x scan)
-TISSUE = (448, 896, 448, 1344)         # y0, y1, x0, x1: two full 448-px tiles at model 200X
+LEVEL0 = (1536, 2048)  # (height, width) of the generated slide
+MPP = 0.25  # its level-0 microns per pixel (a 40x scan)
+TISSUE = (448, 896, 448, 1344)  # y0, y1, x0, x1: two full 448-px tiles at model 200X
 HALF_TISSUE = (896, 1344, 1344, 1568)  # the left half of the tile at (1344, 896)
 TILE_SEED = 0
 
@@ -37,8 +37,14 @@ def block_mean(image: np.ndarray, k: int) -> np.ndarray:
     return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
-def write_pyramid_tiff(path: Path, image: np.ndarray, downsamples=(1, 2, 4), mpp: float | None = MPP,
-                       tile: int = 128, compression: str = "zlib") -> list[np.ndarray]:
+def write_pyramid_tiff(
+    path: Path,
+    image: np.ndarray,
+    downsamples=(1, 2, 4),
+    mpp: float | None = MPP,
+    tile: int = 128,
+    compression: str = "zlib",
+) -> list[np.ndarray]:
     """A tiled pyramidal TIFF (levels in SubIFDs of the first page, resolution tags in px/cm); returns the levels."""
     import tifffile
 
@@ -46,8 +52,15 @@ def write_pyramid_tiff(path: Path, image: np.ndarray, downsamples=(1, 2, 4), mpp
     with tifffile.TiffWriter(path) as writer:
         for i, (d, level) in enumerate(zip(downsamples, levels)):
             extra = {"resolution": (1e4 / (mpp * d),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
-            writer.write(level, tile=(tile, tile), compression=compression, photometric="rgb",
-                         subifds=len(levels) - 1 if i == 0 else None, subfiletype=1 if i else 0, **extra)
+            writer.write(
+                level,
+                tile=(tile, tile),
+                compression=compression,
+                photometric="rgb",
+                subifds=len(levels) - 1 if i == 0 else None,
+                subfiletype=1 if i else 0,
+                **extra,
+            )
     return levels
 
 

@@ -13,10 +13,27 @@ from breastcnn.errors import MissingDependencyError, UserInputError
 from breastcnn.metrics import METRIC_KEYS
 from breastcnn.models import create_model, save_model
 
-REQUIRED = ("model", "params_total", "params_trainable", "size_kb", "latency_ms_p50", "latency_ms_p95",
-            "throughput_ips", "train_step_ms", "skipped")
-TINY = dict(image_size=64, batch_sizes=(1, 4), repeats=3, warmup=1, train_steps=1, keras_train_batch_size=4,
-            max_seconds=1.0, threads=1)
+REQUIRED = (
+    "model",
+    "params_total",
+    "params_trainable",
+    "size_kb",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "throughput_ips",
+    "train_step_ms",
+    "skipped",
+)
+TINY = dict(
+    image_size=64,
+    batch_sizes=(1, 4),
+    repeats=3,
+    warmup=1,
+    train_steps=1,
+    keras_train_batch_size=4,
+    max_seconds=1.0,
+    threads=1,
+)
 
 
 def test_time_calls_counts_repeats_and_stops_on_the_time_budget():
@@ -24,8 +41,8 @@ def test_time_calls_counts_repeats_and_stops_on_the_time_budget():
     times = bench.time_calls(lambda: calls.append(1), repeats=7, warmup=2, max_seconds=1e9)
     assert len(times) == 7 and len(calls) == 9 and (times >= 0).all()
     slow = bench.time_calls(lambda: time.sleep(0.02), repeats=100, warmup=0, max_seconds=0.05, min_calls=3)
-    assert 3 <= len(slow) <= 4                                 # budget hit after 3 calls (60 ms > 50 ms)
-    assert slow.min() >= 19.0                                   # milliseconds
+    assert 3 <= len(slow) <= 4  # budget hit after 3 calls (60 ms > 50 ms)
+    assert slow.min() >= 19.0  # milliseconds
     floor = bench.time_calls(lambda: time.sleep(0.02), repeats=100, warmup=0, max_seconds=1e-6, min_calls=3)
     assert len(floor) == 3
 
@@ -98,7 +115,7 @@ def test_threads_flow_down_to_the_numpy_engine(threads):
         result = bench.run_bench(["custom"], options=options)
     (entry,) = result["models"]
     assert entry["threads"] == {"engine": threads, "blas": 1}
-    assert log.calls > 0 and log.max_threads == threads     # the batch-32 train step cuts its convs in chunks
+    assert log.calls > 0 and log.max_threads == threads  # the batch-32 train step cuts its convs in chunks
     assert f"NumPy engine {threads} x BLAS 1" in bench.machine_line(result)
     assert result["machine"]["threads"]["requested"] == threads
     default = bench.run_bench(["custom"], options=bench.BenchOptions(**{**TINY, "threads": None, "train_steps": 0}))
@@ -132,8 +149,12 @@ def test_metrics_from_a_split_and_a_model_file(tmp_path):
     create_split(tree["root"], mag="200X", out=tmp_path / "split")
     model_file = tmp_path / "model.npz"
     save_model(create_model("custom", input_shape=(64, 64, 3)), model_file)
-    result = bench.run_bench(["custom"], {"custom": model_file}, bench.BenchOptions(**{**TINY, "train_steps": 0}),
-                             split_dir=tmp_path / "split")
+    result = bench.run_bench(
+        ["custom"],
+        {"custom": model_file},
+        bench.BenchOptions(**{**TINY, "train_steps": 0}),
+        split_dir=tmp_path / "split",
+    )
     (entry,) = result["models"]
     assert entry["file"] == str(model_file)
     assert entry["size_kb"] == pytest.approx(model_file.stat().st_size / 1024, abs=0.1)
@@ -181,15 +202,21 @@ def test_onnx_model_file_is_timed_without_a_train_step(onnxruntime, tmp_path):
 # ------------------------------------------------------------ issue 16: caps, defaults, progress, slow batches
 def test_time_calls_budget_includes_warm_up_after_the_first_call():
     ticks = []
-    times = bench.time_calls(lambda: time.sleep(0.05), repeats=100, warmup=5, max_seconds=0.08, min_calls=1,
-                             tick=lambda calls, spent: ticks.append((calls, spent)))
+    times = bench.time_calls(
+        lambda: time.sleep(0.05),
+        repeats=100,
+        warmup=5,
+        max_seconds=0.08,
+        min_calls=1,
+        tick=lambda calls, spent: ticks.append((calls, spent)),
+    )
     # first warm-up (never cut), two more while under 0.08 s after it (0, 0.05), then the one timed call
     # the floor demands (0.10 s spent: no second one), of 5 warm-ups and 100 repeats
     assert len(times) == 1 and [c for c, _ in ticks] == [1, 2, 3, 4]
     assert ticks[-1][1] >= 0.2 and times[0] >= 49.0
     slow_first = iter([0.3, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
     times = bench.time_calls(lambda: time.sleep(next(slow_first)), repeats=5, warmup=2, max_seconds=0.2)
-    assert len(times) == 5                   # a slow first call (tracing) does not eat the budget
+    assert len(times) == 5  # a slow first call (tracing) does not eat the budget
 
 
 def test_defaults_fit_two_cores_and_full_is_the_reports():
@@ -197,7 +224,7 @@ def test_defaults_fit_two_cores_and_full_is_the_reports():
     assert quick.batch_sizes == (1, 8) and quick.keras_train_batch_size == 4 and quick.max_seconds == 2.0
     assert full.batch_sizes == (1, 32) and full.keras_train_batch_size == bench.REPORT_KERAS_TRAIN_BATCH == 64
     assert full.max_seconds == 10.0 and full.min_calls == 3
-    assert bench.BenchOptions.full(max_seconds=1.0).max_seconds == 1.0      # explicit options win
+    assert bench.BenchOptions.full(max_seconds=1.0).max_seconds == 1.0  # explicit options win
 
 
 class Recorder(bench.Progress):
@@ -228,11 +255,15 @@ def test_every_measurement_is_capped_and_reported(tmp_path):
     assert entry["train_ms_per_image"] == pytest.approx(entry["train_step_ms"] / 32, abs=5e-4 + 5e-3 / 32 + 1e-9)
     assert all(1 <= calls < 1000 for calls in entry["calls"].values())
     starts = [e for e in recorder.events if e[0] == "measurement"]
-    assert [e[2] for e in starts][:4] == ["forward pass, batch 1", "forward pass, batch 4",
-                                          "end-to-end (PNG from disk)", "train step, batch 32"]
+    assert [e[2] for e in starts][:4] == [
+        "forward pass, batch 1",
+        "forward pass, batch 4",
+        "end-to-end (PNG from disk)",
+        "train step, batch 32",
+    ]
     assert all(e[4] == 0.05 for e in starts)
     assert recorder.events[0] == ("plan", "custom", 4) and recorder.events[-1] == ("done", "custom")
-    assert sum(e[0] == "tick" for e in recorder.events) >= 2 * len(starts)   # warm-up + timed calls
+    assert sum(e[0] == "tick" for e in recorder.events) >= 2 * len(starts)  # warm-up + timed calls
 
 
 def test_test_metrics_are_capped_on_a_seeded_sample_and_match_evaluate_when_complete(tmp_path, make_breakhis_tree):
@@ -254,8 +285,10 @@ def test_test_metrics_are_capped_on_a_seeded_sample_and_match_evaluate_when_comp
 
 
 def test_train_step_ratio_is_per_image():
-    entries = [{"model": "custom", "train_step_ms": 10.0, "train_ms_per_image": 10.0 / 32, "throughput_ips": {}},
-               {"model": "vgg16", "train_step_ms": 100.0, "train_ms_per_image": 25.0, "throughput_ips": {}}]
+    entries = [
+        {"model": "custom", "train_step_ms": 10.0, "train_ms_per_image": 10.0 / 32, "throughput_ips": {}},
+        {"model": "vgg16", "train_step_ms": 100.0, "train_ms_per_image": 25.0, "throughput_ips": {}},
+    ]
     bench.add_ratios(entries)
     assert entries[1]["ratio_to_custom"]["train_ms_per_image"] == 80.0
     assert entries[1]["ratio_to_custom"]["train_step_ms"] == 10.0
@@ -265,7 +298,7 @@ def test_a_batch_slower_than_batch_1_is_re_timed_on_one_thread_and_explained():
     model = create_model("custom", input_shape=(64, 64, 3), seed=0)
     model.threads = 0
     options = bench.BenchOptions(**{**TINY, "max_seconds": 0.05})
-    entry = {"throughput_ips": {"1": 1e9, "4": 10.0}, "notes": []}   # batch 4 "slower" than batch 1
+    entry = {"throughput_ips": {"1": 1e9, "4": 10.0}, "notes": []}  # batch 4 "slower" than batch 1
     planned = []
 
     def measure(what, fn, repeats, warmup):
@@ -274,8 +307,8 @@ def test_a_batch_slower_than_batch_1_is_re_timed_on_one_thread_and_explained():
         return {"p50": 2.0, "cpu_per_wall": 0.4}
 
     bench._explain_slow_batches(model, entry, np.random.default_rng(0), 64, "caffe", options, measure, planned.append)
-    assert model.threads == 0 and planned == [1]                     # restored; one more measurement announced
-    assert entry["throughput_ips_one_thread"] == {"4": 2000.0}       # 4 images / 2 ms
+    assert model.threads == 0 and planned == [1]  # restored; one more measurement announced
+    assert entry["throughput_ips_one_thread"] == {"4": 2000.0}  # 4 images / 2 ms
     note = entry["notes"][0]
     assert "b4: 10 img/s on all engine threads, 2,000 on one" in note and "40% of a core" in note
     quiet = {"throughput_ips": {"1": 10.0, "4": 30.0}, "notes": []}
@@ -283,8 +316,7 @@ def test_a_batch_slower_than_batch_1_is_re_timed_on_one_thread_and_explained():
     assert quiet["notes"] == [] and "throughput_ips_one_thread" not in quiet
 
 
-def test_test_metrics_of_a_stain_normalised_subtype_model_match_evaluates_binary_scores(synth_split,
-                                                                                      synth_image_size):
+def test_test_metrics_of_a_stain_normalised_subtype_model_match_evaluates_binary_scores(synth_split, synth_image_size):
     from breastcnn.data.images import load_subset
     from breastcnn.data.split import load_split
     from breastcnn.data.stain import ReinhardNormaliser, stain_meta
@@ -293,8 +325,11 @@ def test_test_metrics_of_a_stain_normalised_subtype_model_match_evaluates_binary
 
     split = load_split(synth_split)
     model = create_model("custom", input_shape=(synth_image_size,) * 2 + (3,), num_classes=8, seed=3)
-    model.meta.update(classes=list(SUBTYPE_CLASSES), task="subtype", stain=stain_meta(
-        ReinhardNormaliser().fit(load_subset(split, "train", synth_image_size)[0]), "training subset"))
+    model.meta.update(
+        classes=list(SUBTYPE_CLASSES),
+        task="subtype",
+        stain=stain_meta(ReinhardNormaliser().fit(load_subset(split, "train", synth_image_size)[0]), "training subset"),
+    )
     scores = bench._evaluate(model, split, bench.BenchOptions(max_seconds=60), bench.Progress(), "custom")
     reference, _ = evaluate_model(model, split)  # normalised the same way; bench reports the binary call
     assert scores["confusion_matrix"] == reference["binary"]["confusion_matrix"]

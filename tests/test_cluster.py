@@ -25,8 +25,9 @@ def cluster():
         import distributed
     else:
         distributed = pytest.importorskip("distributed")
-    local = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                     worker_dashboard_address=None)
+    local = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, worker_dashboard_address=None
+    )
     try:
         yield local.scheduler_address
     finally:
@@ -48,7 +49,7 @@ def images(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (48 + i, 70, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     bad = root / "img17.png"
-    bad.write_bytes(bad.read_bytes()[:60])   # truncated: the header reads, the pixels do not
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated: the header reads, the pixels do not
     return paths
 
 
@@ -57,12 +58,12 @@ def test_predict_on_the_cluster_equals_the_local_run(cluster, images, tile_model
     local = _run(args)
     remote = _run([*args, "--scheduler", cluster])
     assert local.exit_code == remote.exit_code == 1
-    assert remote.stdout == local.stdout                      # same rows, same order, same digits
+    assert remote.stdout == local.stdout  # same rows, same order, same digits
     assert len(remote.stdout.splitlines()) == 1 + 39
     [line] = [x for x in remote.stderr.splitlines() if x.startswith("error:")]
     assert "img17.png" in line and "cannot read image" in line
     probabilities = [float(row.split(",")[2]) for row in remote.stdout.splitlines()[1:]]
-    assert np.std(probabilities) > 1e-3                        # a model whose answers differ per image
+    assert np.std(probabilities) > 1e-3  # a model whose answers differ per image
 
 
 def test_the_model_is_loaded_once_per_worker(cluster, images, tile_model):
@@ -71,9 +72,10 @@ def test_the_model_is_loaded_once_per_worker(cluster, images, tile_model):
     from breastcnn import cluster as cluster_module
 
     digest = cluster_module.ModelPayload.from_path(tile_model).digest
-    for _ in range(2):   # two runs of 4 batches each
-        result = _run(["predict", *images[:16], "--model", tile_model, "--json", "--batch-size", "4",
-                       "--scheduler", cluster])
+    for _ in range(2):  # two runs of 4 batches each
+        result = _run(
+            ["predict", *images[:16], "--model", tile_model, "--json", "--batch-size", "4", "--scheduler", cluster]
+        )
         assert result.exit_code == 0, result.output
     with distributed.Client(cluster) as client:
         loads = client.run(lambda: dict(__import__("breastcnn.cluster").cluster.MODEL_LOADS))
@@ -102,8 +104,9 @@ def test_slide_on_the_cluster_equals_the_local_run(cluster, pyramid_tiff, cmu_sl
     assert local.exit_code == remote.exit_code == 1
     assert sum("broken.svs" in x for x in remote.stderr.splitlines() if x.startswith("error:")) == 1
     for name in ("generated", "cmu_small_region"):
-        assert (tmp_path / "remote" / name / "tiles.csv").read_text() == \
-            (tmp_path / "local" / name / "tiles.csv").read_text()
+        assert (tmp_path / "remote" / name / "tiles.csv").read_text() == (
+            tmp_path / "local" / name / "tiles.csv"
+        ).read_text()
     strip = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "out")}  # noqa: E731
     assert [strip(s) for s in json.loads(remote.stdout)] == [strip(s) for s in json.loads(local.stdout)]
 
@@ -115,7 +118,7 @@ def test_worker_loads_the_shipped_model_once_and_checks_the_version(tile_model):
     payload = cluster_module.ModelPayload.from_path(tile_model)
     assert "bytes" not in repr(payload) and payload.digest in cluster_module.ModelPayload.from_path(tile_model).digest
     first = cluster_module.resolve_model(payload)
-    assert cluster_module.resolve_model(payload) is first          # cached per process
+    assert cluster_module.resolve_model(payload) is first  # cached per process
     x = np.random.default_rng(0).random((3, 64, 64, 3)).astype(np.float32)
     np.testing.assert_array_equal(first.predict(x), load_model(tile_model).predict(x))
     from dataclasses import replace
@@ -157,7 +160,7 @@ def test_payload_of_a_keras_model_carries_its_sidecar(tmp_path):
     from breastcnn.cluster import ModelPayload
 
     (tmp_path / "model.keras").write_bytes(b"zip bytes")
-    (tmp_path / "breastcnn.json").write_text("{}")   # an earlier version's sidecar name
+    (tmp_path / "breastcnn.json").write_text("{}")  # an earlier version's sidecar name
     legacy = ModelPayload.from_path(tmp_path / "model.keras")
     assert [name for name, _ in legacy.files] == ["model.keras", "breastcnn.json"]
     (tmp_path / "model.keras.json").write_text("{}")  # the current name wins

@@ -31,8 +31,26 @@ def _run(args, **env):
 
 
 def _args(split, out, models="custom,vgg16", *extra):
-    return ["compare", "--split", split, "--models", models, "--epochs", "1", "--image-size", "64",
-            "--trainable-layers", "0", "--weights", "none", "--resamples", RESAMPLES, "--out", out, *extra]
+    return [
+        "compare",
+        "--split",
+        split,
+        "--models",
+        models,
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--trainable-layers",
+        "0",
+        "--weights",
+        "none",
+        "--resamples",
+        RESAMPLES,
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def _cells(out: Path) -> dict:
@@ -62,8 +80,17 @@ def test_json_contract_and_outputs(compared):
     assert len(doc["protocol"]["test_patients_per_fold"]) == 2 and doc["protocol"]["distinct_test_patients"] > 0
     assert [m["model"] for m in doc["models"]] == ["custom", "vgg16"]
     for entry in doc["models"]:
-        assert {"model", "params_total", "size_kb", "latency_ms_p50", "train_seconds", "folds", "mean", "std",
-                "ci95"} <= set(entry)
+        assert {
+            "model",
+            "params_total",
+            "size_kb",
+            "latency_ms_p50",
+            "train_seconds",
+            "folds",
+            "mean",
+            "std",
+            "ci95",
+        } <= set(entry)
         assert entry["params_total"] > 0 and entry["size_kb"] > 0 and entry["latency_ms_p50"] > 0
         assert entry["train_seconds"] == pytest.approx(np.mean(entry["train_seconds_folds"]))
         assert [f["fold"] for f in entry["folds"]] == [1, 2]
@@ -86,7 +113,7 @@ def test_json_contract_and_outputs(compared):
     assert pair["significant"] == (pair["p_value_holm"] < 0.05)
     for name in ("compare.json", "compare.md", "pareto.png", "folds.png"):
         assert (out / name).is_file()
-    assert json.loads((out / "compare.json").read_text()) == doc       # --json prints exactly the file
+    assert json.loads((out / "compare.json").read_text()) == doc  # --json prints exactly the file
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "compare.md").read_text()
     assert "| custom |" in md and "| vgg16 |" in md and ("not significant" in md or "significant (" in md)
@@ -146,7 +173,7 @@ def test_rerun_skips_finished_cells_with_identical_numbers(compared):
     result = _run([*_args(doc["protocol"]["split"], out), "--json"])
     seconds = time.perf_counter() - start
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == doc                           # identical numbers, cost included
+    assert json.loads(result.stdout) == doc  # identical numbers, cost included
     assert result.stderr.count("already done") == 4
     assert seconds < first_seconds / 3, (seconds, first_seconds)
     assert {key: (out / "cells" / key[1] / key[0] / "cell.json").stat().st_mtime_ns for key in _cells(out)} == stamps
@@ -208,13 +235,30 @@ def test_other_options_are_refused_and_force_keeps_the_users_files(compared, tmp
     owned = json.loads((copy / "compare-files.json").read_text())["paths"]
     assert "notes.txt" not in owned
     # --force on a 1-epoch custom-only rerun (custom vs custom-k4: no TensorFlow cells)
-    forced = _run(["compare", "--split", doc["protocol"]["split"], "--models", "custom,custom-k4", "--epochs", "1",
-                   "--image-size", "64", "--resamples", RESAMPLES, "--out", copy, "--force", "--json"])
+    forced = _run(
+        [
+            "compare",
+            "--split",
+            doc["protocol"]["split"],
+            "--models",
+            "custom,custom-k4",
+            "--epochs",
+            "1",
+            "--image-size",
+            "64",
+            "--resamples",
+            RESAMPLES,
+            "--out",
+            copy,
+            "--force",
+            "--json",
+        ]
+    )
     assert forced.exit_code == 0, forced.output
     assert (copy / "notes.txt").read_text() == "mine"
-    assert not (copy / "cells" / "fold1" / "vgg16").exists()               # ours: removed by --force
+    assert not (copy / "cells" / "fold1" / "vgg16").exists()  # ours: removed by --force
     assert [m["model"] for m in json.loads(forced.stdout)["models"]] == ["custom", "custom-k4"]
-    assert len(list((copy / "features").glob("*.npz"))) == 1               # the feature cache is kept
+    assert len(list((copy / "features").glob("*.npz"))) == 1  # the feature cache is kept
 
 
 # --------------------------------------------------------------------------- bad input (fast)
@@ -262,11 +306,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, synth_kfold_s
 def test_cells_on_a_dask_cluster_give_the_local_numbers(compared, tmp_path):
     distributed = pytest.importorskip("distributed") if not os.environ.get("CI") else __import__("distributed")
     out, doc, _ = compared
-    local = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
-                                     worker_dashboard_address=None)
+    local = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, worker_dashboard_address=None
+    )
     try:
-        result = _run([*_args(doc["protocol"]["split"], tmp_path / "out"), "--json", "--scheduler",
-                       local.scheduler_address])
+        result = _run(
+            [*_args(doc["protocol"]["split"], tmp_path / "out"), "--json", "--scheduler", local.scheduler_address]
+        )
     finally:
         local.close()
     assert result.exit_code == 0, result.output
@@ -286,14 +332,32 @@ def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_s
     off and said so, the features cached next to the split's image cache and hit by the next run."""
 
     def finetune(out):
-        return _run(["finetune", "--model", "resnet50", "--split", synth_split, "--weights", "none",
-                     "--trainable-layers", "0", "--epochs", "2", "--image-size", "64", "--out", out, "--json"])
+        return _run(
+            [
+                "finetune",
+                "--model",
+                "resnet50",
+                "--split",
+                synth_split,
+                "--weights",
+                "none",
+                "--trainable-layers",
+                "0",
+                "--epochs",
+                "2",
+                "--image-size",
+                "64",
+                "--out",
+                out,
+                "--json",
+            ]
+        )
 
     first = finetune(tmp_path / "a")
     assert first.exit_code == 0, first.output
     summary = json.loads(first.stdout)
     assert summary["linear_probe"] is True and summary["epochs_run"] == 2
-    assert summary["feature_cache"]["status"] in ("built", "hit")           # another test may have built it
+    assert summary["feature_cache"]["status"] in ("built", "hit")  # another test may have built it
     assert "no augmentation" in first.stderr
     config = json.loads((tmp_path / "a" / "config.json").read_text())["options"]
     assert config["augment"] is False and config["trainable_layers"] == 0
@@ -304,9 +368,10 @@ def test_finetune_linear_probe_caches_features_once_for_the_split(keras, synth_s
     model = load_model(tmp_path / "b" / "model.keras")
     metrics, _ = evaluate_model(model, load_split(synth_split), "test")
     assert 0 <= metrics["accuracy"] <= 1 and model.meta["linear_probe"] is True
-    a, b = (load_model(tmp_path / d / "model.keras").model.get_layer("predictions").get_weights()[0]
-            for d in ("a", "b"))
-    np.testing.assert_array_equal(a, b)                                     # same seed, same head
+    a, b = (
+        load_model(tmp_path / d / "model.keras").model.get_layer("predictions").get_weights()[0] for d in ("a", "b")
+    )
+    np.testing.assert_array_equal(a, b)  # same seed, same head
 
 
 # --------------------------------------------------------------------------- partial fine-tuning, cached prefix
@@ -332,20 +397,40 @@ def test_split_at_trainable_is_the_same_network(keras):
 @pytest.mark.slow
 def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations(keras, synth_split, tmp_path):
 
-    result = _run(["finetune", "--model", "vgg16", "--split", synth_split, "--weights", "none", "--trainable-layers",
-                   "4", "--no-augment", "--epochs", "2", "--image-size", "64", "--out", tmp_path / "run", "--json"])
+    result = _run(
+        [
+            "finetune",
+            "--model",
+            "vgg16",
+            "--split",
+            synth_split,
+            "--weights",
+            "none",
+            "--trainable-layers",
+            "4",
+            "--no-augment",
+            "--epochs",
+            "2",
+            "--image-size",
+            "64",
+            "--out",
+            tmp_path / "run",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["prefix_cache"]["tensors"] == ["block4_pool"] and summary["epochs_run"] == 2
     assert "ran once per image" in result.stderr
     trained = load_model(tmp_path / "run" / "model.keras").model
     fresh = create_vgg16(input_shape=(64, 64, 3), weights="none", trainable_layers=4).model
+
     def kernel(model, layer):
         return model.get_layer(layer).get_weights()[0]
 
-    for layer in ("block1_conv1", "block4_conv3"):                  # frozen: as built
+    for layer in ("block1_conv1", "block4_conv3"):  # frozen: as built
         np.testing.assert_array_equal(kernel(trained, layer), kernel(fresh, layer))
-    for layer in ("block5_conv1", "predictions"):                   # trainable: changed by training
+    for layer in ("block5_conv1", "predictions"):  # trainable: changed by training
         assert not np.array_equal(kernel(trained, layer), kernel(fresh, layer))
 
 
@@ -367,16 +452,35 @@ def test_ctrl_c_keeps_finished_cells_and_the_rerun_continues(tmp_path, synth_kfo
         split = load_split(spec.split_dir)
         y = split.labels("test")
         p = np.random.default_rng(len(calls)).uniform(size=y.size)
-        return {"model_path": str(run_dir / "model.npz"), "train_seconds": 0.0,
-                "predictions": {"paths": [r.path for r in split.subset("test")], "y_true": y.tolist(),
-                                "p_malignant": p.tolist(), "patients": split.patients("test")}}
+        return {
+            "model_path": str(run_dir / "model.npz"),
+            "train_seconds": 0.0,
+            "predictions": {
+                "paths": [r.path for r in split.subset("test")],
+                "y_true": y.tolist(),
+                "p_malignant": p.tolist(),
+                "patients": split.patients("test"),
+            },
+        }
 
     monkeypatch.setattr(comparison, "_numpy_cell", fake_cell)
-    monkeypatch.setattr(comparison, "model_cost",
-                        lambda *a, **k: {"params_total": 1, "size_kb": 1.0, "latency_ms_p50": 1.0})
+    monkeypatch.setattr(
+        comparison, "model_cost", lambda *a, **k: {"params_total": 1, "size_kb": 1.0, "latency_ms_p50": 1.0}
+    )
     out = tmp_path / "out"
-    args = ["compare", "--split", synth_kfold_split, "--models", "custom,custom-k4", "--resamples", "200",
-            "--out", out, "--image-size", "64"]
+    args = [
+        "compare",
+        "--split",
+        synth_kfold_split,
+        "--models",
+        "custom,custom-k4",
+        "--resamples",
+        "200",
+        "--out",
+        out,
+        "--image-size",
+        "64",
+    ]
     interrupt = True
     result = _run(args)
     assert result.exit_code == 130 and "interrupted" in result.stderr

@@ -27,8 +27,9 @@ def _subtype_model(size: int, seed: int = 3, stain: dict | None = None):
     return model
 
 
-def test_a_subtype_model_is_scored_on_its_8_classes_and_on_the_derived_binary_call(synth_split, synth_image_size,
-                                                                                  tmp_path):
+def test_a_subtype_model_is_scored_on_its_8_classes_and_on_the_derived_binary_call(
+    synth_split, synth_image_size, tmp_path
+):
     model = load_model(save_model(_subtype_model(synth_image_size), tmp_path / "run" / "model.npz"))
     assert model_spec(model).task == "subtype" and model_spec(model).num_classes == 8
     split = load_split(synth_split)
@@ -37,8 +38,10 @@ def test_a_subtype_model_is_scored_on_its_8_classes_and_on_the_derived_binary_ca
     proba = predict_proba_uint8(model, x)
     expected = subtype_metrics(y, proba, SUBTYPE_CLASSES, patients=split.patients("test"))
     assert {k: v for k, v in metrics.items() if k != "subset"} == expected
-    assert metrics["binary"]["roc_auc"] == classification_metrics(
-        split.labels("test"), binary_probabilities(proba)[:, 1])["roc_auc"]
+    assert (
+        metrics["binary"]["roc_auc"]
+        == classification_metrics(split.labels("test"), binary_probabilities(proba)[:, 1])["roc_auc"]
+    )
     assert "per_magnification" not in metrics  # one magnification
     assert [r["true_label"] for r in rows] == [SUBTYPE_CLASSES[i] for i in y]
     assert [r["predicted_label"] for r in rows] == [SUBTYPE_CLASSES[i] for i in proba.argmax(axis=1)]
@@ -64,8 +67,9 @@ def test_a_multi_magnification_split_adds_per_magnification_metrics(multimag_tre
     patients = np.asarray(split.patients("test"))
     for mag in ("40X", "200X"):
         keep = mags == mag
-        assert metrics["per_magnification"][mag] == classification_metrics(y[keep], p[keep],
-                                                                            patients=list(patients[keep]))
+        assert metrics["per_magnification"][mag] == classification_metrics(
+            y[keep], p[keep], patients=list(patients[keep])
+        )
     assert metrics["n"] == metrics["per_magnification"]["40X"]["n"] + metrics["per_magnification"]["200X"]["n"]
     assert [r["magnification"] for r in rows] == list(mags)
     # the subtype task too
@@ -75,8 +79,9 @@ def test_a_multi_magnification_split_adds_per_magnification_metrics(multimag_tre
     assert all(s["task"] == "subtype" and len(s["confusion_matrix"]) == 8 for s in scores["per_magnification"].values())
 
 
-def test_a_stain_normalised_model_normalises_in_evaluate_and_predict(synth_split, synth_data, synth_image_size,
-                                                                     tmp_path):
+def test_a_stain_normalised_model_normalises_in_evaluate_and_predict(
+    synth_split, synth_data, synth_image_size, tmp_path
+):
     split = load_split(synth_split)
     x_train, _ = load_subset(split, "train", synth_image_size)
     normaliser = MacenkoNormaliser().fit(x_train)
@@ -88,11 +93,12 @@ def test_a_stain_normalised_model_normalises_in_evaluate_and_predict(synth_split
     x, y = load_subset(split, "test", synth_image_size)
     normalised, _ = normalise_batch(normaliser, x)
     metrics, _ = evaluate_model(model, split, "test")
-    expected = classification_metrics(y, predict_proba_uint8(plain, normalised)[:, 1],
-                                      patients=split.patients("test"))
+    expected = classification_metrics(y, predict_proba_uint8(plain, normalised)[:, 1], patients=split.patients("test"))
     assert metrics == {**expected, "subset": "test"}
-    assert metrics != {**classification_metrics(y, predict_proba_uint8(plain, x)[:, 1],
-                                                patients=split.patients("test")), "subset": "test"}
+    assert metrics != {
+        **classification_metrics(y, predict_proba_uint8(plain, x)[:, 1], patients=split.patients("test")),
+        "subset": "test",
+    }
     files = [str(split.root / r.path) for r in split.subset("test")[:3]]
     got = [r.probability for r in predict_paths(model, files)]
     from breastcnn.data.images import decode_image

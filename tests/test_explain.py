@@ -23,8 +23,19 @@ def _randomise_bn(model, rng) -> None:
 
 
 def _small_model(dtype=np.float64) -> Sequential:
-    layers = [Conv2D(4, 3), BatchNorm(), ReLU(), Conv2D(5, 3, padding="same"), BatchNorm(), ReLU(),
-              Flatten(), Dense(6), ReLU(), Dense(2), Softmax()]
+    layers = [
+        Conv2D(4, 3),
+        BatchNorm(),
+        ReLU(),
+        Conv2D(5, 3, padding="same"),
+        BatchNorm(),
+        ReLU(),
+        Flatten(),
+        Dense(6),
+        ReLU(),
+        Dense(2),
+        Softmax(),
+    ]
     model = Sequential(layers, input_shape=(8, 8, 3), seed=3)
     _randomise_bn(model, np.random.default_rng(1))
     return model.astype(dtype)
@@ -44,7 +55,7 @@ def test_gradcam_gradient_matches_finite_differences(class_index):
     x = np.random.default_rng(0).normal(size=(1, 8, 8, 3))
     before = {k: v.copy() for k, v in model.get_weights().items()}
     parts = explain.gradcam_parts(model, x, class_index=class_index)
-    assert parts["layer"] == "relu_2"         # default: the last block's output (every map is under 8x8)
+    assert parts["layer"] == "relu_2"  # default: the last block's output (every map is under 8x8)
     index = [layer.name for layer in model.layers].index("relu_2")
     acts, grads = parts["activations"][None], parts["gradients"]
     numeric = np.zeros_like(acts)
@@ -67,13 +78,16 @@ def test_gradcam_gradient_matches_finite_differences(class_index):
 
 def test_gradcam_equals_cam_for_global_average_pooling_head():
     rng = np.random.default_rng(5)
-    model = Sequential([Conv2D(6, 3, padding="same"), ReLU(), GlobalAveragePooling2D(), Dense(2), Softmax()],
-                       input_shape=(10, 10, 3), seed=2)
+    model = Sequential(
+        [Conv2D(6, 3, padding="same"), ReLU(), GlobalAveragePooling2D(), Dense(2), Softmax()],
+        input_shape=(10, 10, 3),
+        seed=2,
+    )
     x = rng.normal(size=(10, 10, 3)).astype(np.float32)
-    maps = model.activations(x[None])[1][0]                   # (10, 10, 6): ReLU output
-    w = model.layers[3].params["W"]                           # (6, 2)
+    maps = model.activations(x[None])[1][0]  # (10, 10, 6): ReLU output
+    w = model.layers[3].params["W"]  # (6, 2)
     for c in (0, 1):
-        cam = np.maximum(maps @ w[:, c], 0)                   # CAM (Zhou et al. 2016): class weights x maps
+        cam = np.maximum(maps @ w[:, c], 0)  # CAM (Zhou et al. 2016): class weights x maps
         assert cam.max() > 0
         heatmap = explain.gradcam(model, x, class_index=c, layer=model.layers[1].name)
         np.testing.assert_allclose(heatmap, cam / cam.max(), atol=1e-5)
@@ -105,7 +119,7 @@ def test_feature_maps_every_conv_block_in_inference_mode():
     maps = explain.feature_maps(model, x)
     assert list(maps) == ["conv2d_1", "conv2d_2", "conv2d_3"]
     assert [m.shape[-1] for m in maps.values()] == [16, 32, 64]
-    expected = model.activations(x[None])[2][0]               # conv -> BN (moving stats) -> ReLU
+    expected = model.activations(x[None])[2][0]  # conv -> BN (moving stats) -> ReLU
     np.testing.assert_allclose(maps["conv2d_1"], expected, rtol=1e-6)
     only = explain.feature_maps(model, x, layers=["conv2d_2"])
     assert list(only) == ["conv2d_2"]
@@ -118,8 +132,8 @@ def test_overlay_and_tiles():
     heat = np.zeros((2, 3), np.float32)
     assert explain.overlay(image, heat).shape == (20, 30, 3)
     mosaic = explain.tile_maps(np.random.default_rng(0).random((4, 4, 5)), pad=1)
-    assert mosaic.shape == (2 * 5 - 1, 3 * 5 - 1)           # 5 maps -> 2 rows x 3 columns
-    assert np.isnan(mosaic).sum() == mosaic.size - 5 * 16   # padding and the empty cells
+    assert mosaic.shape == (2 * 5 - 1, 3 * 5 - 1)  # 5 maps -> 2 rows x 3 columns
+    assert np.isnan(mosaic).sum() == mosaic.size - 5 * 16  # padding and the empty cells
 
 
 def test_numpy_model_and_keras_export_give_the_same_heatmap(keras):
@@ -134,7 +148,7 @@ def test_numpy_model_and_keras_export_give_the_same_heatmap(keras):
         for c in (0, 1):
             ours = explain.gradcam_parts(model, x, class_index=c)
             theirs = explain.gradcam_parts(kmodel, x, class_index=c)
-            assert ours["layer"] == theirs["layer"] == "relu_2"      # the second block: 19x19
+            assert ours["layer"] == theirs["layer"] == "relu_2"  # the second block: 19x19
             np.testing.assert_allclose(theirs["logits"], ours["logits"], rtol=1e-4, atol=1e-3)
             h_ours = explain.cam_from_parts(ours["activations"], ours["gradients"])
             h_theirs = explain.cam_from_parts(theirs["activations"], theirs["gradients"])
@@ -164,8 +178,9 @@ def test_keras_dense_softmax_head_uses_pre_softmax_logits(keras):
 
 
 # ------------------------------------------------------- issue 16 item 12: a Grad-CAM layer that localises
-@pytest.mark.parametrize("size, layer, grid", [(64, "relu_1", 16), (96, "relu_2", 11), (160, "relu_2", 19),
-                                               (224, "relu_2", 27)])
+@pytest.mark.parametrize(
+    "size, layer, grid", [(64, "relu_1", 16), (96, "relu_2", 11), (160, "relu_2", 19), (224, "relu_2", 27)]
+)
 def test_default_gradcam_layer_is_the_last_block_with_a_map_of_at_least_8_cells(size, layer, grid):
     """The custom model ends on a 4x4 map at 160 px (6x6 at 224): too coarse; its second block is used."""
     model = create_model("custom", input_shape=(size, size, 3), seed=0)
@@ -183,12 +198,23 @@ def _patch_detector() -> Sequential:
     The first conv outputs ``sum(red) - threshold`` per 4x4 cell, so after its ReLU only cells over a
     bright red patch are non-zero; the second conv averages them; the malignant logit is their mean.
     """
-    model = Sequential([Conv2D(1, 4, strides=4), ReLU(), Conv2D(1, 4, strides=4), ReLU(), GlobalAveragePooling2D(),
-                        Dense(2), Softmax()], input_shape=(64, 64, 3), seed=0)
+    model = Sequential(
+        [
+            Conv2D(1, 4, strides=4),
+            ReLU(),
+            Conv2D(1, 4, strides=4),
+            ReLU(),
+            GlobalAveragePooling2D(),
+            Dense(2),
+            Softmax(),
+        ],
+        input_shape=(64, 64, 3),
+        seed=0,
+    )
     first, second, dense = model.layers[0], model.layers[2], model.layers[5]
     first.params["W"][...] = 0.0
-    first.params["W"][:, :, 0, 0] = 1.0 / 16.0                # mean red of the 4x4 cell
-    first.params["b"][...] = -0.5                             # cells redder than 0.5 only
+    first.params["W"][:, :, 0, 0] = 1.0 / 16.0  # mean red of the 4x4 cell
+    first.params["b"][...] = -0.5  # cells redder than 0.5 only
     second.params["W"][...] = 1.0 / 16.0
     second.params["b"][...] = 0.0
     dense.params["W"][...] = [[-1.0, 1.0]]
@@ -199,16 +225,16 @@ def _patch_detector() -> Sequential:
 def test_gradcam_highlights_the_region_a_known_pattern_puts_there():
     model = _patch_detector()
     image = np.zeros((64, 64, 3), np.float32)
-    image[8:16, 40:48, 0] = 1.0                               # a red patch: 16x16 cells rows 2-3, cols 10-11
-    assert explain.default_gradcam_layer(model) == "relu_1"   # 16x16, not the last block's 4x4
+    image[8:16, 40:48, 0] = 1.0  # a red patch: 16x16 cells rows 2-3, cols 10-11
+    assert explain.default_gradcam_layer(model) == "relu_1"  # 16x16, not the last block's 4x4
     heatmap = explain.gradcam(model, image, class_index=1)
     assert heatmap.shape == (16, 16)
     hot = np.argwhere(heatmap > 0.5)
     assert {tuple(p) for p in hot} == {(2, 10), (2, 11), (3, 10), (3, 11)}
     big = explain.upsample_heatmap(heatmap, 64)
     assert big[8:16, 40:48].mean() > 0.5 and big[:, :32].max() == 0.0 and big[32:].max() == 0.0
-    coarse = explain.gradcam(model, image, class_index=1, layer="relu_2")   # the last block: one cell of 4x4
+    coarse = explain.gradcam(model, image, class_index=1, layer="relu_2")  # the last block: one cell of 4x4
     assert coarse.shape == (4, 4) and np.count_nonzero(coarse) == 1 and coarse[0, 2] == 1.0
     blended = explain.overlay((image * 255).astype(np.uint8), heatmap)
-    np.testing.assert_array_equal(blended[40:, :20], 0)       # no heat: the image as it is (black)
-    assert blended[10:14, 42:46].std(axis=-1).mean() > 0      # hot: coloured
+    np.testing.assert_array_equal(blended[40:, :20], 0)  # no heat: the image as it is (black)
+    assert blended[10:14, 42:46].std(axis=-1).mean() > 0  # hot: coloured

@@ -24,16 +24,17 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
-                                                        (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    "mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+)
 def test_default_mode_follows_the_umask(mask, file_mode, dir_mode, tmp_path):
     with umask(mask):
         assert fsutil.default_mode() == file_mode
         assert fsutil.default_mode(directory=True) == dir_mode
         plain = tmp_path / "plain.txt"
-        plain.write_text("x")                       # what the OS gives a normal file
+        plain.write_text("x")  # what the OS gives a normal file
         assert mode(plain) == file_mode
-        assert os.umask(mask) == mask               # reading it left the umask as it was
+        assert os.umask(mask) == mask  # reading it left the umask as it was
 
 
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600)])

@@ -21,6 +21,7 @@ import breastcnn
 
 PACKAGE_DIR = Path(breastcnn.__file__).parent
 
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -32,7 +33,8 @@ def _type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def _imports(tree: ast.AST):
@@ -66,7 +68,7 @@ def import_graph() -> dict[str, set[str]]:
                 targets.update(alias.name for alias in node.names)
                 continue
             base = node.module or ""
-            if node.level:   # relative import
+            if node.level:  # relative import
                 anchor = own_package.split(".")[: len(own_package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             targets.add(base)
@@ -74,9 +76,9 @@ def import_graph() -> dict[str, set[str]]:
         mine = set(ancestors(name)) | {name}
         for target in targets:
             if target not in files:
-                continue   # third-party, or a name imported from a module (already counted as that module)
+                continue  # third-party, or a name imported from a module (already counted as that module)
             for module in [*ancestors(target), target]:
-                if module in files and module not in mine:   # a package __init__ runs before its submodule
+                if module in files and module not in mine:  # a package __init__ runs before its submodule
                     graph[name].add(module)
     return graph
 
@@ -116,14 +118,17 @@ def test_the_package_imports_form_no_cycle():
     assert cycles(import_graph()) == [], "import cycles (break them; see tests/test_imports.py for what counts)"
 
 
-@pytest.mark.parametrize("code, expected", [
-    ("import breastcnn.models.io", {"breastcnn.models", "breastcnn.models.io"}),
-    ("from breastcnn.models import load_model", {"breastcnn.models"}),
-    ("from breastcnn import explain", {"breastcnn.explain"}),
-    ("def f():\n    from breastcnn.nn.layers import Dense", {"breastcnn.nn", "breastcnn.nn.layers"}),
-    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from breastcnn.data.split import Split", set()),
-    ("import numpy\nimport tensorflow", set()),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("import breastcnn.models.io", {"breastcnn.models", "breastcnn.models.io"}),
+        ("from breastcnn.models import load_model", {"breastcnn.models"}),
+        ("from breastcnn import explain", {"breastcnn.explain"}),
+        ("def f():\n    from breastcnn.nn.layers import Dense", {"breastcnn.nn", "breastcnn.nn.layers"}),
+        ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from breastcnn.data.split import Split", set()),
+        ("import numpy\nimport tensorflow", set()),
+    ],
+)
 def test_the_walker_sees_every_kind_of_import(tmp_path, monkeypatch, code, expected):
     """The graph counts function-local imports and package __init__ files, and skips type-only imports."""
     root = tmp_path / "breastcnn"

@@ -23,8 +23,9 @@ def split_dir(tmp_path_factory):
     result = runner.invoke(app, ["synth", "--out", str(root), "--scale", "0.02", "--mags", "200X", "--jobs", "1"])
     assert result.exit_code == 0, result.output
     out = root / "split"
-    result = runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(out), "--jobs", "1",
-                                 "--stratify", "class"])  # the 64/9/9 counts asserted below
+    result = runner.invoke(
+        app, ["split", "--mag", "200X", "--data", str(root), "--out", str(out), "--jobs", "1", "--stratify", "class"]
+    )  # the 64/9/9 counts asserted below
     assert result.exit_code == 0, result.output
     return out
 
@@ -86,12 +87,19 @@ def test_finetune_custom_keras_writes_the_run(kt, split_dir, tmp_path):
 
     rec = Recorder()
     out = tmp_path / "run"
-    summary = kt.finetune_keras("custom-keras", split_dir, out, epochs=2, batch_size=32, image_size=64,
-                                seed=1, callback=rec)
+    summary = kt.finetune_keras(
+        "custom-keras", split_dir, out, epochs=2, batch_size=32, image_size=64, seed=1, callback=rec
+    )
     assert summary["stopped"] == "completed" and summary["epochs_run"] == 2 and summary["steps"] == 4
     assert summary["params"] == {"trainable": 32386, "non_trainable": 224}
-    assert {p.name for p in out.iterdir()} >= {"config.json", "history.csv", "model.keras", "model.keras.json",
-                                               "training.png", "summary.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "history.csv",
+        "model.keras",
+        "model.keras.json",
+        "training.png",
+        "summary.json",
+    }
     rows = read_history(out / "history.csv")
     assert list(rows[0]) == list(HISTORY_COLUMNS)
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["2", "4"]
@@ -125,8 +133,19 @@ def test_finetune_custom_keras_writes_the_run(kt, split_dir, tmp_path):
 @pytest.mark.slow  # a Keras training (7 s)
 def test_early_stopping_really_stops(kt, split_dir, tmp_path):
     # lr so small that validation scores cannot change: no improvement after epoch 1, patience 1.
-    summary = kt.finetune_keras("vgg16", split_dir, tmp_path / "es", weights="none", epochs=5, batch_size=64,
-                                lr=1e-12, patience=1, image_size=32, augment=False, trainable_layers=0)
+    summary = kt.finetune_keras(
+        "vgg16",
+        split_dir,
+        tmp_path / "es",
+        weights="none",
+        epochs=5,
+        batch_size=64,
+        lr=1e-12,
+        patience=1,
+        image_size=32,
+        augment=False,
+        trainable_layers=0,
+    )
     assert summary["stopped"] == "early_stopping" and summary["epochs_run"] == 2
     assert summary["best_epoch"] == 2  # the same score: the tie goes to the later epoch
 
@@ -137,28 +156,49 @@ def test_custom_keras_with_a_recipe_follows_the_numpy_schedule(kt, split_dir, tm
 
     rec = Recorder()
     summary = kt.finetune_keras(
-        "custom-keras", split_dir, tmp_path / "run", epochs=2, batch_size=16, image_size=64, seed=1, callback=rec,
-        recipe="report", recipe_options={"evals_per_epoch": 2, "lr_decay_epochs": 0.5, "patience_epochs": 5.0},
+        "custom-keras",
+        split_dir,
+        tmp_path / "run",
+        epochs=2,
+        batch_size=16,
+        image_size=64,
+        seed=1,
+        callback=rec,
+        recipe="report",
+        recipe_options={"evals_per_epoch": 2, "lr_decay_epochs": 0.5, "patience_epochs": 5.0},
     )
     rows = read_history(tmp_path / "run" / "history.csv")
     # 64 training images at batch 16: 4 steps per epoch, evaluated after steps 2 and 4
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8] and [int(r["epoch"]) for r in rows] == [1, 1, 2, 2]
     assert summary["steps"] == 8 and summary["recipe"] == "report" and summary["monitor"] == "val_accuracy"
     # report lr 0.01, x0.8 every 0.5 epoch: the LR used before evaluation k is 0.01 * 0.8**k
-    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01 * 0.8 ** k for k in range(4)], rel=1e-5)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01 * 0.8**k for k in range(4)], rel=1e-5)
     assert all(float(r["l2_penalty"]) > 0 and 0 < float(r["data_loss"]) < 5 for r in rows)
     assert all(0 <= float(r["val_balanced_accuracy"]) <= 1 for r in rows)
     options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
     assert options["recipe"] == "report" and options["l2"] == 0.1 and options["lr_decay_epochs"] == 0.5
-    assert sorted(options["recipe_overrides"]) == ["batch_size", "evals_per_epoch", "lr_decay_epochs",
-                                                   "lr_decay_every", "patience", "patience_epochs"]
+    assert sorted(options["recipe_overrides"]) == [
+        "batch_size",
+        "evals_per_epoch",
+        "lr_decay_epochs",
+        "lr_decay_every",
+        "patience",
+        "patience_epochs",
+    ]
     assert isinstance(summary["warnings"], list)
     assert [c[0] for c in rec.calls].count("on_evaluation") == 4
 
     # early stopping in epochs: an LR too small to change anything, patience 0.5 epoch, no minimum
     stopped = kt.finetune_keras(
-        "custom-keras", split_dir, tmp_path / "es", epochs=6, batch_size=16, image_size=64, lr=1e-12,
-        augment=False, recipe="default",
+        "custom-keras",
+        split_dir,
+        tmp_path / "es",
+        epochs=6,
+        batch_size=16,
+        image_size=64,
+        lr=1e-12,
+        augment=False,
+        recipe="default",
         recipe_options={"evals_per_epoch": 2, "patience_epochs": 0.5, "min_epochs": 0.0},
     )
     assert stopped["stopped"] == "early_stopping" and stopped["epochs_run"] < 6
@@ -173,8 +213,9 @@ def test_interruption_keeps_the_best_model(kt, split_dir, tmp_path):
             raise KeyboardInterrupt  # what Ctrl-C does, at a known point
 
     out = tmp_path / "int"
-    summary = kt.finetune_keras("custom-keras", split_dir, out, epochs=3, batch_size=32, image_size=64,
-                                callback=StopAfterFirstEvaluation())
+    summary = kt.finetune_keras(
+        "custom-keras", split_dir, out, epochs=3, batch_size=32, image_size=64, callback=StopAfterFirstEvaluation()
+    )
     assert summary["stopped"] == "interrupted" and summary["epochs_run"] == 1
     assert summary["model_path"] == str(out / "model.keras") and (out / "model.keras").is_file()
     assert len((out / "history.csv").read_text().splitlines()) == 2

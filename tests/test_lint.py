@@ -1,4 +1,4 @@
-"""The code base passes ``ruff check`` (pyproject's [tool.ruff]: pycodestyle, pyflakes, isort, bugbear,
+"""The code base passes ``ruff check`` and ``ruff format --check`` (pyproject's [tool.ruff]: pycodestyle, pyflakes, isort, bugbear,
 pyupgrade and mccabe complexity <= 12).
 
 Skipped only where ruff is not installed and the environment variable ``CI``
@@ -37,6 +37,25 @@ def test_ruff_check_is_clean():
         if os.environ.get("CI"):
             pytest.fail("ruff is not installed but CI is set: pip install -e '.[test]'")
         pytest.skip("ruff is not installed (pip install -e '.[test]'); CI runs this check")
-    result = subprocess.run([*command, "check", "--no-cache", "--output-format", "concise", *TARGETS],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, "check", "--no-cache", "--output-format", "concise", *TARGETS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, f"ruff check found problems:\n{result.stdout}{result.stderr}"
+
+
+def test_ruff_format_leaves_the_code_as_it_is():
+    command = ruff_command()
+    if command is None:
+        if os.environ.get("CI"):
+            pytest.fail("ruff is not installed but CI is set: pip install -e '.[test]'")
+        pytest.skip("ruff is not installed (pip install -e '.[test]'); CI runs this check")
+    result = subprocess.run(
+        [*command, "format", "--check", "--no-cache", *TARGETS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, f"run `ruff format .`:\n{result.stdout}{result.stderr}"

@@ -114,7 +114,10 @@ def test_aggregate_mean_std_over_folds():
     assert s["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert s["accuracy"]["std"] == pytest.approx(np.std(accs))
     assert s["roc_auc"]["mean"] == pytest.approx(np.mean([a["roc_auc"], b["roc_auc"]]))  # None skipped
-    assert s["confusion_matrix"] == (np.array(a["confusion_matrix"]) + b["confusion_matrix"] + c["confusion_matrix"]).tolist()
+    assert (
+        s["confusion_matrix"]
+        == (np.array(a["confusion_matrix"]) + b["confusion_matrix"] + c["confusion_matrix"]).tolist()
+    )
     with pytest.raises(UserInputError):
         aggregate_metrics([])
 
@@ -154,8 +157,9 @@ def test_degenerate_model_warnings():
     assert len(warnings) == 2
     assert warnings[0].startswith("the model predicts malignant for 100% of the 41 validation images")
     assert "benign recall 0.00, malignant recall 1.00" in warnings[0]
-    assert warnings[1] == ("validation accuracy 0.683 is no better than always answering the majority class "
-                           "(malignant, 0.683)")
+    assert warnings[1] == (
+        "validation accuracy 0.683 is no better than always answering the majority class (malignant, 0.683)"
+    )
     # one benign answer in 41 (2.4% < 5%) is still (almost) one class
     p = np.full(41, 0.8)
     p[-1] = 0.1
@@ -168,20 +172,22 @@ def test_degenerate_model_warnings():
     bad = np.where(y == 1, 0.2, 0.8)
     bad[:10] = 0.9
     assert degenerate_model_warnings(y, bad) == [
-        "validation accuracy 0.244 is no better than always answering the majority class (malignant, 0.683)"]
+        "validation accuracy 0.244 is no better than always answering the majority class (malignant, 0.683)"
+    ]
 
 
 def test_patient_accuracy_is_spanhols_patient_recognition_rate_by_hand():
     """Spanhol et al. (2016): patient score = N_rec / N_P; recognition rate = sum of scores / patients."""
     patients = ["p1"] * 5 + ["p2"] + ["p3"] * 2
     y_true = [1, 1, 1, 1, 1, 0, 0, 0]
-    p = [0.9, 0.8, 0.7, 0.6, 0.4, 0.7, 0.2, 0.1]   # p1: 4 of 5 right, p2: 0 of 1, p3: 2 of 2
+    p = [0.9, 0.8, 0.7, 0.6, 0.4, 0.7, 0.2, 0.1]  # p1: 4 of 5 right, p2: 0 of 1, p3: 2 of 2
     m = classification_metrics(y_true, p, patients=patients)
-    assert m["patient_accuracy"] == pytest.approx((4 / 5 + 0 / 1 + 2 / 2) / 3)   # 0.6
-    assert m["accuracy"] == pytest.approx(6 / 8)                                 # image-level: 0.75
-    shuffled = np.random.default_rng(0).permutation(8)                           # order does not matter
-    again = classification_metrics(np.array(y_true)[shuffled], np.array(p)[shuffled],
-                                   patients=list(np.array(patients)[shuffled]))
+    assert m["patient_accuracy"] == pytest.approx((4 / 5 + 0 / 1 + 2 / 2) / 3)  # 0.6
+    assert m["accuracy"] == pytest.approx(6 / 8)  # image-level: 0.75
+    shuffled = np.random.default_rng(0).permutation(8)  # order does not matter
+    again = classification_metrics(
+        np.array(y_true)[shuffled], np.array(p)[shuffled], patients=list(np.array(patients)[shuffled])
+    )
     assert again["patient_accuracy"] == pytest.approx(0.6)
 
 
@@ -219,8 +225,9 @@ def test_subtype_metrics_match_scikit_learn():
     assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=range(8), zero_division=0)
     for i, name in enumerate(SUBTYPE_CLASSES):
-        assert m["per_class"][name] == pytest.approx({"precision": precision[i], "recall": recall[i], "f1": f1[i],
-                                                      "support": support[i]})
+        assert m["per_class"][name] == pytest.approx(
+            {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]}
+        )
     assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(8)).tolist()
     assert np.asarray(m["confusion_matrix"]).shape == (8, 8) and np.trace(m["confusion_matrix"]) == (pred == y).sum()
     assert m["patient_accuracy"] == pytest.approx(patient_accuracy(y, pred, patients))

@@ -79,7 +79,13 @@ def test_no_stop_within_min_epochs_and_an_improvement_restarts_the_wait():
 def test_best_model_ties_go_to_the_later_pass_and_val_loss_is_minimised():
     schedule = _schedule(monitor="val_balanced_accuracy")
     assert [schedule.update(v) for v in (0.5, 0.5, 0.8, 0.7, 0.8, float("nan"))] == [
-        True, True, True, False, True, False]
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
     loss = _schedule(monitor="val_loss")
     assert [loss.update(v) for v in (0.7, 0.6, 0.65, 0.6, 0.5)] == [True, True, False, True, True]
     # early stopping needs a strict improvement: equal scores do not reset the wait
@@ -118,8 +124,15 @@ def test_report_recipe_reproduces_the_old_lr_column_and_records_the_recipe(split
     from breastcnn.training.numpy_run import run_training
 
     # 162 training images at batch 8: 21 batches, so all 20 evaluations per epoch happen
-    config = TrainConfig(split=str(split_dir), out=str(tmp_path / "run"), image_size=IMAGE_SIZE, epochs=2,
-                         recipe="report", batch_size=8, seed=0)
+    config = TrainConfig(
+        split=str(split_dir),
+        out=str(tmp_path / "run"),
+        image_size=IMAGE_SIZE,
+        epochs=2,
+        recipe="report",
+        batch_size=8,
+        seed=0,
+    )
     summary = run_training(config)
     rows = read_history(tmp_path / "run" / "history.csv")
     assert len(rows) == summary["evaluations"] >= 20
@@ -133,9 +146,16 @@ def test_report_recipe_reproduces_the_old_lr_column_and_records_the_recipe(split
 
     options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
     assert options["recipe"] == "report" and options["recipe_overrides"] == ["batch_size"]
-    assert (options["lr"], options["l2"], options["evals_per_epoch"], options["patience"],
-            options["lr_decay"], options["lr_decay_every"], options["monitor"], options["min_epochs"]) == (
-        0.01, 0.1, 20, 10, 0.8, 5, "val_accuracy", 1.0)
+    assert (
+        options["lr"],
+        options["l2"],
+        options["evals_per_epoch"],
+        options["patience"],
+        options["lr_decay"],
+        options["lr_decay_every"],
+        options["monitor"],
+        options["min_epochs"],
+    ) == (0.01, 0.1, 20, 10, 0.8, 5, "val_accuracy", 1.0)
     assert options["patience_epochs"] is None and options["lr_decay_epochs"] is None
     assert summary["recipe"] == "report" and summary["monitor"] == "val_accuracy"
 
@@ -145,8 +165,11 @@ def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_
     from breastcnn.runs import read_history
     from breastcnn.training.numpy_run import run_training
 
-    summary = run_training(small_config(split_dir, tmp_path / "run", epochs=10, evals_per_epoch=4,
-                                        patience=None, patience_epochs=0.25, lr=1e-6))
+    summary = run_training(
+        small_config(
+            split_dir, tmp_path / "run", epochs=10, evals_per_epoch=4, patience=None, patience_epochs=0.25, lr=1e-6
+        )
+    )
     assert summary["recipe"] == "default"
     options = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
     minimum = options["min_epochs"]
@@ -174,8 +197,9 @@ def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, 
     from breastcnn.runs import HISTORY_COLUMNS, read_history
     from breastcnn.training.numpy_run import run_training
 
-    summary = run_training(small_config(split_dir, tmp_path / "run", epochs=2, monitor="val_loss",
-                                        class_weights="none"))
+    summary = run_training(
+        small_config(split_dir, tmp_path / "run", epochs=2, monitor="val_loss", class_weights="none")
+    )
     rows = read_history(tmp_path / "run" / "history.csv")
     assert list(rows[0]) == HISTORY_COLUMNS
     losses = [float(r["val_loss"]) for r in rows]
@@ -207,8 +231,7 @@ def _one_class_model(path, image_size=IMAGE_SIZE):
     return len(model.layers)
 
 
-def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synth_kfold_split, tmp_path,
-                                                                  small_config):
+def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synth_kfold_split, tmp_path, small_config):
     """Every layer frozen on a model that answers malignant: the summary, stderr and k-fold runs say so."""
     from typer.testing import CliRunner
 
@@ -224,9 +247,24 @@ def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synt
     assert "no better than always answering the majority class (malignant" in summary["warnings"][1]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]
 
-    result = CliRunner().invoke(app, ["finetune", "--model", str(start), "--split", str(split_dir), "--epochs", "1",
-                                      "--freeze", str(n_layers), "--out", str(tmp_path / "cli"), "--json"],
-                                env={"BREASTCNN_NO_PROGRESS": "1"})
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(start),
+            "--split",
+            str(split_dir),
+            "--epochs",
+            "1",
+            "--freeze",
+            str(n_layers),
+            "--out",
+            str(tmp_path / "cli"),
+            "--json",
+        ],
+        env={"BREASTCNN_NO_PROGRESS": "1"},
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["warnings"] == summary["warnings"]
     assert result.stderr.count("warning:") == 2 and "collapsed to one class" in result.stderr

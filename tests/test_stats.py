@@ -251,8 +251,14 @@ def test_one_class_fold_leaves_roc_auc_out_of_that_fold_only():
     for name in preds:
         fp = preds[name][2]
         keep = np.asarray(fp.y_true) == 1
-        preds[name][2] = FoldPredictions(2, np.asarray(fp.y_true)[keep], np.asarray(fp.p_malignant)[keep],
-                                         np.asarray(fp.patients)[keep], 0.5, np.asarray(fp.image_ids)[keep])
+        preds[name][2] = FoldPredictions(
+            2,
+            np.asarray(fp.y_true)[keep],
+            np.asarray(fp.p_malignant)[keep],
+            np.asarray(fp.patients)[keep],
+            0.5,
+            np.asarray(fp.image_ids)[keep],
+        )
     result = comparison_statistics(preds, FAST)
     json.dumps(result, allow_nan=False)
     entry = result["models"][0]
@@ -336,7 +342,7 @@ def test_mcnemar_pools_discordant_pairs_over_folds():
         a_right = np.ones(n, bool)
         b_right = np.ones(n, bool)
         a_right[:c_count] = False  # a wrong, b right
-        b_right[c_count:c_count + b_count] = False  # a right, b wrong
+        b_right[c_count : c_count + b_count] = False  # a right, b wrong
         a_right[-2:] = b_right[-2:] = False  # concordant errors do not count
         to_p = lambda right, y=y: np.where(right == (y == 1), 0.8, 0.2)  # noqa: E731 (a one-line helper per fold)
         patients = [f"{fold}-{i % 10}" for i in range(n)]
@@ -376,8 +382,18 @@ def test_three_models_holm_adjusts_the_pairs():
 def test_markdown_says_when_only_holm_makes_it_not_significant():
     doc = {
         "models": [],
-        "pairwise": [{"a": "x", "b": "y", "accuracy_diff": 0.03, "ci95": [0.001, 0.06], "p_value": 0.04,
-                      "p_value_holm": 0.08, "significant": False, "significant_unadjusted": True}],
+        "pairwise": [
+            {
+                "a": "x",
+                "b": "y",
+                "accuracy_diff": 0.03,
+                "ci95": [0.001, 0.06],
+                "p_value": 0.04,
+                "p_value_holm": 0.08,
+                "significant": False,
+                "significant_unadjusted": True,
+            }
+        ],
     }
     row = "| x | y | +0.030 | [+0.001, +0.060] | 0.040 | 0.080 | not significant after Holm correction |"
     assert row in markdown_report(doc)
@@ -387,8 +403,14 @@ def test_markdown_says_when_only_holm_makes_it_not_significant():
 
 
 def _replace(fp: FoldPredictions, **changes) -> FoldPredictions:
-    fields = dict(fold=fp.fold, y_true=fp.y_true, p_malignant=fp.p_malignant, patients=fp.patients,
-                  threshold=fp.threshold, image_ids=fp.image_ids)
+    fields = dict(
+        fold=fp.fold,
+        y_true=fp.y_true,
+        p_malignant=fp.p_malignant,
+        patients=fp.patients,
+        threshold=fp.threshold,
+        image_ids=fp.image_ids,
+    )
     fields.update(changes)
     return FoldPredictions(**fields)
 
@@ -398,9 +420,16 @@ def test_shuffled_rows_are_paired_by_image_id():
     order = np.random.default_rng(0).permutation(len(preds["b"][0].y_true))
     shuffled = dict(preds)
     fp = preds["b"][0]
-    shuffled["b"] = [_replace(fp, y_true=np.asarray(fp.y_true)[order], p_malignant=np.asarray(fp.p_malignant)[order],
-                              patients=np.asarray(fp.patients)[order], image_ids=np.asarray(fp.image_ids)[order]),
-                     preds["b"][1]]
+    shuffled["b"] = [
+        _replace(
+            fp,
+            y_true=np.asarray(fp.y_true)[order],
+            p_malignant=np.asarray(fp.p_malignant)[order],
+            patients=np.asarray(fp.patients)[order],
+            image_ids=np.asarray(fp.image_ids)[order],
+        ),
+        preds["b"][1],
+    ]
     assert comparison_statistics(shuffled, FAST) == comparison_statistics(preds, FAST)
 
 
@@ -413,16 +442,22 @@ def test_rows_are_paired_by_order_without_image_ids():
 @pytest.mark.parametrize(
     "break_it, message",
     [
-        (lambda fp: _replace(fp, image_ids=np.r_[np.asarray(fp.image_ids)[:-1], ["elsewhere.png"]]),
-         r"fold 0: models 'a' and 'b' did not predict the same test images "
-         r"\(2 image ids differ, e.g. 'elsewhere.png'\)"),
+        (
+            lambda fp: _replace(fp, image_ids=np.r_[np.asarray(fp.image_ids)[:-1], ["elsewhere.png"]]),
+            r"fold 0: models 'a' and 'b' did not predict the same test images "
+            r"\(2 image ids differ, e.g. 'elsewhere.png'\)",
+        ),
         (lambda fp: _replace(fp, y_true=1 - np.asarray(fp.y_true)), "disagree on the true labels"),
         (lambda fp: _replace(fp, patients=np.roll(np.asarray(fp.patients), 3)), "disagree on the patients"),
         (lambda fp: _replace(fp, image_ids=None), "one has image_ids and the other not"),
-        (lambda fp: _replace(fp, image_ids=np.r_[np.asarray(fp.image_ids)[:-1], np.asarray(fp.image_ids)[:1]]),
-         "model 'b' fold 0: image_ids are not unique"),
-        (lambda fp: _replace(fp, p_malignant=np.asarray(fp.p_malignant) + 1.0),
-         r"model 'b' fold 0: p_malignant must be"),
+        (
+            lambda fp: _replace(fp, image_ids=np.r_[np.asarray(fp.image_ids)[:-1], np.asarray(fp.image_ids)[:1]]),
+            "model 'b' fold 0: image_ids are not unique",
+        ),
+        (
+            lambda fp: _replace(fp, p_malignant=np.asarray(fp.p_malignant) + 1.0),
+            r"model 'b' fold 0: p_malignant must be",
+        ),
         (lambda fp: _replace(fp, p_malignant=np.asarray(fp.p_malignant)[:-1]), "y_true has .* but p_malignant has"),
         (lambda fp: _replace(fp, threshold=1.5), "threshold must be in"),
         (lambda fp: _replace(fp, y_true=np.full(len(fp.y_true), 2)), "labels must be 0"),
@@ -447,16 +482,25 @@ def test_fold_set_errors():
         comparison_statistics({}, FAST)
     without_ids = [_replace(fp, image_ids=None) for fp in preds["b"]]
     first = without_ids[0]
-    short = _replace(first, y_true=np.asarray(first.y_true)[:-1], p_malignant=np.asarray(first.p_malignant)[:-1],
-                     patients=np.asarray(first.patients)[:-1])
+    short = _replace(
+        first,
+        y_true=np.asarray(first.y_true)[:-1],
+        p_malignant=np.asarray(first.p_malignant)[:-1],
+        patients=np.asarray(first.patients)[:-1],
+    )
     a_without_ids = [_replace(fp, image_ids=None) for fp in preds["a"]]
     with pytest.raises(UserInputError, match="paired by row order"):
         comparison_statistics({"a": a_without_ids, "b": [short, without_ids[1]]}, FAST)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"n_resamples": 99}, "n_resamples must be an integer >= 100"),
-                                             ({"n_resamples": 1000.0}, "n_resamples"),
-                                             ({"seed": -1}, "seed must be a non-negative integer")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_resamples": 99}, "n_resamples must be an integer >= 100"),
+        ({"n_resamples": 1000.0}, "n_resamples"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+    ],
+)
 def test_options_are_checked(kwargs, message):
     with pytest.raises(UserInputError, match=message):
         StatsOptions(**kwargs)

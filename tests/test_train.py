@@ -69,9 +69,17 @@ def test_evaluation_points_spread_and_end_on_last_batch():
 
 @pytest.mark.parametrize(
     "field, value, option",
-    [("epochs", 0, "--epochs"), ("lr", -1.0, "--lr"), ("monitor", "loss", "--monitor"),
-     ("class_weights", "auto", "--class-weights"), ("lr_decay", 1.5, "--lr-decay"), ("arch", "vgg16", "--arch"),
-     ("preprocess", "zscore", "--preprocess"), ("activation", "tanh", "--activation"), ("threads", 0, "--threads")],
+    [
+        ("epochs", 0, "--epochs"),
+        ("lr", -1.0, "--lr"),
+        ("monitor", "loss", "--monitor"),
+        ("class_weights", "auto", "--class-weights"),
+        ("lr_decay", 1.5, "--lr-decay"),
+        ("arch", "vgg16", "--arch"),
+        ("preprocess", "zscore", "--preprocess"),
+        ("activation", "tanh", "--activation"),
+        ("threads", 0, "--threads"),
+    ],
 )
 def test_config_validation_names_the_option(field, value, option):
     from breastcnn.training.config import TrainConfig
@@ -131,8 +139,9 @@ def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, t
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "c"))
     from breastcnn.models import load_model
 
-    assert_same_weights(load_model(tmp_path / "a" / "model.npz").get_weights(),
-                        load_model(tmp_path / "c" / "model.npz").get_weights())
+    assert_same_weights(
+        load_model(tmp_path / "a" / "model.npz").get_weights(), load_model(tmp_path / "c" / "model.npz").get_weights()
+    )
     from breastcnn.runs import read_history
 
     history_a, history_c = (read_history(tmp_path / name / "history.csv") for name in ("a", "c"))
@@ -151,8 +160,19 @@ def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_pa
 
     # The old units (evaluations) still work: lr decays every 2 evaluations by 0.5; 3 evaluations per
     # epoch -> a decay falls mid-epoch 1
-    summary = run_training(small_config(split_dir, tmp_path / "run", epochs=6, evals_per_epoch=3, patience=4,
-                                        lr_decay=0.5, lr_decay_every=2, lr=1e-6, recipe="report"))
+    summary = run_training(
+        small_config(
+            split_dir,
+            tmp_path / "run",
+            epochs=6,
+            evals_per_epoch=3,
+            patience=4,
+            lr_decay=0.5,
+            lr_decay_every=2,
+            lr=1e-6,
+            recipe="report",
+        )
+    )
     assert summary["stopped"] == "early_stopping"
     rows = read_history(tmp_path / "run" / "history.csv")
     assert len(rows) == 5  # best at the first evaluation (lr 1e-6 barely moves), then 4 without improvement
@@ -162,13 +182,15 @@ def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_pa
     assert lrs == pytest.approx([1e-6, 1e-6, 0.5e-6, 0.5e-6, 0.25e-6])
 
     # patience 1 would stop at evaluation 2, but never within the first --min-epochs (1) epoch
-    summary = run_training(small_config(split_dir, tmp_path / "run1", epochs=6, evals_per_epoch=3, patience=1,
-                                        lr=1e-6, recipe="report"))
+    summary = run_training(
+        small_config(split_dir, tmp_path / "run1", epochs=6, evals_per_epoch=3, patience=1, lr=1e-6, recipe="report")
+    )
     assert summary["stopped"] == "early_stopping" and summary["evaluations"] == 4 and summary["steps"] == 6 + 2
 
 
-def test_nan_loss_stops_with_message_and_keeps_best_model(split_dir, tmp_path, monkeypatch, small_config,
-                                                          synth_image_size):
+def test_nan_loss_stops_with_message_and_keeps_best_model(
+    split_dir, tmp_path, monkeypatch, small_config, synth_image_size
+):
     from breastcnn.training import loop
     from breastcnn.training.common import TrainingDiverged
     from breastcnn.training.numpy_run import run_training
@@ -204,7 +226,8 @@ def test_class_weights_and_l2_change_training(split_dir, tmp_path, final_weights
     assert not np.allclose(balanced, final_weights(tmp_path / "none")["layers.13.W"])
     # the default L2 (0.1) reaches the gradient: the dense kernel ends smaller than without it
     assert np.sum(final_weights(tmp_path / "balanced")["layers.11.W"] ** 2) < np.sum(
-        final_weights(tmp_path / "no-l2")["layers.11.W"] ** 2)
+        final_weights(tmp_path / "no-l2")["layers.11.W"] ** 2
+    )
 
 
 def test_kfold_split_trains_one_model_per_fold(tmp_path, small_config, synth_kfold_split):
@@ -225,8 +248,9 @@ def test_kfold_split_trains_one_model_per_fold(tmp_path, small_config, synth_kfo
     assert any("no validation subset" in m for m in messages)
 
 
-def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(split_dir, tmp_path, final_weights,
-                                                                           small_config):
+def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(
+    split_dir, tmp_path, final_weights, small_config
+):
     """TrainConfig.threads is what the engine's chunk maps run on (train steps and validation); a resumed
     run uses the threads of the resuming command (a machine setting), and the weights never depend on it."""
     from breastcnn.nn.parallel import observe_chunks
@@ -236,7 +260,7 @@ def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(split_d
 
     with observe_chunks() as log:
         run_training(small_config(split_dir, tmp_path / "one", threads=1, epochs=1))
-    assert log.calls > 0 and log.max_threads == 1      # the batch-32 convs are cut in chunks at 64 px too
+    assert log.calls > 0 and log.max_threads == 1  # the batch-32 convs are cut in chunks at 64 px too
     with observe_chunks() as log:
         interrupted = run_training(small_config(split_dir, tmp_path / "two", threads=2, epochs=1), [InterruptAt(2)])
     assert interrupted["stopped"] == "interrupted" and log.max_threads == 2
@@ -253,8 +277,9 @@ def test_finetune_numpy_freezes_layers(split_dir, tmp_path, small_config):
 
     run_training(small_config(split_dir, tmp_path / "base", epochs=1, evals_per_epoch=1))
     base = load_model(tmp_path / "base" / "model.npz").get_weights()
-    summary = finetune_numpy(tmp_path / "base" / "model.npz",
-                             small_config(split_dir, tmp_path / "ft", epochs=1, lr=1e-3), freeze=3)
+    summary = finetune_numpy(
+        tmp_path / "base" / "model.npz", small_config(split_dir, tmp_path / "ft", epochs=1, lr=1e-3), freeze=3
+    )
     tuned = load_model(Path(summary["run_dir"]) / "model.npz")
     weights = tuned.get_weights()
     np.testing.assert_array_equal(weights["layers.0.W"], base["layers.0.W"])  # frozen conv
@@ -312,17 +337,21 @@ def test_resume_of_a_finetune_that_crashed_before_its_first_checkpoint(split_dir
             raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError, match="power cut"):
-        finetune_numpy(tmp_path / "base" / "model.npz", small_config(split_dir, tmp_path / "ft", epochs=1, lr=1e-3),
-                       freeze=3, progress_callbacks=[PowerCut()])
+        finetune_numpy(
+            tmp_path / "base" / "model.npz",
+            small_config(split_dir, tmp_path / "ft", epochs=1, lr=1e-3),
+            freeze=3,
+            progress_callbacks=[PowerCut()],
+        )
     assert (tmp_path / "ft" / "config.json").is_file() and not (tmp_path / "ft" / "last.npz").exists()
     resumed = run_training(TrainConfig(), resume=tmp_path / "ft")
     assert resumed["stopped"] == "completed"
     tuned = load_model(tmp_path / "ft" / "model.npz")
     assert tuned.meta["frozen_layers"] == 3 and tuned.meta["finetuned_from"] == str(tmp_path / "base" / "model.npz")
-    np.testing.assert_array_equal(tuned.get_weights()["layers.0.W"], base["layers.0.W"])   # still frozen
-    assert not np.array_equal(tuned.get_weights()["layers.3.W"], base["layers.3.W"])       # trained
+    np.testing.assert_array_equal(tuned.get_weights()["layers.0.W"], base["layers.0.W"])  # still frozen
+    assert not np.array_equal(tuned.get_weights()["layers.3.W"], base["layers.3.W"])  # trained
 
-    (tmp_path / "base" / "model.npz").unlink()       # the source is gone: a clear error, not a fresh model
+    (tmp_path / "base" / "model.npz").unlink()  # the source is gone: a clear error, not a fresh model
     (tmp_path / "ft" / "summary.json").unlink()
     (tmp_path / "ft" / "last.npz").unlink()
     with pytest.raises(UserInputError, match="no longer exists"):

@@ -50,8 +50,17 @@ def split_dir(tree, tmp_path_factory):
 
 
 def _config(split, out=None, **overrides) -> TrainConfig:
-    options = dict(split=str(split), out=None if out is None else str(out), image_size=SIZE, epochs=2,
-                   evals_per_epoch=2, batch_size=16, patience=50, seed=0, jobs=1)
+    options = dict(
+        split=str(split),
+        out=None if out is None else str(out),
+        image_size=SIZE,
+        epochs=2,
+        evals_per_epoch=2,
+        batch_size=16,
+        patience=50,
+        seed=0,
+        jobs=1,
+    )
     options.update(overrides)
     return TrainConfig(**options)
 
@@ -147,8 +156,7 @@ def test_second_run_into_a_busy_run_dir_names_the_holder(split_dir, tmp_path):
             run_training(_config(split_dir, run_dir, force=True, seed=1))
         with pytest.raises(UserInputError, match=f"pid {os.getpid()}"):
             run_training(TrainConfig(), resume=run_dir)
-        result = _run(["train", "--split", str(split_dir), "--out", str(run_dir), "--force",
-                       "--image-size", str(SIZE)])
+        result = _run(["train", "--split", str(split_dir), "--out", str(run_dir), "--force", "--image-size", str(SIZE)])
         assert result.exit_code == 2 and f"pid {os.getpid()}" in result.stderr, result.output
         assert result.stderr.count("\n") == 1
     finally:
@@ -164,10 +172,12 @@ def test_lock_of_a_killed_process_does_not_block(split_dir, tmp_path):
     """flock is released by the kernel when its holder dies: a SIGKILLed run never blocks the next."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    code = ("import fcntl, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "os.write(fd, str(os.getpid()).encode()); print('locked', flush=True); time.sleep(60)\n")
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, str(os.getpid()).encode()); print('locked', flush=True); time.sleep(60)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir / ".breastcnn.lock")], stdout=subprocess.PIPE)
     assert holder.stdout.readline().strip() == b"locked"
     with pytest.raises(UserInputError, match=f"pid {holder.pid}"):
@@ -215,8 +225,10 @@ def test_hand_edited_config_json_is_a_user_error(split_dir, tmp_path, change, ne
     run_dir = tmp_path / "run"
     _interrupted_run(split_dir, run_dir)
     _edit_json(run_dir / "config.json", change)
-    for args in (["train", "--resume", str(run_dir)],
-                 ["train", "--config", str(run_dir / "config.json"), "--out", str(tmp_path / "replay")]):
+    for args in (
+        ["train", "--resume", str(run_dir)],
+        ["train", "--config", str(run_dir / "config.json"), "--out", str(tmp_path / "replay")],
+    ):
         result = _run(args)
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and "config.json" in result.stderr and needle in result.stderr
@@ -249,8 +261,9 @@ def test_summary_json_that_is_not_an_object(split_dir, tmp_path):
 # --------------------------------------------------------------------------- item 12
 
 
-def test_failed_starts_leave_no_run_dir_and_latest_keeps_the_last_model(tree, split_dir, tmp_path, monkeypatch,
-                                                                          make_breakhis_tree):
+def test_failed_starts_leave_no_run_dir_and_latest_keeps_the_last_model(
+    tree, split_dir, tmp_path, monkeypatch, make_breakhis_tree
+):
     monkeypatch.chdir(tmp_path)
     first = run_training(_config(split_dir, epochs=1, evals_per_epoch=1))
     good = Path(first["run_dir"]).resolve()
@@ -290,8 +303,19 @@ def test_one_class_training_data_is_refused(tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path / "src", patients=(8, 0), traps=False)
     info = create_split(data, "200X", out=tmp_path / "s")
     assert any("only benign" in w for w in info["warnings"])
-    result = _run(["train", "--split", str(tmp_path / "s"), "--out", str(tmp_path / "run"),
-                   "--image-size", str(SIZE), "--epochs", "1"])
+    result = _run(
+        [
+            "train",
+            "--split",
+            str(tmp_path / "s"),
+            "--out",
+            str(tmp_path / "run"),
+            "--image-size",
+            str(SIZE),
+            "--epochs",
+            "1",
+        ]
+    )
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "benign" in result.stderr and "malignant" in result.stderr
 
@@ -303,13 +327,16 @@ def test_image_size_too_small_is_refused_before_any_cache_is_written(split_dir, 
     result = _run(["train", "--split", str(split_dir), "--out", str(tmp_path / "run"), "--image-size", "10"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "--image-size" in result.stderr
-    assert not any("-10-" in p.name for p in (split_dir / "cache").glob("*")) if (split_dir / "cache").exists() else True
+    assert (
+        not any("-10-" in p.name for p in (split_dir / "cache").glob("*")) if (split_dir / "cache").exists() else True
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_negative_seed_names_the_option(split_dir, tmp_path):
-    result = _run(["train", "--split", str(split_dir), "--out", str(tmp_path / "run"), "--seed", "-1",
-                   "--image-size", str(SIZE)])
+    result = _run(
+        ["train", "--split", str(split_dir), "--out", str(tmp_path / "run"), "--seed", "-1", "--image-size", str(SIZE)]
+    )
     assert result.exit_code == 2 and "--seed" in result.stderr and result.stderr.count("\n") == 1, result.output
     with pytest.raises(UserInputError, match="--seed"):
         TrainConfig(seed=-1).validate()

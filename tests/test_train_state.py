@@ -12,13 +12,35 @@ from breastcnn.training.recipes import TrainingSchedule
 from breastcnn.training.state import RunningSums, TrainState, read_checkpoint, save_checkpoint
 
 # The keys of train_state as breastcnn.train wrote them before the training package (format 1).
-FORMAT_1_KEYS = {"format", "epoch", "step_in_epoch", "global_step", "evaluations", "best_score", "best_step",
-                 "warnings", "schedule", "running", "elapsed_s", "lr", "stopped", "rngs", "dropout_rngs"}
+FORMAT_1_KEYS = {
+    "format",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "evaluations",
+    "best_score",
+    "best_step",
+    "warnings",
+    "schedule",
+    "running",
+    "elapsed_s",
+    "lr",
+    "stopped",
+    "rngs",
+    "dropout_rngs",
+}
 
 
 def _schedule() -> TrainingSchedule:
-    return TrainingSchedule(lr=0.01, lr_decay=0.5, monitor="val_loss", evals_per_epoch=2, steps_per_epoch=4,
-                            lr_decay_epochs=1.0, patience_epochs=2.0)
+    return TrainingSchedule(
+        lr=0.01,
+        lr_decay=0.5,
+        monitor="val_loss",
+        evals_per_epoch=2,
+        steps_per_epoch=4,
+        lr_decay_epochs=1.0,
+        patience_epochs=2.0,
+    )
 
 
 def _busy_state() -> TrainState:
@@ -27,9 +49,19 @@ def _busy_state() -> TrainState:
         schedule.update(score)
     rngs = {"shuffle": np.random.default_rng(1), "augment": np.random.default_rng(2)}
     rngs["shuffle"].permutation(10)
-    state = TrainState(epoch=2, step_in_epoch=3, global_step=7, evaluations=3, best_score=0.6, best_step=4,
-                       warnings=["one class"], schedule=schedule.state_dict(),
-                       running=RunningSums(1.5, 0.75, 2, 1.25, 0.125), elapsed_s=12.5, lr=0.005)
+    state = TrainState(
+        epoch=2,
+        step_in_epoch=3,
+        global_step=7,
+        evaluations=3,
+        best_score=0.6,
+        best_step=4,
+        warnings=["one class"],
+        schedule=schedule.state_dict(),
+        running=RunningSums(1.5, 0.75, 2, 1.25, 0.125),
+        elapsed_s=12.5,
+        lr=0.005,
+    )
     state.capture_rngs(rngs, model=None)
     return state
 
@@ -67,13 +99,30 @@ def test_running_sums_means_then_reset():
 def test_pre_recipe_state_is_read_as_it_was_written():
     # checkpoints from before recipes: "early_stopping" instead of "schedule", three running sums
     stopper = {"best": 0.8, "best_step": 3, "step": 4, "wait": 1}
-    old = {"format": 1, "epoch": 1, "step_in_epoch": 4, "global_step": 4, "evaluations": 4, "best_score": 0.8,
-           "best_step": 3, "warnings": [], "early_stopping": stopper, "running": [0.5, 0.25, 1],
-           "elapsed_s": 3.0, "lr": 0.008, "stopped": None, "rngs": {}}
+    old = {
+        "format": 1,
+        "epoch": 1,
+        "step_in_epoch": 4,
+        "global_step": 4,
+        "evaluations": 4,
+        "best_score": 0.8,
+        "best_step": 3,
+        "warnings": [],
+        "early_stopping": stopper,
+        "running": [0.5, 0.25, 1],
+        "elapsed_s": 3.0,
+        "lr": 0.008,
+        "stopped": None,
+        "rngs": {},
+    }
     state = TrainState.from_dict(old)
     assert state.running == RunningSums(0.5, 0.25, 1, 0.0, 0.0)
-    assert state.schedule == {"evaluations": 4, "lr": 0.008, "early_stopping": stopper,
-                              "best": {"best": 0.8, "best_step": 3, "step": 4}}
+    assert state.schedule == {
+        "evaluations": 4,
+        "lr": 0.008,
+        "early_stopping": stopper,
+        "best": {"best": 0.8, "best_step": 3, "step": 4},
+    }
     assert "early_stopping" not in state.to_dict()
 
 

@@ -44,39 +44,63 @@ def _sizes(values) -> str:
 
 
 def bench(
-    models: str = typer.Option(",".join(DEFAULT_MODELS), "--models",
-                               help=f"Comma-separated models: {', '.join(list_models())}."),
+    models: str = typer.Option(
+        ",".join(DEFAULT_MODELS), "--models", help=f"Comma-separated models: {', '.join(list_models())}."
+    ),
     model_file: list[str] | None = typer.Option(
-        None, "--model-file", help="NAME=PATH: measure this trained model file instead of a fresh build (repeatable)."),
+        None, "--model-file", help="NAME=PATH: measure this trained model file instead of a fresh build (repeatable)."
+    ),
     split: Path | None = typer.Option(
-        None, "--split", help="Split directory for the test metrics of trained models (default: the split of the "
-        "runs/latest model in use)."),
+        None,
+        "--split",
+        help="Split directory for the test metrics of trained models (default: the split of the "
+        "runs/latest model in use).",
+    ),
     fresh: bool = typer.Option(
-        False, "--fresh", help="Ignore runs/latest: models not given with --model-file are freshly built (untrained)."),
+        False, "--fresh", help="Ignore runs/latest: models not given with --model-file are freshly built (untrained)."
+    ),
     full: bool = typer.Option(
-        False, "--full", help="The report's settings: throughput at batch 1 and 32, Keras train step at batch 64, "
-        "10 s per measurement (about 10 minutes on 2 cores); explicit options still win."),
+        False,
+        "--full",
+        help="The report's settings: throughput at batch 1 and 32, Keras train step at batch 64, "
+        "10 s per measurement (about 10 minutes on 2 cores); explicit options still win.",
+    ),
     image_size: int | None = typer.Option(
-        None, "--image-size", help=f"Input size of freshly built models ({_default('image_size')}; the size of the "
-        "runs/latest model when one is used)."),
+        None,
+        "--image-size",
+        help=f"Input size of freshly built models ({_default('image_size')}; the size of the "
+        "runs/latest model when one is used).",
+    ),
     batch_sizes: str | None = typer.Option(
-        None, "--batch-sizes", help=f"Comma-separated batch sizes for throughput ({_default('batch_sizes', _sizes)})."),
+        None, "--batch-sizes", help=f"Comma-separated batch sizes for throughput ({_default('batch_sizes', _sizes)})."
+    ),
     repeats: int | None = typer.Option(
-        None, "--repeats", help=f"Most timed calls per measurement, after warm-up ({_default('repeats')})."),
+        None, "--repeats", help=f"Most timed calls per measurement, after warm-up ({_default('repeats')})."
+    ),
     threads: int | None = typer.Option(
-        None, "--threads", help="Threads per model: NumPy engine threads (one BLAS thread each) or TensorFlow "
-                                "intra-op threads (default: all available cores)."),
+        None,
+        "--threads",
+        help="Threads per model: NumPy engine threads (one BLAS thread each) or TensorFlow "
+        "intra-op threads (default: all available cores).",
+    ),
     train_steps: int | None = typer.Option(
-        None, "--train-steps", help=f"Most timed training steps (0 skips the train step; {_default('train_steps')})."),
+        None, "--train-steps", help=f"Most timed training steps (0 skips the train step; {_default('train_steps')})."
+    ),
     keras_train_batch: int | None = typer.Option(
-        None, "--keras-train-batch",
+        None,
+        "--keras-train-batch",
         help=f"Batch size of the Keras train step ({_default('keras_train_batch_size')}, the report's fine-tuning "
-        "batch; VGG16 takes ~46 s per step at 64 on 2 cores)."),
+        "batch; VGG16 takes ~46 s per step at 64 on 2 cores).",
+    ),
     weights: str | None = typer.Option(
-        None, "--weights", help=f"Keras models built fresh: none or imagenet ({_default('weights')})."),
+        None, "--weights", help=f"Keras models built fresh: none or imagenet ({_default('weights')})."
+    ),
     max_seconds: float | None = typer.Option(
-        None, "--max-seconds", help="Cap on each measurement (latency, throughput, end-to-end, metrics, train step), "
-        f"warm-up included; at least one timed call ({_default('max_seconds', lambda v: f'{v:g}')})."),
+        None,
+        "--max-seconds",
+        help="Cap on each measurement (latency, throughput, end-to-end, metrics, train step), "
+        f"warm-up included; at least one timed call ({_default('max_seconds', lambda v: f'{v:g}')}).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON document."),
     markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table."),
     out: Path | None = typer.Option(None, "--out", help="Also write bench.json and bench.md into this directory."),
@@ -88,19 +112,47 @@ def bench(
     capped by --max-seconds); --full gives the report's settings. A trained model in runs/latest is
     used for its architecture (with its split's test metrics) unless --fresh.
     """
-    result = run_bench_command(models=models, model_file=model_file, split=split, fresh=fresh, full=full,
-                               image_size=image_size, batch_sizes=batch_sizes, repeats=repeats, threads=threads,
-                               train_steps=train_steps, keras_train_batch=keras_train_batch, weights=weights,
-                               max_seconds=max_seconds, as_json=as_json, markdown=markdown, out=out, force=force)
+    result = run_bench_command(
+        models=models,
+        model_file=model_file,
+        split=split,
+        fresh=fresh,
+        full=full,
+        image_size=image_size,
+        batch_sizes=batch_sizes,
+        repeats=repeats,
+        threads=threads,
+        train_steps=train_steps,
+        keras_train_batch=keras_train_batch,
+        weights=weights,
+        max_seconds=max_seconds,
+        as_json=as_json,
+        markdown=markdown,
+        out=out,
+        force=force,
+    )
     show(result, as_json=as_json, markdown=markdown)
 
 
-def run_bench_command(models: str = ",".join(DEFAULT_MODELS), model_file=None, split=None, fresh: bool = False,
-                      full: bool = False, image_size: int | None = None, batch_sizes: str | None = None,
-                      repeats: int | None = None, threads=None, train_steps: int | None = None,
-                      keras_train_batch: int | None = None, weights: str | None = None,
-                      max_seconds: float | None = None, as_json: bool = False, markdown: bool = False, out=None,
-                      force: bool = False) -> dict:
+def run_bench_command(
+    models: str = ",".join(DEFAULT_MODELS),
+    model_file=None,
+    split=None,
+    fresh: bool = False,
+    full: bool = False,
+    image_size: int | None = None,
+    batch_sizes: str | None = None,
+    repeats: int | None = None,
+    threads=None,
+    train_steps: int | None = None,
+    keras_train_batch: int | None = None,
+    weights: str | None = None,
+    max_seconds: float | None = None,
+    as_json: bool = False,
+    markdown: bool = False,
+    out=None,
+    force: bool = False,
+) -> dict:
     """Parse and check the options, run the harness, write ``--out``; returns the result dict.
 
     Options left at ``None`` take :class:`BenchOptions`' defaults (or :data:`FULL_SETTINGS` with ``full``).
@@ -119,17 +171,27 @@ def run_bench_command(models: str = ",".join(DEFAULT_MODELS), model_file=None, s
             split = latest_split
         if image_size is None and latest_size is not None:
             image_size = latest_size
-        info(f"{name}: measuring the trained model of runs/latest ({path})"
-             + (f" with the test subset of its split {latest_split}" if latest_split is not None else "")
-             + (f"; fresh models built at its {latest_size}px" if latest_size else "")
-             + " (--fresh: untrained builds only)")
+        info(
+            f"{name}: measuring the trained model of runs/latest ({path})"
+            + (f" with the test subset of its split {latest_split}" if latest_split is not None else "")
+            + (f"; fresh models built at its {latest_size}px" if latest_size else "")
+            + " (--fresh: untrained builds only)"
+        )
     if split is not None and not files:
-        warn("--split given without a trained model (runs/latest or --model-file): fresh models are untrained, "
-             "so no test metrics")
-    given = {"image_size": image_size, "repeats": repeats, "threads": threads, "train_steps": train_steps,
-             "keras_train_batch_size": keras_train_batch, "max_seconds": max_seconds,
-             "weights": str(weights).lower() if weights is not None else None,
-             "batch_sizes": harness.parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else None}
+        warn(
+            "--split given without a trained model (runs/latest or --model-file): fresh models are untrained, "
+            "so no test metrics"
+        )
+    given = {
+        "image_size": image_size,
+        "repeats": repeats,
+        "threads": threads,
+        "train_steps": train_steps,
+        "keras_train_batch_size": keras_train_batch,
+        "max_seconds": max_seconds,
+        "weights": str(weights).lower() if weights is not None else None,
+        "batch_sizes": harness.parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes is not None else None,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     options = (BenchOptions.full(**given) if full else BenchOptions(**given)).validate()
     if out is not None:
@@ -139,9 +201,12 @@ def run_bench_command(models: str = ",".join(DEFAULT_MODELS), model_file=None, s
         for name in ("bench.json", "bench.md"):
             check_overwrite(out / name, force)
     measurements = 3 + len(options.batch_sizes) + (1 if options.train_steps else 0)
-    info(f"bench: {', '.join(names)}; each measurement stops after {options.max_seconds:g} s (up to about "
-         f"{len(names) * measurements * options.max_seconds:.0f} s of timing in all, plus loading the models"
-         + ("" if full else "; --full: the report's settings") + ")")
+    info(
+        f"bench: {', '.join(names)}; each measurement stops after {options.max_seconds:g} s (up to about "
+        f"{len(names) * measurements * options.max_seconds:.0f} s of timing in all, plus loading the models"
+        + ("" if full else "; --full: the report's settings")
+        + ")"
+    )
     with _Bars(names, quiet=as_json) as bars:
         result = harness.run_bench(names, files, options, split_dir=split, progress=bars, sources=sources)
     threads_in_force = result["machine"].get("threads", {})
@@ -194,8 +259,8 @@ class _Bars(harness.Progress):
         self.names = names
         self.progress = make_progress(quiet)
         self.tasks: dict = {}
-        self.started: dict = {}   # model -> measurements started
-        self.current = None       # (model, max calls, budget seconds)
+        self.started: dict = {}  # model -> measurements started
+        self.current = None  # (model, max calls, budget seconds)
 
     def __enter__(self) -> _Bars:
         self.progress.__enter__()

@@ -91,16 +91,24 @@ def _json_default(obj: Any):
 
 def jobs_option(work: str):
     """The ``--jobs/-j`` option of every command, with the one default (:data:`DEFAULT_JOBS`)."""
-    return typer.Option(DEFAULT_JOBS, "--jobs", "-j",
-                        help=f"Parallel workers for {work} (-1 = all cores, the default of every command).")
+    return typer.Option(
+        DEFAULT_JOBS,
+        "--jobs",
+        "-j",
+        help=f"Parallel workers for {work} (-1 = all cores, the default of every command).",
+    )
 
 
 def task_option():
     """``--task`` of ``train``/``finetune`` (default: :data:`breastcnn.data.tasks.DEFAULT_TASK`)."""
     from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES
 
-    return typer.Option(DEFAULT_TASK, "--task", help="binary (benign vs malignant) or subtype (the 8 BreakHis "
-                        f"classes: {', '.join(SUBTYPE_CLASSES)}; needs a BreakHis-layout split).")
+    return typer.Option(
+        DEFAULT_TASK,
+        "--task",
+        help="binary (benign vs malignant) or subtype (the 8 BreakHis "
+        f"classes: {', '.join(SUBTYPE_CLASSES)}; needs a BreakHis-layout split).",
+    )
 
 
 def stain_options() -> dict:
@@ -110,17 +118,26 @@ def stain_options() -> dict:
 
     return {
         "stain_norm": typer.Option(
-            DEFAULT_STAIN_NORM, "--stain-norm", help="Stain normalisation of every image: none, macenko or reinhard. "
+            DEFAULT_STAIN_NORM,
+            "--stain-norm",
+            help="Stain normalisation of every image: none, macenko or reinhard. "
             "The fitted target is stored in the model file, and evaluate, predict, bench, featuremaps and slide "
             "apply it; normalised images are cached. An image with too little tissue is left as is (counted in a "
-            "warning)."),
+            "warning).",
+        ),
         "stain_target": typer.Option(
-            None, "--stain-target", help="Image whose stains are the normalisation target (default: fitted on the "
-            "training subset)."),
+            None,
+            "--stain-target",
+            help="Image whose stains are the normalisation target (default: fitted on the training subset).",
+        ),
         "stain_augment": typer.Option(
-            None, "--stain-augment/--no-stain-augment", show_default=False, help="HED colour jitter (Tellez et "
+            None,
+            "--stain-augment/--no-stain-augment",
+            show_default=False,
+            help="HED colour jitter (Tellez et "
             "al. 2018) on top of --augment: stain variation between labs and scanners. Default: the recipe's "
-            "(default: on, report: off); vgg16/resnet50: off."),
+            "(default: on, report: off); vgg16/resnet50: off.",
+        ),
     }
 
 

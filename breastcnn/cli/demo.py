@@ -48,8 +48,8 @@ SYNTHETIC_NOTE = (
 class DemoSizes:
     """Knobs that set the demo's run time."""
 
-    scale: float          # synth: fraction of the real BreakHis counts (>= 1 image per patient)
-    image_size: int       # every model: the custom one is trained at it, VGG16/ResNet50 built at it
+    scale: float  # synth: fraction of the real BreakHis counts (>= 1 image per patient)
+    image_size: int  # every model: the custom one is trained at it, VGG16/ResNet50 built at it
     epochs: int
     batch_size: int
     repeats: int
@@ -59,10 +59,28 @@ class DemoSizes:
     keras_train_batch: int
 
 
-FULL = DemoSizes(scale=0.15, image_size=160, epochs=5, batch_size=32, repeats=20, batch_sizes="1,8",
-                 max_seconds=2.0, train_steps=1, keras_train_batch=4)
-QUICK = DemoSizes(scale=0.04, image_size=96, epochs=6, batch_size=16, repeats=5, batch_sizes="1,8",
-                  max_seconds=1.0, train_steps=0, keras_train_batch=4)
+FULL = DemoSizes(
+    scale=0.15,
+    image_size=160,
+    epochs=5,
+    batch_size=32,
+    repeats=20,
+    batch_sizes="1,8",
+    max_seconds=2.0,
+    train_steps=1,
+    keras_train_batch=4,
+)
+QUICK = DemoSizes(
+    scale=0.04,
+    image_size=96,
+    epochs=6,
+    batch_size=16,
+    repeats=5,
+    batch_sizes="1,8",
+    max_seconds=1.0,
+    train_steps=0,
+    keras_train_batch=4,
+)
 
 
 def demo(
@@ -101,8 +119,9 @@ def run_demo(out: Path, run_command: CommandRunner, quick: bool = False, force: 
     forced = ["--force"] if force else []
 
     console = stdout()
-    console.print(f"[bold]breastcnn demo[/bold] in {out} ({'quick' if quick else 'full'}): {SYNTHETIC_NOTE}",
-                  highlight=False)
+    console.print(
+        f"[bold]breastcnn demo[/bold] in {out} ({'quick' if quick else 'full'}): {SYNTHETIC_NOTE}", highlight=False
+    )
     started = time.perf_counter()
     steps: dict[str, float] = {}
 
@@ -113,32 +132,92 @@ def run_demo(out: Path, run_command: CommandRunner, quick: bool = False, force: 
         steps[name] = round(time.perf_counter() - t0, 1)
         console.print(f"[dim]{name}: {steps[name]:.1f} s; files: {where}[/dim]", highlight=False)
 
-    step("synth", ["synth", "--out", str(out), "--scale", str(sizes.scale), "--mags", "200", "--seed", str(seed),
-                   *forced], f"{data}")
-    step("split", ["split", "--data", str(data), "--mag", "200X", "--out", str(split_dir), "--seed", str(seed),
-                   *forced], f"{split_dir}")
-    step("train", ["train", "--split", str(split_dir), "--out", str(run_dir), "--epochs", str(sizes.epochs),
-                   "--image-size", str(sizes.image_size), "--batch-size", str(sizes.batch_size),
-                   "--seed", str(seed), *forced], f"{run_dir} (model.npz, history.csv, training.png)")
-    step("evaluate", ["evaluate", "--model", str(model_file), "--split", str(split_dir)],
-         f"{run_dir} (metrics.json, predictions.csv, roc.png, confusion.png)")
+    step(
+        "synth",
+        ["synth", "--out", str(out), "--scale", str(sizes.scale), "--mags", "200", "--seed", str(seed), *forced],
+        f"{data}",
+    )
+    step(
+        "split",
+        ["split", "--data", str(data), "--mag", "200X", "--out", str(split_dir), "--seed", str(seed), *forced],
+        f"{split_dir}",
+    )
+    step(
+        "train",
+        [
+            "train",
+            "--split",
+            str(split_dir),
+            "--out",
+            str(run_dir),
+            "--epochs",
+            str(sizes.epochs),
+            "--image-size",
+            str(sizes.image_size),
+            "--batch-size",
+            str(sizes.batch_size),
+            "--seed",
+            str(seed),
+            *forced,
+        ],
+        f"{run_dir} (model.npz, history.csv, training.png)",
+    )
+    step(
+        "evaluate",
+        ["evaluate", "--model", str(model_file), "--split", str(split_dir)],
+        f"{run_dir} (metrics.json, predictions.csv, roc.png, confusion.png)",
+    )
     if keras_note:
         console.print(f"[yellow]note:[/yellow] {keras_note}", highlight=False)
     # The trained custom model; VGG16/ResNet50 fresh (random weights) at the same image size.
-    step("bench", ["bench", "--models", ",".join(["custom", *keras_models]), "--fresh",
-                   "--model-file", f"custom={model_file}",
-                   "--split", str(split_dir), "--image-size", str(sizes.image_size),
-                   "--batch-sizes", sizes.batch_sizes, "--repeats", str(sizes.repeats),
-                   "--max-seconds", str(sizes.max_seconds), "--train-steps", str(sizes.train_steps),
-                   "--keras-train-batch", str(sizes.keras_train_batch), "--weights", "none",
-                   "--out", str(bench_dir), *forced], f"{bench_dir} (bench.json, bench.md)")
+    step(
+        "bench",
+        [
+            "bench",
+            "--models",
+            ",".join(["custom", *keras_models]),
+            "--fresh",
+            "--model-file",
+            f"custom={model_file}",
+            "--split",
+            str(split_dir),
+            "--image-size",
+            str(sizes.image_size),
+            "--batch-sizes",
+            sizes.batch_sizes,
+            "--repeats",
+            str(sizes.repeats),
+            "--max-seconds",
+            str(sizes.max_seconds),
+            "--train-steps",
+            str(sizes.train_steps),
+            "--keras-train-batch",
+            str(sizes.keras_train_batch),
+            "--weights",
+            "none",
+            "--out",
+            str(bench_dir),
+            *forced,
+        ],
+        f"{bench_dir} (bench.json, bench.md)",
+    )
     image = _pick_image(split_dir)
-    step("featuremaps", ["featuremaps", "--model", str(model_file), str(image), "--gradcam", "--out", str(maps_dir),
-                         *forced], f"{maps_dir} (input.png, one grid per conv layer, gradcam.png)")
+    step(
+        "featuremaps",
+        ["featuremaps", "--model", str(model_file), str(image), "--gradcam", "--out", str(maps_dir), *forced],
+        f"{maps_dir} (input.png, one grid per conv layer, gradcam.png)",
+    )
 
     seconds = round(time.perf_counter() - started, 1)
-    files = {"data": data, "split": split_dir, "model": model_file, "evaluation": run_dir / "metrics.json",
-             "bench": bench_dir / "bench.md", "feature maps": maps_dir, "Grad-CAM": maps_dir / "gradcam.png"}
+    files = {
+        "data": data,
+        "split": split_dir,
+        "model": model_file,
+        "evaluation": run_dir / "metrics.json",
+        "bench": bench_dir / "bench.md",
+        "feature maps": maps_dir,
+        "Grad-CAM": maps_dir / "gradcam.png",
+    }
     _print_summary(files, steps, seconds)
     return {"out": str(out), "seconds": seconds, "steps": steps, "files": {k: str(v) for k, v in files.items()}}
 
@@ -154,8 +233,10 @@ def _invoke(run_command: CommandRunner, args: list[str], name: str) -> None:
 def _keras_available() -> tuple[list[str], str | None]:
     """``(["vgg16", "resnet50"], None)`` with TensorFlow, else ``([], why they are skipped)``."""
     if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
-        return [], ("TensorFlow is not installed: VGG16/ResNet50 are left out of the bench "
-                    "(pip install 'breastcnn[keras]' to include them)")
+        return [], (
+            "TensorFlow is not installed: VGG16/ResNet50 are left out of the bench "
+            "(pip install 'breastcnn[keras]' to include them)"
+        )
     return ["vgg16", "resnet50"], None
 
 

@@ -110,8 +110,10 @@ class TrainingDisplay(TrainingCallback):
 
     def on_evaluation(self, row: dict) -> None:
         # compact on the bar (it shares one line with the bar), complete in plain lines
-        self._val_text = (f"val acc {_fmt(row.get('val_accuracy'), 3)} "
-                          f"bal {_fmt(row.get('val_balanced_accuracy'), 3)} f1 {_fmt(row.get('val_f1'), 3)}")
+        self._val_text = (
+            f"val acc {_fmt(row.get('val_accuracy'), 3)} "
+            f"bal {_fmt(row.get('val_balanced_accuracy'), 3)} f1 {_fmt(row.get('val_f1'), 3)}"
+        )
         if self.progress is None:
             mark = " *" if row.get("improved") else ""
             self.console.print(

@@ -26,23 +26,35 @@ _LABELS = {
 
 def evaluate(
     model: Path | None = typer.Option(
-        None, "--model", help="Model file or run directory (default: runs/latest). A k-fold run directory evaluates "
-                              "every fold."),
+        None,
+        "--model",
+        help="Model file or run directory (default: runs/latest). A k-fold run directory evaluates every fold.",
+    ),
     split: Path | None = typer.Option(
-        None, "--split", help="Split directory (default: the split the run was trained on (its config.json), else "
-                              f"{DEFAULT_SPLIT_DIR})."),
+        None,
+        "--split",
+        help="Split directory (default: the split the run was trained on (its config.json), else "
+        f"{DEFAULT_SPLIT_DIR}).",
+    ),
     subset: str = typer.Option("test", "--subset", help="Subset to score: test (default), val or train."),
     threshold: float = typer.Option(0.5, "--threshold", help="Call an image malignant when P(malignant) >= this."),
     out: Path | None = typer.Option(
-        None, "--out", help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the "
-                            "model, replaced on re-evaluation)."),
+        None,
+        "--out",
+        help="Where roc.png, confusion.png, predictions.csv and metrics.json go (default: next to the "
+        "model, replaced on re-evaluation).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in an explicit --out directory."),
     jobs: int = jobs_option("decoding images when the image cache must be built (processes)"),
     threads: int | None = typer.Option(
-        None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
-                                "TensorFlow's own thread pools)."),
+        None,
+        "--threads",
+        help="Engine threads of a NumPy model (default: all available cores; Keras models use "
+        "TensorFlow's own thread pools).",
+    ),
     json_output: bool = typer.Option(
-        False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."),
+        False, "--json", help="Print one JSON object (per fold and mean/std for k-fold) on stdout."
+    ),
 ) -> None:
     """Evaluate a model on a split's test subset.
 
@@ -59,25 +71,50 @@ def evaluate(
         info(note)
     with make_progress(json_output) as progress:
         task = progress.add_task(f"{subset} images", total=plan.images(subset))
-        result = run_evaluation(plan, subset, threshold, force=force, jobs=jobs, threads=threads,
-                                progress=lambda k: progress.advance(task, k))
+        result = run_evaluation(
+            plan,
+            subset,
+            threshold,
+            force=force,
+            jobs=jobs,
+            threads=threads,
+            progress=lambda k: progress.advance(task, k),
+        )
     for out_dir, files in result.written:
         info(f"wrote {', '.join(p.name for p in files)} to {out_dir}")
     if json_output:
         print_json(result.to_json())
     elif plan.kfold:
-        _print_table(result.metrics, result.summary,
-                     title=f"{plan.model} on {plan.split_dir} ({subset}, {len(result.metrics)} folds)")
+        _print_table(
+            result.metrics,
+            result.summary,
+            title=f"{plan.model} on {plan.split_dir} ({subset}, {len(result.metrics)} folds)",
+        )
     else:
         _print_table(result.metrics, None, title=f"{plan.model} on {plan.split_dir} ({subset})")
 
 
-_SUBTYPE_SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "patient_accuracy", "binary.accuracy",
-                   "binary.recall", "binary.benign_recall", "binary.roc_auc")
+_SUBTYPE_SCORES = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "patient_accuracy",
+    "binary.accuracy",
+    "binary.recall",
+    "binary.benign_recall",
+    "binary.roc_auc",
+)
 """Rows of a subtype model's table (``binary.*``: benign/malignant scores derived from the subtypes)."""
-_LABELS.update({"balanced_accuracy": "balanced accuracy (subtypes)", "macro_f1": "macro F1 (subtypes)",
-                "binary.accuracy": "benign/malignant accuracy", "binary.recall": "recall (malignant)",
-                "binary.benign_recall": "recall (benign)", "binary.roc_auc": "ROC AUC (malignant)"})
+_LABELS.update(
+    {
+        "balanced_accuracy": "balanced accuracy (subtypes)",
+        "macro_f1": "macro F1 (subtypes)",
+        "binary.accuracy": "benign/malignant accuracy",
+        "binary.recall": "recall (malignant)",
+        "binary.benign_recall": "recall (benign)",
+        "binary.roc_auc": "ROC AUC (malignant)",
+    }
+)
 
 
 def _score(result: dict, key: str):

@@ -29,13 +29,20 @@ TARGETS = ("keras", "numpy", "onnx")
 
 def export(
     model: Path = typer.Option(
-        ..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."),
+        ..., "--model", "-m", help="Model to convert: RUN_DIR/model.npz, model.keras, or a run directory."
+    ),
     to: str = typer.Option(
-        ..., "--to", help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx "
-                          "(.npz -> .onnx)."),
+        ...,
+        "--to",
+        help="Target format: keras (.npz -> .keras), numpy (custom-keras .keras -> .npz) or onnx (.npz -> .onnx).",
+    ),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, is "
-                                 "written beside it), .npz for --to numpy, .onnx for --to onnx."),
+        ...,
+        "--out",
+        "-o",
+        help="Output file: .keras for --to keras (its metadata OUT.json, e.g. b.keras.json, is "
+        "written beside it), .npz for --to numpy, .onnx for --to onnx.",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
 ) -> None:
@@ -66,8 +73,15 @@ def _numpy_to_keras(source: Path, out: Path, force: bool) -> dict:
     require_keras()
     classifier = keras_from_numpy(load_model(source), source=source)
     save_model(classifier, out)
-    return {"from": str(source), "out": str(out), "sidecar": str(sidecar_path(out)), "to": "keras",
-            "source_framework": "numpy", "arch": classifier.spec.arch, "params": classifier.count_params()}
+    return {
+        "from": str(source),
+        "out": str(out),
+        "sidecar": str(sidecar_path(out)),
+        "to": "keras",
+        "source_framework": "numpy",
+        "arch": classifier.spec.arch,
+        "params": classifier.count_params(),
+    }
 
 
 def _keras_to_numpy(source: Path, out: Path, force: bool) -> dict:
@@ -78,8 +92,14 @@ def _keras_to_numpy(source: Path, out: Path, force: bool) -> dict:
     check_overwrite(out, force)
     numpy_model = numpy_from_keras(load_model(source), source=source)
     save_model(numpy_model, out)
-    return {"from": str(source), "out": str(out), "to": "numpy", "source_framework": "keras",
-            "arch": model_spec(numpy_model).arch, "params": numpy_model.count_params()}
+    return {
+        "from": str(source),
+        "out": str(out),
+        "to": "numpy",
+        "source_framework": "keras",
+        "arch": model_spec(numpy_model).arch,
+        "params": numpy_model.count_params(),
+    }
 
 
 def _numpy_to_onnx(source: Path, out: Path, force: bool) -> dict:
@@ -91,5 +111,12 @@ def _numpy_to_onnx(source: Path, out: Path, force: bool) -> dict:
     require_onnx()
     numpy_model = load_model(source)
     written = export_onnx(numpy_model, out, source=source)
-    return {"from": str(source), "out": str(out), "to": "onnx", "source_framework": "numpy",
-            "arch": model_spec(numpy_model).arch, "params": numpy_model.count_params(), **written}
+    return {
+        "from": str(source),
+        "out": str(out),
+        "to": "onnx",
+        "source_framework": "numpy",
+        "arch": model_spec(numpy_model).arch,
+        "params": numpy_model.count_params(),
+        **written,
+    }

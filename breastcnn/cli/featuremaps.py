@@ -27,29 +27,41 @@ DEFAULT_OUT_ROOT = Path("featuremaps")
 def featuremaps(
     image: Path = typer.Argument(..., metavar="IMAGE", help="The image (PNG/JPEG/TIFF) to look at."),
     model: Path | None = typer.Option(
-        None, "--model", help="Model file or run directory (default: the model of ./runs/latest)."),
+        None, "--model", help="Model file or run directory (default: the model of ./runs/latest)."
+    ),
     layers: list[str] | None = typer.Option(
-        None, "--layers", help="Conv layers to plot (repeat or comma-separate; default: every conv layer)."),
+        None, "--layers", help="Conv layers to plot (repeat or comma-separate; default: every conv layer)."
+    ),
     gradcam: bool = typer.Option(False, "--gradcam", help="Also write the Grad-CAM overlay (gradcam.png)."),
     which_class: str = typer.Option(
-        "predicted", "--class", help="Class Grad-CAM explains: predicted, or one of the model's classes (benign, "
-        "malignant; a subtype model's subtypes, e.g. ductal_carcinoma)."),
-    out: Path | None = typer.Option(
-        None, "--out", help="Output directory (default: ./featuremaps/<image name>/)."),
+        "predicted",
+        "--class",
+        help="Class Grad-CAM explains: predicted, or one of the model's classes (benign, "
+        "malignant; a subtype model's subtypes, e.g. ductal_carcinoma).",
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default: ./featuremaps/<image name>/)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Plot every conv layer's feature maps (and Grad-CAM) for one image."""
-    summary = run_featuremaps(image, model=model, layers=layers, gradcam=gradcam, which_class=which_class,
-                              out=out, force=force)
+    summary = run_featuremaps(
+        image, model=model, layers=layers, gradcam=gradcam, which_class=which_class, out=out, force=force
+    )
     if as_json:
         print_json(summary)
         return
     print_summary(summary)
 
 
-def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False, which_class: str = "predicted",
-                    out: Path | None = None, force: bool = False) -> dict:
+def run_featuremaps(
+    image: Path,
+    model=None,
+    layers=None,
+    gradcam: bool = False,
+    which_class: str = "predicted",
+    out: Path | None = None,
+    force: bool = False,
+) -> dict:
     """Check the arguments, load the model, write the PNGs; returns :func:`explain.explain_image`'s summary."""
     image = Path(image)
     if not image.is_file():
@@ -68,8 +80,7 @@ def run_featuremaps(image: Path, model=None, layers=None, gradcam: bool = False,
     classes = loaded.spec.classes
     if which_class != "predicted" and which_class not in classes:  # before anything is written
         raise UserInputError(f"--class {which_class}: {path} predicts {', '.join(classes)} (or use predicted)")
-    summary = explain.explain_image(loaded, image, out_dir, layers=names, with_gradcam=gradcam,
-                                    which_class=which_class)
+    summary = explain.explain_image(loaded, image, out_dir, layers=names, with_gradcam=gradcam, which_class=which_class)
     summary["model_file"] = str(path)
     summary["out"] = str(out_dir)
     return summary

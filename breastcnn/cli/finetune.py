@@ -36,11 +36,18 @@ _STAIN = stain_options()
 
 # Per-path defaults of the options that default to None on the command line
 # (lr/batch size/patience/monitor of a recipe path come from the recipe).
-KERAS_DEFAULTS = {"epochs": TRANSFER_EPOCHS, "batch_size": TRANSFER_DEFAULTS["batch_size"],
-                  "lr": TRANSFER_DEFAULTS["lr"], "image_size": DEFAULT_IMAGE_SIZE,
-                  "trainable_layers": DEFAULT_TRAINABLE_LAYERS}
-CUSTOM_KERAS_DEFAULTS = {"epochs": TrainConfig.epochs, "image_size": DEFAULT_IMAGE_SIZE,
-                         "trainable_layers": DEFAULT_TRAINABLE_LAYERS}
+KERAS_DEFAULTS = {
+    "epochs": TRANSFER_EPOCHS,
+    "batch_size": TRANSFER_DEFAULTS["batch_size"],
+    "lr": TRANSFER_DEFAULTS["lr"],
+    "image_size": DEFAULT_IMAGE_SIZE,
+    "trainable_layers": DEFAULT_TRAINABLE_LAYERS,
+}
+CUSTOM_KERAS_DEFAULTS = {
+    "epochs": TrainConfig.epochs,
+    "image_size": DEFAULT_IMAGE_SIZE,
+    "trainable_layers": DEFAULT_TRAINABLE_LAYERS,
+}
 NUMPY_DEFAULTS = {"epochs": TrainConfig.epochs, "batch_size": 32, "lr": 1e-3}
 """A saved NumPy model continues at a tenth of the default recipe's LR, in batches of 32."""
 RECIPE_MODELS = ("custom-keras",)
@@ -51,69 +58,86 @@ EXIT_INTERRUPTED = 130
 
 def finetune(
     model: str = typer.Option(
-        ..., "--model", "-m",
+        ...,
+        "--model",
+        "-m",
         help=f"{', '.join(KERAS_MODELS)} (Keras, needs the keras extra), or RUN_DIR/model.npz "
         "(continue training a saved NumPy model, e.g. a 200X model on a 400X split).",
     ),
     split: Path = typer.Option(Path(TrainConfig.split), "--split", help="Split directory (manifest.csv + split.json)."),
     weights: str | None = typer.Option(
-        None, "--weights",
+        None,
+        "--weights",
         help="Keras only: imagenet (default for vgg16/resnet50: the Keras cache $KERAS_HOME/models or "
         "~/.keras/models, else a download), none (random init; default for custom-keras), or PATH "
         "to a weights file.",
     ),
     trainable_layers: int | None = typer.Option(
-        None, "--trainable-layers",
+        None,
+        "--trainable-layers",
         help="Keras vgg16/resnet50: train the last N layers of the base (default 20, the report's). "
         "VGG16's base has only 19 layers, so 20 trains the whole network; the report's 7.08 M "
         "trainable parameters are --trainable-layers 4.",
     ),
     recipe: str | None = typer.Option(
-        None, "--recipe",
+        None,
+        "--recipe",
         help="custom-keras and NumPy .npz models: the training recipe of 'breastcnn train' (default or report; "
         "default: default). vgg16/resnet50 use the transfer-learning schedule (no recipe).",
     ),
     epochs: int | None = typer.Option(
-        None, "--epochs", help="Maximum epochs (default: vgg16/resnet50 200, custom-keras and NumPy 5)."),
+        None, "--epochs", help="Maximum epochs (default: vgg16/resnet50 200, custom-keras and NumPy 5)."
+    ),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Batch size (default: vgg16/resnet50 64, NumPy 32, custom-keras the recipe's)."),
+        None, "--batch-size", help="Batch size (default: vgg16/resnet50 64, NumPy 32, custom-keras the recipe's)."
+    ),
     lr: float | None = typer.Option(
-        None, "--lr", help="Adam learning rate (default: vgg16/resnet50 1e-4, NumPy 1e-3, custom-keras the recipe's)."),
+        None, "--lr", help="Adam learning rate (default: vgg16/resnet50 1e-4, NumPy 1e-3, custom-keras the recipe's)."
+    ),
     patience: int | None = typer.Option(
-        None, "--patience", help="Early stopping: validation passes without improvement (vgg16/resnet50: epochs, "
-        "default 10; custom-keras and NumPy: evaluations, default: the recipe's patience)."
+        None,
+        "--patience",
+        help="Early stopping: validation passes without improvement (vgg16/resnet50: epochs, "
+        "default 10; custom-keras and NumPy: evaluations, default: the recipe's patience).",
     ),
     patience_epochs: float | None = typer.Option(
-        None, "--patience-epochs", help="custom-keras and NumPy: early-stopping patience in epochs (default: the recipe's)."
+        None,
+        "--patience-epochs",
+        help="custom-keras and NumPy: early-stopping patience in epochs (default: the recipe's).",
     ),
     l2: float | None = typer.Option(
         None, "--l2", help="custom-keras and NumPy: L2 factor on conv/dense kernels (default: the recipe's)."
     ),
     class_weights: str = typer.Option(TrainConfig.class_weights, "--class-weights", help="balanced or none."),
     image_size: int | None = typer.Option(
-        None, "--image-size",
+        None,
+        "--image-size",
         help=f"Keras: input side (default {DEFAULT_IMAGE_SIZE}; custom-keras needs >= 51). NumPy: taken from the model.",
     ),
     monitor: str | None = typer.Option(
-        None, "--monitor", help=f"Best-model metric: {', '.join(MONITORS)} "
-        f"(default: vgg16/resnet50 {TRANSFER_DEFAULTS['monitor']}, custom-keras and NumPy the recipe's)."),
+        None,
+        "--monitor",
+        help=f"Best-model metric: {', '.join(MONITORS)} "
+        f"(default: vgg16/resnet50 {TRANSFER_DEFAULTS['monitor']}, custom-keras and NumPy the recipe's).",
+    ),
     augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment", help="Augment the training images."),
     task: str = task_option(),
     stain_norm: str = _STAIN["stain_norm"],
     stain_target: Path | None = _STAIN["stain_target"],
     stain_augment: bool | None = _STAIN["stain_augment"],
     out: Path | None = typer.Option(None, "--out", help="Run directory (default: a new runs/<model>-<timestamp>)."),
-    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."),
+    seed: int = typer.Option(
+        TrainConfig.seed, "--seed", help="Seeds Python, NumPy and TensorFlow (keras.utils.set_random_seed)."
+    ),
     deterministic: bool = typer.Option(
         False, "--deterministic", help="Keras: also TensorFlow op determinism (slower; recorded in model.keras.json)."
     ),
     strategy: str = typer.Option(
-        "default", "--strategy",
+        "default",
+        "--strategy",
         help="Keras: default, or mirrored (tf.distribute.MirroredStrategy over all visible GPUs; CPU if none).",
     ),
-    freeze: int | None = typer.Option(
-        None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."
-    ),
+    freeze: int | None = typer.Option(None, "--freeze", help="NumPy .npz only: freeze the first N layers (default 0)."),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
     threads: int | None = typer.Option(
         None, "--threads", help="NumPy .npz only: engine threads (default: all available cores)."
@@ -128,11 +152,33 @@ def finetune(
     or model.npz).
     """
     opts = FinetuneOptions(
-        model=model, split=split, weights=weights, trainable_layers=trainable_layers, recipe=recipe, epochs=epochs,
-        batch_size=batch_size, lr=lr, patience=patience, patience_epochs=patience_epochs, l2=l2,
-        class_weights=class_weights, image_size=image_size, monitor=monitor, augment=augment, out=out, seed=seed,
-        deterministic=deterministic, strategy=strategy, freeze=freeze, jobs=jobs, threads=threads, force=force,
-        task=task, stain_norm=stain_norm, stain_target=stain_target, stain_augment=stain_augment,
+        model=model,
+        split=split,
+        weights=weights,
+        trainable_layers=trainable_layers,
+        recipe=recipe,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        patience_epochs=patience_epochs,
+        l2=l2,
+        class_weights=class_weights,
+        image_size=image_size,
+        monitor=monitor,
+        augment=augment,
+        out=out,
+        seed=seed,
+        deterministic=deterministic,
+        strategy=strategy,
+        freeze=freeze,
+        jobs=jobs,
+        threads=threads,
+        force=force,
+        task=task,
+        stain_norm=stain_norm,
+        stain_target=stain_target,
+        stain_augment=stain_augment,
     )
     display = TrainingDisplay(quiet=json_output)
     try:
@@ -184,9 +230,12 @@ class FinetuneOptions:
 
     def task_and_stain(self) -> dict:
         """``task``, ``stain_norm``, ``stain_target`` (a string or None) and ``stain_augment`` (None: the recipe's)."""
-        return {"task": self.task, "stain_norm": self.stain_norm,
-                "stain_target": None if self.stain_target is None else str(self.stain_target),
-                "stain_augment": self.stain_augment}
+        return {
+            "task": self.task,
+            "stain_norm": self.stain_norm,
+            "stain_target": None if self.stain_target is None else str(self.stain_target),
+            "stain_augment": self.stain_augment,
+        }
 
     def or_default(self, defaults: dict) -> dict:
         """``defaults`` with the options given on the command line in place of them."""
@@ -208,8 +257,11 @@ def _refuse_options(opts: FinetuneOptions, arch: str) -> None:
         raise UserInputError("--threads applies to NumPy .npz models; Keras models use TensorFlow's own thread pools")
     if arch in RECIPE_MODELS:
         return
-    given = [flag for flag, value in (("--recipe", opts.recipe), ("--patience-epochs", opts.patience_epochs),
-                                      ("--l2", opts.l2)) if value is not None]
+    given = [
+        flag
+        for flag, value in (("--recipe", opts.recipe), ("--patience-epochs", opts.patience_epochs), ("--l2", opts.l2))
+        if value is not None
+    ]
     if given:
         raise UserInputError(
             f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to custom-keras and NumPy .npz models; "
@@ -223,30 +275,56 @@ def _run_keras(opts: FinetuneOptions, display) -> dict:
     require_keras()  # MissingDependencyError (exit 2) with the install command when TF is absent
     if arch in RECIPE_MODELS:
         resolved = opts.or_default(CUSTOM_KERAS_DEFAULTS)
-        resolved.update(batch_size=opts.batch_size, lr=opts.lr, patience=opts.patience,
-                        monitor=opts.monitor)  # None: the recipe's
+        resolved.update(
+            batch_size=opts.batch_size, lr=opts.lr, patience=opts.patience, monitor=opts.monitor
+        )  # None: the recipe's
         recipe_options = {k: getattr(opts, k) for k in ("patience_epochs", "l2") if getattr(opts, k) is not None}
         recipe = opts.recipe or DEFAULT_RECIPE
     else:
         resolved = opts.or_default(KERAS_DEFAULTS)
-        resolved.update(patience=opts.patience if opts.patience is not None else TRANSFER_DEFAULTS["patience"],
-                        monitor=opts.monitor or TRANSFER_DEFAULTS["monitor"])
+        resolved.update(
+            patience=opts.patience if opts.patience is not None else TRANSFER_DEFAULTS["patience"],
+            monitor=opts.monitor or TRANSFER_DEFAULTS["monitor"],
+        )
         recipe_options, recipe = None, None
     resolved["weights"] = opts.weights if opts.weights is not None else default_weights(arch)
     recorded = {
-        "model": arch, "split": str(opts.split), "out": None if opts.out is None else str(opts.out),
-        "class_weights": opts.class_weights, "augment": opts.augment, "seed": opts.seed,
-        "deterministic": opts.deterministic, "strategy": opts.strategy, "jobs": opts.jobs, **resolved,
+        "model": arch,
+        "split": str(opts.split),
+        "out": None if opts.out is None else str(opts.out),
+        "class_weights": opts.class_weights,
+        "augment": opts.augment,
+        "seed": opts.seed,
+        "deterministic": opts.deterministic,
+        "strategy": opts.strategy,
+        "jobs": opts.jobs,
+        **resolved,
         **opts.task_and_stain(),
     }
     return finetune_keras(
-        arch, opts.split, opts.out,
-        weights=resolved["weights"], trainable_layers=resolved["trainable_layers"], epochs=resolved["epochs"],
-        batch_size=resolved["batch_size"], lr=resolved["lr"], patience=resolved["patience"],
-        class_weights=opts.class_weights, image_size=resolved["image_size"], monitor=resolved["monitor"],
-        augment=opts.augment, seed=opts.seed, deterministic=opts.deterministic,
-        strategy=opts.strategy, jobs=opts.jobs, force=opts.force, callback=display, options=recorded,
-        recipe=recipe, recipe_options=recipe_options, **opts.task_and_stain(),
+        arch,
+        opts.split,
+        opts.out,
+        weights=resolved["weights"],
+        trainable_layers=resolved["trainable_layers"],
+        epochs=resolved["epochs"],
+        batch_size=resolved["batch_size"],
+        lr=resolved["lr"],
+        patience=resolved["patience"],
+        class_weights=opts.class_weights,
+        image_size=resolved["image_size"],
+        monitor=resolved["monitor"],
+        augment=opts.augment,
+        seed=opts.seed,
+        deterministic=opts.deterministic,
+        strategy=opts.strategy,
+        jobs=opts.jobs,
+        force=opts.force,
+        callback=display,
+        options=recorded,
+        recipe=recipe,
+        recipe_options=recipe_options,
+        **opts.task_and_stain(),
     )
 
 
@@ -268,11 +346,22 @@ def _run_numpy(opts: FinetuneOptions, display) -> dict:
         raise UserInputError(f"--model {opts.model}: {model_path} is not a NumPy .npz model")
     resolved = opts.or_default(NUMPY_DEFAULTS)
     config = TrainConfig(
-        split=str(opts.split), out=None if opts.out is None else str(opts.out),
-        recipe=opts.recipe or DEFAULT_RECIPE, epochs=resolved["epochs"], batch_size=resolved["batch_size"],
-        lr=resolved["lr"], l2=opts.l2, patience=opts.patience, patience_epochs=opts.patience_epochs,
-        class_weights=opts.class_weights, monitor=opts.monitor,
-        augment=opts.augment, seed=opts.seed, jobs=opts.jobs, threads=opts.threads, force=opts.force,
+        split=str(opts.split),
+        out=None if opts.out is None else str(opts.out),
+        recipe=opts.recipe or DEFAULT_RECIPE,
+        epochs=resolved["epochs"],
+        batch_size=resolved["batch_size"],
+        lr=resolved["lr"],
+        l2=opts.l2,
+        patience=opts.patience,
+        patience_epochs=opts.patience_epochs,
+        class_weights=opts.class_weights,
+        monitor=opts.monitor,
+        augment=opts.augment,
+        seed=opts.seed,
+        jobs=opts.jobs,
+        threads=opts.threads,
+        force=opts.force,
         **opts.task_and_stain(),
     )
     model = load_model(model_path)  # read once: checked here, then trained

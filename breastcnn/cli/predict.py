@@ -28,18 +28,27 @@ from breastcnn.runs import resolve_model_path
 
 def predict(
     images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    model: Path | None = typer.Option(None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model file (.npz/.keras) or run directory (default: runs/latest)."
+    ),
     threshold: float = typer.Option(0.5, "--threshold", help="Label malignant when P(malignant) >= this."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON array of {path, label, probability}."),
     csv_output: bool = typer.Option(False, "--csv", help="Print CSV: path,label,probability."),
     jobs: int = jobs_option("decoding the images (threads)"),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per model call."),
     threads: int | None = typer.Option(
-        None, "--threads", help="Engine threads of a NumPy model (default: all available cores; Keras models use "
-                                "TensorFlow's own thread pools)."),
-    scheduler: str | None = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
-                                            help="dask.distributed scheduler address (tcp://host:8786): classify "
-                                            "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER)."),
+        None,
+        "--threads",
+        help="Engine threads of a NumPy model (default: all available cores; Keras models use "
+        "TensorFlow's own thread pools).",
+    ),
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
+        envvar="BREASTCNN_SCHEDULER",
+        help="dask.distributed scheduler address (tcp://host:8786): classify "
+        "on its workers, --jobs ignored (env BREASTCNN_SCHEDULER).",
+    ),
 ) -> None:
     """Classify images with a trained model.
 
@@ -72,11 +81,26 @@ def predict(
         address = scheduler_address(scheduler)
         if address:  # the same batches on a dask cluster (breastcnn.cluster)
             executor = stack.enter_context(connect(address))
-            stream = predict_paths_distributed(executor, classifier, model_path, paths, threshold=threshold,
-                                               batch_size=batch_size, progress=advance, threads=threads)
+            stream = predict_paths_distributed(
+                executor,
+                classifier,
+                model_path,
+                paths,
+                threshold=threshold,
+                batch_size=batch_size,
+                progress=advance,
+                threads=threads,
+            )
         else:
-            stream = predict_paths(classifier, paths, threshold=threshold, batch_size=batch_size, jobs=jobs,
-                                   progress=advance, threads=threads)
+            stream = predict_paths(
+                classifier,
+                paths,
+                threshold=threshold,
+                batch_size=batch_size,
+                jobs=jobs,
+                progress=advance,
+                threads=threads,
+            )
         for result in stream:
             if result.error is not None:
                 _error_line(result.error)
@@ -95,8 +119,9 @@ def predict(
         raise typer.Exit(1)
 
 
-def _check_options(json_output: bool, csv_output: bool, threshold: float, batch_size: int, jobs: int,
-                   threads: int | None) -> None:
+def _check_options(
+    json_output: bool, csv_output: bool, threshold: float, batch_size: int, jobs: int, threads: int | None
+) -> None:
     if json_output and csv_output:
         raise UserInputError("--json and --csv are exclusive; pick one")
     if not 0.0 <= threshold <= 1.0:

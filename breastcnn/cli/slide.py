@@ -22,31 +22,56 @@ _DEFAULTS = SlideSettings()
 
 
 def slide(
-    slides: list[Path] = typer.Argument(..., help="Whole-slide files (.svs, .ndpi, .mrxs, ... via OpenSlide; "
-                                        "pyramidal or plain TIFF; PNG/JPEG)."),
-    model: Path | None = typer.Option(None, "--model", help="Model file (.npz/.keras/.onnx) or run directory "
-                                         "(default: runs/latest)."),
-    mag: str | None = typer.Option(None, "--mag", help="The slide's level-0 magnification, BreakHis style "
-                                      "(200X = 20x objective = 0.5 um/px); overrides the file's metadata."),
-    mpp: float | None = typer.Option(None, "--mpp", help="The slide's level-0 microns per pixel; overrides "
-                                        "the file's metadata."),
+    slides: list[Path] = typer.Argument(
+        ..., help="Whole-slide files (.svs, .ndpi, .mrxs, ... via OpenSlide; pyramidal or plain TIFF; PNG/JPEG)."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model file (.npz/.keras/.onnx) or run directory (default: runs/latest)."
+    ),
+    mag: str | None = typer.Option(
+        None,
+        "--mag",
+        help="The slide's level-0 magnification, BreakHis style "
+        "(200X = 20x objective = 0.5 um/px); overrides the file's metadata.",
+    ),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="The slide's level-0 microns per pixel; overrides the file's metadata."
+    ),
     tile: int = typer.Option(_DEFAULTS.tile, "--tile", help="Tile side in pixels at the model's magnification."),
-    stride: int | None = typer.Option(None, "--stride", help="Step between tiles in pixels at the model's "
-                                         "magnification (default: --tile, no overlap)."),
-    tissue_threshold: float = typer.Option(_DEFAULTS.tissue_threshold, "--tissue-threshold",
-                                           help="Least tissue fraction of a tile for it to be classified."),
-    threshold: float = typer.Option(_DEFAULTS.threshold, "--threshold",
-                                    help="Label a tile malignant when P(malignant) >= this."),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        help="Step between tiles in pixels at the model's magnification (default: --tile, no overlap).",
+    ),
+    tissue_threshold: float = typer.Option(
+        _DEFAULTS.tissue_threshold,
+        "--tissue-threshold",
+        help="Least tissue fraction of a tile for it to be classified.",
+    ),
+    threshold: float = typer.Option(
+        _DEFAULTS.threshold, "--threshold", help="Label a tile malignant when P(malignant) >= this."
+    ),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Tiles per model call."),
-    threads: int | None = typer.Option(None, "--threads", help="Engine threads of a NumPy model (default: all "
-                                          "available cores; Keras models use TensorFlow's own thread pools)."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="Engine threads of a NumPy model (default: all "
+        "available cores; Keras models use TensorFlow's own thread pools).",
+    ),
     out: Path = typer.Option(Path("slides"), "--out", help="Output folder: one sub-folder per slide."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON array: one summary object per slide."),
-    force: bool = typer.Option(False, "--force", help="Overwrite tiles.csv/heatmap.png/summary.json of an "
-                               "earlier run (other files are left alone)."),
-    scheduler: str | None = typer.Option(None, "--scheduler", envvar="BREASTCNN_SCHEDULER",
-                                            help="dask.distributed scheduler address (tcp://host:8786): "
-                                            "classify the tiles on its workers (env BREASTCNN_SCHEDULER)."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Overwrite tiles.csv/heatmap.png/summary.json of an earlier run (other files are left alone).",
+    ),
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
+        envvar="BREASTCNN_SCHEDULER",
+        help="dask.distributed scheduler address (tcp://host:8786): "
+        "classify the tiles on its workers (env BREASTCNN_SCHEDULER).",
+    ),
 ) -> None:
     """Classify the tissue tiles of whole-slide images.
 
@@ -58,8 +83,16 @@ def slide(
     still processed, and the exit code is 1 at the end (2 for bad options or a
     missing model).
     """
-    settings = SlideSettings(tile=tile, stride=stride, tissue_threshold=tissue_threshold, threshold=threshold,
-                             batch_size=batch_size, mpp=mpp, mag=mag, threads=threads).validated()
+    settings = SlideSettings(
+        tile=tile,
+        stride=stride,
+        tissue_threshold=tissue_threshold,
+        threshold=threshold,
+        batch_size=batch_size,
+        mpp=mpp,
+        mag=mag,
+        threads=threads,
+    ).validated()
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a directory")
     require_skimage()
@@ -88,9 +121,17 @@ def slide(
                     warn(f"{escape(str(path))}: resolution {layout.resolution.source}")
 
             try:
-                summary = analyse_slide(path, classifier, folder, settings, model_resolution, executor=executor,
-                                        model_path=model_path, on_start=on_start,
-                                        progress=lambda k, task=task: progress.advance(task, k))
+                summary = analyse_slide(
+                    path,
+                    classifier,
+                    folder,
+                    settings,
+                    model_resolution,
+                    executor=executor,
+                    model_path=model_path,
+                    on_start=on_start,
+                    progress=lambda k, task=task: progress.advance(task, k),
+                )
             except (BreastCNNError, ValueError, OSError) as exc:
                 message = _error_message(path, exc)
                 stderr().print(f"[red]error:[/red] {escape(message)}", highlight=False)
@@ -134,6 +175,14 @@ def _print_table(summaries: list[dict]) -> None:
     for s in summaries:
         fraction = "-" if s["malignant_fraction"] is None else f"{s['malignant_fraction']:.1%}"
         top = "-" if s["max_probability"] is None else f"{s['max_probability']:.4f}"
-        table.add_row(escape(Path(s["slide"]).name), str(s["level"]), str(s["tiles"]), str(s["tissue_tiles"]), fraction, top,
-                      f"{s['seconds']:.1f}", escape(s["out"]))
+        table.add_row(
+            escape(Path(s["slide"]).name),
+            str(s["level"]),
+            str(s["tiles"]),
+            str(s["tissue_tiles"]),
+            fraction,
+            top,
+            f"{s['seconds']:.1f}",
+            escape(s["out"]),
+        )
     print_table(table)

@@ -22,40 +22,52 @@ def default_data_root() -> Path:
 
 def split(
     mag: str = typer.Option(
-        ..., "--mag", help="Magnification(s) to keep: 40X, 100X, 200X, 400X, a comma list (40X,200X), or all. "
-        "With several, a patient's images at all of them go to the same subset."
+        ...,
+        "--mag",
+        help="Magnification(s) to keep: 40X, 100X, 200X, 400X, a comma list (40X,200X), or all. "
+        "With several, a patient's images at all of them go to the same subset.",
     ),
     data: Path | None = typer.Option(
-        None, "--data", help="Data root (BreaKHis_v1, or a folder with benign/ and malignant/). "
-        "Default: $BREAKHIS_DIR, else ./BreaKHis_v1."
+        None,
+        "--data",
+        help="Data root (BreaKHis_v1, or a folder with benign/ and malignant/). "
+        "Default: $BREAKHIS_DIR, else ./BreaKHis_v1.",
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Split directory to write. Default: ./splits/<mag> (splits/200X, splits/all, "
-        "splits/40X+200X)."
+        None,
+        "--out",
+        help="Split directory to write. Default: ./splits/<mag> (splits/200X, splits/all, splits/40X+200X).",
     ),
     by: str = typer.Option(
-        "patient", "--by", help="patient: no patient in two subsets (default); image: the report's "
-        "per-class image split, which leaks patients between train and test."
+        "patient",
+        "--by",
+        help="patient: no patient in two subsets (default); image: the report's "
+        "per-class image split, which leaks patients between train and test.",
     ),
     ratios: str | None = typer.Option(
         None, "--ratios", help="train,val,test fractions (default 0.8,0.1,0.1; with --folds 0.7,0.3 train,test)."
     ),
     folds: int = typer.Option(
-        0, "--folds", help="K repetitions of a patient-wise 70/30 train/test split (Spanhol et al.), "
-        "written to OUT/fold1..foldK."
+        0,
+        "--folds",
+        help="K repetitions of a patient-wise 70/30 train/test split (Spanhol et al.), written to OUT/fold1..foldK.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for the random assignment."),
     materialize: str = typer.Option(
         "none", "--materialize", help="Also place the images in OUT/<split>/<label>/: copy, link (symlink) or none."
     ),
     group: str = typer.Option(
-        "patient", "--group", help="What counts as one patient with --by patient: the slide folder (patient) "
-        "or its accession number (accession, stricter: slide ids sharing an accession stay together)."
+        "patient",
+        "--group",
+        help="What counts as one patient with --by patient: the slide folder (patient) "
+        "or its accession number (accession, stricter: slide ids sharing an accession stay together).",
     ),
     stratify: str = typer.Option(
-        DEFAULT_STRATIFY, "--stratify", help="What --by patient balances: subtype (every subset gets patients of "
+        DEFAULT_STRATIFY,
+        "--stratify",
+        help="What --by patient balances: subtype (every subset gets patients of "
         "each subtype that has enough, image ratios met per class) or class (per class only: the splits of "
-        "breastcnn 0.1.0, same seed, same manifest)."
+        "breastcnn 0.1.0, same seed, same manifest).",
     ),
     strict: bool = typer.Option(False, "--strict", help="Fail on unreadable images instead of leaving them out."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing split directory."),
@@ -74,8 +86,19 @@ def split(
     with make_progress(quiet=as_json) as progress:
         task = progress.add_task("checking images", total=None)
         result = create_split(
-            root, mag=mag, out=out, by=by, ratios=ratios, folds=folds, seed=seed, materialize=materialize,
-            strict=strict, force=force, group=group, stratify=stratify, jobs=jobs,
+            root,
+            mag=mag,
+            out=out,
+            by=by,
+            ratios=ratios,
+            folds=folds,
+            seed=seed,
+            materialize=materialize,
+            strict=strict,
+            force=force,
+            group=group,
+            stratify=stratify,
+            jobs=jobs,
             progress=lambda n: progress.advance(task, n),
             on_scanned=lambda n: progress.update(task, total=n),
         )
@@ -113,8 +136,9 @@ def _print_table(summary: dict, where: str) -> None:
         for subset in subsets:
             table.add_column(subset, justify="right")
         for subtype in by_subtype[subsets[0]]:
-            table.add_row(subtype, *(f"{by_subtype[s][subtype]} ({summary['patients_by_subtype'][s][subtype]})"
-                                     for s in subsets))
+            table.add_row(
+                subtype, *(f"{by_subtype[s][subtype]} ({summary['patients_by_subtype'][s][subtype]})" for s in subsets)
+            )
         print_table(table)
     by_mag = summary.get("images_by_magnification") or {}
     if len(by_mag.get(subsets[0], {}) if subsets else {}) > 1:

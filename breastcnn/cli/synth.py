@@ -60,13 +60,22 @@ def synth(
     mag_list = synth_lib.parse_mags(mags)
     specs = synth_lib.plan(scale, mag_list)
     jobs = jobs if jobs > 0 else max(1, os.cpu_count() or 1)
-    command = (f"breastcnn synth --scale {scale} --mags {mags} --seed {seed} --difficulty {difficulty} "
-               f"--stain-profile {stain}")
+    command = (
+        f"breastcnn synth --scale {scale} --mags {mags} --seed {seed} --difficulty {difficulty} --stain-profile {stain}"
+    )
     with make_progress(quiet=as_json) as progress:
         task = progress.add_task("drawing images", total=len(specs))
         summary = synth_lib.generate(
-            out, scale=scale, mags=mag_list, seed=seed, jobs=jobs, force=force,
-            progress=lambda n: progress.advance(task, n), command=command, difficulty=difficulty, stain=stain,
+            out,
+            scale=scale,
+            mags=mag_list,
+            seed=seed,
+            jobs=jobs,
+            force=force,
+            progress=lambda n: progress.advance(task, n),
+            command=command,
+            difficulty=difficulty,
+            stain=stain,
         )
     if as_json:
         print_json(summary)

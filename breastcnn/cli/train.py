@@ -47,55 +47,111 @@ _RECIPE_HELP = (
 
 def train(
     ctx: typer.Context,
-    split: Path = typer.Option(Path(DEFAULTS.split), "--split", help="Split directory (a k-fold split trains one model per fold)."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<arch>-<timestamp>, linked as runs/latest)."),
-    arch: str = typer.Option(DEFAULTS.arch, "--arch", help="Architecture (NumPy): custom (the report's) or custom-k4 (first conv 4x4/s4, sees every pixel)."),
+    split: Path = typer.Option(
+        Path(DEFAULTS.split), "--split", help="Split directory (a k-fold split trains one model per fold)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run directory (default: runs/<arch>-<timestamp>, linked as runs/latest)."
+    ),
+    arch: str = typer.Option(
+        DEFAULTS.arch,
+        "--arch",
+        help="Architecture (NumPy): custom (the report's) or custom-k4 (first conv 4x4/s4, sees every pixel).",
+    ),
     recipe: str = typer.Option(DEFAULTS.recipe, "--recipe", help=_RECIPE_HELP),
-    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs to train (fewer only when early stopping ends the run)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per optimizer step." + _by_recipe("batch_size")),
+    epochs: int = typer.Option(
+        DEFAULTS.epochs, "--epochs", help="Epochs to train (fewer only when early stopping ends the run)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Images per optimizer step." + _by_recipe("batch_size")
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Initial learning rate (Adam)." + _by_recipe("lr")),
     l2: float | None = typer.Option(
-        None, "--l2", help="L2 factor on conv/dense kernels, in the gradient (Keras L2 convention, l2*sum(W^2))."
-        + _by_recipe("l2")),
-    class_weights: str = typer.Option(DEFAULTS.class_weights, "--class-weights", help="balanced (weights n/(2*count) in the loss gradient) or none."),
+        None,
+        "--l2",
+        help="L2 factor on conv/dense kernels, in the gradient (Keras L2 convention, l2*sum(W^2))." + _by_recipe("l2"),
+    ),
+    class_weights: str = typer.Option(
+        DEFAULTS.class_weights, "--class-weights", help="balanced (weights n/(2*count) in the loss gradient) or none."
+    ),
     evals_per_epoch: int | None = typer.Option(
-        None, "--evals-per-epoch", help="Validation evaluations per epoch (each logged to history.csv)."
-        + _by_recipe("evals_per_epoch")),
+        None,
+        "--evals-per-epoch",
+        help="Validation evaluations per epoch (each logged to history.csv)." + _by_recipe("evals_per_epoch"),
+    ),
     patience: int | None = typer.Option(
-        None, "--patience", help="Early stopping patience in EVALUATIONS (the old unit; scales with --evals-per-epoch "
+        None,
+        "--patience",
+        help="Early stopping patience in EVALUATIONS (the old unit; scales with --evals-per-epoch "
         "and the data-set size): stop after this many evaluations without improvement of --monitor. "
-        "Use --patience-epochs for a patience in epochs." + _by_recipe("patience")),
+        "Use --patience-epochs for a patience in epochs." + _by_recipe("patience"),
+    ),
     patience_epochs: float | None = typer.Option(
-        None, "--patience-epochs", help="Early stopping patience in EPOCHS (fractions allowed): stop once --monitor "
-        "has not improved for this long." + _by_recipe("patience_epochs")),
+        None,
+        "--patience-epochs",
+        help="Early stopping patience in EPOCHS (fractions allowed): stop once --monitor "
+        "has not improved for this long." + _by_recipe("patience_epochs"),
+    ),
     min_epochs: float | None = typer.Option(
-        None, "--min-epochs", help="Early stopping never ends a run within this many epochs (fractions allowed; "
-        "BatchNorm's moving statistics need about an epoch to settle)." + _by_recipe("min_epochs")),
+        None,
+        "--min-epochs",
+        help="Early stopping never ends a run within this many epochs (fractions allowed; "
+        "BatchNorm's moving statistics need about an epoch to settle)." + _by_recipe("min_epochs"),
+    ),
     lr_decay: float | None = typer.Option(
-        None, "--lr-decay", help="Multiply the LR by this factor every --lr-decay-epochs epochs (or --lr-decay-every "
-        "evaluations), counted over the whole run (never reset per epoch); 1 = constant." + _by_recipe("lr_decay")),
+        None,
+        "--lr-decay",
+        help="Multiply the LR by this factor every --lr-decay-epochs epochs (or --lr-decay-every "
+        "evaluations), counted over the whole run (never reset per epoch); 1 = constant." + _by_recipe("lr_decay"),
+    ),
     lr_decay_every: int | None = typer.Option(
-        None, "--lr-decay-every", help="Evaluations between LR decays (the old unit; the report: 5)."
-        + _by_recipe("lr_decay_every")),
+        None,
+        "--lr-decay-every",
+        help="Evaluations between LR decays (the old unit; the report: 5)." + _by_recipe("lr_decay_every"),
+    ),
     lr_decay_epochs: float | None = typer.Option(
-        None, "--lr-decay-epochs", help="Epochs between LR decays (fractions allowed)." + _by_recipe("lr_decay_epochs")),
+        None, "--lr-decay-epochs", help="Epochs between LR decays (fractions allowed)." + _by_recipe("lr_decay_epochs")
+    ),
     monitor: str | None = typer.Option(
-        None, "--monitor", help=f"Metric that selects the best model (ties: the later evaluation) and drives early "
+        None,
+        "--monitor",
+        help=f"Metric that selects the best model (ties: the later evaluation) and drives early "
         f"stopping: {', '.join(MONITORS)} (val_loss is minimised; a one-class model scores 0.5 on "
-        "val_balanced_accuracy and val_auc but the majority share on val_accuracy)." + _by_recipe("monitor")),
+        "val_balanced_accuracy and val_auc but the majority share on val_accuracy)." + _by_recipe("monitor"),
+    ),
     image_size: int = typer.Option(DEFAULTS.image_size, "--image-size", help="Square input size in pixels."),
-    preprocess: str = typer.Option(DEFAULTS.preprocess, "--preprocess", help="caffe (BGR minus ImageNet mean, like VGG16) or minmax (x/255)."),
+    preprocess: str = typer.Option(
+        DEFAULTS.preprocess, "--preprocess", help="caffe (BGR minus ImageNet mean, like VGG16) or minmax (x/255)."
+    ),
     activation: str = typer.Option(DEFAULTS.activation, "--activation", help=" or ".join(ACTIVATIONS) + "."),
-    augment: bool = typer.Option(DEFAULTS.augment, "--augment/--no-augment", help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch."),
+    augment: bool = typer.Option(
+        DEFAULTS.augment,
+        "--augment/--no-augment",
+        help="Random rotation/shift/shear/zoom/flips, fresh draws every epoch.",
+    ),
     task: str = task_option(),
     stain_norm: str = _STAIN["stain_norm"],
     stain_target: Path | None = _STAIN["stain_target"],
     stain_augment: bool | None = _STAIN["stain_augment"],
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."),
+    seed: int = typer.Option(
+        DEFAULTS.seed, "--seed", help="Seed of every random draw (init, shuffling, augmentation)."
+    ),
     jobs: int = jobs_option("decoding images into the cache (processes)"),
-    threads: int | None = typer.Option(None, "--threads", help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue the interrupted run in RUN_DIR from its last.npz (its config.json options are used)."),
-    config: Path | None = typer.Option(None, "--config", help="Replay RUN_DIR/config.json: its options are the defaults, options given here override them."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="Engine threads of the NumPy model (default: all available cores; results do not depend on it). With --resume, taken from this command.",
+    ),
+    resume: Path | None = typer.Option(
+        None,
+        "--resume",
+        help="Continue the interrupted run in RUN_DIR from its last.npz (its config.json options are used).",
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Replay RUN_DIR/config.json: its options are the defaults, options given here override them.",
+    ),
     force: bool = typer.Option(DEFAULTS.force, "--force", help="Allow --out to be an existing non-empty directory."),
     json_output: bool = typer.Option(False, "--json", help="Print only a final JSON summary on stdout."),
 ) -> None:
@@ -111,15 +167,35 @@ def train(
     with --resume RUN_DIR).
     """
     options = {
-        "split": str(split), "out": str(out) if out is not None else None, "arch": arch, "recipe": recipe,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "l2": l2, "class_weights": class_weights,
-        "evals_per_epoch": evals_per_epoch, "patience": patience, "patience_epochs": patience_epochs,
-        "min_epochs": min_epochs, "lr_decay": lr_decay, "lr_decay_every": lr_decay_every,
-        "lr_decay_epochs": lr_decay_epochs, "monitor": monitor, "image_size": image_size,
-        "preprocess": preprocess, "activation": activation, "augment": augment, "task": task,
-        "stain_norm": stain_norm, "stain_target": str(stain_target) if stain_target is not None else None,
-        "stain_augment": stain_augment, "seed": seed, "jobs": jobs,
-        "threads": threads, "force": force,
+        "split": str(split),
+        "out": str(out) if out is not None else None,
+        "arch": arch,
+        "recipe": recipe,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "l2": l2,
+        "class_weights": class_weights,
+        "evals_per_epoch": evals_per_epoch,
+        "patience": patience,
+        "patience_epochs": patience_epochs,
+        "min_epochs": min_epochs,
+        "lr_decay": lr_decay,
+        "lr_decay_every": lr_decay_every,
+        "lr_decay_epochs": lr_decay_epochs,
+        "monitor": monitor,
+        "image_size": image_size,
+        "preprocess": preprocess,
+        "activation": activation,
+        "augment": augment,
+        "task": task,
+        "stain_norm": stain_norm,
+        "stain_target": str(stain_target) if stain_target is not None else None,
+        "stain_augment": stain_augment,
+        "seed": seed,
+        "jobs": jobs,
+        "threads": threads,
+        "force": force,
     }
     if resume is not None and config is not None:
         raise UserInputError("--resume and --config cannot be combined (--resume already uses RUN_DIR/config.json)")
@@ -163,8 +239,10 @@ def _replay(config: Path, options: dict, explicit: set[str]) -> dict:
     for pair in UNIT_PAIRS:
         if explicit & set(pair):
             dropped |= set(pair)
-    merged = {**options, **{k: v for k, v in replayed.items()
-                            if k in options and k not in explicit and k not in dropped}}
+    merged = {
+        **options,
+        **{k: v for k, v in replayed.items() if k in options and k not in explicit and k not in dropped},
+    }
     if "out" not in explicit:
         merged["out"] = None  # a replay writes a new run directory
     info(f"replaying {config} (options given on the command line override it)")

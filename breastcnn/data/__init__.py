@@ -1,10 +1,10 @@
 """Data: BreakHis parsing, splits and manifests, image decoding/cache, augmentation, synthetic data.
 
-    from breastcnn.data import load_split, load_subset, preprocess, Augmenter
-    split = load_split("splits/200X")
-    x, y = load_subset(split, "train", image_size=224, jobs=2)   # uint8 NHWC, int64
-    y8 = split.labels("train", task="subtype")                   # the same images' 8-class labels
-    xb = preprocess(Augmenter()(x[:32], rng), "caffe")           # float32 model input
+from breastcnn.data import load_split, load_subset, preprocess, Augmenter
+split = load_split("splits/200X")
+x, y = load_subset(split, "train", image_size=224, jobs=2)   # uint8 NHWC, int64
+y8 = split.labels("train", task="subtype")                   # the same images' 8-class labels
+xb = preprocess(Augmenter()(x[:32], rng), "caffe")           # float32 model input
 """
 
 from breastcnn.data.augment import Augmenter, class_weights, oversample_indices

@@ -78,7 +78,10 @@ class Augmenter:
 
     def get_config(self) -> dict:
         """JSON-able settings; ``stain_jitter`` is ``HEDJitter.to_dict()`` or None."""
-        config = {k: getattr(self, k) for k in ("rotation", "shift", "shear", "zoom", "hflip", "vflip", "fill", "interpolation")}
+        config = {
+            k: getattr(self, k)
+            for k in ("rotation", "shift", "shear", "zoom", "hflip", "vflip", "fill", "interpolation")
+        }
         config["stain_jitter"] = None if self.stain_jitter is None else self.stain_jitter.to_dict()
         return config
 

@@ -137,8 +137,10 @@ def parse_mags(mags: str | Sequence[str], option: str = "--mag") -> tuple[str, .
         text = text if text.endswith("X") else text + "X"
         if text not in MAGNIFICATIONS:
             within = f" in {','.join(items)!r}" if len(items) > 1 else ""
-            raise UserInputError(f"{option}: unknown magnification {item!r}{within}; valid values: "
-                                 "40X, 100X, 200X, 400X (or 40, 100, 200, 400), comma-separated, or all")
+            raise UserInputError(
+                f"{option}: unknown magnification {item!r}{within}; valid values: "
+                "40X, 100X, 200X, 400X (or 40, 100, 200, 400), comma-separated, or all"
+            )
         chosen.add(text)
     if not chosen:
         raise UserInputError(f"{option} must name at least one magnification, e.g. 200X")
@@ -189,8 +191,9 @@ def image_tree(data_root: Path) -> Path:
     return slides if slides.is_dir() else Path(data_root)
 
 
-def check_outside_data(out: str | os.PathLike, data_root: str | os.PathLike, option: str = "--out",
-                       containing: tuple = ()) -> None:
+def check_outside_data(
+    out: str | os.PathLike, data_root: str | os.PathLike, option: str = "--out", containing: tuple = ()
+) -> None:
     """Refuse an output location inside the data (the source data is only ever read).
 
     ``out`` may not be the data root, its image tree or anything inside that tree
@@ -235,8 +238,9 @@ def _breakhis_candidates(data_root: Path, mags: Sequence[str]) -> tuple[list[Rec
             rel = full.relative_to(data_root).as_posix()
             # {benign,malignant}/SOB/<subtype>/<slide>/<mag>/<file>
             if len(rel_breast) != 6 or rel_breast[0] not in CLASSES:
-                warnings.append(f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; "
-                                "skipped")
+                warnings.append(
+                    f"{rel}: not in the BreakHis layout <class>/SOB/<subtype>/<slide>/<mag>/<file>; skipped"
+                )
                 continue
             label, _, subtype, slide, mag_dir, _ = rel_breast
             magnification = mag_dir.upper()

@@ -47,6 +47,7 @@ class SplitSubsets(Protocol):
 
     def subset(self, name: str) -> Sequence: ...
 
+
 MAX_PIXELS = 64_000_000
 """Refuse images larger than this many pixels (decompression-bomb guard; BreakHis images are 0.32 MP)."""
 
@@ -80,8 +81,9 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         # Pillow refuses far larger images (2 x its MAX_IMAGE_PIXELS) at open, before our check sees the size
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{pixels.group(1)} pixels " if pixels else ""
-        raise UserInputError(f"{path}: image of {size}exceeds the {MAX_PIXELS} pixel limit "
-                             "(decompression-bomb guard)") from None
+        raise UserInputError(
+            f"{path}: image of {size}exceeds the {MAX_PIXELS} pixel limit (decompression-bomb guard)"
+        ) from None
     with im:
         width, height = im.size
         if width * height > MAX_PIXELS:
@@ -136,8 +138,10 @@ def decode_many(paths: list[str], size: int) -> np.ndarray:
             raise
         except Exception as exc:  # any decoder failure (truncated file, bad header...) names the file
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise UserInputError(f"{path}: cannot decode this image ({reason}); it changed since "
-                                 "'breastcnn split' checked it: re-run split to leave it out") from None
+            raise UserInputError(
+                f"{path}: cannot decode this image ({reason}); it changed since "
+                "'breastcnn split' checked it: re-run split to leave it out"
+            ) from None
     return out
 
 
@@ -253,8 +257,14 @@ def load_subset(
         offset += len(part)
 
     _remove_stale(x_path.parent, subset, image_size, split.hash)
-    _write_cache(x_path, y_path, meta_path, x, y,
-                 {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": len(rows)})
+    _write_cache(
+        x_path,
+        y_path,
+        meta_path,
+        x,
+        y,
+        {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": len(rows)},
+    )
     return x, y_task
 
 
@@ -266,9 +276,15 @@ def _write_cache(x_path: Path, y_path: Path, meta_path: Path, x: np.ndarray, y: 
         np.save(fh, y, allow_pickle=False)
     atomic_write_json(
         meta_path,
-        {**meta, "resample": "lanczos", "layout": "NHWC uint8 RGB", "created_by": f"breastcnn {__version__}",
-         "files": [x_path.name, y_path.name], "checksums": {"x": _checksum(x), "y": _checksum(y)},
-         "checksum": "crc32"},
+        {
+            **meta,
+            "resample": "lanczos",
+            "layout": "NHWC uint8 RGB",
+            "created_by": f"breastcnn {__version__}",
+            "files": [x_path.name, y_path.name],
+            "checksums": {"x": _checksum(x), "y": _checksum(y)},
+            "checksum": "crc32",
+        },
     )
 
 
@@ -290,14 +306,29 @@ def _load_normalised(split: SplitSubsets, subset: str, image_size: int, jobs: in
         raw, _ = load_subset(split, subset, image_size, jobs=jobs, progress=progress)
         x, fallback = normalise_batch(normaliser, raw, jobs=jobs)
         y = split.labels(subset, "binary")
-        _write_cache(x_path, y_path, meta_path, x, y,
-                     {"manifest_hash": split.hash, "subset": subset, "image_size": image_size, "n": n,
-                      "stain": stain, "stain_fallback": fallback})
+        _write_cache(
+            x_path,
+            y_path,
+            meta_path,
+            x,
+            y,
+            {
+                "manifest_hash": split.hash,
+                "subset": subset,
+                "image_size": image_size,
+                "n": n,
+                "stain": stain,
+                "stain_fallback": fallback,
+            },
+        )
         cached = (x, y)
     if fallback:
-        warnings.warn(f"{normaliser.method} stain normalisation left {fallback} of {n} {subset} images unchanged "
-                      "(background only or too little stained tissue to estimate their stains)",
-                      BreastCNNWarning, stacklevel=3)
+        warnings.warn(
+            f"{normaliser.method} stain normalisation left {fallback} of {n} {subset} images unchanged "
+            "(background only or too little stained tissue to estimate their stains)",
+            BreastCNNWarning,
+            stacklevel=3,
+        )
     return cached[0]
 
 
@@ -316,8 +347,9 @@ def _decode_chunks(paths: list[str], image_size: int, jobs: int, progress, chunk
         yield part
 
 
-def _read_cache(x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str, n: int, size: int,
-                stain: dict | None = None):
+def _read_cache(
+    x_path: Path, y_path: Path, meta_path: Path, manifest_hash: str, n: int, size: int, stain: dict | None = None
+):
     """``((x, y), None)`` when the cache is present and intact (and normalised by ``stain``, a normaliser's
     ``to_dict()``, when given); ``(None, problem)`` otherwise.
 
@@ -358,14 +390,19 @@ def _remove_stale(cache_dir: Path, subset: str, image_size: int, manifest_hash: 
         return
     for path in cache_dir.iterdir():
         match = _CACHE_STEM.match(path.name.split(".")[0])
-        if (match and match.group("subset") == subset and match.group("size") == str(image_size)
-                and match.group("hash") != manifest_hash[:16]):
+        if (
+            match
+            and match.group("subset") == subset
+            and match.group("size") == str(image_size)
+            and match.group("hash") != manifest_hash[:16]
+        ):
             with contextlib.suppress(OSError):
                 path.unlink()
 
 
 _CACHE_STEM = re.compile(
-    r"^(?P<subset>train|val|test)-(?P<size>\d+)-(?P<hash>[0-9a-f]{16})(?:-(?P<stain>[a-z]+[0-9a-f]{10}))?$")
+    r"^(?P<subset>train|val|test)-(?P<size>\d+)-(?P<hash>[0-9a-f]{16})(?:-(?P<stain>[a-z]+[0-9a-f]{10}))?$"
+)
 
 
 def owned_cache_files(split_dir: str | os.PathLike) -> list[str]:
@@ -387,9 +424,15 @@ def owned_cache_files(split_dir: str | os.PathLike) -> list[str]:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if (isinstance(meta, dict) and meta.get("subset") == match.group("subset")
-                and str(meta.get("manifest_hash", "")).startswith(match.group("hash"))):
+        if (
+            isinstance(meta, dict)
+            and meta.get("subset") == match.group("subset")
+            and str(meta.get("manifest_hash", "")).startswith(match.group("hash"))
+        ):
             stem = meta_path.stem
-            owned += [f"{CACHE_DIR_NAME}/{stem}.json", f"{CACHE_DIR_NAME}/{stem}.x.npy",
-                      f"{CACHE_DIR_NAME}/{stem}.y.npy"]
+            owned += [
+                f"{CACHE_DIR_NAME}/{stem}.json",
+                f"{CACHE_DIR_NAME}/{stem}.x.npy",
+                f"{CACHE_DIR_NAME}/{stem}.y.npy",
+            ]
     return owned

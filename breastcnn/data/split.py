@@ -213,8 +213,9 @@ class _Coverage:
             count += int(np.maximum(self.reach - covered, 0).sum() + (self.small & (seen[:, 0] == 0)).sum())
         return count
 
-    def deficit(self, targets: np.ndarray, filled: np.ndarray, members: np.ndarray, seen: np.ndarray | None,
-                k: int | None) -> np.ndarray:
+    def deficit(
+        self, targets: np.ndarray, filled: np.ndarray, members: np.ndarray, seen: np.ndarray | None, k: int | None
+    ) -> np.ndarray:
         """Per subset, how much the next group (of stratum ``k``) is wanted there; the greedy pass takes the max."""
         ratios = self.ratios
         deficit = np.where(ratios > 0, (targets - filled) / np.maximum(targets, 1e-9), -np.inf)
@@ -231,8 +232,9 @@ class _Coverage:
         return deficit
 
 
-def _best_assignment(counts: np.ndarray, ratios: np.ndarray, rng: np.random.Generator, trials: int,
-                     strata: np.ndarray | None = None) -> np.ndarray:
+def _best_assignment(
+    counts: np.ndarray, ratios: np.ndarray, rng: np.random.Generator, trials: int, strata: np.ndarray | None = None
+) -> np.ndarray:
     """Subset index per group ``(G,)`` minimising the distance of image counts to ``ratios * total``
     (with ``strata``: plus :data:`SUBTYPE_WEIGHT` times that of each stratum's, see :func:`_distance`).
 
@@ -295,16 +297,26 @@ def _stratum_gaps(choice: np.ndarray, counts: np.ndarray, strata: np.ndarray, ra
     return filled.reshape(n_strata, n_subsets) - totals[:, None] * ratios[None, :]
 
 
-def _distance(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
-              norm: Callable[[np.ndarray], np.ndarray] = np.abs) -> float:
+def _distance(
+    choice: np.ndarray,
+    counts: np.ndarray,
+    ratios: np.ndarray,
+    strata: np.ndarray,
+    norm: Callable[[np.ndarray], np.ndarray] = np.abs,
+) -> float:
     """What :func:`_polish` minimises: ``norm`` of the class gaps (images in each subset minus its ratio of
     the images) summed, plus :data:`SUBTYPE_WEIGHT` times that of every stratum's gaps."""
     gap = np.bincount(choice, weights=counts, minlength=len(ratios)) - ratios * counts.sum()
     return float(norm(gap).sum() + SUBTYPE_WEIGHT * norm(_stratum_gaps(choice, counts, strata, ratios)).sum())
 
 
-def _step_changes(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
-                  norm: Callable[[np.ndarray], np.ndarray] = np.abs) -> tuple[np.ndarray, np.ndarray]:
+def _step_changes(
+    choice: np.ndarray,
+    counts: np.ndarray,
+    ratios: np.ndarray,
+    strata: np.ndarray,
+    norm: Callable[[np.ndarray], np.ndarray] = np.abs,
+) -> tuple[np.ndarray, np.ndarray]:
     """The change of :func:`_distance` for every single step from ``choice``, without recomputing it.
 
     ``move`` ``(G, S)``: group ``i`` to subset ``s``; ``swap`` ``(G, G)``: groups ``i`` and ``j``
@@ -328,14 +340,21 @@ def _step_changes(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, st
     own_i, own_j = sgap[k, a][:, None], sgap[k, a][None, :]  # i's stratum at a[i], j's at a[j]
     i_at_j, j_at_i = sgap[k[:, None], a[None, :]], sgap[k[None, :], a[:, None]]
     swap += SUBTYPE_WEIGHT * np.where(
-        k[:, None] == k[None, :], change(own_i, trade) + change(i_at_j, -trade),
-        change(own_i, -c_i) + change(i_at_j, c_i) + change(own_j, -c_j) + change(j_at_i, c_j))
+        k[:, None] == k[None, :],
+        change(own_i, trade) + change(i_at_j, -trade),
+        change(own_i, -c_i) + change(i_at_j, c_i) + change(own_j, -c_j) + change(j_at_i, c_j),
+    )
     swap[np.tri(n_groups, dtype=bool) | (a[:, None] == a[None, :])] = np.inf
     return move, swap
 
 
-def _polish(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: np.ndarray,
-            broken_of: Callable[[np.ndarray], int]) -> np.ndarray:
+def _polish(
+    choice: np.ndarray,
+    counts: np.ndarray,
+    ratios: np.ndarray,
+    strata: np.ndarray,
+    broken_of: Callable[[np.ndarray], int],
+) -> np.ndarray:
     """Hill climbing from an assignment ``choice`` ``(G,)`` of groups with ``counts`` ``(G,)`` and
     ``strata`` ``(G,)`` to subsets with ``ratios`` ``(S,)``.
 
@@ -348,8 +367,10 @@ def _polish(choice: np.ndarray, counts: np.ndarray, ratios: np.ndarray, strata: 
     choice = choice.copy()
     n_moves = len(counts) * len(ratios)
     while True:
-        first, second = (np.concatenate([d.ravel() for d in _step_changes(choice, counts, ratios, strata, norm)])
-                         for norm in (np.abs, np.square))
+        first, second = (
+            np.concatenate([d.ravel() for d in _step_changes(choice, counts, ratios, strata, norm)])
+            for norm in (np.abs, np.square)
+        )
         first = np.where(np.abs(first) <= 1e-9, 0.0, first)  # equal distances: the tie-break decides
         better = (first < 0) | ((first == 0) & (second < -1e-9))
         before = broken_of(choice)
@@ -410,8 +431,9 @@ def summarize(rows: Sequence[Row]) -> dict:
     """
     subtypes = sorted({r.subtype for r in rows if r.subtype}, key=_subtype_order)
     mags = [m for m in MAGNIFICATIONS if any(r.magnification == m for r in rows)]
-    out: dict = {key: {} for key in ("images", "patients", "images_by_subtype", "patients_by_subtype",
-                                     "images_by_magnification")}
+    out: dict = {
+        key: {} for key in ("images", "patients", "images_by_subtype", "patients_by_subtype", "images_by_magnification")
+    }
     for subset in SUBSETS:
         part = [r for r in rows if r.split == subset]
         if not part:
@@ -421,8 +443,9 @@ def summarize(rows: Sequence[Row]) -> dict:
         out["patients"][subset] = {c: len({r.patient for r in part if r.label == c and r.patient}) for c in CLASSES}
         out["patients"][subset]["total"] = len({r.patient for r in part if r.patient})
         out["images_by_subtype"][subset] = {t: sum(r.subtype == t for r in part) for t in subtypes}
-        out["patients_by_subtype"][subset] = {t: len({r.patient for r in part if r.subtype == t and r.patient})
-                                              for t in subtypes}
+        out["patients_by_subtype"][subset] = {
+            t: len({r.patient for r in part if r.subtype == t and r.patient}) for t in subtypes
+        }
         out["images_by_magnification"][subset] = {m: sum(r.magnification == m for r in part) for m in mags}
     return out
 
@@ -440,9 +463,7 @@ def load_split(split_dir: str | os.PathLike = DEFAULT_SPLIT_DIR) -> Split:
     if not manifest.is_file():
         folds = fold_dirs(split_dir)
         if folds:
-            raise UserInputError(
-                f"{split_dir} is a {len(folds)}-fold split; pass one fold, e.g. {folds[0]}"
-            )
+            raise UserInputError(f"{split_dir} is a {len(folds)}-fold split; pass one fold, e.g. {folds[0]}")
         raise UserInputError(
             f"no split found at {split_dir} (missing manifest.csv); run 'breastcnn split --mag 200X' first"
         )
@@ -452,8 +473,9 @@ def load_split(split_dir: str | os.PathLike = DEFAULT_SPLIT_DIR) -> Split:
     except ValueError as exc:
         raise UserInputError(f"{info_path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict):
-        raise UserInputError(f"{info_path}: expected a JSON object, got {type(info).__name__}; "
-                             "re-run 'breastcnn split'")
+        raise UserInputError(
+            f"{info_path}: expected a JSON object, got {type(info).__name__}; re-run 'breastcnn split'"
+        )
     rows = _parse_rows(manifest, data)
     root = info.get("data_root")
     if not root or not isinstance(root, str):
@@ -477,8 +499,9 @@ def _parse_rows(manifest: Path, data: bytes) -> list[Row]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserInputError(f"{manifest}: not a text CSV file (byte {exc.start} is not UTF-8); "
-                             "re-run 'breastcnn split'") from None
+        raise UserInputError(
+            f"{manifest}: not a text CSV file (byte {exc.start} is not UTF-8); re-run 'breastcnn split'"
+        ) from None
     reader = csv.reader(io.StringIO(text))
     rows = []
     try:
@@ -492,8 +515,10 @@ def _parse_rows(manifest: Path, data: bytes) -> list[Row]:
             if row.label not in CLASSES or row.split not in SUBSETS:
                 raise UserInputError(f"{manifest}:{lineno}: bad label {row.label!r} or split {row.split!r}")
             if not _safe_relative(row.path):
-                raise UserInputError(f"{manifest}:{lineno}: path {row.path!r} is outside the data root (absolute or "
-                                     "with '..'); manifest paths are relative to the data root")
+                raise UserInputError(
+                    f"{manifest}:{lineno}: path {row.path!r} is outside the data root (absolute or "
+                    "with '..'); manifest paths are relative to the data root"
+                )
             rows.append(row)
     except csv.Error as exc:
         raise UserInputError(f"{manifest}:{reader.line_num}: not a valid CSV line ({exc})") from None
@@ -714,8 +739,23 @@ def create_split(
     check_outside_data(out, data_root, "--out", containing=(data_root, data))
     check_overwrite(out, force)
     with locked_directory(out, "split directory"):
-        return _create_locked(data, mags, out, by, ratios, folds, seed, materialize, strict, force,
-                              group, stratify, jobs, progress, on_scanned)
+        return _create_locked(
+            data,
+            mags,
+            out,
+            by,
+            ratios,
+            folds,
+            seed,
+            materialize,
+            strict,
+            force,
+            group,
+            stratify,
+            jobs,
+            progress,
+            on_scanned,
+        )
 
 
 def _effective_by(result, by: str, mags: tuple[str, ...], warnings: list[str]) -> str:
@@ -724,20 +764,24 @@ def _effective_by(result, by: str, mags: tuple[str, ...], warnings: list[str]) -
     ``warnings``."""
     labels = sorted({r.label for r in result.records})
     if len(labels) < len(CLASSES):
-        warnings.append(f"only {labels[0]} images were found under {result.root}: a classifier needs both "
-                        f"{' and '.join(CLASSES)} images ('breastcnn train' refuses this split)")
+        warnings.append(
+            f"only {labels[0]} images were found under {result.root}: a classifier needs both "
+            f"{' and '.join(CLASSES)} images ('breastcnn train' refuses this split)"
+        )
     found_mags = found_magnifications(result.records)
     if result.layout == "breakhis" and len(found_mags) < len(mags):
         missing = [m for m in mags if m not in found_mags]
-        warnings.append(f"no {', '.join(missing)} images under {result.root}: the split covers only "
-                        f"{', '.join(found_mags)}")
+        warnings.append(
+            f"no {', '.join(missing)} images under {result.root}: the split covers only {', '.join(found_mags)}"
+        )
     effective_by = by
     if result.layout == "folders" and by == "patient":
         effective_by = "image"
         warnings.append("folder-per-class tree has no patient information: split by image")
     if effective_by == "image" and result.layout == "breakhis":
-        warnings.append("--by image puts images of the same patient in train and test (patient leakage); "
-                        "scores will be optimistic")
+        warnings.append(
+            "--by image puts images of the same patient in train and test (patient leakage); scores will be optimistic"
+        )
     return effective_by
 
 
@@ -747,8 +791,23 @@ def found_magnifications(records) -> list[str]:
     return [m for m in MAGNIFICATIONS if m in present]
 
 
-def _create_locked(data, mags: tuple[str, ...], out: Path, by, ratios, folds, seed, materialize, strict, force, group,
-                   stratify, jobs, progress, on_scanned) -> dict:
+def _create_locked(
+    data,
+    mags: tuple[str, ...],
+    out: Path,
+    by,
+    ratios,
+    folds,
+    seed,
+    materialize,
+    strict,
+    force,
+    group,
+    stratify,
+    jobs,
+    progress,
+    on_scanned,
+) -> dict:
     """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
     listing = scan(data, mags, verify=False)  # the cheap walk: the count before decoding every image
     if on_scanned is not None:

@@ -260,7 +260,11 @@ class _Normaliser:
         them, so the fit is deterministic). Raises :class:`UserInputError`
         when the images hold too little stained tissue. Returns ``self``.
         """
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < self.min_tissue_pixels:
+        if (
+            isinstance(max_pixels, bool)
+            or not isinstance(max_pixels, (int, np.integer))
+            or max_pixels < self.min_tissue_pixels
+        ):
             raise UserInputError(
                 f"max_pixels must be an integer >= min_tissue_pixels ({self.min_tissue_pixels}), got {max_pixels!r}"
             )
@@ -638,7 +642,9 @@ class HEDJitter:
         n = len(x)
         alpha, beta = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
         if alpha.shape != (n, 3) or beta.shape != (n, 3):
-            raise UserInputError(f"HED jitter alpha and beta must have shape ({n}, 3), got {alpha.shape} and {beta.shape}")
+            raise UserInputError(
+                f"HED jitter alpha and beta must have shape ({n}, 3), got {alpha.shape} and {beta.shape}"
+            )
         # out = 255 exp(-od'), od' = od @ A + w b, od = ln 255 - ln x, A = hed_from_rgb diag(alpha) rgb_from_hed:
         # ln(out) = ln(x) @ A + c - w b with c = ln 255 (1 - column sums of A)
         maps = HED_FROM_RGB[None] @ (alpha[:, :, None] * RGB_FROM_HED[None])  # (n, 3, 3)
@@ -682,10 +688,12 @@ def stain_meta(normaliser=None, target: str | None = None, augment: HEDJitter | 
     """
     if normaliser is None and augment is None:
         return None
-    return {"method": normaliser.method if normaliser is not None else "none",
-            "target": target if normaliser is not None else None,
-            "normaliser": normaliser.to_dict() if normaliser is not None else None,
-            "augment": augment.to_dict() if augment is not None else None}
+    return {
+        "method": normaliser.method if normaliser is not None else "none",
+        "target": target if normaliser is not None else None,
+        "normaliser": normaliser.to_dict() if normaliser is not None else None,
+        "augment": augment.to_dict() if augment is not None else None,
+    }
 
 
 def check_stain_meta(value, source: str = "the model"):
@@ -704,8 +712,10 @@ def check_stain_meta(value, source: str = "the model"):
         raise UserInputError(f"{source}: stain 'method' must be one of {', '.join(STAIN_METHODS)}, got {method!r}")
     fitted = value.get("normaliser")
     if (method == "none") != (fitted is None):
-        raise UserInputError(f"{source}: stain method {method!r} "
-                             + ("has no fitted 'normaliser'" if fitted is None else "must not carry a 'normaliser'"))
+        raise UserInputError(
+            f"{source}: stain method {method!r} "
+            + ("has no fitted 'normaliser'" if fitted is None else "must not carry a 'normaliser'")
+        )
     normaliser = None if fitted is None else normaliser_from_dict(fitted, f"{source}: stain normaliser", expect=method)
     augment = value.get("augment")
     try:
@@ -738,5 +748,6 @@ def normalise_batch(normaliser, images: np.ndarray, jobs: int = 1, chunk: int = 
     from breastcnn.nn.parallel import resolve_jobs
 
     parts = Parallel(n_jobs=resolve_jobs(jobs), prefer="threads")(
-        delayed(normaliser.transform)(x[i : i + chunk], return_fallback=True) for i in range(0, len(x), chunk))
+        delayed(normaliser.transform)(x[i : i + chunk], return_fallback=True) for i in range(0, len(x), chunk)
+    )
     return np.concatenate([p[0] for p in parts]), int(sum(p[1].sum() for p in parts))

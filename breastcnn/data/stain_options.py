@@ -56,8 +56,14 @@ def check_stain_options(norm: str, target: str | None, augment: bool) -> None:
         raise UserInputError(f"--stain-augment must be true or false, got {augment!r}")
 
 
-def training_stain(split, image_size: int, norm: str = DEFAULT_STAIN_NORM, target: str | None = None,
-                   augment: bool = False, jobs: int = 1) -> TrainingStain:
+def training_stain(
+    split,
+    image_size: int,
+    norm: str = DEFAULT_STAIN_NORM,
+    target: str | None = None,
+    augment: bool = False,
+    jobs: int = 1,
+) -> TrainingStain:
     """Fit the stain target of a training run and describe the stain settings (see the module docstring).
 
     The target is fitted on the ``target`` image (whole, at its own resolution) or, without one, on the
@@ -90,5 +96,4 @@ def training_stain(split, image_size: int, norm: str = DEFAULT_STAIN_NORM, targe
     return TrainingStain(normaliser, jitter, stain_meta(normaliser, str(target) if target else TRAIN_TARGET, jitter))
 
 
-__all__ = ["DEFAULT_STAIN_NORM", "TRAIN_TARGET", "TrainingStain", "check_stain_options",
-           "training_stain"]
+__all__ = ["DEFAULT_STAIN_NORM", "TRAIN_TARGET", "TrainingStain", "check_stain_options", "training_stain"]

@@ -133,9 +133,7 @@ class ImageSpec:
     def path(self) -> str:
         """Relative to the ``BreaKHis_v1`` folder, POSIX separators."""
         p = self.patient
-        return (
-            f"histology_slides/breast/{p.label}/SOB/{p.subtype}/{p.folder}/{self.magnification}/{self.file_name}"
-        )
+        return f"histology_slides/breast/{p.label}/SOB/{p.subtype}/{p.folder}/{self.magnification}/{self.file_name}"
 
 
 def patients() -> list[Patient]:
@@ -233,10 +231,22 @@ class StainProfile:
 
 
 STAIN_PROFILES = {
-    "default": StainProfile("default", tuple(float(v) for v in _HEMATOXYLIN), tuple(float(v) for v in _EOSIN),
-                            1.0, 1.0, "purple-blue nuclei, pink stroma: the look of every earlier synth tree"),
-    "shifted": StainProfile("shifted", (0.85, 0.62, 0.22), (0.03, 0.95, 0.70), 0.8, 1.3,
-                            "another lab: paler, bluer haematoxylin; stronger, orange-red eosin"),
+    "default": StainProfile(
+        "default",
+        tuple(float(v) for v in _HEMATOXYLIN),
+        tuple(float(v) for v in _EOSIN),
+        1.0,
+        1.0,
+        "purple-blue nuclei, pink stroma: the look of every earlier synth tree",
+    ),
+    "shifted": StainProfile(
+        "shifted",
+        (0.85, 0.62, 0.22),
+        (0.03, 0.95, 0.70),
+        0.8,
+        1.3,
+        "another lab: paler, bluer haematoxylin; stronger, orange-red eosin",
+    ),
 }
 """``--stain-profile`` choices: the same tissue painted with another lab's stain."""
 DEFAULT_STAIN_PROFILE = "default"
@@ -297,8 +307,9 @@ def _ellipses(draw: ImageDraw.ImageDraw, cx, cy, rx, ry, angle, fill) -> None:
         draw.polygon(poly, fill=int(value))
 
 
-def render(spec: ImageSpec, seed: int, difficulty: str = DEFAULT_DIFFICULTY,
-           stain: str = DEFAULT_STAIN_PROFILE) -> np.ndarray:
+def render(
+    spec: ImageSpec, seed: int, difficulty: str = DEFAULT_DIFFICULTY, stain: str = DEFAULT_STAIN_PROFILE
+) -> np.ndarray:
     """Draw one synthetic H&E-like image: uint8 ``(460, 700, 3)`` RGB.
 
     ``difficulty`` ``"easy"`` or ``"hard"``; ``stain`` a :data:`STAIN_PROFILES` name
@@ -341,8 +352,15 @@ def render(spec: ImageSpec, seed: int, difficulty: str = DEFAULT_DIFFICULTY,
 
     if p.code == "MC":  # mucin pools: pale, faintly blue areas
         k = int(rng.integers(1, 4))
-        _ellipses(dl, rng.uniform(0, WIDTH, k) / lo, rng.uniform(0, HEIGHT, k) / lo,
-                  rng.uniform(50, 110, k) * f / lo, rng.uniform(35, 80, k) * f / lo, rng.uniform(0, np.pi, k), 150)
+        _ellipses(
+            dl,
+            rng.uniform(0, WIDTH, k) / lo,
+            rng.uniform(0, HEIGHT, k) / lo,
+            rng.uniform(50, 110, k) * f / lo,
+            rng.uniform(35, 80, k) * f / lo,
+            rng.uniform(0, np.pi, k),
+            150,
+        )
 
     # --- free nuclei: scattered stromal nuclei (benign) or dense variable sheets and clusters (malignant)
     count, mean_r, var_r, dark_mean, dark_sd, max_elong = _NUCLEI[p.code]
@@ -421,8 +439,13 @@ _NUCLEI = {
 }
 
 
-def _draw_and_save(specs: Sequence[ImageSpec], seed: int, root: str, difficulty: str = DEFAULT_DIFFICULTY,
-                   stain: str = DEFAULT_STAIN_PROFILE) -> int:
+def _draw_and_save(
+    specs: Sequence[ImageSpec],
+    seed: int,
+    root: str,
+    difficulty: str = DEFAULT_DIFFICULTY,
+    stain: str = DEFAULT_STAIN_PROFILE,
+) -> int:
     """Worker: render and write ``specs`` under ``root``; returns how many."""
     for spec in specs:
         path = os.path.join(root, spec.path)
@@ -488,9 +511,12 @@ def generate(
         for done in results:
             if progress:
                 progress(done)
-        readme_text = (README_TEXT.replace("@MARKER@", MARKER).replace("@COMMAND@", command)
-                  .replace("@DIFFICULTY@", DIFFICULTY_TEXT[difficulty])
-                  .replace("@STAIN@", f"{stain} ({STAIN_PROFILES[stain].description})"))
+        readme_text = (
+            README_TEXT.replace("@MARKER@", MARKER)
+            .replace("@COMMAND@", command)
+            .replace("@DIFFICULTY@", DIFFICULTY_TEXT[difficulty])
+            .replace("@STAIN@", f"{stain} ({STAIN_PROFILES[stain].description})")
+        )
         (tmp / "README.txt").write_text(readme_text, encoding="utf-8")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=".BreaKHis_v1.old.", dir=out_dir))

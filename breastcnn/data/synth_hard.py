@@ -129,8 +129,16 @@ _NUCLEUS = {
 }
 _NV = 12  # polygon vertices per nucleus
 _T = np.linspace(0.0, 2.0 * np.pi, _NV, endpoint=False)
-_HARMONICS = np.stack([np.cos(2 * _T), np.sin(2 * _T), 0.7 * np.cos(3 * _T), 0.7 * np.sin(3 * _T),
-                       0.4 * np.cos(4 * _T), 0.4 * np.sin(4 * _T)])  # (6, NV)
+_HARMONICS = np.stack(
+    [
+        np.cos(2 * _T),
+        np.sin(2 * _T),
+        0.7 * np.cos(3 * _T),
+        0.7 * np.sin(3 * _T),
+        0.4 * np.cos(4 * _T),
+        0.4 * np.sin(4 * _T),
+    ]
+)  # (6, NV)
 
 
 class Canvas:
@@ -246,7 +254,7 @@ class Canvas:
                 if nuc_ole[i]:
                     cx, cy, rn = x[i] + offset[i, 0], y[i] + offset[i, 1], max(0.8, 0.22 * r[i])
                     self.dn.ellipse((cx - rn, cy - rn, cx + rn, cy + rn), fill=250)
-            self._nuc_est += float(area[drawn:drawn + k].sum())
+            self._nuc_est += float(area[drawn : drawn + k].sum())
             drawn = min(n, drawn + k)
         self.nuclei_drawn += drawn
         return drawn
@@ -296,7 +304,7 @@ class _Star:
         return self._xy(theta, rho)
 
     def area(self, radius: float) -> float:
-        return float(np.pi * radius * radius * np.mean(self.unit ** 2))
+        return float(np.pi * radius * radius * np.mean(self.unit**2))
 
 
 def _path(rng, x0, y0, heading, length, step, curl):
@@ -400,8 +408,14 @@ def _fat(cv: Canvas, room):
     lat = np.stack([(i + 0.5 * (j % 2)) * 2 * rf, j * 1.73 * rf], -1).reshape(-1, 2)
     lat = lat[np.argsort(np.hypot(lat[:, 0], lat[:, 1]) + rng.uniform(0, rf, len(lat)))][:count]
     for dx, dy in lat:
-        cell = _Star(rng, cx + dx + rng.normal(0, 0.12 * rf), cy + dy + rng.normal(0, 0.12 * rf),
-                     irregular=0.08, angle=rng.uniform(0, np.pi), n=9)
+        cell = _Star(
+            rng,
+            cx + dx + rng.normal(0, 0.12 * rf),
+            cy + dy + rng.normal(0, 0.12 * rf),
+            irregular=0.08,
+            angle=rng.uniform(0, np.pi),
+            n=9,
+        )
         cv.polygon("white", cell.outline(0.86 * rf))
     cv.state.setdefault("fat", []).append((cx, cy))
     return count * size
@@ -432,8 +446,8 @@ def _nest(cv: Canvas, cx, cy, radius, aspect, angle, cap, halo=0.0, holes=0, kin
         d = np.hypot(xy[:, None, 0] - hole_xy[None, :, 0], xy[:, None, 1] - hole_xy[None, :, 1])
         xy = xy[(d > hole_r[None, :] + 0.5 * rn).all(1)]
     cv.nuclei(kind, xy[:, 0], xy[:, 1], cap=cap)
-    ring = float(np.pi * ((radius + halo) ** 2 - radius ** 2)) if halo > 0 else 0.0
-    return ring + float(np.pi * (hole_r ** 2).sum())
+    ring = float(np.pi * ((radius + halo) ** 2 - radius**2)) if halo > 0 else 0.0
+    return ring + float(np.pi * (hole_r**2).sum())
 
 
 # --------------------------------------------------------------------------- subtype layouts
@@ -504,12 +518,14 @@ class _Fibroadenoma(_Layout):
             aspect = rng.uniform(1.3, 2.2)
             a, b = r * aspect, r / aspect
             scale = min(1.0, max(0.5, np.sqrt(room / (np.pi * a * b))))
-            return _gland(cv, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), a * scale, b * scale,
-                          rng.uniform(0, np.pi), cap)
+            return _gland(
+                cv, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), a * scale, b * scale, rng.uniform(0, np.pi), cap
+            )
         width = rng.uniform(4, 8) * s  # intracanalicular: a compressed, curved slit
         length = min(rng.uniform(70, 190) * s, max(room / width, 20 * s))
-        pts, _ = _path(rng, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(0, 2 * np.pi),
-                       length, 8 * s, 0.18)
+        pts, _ = _path(
+            rng, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(0, 2 * np.pi), length, 8 * s, 0.18
+        )
         return _lined_band(cv, pts, width, cap)
 
     def stroma(self, cv, n):
@@ -524,8 +540,9 @@ class _Phyllodes(_Layout):
         rng, s = cv.rng, cv.s
         width = rng.uniform(7, 14) * s
         length = min(rng.uniform(110, 260) * s, max(room / width / 1.5, 30 * s))
-        pts, d = _path(rng, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(0, 2 * np.pi),
-                       length, 8 * s, 0.12)
+        pts, d = _path(
+            rng, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(0, 2 * np.pi), length, 8 * s, 0.12
+        )
         area = _lined_band(cv, pts, width, cap)
         cv.state.setdefault("clefts", []).append(pts)
         for _ in range(int(rng.integers(1, 3))):  # leaf-like side branches
@@ -590,15 +607,33 @@ class _Ductal(_Layout):
         radius = rng.uniform(15, 32) * s
         halo = rng.uniform(4, 8) * s
         holes = int(rng.integers(2, 5)) if radius > 24 * s and rng.random() < 0.5 else 0
-        return _nest(cv, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), radius, rng.uniform(1.0, 1.6),
-                     rng.uniform(0, np.pi), cap, halo=halo, holes=holes, density=0.6)
+        return _nest(
+            cv,
+            rng.uniform(0, WIDTH),
+            rng.uniform(0, HEIGHT),
+            radius,
+            rng.uniform(1.0, 1.6),
+            rng.uniform(0, np.pi),
+            cap,
+            halo=halo,
+            holes=holes,
+            density=0.6,
+        )
 
     def cells(self, cv, cap):
         rng, s = cv.rng, cv.s
         cord = rng.random() < 0.4
         radius = rng.uniform(10, 18) * s if cord else rng.uniform(14, 30) * s
-        _nest(cv, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), radius, rng.uniform(2.0, 3.2) if cord else
-              rng.uniform(1.0, 1.5), rng.uniform(0, np.pi), cap, density=0.6)
+        _nest(
+            cv,
+            rng.uniform(0, WIDTH),
+            rng.uniform(0, HEIGHT),
+            radius,
+            rng.uniform(2.0, 3.2) if cord else rng.uniform(1.0, 1.5),
+            rng.uniform(0, np.pi),
+            cap,
+            density=0.6,
+        )
         return True
 
 
@@ -616,25 +651,39 @@ class _Lobular(_Layout):
                 t = t0 + np.arange(0, rng.uniform(2.5, 5.5), 2.4 * rn / ring)
                 cv.nuclei("lobular", cx + ring * np.cos(t), cy + ring * np.sin(t), cap=cap)
             return True
-        pts, _ = _path(rng, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), rng.uniform(0, 2 * np.pi),
-                       rng.uniform(80, 220) * s, 2.3 * rn, 0.12)  # a single ("Indian") file
+        pts, _ = _path(
+            rng,
+            rng.uniform(0, WIDTH),
+            rng.uniform(0, HEIGHT),
+            rng.uniform(0, 2 * np.pi),
+            rng.uniform(80, 220) * s,
+            2.3 * rn,
+            0.12,
+        )  # a single ("Indian") file
         cv.nuclei("lobular", pts[:, 0], pts[:, 1], cap=cap)
         return True
 
 
-def _grow(cv: Canvas, key: str, room: float, r0: tuple[float, float], r_max: tuple[float, float],
-          irregular: float) -> float:
+def _grow(
+    cv: Canvas, key: str, room: float, r0: tuple[float, float], r_max: tuple[float, float], irregular: float
+) -> float:
     """Grow the newest space of ``cv.state[key]`` (a mucin pool, a cyst) by up to ``room`` px, or
     start a new one; spaces are ``[star, radius, max_radius, fronds]``."""
     rng, s = cv.rng, cv.s
     spaces = cv.state.setdefault(key, [])
     if not spaces or spaces[-1][1] >= spaces[-1][2]:
-        star = _Star(rng, rng.uniform(0, WIDTH), rng.uniform(0, HEIGHT), irregular=irregular,
-                     aspect=rng.uniform(1.0, 1.5), angle=rng.uniform(0, np.pi))
+        star = _Star(
+            rng,
+            rng.uniform(0, WIDTH),
+            rng.uniform(0, HEIGHT),
+            irregular=irregular,
+            aspect=rng.uniform(1.0, 1.5),
+            angle=rng.uniform(0, np.pi),
+        )
         spaces.append([star, 0.0, rng.uniform(*r_max) * s, 0])
     space = spaces[-1]
     star, radius, limit = space[0], space[1], space[2]
-    fill = np.sqrt(radius * radius + room / (np.pi * np.mean(star.unit ** 2)))  # the radius that uses up the room
+    fill = np.sqrt(radius * radius + room / (np.pi * np.mean(star.unit**2)))  # the radius that uses up the room
     if radius == 0.0:
         new = min(rng.uniform(*r0) * s, limit, max(6.0 * s, fill))
     else:
@@ -657,7 +706,7 @@ class _Mucinous(_Layout):
             return False
         rng, s = cv.rng, cv.s
         star, radius = pools[rng.integers(len(pools))][:2]
-        (x, y), = star.inside(radius, 1, margin=0.8)  # a small cluster floating in the mucin
+        ((x, y),) = star.inside(radius, 1, margin=0.8)  # a small cluster floating in the mucin
         _nest(cv, x, y, rng.uniform(9, 18) * s, rng.uniform(1.0, 1.8), rng.uniform(0, np.pi), cap, density=0.5)
         return True
 
@@ -711,8 +760,16 @@ class _Papillary(_Layout):
             cv.nuclei("columnar", both[:, 0], both[:, 1], angle=np.concatenate([ang, ang]), cap=cap, size=size)
 
 
-_LAYOUTS = {"A": _Adenosis(), "F": _Fibroadenoma(), "PT": _Phyllodes(), "TA": _TubularAdenoma(),
-            "DC": _Ductal(), "LC": _Lobular(), "MC": _Mucinous(), "PC": _Papillary()}
+_LAYOUTS = {
+    "A": _Adenosis(),
+    "F": _Fibroadenoma(),
+    "PT": _Phyllodes(),
+    "TA": _TubularAdenoma(),
+    "DC": _Ductal(),
+    "LC": _Lobular(),
+    "MC": _Mucinous(),
+    "PC": _Papillary(),
+}
 
 
 def _lay_out(cv: Canvas, code: str) -> None:
@@ -831,11 +888,13 @@ def compose(code: str, malignant: bool, magnification: str, seed: int, patient_i
     h *= _match_transmittance(h, comp.nuclear, comp.darkness, _A_H)
     # eosin: the same mean density in stroma and cytoplasm; stroma fibrillar, cytoplasm smooth
     fibre = (HEIGHT // 40 + 2, WIDTH // 6) if rng.random() < 0.5 else (HEIGHT // 6, WIDTH // 40 + 2)
-    smooth_cyto = np.asarray(Image.fromarray(cyto_mask.astype(np.uint8) * 255).resize(up, Image.Resampling.BILINEAR),
-                             dtype=np.float32) * (1.0 / 255.0)
+    smooth_cyto = np.asarray(
+        Image.fromarray(cyto_mask.astype(np.uint8) * 255).resize(up, Image.Resampling.BILINEAR), dtype=np.float32
+    ) * (1.0 / 255.0)
     e = 1.0 + 0.18 * _smooth_noise(rng, (6, 9)) + 0.25 * _smooth_noise(rng, fibre) * (1.0 - 0.8 * smooth_cyto)
-    tissue = 1.0 - np.asarray(Image.fromarray(space.astype(np.uint8) * 255).resize(up, Image.Resampling.BILINEAR),
-                              dtype=np.float32) * (1.0 / 255.0)
+    tissue = 1.0 - np.asarray(
+        Image.fromarray(space.astype(np.uint8) * 255).resize(up, Image.Resampling.BILINEAR), dtype=np.float32
+    ) * (1.0 / 255.0)
     e *= tissue
     np.clip(e, 0.0, None, out=e)
     e *= _match_transmittance(e, 1.0 - comp.white, comp.eosin, _A_E)
@@ -843,8 +902,9 @@ def compose(code: str, malignant: bool, magnification: str, seed: int, patient_i
     return Tissue(h, e, nuclear, float(space.mean()), float(cyto_mask.mean()), cv.nuclei_drawn, comp)
 
 
-def paint(tissue: Tissue, hematoxylin: np.ndarray, eosin: np.ndarray, scanner: Scanner,
-          rng: np.random.Generator) -> np.ndarray:
+def paint(
+    tissue: Tissue, hematoxylin: np.ndarray, eosin: np.ndarray, scanner: Scanner, rng: np.random.Generator
+) -> np.ndarray:
     """Beer-Lambert colour of ``tissue`` under stain OD vectors ``hematoxylin``/``eosin`` (3,)
     (strengths included), then the scanner: white level, focus, noise. uint8 ``(460, 700, 3)``.
 

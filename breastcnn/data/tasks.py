@@ -79,11 +79,15 @@ def label_indices(records: Iterable, task: str = DEFAULT_TASK, where: str = "man
     for i, r in enumerate(records):
         if r.subtype not in index:
             what = "has no subtype (a folder-per-class tree?)" if not r.subtype else f"has subtype {r.subtype!r}"
-            raise UserInputError(f"{where}: {r.path} {what}; the subtype task needs one of "
-                                 f"{', '.join(SUBTYPE_CLASSES)} (a BreakHis-layout split)")
+            raise UserInputError(
+                f"{where}: {r.path} {what}; the subtype task needs one of "
+                f"{', '.join(SUBTYPE_CLASSES)} (a BreakHis-layout split)"
+            )
         if SUBTYPE_TO_CLASS[r.subtype] != r.label:
-            raise UserInputError(f"{where}: {r.path} is {r.label} but its subtype {r.subtype} is "
-                                 f"{SUBTYPE_TO_CLASS[r.subtype]}; re-run 'breastcnn split'")
+            raise UserInputError(
+                f"{where}: {r.path} is {r.label} but its subtype {r.subtype} is "
+                f"{SUBTYPE_TO_CLASS[r.subtype]}; re-run 'breastcnn split'"
+            )
         y[i] = index[r.subtype]
     return y
 
@@ -92,8 +96,10 @@ def subtype_to_binary(y_subtype: np.ndarray) -> np.ndarray:
     """Subtype labels ``(N,)`` (0..7) -> binary labels ``(N,)`` int64 (0 benign, 1 malignant)."""
     y_subtype = np.asarray(y_subtype)
     if y_subtype.size and (y_subtype.min() < 0 or y_subtype.max() >= len(SUBTYPE_CLASSES)):
-        raise ValueError(f"subtype labels must be in 0..{len(SUBTYPE_CLASSES) - 1}, "
-                         f"got values from {y_subtype.min()} to {y_subtype.max()}")
+        raise ValueError(
+            f"subtype labels must be in 0..{len(SUBTYPE_CLASSES) - 1}, "
+            f"got values from {y_subtype.min()} to {y_subtype.max()}"
+        )
     return SUBTYPE_BINARY[y_subtype]
 
 

@@ -67,9 +67,13 @@ def model_spec(model) -> ModelSpec:
     if isinstance(spec, ModelSpec):
         return spec
     output = getattr(model, "output_shape", None)
-    return ModelSpec.from_meta(getattr(model, "meta", None) or {}, framework=framework_of(model),
-                               source=model_source(model), input_shape=getattr(model, "input_shape", None),
-                               num_classes=int(output[-1]) if output else None)
+    return ModelSpec.from_meta(
+        getattr(model, "meta", None) or {},
+        framework=framework_of(model),
+        source=model_source(model),
+        input_shape=getattr(model, "input_shape", None),
+        num_classes=int(output[-1]) if output else None,
+    )
 
 
 __all__ = ["Classifier", "capabilities", "framework_of", "model_source", "model_spec"]

@@ -29,8 +29,15 @@ def _to_keras_layer(keras, layer: L.Layer, l2: float):
     reg = keras.regularizers.L2(l2) if l2 else None
     name = layer.name
     if isinstance(layer, L.Conv2D):
-        return kl.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides, padding=layer.padding,
-                         use_bias=layer.use_bias, kernel_regularizer=reg, name=name)
+        return kl.Conv2D(
+            layer.filters,
+            layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            use_bias=layer.use_bias,
+            kernel_regularizer=reg,
+            name=name,
+        )
     if isinstance(layer, L.BatchNorm):
         return kl.BatchNormalization(axis=-1, momentum=layer.momentum, epsilon=layer.epsilon, name=name)
     if isinstance(layer, L.ReLU):
@@ -54,8 +61,7 @@ def _to_keras_layer(keras, layer: L.Layer, l2: float):
 
 def _weight_order(layer: L.Layer) -> list[np.ndarray]:
     if isinstance(layer, L.BatchNorm):
-        return [layer.params["gamma"], layer.params["beta"], layer.state["moving_mean"],
-                layer.state["moving_variance"]]
+        return [layer.params["gamma"], layer.params["beta"], layer.state["moving_mean"], layer.state["moving_variance"]]
     return [layer.params[k] for k in ("W", "b") if k in layer.params]
 
 
@@ -102,8 +108,13 @@ def _with_activation(klayer, layer: L.Layer, weights: list) -> list[tuple[L.Laye
 
 def _conv2d(klayer, cfg: dict, weights: list):
     ks, st = tuple(cfg["kernel_size"]), tuple(cfg["strides"])
-    if ks[0] != ks[1] or st[0] != st[1] or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1) \
-            or cfg.get("groups", 1) != 1 or cfg.get("data_format", "channels_last") != "channels_last":
+    if (
+        ks[0] != ks[1]
+        or st[0] != st[1]
+        or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1)
+        or cfg.get("groups", 1) != 1
+        or cfg.get("data_format", "channels_last") != "channels_last"
+    ):
         raise _unsupported(klayer, f"only square kernels/strides, no dilation/groups, channels_last (config {cfg})")
     layer = L.Conv2D(cfg["filters"], ks[0], st[0], cfg["padding"], cfg["use_bias"], name=klayer.name)
     return _with_activation(klayer, layer, weights)
@@ -187,15 +198,20 @@ def from_keras(kmodel, meta: dict | None = None) -> Sequential:
     model = Sequential([p[0] for p in pairs], input_shape=input_shape, seed=0, meta=meta or {})
     for layer, weights in pairs:
         if isinstance(layer, L.BatchNorm):
-            keys = [(layer.params, "gamma"), (layer.params, "beta"), (layer.state, "moving_mean"),
-                    (layer.state, "moving_variance")]
+            keys = [
+                (layer.params, "gamma"),
+                (layer.params, "beta"),
+                (layer.state, "moving_mean"),
+                (layer.state, "moving_variance"),
+            ]
         else:
             keys = [(layer.params, k) for k in ("W", "b") if k in layer.params]
         if len(weights) != len(keys):
             raise UserInputError(f"Keras layer {layer.name!r}: expected {len(keys)} weight arrays, got {len(weights)}")
         for (store, key), w in zip(keys, weights):
             if w.shape != store[key].shape:
-                raise UserInputError(f"Keras layer {layer.name!r}: {key} has shape {w.shape}, "
-                                     f"expected {store[key].shape}")
+                raise UserInputError(
+                    f"Keras layer {layer.name!r}: {key} has shape {w.shape}, expected {store[key].shape}"
+                )
             store[key] = w.astype(np.float32)
     return model

@@ -33,13 +33,21 @@ def custom_layers(num_classes: int = 2, activation: str = "relu", first_kernel: 
     act = (lambda: ReLU()) if activation == "relu" else (lambda: LeakyReLU(0.01))
     conv = dict(kernel_size=3, padding="valid", use_bias=True, kernel_initializer="he_normal")
     return [
-        Conv2D(16, strides=4, **{**conv, "kernel_size": first_kernel}), BatchNorm(), act(),
-        Conv2D(32, strides=2, **conv), BatchNorm(), act(),
+        Conv2D(16, strides=4, **{**conv, "kernel_size": first_kernel}),
+        BatchNorm(),
+        act(),
+        Conv2D(32, strides=2, **conv),
+        BatchNorm(),
+        act(),
         MaxPool2D(2),
-        Conv2D(64, strides=2, **conv), BatchNorm(), act(),
+        Conv2D(64, strides=2, **conv),
+        BatchNorm(),
+        act(),
         Flatten(),
-        Dense(128, kernel_initializer="he_normal"), act(),
-        Dense(num_classes, kernel_initializer="glorot_uniform"), Softmax(),
+        Dense(128, kernel_initializer="he_normal"),
+        act(),
+        Dense(num_classes, kernel_initializer="glorot_uniform"),
+        Softmax(),
     ]
 
 
@@ -56,20 +64,23 @@ def minimum_input_size(layers: list, channels: int = 3, limit: int = 4096) -> in
     raise ValueError("no input size up to {limit} fits these layers")
 
 
-def create_custom(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 2, seed: int = 0, activation: str = "relu",
-                  **kwargs) -> NumpyClassifier:
+def create_custom(
+    input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 2, seed: int = 0, activation: str = "relu", **kwargs
+) -> NumpyClassifier:
     """The report's architecture as a built :class:`NumpyClassifier` (deterministic for ``seed``)."""
     return _create("custom", 3, input_shape, num_classes, seed, activation, kwargs)
 
 
-def create_custom_k4(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 2, seed: int = 0,
-                     activation: str = "relu", **kwargs) -> NumpyClassifier:
-    """"custom-k4": the report's architecture with a 4x4/s4 first convolution (sees every pixel once)."""
+def create_custom_k4(
+    input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 2, seed: int = 0, activation: str = "relu", **kwargs
+) -> NumpyClassifier:
+    """ "custom-k4": the report's architecture with a 4x4/s4 first convolution (sees every pixel once)."""
     return _create("custom-k4", 4, input_shape, num_classes, seed, activation, kwargs)
 
 
-def _create(arch: str, first_kernel: int, input_shape, num_classes: int, seed: int, activation: str,
-            kwargs: dict) -> NumpyClassifier:
+def _create(
+    arch: str, first_kernel: int, input_shape, num_classes: int, seed: int, activation: str, kwargs: dict
+) -> NumpyClassifier:
     if kwargs:
         raise UserInputError(f"unexpected options for the {arch} model: {', '.join(sorted(kwargs))}")
     layers = custom_layers(num_classes, activation, first_kernel)
@@ -80,6 +91,11 @@ def _create(arch: str, first_kernel: int, input_shape, num_classes: int, seed: i
             f"input size {h}x{w} is too small for the {arch} model: its valid-padding stack needs at least "
             f"{minimum}x{minimum}"
         )
-    spec = ModelSpec(arch=arch, framework="numpy", classes=default_classes(num_classes), image_size=int(h),
-                     preprocess=DEFAULT_PREPROCESS)
+    spec = ModelSpec(
+        arch=arch,
+        framework="numpy",
+        classes=default_classes(num_classes),
+        image_size=int(h),
+        preprocess=DEFAULT_PREPROCESS,
+    )
     return NumpyClassifier(layers, input_shape=(h, w, c), seed=seed, meta={**spec.to_meta(), "activation": activation})

@@ -65,9 +65,13 @@ class NumpyClassifier(Sequential):
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_meta(self.meta, framework="numpy", source=getattr(self, "source", None) or "the model",
-                                   input_shape=self.input_shape,
-                                   num_classes=int(self.output_shape[-1]) if self.built else None)
+        return ModelSpec.from_meta(
+            self.meta,
+            framework="numpy",
+            source=getattr(self, "source", None) or "the model",
+            input_shape=self.input_shape,
+            num_classes=int(self.output_shape[-1]) if self.built else None,
+        )
 
 
 def save_model(model, path, optimizer=None, extra: dict | None = None) -> Path:
@@ -146,8 +150,9 @@ def _member_header(zf: zipfile.ZipFile, name: str, path: Path) -> tuple[tuple, n
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, KeyError) as exc:
         raise _refuse(path, f"unreadable member {name} ({type(exc).__name__}: {exc})") from None
     if dtype.hasobject or dtype.kind not in _ALLOWED_DTYPE_KINDS:
-        raise _refuse(path, f"unreadable or unsafe model file (member {name} has dtype {dtype}; "
-                            "objects are never unpickled)")
+        raise _refuse(
+            path, f"unreadable or unsafe model file (member {name} has dtype {dtype}; objects are never unpickled)"
+        )
     return tuple(int(d) for d in shape), dtype
 
 
@@ -169,11 +174,15 @@ def _parse_config(path: Path, raw: np.ndarray) -> dict:
     except json.JSONDecodeError as exc:
         raise UserInputError(f"{path}: __config__ is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UserInputError(f"{path}: not a breastcnn model file (format {config.get('format')!r})"
-                             if isinstance(config, dict) else f"{path}: __config__ is not a JSON object")
+        raise UserInputError(
+            f"{path}: not a breastcnn model file (format {config.get('format')!r})"
+            if isinstance(config, dict)
+            else f"{path}: __config__ is not a JSON object"
+        )
     if config.get("format_version") != FORMAT_VERSION:
-        raise UserInputError(f"{path}: unsupported format_version {config.get('format_version')!r} "
-                             f"(this version reads {FORMAT_VERSION})")
+        raise UserInputError(
+            f"{path}: unsupported format_version {config.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+        )
     for field, kind in (("layers", list), ("input_shape", list), ("arrays", dict), ("meta", dict)):
         if not isinstance(config.get(field), kind):
             raise UserInputError(f"{path}: __config__ field {field!r} missing or not a {kind.__name__}")
@@ -184,8 +193,13 @@ def _check_layer_caps(path: Path, i: int, cfg) -> None:
     """Refuse layer ``i``'s config when a width or window exceeds the caps (before the layer exists)."""
     if not isinstance(cfg, dict):
         raise _refuse(path, f"layer {i} config is not an object")
-    for key, cap in (("filters", MAX_WIDTH), ("units", MAX_WIDTH), ("kernel_size", MAX_WINDOW),
-                     ("pool_size", MAX_WINDOW), ("strides", MAX_WINDOW)):
+    for key, cap in (
+        ("filters", MAX_WIDTH),
+        ("units", MAX_WIDTH),
+        ("kernel_size", MAX_WINDOW),
+        ("pool_size", MAX_WINDOW),
+        ("strides", MAX_WINDOW),
+    ):
         value = cfg.get(key)
         values = value if isinstance(value, list) else [value]
         for v in values:
@@ -218,10 +232,17 @@ def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, tuple, dict
     if len(config["layers"]) > MAX_LAYERS:
         raise _refuse(path, f"declares {len(config['layers'])} layers (at most {MAX_LAYERS})")
     shape = config["input_shape"]
-    if not 1 <= len(shape) <= 3 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape) \
-            or not all(1 <= d <= MAX_INPUT_SIDE for d in shape) or (len(shape) == 3 and shape[2] > MAX_INPUT_CHANNELS):
-        raise _refuse(path, f"input_shape {shape} is outside the limits (1 to 3 dimensions, sides up to "
-                            f"{MAX_INPUT_SIDE}, up to {MAX_INPUT_CHANNELS} channels)")
+    if (
+        not 1 <= len(shape) <= 3
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or not all(1 <= d <= MAX_INPUT_SIDE for d in shape)
+        or (len(shape) == 3 and shape[2] > MAX_INPUT_CHANNELS)
+    ):
+        raise _refuse(
+            path,
+            f"input_shape {shape} is outside the limits (1 to 3 dimensions, sides up to "
+            f"{MAX_INPUT_SIDE}, up to {MAX_INPUT_CHANNELS} channels)",
+        )
     for i, cfg in enumerate(config["layers"]):
         _check_layer_caps(path, i, cfg)
     layers = [layer_from_config(cfg) for cfg in config["layers"]]
@@ -234,8 +255,11 @@ def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, tuple, dict
                 expected[f"layers.{i}.{key}"] = param_shape
                 total += math.prod(param_shape)
             if total > MAX_PARAMS:
-                raise _refuse(path, f"declares more than {MAX_PARAMS:,} parameters (by layer {i}, "
-                                    f"{type(layer).__name__}); not a model of this tool")
+                raise _refuse(
+                    path,
+                    f"declares more than {MAX_PARAMS:,} parameters (by layer {i}, "
+                    f"{type(layer).__name__}); not a model of this tool",
+                )
             current = tuple(int(d) for d in layer.compute_output_shape(current))
     except UserInputError as exc:
         if str(exc).startswith(str(path)):
@@ -249,22 +273,28 @@ def _expected_arrays(path: Path, config: dict) -> tuple[list, tuple, tuple, dict
 def _check_declared(path: Path, declared: dict, expected: dict[str, tuple]) -> None:
     """Compare the config's array list with what the architecture needs; cap optimizer and extra entries."""
     for key, spec in declared.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) \
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec["shape"]) \
-                or not isinstance(spec.get("dtype"), str):
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("shape"), list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec["shape"])
+            or not isinstance(spec.get("dtype"), str)
+        ):
             raise _refuse(path, f"config entry for array {key} is malformed ({spec!r})")
     weights = {k for k in declared if k.startswith("layers.")}
     missing, unknown = sorted(set(expected) - weights), sorted(weights - set(expected))
     if missing or unknown:
-        raise _refuse(path, f"weights do not match the architecture "
-                            f"(missing {missing or 'none'}, unexpected {unknown or 'none'})")
+        raise _refuse(
+            path, f"weights do not match the architecture (missing {missing or 'none'}, unexpected {unknown or 'none'})"
+        )
     extra_elements = 0
     for key, spec in declared.items():
         shape = tuple(spec["shape"])
         if key.startswith("layers."):
             if shape != expected[key] or spec["dtype"] != "<f4":
-                raise _refuse(path, f"{key} has shape {shape} dtype {spec['dtype']}, "
-                                    f"the architecture needs {expected[key]} float32")
+                raise _refuse(
+                    path,
+                    f"{key} has shape {shape} dtype {spec['dtype']}, the architecture needs {expected[key]} float32",
+                )
         elif key.startswith("optimizer."):
             _check_optimizer_entry(path, key, shape, expected)
         elif key.startswith("extra."):
@@ -333,8 +363,11 @@ def _load(path) -> tuple[NumpyClassifier, dict, dict]:
         members = _members(zf, path)
         shape, dtype = _member_header(zf, members["__config__"], path)
         if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_CONFIG_CHARS:
-            raise _refuse(path, f"missing or malformed __config__ entry (shape {shape}, dtype {dtype}, at most "
-                                f"{MAX_CONFIG_CHARS:,} characters); not a breastcnn model file")
+            raise _refuse(
+                path,
+                f"missing or malformed __config__ entry (shape {shape}, dtype {dtype}, at most "
+                f"{MAX_CONFIG_CHARS:,} characters); not a breastcnn model file",
+            )
         config = _parse_config(path, _read_member(zf, members["__config__"], path))
 
         declared = config["arrays"]
@@ -345,8 +378,13 @@ def _load(path) -> tuple[NumpyClassifier, dict, dict]:
         if undeclared:
             raise _refuse(path, f"unexpected array(s) {', '.join(undeclared)}")
         layers, input_shape, output_shape, expected = _expected_arrays(path, config)
-        ModelSpec.from_meta(config["meta"], framework="numpy", source=path, input_shape=input_shape,
-                            num_classes=output_shape[-1] if output_shape else None)
+        ModelSpec.from_meta(
+            config["meta"],
+            framework="numpy",
+            source=path,
+            input_shape=input_shape,
+            num_classes=output_shape[-1] if output_shape else None,
+        )
         _check_declared(path, declared, expected)
         for key, spec in declared.items():
             shape, dtype = _member_header(zf, members[key], path)
@@ -365,8 +403,8 @@ def _load(path) -> tuple[NumpyClassifier, dict, dict]:
     model.set_weights({k: v for k, v in arrays.items() if k.startswith("layers.")})
     model.source = str(path)  # messages about what this model computes name its file
 
-    optimizer_state = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
-    extra = {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
+    optimizer_state = {k[len("optimizer.") :]: v for k, v in arrays.items() if k.startswith("optimizer.")}
+    extra = {k[len("extra.") :]: v for k, v in arrays.items() if k.startswith("extra.")}
     return model, optimizer_state, extra
 
 

@@ -105,9 +105,7 @@ def require_keras():
     except ImportError as exc:
         if os.environ.get("BREASTCNN_DEBUG", "") not in ("", "0"):
             sys.stderr.write(captured.getvalue())
-        raise MissingDependencyError(
-            f"TensorFlow is not installed: pip install 'breastcnn[keras]' ({exc})"
-        ) from None
+        raise MissingDependencyError(f"TensorFlow is not installed: pip install 'breastcnn[keras]' ({exc})") from None
     if keras.backend.backend() != "tensorflow":
         raise MissingDependencyError(
             f"the Keras models need the TensorFlow backend, but KERAS_BACKEND={keras.backend.backend()}; "
@@ -123,6 +121,7 @@ def _stderr_fd_captured():
     Yields an object whose ``getvalue()`` returns what was written. A no-op once
     TensorFlow is imported (nothing more to hide) or when fd 2 cannot be duplicated.
     """
+
     class Captured:
         text = ""
 
@@ -198,8 +197,13 @@ class KerasClassifier:
     @property
     def spec(self) -> ModelSpec:
         """The :class:`ModelSpec` read from ``meta`` (checked; an error names the model's file)."""
-        return ModelSpec.from_meta(self.meta, framework="keras", source=getattr(self, "source", None) or "the model",
-                                   input_shape=self.input_shape, num_classes=self.output_shape[-1])
+        return ModelSpec.from_meta(
+            self.meta,
+            framework="keras",
+            source=getattr(self, "source", None) or "the model",
+            input_shape=self.input_shape,
+            num_classes=self.output_shape[-1],
+        )
 
     @property
     def input_shape(self) -> tuple:
@@ -371,8 +375,10 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
     if not zipfile.is_zipfile(path):  # Keras would call a text or truncated file "File not found"
         with open(path, "rb") as handle:
             damaged = handle.read(2) == b"PK"
-        raise UserInputError(f"--model {path}: not a Keras model file (a .keras file is a zip archive; this one is "
-                             f"{'truncated or damaged' if damaged else 'not a zip archive'})")
+        raise UserInputError(
+            f"--model {path}: not a Keras model file (a .keras file is a zip archive; this one is "
+            f"{'truncated or damaged' if damaged else 'not a zip archive'})"
+        )
     meta = read_sidecar(path)
     keras = require_keras()
     try:
@@ -381,8 +387,13 @@ def load_keras_model(path: str | os.PathLike) -> KerasClassifier:
         raise UserInputError(f"--model {path}: cannot load this Keras model ({' '.join(str(exc).split())})") from None
     classifier = KerasClassifier(model, meta)
     classifier.source = str(path)  # messages about what this model computes name its file
-    spec = ModelSpec.from_meta(meta, framework="keras", source=find_sidecar(path),
-                               input_shape=classifier.input_shape, num_classes=classifier.output_shape[-1])
+    spec = ModelSpec.from_meta(
+        meta,
+        framework="keras",
+        source=find_sidecar(path),
+        input_shape=classifier.input_shape,
+        num_classes=classifier.output_shape[-1],
+    )
     meta["image_size"] = spec.image_size
     if meta.get("gradcam_layer") not in {layer.name for layer in model.layers}:
         meta["gradcam_layer"] = _default_gradcam_layer(model)
@@ -526,13 +537,19 @@ def _pretrained(arch: str, app_fn, input_shape, num_classes, seed, weights, trai
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     out = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     model = keras.Model(base.input, out, name=arch)
-    spec = ModelSpec(arch=arch, framework="keras", classes=default_classes(num_classes), image_size=shape[0],
-                     preprocess=DEFAULT_PREPROCESS)
+    spec = ModelSpec(
+        arch=arch,
+        framework="keras",
+        classes=default_classes(num_classes),
+        image_size=shape[0],
+        preprocess=DEFAULT_PREPROCESS,
+    )
     meta = {
         **spec.to_meta(),
         "seed": int(seed),
-        "weights": ("none" if weights_file is None
-                    else "imagenet" if str(weights).lower() == "imagenet" else str(weights)),
+        "weights": (
+            "none" if weights_file is None else "imagenet" if str(weights).lower() == "imagenet" else str(weights)
+        ),
         "trainable_layers": int(trainable_layers),
         "base_layers": n_base,
         "dropout": float(dropout),
@@ -559,8 +576,9 @@ def create_vgg16(
     path to a no-top weights file (``.h5``/``.weights.h5``).
     """
     keras = require_keras()
-    return _pretrained("vgg16", keras.applications.VGG16, input_shape, num_classes, seed, weights,
-                       trainable_layers, dropout)
+    return _pretrained(
+        "vgg16", keras.applications.VGG16, input_shape, num_classes, seed, weights, trainable_layers, dropout
+    )
 
 
 def create_resnet50(
@@ -573,8 +591,9 @@ def create_resnet50(
 ) -> KerasClassifier:
     """ResNet50 (no top, 175 layers) + GAP + dropout + dense softmax; last layers trainable."""
     keras = require_keras()
-    return _pretrained("resnet50", keras.applications.ResNet50, input_shape, num_classes, seed, weights,
-                       trainable_layers, dropout)
+    return _pretrained(
+        "resnet50", keras.applications.ResNet50, input_shape, num_classes, seed, weights, trainable_layers, dropout
+    )
 
 
 def create_custom_keras(
@@ -622,10 +641,15 @@ NUMPY_EXPORTABLE = ("custom-keras", "custom")
 def _converted_meta(numpy_model, kmodel) -> dict:
     """The meta of ``kmodel``, converted from ``numpy_model``: the NumPy model's meta, its spec as a
     custom-keras model, the Grad-CAM layer of the NumPy model's rule (same map on both sides), versions."""
-    spec = dataclasses.replace(model_spec(numpy_model), arch="custom-keras", framework="keras",
-                               image_size=int(numpy_model.input_shape[0]))
-    return {**numpy_model.meta, **spec.to_meta(), "gradcam_layer": _default_gradcam_layer(kmodel),
-            "versions": library_versions()}
+    spec = dataclasses.replace(
+        model_spec(numpy_model), arch="custom-keras", framework="keras", image_size=int(numpy_model.input_shape[0])
+    )
+    return {
+        **numpy_model.meta,
+        **spec.to_meta(),
+        "gradcam_layer": _default_gradcam_layer(kmodel),
+        "versions": library_versions(),
+    }
 
 
 def keras_from_numpy(numpy_model, source: str | os.PathLike | None = None) -> KerasClassifier:

@@ -57,9 +57,21 @@ MAX_BYTES = 2**31 - 1
 """Largest model one protobuf file can hold (no external data is written)."""
 
 #: metadata_props keys every breastcnn ONNX file carries (all values are strings; JSON for lists/dicts)
-METADATA_KEYS = ("format", "format_version", "arch", "classes", "image_size", "preprocess", "input_layout",
-                 "input_name", "output_name", "breastcnn_version", "params_trainable", "params_non_trainable",
-                 "source_meta")
+METADATA_KEYS = (
+    "format",
+    "format_version",
+    "arch",
+    "classes",
+    "image_size",
+    "preprocess",
+    "input_layout",
+    "input_name",
+    "output_name",
+    "breastcnn_version",
+    "params_trainable",
+    "params_non_trainable",
+    "source_meta",
+)
 
 
 def require_onnx(purpose: str = "ONNX export"):
@@ -68,7 +80,8 @@ def require_onnx(purpose: str = "ONNX export"):
         import onnx
     except ImportError as exc:
         raise MissingDependencyError(
-            f"{purpose} needs the onnx package: pip install 'breastcnn[onnx]' ({exc})") from None
+            f"{purpose} needs the onnx package: pip install 'breastcnn[onnx]' ({exc})"
+        ) from None
     return onnx
 
 
@@ -104,8 +117,21 @@ class _Graph:
 
 
 def _exportable_classes() -> dict:
-    return {cls: cls.__name__ for cls in (L.Conv2D, L.BatchNorm, L.ReLU, L.LeakyReLU, L.MaxPool2D,
-                                           L.GlobalAveragePooling2D, L.Flatten, L.Dense, L.Dropout, L.Softmax)}
+    return {
+        cls: cls.__name__
+        for cls in (
+            L.Conv2D,
+            L.BatchNorm,
+            L.ReLU,
+            L.LeakyReLU,
+            L.MaxPool2D,
+            L.GlobalAveragePooling2D,
+            L.Flatten,
+            L.Dense,
+            L.Dropout,
+            L.Softmax,
+        )
+    }
 
 
 def check_exportable(model) -> None:
@@ -116,7 +142,7 @@ def check_exportable(model) -> None:
         raise UserInputError("ONNX export needs a built model with at least one layer")
     known = _exportable_classes()
     for i, layer in enumerate(model.layers):
-        if type(layer) not in known:   # exact classes: a subclass could compute something else
+        if type(layer) not in known:  # exact classes: a subclass could compute something else
             raise UserInputError(
                 f"cannot export layer {i} {layer.name!r} ({type(layer).__name__}) to ONNX; supported layers: "
                 f"{', '.join(sorted(known.values()))}"
@@ -147,7 +173,7 @@ def build_graph_nodes(graph: _Graph, model) -> tuple[str, bool]:
     Returns ``(name of the last tensor, whether it is still 4-D NCHW)``.
     """
     x = graph.node("Transpose", [INPUT_NAME], "input_to_nchw", perm=[0, 3, 1, 2])
-    spatial = True                      # x is (N, C, H, W); else (N, features)
+    spatial = True  # x is (N, C, H, W); else (N, features)
     layers = model.layers
     i = 0
     while i < len(layers):
@@ -164,16 +190,25 @@ def build_graph_nodes(graph: _Graph, model) -> tuple[str, bool]:
 
 def _conv_node(graph: _Graph, x: str, layer, bn) -> str:
     """One ``Conv`` for a Conv2D, with the BatchNorm ``bn`` after it (or None) folded in."""
-    w = layer.params["W"].astype(np.float64)                       # (kh, kw, c_in, f)
+    w = layer.params["W"].astype(np.float64)  # (kh, kw, c_in, f)
     b = layer.params["b"].astype(np.float64) if layer.use_bias else np.zeros(layer.filters)
     name = layer.name
     if bn is not None:
         scale, shift = _bn_affine64(bn)
         w, b, name = w * scale, b * scale + shift, f"{layer.name}+{bn.name}"
     k, s = layer.kernel_size, layer.strides
-    return graph.node("Conv", [x, graph.const(f"{name}.W", w.transpose(3, 2, 0, 1)),   # (f, c_in, kh, kw)
-                               graph.const(f"{name}.b", b)], name,
-                      kernel_shape=[k, k], strides=[s, s], pads=_conv_pads(layer, layer.input_shape))
+    return graph.node(
+        "Conv",
+        [
+            x,
+            graph.const(f"{name}.W", w.transpose(3, 2, 0, 1)),  # (f, c_in, kh, kw)
+            graph.const(f"{name}.b", b),
+        ],
+        name,
+        kernel_shape=[k, k],
+        strides=[s, s],
+        pads=_conv_pads(layer, layer.input_shape),
+    )
 
 
 def _layer_nodes(graph: _Graph, x: str, layer, spatial: bool) -> tuple[str, bool]:
@@ -192,10 +227,10 @@ def _layer_nodes(graph: _Graph, x: str, layer, spatial: bool) -> tuple[str, bool
         p, s = layer.pool_size, layer.strides
         x = graph.node("MaxPool", [x], layer.name, kernel_shape=[p, p], strides=[s, s], pads=[0, 0, 0, 0])
     elif kind is L.GlobalAveragePooling2D:
-        x = graph.node("GlobalAveragePool", [x], f"{layer.name}.pool")    # (N, C, 1, 1)
+        x = graph.node("GlobalAveragePool", [x], f"{layer.name}.pool")  # (N, C, 1, 1)
         x, spatial = graph.node("Flatten", [x], layer.name, axis=1), False
     elif kind is L.Flatten:
-        if spatial:   # the engine flattens NHWC: back to NHWC first so Dense weights apply as they are
+        if spatial:  # the engine flattens NHWC: back to NHWC first so Dense weights apply as they are
             x = graph.node("Transpose", [x], f"{layer.name}.to_nhwc", perm=[0, 2, 3, 1])
             x, spatial = graph.node("Flatten", [x], layer.name, axis=1), False
     elif kind is L.Dense:
@@ -204,8 +239,8 @@ def _layer_nodes(graph: _Graph, x: str, layer, spatial: bool) -> tuple[str, bool
             inputs.append(graph.const(f"{layer.name}.b", layer.params["b"]))
         x = graph.node("Gemm", inputs, layer.name)
     elif kind is L.Softmax:
-        x = graph.node("Softmax", [x], layer.name, axis=1 if spatial else -1)   # the channel axis
-    elif kind is not L.Dropout:   # Dropout: the identity at inference
+        x = graph.node("Softmax", [x], layer.name, axis=1 if spatial else -1)  # the channel axis
+    elif kind is not L.Dropout:  # Dropout: the identity at inference
         # pragma: no cover - check_exportable refuses these first
         raise UserInputError(f"cannot export layer {layer.name!r} ({kind.__name__}) to ONNX")
     return x, spatial
@@ -249,9 +284,9 @@ def to_onnx(model, source: str | os.PathLike | None = None):
     graph = _Graph(helper, numpy_helper)
     last, spatial = build_graph_nodes(graph, model)
     out_shape = tuple(int(d) for d in model.output_shape)
-    if spatial:   # a model ending on feature maps: hand them back NHWC like the engine
+    if spatial:  # a model ending on feature maps: hand them back NHWC like the engine
         last = graph.node("Transpose", [last], "output_to_nhwc", perm=[0, 2, 3, 1])
-    graph.nodes[-1].output[0] = OUTPUT_NAME   # nothing reads the last node's output: rename it
+    graph.nodes[-1].output[0] = OUTPUT_NAME  # nothing reads the last node's output: rename it
     props = onnx_metadata(model, None if source is None else str(source))
     how = preprocess_description(props["preprocess"], int(props["image_size"]))
     h, w, c = model.input_shape
@@ -262,10 +297,15 @@ def to_onnx(model, source: str | os.PathLike | None = None):
     onnx_graph = helper.make_graph(graph.nodes, str(props["arch"]), inputs, outputs, initializer=graph.initializers)
     opset = [helper.make_opsetid("", OPSET)]
     proto = helper.make_model(
-        onnx_graph, opset_imports=opset, ir_version=helper.find_min_ir_version_for(opset),
-        producer_name="breastcnn", producer_version=__version__,
-        doc_string=(f"breastcnn {props['arch']} classifier exported from the NumPy engine (BatchNorm folded, "
-                    f"inference mode). Input {INPUT_NAME!r}: {input_doc}. Output {OUTPUT_NAME!r}: {output_doc}."),
+        onnx_graph,
+        opset_imports=opset,
+        ir_version=helper.find_min_ir_version_for(opset),
+        producer_name="breastcnn",
+        producer_version=__version__,
+        doc_string=(
+            f"breastcnn {props['arch']} classifier exported from the NumPy engine (BatchNorm folded, "
+            f"inference mode). Input {INPUT_NAME!r}: {input_doc}. Output {OUTPUT_NAME!r}: {output_doc}."
+        ),
     )
     helper.set_model_props(proto, props)
     if proto.ByteSize() >= MAX_BYTES:
@@ -287,8 +327,9 @@ VERIFY_ATOL = 1e-4
 """Largest |probability difference| between ONNX Runtime and ``Sequential.predict`` an export accepts."""
 
 
-def export_onnx(model, path: str | os.PathLike, source: str | os.PathLike | None = None, verify: bool = True,
-                seed: int = 0) -> dict:
+def export_onnx(
+    model, path: str | os.PathLike, source: str | os.PathLike | None = None, verify: bool = True, seed: int = 0
+) -> dict:
     """Convert ``model`` (:func:`to_onnx`), check it against ``model.predict``, write ``path`` atomically.
 
     With ``verify`` and onnxruntime installed, 4 random images (seeded by ``seed``,
@@ -303,8 +344,10 @@ def export_onnx(model, path: str | os.PathLike, source: str | os.PathLike | None
     if verify:
         diff = _max_abs_diff(model, data, seed)
         if diff is not None and diff > VERIFY_ATOL:
-            raise UserInputError(f"the ONNX graph's probabilities differ from the NumPy model's by {diff:.2e} "
-                                 f"(> {VERIFY_ATOL:g}); {path} not written")
+            raise UserInputError(
+                f"the ONNX graph's probabilities differ from the NumPy model's by {diff:.2e} "
+                f"(> {VERIFY_ATOL:g}); {path} not written"
+            )
     return {"opset": OPSET, "size_bytes": save_onnx(data, path), "max_abs_diff": diff}
 
 
@@ -316,8 +359,11 @@ def _max_abs_diff(model, data: bytes, seed: int) -> float | None:
         return None
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(4, *model.input_shape), dtype=np.uint8)
-    x = preprocess(images, model_spec(model).preprocess) if model.input_shape[-1] == 3 else \
-        images.astype(np.float32) / 255.0
+    x = (
+        preprocess(images, model_spec(model).preprocess)
+        if model.input_shape[-1] == 3
+        else images.astype(np.float32) / 255.0
+    )
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3

@@ -79,16 +79,21 @@ def check_operators(proto, path) -> None:
     """Refuse custom operator domains and model-local functions (only standard ONNX ops run)."""
     for opset in proto.opset_import:
         if opset.domain not in STANDARD_DOMAINS:
-            raise UserInputError(f"{path}: uses the custom operator domain {opset.domain!r}; "
-                                 "only standard ONNX operators are accepted")
+            raise UserInputError(
+                f"{path}: uses the custom operator domain {opset.domain!r}; only standard ONNX operators are accepted"
+            )
     if len(proto.functions):
-        raise UserInputError(f"{path}: defines model-local functions ({proto.functions[0].name!r}, ...); "
-                             "only standard ONNX operators are accepted")
+        raise UserInputError(
+            f"{path}: defines model-local functions ({proto.functions[0].name!r}, ...); "
+            "only standard ONNX operators are accepted"
+        )
     for g in _graphs(proto.graph):
         for node in g.node:
             if node.domain not in STANDARD_DOMAINS:
-                raise UserInputError(f"{path}: node {node.name!r} is the custom operator "
-                                     f"{node.domain}.{node.op_type}; only standard ONNX operators are accepted")
+                raise UserInputError(
+                    f"{path}: node {node.name!r} is the custom operator "
+                    f"{node.domain}.{node.op_type}; only standard ONNX operators are accepted"
+                )
 
 
 def check_external_data(proto, path: Path) -> bool:
@@ -104,8 +109,10 @@ def check_external_data(proto, path: Path) -> bool:
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(folder) or not target.is_file():
-            raise UserInputError(f"{path}: tensor {tensor.name!r} reads external data from {location!r}, which is "
-                                 f"not a file inside {folder}; refusing to load it")
+            raise UserInputError(
+                f"{path}: tensor {tensor.name!r} reads external data from {location!r}, which is "
+                f"not a file inside {folder}; refusing to load it"
+            )
     return external
 
 
@@ -115,24 +122,36 @@ def read_metadata(proto, path) -> tuple[dict, dict]:
     counts."""
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("format") != FORMAT:
-        raise UserInputError(f"{path}: not a breastcnn ONNX model (metadata format {props.get('format')!r}, expected "
-                             f"{FORMAT!r}); export one with `breastcnn export --to onnx`")
+        raise UserInputError(
+            f"{path}: not a breastcnn ONNX model (metadata format {props.get('format')!r}, expected "
+            f"{FORMAT!r}); export one with `breastcnn export --to onnx`"
+        )
     if props.get("format_version") != str(FORMAT_VERSION):
-        raise UserInputError(f"{path}: unsupported format_version {props.get('format_version')!r} "
-                             f"(this version reads {FORMAT_VERSION})")
+        raise UserInputError(
+            f"{path}: unsupported format_version {props.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+        )
     try:
         classes = json.loads(props["classes"])
         image_size = int(props["image_size"])
         source_meta = json.loads(props.get("source_meta", "{}"))
-        params = {"trainable": int(props.get("params_trainable", 0)),
-                  "non_trainable": int(props.get("params_non_trainable", 0))}
+        params = {
+            "trainable": int(props.get("params_trainable", 0)),
+            "non_trainable": int(props.get("params_non_trainable", 0)),
+        }
     except (KeyError, ValueError, TypeError) as exc:
         raise UserInputError(f"{path}: malformed breastcnn metadata ({type(exc).__name__}: {exc})") from None
     if not isinstance(source_meta, dict):
         raise UserInputError(f"{path}: metadata source_meta must be a JSON object")
-    meta = {**source_meta, "arch": props.get("arch", "custom"), "classes": classes, "image_size": image_size,
-            "preprocess": props.get("preprocess"), "input_layout": props.get("input_layout"),
-            "breastcnn_version": props.get("breastcnn_version"), "opset": _opset(proto)}
+    meta = {
+        **source_meta,
+        "arch": props.get("arch", "custom"),
+        "classes": classes,
+        "image_size": image_size,
+        "preprocess": props.get("preprocess"),
+        "input_layout": props.get("input_layout"),
+        "breastcnn_version": props.get("breastcnn_version"),
+        "opset": _opset(proto),
+    }
     ModelSpec.from_meta(meta, framework="onnx", source=path)
     return meta, params
 
@@ -142,8 +161,9 @@ def _opset(proto) -> int | None:
 
 
 def _dims(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def _check_signature(proto, path, meta: dict) -> tuple[tuple, tuple]:
@@ -154,15 +174,25 @@ def _check_signature(proto, path, meta: dict) -> tuple[tuple, tuple]:
     inputs = [v for v in proto.graph.input if v.name not in initializers]
     outputs = list(proto.graph.output)
     if [v.name for v in inputs] != [INPUT_NAME] or [v.name for v in outputs] != [OUTPUT_NAME]:
-        raise UserInputError(f"{path}: expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, got "
-                             f"{[v.name for v in inputs]} -> {[v.name for v in outputs]}")
+        raise UserInputError(
+            f"{path}: expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, got "
+            f"{[v.name for v in inputs]} -> {[v.name for v in outputs]}"
+        )
     in_dims, out_dims = _dims(inputs[0]), _dims(outputs[0])
     size, k = meta["image_size"], len(meta["classes"])
     float_io = all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in (inputs[0], outputs[0]))
-    if (not float_io or len(in_dims) != 4 or in_dims[1:3] != [size, size] or not isinstance(in_dims[3], int)
-            or len(out_dims) != 2 or out_dims[1] != k):
-        raise UserInputError(f"{path}: the graph takes {in_dims} and gives {out_dims}; its metadata says float32 "
-                             f"(N, {size}, {size}, C) NHWC -> (N, {k})")
+    if (
+        not float_io
+        or len(in_dims) != 4
+        or in_dims[1:3] != [size, size]
+        or not isinstance(in_dims[3], int)
+        or len(out_dims) != 2
+        or out_dims[1] != k
+    ):
+        raise UserInputError(
+            f"{path}: the graph takes {in_dims} and gives {out_dims}; its metadata says float32 "
+            f"(N, {size}, {size}, C) NHWC -> (N, {k})"
+        )
     return tuple(in_dims[1:]), (k,)
 
 
@@ -182,11 +212,20 @@ class OnnxClassifier:
 
     framework = "onnx"
 
-    def __init__(self, model_bytes: bytes | None, path: Path, meta: dict, params: dict, input_shape: tuple,
-                 output_shape: tuple, threads: int | None = None, inter_op_threads: int | None = None):
+    def __init__(
+        self,
+        model_bytes: bytes | None,
+        path: Path,
+        meta: dict,
+        params: dict,
+        input_shape: tuple,
+        output_shape: tuple,
+        threads: int | None = None,
+        inter_op_threads: int | None = None,
+    ):
         self.path = Path(path)
         self.meta = dict(meta)
-        self._bytes = model_bytes      # None: the model has external data and loads from its path
+        self._bytes = model_bytes  # None: the model has external data and loads from its path
         self._params = dict(params)
         self.input_shape = tuple(input_shape)
         self.output_shape = tuple(output_shape)
@@ -198,8 +237,13 @@ class OnnxClassifier:
     @property
     def spec(self) -> ModelSpec:
         """The :class:`ModelSpec` read from ``meta`` (checked; an error names the model's file)."""
-        return ModelSpec.from_meta(self.meta, framework="onnx", source=self.path, input_shape=self.input_shape,
-                                   num_classes=self.output_shape[-1])
+        return ModelSpec.from_meta(
+            self.meta,
+            framework="onnx",
+            source=self.path,
+            input_shape=self.input_shape,
+            num_classes=self.output_shape[-1],
+        )
 
     def set_threads(self, threads: int | None, inter_op_threads: int | None = None) -> OnnxClassifier:
         """(Re)create the session with ``threads`` intra-op threads (None: ONNX Runtime's default) and
@@ -209,17 +253,18 @@ class OnnxClassifier:
             if value is not None and int(value) < 1:
                 raise UserInputError(f"{option} must be >= 1 (or None for ONNX Runtime's default), got {value}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or 0)         # 0: ONNX Runtime's default
+        options.intra_op_num_threads = int(threads or 0)  # 0: ONNX Runtime's default
         options.inter_op_num_threads = int(inter_op_threads or 0)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3   # errors only: no optimizer chatter on stderr
+        options.log_severity_level = 3  # errors only: no optimizer chatter on stderr
         source = self._bytes if self._bytes is not None else str(self.path)
         try:
             self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented...)
-            raise UserInputError(f"{self.path}: ONNX Runtime cannot load this model "
-                                 f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+            raise UserInputError(
+                f"{self.path}: ONNX Runtime cannot load this model ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            ) from None
         self.threads, self.inter_op_threads = threads, inter_op_threads
         return self
 
@@ -237,8 +282,10 @@ class OnnxClassifier:
         """
         x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise UserInputError(f"{self.meta.get('arch', 'onnx')} ONNX model expects images of shape "
-                                 f"(N, {', '.join(map(str, self.input_shape))}), received {tuple(x.shape)}")
+            raise UserInputError(
+                f"{self.meta.get('arch', 'onnx')} ONNX model expects images of shape "
+                f"(N, {', '.join(map(str, self.input_shape))}), received {tuple(x.shape)}"
+            )
         if batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, received {batch_size}")
         out = np.empty((x.shape[0], *self.output_shape), dtype=np.float32)
@@ -267,16 +314,20 @@ class OnnxClassifier:
     def summary(self) -> str:
         """The graph's nodes, one per line (op type, name)."""
         onnx = require_onnx("reading an ONNX model")
-        proto = (onnx.load_model_from_string(self._bytes) if self._bytes is not None
-                 else onnx.load(str(self.path), load_external_data=False))
+        proto = (
+            onnx.load_model_from_string(self._bytes)
+            if self._bytes is not None
+            else onnx.load(str(self.path), load_external_data=False)
+        )
         return "\n".join(f"{n.op_type:<18} {n.name}" for n in proto.graph.node)
 
     def __repr__(self) -> str:
         return f"OnnxClassifier({self.path}, arch={self.meta.get('arch')!r}, threads={self.threads})"
 
 
-def load_onnx_model(path: str | os.PathLike, threads: int | None = None,
-                    inter_op_threads: int | None = None) -> OnnxClassifier:
+def load_onnx_model(
+    path: str | os.PathLike, threads: int | None = None, inter_op_threads: int | None = None
+) -> OnnxClassifier:
     """Check a ``.onnx`` written by ``breastcnn export --to onnx`` and open it with ONNX Runtime (CPU).
 
     Raises UserInputError naming the file when it is missing, not ONNX, not a
@@ -301,15 +352,23 @@ def load_onnx_model(path: str | os.PathLike, threads: int | None = None,
     check_operators(proto, path)
     external = check_external_data(proto, path)
     try:
-        if external:   # the checker reads the external files relative to the model's folder
+        if external:  # the checker reads the external files relative to the model's folder
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise UserInputError(f"--model {path}: invalid ONNX model ({' '.join(str(exc).split())})") from None
     input_shape, output_shape = _check_signature(proto, path, meta)
-    return OnnxClassifier(None if external else data, path, meta, params, input_shape, output_shape,
-                          threads=threads, inter_op_threads=inter_op_threads)
+    return OnnxClassifier(
+        None if external else data,
+        path,
+        meta,
+        params,
+        input_shape,
+        output_shape,
+        threads=threads,
+        inter_op_threads=inter_op_threads,
+    )
 
 
 __all__ = ["OnnxClassifier", "load_onnx_model", "require_onnxruntime"]

@@ -75,7 +75,7 @@ def create_model(name: str, input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 
         raise UserInputError(f"num_classes must be >= 2, got {num_classes}")
     model = _resolve(name)(input_shape=input_shape, num_classes=int(num_classes), seed=int(seed), **kwargs)
     try:
-        spec = getattr(model, "spec", None)   # a classifier of this package (a test factory may return anything)
+        spec = getattr(model, "spec", None)  # a classifier of this package (a test factory may return anything)
     except UserInputError as exc:
         raise UserInputError(f"model {name!r} was built with bad metadata: {exc}") from None
     declared = _FRAMEWORKS[name]

@@ -80,12 +80,15 @@ class Capabilities:
 
 
 CAPABILITIES = {
-    "numpy": Capabilities(engine_threads=True, session_threads=False, train_step=True, layer_outputs=True,
-                          suffix=".npz"),
-    "keras": Capabilities(engine_threads=False, session_threads=False, train_step=True, layer_outputs=True,
-                          suffix=".keras"),
-    "onnx": Capabilities(engine_threads=False, session_threads=True, train_step=False, layer_outputs=False,
-                         suffix=".onnx"),
+    "numpy": Capabilities(
+        engine_threads=True, session_threads=False, train_step=True, layer_outputs=True, suffix=".npz"
+    ),
+    "keras": Capabilities(
+        engine_threads=False, session_threads=False, train_step=True, layer_outputs=True, suffix=".keras"
+    ),
+    "onnx": Capabilities(
+        engine_threads=False, session_threads=True, train_step=False, layer_outputs=False, suffix=".onnx"
+    ),
 }
 
 
@@ -122,8 +125,12 @@ class ModelSpec:
     def to_meta(self) -> dict:
         """The meta keys this spec owns (``task``/``stain`` only when not the defaults, so that files written
         before they existed and files written now are the same)."""
-        meta: dict[str, Any] = {"arch": self.arch, "classes": list(self.classes), "preprocess": self.preprocess,
-                                "image_size": self.image_size}
+        meta: dict[str, Any] = {
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "preprocess": self.preprocess,
+            "image_size": self.image_size,
+        }
         if self.task != DEFAULT_TASK:
             meta["task"] = self.task
         if self.stain is not None:
@@ -131,8 +138,14 @@ class ModelSpec:
         return meta
 
     @classmethod
-    def from_meta(cls, meta: Mapping, framework: str, source: object = "the model",
-                  input_shape: tuple | None = None, num_classes: int | None = None) -> ModelSpec:
+    def from_meta(
+        cls,
+        meta: Mapping,
+        framework: str,
+        source: object = "the model",
+        input_shape: tuple | None = None,
+        num_classes: int | None = None,
+    ) -> ModelSpec:
         """The spec of a ``framework`` model from its ``meta``, checked.
 
         ``input_shape`` (without batch) and ``num_classes`` are what the model itself says: a missing
@@ -149,8 +162,10 @@ class ModelSpec:
         required = set(REQUIRED_FIELDS[framework]) | ({"image_size"} if side is None else set())
         missing = sorted(key for key in required if meta.get(key) is None)
         if missing:
-            raise UserInputError(f"{source}: the model's metadata lacks {', '.join(missing)} (it has "
-                                 f"{', '.join(sorted(map(str, meta))) or 'no keys'}); it cannot prepare images")
+            raise UserInputError(
+                f"{source}: the model's metadata lacks {', '.join(missing)} (it has "
+                f"{', '.join(sorted(map(str, meta))) or 'no keys'}); it cannot prepare images"
+            )
         return cls(
             arch=_arch(meta.get("arch"), framework, source),
             framework=framework,
@@ -184,13 +199,19 @@ def _arch(value, framework: str, source) -> str:
 def _classes(value, num_classes: int | None, source) -> tuple[str, ...]:
     if value is None:
         return default_classes(num_classes if num_classes is not None else len(CLASSES))
-    if (not isinstance(value, (list, tuple)) or len(value) < 2 or not all(isinstance(c, str) and c for c in value)
-            or len(set(value)) != len(value)):
-        raise UserInputError(f"{source}: 'classes' must be a list of at least two distinct class names, "
-                             f"received {value!r}")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) < 2
+        or not all(isinstance(c, str) and c for c in value)
+        or len(set(value)) != len(value)
+    ):
+        raise UserInputError(
+            f"{source}: 'classes' must be a list of at least two distinct class names, received {value!r}"
+        )
     if num_classes is not None and len(value) != num_classes:
-        raise UserInputError(f"{source}: 'classes' names {len(value)} classes but the model has {num_classes} "
-                             f"outputs ({value!r})")
+        raise UserInputError(
+            f"{source}: 'classes' names {len(value)} classes but the model has {num_classes} outputs ({value!r})"
+        )
     return tuple(value)
 
 
@@ -201,8 +222,9 @@ def _image_size(value, side: int | None, input_shape, source) -> int:
         raise UserInputError(f"{source}: 'image_size' must be a positive integer, received {value!r}")
     if side is not None and value != side:
         # inference resizes images to image_size: it must be the input the model takes
-        raise UserInputError(f"{source}: image_size {value!r} does not match the model's input shape "
-                             f"{list(input_shape)}")
+        raise UserInputError(
+            f"{source}: image_size {value!r} does not match the model's input shape {list(input_shape)}"
+        )
     return value
 
 
@@ -220,8 +242,9 @@ def _task(value, classes, source) -> str:
     if value not in TASKS:
         raise UserInputError(f"{source}: 'task' must be one of {', '.join(TASKS)}, received {value!r}")
     if value != DEFAULT_TASK and (classes is None or tuple(classes) != TASK_CLASSES[value]):
-        raise UserInputError(f"{source}: a {value} model's 'classes' must be {list(TASK_CLASSES[value])}, "
-                             f"received {classes!r}")
+        raise UserInputError(
+            f"{source}: a {value} model's 'classes' must be {list(TASK_CLASSES[value])}, received {classes!r}"
+        )
     return value
 
 
@@ -232,5 +255,16 @@ def _stain(value, source) -> dict | None:
     return dict(value)
 
 
-__all__ = ["CAPABILITIES", "Capabilities", "DEFAULT_IMAGE_SIZE", "DEFAULT_INPUT_SHAPE", "DEFAULT_PREPROCESS",
-           "DEFAULT_TASK", "FRAMEWORKS", "ModelSpec", "REQUIRED_FIELDS", "TASKS", "default_classes"]
+__all__ = [
+    "CAPABILITIES",
+    "Capabilities",
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_INPUT_SHAPE",
+    "DEFAULT_PREPROCESS",
+    "DEFAULT_TASK",
+    "FRAMEWORKS",
+    "ModelSpec",
+    "REQUIRED_FIELDS",
+    "TASKS",
+    "default_classes",
+]

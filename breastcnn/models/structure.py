@@ -96,5 +96,12 @@ def choose_gradcam_layer(model) -> str:
     return blocks[-1][1]
 
 
-__all__ = ["MIN_GRADCAM_GRID", "choose_gradcam_layer", "conv_blocks", "keras_model", "keras_output_rank",
-           "layer_index", "spatial_size"]
+__all__ = [
+    "MIN_GRADCAM_GRID",
+    "choose_gradcam_layer",
+    "conv_blocks",
+    "keras_model",
+    "keras_output_rank",
+    "layer_index",
+    "spatial_size",
+]

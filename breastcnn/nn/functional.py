@@ -76,7 +76,7 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, out: np.ndarray | None 
     sn, sh, sw, sc = x.strides
     if sc * c == sw:  # (kw, C) contiguous: copy kernel rows as (kw*C)-long runs
         shape, strides = (n, ho, wo, kh, kw * c), (sn, sh * stride, sw * stride, sh, sc)
-        if x.flags.c_contiguous:   # a view straight on the buffer: ~0.5 us instead of as_strided's ~3 (batch 1)
+        if x.flags.c_contiguous:  # a view straight on the buffer: ~0.5 us instead of as_strided's ~3 (batch 1)
             rows = np.ndarray(shape, x.dtype, x, 0, strides)
         else:
             rows = as_strided(x, shape=shape, strides=strides, writeable=False)
@@ -108,8 +108,9 @@ def im2col_pooled(x: np.ndarray, kh: int, kw: int, stride: int, pool: int, out: 
     return out
 
 
-def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | None = None,
-              size: tuple[int, int] | None = None) -> np.ndarray:
+def conv_rows(
+    x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | None = None, size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Valid convolution without a columns matrix, for ``stride >= kw`` (windows side by side in a row).
 
     x: (N, H, W, C), kernel: (kh, kw, C, F) -> (N, Ho, Wo, F). With stride >= kw, the windows' kernel
@@ -129,12 +130,12 @@ def conv_rows(x: np.ndarray, kernel: np.ndarray, stride: int, out: np.ndarray | 
         raise ValueError(f"conv_rows: {ho}x{wo} outputs asked, the input gives {full[0]}x{full[1]}")
     if out is None:
         out = np.empty((n, ho, wo, f), dtype=np.result_type(x.dtype, kernel.dtype))
-    x = np.ascontiguousarray(x)   # a no-op for the engine's arrays; BLAS needs unit-stride kernel rows
+    x = np.ascontiguousarray(x)  # a no-op for the engine's arrays; BLAS needs unit-stride kernel rows
     sn, sh, sw, sc = x.strides
     shape, strides = (n, ho, wo, kw * c), (sn, sh * stride, sw * stride, sc)
     part = None
     for dy in range(kh):
-        rows = np.ndarray(shape, x.dtype, x, dy * sh, strides)   # a view straight on the buffer
+        rows = np.ndarray(shape, x.dtype, x, dy * sh, strides)  # a view straight on the buffer
         w_dy = kernel[dy].reshape(kw * c, f)
         if dy == 0:
             np.matmul(rows, w_dy, out=out)
@@ -192,8 +193,9 @@ def col2im(cols: np.ndarray, x_shape: tuple, kh: int, kw: int, stride: int) -> n
     return dx
 
 
-def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, stride: int,
-                    out: np.ndarray | None = None) -> np.ndarray:
+def conv_input_grad(
+    grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, stride: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """dL/dx of a valid convolution: the fused equivalent of ``col2im(grad @ W_mat.T)``.
 
     grad_out: (N, Ho, Wo, C_out), kernel: (kh, kw, C_in, C_out) -> (N, H, W, C_in).
@@ -214,7 +216,7 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
     blocks = np.empty((kh * kw, g.shape[0], cin), np.result_type(g.dtype, kernel.dtype))
     for offset in range(kh * kw):
         matmul_rows(g, kernel_t[offset], out=blocks[offset])
-    hp = (kh - 1) // s + ho        # plane size: enough for the furthest offset
+    hp = (kh - 1) // s + ho  # plane size: enough for the furthest offset
     wp = (kw - 1) // s + wo
     planes = {}
     for dy in range(kh):
@@ -223,7 +225,7 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
             key = (dy % s, dxo % s)
             qy, qx = dy // s, dxo // s
             plane = planes.get(key)
-            if plane is None:   # first offset of this phase: assign (no zero fill + add), zero only the rest
+            if plane is None:  # first offset of this phase: assign (no zero fill + add), zero only the rest
                 plane = planes[key] = np.empty((n, hp, wp, cin), dtype=blocks.dtype)
                 plane[:, :qy] = 0
                 plane[:, qy + ho :] = 0
@@ -235,12 +237,12 @@ def conv_input_grad(grad_out: np.ndarray, kernel: np.ndarray, x_shape: tuple, st
     if s == 1:
         dx = planes[(0, 0)]
         dx = dx if (hp, wp) == (h, w) else _crop_or_pad(dx, h, w)
-    elif out is not None and (hp * s, wp * s) == (h, w):   # interleave straight into ``out``
+    elif out is not None and (hp * s, wp * s) == (h, w):  # interleave straight into ``out``
         full = out.reshape(n, hp, s, wp, s, cin)
         for ry in range(s):
             for rx in range(s):
                 plane = planes.get((ry, rx))
-                if plane is None:    # a phase no kernel offset reaches (stride > kernel)
+                if plane is None:  # a phase no kernel offset reaches (stride > kernel)
                     full[:, :, ry, :, rx, :] = 0
                 else:
                     full[:, :, ry, :, rx, :] = plane
@@ -266,7 +268,9 @@ def _crop_or_pad(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
-def conv2d_reference(x: np.ndarray, kernel: np.ndarray, bias=None, stride: int = 1, padding: str = "valid") -> np.ndarray:
+def conv2d_reference(
+    x: np.ndarray, kernel: np.ndarray, bias=None, stride: int = 1, padding: str = "valid"
+) -> np.ndarray:
     """Naive loop convolution (cross-correlation, like Keras) for tests.
 
     x: (N, H, W, C_in), kernel: (kh, kw, C_in, C_out) -> (N, Ho, Wo, C_out).
@@ -319,7 +323,7 @@ def channel_moments(rows: np.ndarray, reps: int) -> tuple[int, np.ndarray, np.nd
     """
     c = rows.shape[1] // reps
     count = rows.shape[0] * reps
-    sums = np.ones(rows.shape[0], rows.dtype) @ rows          # column sums as a GEMV (fast)
+    sums = np.ones(rows.shape[0], rows.dtype) @ rows  # column sums as a GEMV (fast)
     mean = sums.reshape(reps, c).sum(axis=0, dtype=np.float64) / max(count, 1)
     centred = rows - np.tile(mean.astype(rows.dtype), reps)
     m2 = np.einsum("ij,ij->j", centred, centred).reshape(reps, c).sum(axis=0, dtype=np.float64)

@@ -46,8 +46,7 @@ def fold_batchnorm(conv: Conv2D, bn: BatchNorm | None) -> tuple[np.ndarray, np.n
     bias = conv.params["b"].astype(np.float64) if conv.use_bias else None
     if bn is None:
         return kernel, bias
-    scale = bn.params["gamma"].astype(np.float64) / np.sqrt(bn.state["moving_variance"].astype(np.float64)
-                                                            + bn.epsilon)
+    scale = bn.params["gamma"].astype(np.float64) / np.sqrt(bn.state["moving_variance"].astype(np.float64) + bn.epsilon)
     shift = bn.params["beta"] - bn.state["moving_mean"].astype(np.float64) * scale
     if bias is not None:
         shift = shift + bias * scale
@@ -92,12 +91,13 @@ class ConvOp(Op):
 
     x: (N, H, W, C) -> (N, Ho, Wo, F), or (N, Ho // p, Wo // p, F) with a pool of size p."""
 
-    def __init__(self, conv: Conv2D, bn: BatchNorm | None = None, relu: ReLU | None = None,
-                 pool: MaxPool2D | None = None):
+    def __init__(
+        self, conv: Conv2D, bn: BatchNorm | None = None, relu: ReLU | None = None, pool: MaxPool2D | None = None
+    ):
         self.conv, self.bn, self.relu, self.pool = conv, bn, relu, pool
         self.layers = tuple(layer for layer in (conv, bn, relu, pool) if layer is not None)
         k, s = conv.kernel_size, conv.strides
-        self.rows = s >= k and pool is None      # windows side by side: F.conv_rows, no columns matrix
+        self.rows = s >= k and pool is None  # windows side by side: F.conv_rows, no columns matrix
         self.output_shape = self.layers[-1].output_shape
         #: conv outputs computed (rows, columns): all, or the part a pool or the next op reads
         ho, wo = conv.output_shape[:2]
@@ -125,8 +125,12 @@ class ConvOp(Op):
     def sources(self):
         refs = [(self.conv, "params", "W")] + ([(self.conv, "params", "b")] if self.conv.use_bias else [])
         if self.bn is not None:
-            refs += [(self.bn, "params", "gamma"), (self.bn, "params", "beta"), (self.bn, "state", "moving_mean"),
-                     (self.bn, "state", "moving_variance")]
+            refs += [
+                (self.bn, "params", "gamma"),
+                (self.bn, "params", "beta"),
+                (self.bn, "state", "moving_mean"),
+                (self.bn, "state", "moving_variance"),
+            ]
         return refs
 
     def settings(self):
@@ -136,18 +140,20 @@ class ConvOp(Op):
         """((kernel: (kh, kw, C, F) for conv_rows, (kh*kw*C, F) for im2col; bias tiled over one output image
         or None; lower bound tiled likewise (the ReLU) or None), the bias handed to the next conv or None)."""
         kernel, bias = fold_batchnorm(self.conv, self.bn)
-        if shift is not None:   # a constant input shift is a constant output shift (valid padding)
+        if shift is not None:  # a constant input shift is a constant output shift (valid padding)
             moved = np.einsum("hwcf,c->f", kernel, shift)
             bias = moved if bias is None else bias + moved
         if not self.rows:
             kernel = kernel.reshape(-1, self.conv.filters)
         pixels = int(np.prod(self.output_shape[:2]))
         relu = self.relu is not None
-        if self.hands_bias and bias is not None:   # max(y, -b) here, + b in the next conv's bias
+        if self.hands_bias and bias is not None:  # max(y, -b) here, + b in the next conv's bias
             tiled = None, np.tile(-bias, pixels).astype(dtype) if relu else None
             return (np.ascontiguousarray(kernel, dtype), *tiled), bias
-        tiled = (None if bias is None else np.tile(bias, pixels).astype(dtype),
-                 F.zeros_vector(pixels * self.conv.filters, dtype) if relu else None)
+        tiled = (
+            None if bias is None else np.tile(bias, pixels).astype(dtype),
+            F.zeros_vector(pixels * self.conv.filters, dtype) if relu else None,
+        )
         return (np.ascontiguousarray(kernel, dtype), *tiled), None
 
     def run(self, x, prepared):
@@ -161,7 +167,7 @@ class ConvOp(Op):
             out = F.conv_rows(x, kernel, s, size=self.size)
         else:
             rows, cols = self.extent()
-            x = x[:, :rows, :cols]   # the whole input, unless a later conv reads only part of the output
+            x = x[:, :rows, :cols]  # the whole input, unless a later conv reads only part of the output
             if self.pool is None:
                 out = np.empty((n, *self.output_shape), kernel.dtype)
                 F.matmul_rows(F.im2col(x, k, k, s), kernel, out=out.reshape(-1, conv.filters))
@@ -179,7 +185,7 @@ class ConvOp(Op):
         k, s, p = self.conv.kernel_size, self.conv.strides, self.pool.pool_size
         hp, wp, f = self.output_shape
         n = x.shape[0]
-        cols = F.im2col_pooled(x, k, k, s, p)   # (p*p, N*Hp*Wp, K): the windows of each pool offset
+        cols = F.im2col_pooled(x, k, k, s, p)  # (p*p, N*Hp*Wp, K): the windows of each pool offset
         blocks = F.matmul_rows(cols.reshape(-1, kernel.shape[0]), kernel).reshape(p * p, n, hp, wp, f)
         pooled = blocks[0]
         for q in range(1, p * p):
@@ -294,28 +300,34 @@ class PredictPlan:
         self.ops = compile_ops(steps)
         for op, after in reversed(list(zip(self.ops, self.ops[1:]))):
             if isinstance(op, ConvOp) and isinstance(after, ConvOp) and after.reads() is not None:
-                op.crop(*after.reads())   # skip outputs no later conv reads
-                op.hands_bias = True      # the next conv sees no padding: it can add this op's bias
+                op.crop(*after.reads())  # skip outputs no later conv reads
+                op.hands_bias = True  # the next conv sees no padding: it can add this op's bias
         self.image_ops = 0
-        while (self.image_ops < len(self.ops) and not isinstance(self.ops[self.image_ops], DenseOp)
-               and len(self.ops[self.image_ops].layers[0].input_shape) == 3):
+        while (
+            self.image_ops < len(self.ops)
+            and not isinstance(self.ops[self.image_ops], DenseOp)
+            and len(self.ops[self.image_ops].layers[0].input_shape) == 3
+        ):
             self.image_ops += 1
         per_image = 0
         shape = tuple(input_shape)
-        for op in self.ops[: self.image_ops]:   # largest input + output of an image op, in float32 bytes
+        for op in self.ops[: self.image_ops]:  # largest input + output of an image op, in float32 bytes
             per_image = max(per_image, 4 * (int(np.prod(shape)) + 2 * int(np.prod(op.output_shape))))
             shape = op.output_shape
         self.per_image = per_image
         self.chunk = chunk_size(per_image, _CHUNK_BYTES)
         self._sources = [ref for op in self.ops for ref in op.sources()]
         self._settings = [ref for op in self.ops for ref in op.settings()]
-        self._prepared: tuple | None = None   # ((source bytes, settings, dtype), prepared weights per op)
+        self._prepared: tuple | None = None  # ((source bytes, settings, dtype), prepared weights per op)
 
     def prepare(self, dtype) -> list:
         """The ops' derived weights for the layers' current values (kept; prepared again when the bytes of
         any source array, a setting or the dtype differ from the last time)."""
-        key = ([getattr(layer, store)[name].tobytes() for layer, store, name in self._sources],
-               [getattr(layer, name) for layer, name in self._settings], dtype)
+        key = (
+            [getattr(layer, store)[name].tobytes() for layer, store, name in self._sources],
+            [getattr(layer, name) for layer, name in self._settings],
+            dtype,
+        )
         kept = self._prepared
         if kept is not None and kept[0] == key:
             return kept[1]
@@ -349,11 +361,11 @@ class PredictPlan:
         if n <= size:
             if n < 2 or n * self.per_image < _SPLIT_BYTES:
                 return chunk(0, n)
-            size = -(-n // 2)   # a batch that fits one chunk but is not tiny: two, one per engine thread
+            size = -(-n // 2)  # a batch that fits one chunk but is not tiny: two, one per engine thread
         out = np.empty((n, *ops[-1].output_shape), x.dtype)
 
         def write(a, b):
-            with engine_threads(1):   # layers inside a chunk do not cut it again
+            with engine_threads(1):  # layers inside a chunk do not cut it again
                 out[a:b] = chunk(a, b)
 
         map_chunks(write, n, size)

@@ -97,9 +97,7 @@ class ShapeError(UserInputError):
 
 def _check_rank(layer: Layer, input_shape: tuple, rank: int, what: str) -> None:
     if len(input_shape) != rank:
-        raise ShapeError(
-            f"{type(layer).__name__} expects {what} input (without batch), got shape {tuple(input_shape)}"
-        )
+        raise ShapeError(f"{type(layer).__name__} expects {what} input (without batch), got shape {tuple(input_shape)}")
 
 
 def _init_kernel(rng: np.random.Generator, shape: tuple, fan_in: int, fan_out: int, method: str) -> np.ndarray:
@@ -138,8 +136,17 @@ class Conv2D(Layer):
 
     regularized = ("W",)
 
-    def __init__(self, filters: int, kernel_size=3, strides=1, padding: str = "valid", use_bias: bool = True,
-                 kernel_initializer: str = "glorot_uniform", name=None, trainable=True):
+    def __init__(
+        self,
+        filters: int,
+        kernel_size=3,
+        strides=1,
+        padding: str = "valid",
+        use_bias: bool = True,
+        kernel_initializer: str = "glorot_uniform",
+        name=None,
+        trainable=True,
+    ):
         super().__init__(name, trainable)
         self.filters = int(filters)
         self.kernel_size = _as_pair(kernel_size, "kernel_size")[0]
@@ -164,8 +171,9 @@ class Conv2D(Layer):
     def build(self, input_shape, rng):
         out = super().build(input_shape, rng)
         k, cin = self.kernel_size, self.input_shape[2]
-        self.params["W"] = _init_kernel(rng, (k, k, cin, self.filters), k * k * cin, k * k * self.filters,
-                                        self.kernel_initializer)
+        self.params["W"] = _init_kernel(
+            rng, (k, k, cin, self.filters), k * k * cin, k * k * self.filters, self.kernel_initializer
+        )
         if self.use_bias:
             self.params["b"] = np.zeros(self.filters, np.float32)
         return out
@@ -221,7 +229,7 @@ class Conv2D(Layer):
         keep_cols = cache and self.trainable and pixels * w_mat.shape[0] <= h * w * x.shape[3]
         all_cols = np.empty((n * pixels, w_mat.shape[0]), x.dtype) if keep_cols else None
 
-        def chunk(a, b):   # im2col + the one GEMM on a cache-sized chunk of images, written in place
+        def chunk(a, b):  # im2col + the one GEMM on a cache-sized chunk of images, written in place
             if before is not None:
                 before(a, b)
             rows = out[a:b].reshape(-1, self.filters)
@@ -256,7 +264,7 @@ class Conv2D(Layer):
         need_input_grad = need_input_grad or after is not None
         dx = np.empty(x.shape, dtype=dtype) if need_input_grad else None
 
-        def chunk(a, b):   # (dW, db) partials of the chunk; dx rows written in place
+        def chunk(a, b):  # (dW, db) partials of the chunk; dx rows written in place
             if before is not None:
                 before(a, b)
             g = grad_out[a:b].reshape(-1, f)
@@ -273,9 +281,9 @@ class Conv2D(Layer):
             return parts
 
         results = map_chunks(chunk, n, self._chunk(x.shape, dtype))
-        if self.trainable:   # chunk partials summed in chunk order: same result for any thread count
+        if self.trainable:  # chunk partials summed in chunk order: same result for any thread count
             self.grads["W"] = ordered_sum([p[0] for p in results]).reshape(self.params["W"].shape)
-            if self.use_bias:   # GEMV sums: faster than g.sum(axis=0)
+            if self.use_bias:  # GEMV sums: faster than g.sum(axis=0)
                 self.grads["b"] = ordered_sum([p[1] for p in results])
         if dx is None:
             return None
@@ -285,9 +293,15 @@ class Conv2D(Layer):
         return dx
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
-                "strides": self.strides, "padding": self.padding, "use_bias": self.use_bias,
-                "kernel_initializer": self.kernel_initializer}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "use_bias": self.use_bias,
+            "kernel_initializer": self.kernel_initializer,
+        }
 
 
 class BatchNorm(Layer):
@@ -318,7 +332,7 @@ class BatchNorm(Layer):
     def _view(x: np.ndarray) -> tuple[np.ndarray, int]:
         """x as a 2-D (rows, W*C) array and the repeat W, for the reductions (column sums as GEMVs over
         many rows): per-channel vectors are tiled W times so that every operation runs over long rows."""
-        reps = x.shape[-2] if x.ndim >= 3 and x.size >= 4096 else 1   # tiny: tiling costs more than it saves
+        reps = x.shape[-2] if x.ndim >= 3 and x.size >= 4096 else 1  # tiny: tiling costs more than it saves
         return x.reshape(-1, reps * x.shape[-1]), reps
 
     @staticmethod
@@ -356,10 +370,11 @@ class BatchNorm(Layer):
         """
         batch_stats = self.uses_batch_statistics(training)
         if batch_stats:
-            if moments is None:   # per-chunk moments combined exactly (Chan): as exact as a two-pass variance
+            if moments is None:  # per-chunk moments combined exactly (Chan): as exact as a two-pass variance
                 rows, reps = self._view(x)
-                moments = F.combine_moments(map_chunks(lambda a, b: F.channel_moments(rows[a:b], reps),
-                                                       rows.shape[0], self._per_chunk(rows)))
+                moments = F.combine_moments(
+                    map_chunks(lambda a, b: F.channel_moments(rows[a:b], reps), rows.shape[0], self._per_chunk(rows))
+                )
             mean, var = moments
             mom = self.momentum
             for key, value in (("moving_mean", mean), ("moving_variance", var)):
@@ -371,19 +386,19 @@ class BatchNorm(Layer):
         inv_std = (1.0 / np.sqrt(var + self.epsilon)).astype(x.dtype)
         scale = (self.params["gamma"] * inv_std).astype(x.dtype)
         shift = (self.params["beta"] - mean * scale).astype(x.dtype)
-        flat, reps = self._image_view(x)                 # (N, features)
+        flat, reps = self._image_view(x)  # (N, features)
         scale_t, shift_t = np.tile(scale, reps), np.tile(shift, reps)
         zeros = F.zeros_vector(scale_t.size, x.dtype) if relu else None
         out = np.empty_like(flat)
 
-        def normalise(a, b):   # x * scale + shift (then max(., 0)) of images a:b, in place in the output
+        def normalise(a, b):  # x * scale + shift (then max(., 0)) of images a:b, in place in the output
             o = out[a:b]
             np.multiply(flat[a:b], scale_t, out=o)
             o += shift_t
             if zeros is not None:
                 np.maximum(o, zeros, out=o)
 
-        if cache:   # the input (not x - mean): backward recomputes the centring chunk by chunk
+        if cache:  # the input (not x - mean): backward recomputes the centring chunk by chunk
             self._cache = (x, mean, inv_std, batch_stats)
         return Pending(out.reshape(x.shape), normalise, self._per_chunk(flat))
 
@@ -401,7 +416,7 @@ class BatchNorm(Layer):
         """
         x, mean, _, _ = self._need_cache()
         rows, reps = self._view(x)
-        per = rows.shape[0] // x.shape[0]                # rows per image
+        per = rows.shape[0] // x.shape[0]  # rows per image
         mean_t = np.tile(mean, reps)
         relu_rows = None if relu_out is None else relu_out.reshape(rows.shape)
 
@@ -433,12 +448,12 @@ class BatchNorm(Layer):
         g_img, reps_img = self._image_view(grad_out)
         x_img, _ = self._image_view(x)
         chunk = self._per_chunk(g_img)
-        if sums is not None:   # masked in place by the hook: dx overwrites the masked gradient
+        if sums is not None:  # masked in place by the hook: dx overwrites the masked gradient
             dx, src = g_img, g_img
             parts = sums.ordered()
         else:
             dx = np.empty_like(g_img)
-            src = dx if relu_out is not None else g_img      # the ReLU-masked gradient goes into dx first
+            src = dx if relu_out is not None else g_img  # the ReLU-masked gradient goes into dx first
             hook = self.grad_sums_hook(None)
             relu_img = None if relu_out is None else relu_out.reshape(g_img.shape)
 
@@ -452,7 +467,7 @@ class BatchNorm(Layer):
         reps_row = parts[0][0].shape[0] // c
         fold = lambda v: v.reshape(reps_row, c).sum(axis=0)  # noqa: E731  (W*C,) -> (C,), fixed order
         dbeta = fold(ordered_sum([p[0] for p in parts]))
-        dgamma = fold(ordered_sum([p[1] for p in parts])) * inv_std      # sum(g * x_hat)
+        dgamma = fold(ordered_sum([p[1] for p in parts])) * inv_std  # sum(g * x_hat)
         self._set_grad("gamma", dgamma)
         self._set_grad("beta", dbeta)
         if not need_input_grad:
@@ -473,6 +488,7 @@ class BatchNorm(Layer):
                 np.multiply(src[a:b], scale_t, out=d)
                 d -= correction
         else:
+
             def input_grad(a, b):
                 np.multiply(src[a:b], scale_t, out=dx[a:b])
 
@@ -497,15 +513,16 @@ class ReLU(Layer):
     def forward(self, x, training=False, cache=True):
         flat_x = x.reshape(x.shape[0], -1)
         zeros = F.zeros_vector(flat_x.shape[1], x.dtype)
-        if x.size < _SMALL:   # not worth the chunk machinery
+        if x.size < _SMALL:  # not worth the chunk machinery
             out = np.maximum(flat_x, zeros).reshape(x.shape)
             if cache:
                 self._cache = out
             return out
         out = np.empty_like(x)
         flat_out = out.reshape(x.shape[0], -1)
-        map_chunks(lambda a, b: np.maximum(flat_x[a:b], zeros, out=flat_out[a:b]), x.shape[0],
-                   _elementwise_chunk(flat_x))
+        map_chunks(
+            lambda a, b: np.maximum(flat_x[a:b], zeros, out=flat_out[a:b]), x.shape[0], _elementwise_chunk(flat_x)
+        )
         if cache:
             self._cache = out
         return out
@@ -526,8 +543,11 @@ class ReLU(Layer):
             return grad_out * (out > 0)
         dx = np.empty_like(grad_out)
         flat_g, flat_out, flat_dx = (a.reshape(a.shape[0], -1) for a in (grad_out, out, dx))
-        map_chunks(lambda a, b: np.multiply(flat_g[a:b], flat_out[a:b] > 0, out=flat_dx[a:b]), dx.shape[0],
-                   _elementwise_chunk(flat_g))
+        map_chunks(
+            lambda a, b: np.multiply(flat_g[a:b], flat_out[a:b] > 0, out=flat_dx[a:b]),
+            dx.shape[0],
+            _elementwise_chunk(flat_g),
+        )
         return dx
 
 
@@ -662,7 +682,7 @@ class MaxPool2D(Layer):
         windows = x[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c)
         hit = windows == out[:, :, None, :, None, :]
         seen = None
-        for dy in range(p):        # keep only the first maximum of each window (TF routes to one element)
+        for dy in range(p):  # keep only the first maximum of each window (TF routes to one element)
             for dx_ in range(p):
                 cell = hit[:, :, dy, :, dx_, :]
                 if seen is None:
@@ -670,8 +690,7 @@ class MaxPool2D(Layer):
                 else:
                     cell &= ~seen
                     seen |= cell
-        np.multiply(hit, grad_out[:, :, None, :, None, :],
-                    out=dx[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c))
+        np.multiply(hit, grad_out[:, :, None, :, None, :], out=dx[:, : ho * p, : wo * p, :].reshape(n, ho, p, wo, p, c))
         dx[:, ho * p :, :, :] = 0
         dx[:, : ho * p, wo * p :, :] = 0
 
@@ -726,8 +745,9 @@ class Dense(Layer):
 
     regularized = ("W",)
 
-    def __init__(self, units: int, use_bias: bool = True, kernel_initializer: str = "glorot_uniform",
-                 name=None, trainable=True):
+    def __init__(
+        self, units: int, use_bias: bool = True, kernel_initializer: str = "glorot_uniform", name=None, trainable=True
+    ):
         super().__init__(name, trainable)
         self.units = int(units)
         self.use_bias = bool(use_bias)
@@ -770,10 +790,12 @@ class Dense(Layer):
         x = self._need_cache()
         tasks = []
         if self.trainable:
+
             def weight_grads():
                 self.grads["W"] = x.T @ grad_out
                 if self.use_bias:
                     self.grads["b"] = np.ones(grad_out.shape[0], grad_out.dtype) @ grad_out
+
             tasks.append(weight_grads)
         dx = []
         if need_input_grad:
@@ -787,8 +809,12 @@ class Dense(Layer):
         return dx[0] if dx else None
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
-                "kernel_initializer": self.kernel_initializer}
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "use_bias": self.use_bias,
+            "kernel_initializer": self.kernel_initializer,
+        }
 
 
 class Dropout(Layer):
@@ -849,8 +875,7 @@ class Softmax(Layer):
 #: The only classes a model file may name (io.py builds nothing else).
 LAYER_CLASSES: dict[str, type[Layer]] = {
     cls.__name__: cls
-    for cls in (Conv2D, BatchNorm, ReLU, LeakyReLU, MaxPool2D, GlobalAveragePooling2D, Flatten, Dense, Dropout,
-                Softmax)
+    for cls in (Conv2D, BatchNorm, ReLU, LeakyReLU, MaxPool2D, GlobalAveragePooling2D, Flatten, Dense, Dropout, Softmax)
 }
 
 
@@ -862,9 +887,7 @@ def layer_from_config(config: dict) -> Layer:
     cls_name = kwargs.pop("class")
     cls = LAYER_CLASSES.get(cls_name)
     if cls is None:
-        raise UserInputError(
-            f"unknown layer class {cls_name!r}; supported: {', '.join(sorted(LAYER_CLASSES))}"
-        )
+        raise UserInputError(f"unknown layer class {cls_name!r}; supported: {', '.join(sorted(LAYER_CLASSES))}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -57,9 +57,9 @@ class WeightedSoftmaxCrossEntropy:
         z -= z.max(axis=1, keepdims=True)
         log_norm = np.log(np.exp(z).sum(axis=1))
         rows = np.arange(n)
-        ce = log_norm - z[rows, y]                         # (N,)
-        probs = np.exp(z - log_norm[:, None])              # softmax
-        probs[rows, y] -= 1.0                              # dCE/dlogits = p - onehot
+        ce = log_norm - z[rows, y]  # (N,)
+        probs = np.exp(z - log_norm[:, None])  # softmax
+        probs[rows, y] -= 1.0  # dCE/dlogits = p - onehot
         sample_w = np.ones(n) if w is None else w[y]
         loss = float(np.sum(sample_w * ce) / max(n, 1))
         grad = probs * (sample_w / max(n, 1))[:, None]

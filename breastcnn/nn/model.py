@@ -49,8 +49,13 @@ from breastcnn.nn.parallel import (
 )
 from breastcnn.nn.steps import Step, compile_steps, run_backward, run_forward
 
-_DEFAULT_NAMES = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "BatchNorm": "batch_norm", "MaxPool2D": "max_pool2d",
-                  "GlobalAveragePooling2D": "global_average_pooling2d"}
+_DEFAULT_NAMES = {
+    "ReLU": "relu",
+    "LeakyReLU": "leaky_relu",
+    "BatchNorm": "batch_norm",
+    "MaxPool2D": "max_pool2d",
+    "GlobalAveragePooling2D": "global_average_pooling2d",
+}
 
 
 def _snake(name: str) -> str:
@@ -80,8 +85,14 @@ class Sequential:
 
     framework = "numpy"
 
-    def __init__(self, layers: list[Layer], input_shape: tuple | None = None, seed: int = 0,
-                 meta: dict | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        layers: list[Layer],
+        input_shape: tuple | None = None,
+        seed: int = 0,
+        meta: dict | None = None,
+        threads: int | None = None,
+    ):
         self.layers: list[Layer] = list(layers)
         self.meta: dict = dict(meta or {})
         self.input_shape: tuple | None = None
@@ -123,8 +134,8 @@ class Sequential:
         for layer in self.layers:
             shape = layer.build(shape, rng)
         self.output_shape = shape
-        self._plans = {}   # shapes may have changed
-        for stop in {len(self.layers), self.logits_index + 1}:   # compile the plans of forward and logits now
+        self._plans = {}  # shapes may have changed
+        for stop in {len(self.layers), self.logits_index + 1}:  # compile the plans of forward and logits now
             self._steps(0, stop)
         return shape
 
@@ -196,7 +207,7 @@ class Sequential:
         """
         x = self._check_input(x)
         n = len(self.layers)
-        if return_activations:   # every layer's output: the layers run one by one
+        if return_activations:  # every layer's output: the layers run one by one
             acts: list[np.ndarray] = []
             out = run_forward(self._steps(0, n, fuse=False), x, training, True, acts)
             return out, acts
@@ -223,7 +234,7 @@ class Sequential:
 
     def predict_plan(self) -> PredictPlan:
         """The plan ``predict`` runs (``nn/inference.py``), compiled from ``steps`` and kept with them."""
-        steps = self.steps   # drops every kept plan when the layer list changed
+        steps = self.steps  # drops every kept plan when the layer list changed
         plan = self._plans.get("predict")
         if plan is None:
             plan = self._plans["predict"] = PredictPlan(steps, self.input_shape)
@@ -241,10 +252,10 @@ class Sequential:
         if self._fuse:
             plan = self.predict_plan()
             prepared = plan.prepare(self.dtype)
-            run = lambda xb: plan.run(xb, prepared)   # noqa: E731
+            run = lambda xb: plan.run(xb, prepared)  # noqa: E731
         else:
             steps = self._steps(0, len(self.layers))
-            run = lambda xb: run_forward(steps, xb, False, False)   # noqa: E731
+            run = lambda xb: run_forward(steps, xb, False, False)  # noqa: E731
         engine = resolve_jobs(self.threads) if jobs == 1 else None
         with blas_threads(self.blas_threads), engine_threads(engine):
             out = map_batches(run, x, batch_size, jobs)
@@ -322,13 +333,21 @@ class Sequential:
     # -- parameters -----------------------------------------------------------
     def parameters(self) -> dict[str, np.ndarray]:
         """Trainable arrays (the live arrays, updated in place by the optimizer)."""
-        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) if layer.trainable
-                for k, v in layer.params.items()}
+        return {
+            f"layers.{i}.{k}": v
+            for i, layer in enumerate(self.layers)
+            if layer.trainable
+            for k, v in layer.params.items()
+        }
 
     def gradients(self) -> dict[str, np.ndarray]:
         """Gradients from the last backward, same keys as ``parameters()``."""
-        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) if layer.trainable
-                for k, v in layer.grads.items()}
+        return {
+            f"layers.{i}.{k}": v
+            for i, layer in enumerate(self.layers)
+            if layer.trainable
+            for k, v in layer.grads.items()
+        }
 
     def buffers(self) -> dict[str, np.ndarray]:
         """Non-trainable state (BatchNorm moving statistics)."""
@@ -386,10 +405,16 @@ class Sequential:
         fmt = lambda r: f"{r[0]:<{widths[0]}}   {r[1]:<{widths[1]}}   {r[2]:>{widths[2]}}"  # noqa: E731
         counts = self.count_params()
         total = counts["trainable"] + counts["non_trainable"]
-        body = [fmt(rows[0]), line, *map(fmt, rows[1:]), line,
-                f"Input shape: (None, {', '.join(map(str, self.input_shape or ()))})",
-                f"Total params: {total:,}", f"Trainable params: {counts['trainable']:,}",
-                f"Non-trainable params: {counts['non_trainable']:,}"]
+        body = [
+            fmt(rows[0]),
+            line,
+            *map(fmt, rows[1:]),
+            line,
+            f"Input shape: (None, {', '.join(map(str, self.input_shape or ()))})",
+            f"Total params: {total:,}",
+            f"Trainable params: {counts['trainable']:,}",
+            f"Non-trainable params: {counts['non_trainable']:,}",
+        ]
         return "\n".join(body)
 
     def freeze(self, upto: int) -> None:
@@ -400,8 +425,11 @@ class Sequential:
                 layer.grads = {}
 
     def get_config(self) -> dict:
-        return {"input_shape": list(self.input_shape or ()), "layers": [layer.get_config() for layer in self.layers],
-                "meta": self.meta}
+        return {
+            "input_shape": list(self.input_shape or ()),
+            "layers": [layer.get_config() for layer in self.layers],
+            "meta": self.meta,
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.layers)} layers, input_shape={self.input_shape}, meta={self.meta})"

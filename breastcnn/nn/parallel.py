@@ -39,7 +39,7 @@ def _blas_controllers() -> list:
     return _blas_libs
 
 
-class blas_threads:   # noqa: N801  (a context manager used like a function)
+class blas_threads:  # noqa: N801  (a context manager used like a function)
     """Limit BLAS threads to ``n`` inside the block (None: leave as is).
 
     Sets and restores only libraries not already at ``n``, through the controllers found once:
@@ -118,7 +118,7 @@ def map_batches(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_siz
 
 # -- engine threads: chunks of one batch, inside a layer ----------------------------------------------------------
 
-_local = threading.local()          # per calling thread: how many engine threads its layers may use
+_local = threading.local()  # per calling thread: how many engine threads its layers may use
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -128,7 +128,7 @@ def current_threads() -> int:
     return getattr(_local, "threads", 1)
 
 
-class engine_threads:   # noqa: N801  (a context manager used like a function)
+class engine_threads:  # noqa: N801  (a context manager used like a function)
     """Let layers run their batch chunks on ``n`` threads inside the block (None: leave as is; <= 0: all cores).
 
     Only the calling thread is affected (joblib workers of ``predict(jobs=...)`` keep 1).
@@ -192,7 +192,7 @@ def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
     (a busy core simply takes fewer); the calling thread works too. ``fn``
     must only write to its own rows of shared outputs.
     """
-    if n <= chunk:            # one chunk (small batches, batch-1 inference): no bookkeeping
+    if n <= chunk:  # one chunk (small batches, batch-1 inference): no bookkeeping
         return [fn(0, n)]
     ranges = chunk_ranges(n, chunk)
     threads = min(current_threads(), len(ranges))
@@ -203,7 +203,7 @@ def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
     results: list = [None] * len(ranges)
     errors: list = []
     lock = threading.Condition()
-    state = {"next": 0, "busy": 0}     # next chunk to claim; chunks claimed by pool threads and not done
+    state = {"next": 0, "busy": 0}  # next chunk to claim; chunks claimed by pool threads and not done
 
     def claim(worker: bool) -> int:
         with lock:
@@ -217,7 +217,7 @@ def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
         while (i := claim(worker)) < len(ranges):
             try:
                 results[i] = fn(*ranges[i])
-            except BaseException as exc:   # re-raised in the calling thread
+            except BaseException as exc:  # re-raised in the calling thread
                 errors.append(exc)
             finally:
                 if worker:
@@ -225,7 +225,7 @@ def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:
                         state["busy"] -= 1
                         lock.notify_all()
 
-    with blas_threads(1):                  # BLAS limits are process-wide: one BLAS thread per engine thread
+    with blas_threads(1):  # BLAS limits are process-wide: one BLAS thread per engine thread
         pool = _executor(threads - 1)
         for _ in range(threads - 1):
             pool.submit(work, True)
@@ -249,6 +249,7 @@ def ordered_sum(parts: list):
 
 
 # -- chunk hooks between neighbouring layers ------------------------------------------------------------------------
+
 
 class Pending:
     """An (N, ...) ``array`` whose rows may not be written yet: ``fill(a, b)`` writes rows ``a:b``.

@@ -83,10 +83,23 @@ class CosineDecay:
 class ReduceOnPlateau:
     """Multiply lr by ``factor`` when the metric has not improved for ``patience`` updates."""
 
-    def __init__(self, initial_lr: float, factor: float = 0.1, patience: int = 5, mode: str = "min",
-                 min_delta: float = 0.0, min_lr: float = 0.0, cooldown: int = 0):
+    def __init__(
+        self,
+        initial_lr: float,
+        factor: float = 0.1,
+        patience: int = 5,
+        mode: str = "min",
+        min_delta: float = 0.0,
+        min_lr: float = 0.0,
+        cooldown: int = 0,
+    ):
         self.lr, self.factor, self.patience = float(initial_lr), float(factor), int(patience)
-        self.mode, self.min_delta, self.min_lr, self.cooldown = _check_mode(mode), float(min_delta), float(min_lr), int(cooldown)
+        self.mode, self.min_delta, self.min_lr, self.cooldown = (
+            _check_mode(mode),
+            float(min_delta),
+            float(min_lr),
+            int(cooldown),
+        )
         self.best: float | None = None
         self.wait = 0
         self.cooldown_left = 0
@@ -154,8 +167,14 @@ class EarlyStopping:
         return improved
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "best_at": self.best_at, "step": self.step,
-                "wait": self.wait, "should_stop": self.should_stop}
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "best_at": self.best_at,
+            "step": self.step,
+            "wait": self.wait,
+            "should_stop": self.should_stop,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]

@@ -80,8 +80,9 @@ class Step:
     def forward(self, x: Pending, training: bool, cache: bool) -> Pending:
         raise NotImplementedError
 
-    def backward(self, grad: Pending, sums: ChunkResults | None, after: ChunkResults | None,
-                 need_input_grad: bool) -> Pending | None:
+    def backward(
+        self, grad: Pending, sums: ChunkResults | None, after: ChunkResults | None, need_input_grad: bool
+    ) -> Pending | None:
         """dL/d(output of this step) -> dL/d(input of this step), filling the layers' ``grads``.
 
         sums: this step's own ``grad_hook()``, already run by the step above on every chunk of
@@ -215,8 +216,9 @@ def compile_steps(layers: list[Layer], start: int = 0, fuse: bool = True) -> lis
     return steps
 
 
-def run_forward(steps: list[Step], x: np.ndarray, training: bool, cache: bool,
-                activations: list | None = None) -> np.ndarray:
+def run_forward(
+    steps: list[Step], x: np.ndarray, training: bool, cache: bool, activations: list | None = None
+) -> np.ndarray:
     """Output of ``steps`` for input ``x``; ``activations``: a list that gets each step's output."""
     flow = Pending(x)
     for step in steps:

@@ -96,35 +96,66 @@ class TrainConfig:
         self = self.resolved()
         optional = lambda value, ok: value is None or ok(value)  # noqa: E731 (one of a unit pair is None)
         checks = [
-            (self.arch.removesuffix("-finetuned") in NUMPY_ARCHS, "--arch", self.arch,
-             f"must be one of {', '.join(NUMPY_ARCHS)} (train vgg16/resnet50/custom-keras with "
-             "'breastcnn finetune --arch NAME')"),
+            (
+                self.arch.removesuffix("-finetuned") in NUMPY_ARCHS,
+                "--arch",
+                self.arch,
+                f"must be one of {', '.join(NUMPY_ARCHS)} (train vgg16/resnet50/custom-keras with "
+                "'breastcnn finetune --arch NAME')",
+            ),
             (self.epochs >= 1, "--epochs", self.epochs, "must be >= 1"),
             (self.batch_size >= 1, "--batch-size", self.batch_size, "must be >= 1"),
             (math.isfinite(self.lr) and self.lr > 0, "--lr", self.lr, "must be > 0"),
             (math.isfinite(self.l2) and self.l2 >= 0, "--l2", self.l2, "must be >= 0"),
-            (self.class_weights in CLASS_WEIGHT_MODES, "--class-weights", self.class_weights,
-             f"must be one of {', '.join(CLASS_WEIGHT_MODES)}"),
+            (
+                self.class_weights in CLASS_WEIGHT_MODES,
+                "--class-weights",
+                self.class_weights,
+                f"must be one of {', '.join(CLASS_WEIGHT_MODES)}",
+            ),
             (self.evals_per_epoch >= 1, "--evals-per-epoch", self.evals_per_epoch, "must be >= 1"),
             (optional(self.patience, lambda v: v >= 1), "--patience", self.patience, "must be >= 1 (evaluations)"),
-            (optional(self.patience_epochs, lambda v: math.isfinite(v) and v > 0), "--patience-epochs",
-             self.patience_epochs, "must be > 0 (epochs; fractions allowed)"),
-            (math.isfinite(self.min_epochs) and self.min_epochs >= 0, "--min-epochs", self.min_epochs,
-             "must be >= 0"),
+            (
+                optional(self.patience_epochs, lambda v: math.isfinite(v) and v > 0),
+                "--patience-epochs",
+                self.patience_epochs,
+                "must be > 0 (epochs; fractions allowed)",
+            ),
+            (math.isfinite(self.min_epochs) and self.min_epochs >= 0, "--min-epochs", self.min_epochs, "must be >= 0"),
             (0 < self.lr_decay <= 1, "--lr-decay", self.lr_decay, "must be in (0, 1] (1 = constant LR)"),
-            (optional(self.lr_decay_every, lambda v: v >= 1), "--lr-decay-every", self.lr_decay_every,
-             "must be >= 1 (evaluations)"),
-            (optional(self.lr_decay_epochs, lambda v: math.isfinite(v) and v > 0), "--lr-decay-epochs",
-             self.lr_decay_epochs, "must be > 0 (epochs; fractions allowed)"),
+            (
+                optional(self.lr_decay_every, lambda v: v >= 1),
+                "--lr-decay-every",
+                self.lr_decay_every,
+                "must be >= 1 (evaluations)",
+            ),
+            (
+                optional(self.lr_decay_epochs, lambda v: math.isfinite(v) and v > 0),
+                "--lr-decay-epochs",
+                self.lr_decay_epochs,
+                "must be > 0 (epochs; fractions allowed)",
+            ),
             (self.monitor in MONITORS, "--monitor", self.monitor, f"must be one of {', '.join(MONITORS)}"),
             (8 <= self.image_size <= 2048, "--image-size", self.image_size, "must be between 8 and 2048"),
-            (self.preprocess in PREPROCESS_MODES, "--preprocess", self.preprocess,
-             f"must be one of {', '.join(PREPROCESS_MODES)}"),
-            (self.activation in ACTIVATIONS, "--activation", self.activation,
-             f"must be one of {', '.join(ACTIVATIONS)}"),
+            (
+                self.preprocess in PREPROCESS_MODES,
+                "--preprocess",
+                self.preprocess,
+                f"must be one of {', '.join(PREPROCESS_MODES)}",
+            ),
+            (
+                self.activation in ACTIVATIONS,
+                "--activation",
+                self.activation,
+                f"must be one of {', '.join(ACTIVATIONS)}",
+            ),
             (self.jobs >= 1 or self.jobs == -1, "--jobs", self.jobs, "must be >= 1 (or -1 for all cores)"),
-            (self.threads is None or self.threads >= 1, "--threads", self.threads,
-             "must be >= 1 (default: all available cores)"),
+            (
+                self.threads is None or self.threads >= 1,
+                "--threads",
+                self.threads,
+                "must be >= 1 (default: all available cores)",
+            ),
             (self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1"),
             (self.seed >= 0, "--seed", self.seed, "must be >= 0"),
             (self.task in TASKS, "--task", self.task, f"must be one of {', '.join(TASKS)}"),
@@ -138,9 +169,15 @@ class TrainConfig:
     def training_schedule(self, steps_per_epoch: int) -> TrainingSchedule:
         """The :class:`~breastcnn.training.recipes.TrainingSchedule` of this resolved config (both loops use it)."""
         return TrainingSchedule(
-            lr=self.lr, lr_decay=self.lr_decay, monitor=self.monitor, evals_per_epoch=self.evals_per_epoch,
-            steps_per_epoch=steps_per_epoch, lr_decay_every=self.lr_decay_every,
-            lr_decay_epochs=self.lr_decay_epochs, patience=self.patience, patience_epochs=self.patience_epochs,
+            lr=self.lr,
+            lr_decay=self.lr_decay,
+            monitor=self.monitor,
+            evals_per_epoch=self.evals_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            lr_decay_every=self.lr_decay_every,
+            lr_decay_epochs=self.lr_decay_epochs,
+            patience=self.patience,
+            patience_epochs=self.patience_epochs,
             min_epochs=self.min_epochs,
         )
 
@@ -175,7 +212,14 @@ class TrainConfig:
                 raise UserInputError(f"{where} '{f.name}' must be {names}, got {value!r}")
 
 
-_OPTION_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
-                 "float": (float, int), "float | None": (float, int, type(None)), "bool": (bool,),
-                 "bool | None": (bool, type(None))}
+_OPTION_TYPES = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "int": (int,),
+    "int | None": (int, type(None)),
+    "float": (float, int),
+    "float | None": (float, int, type(None)),
+    "bool": (bool,),
+    "bool | None": (bool, type(None)),
+}
 """JSON types accepted for each TrainConfig field type (bool is never taken for a number)."""

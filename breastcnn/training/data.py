@@ -34,12 +34,18 @@ def carve_validation(split: Split, seed: int = 0) -> Split:
     carved = split_by_patient([r.record for r in train_rows], (1 - VAL_CARVE_FRACTION, VAL_CARVE_FRACTION, 0.0), seed)
     rows = carved + [r for r in split.rows if r.split != "train"]
     digest = hashlib.sha256(f"{split.hash}:carve-val:{VAL_CARVE_FRACTION}:{seed}".encode()).hexdigest()
-    return Split(dir=split.dir, root=split.root, rows=rows, hash=digest,
-                 info={**split.info, "validation": f"carved from train (seed {seed})"})
+    return Split(
+        dir=split.dir,
+        root=split.root,
+        rows=rows,
+        hash=digest,
+        info={**split.info, "validation": f"carved from train (seed {seed})"},
+    )
 
 
-def load_train_data(split: Split, image_size: int, preprocess_mode: str, jobs: int, on_message,
-                    task: str = "binary", normaliser=None) -> TrainData:
+def load_train_data(
+    split: Split, image_size: int, preprocess_mode: str, jobs: int, on_message, task: str = "binary", normaliser=None
+) -> TrainData:
     """Train and val images of ``split`` at ``image_size`` (cached; stain-normalised by ``normaliser`` when
     given), labels of ``task``; ``on_message`` announces a cache build."""
     arrays = {}

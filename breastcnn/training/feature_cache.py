@@ -78,8 +78,9 @@ class FeatureTable:
         index = {p: i for i, p in enumerate(self.paths.tolist())}
         missing = [p for p in paths if p not in index]
         if missing:
-            raise UserInputError(f"{self.file}: no features for {missing[0]} ({len(missing)} image(s)); "
-                                 "delete the file to rebuild it")
+            raise UserInputError(
+                f"{self.file}: no features for {missing[0]} ({len(missing)} image(s)); delete the file to rebuild it"
+            )
         return self.features[[index[p] for p in paths]]
 
 
@@ -95,13 +96,28 @@ def weights_identity(arch: str, weights: str | None, seed: int) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def feature_key(arch: str, weights_id: str, image_size: int, preprocess: str, data_root: str,
-                paths: Sequence[str], keras_version: str) -> str:
+def feature_key(
+    arch: str,
+    weights_id: str,
+    image_size: int,
+    preprocess: str,
+    data_root: str,
+    paths: Sequence[str],
+    keras_version: str,
+) -> str:
     """SHA-256 (hex) over everything the cached features depend on (see the module docstring)."""
     manifest = hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
-    ident = {"format": CACHE_FORMAT, "arch": arch, "weights": weights_id, "image_size": int(image_size),
-             "preprocess": preprocess, "data_root": str(data_root), "manifest": manifest, "keras": keras_version,
-             "layer": FEATURE_LAYER}
+    ident = {
+        "format": CACHE_FORMAT,
+        "arch": arch,
+        "weights": weights_id,
+        "image_size": int(image_size),
+        "preprocess": preprocess,
+        "data_root": str(data_root),
+        "manifest": manifest,
+        "keras": keras_version,
+        "layer": FEATURE_LAYER,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -109,8 +125,9 @@ def build_backbone(arch: str, image_size: int, weights: str | None, seed: int):
     """The full classifier with every base layer frozen (``trainable_layers=0``)."""
     if arch not in PROBE_ARCHS:
         raise UserInputError(f"--trainable-layers 0 (linear probe) applies to {', '.join(PROBE_ARCHS)}, not {arch}")
-    classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
-                                trainable_layers=0)
+    classifier = BUILDERS[arch](
+        input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights, trainable_layers=0
+    )
     reseed_random_weights(classifier.model, seed, head_only=str(weights).lower() != "none")
     return classifier
 
@@ -159,9 +176,16 @@ def _read(file: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None  # unreadable or partial: rebuilt (the writer is atomic, so this is a foreign file)
 
 
-def ensure_features(classifier, weights: str | None, seed: int, data_root: str | Path, paths: Sequence[str],
-                    cache_dir: str | Path, progress: Callable[[str], None] | None = None,
-                    batch_size: int = EXTRACT_BATCH) -> FeatureTable:
+def ensure_features(
+    classifier,
+    weights: str | None,
+    seed: int,
+    data_root: str | Path,
+    paths: Sequence[str],
+    cache_dir: str | Path,
+    progress: Callable[[str], None] | None = None,
+    batch_size: int = EXTRACT_BATCH,
+) -> FeatureTable:
     """The pooled features of ``paths`` (relative to ``data_root``) through the frozen base of ``classifier``
     (:func:`build_backbone` with ``weights`` and ``seed``), from the cache or computed now.
 
@@ -172,8 +196,9 @@ def ensure_features(classifier, weights: str | None, seed: int, data_root: str |
     paths = sorted(set(paths))
     arch, image_size = classifier.meta["arch"], int(classifier.meta["image_size"])
     mode = classifier.meta["preprocess"]
-    key = feature_key(arch, weights_identity(arch, weights, seed), image_size, mode, str(data_root), paths,
-                      keras.__version__)
+    key = feature_key(
+        arch, weights_identity(arch, weights, seed), image_size, mode, str(data_root), paths, keras.__version__
+    )
     cache_dir = Path(cache_dir)
     file = cache_dir / f"{arch}-{image_size}-{key[:16]}.npz"
     start = time.perf_counter()
@@ -202,7 +227,7 @@ def extract_features(classifier, files: Sequence[str], image_size: int, batch_si
     mode = classifier.meta["preprocess"]
     chunks = []
     for i in range(0, len(files), batch_size):
-        x = preprocess(decode_many(list(files[i:i + batch_size]), image_size), mode)
+        x = preprocess(decode_many(list(files[i : i + batch_size]), image_size), mode)
         chunks.append(np.asarray(extractor(x, training=False), dtype=np.float32))
     width = extractor.output.shape[-1]
     return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
@@ -223,8 +248,15 @@ class ProbeSettings:
     dropout: float = 0.5
 
 
-def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_val: np.ndarray, y_val: np.ndarray,
-                       settings: ProbeSettings, seed: int) -> dict:
+def train_linear_probe(
+    classifier,
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_val: np.ndarray,
+    y_val: np.ndarray,
+    settings: ProbeSettings,
+    seed: int,
+) -> dict:
     """Train the head of ``classifier`` on features ``(N, D)``; copy the best head's weights into it.
 
     The head is the model's own ``head_dropout`` + ``predictions`` layers on a ``(D,)`` input, trained by
@@ -241,13 +273,21 @@ def train_linear_probe(classifier, f_train: np.ndarray, y_train: np.ndarray, f_v
     head.get_layer("predictions").set_weights(classifier.model.get_layer("predictions").get_weights())
     result = fit_top(head, [f_train], y_train, [f_val], y_val, settings, seed)
     classifier.model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
-    classifier.meta.update({"linear_probe": True, "best_epoch": result["best_epoch"],
-                            "best_score": result["best_score"]})
+    classifier.meta.update(
+        {"linear_probe": True, "best_epoch": result["best_epoch"], "best_score": result["best_score"]}
+    )
     return {**result, "head": head}
 
 
-def fit_top(top, x_train: list[np.ndarray], y_train: np.ndarray, x_val: list[np.ndarray], y_val: np.ndarray,
-            settings: ProbeSettings, seed: int) -> dict:
+def fit_top(
+    top,
+    x_train: list[np.ndarray],
+    y_train: np.ndarray,
+    x_val: list[np.ndarray],
+    y_val: np.ndarray,
+    settings: ProbeSettings,
+    seed: int,
+) -> dict:
     """Train ``top`` (a Keras model on cached inputs: a list of arrays, one per model input) with ``finetune``'s
     transfer-learning schedule: Adam at ``settings.lr``, balanced class weights, early stopping on
     ``settings.monitor`` (patience in epochs, Keras' rule as ``finetune``), the best epoch's weights restored
@@ -258,29 +298,46 @@ def fit_top(top, x_train: list[np.ndarray], y_train: np.ndarray, x_val: list[np.
     Returns ``{"epochs_run", "best_epoch", "best_score", "monitor"}``.
     """
     keras = require_keras()
-    top.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.lr),
-                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    stopper = keras.callbacks.EarlyStopping(monitor=settings.monitor, mode=MONITORS.get(settings.monitor, "auto"),
-                                            patience=settings.patience, verbose=0)
-    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.5,
-                                                patience=max(1, settings.patience // 2), min_lr=1e-7, verbose=0)
+    top.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=settings.lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=settings.monitor, mode=MONITORS.get(settings.monitor, "auto"), patience=settings.patience, verbose=0
+    )
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", mode="min", factor=0.5, patience=max(1, settings.patience // 2), min_lr=1e-7, verbose=0
+    )
     keeper = _best_weights(keras)(settings.monitor)
     weights = class_weights(y_train, "balanced")
-    batches = _feature_batches(keras)(x_train, y_train, np.array([weights[int(k)] for k in y_train], np.float32),
-                                      settings.batch_size, seed)
+    batches = _feature_batches(keras)(
+        x_train, y_train, np.array([weights[int(k)] for k in y_train], np.float32), settings.batch_size, seed
+    )
     validation = (x_val[0] if len(x_val) == 1 else tuple(x_val), y_val)
-    history = top.fit(batches, validation_data=validation, epochs=settings.epochs, shuffle=False, verbose=0,
-                      callbacks=[keeper, stopper, plateau])
+    history = top.fit(
+        batches,
+        validation_data=validation,
+        epochs=settings.epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keeper, stopper, plateau],
+    )
     scores = history.history.get(settings.monitor, [])
     if keeper.weights is not None:
         top.set_weights(keeper.weights)
     best = keeper.best.best_step if keeper.weights is not None else len(scores) - 1
-    return {"epochs_run": len(scores), "best_epoch": best + 1, "best_score": float(scores[best]) if scores else None,
-            "monitor": settings.monitor}
+    return {
+        "epochs_run": len(scores),
+        "best_epoch": best + 1,
+        "best_score": float(scores[best]) if scores else None,
+        "monitor": settings.monitor,
+    }
 
 
 def _best_weights(keras):
     """A callback class keeping the weights of the best epoch by ``monitor`` (:class:`BestScore`'s tie rule)."""
+
     class KeepBest(keras.callbacks.Callback):
         def __init__(self, monitor: str):
             super().__init__()
@@ -312,7 +369,7 @@ def _feature_batches(keras):
             return -(-len(self.y) // self.batch_size)
 
         def __getitem__(self, index: int):
-            idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+            idx = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             inputs = tuple(x[idx] for x in self.x)
             return inputs[0] if len(inputs) == 1 else inputs, self.y[idx], self.w[idx]
 
@@ -331,9 +388,20 @@ def head_probabilities(head, features: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- a whole linear-probe run
 
 
-def run_linear_probe(arch: str, split, run_dir: Path, *, weights: str | None, seed: int, image_size: int,
-                     settings: ProbeSettings, cache_dir: str | Path, images: Sequence[str] | None = None,
-                     options: dict | None = None, message: Callable[[str], None] | None = None) -> dict:
+def run_linear_probe(
+    arch: str,
+    split,
+    run_dir: Path,
+    *,
+    weights: str | None,
+    seed: int,
+    image_size: int,
+    settings: ProbeSettings,
+    cache_dir: str | Path,
+    images: Sequence[str] | None = None,
+    options: dict | None = None,
+    message: Callable[[str], None] | None = None,
+) -> dict:
     """One linear-probe run into ``run_dir`` (held by the caller): ``config.json``, ``model.keras`` (+ sidecar),
     ``summary.json``. ``images``: the paths to cache features for (default: the split's; a k-fold comparison
     passes every fold's, so the cache serves all folds).
@@ -341,29 +409,57 @@ def run_linear_probe(arch: str, split, run_dir: Path, *, weights: str | None, se
     Returns the summary plus, under ``"_probe"``, ``(head, table, features by subset)`` for the caller.
     """
     classifier = build_backbone(arch, image_size, weights, seed)
-    table = ensure_features(classifier, weights, seed, split.root, images or [r.path for r in split.rows],
-                            cache_dir, progress=message)
-    recorded = {"model": arch, "weights": str(weights), "trainable_layers": 0, "linear_probe": True,
-                "augment": False, "feature_cache": str(table.file), "image_size": image_size, "seed": seed,
-                **dataclasses.asdict(settings), **(options or {})}
+    table = ensure_features(
+        classifier, weights, seed, split.root, images or [r.path for r in split.rows], cache_dir, progress=message
+    )
+    recorded = {
+        "model": arch,
+        "weights": str(weights),
+        "trainable_layers": 0,
+        "linear_probe": True,
+        "augment": False,
+        "feature_cache": str(table.file),
+        "image_size": image_size,
+        "seed": seed,
+        **dataclasses.asdict(settings),
+        **(options or {}),
+    }
     recorded.update(trainable_layers=0, augment=False)
     runs.write_run_config(run_dir, recorded, split)
     features = {s: table.rows([r.path for r in split.subset(s)]) for s in ("train", "val", "test")}
     start = time.perf_counter()
-    trained = train_linear_probe(classifier, features["train"], split.labels("train"), features["val"],
-                                 split.labels("val"), settings, seed)
+    trained = train_linear_probe(
+        classifier, features["train"], split.labels("train"), features["val"], split.labels("val"), settings, seed
+    )
     train_seconds = time.perf_counter() - start
-    classifier.meta.update({"split_hash": split.hash, "split_dir": str(split.dir), "seed": int(seed),
-                            "magnification": (split.info or {}).get("magnification"), "feature_cache": table.key})
+    classifier.meta.update(
+        {
+            "split_hash": split.hash,
+            "split_dir": str(split.dir),
+            "seed": int(seed),
+            "magnification": (split.info or {}).get("magnification"),
+            "feature_cache": table.key,
+        }
+    )
     model_path = Path(run_dir) / "model.keras"
     save_model(classifier, model_path)
     summary = {
-        "run_dir": str(run_dir), "model_path": str(model_path), "arch": arch, "framework": "keras",
+        "run_dir": str(run_dir),
+        "model_path": str(model_path),
+        "arch": arch,
+        "framework": "keras",
         "stopped": "early_stopping" if trained["epochs_run"] < settings.epochs else "completed",
-        "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"], "best_score": trained["best_score"],
-        "monitor": settings.monitor, "elapsed_s": round(train_seconds, 3), "train_seconds": round(train_seconds, 3),
-        "params": classifier.count_params(), "n_train": int(len(features["train"])),
-        "n_val": int(len(features["val"])), "weights": str(weights), "linear_probe": True,
+        "epochs_run": trained["epochs_run"],
+        "best_epoch": trained["best_epoch"],
+        "best_score": trained["best_score"],
+        "monitor": settings.monitor,
+        "elapsed_s": round(train_seconds, 3),
+        "train_seconds": round(train_seconds, 3),
+        "params": classifier.count_params(),
+        "n_train": int(len(features["train"])),
+        "n_val": int(len(features["val"])),
+        "weights": str(weights),
+        "linear_probe": True,
         "feature_cache": {"status": table.status, "seconds": round(table.seconds, 3), "file": table.file.name},
         "warnings": [],
     }
@@ -371,9 +467,24 @@ def run_linear_probe(arch: str, split, run_dir: Path, *, weights: str | None, se
     return {**summary, "_probe": (trained["head"], table, features)}
 
 
-def finetune_linear_probe(arch: str, split_dir, out, *, weights: str | None, epochs: int, batch_size: int,
-                          lr: float, patience: int | None, monitor: str, image_size: int, seed: int, augment: bool,
-                          force: bool = False, callback=None, runs_root=None) -> dict:
+def finetune_linear_probe(
+    arch: str,
+    split_dir,
+    out,
+    *,
+    weights: str | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    patience: int | None,
+    monitor: str,
+    image_size: int,
+    seed: int,
+    augment: bool,
+    force: bool = False,
+    callback=None,
+    runs_root=None,
+) -> dict:
     """``finetune --trainable-layers 0`` for vgg16/resnet50: :func:`run_linear_probe` in a run directory, the
     features cached in ``<split>/cache/features`` (reused by later runs on the split). Returns the run summary."""
     hooks = callback if callback is not None else TrainingCallback()
@@ -382,14 +493,23 @@ def finetune_linear_probe(arch: str, split_dir, out, *, weights: str | None, epo
     if not split.subset("val"):
         raise UserInputError(f"--split {split.dir}: the linear probe needs a validation subset (early stopping)")
     if augment:
-        hooks.on_message("--trainable-layers 0: the head trains on features of the unaugmented images "
-                         "(no augmentation in this mode)")
+        hooks.on_message(
+            "--trainable-layers 0: the head trains on features of the unaugmented images (no augmentation in this mode)"
+        )
     settings = ProbeSettings(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience or 10, monitor=monitor)
     run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
     with runs.run_directory(arch, out, force=force, **run_kwargs) as run:
-        summary = run_linear_probe(arch, split, run.path, weights=weights, seed=seed, image_size=image_size,
-                                   settings=settings, cache_dir=Path(split.dir) / "cache" / "features",
-                                   message=hooks.on_message)
+        summary = run_linear_probe(
+            arch,
+            split,
+            run.path,
+            weights=weights,
+            seed=seed,
+            image_size=image_size,
+            settings=settings,
+            cache_dir=Path(split.dir) / "cache" / "features",
+            message=hooks.on_message,
+        )
         run.model_written()
     summary.pop("_probe")
     hooks.on_train_end(summary)
@@ -430,16 +550,32 @@ def prefix_activations(prefix, x_uint8: np.ndarray, mode: str, batch_size: int =
     """The frozen prefix's outputs for uint8 images ``(N, S, S, 3)``: one float32 array per output, batch by batch."""
     parts: list[list[np.ndarray]] = []
     for i in range(0, len(x_uint8), batch_size):
-        out = prefix(preprocess(x_uint8[i:i + batch_size], mode), training=False)
+        out = prefix(preprocess(x_uint8[i : i + batch_size], mode), training=False)
         out = out if isinstance(out, (list, tuple)) else [out]
         parts.append([np.asarray(o, dtype=np.float32) for o in out])
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def finetune_cached_prefix(arch: str, split_dir, out, *, weights: str | None, trainable_layers: int, dropout: float,
-                           epochs: int, batch_size: int, lr: float, patience: int | None, monitor: str,
-                           image_size: int, seed: int, jobs: int = 1, force: bool = False, callback=None,
-                           runs_root=None) -> dict | None:
+def finetune_cached_prefix(
+    arch: str,
+    split_dir,
+    out,
+    *,
+    weights: str | None,
+    trainable_layers: int,
+    dropout: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    patience: int | None,
+    monitor: str,
+    image_size: int,
+    seed: int,
+    jobs: int = 1,
+    force: bool = False,
+    callback=None,
+    runs_root=None,
+) -> dict | None:
     """``finetune --no-augment --trainable-layers N`` for vgg16/resnet50: the frozen prefix runs once per image.
 
     Its outputs for the train and val images are kept in memory, and only the trainable top trains on them
@@ -451,19 +587,37 @@ def finetune_cached_prefix(arch: str, split_dir, out, *, weights: str | None, tr
     hooks = callback if callback is not None else TrainingCallback()
     split = load_split(split_dir)
     require_both_classes(split)
-    classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=2, seed=seed, weights=weights,
-                                trainable_layers=trainable_layers, dropout=dropout)
+    classifier = BUILDERS[arch](
+        input_shape=(image_size, image_size, 3),
+        num_classes=2,
+        seed=seed,
+        weights=weights,
+        trainable_layers=trainable_layers,
+        dropout=dropout,
+    )
     parts = split_at_trainable(classifier)
     if parts is None:
         return None
     prefix, top, crossing = parts
-    settings = ProbeSettings(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience or 10, monitor=monitor,
-                             dropout=dropout)
+    settings = ProbeSettings(
+        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience or 10, monitor=monitor, dropout=dropout
+    )
     run_kwargs = {"runs_root": runs_root} if runs_root is not None else {}
     with runs.run_directory(arch, out, force=force, **run_kwargs) as run:
-        runs.write_run_config(run.path, {"model": arch, "weights": str(weights), "trainable_layers": trainable_layers,
-                                         "augment": False, "prefix_cache": crossing, "image_size": image_size,
-                                         "seed": seed, **dataclasses.asdict(settings)}, split)
+        runs.write_run_config(
+            run.path,
+            {
+                "model": arch,
+                "weights": str(weights),
+                "trainable_layers": trainable_layers,
+                "augment": False,
+                "prefix_cache": crossing,
+                "image_size": image_size,
+                "seed": seed,
+                **dataclasses.asdict(settings),
+            },
+            split,
+        )
         mode = classifier.meta["preprocess"]
         start = time.perf_counter()
         cached = {}
@@ -473,36 +627,75 @@ def finetune_cached_prefix(arch: str, split_dir, out, *, weights: str | None, tr
                 raise UserInputError(f"--split {split.dir}: fine-tuning needs train and val images; {subset} is empty")
             cached[subset] = (prefix_activations(prefix, x, mode), y)
         prefix_seconds = time.perf_counter() - start
-        hooks.on_message(f"{arch}: frozen prefix (up to {', '.join(crossing)}) ran once per image in "
-                         f"{prefix_seconds:.1f} s; training the top {trainable_layers} layers on its outputs")
+        hooks.on_message(
+            f"{arch}: frozen prefix (up to {', '.join(crossing)}) ran once per image in "
+            f"{prefix_seconds:.1f} s; training the top {trainable_layers} layers on its outputs"
+        )
         keras.utils.set_random_seed(int(seed))
         start = time.perf_counter()
         result = fit_top(top, *cached["train"], *cached["val"], settings, seed)
         train_seconds = time.perf_counter() - start
-        classifier.meta.update({"split_hash": split.hash, "split_dir": str(split.dir), "seed": int(seed),
-                                "magnification": (split.info or {}).get("magnification"),
-                                "best_epoch": result["best_epoch"], "best_score": result["best_score"]})
+        classifier.meta.update(
+            {
+                "split_hash": split.hash,
+                "split_dir": str(split.dir),
+                "seed": int(seed),
+                "magnification": (split.info or {}).get("magnification"),
+                "best_epoch": result["best_epoch"],
+                "best_score": result["best_score"],
+            }
+        )
         model_path = run.path / "model.keras"
         save_model(classifier, model_path)
         run.model_written()
         summary = {
-            "run_dir": str(run.path), "model_path": str(model_path), "arch": arch, "framework": "keras",
+            "run_dir": str(run.path),
+            "model_path": str(model_path),
+            "arch": arch,
+            "framework": "keras",
             "stopped": "early_stopping" if result["epochs_run"] < epochs else "completed",
-            "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-            "best_score": result["best_score"], "monitor": monitor, "elapsed_s": round(train_seconds, 3),
-            "train_seconds": round(train_seconds, 3), "params": classifier.count_params(),
-            "n_train": int(len(cached["train"][1])), "n_val": int(len(cached["val"][1])), "weights": str(weights),
-            "prefix_cache": {"tensors": crossing, "seconds": round(prefix_seconds, 3)}, "warnings": [],
+            "epochs_run": result["epochs_run"],
+            "best_epoch": result["best_epoch"],
+            "best_score": result["best_score"],
+            "monitor": monitor,
+            "elapsed_s": round(train_seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            "params": classifier.count_params(),
+            "n_train": int(len(cached["train"][1])),
+            "n_val": int(len(cached["val"][1])),
+            "weights": str(weights),
+            "prefix_cache": {"tensors": crossing, "seconds": round(prefix_seconds, 3)},
+            "warnings": [],
         }
         atomic_write_json(run.path / "summary.json", summary)
     hooks.on_train_end(summary)
     return summary
 
 
-def frozen_shortcut(arch: str, split_dir, out, *, weights: str | None, trainable_layers: int, dropout: float,
-                    epochs: int, batch_size: int, lr: float, patience: int | None, monitor: str, image_size: int,
-                    seed: int, augment: bool, class_weights: str | None, strategy: str, recipe: str | None,
-                    jobs: int = 1, force: bool = False, callback=None, runs_root=None) -> dict | None:
+def frozen_shortcut(
+    arch: str,
+    split_dir,
+    out,
+    *,
+    weights: str | None,
+    trainable_layers: int,
+    dropout: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    patience: int | None,
+    monitor: str,
+    image_size: int,
+    seed: int,
+    augment: bool,
+    class_weights: str | None,
+    strategy: str,
+    recipe: str | None,
+    jobs: int = 1,
+    force: bool = False,
+    callback=None,
+    runs_root=None,
+) -> dict | None:
     """What ``finetune_keras`` runs instead of its loop when part of the network is frozen and can be cached:
 
     - ``trainable_layers == 0`` (vgg16/resnet50): :func:`finetune_linear_probe` (features cached on disk);
@@ -514,12 +707,23 @@ def frozen_shortcut(arch: str, split_dir, out, *, weights: str | None, trainable
     if arch not in PROBE_ARCHS or recipe is not None or strategy != "default" or class_weights != "balanced":
         return None
     weights = weights or "imagenet"
-    common = {"weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-              "monitor": monitor, "image_size": image_size, "seed": seed, "force": force, "callback": callback,
-              "runs_root": runs_root}
+    common = {
+        "weights": weights,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "patience": patience,
+        "monitor": monitor,
+        "image_size": image_size,
+        "seed": seed,
+        "force": force,
+        "callback": callback,
+        "runs_root": runs_root,
+    }
     if trainable_layers == 0:
         return finetune_linear_probe(arch, split_dir, out, augment=augment, **common)
     if not augment:
-        return finetune_cached_prefix(arch, split_dir, out, trainable_layers=trainable_layers, dropout=dropout,
-                                      jobs=jobs, **common)
+        return finetune_cached_prefix(
+            arch, split_dir, out, trainable_layers=trainable_layers, dropout=dropout, jobs=jobs, **common
+        )
     return None

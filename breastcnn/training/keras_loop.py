@@ -179,8 +179,9 @@ def _transfer_callbacks(keras, monitor: str, patience: int) -> list:
     """The transfer-learning schedule's Keras callbacks: early stopping on ``monitor``, LR on plateaus of val_loss."""
     return [
         keras.callbacks.EarlyStopping(monitor=monitor, mode=MONITORS[monitor], patience=patience, verbose=0),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=LR_FACTOR,
-                                          patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", mode="min", factor=LR_FACTOR, patience=max(1, patience // 2), min_lr=MIN_LR, verbose=0
+        ),
     ]
 
 
@@ -286,22 +287,46 @@ def finetune_keras(
     KeyboardInterrupt is caught: the best model so far stays on disk and the
     summary says ``interrupted``.
     """
-    given = {"lr": lr, "batch_size": batch_size, "patience": patience, "monitor": monitor,
-             "stain_augment": stain_augment}
+    given = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "patience": patience,
+        "monitor": monitor,
+        "stain_augment": stain_augment,
+    }
     plan, chosen = _schedule_options(arch, recipe, recipe_options, epochs, image_size, given)
-    lr, batch_size, patience, monitor, stain_augment = (chosen[k] for k in ("lr", "batch_size", "patience", "monitor",
-                                                                            "stain_augment"))
+    lr, batch_size, patience, monitor, stain_augment = (
+        chosen[k] for k in ("lr", "batch_size", "patience", "monitor", "stain_augment")
+    )
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     check_task(task)
     check_stain_options(stain_norm, stain_target, stain_augment)
     stain_target = stain_target and str(Path(stain_target).resolve())  # recorded: a replay finds it
     hooks = callback if callback is not None else TrainingCallback()
     # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable
-    summary = frozen_shortcut(arch, split_dir, out, weights=weights, trainable_layers=trainable_layers,
-                              dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                              monitor=monitor, image_size=image_size, seed=seed, augment=augment,
-                              class_weights=class_weights, strategy=strategy, recipe=recipe, jobs=jobs, force=force,
-                              callback=hooks, runs_root=runs_root)
+    summary = frozen_shortcut(
+        arch,
+        split_dir,
+        out,
+        weights=weights,
+        trainable_layers=trainable_layers,
+        dropout=dropout,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        monitor=monitor,
+        image_size=image_size,
+        seed=seed,
+        augment=augment,
+        class_weights=class_weights,
+        strategy=strategy,
+        recipe=recipe,
+        jobs=jobs,
+        force=force,
+        callback=hooks,
+        runs_root=runs_root,
+    )
     if summary is not None:
         return summary
     weights = default_weights(arch) if weights is None else weights
@@ -320,13 +345,30 @@ def finetune_keras(
         if deterministic:
             tf.config.experimental.enable_op_determinism()
 
-        recorded = dict(options) if options is not None else {
-            "model": arch, "split": str(split_dir), "weights": str(weights), "trainable_layers": trainable_layers,
-            "dropout": dropout, "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-            "class_weights": class_weights, "image_size": image_size, "monitor": monitor, "augment": augment,
-            "seed": seed, "deterministic": deterministic, "strategy": strategy, "task": task,
-            "stain_norm": stain_norm,
-        }
+        recorded = (
+            dict(options)
+            if options is not None
+            else {
+                "model": arch,
+                "split": str(split_dir),
+                "weights": str(weights),
+                "trainable_layers": trainable_layers,
+                "dropout": dropout,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "patience": patience,
+                "class_weights": class_weights,
+                "image_size": image_size,
+                "monitor": monitor,
+                "augment": augment,
+                "seed": seed,
+                "deterministic": deterministic,
+                "strategy": strategy,
+                "task": task,
+                "stain_norm": stain_norm,
+            }
+        )
         recorded.setdefault("seed", seed)
         recorded["split"] = str(Path(split.dir).resolve())  # a later evaluate finds it from any directory
         recorded.update(stain_augment=stain_augment, stain_target=stain_target)  # resolved: a recipe's, absolute
@@ -340,8 +382,12 @@ def finetune_keras(
                 builder_kwargs = {"weights": weights, "trainable_layers": trainable_layers, "dropout": dropout}
             else:
                 builder_kwargs = {"weights": weights, "l2": plan.l2 if plan is not None else 0.0}
-            classifier = BUILDERS[arch](input_shape=(image_size, image_size, 3), num_classes=len(TASK_CLASSES[task]),
-                                        seed=seed, **builder_kwargs)
+            classifier = BUILDERS[arch](
+                input_shape=(image_size, image_size, 3),
+                num_classes=len(TASK_CLASSES[task]),
+                seed=seed,
+                **builder_kwargs,
+            )
             classifier.meta.update(classes=list(TASK_CLASSES[task]), task=task)
             model = classifier.model
             model.compile(
@@ -369,32 +415,53 @@ def finetune_keras(
             x_train, y_train, batch_size, mode, Augmenter(stain_jitter=stain.jitter) if augment else None, seed
         )
 
-        classifier.meta.update({
-            "split_hash": split.hash,
-            "split_dir": str(split.dir),
-            "magnification": (split.info or {}).get("magnification"),  # read by `breastcnn slide`
-            "seed": int(seed),
-            "deterministic": bool(deterministic),
-            "monitor": monitor,
-            "versions": library_versions(),
-        })
+        classifier.meta.update(
+            {
+                "split_hash": split.hash,
+                "split_dir": str(split.dir),
+                "magnification": (split.info or {}).get("magnification"),  # read by `breastcnn slide`
+                "seed": int(seed),
+                "deterministic": bool(deterministic),
+                "monitor": monitor,
+                "versions": library_versions(),
+            }
+        )
         model_path = Path(run_dir) / "model.keras"
         history = runs.HistoryLogger(Path(run_dir) / "history.csv")
         schedule = plan.training_schedule(batches.num_batches) if plan is not None else None
         adapter = _make_keras_hooks(keras)(
-            classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size, monitor,
-            schedule=schedule, on_saved=run.model_written,
+            classifier,
+            hooks,
+            history,
+            model_path,
+            batches,
+            x_val_pre,
+            y_val,
+            batch_size,
+            monitor,
+            schedule=schedule,
+            on_saved=run.model_written,
         )
         # with a recipe the adapter applies the schedule itself
         keras_callbacks = _transfer_callbacks(keras, monitor, patience) if schedule is None else []
         hooks.on_train_begin(
-            total_epochs=epochs, steps_per_epoch=batches.num_batches, initial_epoch=1, initial_step=0,
-            n_train=len(x_train), n_val=len(x_val), run_dir=str(run_dir), fold=None,
+            total_epochs=epochs,
+            steps_per_epoch=batches.num_batches,
+            initial_epoch=1,
+            initial_step=0,
+            n_train=len(x_train),
+            n_val=len(x_val),
+            run_dir=str(run_dir),
+            fold=None,
         )
         try:
             # The adapter comes first: it adds val_* to the epoch logs the two callbacks after it read.
             model.fit(
-                batches, epochs=epochs, shuffle=False, verbose=0, class_weight=weights_by_class,
+                batches,
+                epochs=epochs,
+                shuffle=False,
+                verbose=0,
+                class_weight=weights_by_class,
                 callbacks=[adapter, keras.callbacks.TerminateOnNaN(), *keras_callbacks],
             )
             stopped = _outcome(adapter, keras_callbacks)
@@ -464,8 +531,20 @@ class _KerasHooksLogic:
 
     TRACKED = ("loss", "accuracy", "data_loss", "l2_penalty")
 
-    def __init__(self, classifier, hooks, history, model_path, batches, x_val_pre, y_val, batch_size,
-                 monitor, schedule=None, on_saved=None):
+    def __init__(
+        self,
+        classifier,
+        hooks,
+        history,
+        model_path,
+        batches,
+        x_val_pre,
+        y_val,
+        batch_size,
+        monitor,
+        schedule=None,
+        on_saved=None,
+    ):
         super().__init__()
         self.on_saved = on_saved  # told after each best-model save (moves runs/latest)
         self.classifier = classifier
@@ -568,11 +647,16 @@ class _KerasHooksLogic:
             improved = not self.nan and self.best.update(score)
         if improved:
             self.best_score, self.best_epoch, self.best_step = float(score), self.epoch, self.step
-            self.warnings = degenerate_model_warnings(*binary_view(self.y_val, probs, self.classifier.spec.task),
-                                                      "validation")
-            self.classifier.meta.update({
-                "best_epoch": self.epoch, "best_step": self.step, "best_score": float(score),
-            })
+            self.warnings = degenerate_model_warnings(
+                *binary_view(self.y_val, probs, self.classifier.spec.task), "validation"
+            )
+            self.classifier.meta.update(
+                {
+                    "best_epoch": self.epoch,
+                    "best_step": self.step,
+                    "best_score": float(score),
+                }
+            )
             save_model(self.classifier, self.model_path)
             if self.on_saved is not None:
                 self.on_saved()

@@ -133,8 +133,16 @@ class DeferredInterrupt:
         return False
 
 
-def fit(model, optimizer, config: TrainConfig, run_dir: Path, data: TrainData,
-        progress: Sequence[TrainingCallback] = (), resume: tuple | None = None, fold: int | None = None) -> dict:
+def fit(
+    model,
+    optimizer,
+    config: TrainConfig,
+    run_dir: Path,
+    data: TrainData,
+    progress: Sequence[TrainingCallback] = (),
+    resume: tuple | None = None,
+    fold: int | None = None,
+) -> dict:
     """Train ``model`` (compiled with ``optimizer``) and write the run outputs; returns the summary.
 
     ``resume``: ``(TrainState, permutation)`` from :func:`~breastcnn.training.state.read_checkpoint`
@@ -147,8 +155,17 @@ def fit(model, optimizer, config: TrainConfig, run_dir: Path, data: TrainData,
 class TrainingLoop:
     """One run of the NumPy loop; the callbacks read ``model``, ``optimizer``, ``state``, ``data`` and ``timing``."""
 
-    def __init__(self, model, optimizer, config: TrainConfig, run_dir: Path, data: TrainData,
-                 progress: Sequence[TrainingCallback] = (), resume: tuple | None = None, fold: int | None = None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        config: TrainConfig,
+        run_dir: Path,
+        data: TrainData,
+        progress: Sequence[TrainingCallback] = (),
+        resume: tuple | None = None,
+        fold: int | None = None,
+    ):
         model.threads = config.threads
         self.model, self.optimizer, self.config, self.data = model, optimizer, config, data
         self.run_dir, self.fold = run_dir, fold
@@ -156,8 +173,9 @@ class TrainingLoop:
         self.steps_per_epoch = math.ceil(self.n_train / config.batch_size)
         self.schedule = config.training_schedule(self.steps_per_epoch)
         self.eval_points = set(self.schedule.eval_points)
-        self.class_weights = compute_class_weights(data.y_train, config.class_weights,
-                                                   num_classes=len(TASK_CLASSES[config.task]))
+        self.class_weights = compute_class_weights(
+            data.y_train, config.class_weights, num_classes=len(TASK_CLASSES[config.task])
+        )
         jitter = HEDJitter() if config.stain_augment else None
         self.augmenter = Augmenter(stain_jitter=jitter) if config.augment else None
         seeds = np.random.SeedSequence(config.seed).spawn(2)
@@ -174,10 +192,15 @@ class TrainingLoop:
         optimizer.lr = float(self.state.lr)
         self.stopped = self.state.stopped
         history = HistoryCSV(run_dir / "history.csv", self.state.evaluations if resume is not None else None)
-        self.callbacks = CallbackList([
-            history, Schedule(self.schedule, config.monitor), BestModel(run_dir / MODEL_NAME), *progress,
-            self.checkpoint,
-        ])
+        self.callbacks = CallbackList(
+            [
+                history,
+                Schedule(self.schedule, config.monitor),
+                BestModel(run_dir / MODEL_NAME),
+                *progress,
+                self.checkpoint,
+            ]
+        )
         self.callbacks.set_loop(self)
         self.started = time.perf_counter() - float(self.state.elapsed_s)
 
@@ -187,8 +210,9 @@ class TrainingLoop:
         try:
             self.schedule.load_state_dict(state.schedule)
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserInputError(f"{self.checkpoint.path}: damaged training checkpoint (schedule: "
-                                 f"{type(exc).__name__}: {exc})") from None
+            raise UserInputError(
+                f"{self.checkpoint.path}: damaged training checkpoint (schedule: {type(exc).__name__}: {exc})"
+            ) from None
         self.permutation = permutation if permutation.size == self.n_train else None
 
     # ------------------------------------------------------------------ the loop
@@ -196,8 +220,14 @@ class TrainingLoop:
     def run(self) -> dict:
         state = self.state
         self.callbacks.on_train_begin(
-            self.config.epochs, self.steps_per_epoch, initial_epoch=state.epoch, initial_step=state.step_in_epoch,
-            n_train=self.n_train, n_val=len(self.data.y_val), run_dir=str(self.run_dir), fold=self.fold,
+            self.config.epochs,
+            self.steps_per_epoch,
+            initial_epoch=state.epoch,
+            initial_step=state.step_in_epoch,
+            n_train=self.n_train,
+            n_val=len(self.data.y_val),
+            run_dir=str(self.run_dir),
+            fold=self.fold,
         )
         self.interrupt = DeferredInterrupt()
         try:
@@ -298,8 +328,11 @@ class TrainingLoop:
         self.diverged_message = (
             f"training diverged: the loss is {loss} at step {self.state.global_step + 1} "
             f"(epoch {self.state.epoch}); try a lower --lr (got {self.config.lr}). "
-            + (f"The best model so far is kept at {model_path}."
-               if model_path.exists() else "No model was saved (no evaluation before).")
+            + (
+                f"The best model so far is kept at {model_path}."
+                if model_path.exists()
+                else "No model was saved (no evaluation before)."
+            )
         )
 
     def snapshot(self) -> TrainState:
@@ -331,7 +364,8 @@ class TrainingLoop:
         if rows:
             config = self.config
             title = f"{config.arch} (lr {config.lr}, batch {config.batch_size})" + (
-                f", fold {self.fold}" if self.fold else "")
+                f", fold {self.fold}" if self.fold else ""
+            )
             plot_training(rows, self.run_dir / "training.png", title=title)
 
     def _summary(self) -> dict:

@@ -62,8 +62,14 @@ def _build_model(config: TrainConfig, meta_extra: dict):
             f"--arch {config.arch} is a Keras model; train it with 'breastcnn finetune --arch {config.arch}'"
         )
     model.meta.update(
-        {"arch": config.arch, "classes": list(TASK_CLASSES[config.task]), "preprocess": config.preprocess,
-         "image_size": config.image_size, "task": config.task, **meta_extra}
+        {
+            "arch": config.arch,
+            "classes": list(TASK_CLASSES[config.task]),
+            "preprocess": config.preprocess,
+            "image_size": config.image_size,
+            "task": config.task,
+            **meta_extra,
+        }
     )
     optimizer = Adam(lr=config.lr)
     compile_model(model, optimizer, config.l2)
@@ -94,9 +100,16 @@ def _previous_summary(path: Path) -> dict | None:
     return summary
 
 
-def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, progress: Sequence[TrainingCallback],
-               resume: bool, fold: int | None = None, base_model: Callable | None = None,
-               extra_options: dict | None = None) -> dict:
+def _train_one(
+    config: TrainConfig,
+    run_dir: Path,
+    split_dir: Path,
+    progress: Sequence[TrainingCallback],
+    resume: bool,
+    fold: int | None = None,
+    base_model: Callable | None = None,
+    extra_options: dict | None = None,
+) -> dict:
     hooks = CallbackList(progress)
     split = load_split(split_dir)
     split_hash = split.hash
@@ -113,8 +126,11 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, progress: Se
             hooks.on_message(f"{run_dir}: already finished ({previous['stopped']}), nothing to resume")
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta_extra = {"split_hash": split_hash, "seed": config.seed,
-                  "magnification": (split.info or {}).get("magnification")}  # read by `breastcnn slide`
+    meta_extra = {
+        "split_hash": split_hash,
+        "seed": config.seed,
+        "magnification": (split.info or {}).get("magnification"),
+    }  # read by `breastcnn slide`
     # the model before the data: a size the architecture cannot take is refused before any cache is written
     resume_state = None
     if resume and (run_dir / CHECKPOINT_NAME).is_file():
@@ -127,8 +143,15 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, progress: Se
     else:
         model, optimizer = _build_model(config, meta_extra)
         _record_stain(model, split, config)
-    data = load_train_data(split, config.image_size, config.preprocess, config.jobs, hooks.on_message,
-                           task=config.task, normaliser=model.spec.normaliser)
+    data = load_train_data(
+        split,
+        config.image_size,
+        config.preprocess,
+        config.jobs,
+        hooks.on_message,
+        task=config.task,
+        normaliser=model.spec.normaliser,
+    )
     if config.monitor == "val_auc" and np.unique(data.y_val).size < 2:
         raise UserInputError(
             f"--monitor val_auc: the validation subset of {split_dir} holds one class only, so ROC AUC is "
@@ -142,8 +165,9 @@ def _train_one(config: TrainConfig, run_dir: Path, split_dir: Path, progress: Se
 def _record_stain(model, split, config: TrainConfig) -> None:
     """Fit the run's stain target (``--stain-norm``/``--stain-target``) and record the stain settings in the
     model's meta (the command's, replacing a fine-tuned model's)."""
-    stain = training_stain(split, config.image_size, config.stain_norm, config.stain_target, config.stain_augment,
-                           jobs=config.jobs)
+    stain = training_stain(
+        split, config.image_size, config.stain_norm, config.stain_target, config.stain_augment, jobs=config.jobs
+    )
     model.meta.pop("stain", None)
     model.meta.update({"stain": stain.meta} if stain.meta is not None else {})
 
@@ -152,8 +176,10 @@ def _check_base_task(model, config: TrainConfig) -> None:
     """A fine-tuned NumPy model keeps its outputs: ``--task`` must be the task it was trained for."""
     task = model.spec.task
     if task != config.task:
-        raise UserInputError(f"--task {config.task}: the model to fine-tune ({model.meta.get('finetuned_from')}) "
-                             f"was trained for the {task} task; pass --task {task}")
+        raise UserInputError(
+            f"--task {config.task}: the model to fine-tune ({model.meta.get('finetuned_from')}) "
+            f"was trained for the {task} task; pass --task {task}"
+        )
 
 
 class _SplitIdentity:
@@ -215,8 +241,14 @@ def _plan_resume(run_dir: Path, threads: int | None, base_model, extra_options) 
     config = TrainConfig.from_dict(options, source=run_dir / "config.json", threads=threads)
     split_path, split_hash, data_root = _recorded_split(run_dir, recorded)
     config = dataclasses.replace(config, split=str(split_path)).validate()
-    plan = _RunPlan(config, split_hash, data_root, latest_root=run_dir.parent if options.get("out") is None else None,
-                    base_model=base_model, extra_options=extra_options)
+    plan = _RunPlan(
+        config,
+        split_hash,
+        data_root,
+        latest_root=run_dir.parent if options.get("out") is None else None,
+        base_model=base_model,
+        extra_options=extra_options,
+    )
     if base_model is None and options.get("finetune_from"):
         # a fine-tuning run interrupted before its first checkpoint starts again from its source model
         freeze = int(options.get("freeze") or 0)
@@ -229,8 +261,11 @@ def _plan_new(config: TrainConfig, base_model, extra_options) -> _RunPlan:
     config = config.validate()
     if not Path(config.split).exists():
         raise UserInputError(f"--split {config.split}: no such split directory; run 'breastcnn split --mag 200X' first")
-    config = dataclasses.replace(config, split=str(Path(config.split).resolve()),  # a replay finds them
-                                 stain_target=config.stain_target and str(Path(config.stain_target).resolve()))
+    config = dataclasses.replace(
+        config,
+        split=str(Path(config.split).resolve()),  # a replay finds them
+        stain_target=config.stain_target and str(Path(config.stain_target).resolve()),
+    )
     split_hash, data_root = split_identity(config.split)
     return _RunPlan(config, split_hash, data_root, base_model=base_model, extra_options=extra_options)
 
@@ -270,11 +305,21 @@ def run_training(
         progress = [*progress_callbacks, PointLatest(run)]
         folds = fold_dirs(split_dir)
         if not folds:
-            return _train_one(config, run_dir, split_dir, progress, resume is not None, base_model=plan.base_model,
-                              extra_options=plan.extra_options)
+            return _train_one(
+                config,
+                run_dir,
+                split_dir,
+                progress,
+                resume is not None,
+                base_model=plan.base_model,
+                extra_options=plan.extra_options,
+            )
         if resume is None:
-            write_run_config(run_dir, {**_recorded_options(config, plan.extra_options), "folds": len(folds)},
-                             _SplitIdentity(split_dir, plan.split_hash))
+            write_run_config(
+                run_dir,
+                {**_recorded_options(config, plan.extra_options), "folds": len(folds)},
+                _SplitIdentity(split_dir, plan.split_hash),
+            )
         return _train_folds(plan, run_dir, folds, progress, resume is not None)
 
 
@@ -282,15 +327,29 @@ def _train_folds(plan: _RunPlan, run_dir: Path, folds: list, progress: list, res
     """One model per fold into ``run_dir/foldK``; the combined summary (written unless interrupted)."""
     summaries = []
     for k, fold_split in enumerate(folds, start=1):
-        summary = _train_one(plan.config, run_dir / f"fold{k}", fold_split, progress, resume, fold=k,
-                             base_model=plan.base_model, extra_options=plan.extra_options)
+        summary = _train_one(
+            plan.config,
+            run_dir / f"fold{k}",
+            fold_split,
+            progress,
+            resume,
+            fold=k,
+            base_model=plan.base_model,
+            extra_options=plan.extra_options,
+        )
         summaries.append(summary)
         if summary["stopped"] == "interrupted":
             break
     stopped = "interrupted" if summaries[-1]["stopped"] == "interrupted" else "completed"
     warnings = [f"fold {s['fold']}: {w}" for s in summaries for w in s.get("warnings", [])]
-    result = {"run_dir": str(run_dir), "folds": summaries, "stopped": stopped, "recipe": plan.config.recipe,
-              "monitor": plan.config.monitor, "warnings": warnings}
+    result = {
+        "run_dir": str(run_dir),
+        "folds": summaries,
+        "stopped": stopped,
+        "recipe": plan.config.recipe,
+        "monitor": plan.config.monitor,
+        "warnings": warnings,
+    }
     if stopped != "interrupted":
         atomic_write_json(run_dir / SUMMARY_NAME, result)
     return result
@@ -334,8 +393,12 @@ def finetune_numpy(
     )
     config = config.validate()
     model_path = model_path.resolve()  # recorded in config.json: a resume from elsewhere finds it
-    return run_training(config, progress_callbacks, _base_model=_finetune_base(model_path, freeze, config, probe),
-                        _extra_options={"finetune_from": str(model_path), "freeze": freeze})
+    return run_training(
+        config,
+        progress_callbacks,
+        _base_model=_finetune_base(model_path, freeze, config, probe),
+        _extra_options={"finetune_from": str(model_path), "freeze": freeze},
+    )
 
 
 def _finetune_base(model_path: Path, freeze: int, config: TrainConfig, loaded=None) -> Callable:

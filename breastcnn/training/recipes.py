@@ -68,28 +68,56 @@ class Recipe:
     summary: str = ""
 
 
-RECIPE_OPTIONS = ("lr", "l2", "batch_size", "evals_per_epoch", "lr_decay", "lr_decay_every", "lr_decay_epochs",
-                  "patience", "patience_epochs", "min_epochs", "monitor", "stain_augment")
+RECIPE_OPTIONS = (
+    "lr",
+    "l2",
+    "batch_size",
+    "evals_per_epoch",
+    "lr_decay",
+    "lr_decay_every",
+    "lr_decay_epochs",
+    "patience",
+    "patience_epochs",
+    "min_epochs",
+    "monitor",
+    "stain_augment",
+)
 """The ``TrainConfig`` options a recipe provides (``None`` there = take the recipe's value)."""
 
 UNIT_PAIRS = (("patience", "patience_epochs"), ("lr_decay_every", "lr_decay_epochs"))
 """Options given either in evaluations (first) or in epochs (second): setting one drops the recipe's other."""
 
 REPORT = Recipe(
-    lr=0.01, l2=0.1, batch_size=32, evals_per_epoch=20, lr_decay=0.8, lr_decay_every=5, patience=10,
-    min_epochs=1.0, monitor="val_accuracy",
+    lr=0.01,
+    l2=0.1,
+    batch_size=32,
+    evals_per_epoch=20,
+    lr_decay=0.8,
+    lr_decay_every=5,
+    patience=10,
+    min_epochs=1.0,
+    monitor="val_accuracy",
     summary="the report's schedule as breastcnn ran it before recipes existed: 20 evaluations per epoch, "
-            "patience 10 evaluations, LR x0.8 every 5 evaluations, lr 0.01, L2 0.1, best by val_accuracy",
+    "patience 10 evaluations, LR x0.8 every 5 evaluations, lr 0.01, L2 0.1, best by val_accuracy",
 )
 
 DEFAULT = Recipe(
-    lr=0.003, l2=0.01, batch_size=32, evals_per_epoch=4, lr_decay=0.5, lr_decay_epochs=3.0, patience_epochs=5.0,
-    min_epochs=1.0, min_epochs_fraction=0.3, monitor="val_loss", stain_augment=True,
+    lr=0.003,
+    l2=0.01,
+    batch_size=32,
+    evals_per_epoch=4,
+    lr_decay=0.5,
+    lr_decay_epochs=3.0,
+    patience_epochs=5.0,
+    min_epochs=1.0,
+    min_epochs_fraction=0.3,
+    monitor="val_loss",
+    stain_augment=True,
     summary="tuned on hard synthetic data (benchmarks/bench_train.py --study; table and reasons in the README): "
-            "lr 0.003, L2 0.01, batch 32, 4 evaluations per epoch, LR x0.5 every 3 epochs, best and early "
-            "stopping by val_loss with a patience of 5 epochs, never stopping in the first 30% of --epochs; "
-            "HED stain jitter on (benchmarks/study_subtype_stain.py: it kept test patients in another stain "
-            "from losing 27 points of accuracy, and cost nothing on the same stain)",
+    "lr 0.003, L2 0.01, batch 32, 4 evaluations per epoch, LR x0.5 every 3 epochs, best and early "
+    "stopping by val_loss with a patience of 5 epochs, never stopping in the first 30% of --epochs; "
+    "HED stain jitter on (benchmarks/study_subtype_stain.py: it kept test patients in another stain "
+    "from losing 27 points of accuracy, and cost nothing on the same stain)",
 )
 """The study's outcome (hard synthetic 200X splits at scales 0.2 and 1.0, ``--epochs 10 --image-size 224``,
 seeds 0-2). Why: lr 0.01 and 0.001, L2 0.1/0.001/0, batch 64 and a constant LR all gave a higher
@@ -173,9 +201,20 @@ class TrainingSchedule:
     counts epochs.
     """
 
-    def __init__(self, *, lr: float, lr_decay: float, monitor: str, evals_per_epoch: int, steps_per_epoch: int,
-                 lr_decay_every: int | None = None, lr_decay_epochs: float | None = None,
-                 patience: int | None = None, patience_epochs: float | None = None, min_epochs: float = 0.0):
+    def __init__(
+        self,
+        *,
+        lr: float,
+        lr_decay: float,
+        monitor: str,
+        evals_per_epoch: int,
+        steps_per_epoch: int,
+        lr_decay_every: int | None = None,
+        lr_decay_epochs: float | None = None,
+        patience: int | None = None,
+        patience_epochs: float | None = None,
+        min_epochs: float = 0.0,
+    ):
         if (lr_decay_every is None) == (lr_decay_epochs is None):
             raise ValueError("give exactly one of lr_decay_every (evaluations) and lr_decay_epochs (epochs)")
         if (patience is None) == (patience_epochs is None):
@@ -187,8 +226,9 @@ class TrainingSchedule:
         self.decay = StepDecay(lr, factor=lr_decay, every=lr_decay_epochs if self.decay_in_epochs else lr_decay_every)
         self.patience_in_epochs = patience is None
         min_at = min_epochs if self.patience_in_epochs else min_epochs * self.evals_in_epoch
-        self.stopper = EarlyStopping(patience_epochs if self.patience_in_epochs else patience, mode=self.mode,
-                                     min_at=min_at)
+        self.stopper = EarlyStopping(
+            patience_epochs if self.patience_in_epochs else patience, mode=self.mode, min_at=min_at
+        )
         self.best = BestScore(self.mode)
         self.evaluations = 0
         self.lr = float(lr)
@@ -210,8 +250,12 @@ class TrainingSchedule:
         return self.stopper.should_stop
 
     def state_dict(self) -> dict:
-        return {"evaluations": self.evaluations, "lr": self.lr, "early_stopping": self.stopper.state_dict(),
-                "best": self.best.state_dict()}
+        return {
+            "evaluations": self.evaluations,
+            "lr": self.lr,
+            "early_stopping": self.stopper.state_dict(),
+            "best": self.best.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.evaluations, self.lr = int(state["evaluations"]), float(state["lr"])

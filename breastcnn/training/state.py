@@ -47,8 +47,9 @@ class RunningSums:
     def take_means(self) -> dict:
         """Means per batch (None without a batch) of loss, accuracy, data_loss and l2_penalty; then reset."""
         n = self.batches
-        means = {name: (getattr(self, name) / n if n else None)
-                 for name in ("loss", "accuracy", "data_loss", "l2_penalty")}
+        means = {
+            name: (getattr(self, name) / n if n else None) for name in ("loss", "accuracy", "data_loss", "l2_penalty")
+        }
         self.loss, self.accuracy, self.batches, self.data_loss, self.l2_penalty = 0.0, 0.0, 0, 0.0, 0.0
         return means
 
@@ -129,13 +130,19 @@ class TrainState:
 def _legacy_schedule_state(state: dict) -> dict:
     """The schedule state of a checkpoint written before :class:`TrainingSchedule` existed."""
     stopper = state["early_stopping"]
-    return {"evaluations": state["evaluations"], "lr": state["lr"], "early_stopping": stopper,
-            "best": {"best": stopper["best"], "best_step": stopper["best_step"], "step": stopper["step"]}}
+    return {
+        "evaluations": state["evaluations"],
+        "lr": state["lr"],
+        "early_stopping": stopper,
+        "best": {"best": stopper["best"], "best_step": stopper["best_step"], "step": stopper["step"]},
+    }
 
 
 def dropout_layers(model) -> list:
     """The layers of ``model`` that draw from their own generator (dropout), in order."""
-    return [layer for layer in getattr(model, "layers", []) if isinstance(getattr(layer, "rng", None), np.random.Generator)]
+    return [
+        layer for layer in getattr(model, "layers", []) if isinstance(getattr(layer, "rng", None), np.random.Generator)
+    ]
 
 
 def save_checkpoint(path: Path, model, optimizer, state: TrainState, permutation: np.ndarray | None) -> None:
@@ -186,8 +193,11 @@ def _check_state(path: Path, state) -> None:
             np.random.default_rng().bit_generator.state = rng_state
         # "schedule" since recipes; "early_stopping" in checkpoints written before (resumed as they were)
         schedule = state.get("schedule", state.get("early_stopping"))
-        if not isinstance(schedule, dict) or not isinstance(state["running"], list) \
-                or len(state["running"]) not in (3, 5):
+        if (
+            not isinstance(schedule, dict)
+            or not isinstance(state["running"], list)
+            or len(state["running"]) not in (3, 5)
+        ):
             raise ValueError("schedule or running is malformed")
     except (KeyError, TypeError, ValueError) as exc:
         raise UserInputError(f"{path}: damaged training checkpoint ({type(exc).__name__}: {exc})") from None

@@ -14,5 +14,12 @@ from breastcnn.wsi.analysis import OUTPUT_FILES, SUMMARY_KEYS, TILE_COLUMNS, Sli
 from breastcnn.wsi.magnification import model_magnification
 from breastcnn.wsi.reader import open_slide
 
-__all__ = ["analyse_slide", "SlideSettings", "open_slide", "model_magnification", "TILE_COLUMNS",
-           "SUMMARY_KEYS", "OUTPUT_FILES"]
+__all__ = [
+    "analyse_slide",
+    "SlideSettings",
+    "open_slide",
+    "model_magnification",
+    "TILE_COLUMNS",
+    "SUMMARY_KEYS",
+    "OUTPUT_FILES",
+]

@@ -118,8 +118,14 @@ def layout_slide(reader, model_resolution: Resolution, settings: SlideSettings) 
     """Resolution, level, tile grid, thumbnail, tissue mask and the tissue tiles of ``reader``."""
     settings = settings.validated()
     resolution = slide_resolution(reader, model_resolution, mpp=settings.mpp, mag=settings.mag)
-    plan = plan_tiles(reader.dimensions, reader.level_downsamples, resolution.mpp, model_resolution.mpp,
-                      settings.tile, settings.stride)
+    plan = plan_tiles(
+        reader.dimensions,
+        reader.level_downsamples,
+        resolution.mpp,
+        model_resolution.mpp,
+        settings.tile,
+        settings.stride,
+    )
     thumbnail = read_thumbnail(reader, plan.tile0, settings.tissue)
     mask, mask_threshold = tissue_mask(thumbnail.pixels, settings.tissue)
     fractions = tile_tissue_fractions(mask, thumbnail.downsample, plan)
@@ -135,14 +141,20 @@ def read_tiles(reader, origins: np.ndarray, level: int, read_size: int, image_si
     for i, (x, y) in enumerate(origins):
         region = reader.read_region(int(x), int(y), level, read_size, read_size)
         if read_size != image_size:
-            region = np.asarray(Image.fromarray(region).resize((image_size, image_size), RESAMPLE,
-                                                              reducing_gap=3.0))
+            region = np.asarray(Image.fromarray(region).resize((image_size, image_size), RESAMPLE, reducing_gap=3.0))
         out[i] = region
     return out
 
 
-def classify_tile_batch(model_source, slide_source, origins: np.ndarray, level: int, read_size: int,
-                        batch_size: int, threads: int | None = None) -> np.ndarray:
+def classify_tile_batch(
+    model_source,
+    slide_source,
+    origins: np.ndarray,
+    level: int,
+    read_size: int,
+    batch_size: int,
+    threads: int | None = None,
+) -> np.ndarray:
     """P(malignant) ``(n,)`` float32 of the tiles at level-0 ``origins`` ``(n, 2)``.
 
     The task of ``slide``: it runs here (local objects) or on a dask worker
@@ -177,10 +189,17 @@ def existing_outputs(folder: Path) -> list[Path]:
     return [folder / name for name in OUTPUT_FILES if (folder / name).exists()]
 
 
-def analyse_slide(path: str | os.PathLike, model, out_dir: str | os.PathLike, settings: SlideSettings,
-                  model_resolution: Resolution, executor=None, model_path: str | os.PathLike | None = None,
-                  on_start: Callable[[SlideLayout], None] | None = None,
-                  progress: Callable[[int], None] | None = None) -> dict:
+def analyse_slide(
+    path: str | os.PathLike,
+    model,
+    out_dir: str | os.PathLike,
+    settings: SlideSettings,
+    model_resolution: Resolution,
+    executor=None,
+    model_path: str | os.PathLike | None = None,
+    on_start: Callable[[SlideLayout], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Classify the tissue tiles of slide ``path`` with ``model``; write the outputs into ``out_dir``.
 
     ``executor``: :class:`breastcnn.cluster.LocalExecutor` (default) or a
@@ -201,9 +220,21 @@ def analyse_slide(path: str | os.PathLike, model, out_dir: str | os.PathLike, se
         grid = np.full(plan.count, np.nan, dtype=np.float32)
         model_source = executor.model_source(model, model_path)
         slide_source = executor.slide_source(reader)
-        batches = [layout.tissue[i:i + settings.batch_size] for i in range(0, len(layout.tissue), settings.batch_size)]
-        tasks = ((model_source, slide_source, plan.origins(batch), plan.level, plan.read_size, settings.batch_size,
-                  settings.threads) for batch in batches)
+        batches = [
+            layout.tissue[i : i + settings.batch_size] for i in range(0, len(layout.tissue), settings.batch_size)
+        ]
+        tasks = (
+            (
+                model_source,
+                slide_source,
+                plan.origins(batch),
+                plan.level,
+                plan.read_size,
+                settings.batch_size,
+                settings.threads,
+            )
+            for batch in batches
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         malignant = 0
         with atomic_write(out_dir / TILES_CSV, "w", encoding="utf-8", newline="") as handle:
@@ -214,8 +245,9 @@ def analyse_slide(path: str | os.PathLike, model, out_dir: str | os.PathLike, se
                 for (x, y), p in zip(plan.origins(batch), probs):
                     label = CLASSES[int(p >= settings.threshold)]
                     malignant += label == CLASSES[1]
-                    writer.writerow([int(x), int(y), plan.level, plan.read_size, plan.read_size,
-                                     f"{float(p):.6f}", label])
+                    writer.writerow(
+                        [int(x), int(y), plan.level, plan.read_size, plan.read_size, f"{float(p):.6f}", label]
+                    )
                 if progress:
                     progress(len(batch))
         grid = grid.reshape(plan.rows, plan.columns)

@@ -17,8 +17,9 @@ OVERLAY_ALPHA = 0.55
 COLOUR_MAP = "RdYlBu_r"
 
 
-def plot_heatmap(thumbnail: Thumbnail, plan: TilePlan, grid: np.ndarray, path: str | os.PathLike,
-                 title: str | None = None) -> Path:
+def plot_heatmap(
+    thumbnail: Thumbnail, plan: TilePlan, grid: np.ndarray, path: str | os.PathLike, title: str | None = None
+) -> Path:
     """Draw the thumbnail and, over each classified tile, its P(malignant) (untiled areas stay clear).
 
     ``grid`` ``(rows, columns)`` float with NaN where no tile was classified;
@@ -43,9 +44,15 @@ def plot_heatmap(thumbnail: Thumbnail, plan: TilePlan, grid: np.ndarray, path: s
     if plan.count:
         overlay = np.ma.masked_invalid(np.asarray(grid, dtype=np.float64))
         offset = (plan.tile0 - plan.stride0) / 2  # cells centred on their tiles when tiles overlap
-        ax.imshow(overlay, extent=(offset, offset + plan.columns * plan.stride0,
-                                   offset + plan.rows * plan.stride0, offset),
-                  cmap=COLOUR_MAP, vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA, interpolation="nearest")
+        ax.imshow(
+            overlay,
+            extent=(offset, offset + plan.columns * plan.stride0, offset + plan.rows * plan.stride0, offset),
+            cmap=COLOUR_MAP,
+            vmin=0.0,
+            vmax=1.0,
+            alpha=OVERLAY_ALPHA,
+            interpolation="nearest",
+        )
     # the bar is drawn even with no tile (its scale is fixed: probabilities)
     scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=COLOUR_MAP)
     bar = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.04, alpha=OVERLAY_ALPHA)

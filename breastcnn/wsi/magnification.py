@@ -94,8 +94,11 @@ def model_magnification(model, model_path: str | os.PathLike | None = None) -> R
         mag, split_json = found
         return Resolution(magnification_to_mpp(mag), f"{split_json} ({format_magnification(mag)})")
     mag = parse_magnification(DEFAULT_MODEL_MAGNIFICATION)
-    return Resolution(magnification_to_mpp(mag), f"not recorded in the model or its run; assumed "
-                      f"{DEFAULT_MODEL_MAGNIFICATION}", assumed=True)
+    return Resolution(
+        magnification_to_mpp(mag),
+        f"not recorded in the model or its run; assumed {DEFAULT_MODEL_MAGNIFICATION}",
+        assumed=True,
+    )
 
 
 def _split_magnification(model_path) -> tuple[float, Path] | None:
@@ -128,8 +131,11 @@ def slide_resolution(reader, model: Resolution, mpp: float | None = None, mag: s
     if reader.objective_power:
         power = float(reader.objective_power)
         return Resolution(10.0 / power, f"the file's objective power ({power:g}x)")
-    return Resolution(model.mpp, "unknown in the file; taken to be the model's magnification "
-                      "(pass --mpp or --mag to say otherwise)", assumed=True)
+    return Resolution(
+        model.mpp,
+        "unknown in the file; taken to be the model's magnification (pass --mpp or --mag to say otherwise)",
+        assumed=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +173,9 @@ def choose_level(level_downsamples, scale: float) -> int:
     return best
 
 
-def plan_tiles(dimensions: tuple[int, int], level_downsamples, slide_mpp: float, model_mpp: float,
-               tile: int, stride: int) -> TilePlan:
+def plan_tiles(
+    dimensions: tuple[int, int], level_downsamples, slide_mpp: float, model_mpp: float, tile: int, stride: int
+) -> TilePlan:
     """The :class:`TilePlan` of a slide: full tiles only, from the top-left corner, in raster order."""
     if tile < 1 or stride < 1:
         raise UserInputError(f"--tile and --stride must be >= 1 pixel, got {tile} and {stride}")

@@ -90,7 +90,7 @@ class SlideReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        self.level_dimensions: list[tuple[int, int]] = []   # (width, height) per level
+        self.level_dimensions: list[tuple[int, int]] = []  # (width, height) per level
         self.level_downsamples: list[float] = []
         self.mpp: float | None = None
         self.objective_power: float | None = None
@@ -173,13 +173,17 @@ class _TiffLevel:
         self.path = path
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
         if int(page.planarconfig) != 1 or int(page.imagedepth) != 1:
-            raise UserInputError(f"{path}: unsupported TIFF layout (planar configuration "
-                                 f"{int(page.planarconfig)}, depth {int(page.imagedepth)})")
+            raise UserInputError(
+                f"{path}: unsupported TIFF layout (planar configuration "
+                f"{int(page.planarconfig)}, depth {int(page.imagedepth)})"
+            )
         self.samples = int(page.samplesperpixel)
         self.photometric = int(page.photometric)
         if self.photometric not in (1, 2) or self.samples not in (1, 2, 3, 4):  # MINISBLACK, RGB (+ alpha)
-            raise UserInputError(f"{path}: unsupported TIFF colour model (photometric {self.photometric}, "
-                                 f"{self.samples} samples); RGB or greyscale expected")
+            raise UserInputError(
+                f"{path}: unsupported TIFF colour model (photometric {self.photometric}, "
+                f"{self.samples} samples); RGB or greyscale expected"
+            )
         if page.dtype not in (np.uint8, np.uint16):
             raise UserInputError(f"{path}: unsupported TIFF sample type {page.dtype}; 8 or 16 bit expected")
         if page.is_tiled:
@@ -193,12 +197,18 @@ class _TiffLevel:
         if page.is_contiguous and not page.is_tiled:
             # one uncompressed block: map it, read rows lazily (no full decode)
             dtype = page.dtype.newbyteorder(page.parent.byteorder)  # the file's byte order, not ours
-            self.memmap = np.memmap(page.parent.filehandle.path, dtype=dtype, mode="r",
-                                    offset=int(page.dataoffsets[0]),
-                                    shape=(self.height, self.width, self.samples))
+            self.memmap = np.memmap(
+                page.parent.filehandle.path,
+                dtype=dtype,
+                mode="r",
+                offset=int(page.dataoffsets[0]),
+                shape=(self.height, self.width, self.samples),
+            )
         elif seg_bytes > MAX_SEGMENT_BYTES:
-            raise UserInputError(f"{path}: one TIFF {'tile' if page.is_tiled else 'strip'} decodes to "
-                                 f"{seg_bytes / 2**20:.0f} MiB; convert it to a tiled TIFF")
+            raise UserInputError(
+                f"{path}: one TIFF {'tile' if page.is_tiled else 'strip'} decodes to "
+                f"{seg_bytes / 2**20:.0f} MiB; convert it to a tiled TIFF"
+            )
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_size = max(4, SEGMENT_CACHE_BYTES // max(1, seg_bytes))
 
@@ -232,7 +242,7 @@ class _TiffLevel:
         if x0 >= x1 or y0 >= y1:
             return out
         if self.memmap is not None:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = self.memmap[y0:y1, x0:x1]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self.memmap[y0:y1, x0:x1]
             return out
         for row in range(y0 // self.seg_h, (y1 - 1) // self.seg_h + 1):
             for col in range(x0 // self.seg_w, (x1 - 1) // self.seg_w + 1):
@@ -244,7 +254,7 @@ class _TiffLevel:
                 ay0, ay1 = max(y0, sy), min(y1, sy + segment.shape[0], self.height)
                 ax0, ax1 = max(x0, sx), min(x1, sx + segment.shape[1], self.width)
                 if ay0 < ay1 and ax0 < ax1:
-                    out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = segment[ay0 - sy:ay1 - sy, ax0 - sx:ax1 - sx]
+                    out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = segment[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
         return out
 
     def check_decodable(self) -> None:
@@ -268,8 +278,9 @@ class TiffReader(SlideReader):
                 raise UserInputError(f"{self.path}: the TIFF holds no image")
             series = self._tif.series[0]
             self._lock = threading.Lock()
-            self._levels = [_TiffLevel(level.keyframe, self._tif.filehandle, self._lock, self.path)
-                            for level in series.levels]
+            self._levels = [
+                _TiffLevel(level.keyframe, self._tif.filehandle, self._lock, self.path) for level in series.levels
+            ]
             self._levels[0].check_decodable()
             base_w = self._levels[0].width
             self.level_dimensions = [(lv.width, lv.height) for lv in self._levels]
@@ -382,7 +393,7 @@ class ImageReader(SlideReader):
         h, w = self._pixels.shape[:2]
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, w), min(y + height, h)
         if x0 < x1 and y0 < y1:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._pixels[y0:y1, x0:x1]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._pixels[y0:y1, x0:x1]
         return out
 
     def close(self):
@@ -475,8 +486,10 @@ def resolve_reader(source):
         try:
             stat = os.stat(key)
         except OSError as exc:
-            raise UserInputError(f"{key}: worker {socket.gethostname()} cannot read it ({exc.strerror}); "
-                                 "workers open slides at the client's path: use a shared filesystem") from None
+            raise UserInputError(
+                f"{key}: worker {socket.gethostname()} cannot read it ({exc.strerror}); "
+                "workers open slides at the client's path: use a shared filesystem"
+            ) from None
         key = f"{key}\0{stat.st_mtime_ns}\0{stat.st_size}"
         reader = _READERS.get(key)
         if reader is None:

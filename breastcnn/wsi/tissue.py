@@ -53,16 +53,18 @@ def require_skimage():
     try:
         from skimage.filters import threshold_otsu
     except ImportError as exc:
-        raise MissingDependencyError(
-            f"scikit-image is not installed: pip install 'breastcnn[slide]' ({exc})") from None
+        raise MissingDependencyError(f"scikit-image is not installed: pip install 'breastcnn[slide]' ({exc})") from None
     return threshold_otsu
 
 
 def thumbnail_plan(reader, tile0: int, settings: TissueSettings = TissueSettings()) -> tuple[int, int]:
     """``(level, integer reduce factor)`` of the thumbnail: see :class:`TissueSettings`."""
     longest = max(reader.dimensions)
-    wanted = max(1.0, min(tile0 / settings.mask_pixels_per_tile, longest / settings.thumbnail_side),
-                 longest / settings.thumbnail_max_side)
+    wanted = max(
+        1.0,
+        min(tile0 / settings.mask_pixels_per_tile, longest / settings.thumbnail_side),
+        longest / settings.thumbnail_max_side,
+    )
     level = choose_level(reader.level_downsamples, wanted)
     factor = max(1, int(math.floor(wanted / reader.level_downsamples[level] + 1e-9)))
     # the thumbnail side cap wins over the wanted resolution
@@ -86,7 +88,7 @@ def read_thumbnail(reader, tile0: int, settings: TissueSettings = TissueSettings
             bw, bh = min(block, level_w - bx), min(block, level_h - by)
             region = reader.read_region(round(bx * d), round(by * d), level, bw, bh)
             small = np.asarray(Image.fromarray(region).reduce(k)) if k > 1 else region
-            out[by // k:by // k + small.shape[0], bx // k:bx // k + small.shape[1]] = small
+            out[by // k : by // k + small.shape[0], bx // k : bx // k + small.shape[1]] = small
     return Thumbnail(out, d * k, level, k)
 
 
@@ -132,6 +134,6 @@ def tile_tissue_fractions(mask: np.ndarray, downsample: float, plan: TilePlan) -
 
     c0, c1 = spans(plan.columns, mask.shape[1])
     r0, r1 = spans(plan.rows, mask.shape[0])
-    total = (integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0])
+    total = integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0]
     area = (r1 - r0)[:, None] * (c1 - c0)[None, :]
     return total / area

@@ -12,8 +12,23 @@ from typer.testing import CliRunner
 from breastcnn.cli.app import app
 from breastcnn.models import create_model, save_model
 
-TINY_BENCH = ["--models", "custom", "--image-size", "64", "--batch-sizes", "1,2", "--repeats", "2",
-              "--train-steps", "1", "--max-seconds", "0.5", "--threads", "1", "--fresh"]
+TINY_BENCH = [
+    "--models",
+    "custom",
+    "--image-size",
+    "64",
+    "--batch-sizes",
+    "1,2",
+    "--repeats",
+    "2",
+    "--train-steps",
+    "1",
+    "--max-seconds",
+    "0.5",
+    "--threads",
+    "1",
+    "--fresh",
+]
 
 
 @pytest.fixture()
@@ -33,7 +48,7 @@ def test_bench_json_and_out(runner, tmp_path):
     out = tmp_path / "bench"
     result = runner.invoke(app, ["bench", *TINY_BENCH, "--json", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)                                  # exactly one JSON document on stdout
+    doc = json.loads(result.stdout)  # exactly one JSON document on stdout
     assert set(doc) >= {"machine", "models"}
     (entry,) = doc["models"]
     assert entry["model"] == "custom" and entry["skipped"] is None
@@ -41,7 +56,7 @@ def test_bench_json_and_out(runner, tmp_path):
     assert json.loads((out / "bench.json").read_text())["models"][0]["model"] == "custom"
     assert (out / "bench.md").read_text().startswith("| model | params |")
     assert "threads:" in result.stderr
-    assert entry["threads"] == {"engine": 1, "blas": 1}             # --threads 1 reaches the NumPy engine
+    assert entry["threads"] == {"engine": 1, "blas": 1}  # --threads 1 reaches the NumPy engine
     again = runner.invoke(app, ["bench", *TINY_BENCH, "--json", "--out", str(out)])
     assert again.exit_code == 2
     assert "bench.json already exists; pass --force" in _one_error_line(again)
@@ -135,14 +150,45 @@ def test_bench_uses_the_trained_model_of_runs_latest_and_its_split(runner, tmp_p
 
 
 def test_bench_full_takes_the_reports_settings_and_explicit_options_win(runner):
-    result = runner.invoke(app, ["bench", "--models", "custom", "--full", "--fresh", "--image-size", "64",
-                                 "--repeats", "2", "--train-steps", "0", "--max-seconds", "0.2", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--models",
+            "custom",
+            "--full",
+            "--fresh",
+            "--image-size",
+            "64",
+            "--repeats",
+            "2",
+            "--train-steps",
+            "0",
+            "--max-seconds",
+            "0.2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     options = json.loads(result.stdout)["options"]
     assert options["batch_sizes"] == [1, 32] and options["keras_train_batch_size"] == 64
     assert options["min_calls"] == 3 and options["max_seconds"] == 0.2 and options["repeats"] == 2
-    default = runner.invoke(app, ["bench", "--models", "custom", "--fresh", "--image-size", "64", "--repeats", "2",
-                                  "--train-steps", "0", "--json"])
+    default = runner.invoke(
+        app,
+        [
+            "bench",
+            "--models",
+            "custom",
+            "--fresh",
+            "--image-size",
+            "64",
+            "--repeats",
+            "2",
+            "--train-steps",
+            "0",
+            "--json",
+        ],
+    )
     options = json.loads(default.stdout)["options"]
     assert options["batch_sizes"] == [1, 8] and options["keras_train_batch_size"] == 4
     assert options["max_seconds"] == 2.0
@@ -156,8 +202,8 @@ def test_bench_draws_a_bar_per_model_on_a_terminal(runner, monkeypatch):
     monkeypatch.setattr(bench_cli, "progress_enabled", lambda quiet=False: not quiet)
     result = runner.invoke(app, ["bench", *TINY_BENCH, "--markdown"])
     assert result.exit_code == 0, result.output
-    assert "custom: done" in result.stderr and "4/4" in result.stderr    # 2 forward + end-to-end + train step
-    assert "custom: forward pass, batch 1\n" not in result.stderr         # no plain lines when bars are drawn
+    assert "custom: done" in result.stderr and "4/4" in result.stderr  # 2 forward + end-to-end + train step
+    assert "custom: forward pass, batch 1\n" not in result.stderr  # no plain lines when bars are drawn
     monkeypatch.undo()
     plain = runner.invoke(app, ["bench", *TINY_BENCH, "--markdown"])
     assert "custom: forward pass, batch 1\n" in plain.stderr and "━" not in plain.stderr
@@ -176,8 +222,21 @@ def model_and_image(tmp_path):
 def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_and_image):
     model_file, image = model_and_image
     out = tmp_path / "maps"
-    result = runner.invoke(app, ["featuremaps", "--model", str(model_file), str(image), "--gradcam",
-                                 "--class", "malignant", "--out", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "featuremaps",
+            "--model",
+            str(model_file),
+            str(image),
+            "--gradcam",
+            "--class",
+            "malignant",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     expected = ["input.png", "01_conv2d_1.png", "02_conv2d_2.png", "03_conv2d_3.png", "gradcam.png"]
@@ -186,14 +245,16 @@ def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_
         with Image.open(out / name) as png:
             assert png.format == "PNG" and png.width > 100
     assert summary["gradcam"]["class"] == "malignant" and summary["gradcam"]["layer"] == "relu_2"
-    assert summary["gradcam"]["shape"] == [11, 11]                # the second block at 96 px, not 1x1
+    assert summary["gradcam"]["shape"] == [11, 11]  # the second block at 96 px, not 1x1
     assert summary["predicted"] in ("benign", "malignant")
     assert abs(sum(summary["probabilities"].values()) - 1) < 1e-5
 
     again = runner.invoke(app, ["featuremaps", "--model", str(model_file), str(image), "--out", str(out)])
     assert again.exit_code == 2 and "already exists; pass --force" in _one_error_line(again)
-    only = runner.invoke(app, ["featuremaps", "--model", str(model_file), str(image), "--layers", "conv2d_2",
-                               "--out", str(tmp_path / "one")])
+    only = runner.invoke(
+        app,
+        ["featuremaps", "--model", str(model_file), str(image), "--layers", "conv2d_2", "--out", str(tmp_path / "one")],
+    )
     assert only.exit_code == 0, only.output
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["01_conv2d_2.png", "input.png"]
     assert "conv2d_2" in only.stdout
@@ -209,8 +270,9 @@ def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_
 )
 def test_featuremaps_bad_input(runner, tmp_path, model_and_image, extra, message):
     model_file, image = model_and_image
-    result = runner.invoke(app, ["featuremaps", "--model", str(model_file), str(image), "--out",
-                                 str(tmp_path / "x"), *extra])
+    result = runner.invoke(
+        app, ["featuremaps", "--model", str(model_file), str(image), "--out", str(tmp_path / "x"), *extra]
+    )
     assert result.exit_code == 2
     assert message in _one_error_line(result)
     missing = runner.invoke(app, ["featuremaps", "--model", str(model_file), str(tmp_path / "none.png")])
@@ -230,16 +292,23 @@ def test_demo_quick_end_to_end(runner, tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for path in ("BreaKHis_v1/README.txt", "splits/200X/manifest.csv", "runs/custom/model.npz",
-                 "runs/custom/metrics.json", "bench/bench.json", "bench/bench.md", "featuremaps/gradcam.png",
-                 "featuremaps/01_conv2d_1.png"):
+    for path in (
+        "BreaKHis_v1/README.txt",
+        "splits/200X/manifest.csv",
+        "runs/custom/model.npz",
+        "runs/custom/metrics.json",
+        "bench/bench.json",
+        "bench/bench.md",
+        "featuremaps/gradcam.png",
+        "featuremaps/01_conv2d_1.png",
+    ):
         assert (out / path).is_file(), path
     bench = json.loads((out / "bench" / "bench.json").read_text())
     custom = bench["models"][0]
-    assert custom["model"] == "custom" and custom["accuracy"] is not None   # metrics of the trained model
+    assert custom["model"] == "custom" and custom["accuracy"] is not None  # metrics of the trained model
     # not a one-class model (issue #10: the quick demo used to save one that called everything malignant)
     metrics = json.loads((out / "runs" / "custom" / "metrics.json").read_text())
     assert metrics["benign_recall"] > 0.5 and metrics["roc_auc"] > 0.9, metrics
     assert json.loads((out / "runs" / "custom" / "summary.json").read_text())["warnings"] == []
     assert "NOT medical data" in result.stdout
-    assert not (tmp_path / "runs").exists()                                  # nothing written outside --out
+    assert not (tmp_path / "runs").exists()  # nothing written outside --out

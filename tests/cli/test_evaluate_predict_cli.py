@@ -34,8 +34,18 @@ def test_evaluate_json_and_outputs_next_to_model(trained, tmp_path):
     result = _run(["evaluate", "--model", str(run / "model.npz"), "--split", str(split), "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    for key in ("n", "accuracy", "precision", "recall", "f1", "benign_recall", "roc_auc", "confusion_matrix",
-                "patient_accuracy", "threshold"):
+    for key in (
+        "n",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "benign_recall",
+        "roc_auc",
+        "confusion_matrix",
+        "patient_accuracy",
+        "threshold",
+    ):
         assert key in metrics
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
     assert tn + fp + fn + tp == metrics["n"]

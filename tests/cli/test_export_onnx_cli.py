@@ -52,7 +52,7 @@ def _predict(model_path, images):
 def test_export_to_onnx_predicts_like_the_numpy_model(onnxruntime, source, tmp_path):
     run, images = source
     out = tmp_path / "deploy" / "model.onnx"
-    result = invoke("export", "--model", run, "--to", "onnx", "--out", out, "--json")   # a run directory works
+    result = invoke("export", "--model", run, "--to", "onnx", "--out", out, "--json")  # a run directory works
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["from"] == str(run / "model.npz") and summary["out"] == str(out) and summary["to"] == "onnx"
@@ -63,7 +63,7 @@ def test_export_to_onnx_predicts_like_the_numpy_model(onnxruntime, source, tmp_p
     p_numpy = _predict(run / "model.npz", images)
     p_onnx = _predict(out, images)
     np.testing.assert_allclose(p_onnx, p_numpy, atol=1e-4)
-    assert np.ptp(p_numpy) > 0.05   # not a constant output that would match trivially
+    assert np.ptp(p_numpy) > 0.05  # not a constant output that would match trivially
 
     # no overwrite without --force; the file is left as it was
     before = out.read_bytes()
@@ -72,9 +72,9 @@ def test_export_to_onnx_predicts_like_the_numpy_model(onnxruntime, source, tmp_p
     assert out.read_bytes() == before
     result = invoke("export", "--model", run / "model.npz", "--to", "onnx", "--out", out, "--force")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == str(out)   # the path on stdout, the message on stderr
+    assert result.stdout.strip() == str(out)  # the path on stdout, the message on stderr
     assert "exported" in result.stderr and "(onnx)" in result.stderr
-    assert out.read_bytes() == before   # deterministic export
+    assert out.read_bytes() == before  # deterministic export
 
 
 def test_export_to_onnx_errors(onnxruntime, source, tmp_path):

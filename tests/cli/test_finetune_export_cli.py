@@ -27,8 +27,9 @@ def data(tmp_path_factory):
     result = invoke("synth", "--out", root, "--scale", "0.02", "--mags", "200X", "--jobs", "1")
     assert result.exit_code == 0, result.output
     split = root / "split"
-    result = invoke("split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1",
-                    "--stratify", "class")  # the 64/9/9 counts asserted below
+    result = invoke(
+        "split", "--mag", "200X", "--data", root, "--out", split, "--jobs", "1", "--stratify", "class"
+    )  # the 64/9/9 counts asserted below
     assert result.exit_code == 0, result.output
     images = sorted((root / "BreaKHis_v1").rglob("*.png"))[:6]
     return {"root": root, "split": split, "images": images}
@@ -40,8 +41,24 @@ def runs(keras, data):
     out = {}
     for model, size in SIZES.items():
         run = data["root"] / "runs" / model
-        result = invoke("finetune", "--model", model, "--split", data["split"], "--weights", "none",
-                        "--epochs", 1, "--batch-size", 32, "--image-size", size, "--out", run, "--json")
+        result = invoke(
+            "finetune",
+            "--model",
+            model,
+            "--split",
+            data["split"],
+            "--weights",
+            "none",
+            "--epochs",
+            1,
+            "--batch-size",
+            32,
+            "--image-size",
+            size,
+            "--out",
+            run,
+            "--json",
+        )
         assert result.exit_code == 0, result.output
         out[model] = (run, json.loads(result.stdout))
     return out
@@ -64,8 +81,10 @@ def test_finetune_then_evaluate_and_predict(runs, data, model):
     side = json.loads((run / "model.keras.json").read_text())
     assert side["image_size"] == SIZES[model] and side["preprocess"] == "caffe"
     header = (run / "history.csv").read_text().splitlines()[0]
-    assert header == ("step,epoch,loss,accuracy,val_loss,val_accuracy,val_f1,val_recall,lr,elapsed_s,"
-                      "data_loss,l2_penalty,val_balanced_accuracy,val_auc")
+    assert header == (
+        "step,epoch,loss,accuracy,val_loss,val_accuracy,val_f1,val_recall,lr,elapsed_s,"
+        "data_loss,l2_penalty,val_balanced_accuracy,val_auc"
+    )
     config = json.loads((run / "config.json").read_text())["options"]
     assert config["weights"] == "none" and config["epochs"] == 1
     if model == "custom-keras":  # trained like `breastcnn train`: the default recipe
@@ -135,8 +154,9 @@ def test_two_exports_into_one_folder_each_keep_their_metadata(keras, data, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["a.keras", "a.keras.json", "b.keras", "b.keras.json"]
     for name, mode in (("a", "minmax"), ("b", "caffe")):
         assert json.loads((out / f"{name}.keras.json").read_text())["preprocess"] == mode
-        np.testing.assert_allclose(_predict(out / f"{name}.keras", data["images"]),
-                                   _predict(sources[name], data["images"]), atol=1e-4)
+        np.testing.assert_allclose(
+            _predict(out / f"{name}.keras", data["images"]), _predict(sources[name], data["images"]), atol=1e-4
+        )
     result = invoke("export", "--model", sources["a"], "--to", "keras", "--out", out / "b.keras")
     assert result.exit_code == 2 and "b.keras already exists; pass --force" in result.output
 
@@ -147,8 +167,7 @@ def test_export_trained_custom_keras_to_numpy(runs, data, tmp_path):
     out = tmp_path / "model.npz"
     result = invoke("export", "--model", run / "model.keras", "--to", "numpy", "--out", out)
     assert result.exit_code == 0, result.output
-    np.testing.assert_allclose(_predict(out, data["images"]), _predict(run / "model.keras", data["images"]),
-                               atol=1e-4)
+    np.testing.assert_allclose(_predict(out, data["images"]), _predict(run / "model.keras", data["images"]), atol=1e-4)
     result = invoke("finetune", "--model", out, "--split", data["split"], "--weights", "none")
     assert result.exit_code == 2 and "--weights applies to Keras models" in result.output
 
@@ -168,8 +187,18 @@ def test_export_errors(runs, tmp_path):
 def test_missing_imagenet_weights_is_one_line_exit_2(keras, data, tmp_path):
     env = {"KERAS_HOME": str(tmp_path / "empty"), "BREASTCNN_OFFLINE": "1"}
     for model in ("vgg16", "resnet50"):
-        result = invoke("finetune", "--model", model, "--split", data["split"], "--image-size", 32,
-                        "--out", tmp_path / model, env=env)
+        result = invoke(
+            "finetune",
+            "--model",
+            model,
+            "--split",
+            data["split"],
+            "--image-size",
+            32,
+            "--out",
+            tmp_path / model,
+            env=env,
+        )
         assert result.exit_code == 2, result.output
         line = result.output.strip()
         assert "\n" not in line and f"{model}_weights_tf_dim_ordering_tf_kernels_notop.h5" in line
@@ -183,8 +212,22 @@ def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
     npz = tmp_path / "start.npz"
     save_model(create_model("custom", (64, 64, 3), 2, seed=0), npz)
     run = tmp_path / "run"
-    result = invoke("finetune", "--model", npz, "--split", data["split"], "--epochs", 1, "--freeze", 3,
-                    "--out", run, "--json", "--threads", 1)
+    result = invoke(
+        "finetune",
+        "--model",
+        npz,
+        "--split",
+        data["split"],
+        "--epochs",
+        1,
+        "--freeze",
+        3,
+        "--out",
+        run,
+        "--json",
+        "--threads",
+        1,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["model_path"] == str(run / "model.npz") and summary["stopped"] == "completed"
@@ -207,8 +250,9 @@ def test_finetune_option_errors(data, tmp_path):
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "BREASTCNN_NO_PROGRESS": "1"})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "BREASTCNN_NO_PROGRESS": "1"}
+    )
 
 
 @pytest.mark.slow  # fresh interpreters (11 s)
@@ -217,8 +261,17 @@ def test_cli_and_numpy_commands_never_import_tensorflow(data, tmp_path):
 
     npz = tmp_path / "start.npz"
     save_model(create_model("custom", (64, 64, 3), 2, seed=0), npz)
-    finetune = ["finetune", "--model", str(npz), "--split", str(data["split"]), "--epochs", "1",
-                "--out", str(tmp_path / "run")]
+    finetune = [
+        "finetune",
+        "--model",
+        str(npz),
+        "--split",
+        str(data["split"]),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"

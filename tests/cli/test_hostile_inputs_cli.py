@@ -92,7 +92,7 @@ def test_evaluate_predictions_csv_neutralises_text_cells(data, tmp_path):
     out_lines = [lines[0]]
     for i, line in enumerate(lines[1:]):
         fields = line.split(",")
-        fields[3] = ["=HYPERLINK(\"http://x\")", "-2+3", "@SUM(1)", "+7"][i % 4]  # patient column
+        fields[3] = ['=HYPERLINK("http://x")', "-2+3", "@SUM(1)", "+7"][i % 4]  # patient column
         out_lines.append(",".join(fields))
     (edited / "manifest.csv").write_text("\n".join(out_lines) + "\n")
     report = tmp_path / "report"
@@ -125,9 +125,22 @@ def test_keras_command_error_is_one_line_without_tensorflow_logging(tmp_path, ke
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
     env.update(PYTHONPATH=str(REPO), BREASTCNN_NO_PROGRESS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "breastcnn", "finetune", "--model", "custom-keras", "--split", str(tmp_path / "none"),
-         "--image-size", "64"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "breastcnn",
+            "finetune",
+            "--model",
+            "custom-keras",
+            "--split",
+            str(tmp_path / "none"),
+            "--image-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr

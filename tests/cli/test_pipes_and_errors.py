@@ -37,12 +37,17 @@ def work(tmp_path_factory):
     images.mkdir()
     for i in range(300):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
-            images / f"a_rather_long_image_file_name_to_fill_the_pipe_{i:04d}.png")
+            images / f"a_rather_long_image_file_name_to_fill_the_pipe_{i:04d}.png"
+        )
     runner = CliRunner()
     synth = ["synth", "--out", str(root), "--scale", "0.02", "--mags", "200", "--jobs", "1"]
     assert runner.invoke(app, synth).exit_code == 0
-    assert runner.invoke(app, ["split", "--mag", "200X", "--data", str(root), "--out", str(root / "split"),
-                               "--jobs", "1"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["split", "--mag", "200X", "--data", str(root), "--out", str(root / "split"), "--jobs", "1"]
+        ).exit_code
+        == 0
+    )
     return root
 
 
@@ -60,22 +65,53 @@ def _command(work: Path, name: str) -> list[str]:
         "predict --csv": ["predict", "--model", model, str(work / "images"), "--csv"],
         "predict --json": ["predict", "--model", model, str(work / "images"), "--json"],
         "predict table": ["predict", "--model", model, str(work / "images")],
-        "evaluate --json": ["evaluate", "--model", model, "--split", str(work / "split"), "--json",
-                            "--out", str(work / f"eval-{os.getpid()}-{np.random.default_rng().integers(1e9)}")],
-        "bench --markdown": ["bench", "--models", "custom", "--fresh", "--image-size", "64", "--batch-sizes", "1",
-                             "--repeats", "2", "--train-steps", "0", "--max-seconds", "0.2", "--markdown"],
+        "evaluate --json": [
+            "evaluate",
+            "--model",
+            model,
+            "--split",
+            str(work / "split"),
+            "--json",
+            "--out",
+            str(work / f"eval-{os.getpid()}-{np.random.default_rng().integers(1e9)}"),
+        ],
+        "bench --markdown": [
+            "bench",
+            "--models",
+            "custom",
+            "--fresh",
+            "--image-size",
+            "64",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "2",
+            "--train-steps",
+            "0",
+            "--max-seconds",
+            "0.2",
+            "--markdown",
+        ],
     }[name]
 
 
-@pytest.mark.parametrize("name", ["predict --csv", "predict --json", "predict table", "evaluate --json",
-                                  "bench --markdown"])
+@pytest.mark.parametrize(
+    "name", ["predict --csv", "predict --json", "predict table", "evaluate --json", "bench --markdown"]
+)
 @pytest.mark.slow  # a fresh interpreter per command (6-18 s each)
 def test_stdout_closed_before_any_output_ends_quietly(work, name):
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody will ever read: the command's first write to stdout fails
     try:
-        proc = subprocess.run([sys.executable, "-m", "breastcnn", *_command(work, name)], stdout=write_end,
-                              stderr=subprocess.PIPE, text=True, env=_env(), cwd=work, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "breastcnn", *_command(work, name)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=work,
+            timeout=300,
+        )
     finally:
         os.close(write_end)
     assert proc.returncode == EXIT_BROKEN_PIPE, proc.stderr
@@ -85,10 +121,15 @@ def test_stdout_closed_before_any_output_ends_quietly(work, name):
 @pytest.mark.slow  # a fresh interpreter (10 s)
 def test_predict_csv_into_head_1(work):
     """``breastcnn predict ... --csv | head -1``: head gets the header, the rest ends quietly."""
-    proc = subprocess.Popen([sys.executable, "-m", "breastcnn", *_command(work, "predict --csv")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=work)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "breastcnn", *_command(work, "predict --csv")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=work,
+    )
     first = proc.stdout.readline()
-    proc.stdout.close()                     # what head does after its first line
+    proc.stdout.close()  # what head does after its first line
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=300) in (0, EXIT_BROKEN_PIPE)
     assert first == b"path,label,probability\n"
@@ -143,8 +184,13 @@ def test_debug_keeps_exit_code_1_for_a_bug(no_debug_env, monkeypatch, capsys):
 
 @pytest.mark.slow  # a fresh interpreter (7 s)
 def test_debug_exit_code_in_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "breastcnn", "--debug", "evaluate", "--model",
-                           str(tmp_path / "nope.npz")], capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "breastcnn", "--debug", "evaluate", "--model", str(tmp_path / "nope.npz")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "nope.npz" in proc.stderr.strip().splitlines()[-1]

@@ -54,8 +54,10 @@ def test_second_split_refuses_before_decoding_anything(runner, tmp_path, monkeyp
     again = _run(runner, args)
     assert again.exit_code == 2, again.output
     assert f"{out} already exists; pass --force" in again.stderr and again.stderr.count("\n") == 1
-    inside = _run(runner, ["split", "--mag", "200X", "--data", str(data), "--out",
-                           str(data / "histology_slides" / "s"), "-j", "1"])
+    inside = _run(
+        runner,
+        ["split", "--mag", "200X", "--data", str(data), "--out", str(data / "histology_slides" / "s"), "-j", "1"],
+    )
     assert inside.exit_code == 2 and "inside the data tree" in inside.stderr
     assert (out / "manifest.csv").read_bytes() == before
     monkeypatch.undo()
@@ -69,7 +71,10 @@ def test_json_only_on_stdout(runner, tmp_path, make_breakhis_tree):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)  # nothing but one JSON document
     assert doc["manifest_hash"] and doc["by"] == "patient" and doc["kind"] == "split"
-    assert doc["images"]["train"]["total"] + doc["images"]["val"]["total"] + doc["images"]["test"]["total"] == doc["n_images"]
+    assert (
+        doc["images"]["train"]["total"] + doc["images"]["val"]["total"] + doc["images"]["test"]["total"]
+        == doc["n_images"]
+    )
     assert len(doc["unreadable"]) == 1
     saved = json.loads((out / "split.json").read_text())
     assert saved["manifest_hash"] == doc["manifest_hash"]
@@ -93,15 +98,32 @@ def test_bad_mag_lists_valid_values(runner, tmp_path):
 
 def test_folds_and_image_split(runner, tmp_path, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path, traps=False)
-    result = _run(runner, ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "k"),
-                           "--folds", "2", "--json", "-j", "1"])
+    result = _run(
+        runner,
+        [
+            "split",
+            "--data",
+            str(data),
+            "--mag",
+            "200X",
+            "--out",
+            str(tmp_path / "k"),
+            "--folds",
+            "2",
+            "--json",
+            "-j",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["kind"] == "kfold" and doc["fold_dirs"] == ["fold1", "fold2"]
     assert (tmp_path / "k" / "fold2" / "manifest.csv").is_file()
     assert json.loads((tmp_path / "k" / "split.json").read_text())["kind"] == "kfold"
-    result = _run(runner, ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "i"),
-                           "--by", "image", "-j", "1"])
+    result = _run(
+        runner,
+        ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "i"), "--by", "image", "-j", "1"],
+    )
     assert result.exit_code == 0 and "leak" in result.stderr
 
 
@@ -111,8 +133,22 @@ def test_folder_per_class_tree_with_links(runner, tmp_path):
         (tmp_path / "d" / label).mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "d" / label / f"{i}.png")
-    result = _run(runner, ["split", "--data", str(tmp_path / "d"), "--mag", "200X", "--out", str(tmp_path / "s"),
-                           "--materialize", "link", "-j", "1"])
+    result = _run(
+        runner,
+        [
+            "split",
+            "--data",
+            str(tmp_path / "d"),
+            "--mag",
+            "200X",
+            "--out",
+            str(tmp_path / "s"),
+            "--materialize",
+            "link",
+            "-j",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "split by image" in result.stderr
     linked = list((tmp_path / "s" / "train" / "malignant").iterdir())
@@ -153,16 +189,34 @@ def test_mag_list_tables_and_class_stratification(runner, tmp_path):
     assert "split 40X+200X by patient" in result.stderr
     saved = json.loads((tmp_path / "s" / "split.json").read_text())
     assert saved["magnifications"] == ["40X", "200X"] and saved["magnification"] == "40X+200X"
-    result = _run(runner, ["split", "--data", str(data), "--mag", "200X", "--out", str(tmp_path / "c"),
-                           "--stratify", "class", "--json", "-j", "1"])
+    result = _run(
+        runner,
+        [
+            "split",
+            "--data",
+            str(data),
+            "--mag",
+            "200X",
+            "--out",
+            str(tmp_path / "c"),
+            "--stratify",
+            "class",
+            "--json",
+            "-j",
+            "1",
+        ],
+    )
     assert result.exit_code == 0 and json.loads(result.stdout)["stratify"] == "class"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--mag", "40X,250X"], "--mag: unknown magnification '250X'"),
-    (["--mag", "all,40X"], "--mag: unknown magnification 'all'"),
-    (["--mag", "200X", "--stratify", "tissue"], "--stratify must be one of subtype, class"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--mag", "40X,250X"], "--mag: unknown magnification '250X'"),
+        (["--mag", "all,40X"], "--mag: unknown magnification 'all'"),
+        (["--mag", "200X", "--stratify", "tissue"], "--stratify must be one of subtype, class"),
+    ],
+)
 def test_bad_mag_list_or_stratify_exit_2(runner, tmp_path, args, needle, make_breakhis_tree):
     data = make_breakhis_tree(tmp_path, traps=False)
     result = _run(runner, ["split", "--data", str(data), "--out", str(tmp_path / "s"), *args, "-j", "1"])

@@ -14,7 +14,9 @@ from breastcnn.data import synth
 @pytest.fixture
 def tiny_plan(monkeypatch):
     full = synth.plan
-    monkeypatch.setattr(synth, "plan", lambda scale=synth.DEFAULT_SCALE, mags=synth.DEFAULT_MAGS: full(scale, mags)[::40])
+    monkeypatch.setattr(
+        synth, "plan", lambda scale=synth.DEFAULT_SCALE, mags=synth.DEFAULT_MAGS: full(scale, mags)[::40]
+    )
 
 
 def test_synth_then_split_in_same_folder(tmp_path, monkeypatch, tiny_plan):
@@ -47,7 +49,8 @@ def test_bad_mags(tmp_path):
 
 def test_synth_hard_shifted_json_and_readme(tmp_path, tiny_plan):
     result = CliRunner().invoke(
-        app, ["synth", "--out", str(tmp_path), "--difficulty", "hard", "--stain-profile", "shifted", "--json", "-j", "1"],
+        app,
+        ["synth", "--out", str(tmp_path), "--difficulty", "hard", "--stain-profile", "shifted", "--json", "-j", "1"],
         env={"BREASTCNN_NO_PROGRESS": "1"},
     )
     assert result.exit_code == 0, result.output
@@ -59,18 +62,22 @@ def test_synth_hard_shifted_json_and_readme(tmp_path, tiny_plan):
 
 
 def test_synth_default_is_easy(tmp_path, tiny_plan):
-    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--json", "-j", "1"],
-                                env={"BREASTCNN_NO_PROGRESS": "1"})
+    result = CliRunner().invoke(
+        app, ["synth", "--out", str(tmp_path), "--json", "-j", "1"], env={"BREASTCNN_NO_PROGRESS": "1"}
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["difficulty"] == "easy" and doc["stain_profile"] == "default"
     assert "Difficulty: easy" in (tmp_path / "BreaKHis_v1" / "README.txt").read_text()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--difficulty", "medium"], "--difficulty must be one of easy, hard, got 'medium'"),
-    (["--stain-profile", "lab3"], "--stain-profile: unknown profile 'lab3'; choose one of default, shifted"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--difficulty", "medium"], "--difficulty must be one of easy, hard, got 'medium'"),
+        (["--stain-profile", "lab3"], "--stain-profile: unknown profile 'lab3'; choose one of default, shifted"),
+    ],
+)
 def test_bad_difficulty_or_stain_profile(tmp_path, args, message):
     result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in " ".join(result.stderr.split())

@@ -27,9 +27,27 @@ def _run(args):
 def subtype_run(synth_split, synth_image_size, tmp_path_factory):
     """A seconds-long subtype model trained with Macenko normalisation and HED jitter."""
     out = tmp_path_factory.mktemp("subtype") / "run"
-    result = _run(["train", "--split", str(synth_split), "--out", str(out), "--image-size", str(synth_image_size),
-                   "--epochs", "1", "--evals-per-epoch", "2", "--task", "subtype", "--stain-norm", "macenko",
-                   "--stain-augment", "--json"])
+    result = _run(
+        [
+            "train",
+            "--split",
+            str(synth_split),
+            "--out",
+            str(out),
+            "--image-size",
+            str(synth_image_size),
+            "--epochs",
+            "1",
+            "--evals-per-epoch",
+            "2",
+            "--task",
+            "subtype",
+            "--stain-norm",
+            "macenko",
+            "--stain-augment",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -54,20 +72,49 @@ def test_train_records_the_task_and_the_fitted_stain_target(subtype_run, synth_s
 
 
 def test_evaluate_json_of_a_subtype_model(subtype_run, synth_split, tmp_path):
-    result = _run(["evaluate", "--model", str(subtype_run / "model.npz"), "--split", str(synth_split),
-                   "--out", str(tmp_path / "e"), "--json"])
+    result = _run(
+        [
+            "evaluate",
+            "--model",
+            str(subtype_run / "model.npz"),
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "e"),
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    assert {"task", "classes", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix",
-            "patient_accuracy", "binary"} <= set(metrics)
+    assert {
+        "task",
+        "classes",
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "per_class",
+        "confusion_matrix",
+        "patient_accuracy",
+        "binary",
+    } <= set(metrics)
     assert metrics["task"] == "subtype" and metrics["classes"] == list(SUBTYPE_CLASSES)
     assert np.asarray(metrics["confusion_matrix"]).shape == (8, 8)
     assert set(metrics["per_class"]) == set(SUBTYPE_CLASSES)
     assert set(metrics["per_class"]["adenosis"]) == {"precision", "recall", "f1", "support"}
     assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["n"]
     assert {"accuracy", "recall", "benign_recall", "roc_auc"} <= set(metrics["binary"])
-    table = _run(["evaluate", "--model", str(subtype_run / "model.npz"), "--split", str(synth_split),
-                  "--out", str(tmp_path / "e"), "--force"])
+    table = _run(
+        [
+            "evaluate",
+            "--model",
+            str(subtype_run / "model.npz"),
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "e"),
+            "--force",
+        ]
+    )
     assert table.exit_code == 0 and "macro F1" in table.stdout and "benign/malignant accuracy" in table.stdout
 
 
@@ -82,17 +129,27 @@ def test_predict_json_of_a_subtype_model(subtype_run, synth_split):
     assert row["probability"] == pytest.approx(sum(list(row["probabilities"].values())[4:]), rel=1e-5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--task", "grade"], "--task must be one of binary, subtype, got 'grade'"),
-    (["--stain-norm", "vahadane"], "--stain-norm must be one of none, macenko, reinhard, got 'vahadane'"),
-    (["--stain-target", "nowhere.png"], "--stain-target nowhere.png: needs --stain-norm macenko or reinhard"),
-    (["--stain-norm", "reinhard", "--stain-target", "nowhere.png"], "--stain-target nowhere.png: no such image file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "grade"], "--task must be one of binary, subtype, got 'grade'"),
+        (["--stain-norm", "vahadane"], "--stain-norm must be one of none, macenko, reinhard, got 'vahadane'"),
+        (["--stain-target", "nowhere.png"], "--stain-target nowhere.png: needs --stain-norm macenko or reinhard"),
+        (
+            ["--stain-norm", "reinhard", "--stain-target", "nowhere.png"],
+            "--stain-target nowhere.png: no such image file",
+        ),
+    ],
+)
 def test_bad_task_and_stain_options_are_one_line_and_exit_2(args, message, synth_split, tmp_path):
     for command in (["train"], ["finetune", "--model", "custom-keras"]):
         result = _run([*command, "--split", str(synth_split), "--out", str(tmp_path / "r"), *args])
-        if command[0] == "finetune" and "keras" in result.output.lower() and result.exit_code == 2 \
-                and message not in result.output:
+        if (
+            command[0] == "finetune"
+            and "keras" in result.output.lower()
+            and result.exit_code == 2
+            and message not in result.output
+        ):
             continue  # without TensorFlow finetune stops at the missing extra first
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
@@ -103,41 +160,129 @@ def test_stain_target_image_and_finetune_of_a_numpy_model(synth_split, synth_ima
     split = load_split(synth_split)
     target = tmp_path / "target.png"
     Image.fromarray(load_subset(split, "val", synth_image_size)[0][0]).save(target)
-    first = _run(["train", "--split", str(synth_split), "--out", str(tmp_path / "a"), "--image-size",
-                  str(synth_image_size), "--epochs", "1", "--evals-per-epoch", "1", "--stain-norm", "reinhard",
-                  "--stain-target", str(target), "--json"])
+    first = _run(
+        [
+            "train",
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "a"),
+            "--image-size",
+            str(synth_image_size),
+            "--epochs",
+            "1",
+            "--evals-per-epoch",
+            "1",
+            "--stain-norm",
+            "reinhard",
+            "--stain-target",
+            str(target),
+            "--json",
+        ]
+    )
     assert first.exit_code == 0, first.output
     stain = load_model(tmp_path / "a" / "model.npz").meta["stain"]
     assert stain["method"] == "reinhard" and stain["target"] == str(target.resolve())
     assert json.loads((tmp_path / "a" / "config.json").read_text())["options"]["stain_target"] == str(target.resolve())
     assert stain["augment"] == HEDJitter().to_dict()  # the default recipe's
     # finetune a binary model for the subtype task: refused (its outputs are the binary ones)
-    wrong = _run(["finetune", "--model", str(tmp_path / "a" / "model.npz"), "--split", str(synth_split),
-                  "--out", str(tmp_path / "b"), "--task", "subtype", "--epochs", "1"])
+    wrong = _run(
+        [
+            "finetune",
+            "--model",
+            str(tmp_path / "a" / "model.npz"),
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "b"),
+            "--task",
+            "subtype",
+            "--epochs",
+            "1",
+        ]
+    )
     assert wrong.exit_code == 2 and "was trained for the binary task; pass --task binary" in wrong.output
-    tuned = _run(["finetune", "--model", str(tmp_path / "a" / "model.npz"), "--split", str(synth_split),
-                  "--out", str(tmp_path / "c"), "--epochs", "1", "--stain-norm", "macenko", "--no-stain-augment",
-                  "--json"])
+    tuned = _run(
+        [
+            "finetune",
+            "--model",
+            str(tmp_path / "a" / "model.npz"),
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "c"),
+            "--epochs",
+            "1",
+            "--stain-norm",
+            "macenko",
+            "--no-stain-augment",
+            "--json",
+        ]
+    )
     assert tuned.exit_code == 0, tuned.output
     stain = load_model(tmp_path / "c" / "model.npz").meta["stain"]
     assert stain["method"] == "macenko" and stain["augment"] is None  # the command's, not the source model's
     assert "stain_augment" in json.loads((tmp_path / "c" / "config.json").read_text())["options"]["recipe_overrides"]
-    plain = _run(["train", "--split", str(synth_split), "--out", str(tmp_path / "d"), "--image-size",
-                  str(synth_image_size), "--epochs", "1", "--evals-per-epoch", "1", "--recipe", "report", "--json"])
+    plain = _run(
+        [
+            "train",
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "d"),
+            "--image-size",
+            str(synth_image_size),
+            "--epochs",
+            "1",
+            "--evals-per-epoch",
+            "1",
+            "--recipe",
+            "report",
+            "--json",
+        ]
+    )
     assert plain.exit_code == 0, plain.output
     assert "stain" not in load_model(tmp_path / "d" / "model.npz").meta  # files stay as they were
 
 
 def test_finetune_custom_keras_subtype_with_stain(keras, synth_split, synth_image_size, tmp_path):
-    result = _run(["finetune", "--model", "custom-keras", "--split", str(synth_split), "--out", str(tmp_path / "k"),
-                   "--image-size", str(synth_image_size), "--epochs", "1", "--task", "subtype",
-                   "--stain-norm", "macenko", "--stain-augment", "--json"])
+    result = _run(
+        [
+            "finetune",
+            "--model",
+            "custom-keras",
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "k"),
+            "--image-size",
+            str(synth_image_size),
+            "--epochs",
+            "1",
+            "--task",
+            "subtype",
+            "--stain-norm",
+            "macenko",
+            "--stain-augment",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     model = load_model(tmp_path / "k" / "model.keras")
     assert model.spec.task == "subtype" and model.spec.classes == SUBTYPE_CLASSES
     assert model.meta["stain"]["method"] == "macenko" and model.spec.normaliser is not None
-    evaluated = _run(["evaluate", "--model", str(tmp_path / "k" / "model.keras"), "--split", str(synth_split),
-                      "--out", str(tmp_path / "ke"), "--json"])
+    evaluated = _run(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "k" / "model.keras"),
+            "--split",
+            str(synth_split),
+            "--out",
+            str(tmp_path / "ke"),
+            "--json",
+        ]
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["task"] == "subtype"
 
@@ -155,8 +300,11 @@ def real_tissue(tmp_path_factory):
         paths.append(folder / f"tile{i}.png")
         Image.fromarray(tile).save(paths[-1])
     model = create_model("custom", input_shape=(64, 64, 3), num_classes=8, seed=5)
-    model.meta.update(classes=list(SUBTYPE_CLASSES), task="subtype",
-                      stain=stain_meta(MacenkoNormaliser().fit(tiles[4:12]), "training subset"))
+    model.meta.update(
+        classes=list(SUBTYPE_CLASSES),
+        task="subtype",
+        stain=stain_meta(MacenkoNormaliser().fit(tiles[4:12]), "training subset"),
+    )
     return paths, save_model(model, folder / "model.npz")
 
 
@@ -179,8 +327,20 @@ def test_predict_on_real_tissue_normalises_and_counts_the_glass_tile(real_tissue
 
 def test_featuremaps_on_real_tissue_shows_the_normalised_image(real_tissue, tmp_path):
     paths, model_path = real_tissue
-    result = _run(["featuremaps", "--model", str(model_path), str(paths[0]), "--out", str(tmp_path / "f"),
-                   "--gradcam", "--class", "ductal_carcinoma", "--json"])
+    result = _run(
+        [
+            "featuremaps",
+            "--model",
+            str(model_path),
+            str(paths[0]),
+            "--out",
+            str(tmp_path / "f"),
+            "--gradcam",
+            "--class",
+            "ductal_carcinoma",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["stain"] == {"method": "macenko", "unchanged": False}

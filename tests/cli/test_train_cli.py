@@ -26,8 +26,20 @@ def test_end_to_end_split_train_evaluate_reaches_90_percent(synth_data, synth_im
     monkeypatch.chdir(tmp_path)
     split = _run(["split", "--data", str(synth_data), "--mag", "200X", "-j", "1", "--json"])
     assert split.exit_code == 0, split.output
-    train = _run(["train", "--image-size", str(synth_image_size), "--epochs", "15", "--evals-per-epoch", "2",
-                  "--patience", "20", "--json"])
+    train = _run(
+        [
+            "train",
+            "--image-size",
+            str(synth_image_size),
+            "--epochs",
+            "15",
+            "--evals-per-epoch",
+            "2",
+            "--patience",
+            "20",
+            "--json",
+        ]
+    )
     assert train.exit_code == 0, train.output
     summary = json.loads(train.stdout)  # stdout holds only the JSON summary
     assert summary["stopped"] in ("completed", "early_stopping")
@@ -37,14 +49,37 @@ def test_end_to_end_split_train_evaluate_reaches_90_percent(synth_data, synth_im
     assert evaluate.exit_code == 0, evaluate.output
     metrics = json.loads(evaluate.stdout)
     assert metrics["accuracy"] >= 0.90, metrics
-    assert {"n", "precision", "recall", "f1", "benign_recall", "roc_auc", "confusion_matrix",
-            "patient_accuracy", "threshold"} <= set(metrics)
+    assert {
+        "n",
+        "precision",
+        "recall",
+        "f1",
+        "benign_recall",
+        "roc_auc",
+        "confusion_matrix",
+        "patient_accuracy",
+        "threshold",
+    } <= set(metrics)
 
 
 def test_config_replays_a_run_with_identical_weights(tmp_path, final_weights, small, synth_split):
     split = synth_split
-    first = _run(["train", "--split", str(split), "--out", str(tmp_path / "a"), *small, "--seed", "3",
-                  "--lr", "0.005", "--no-augment", "--json"])
+    first = _run(
+        [
+            "train",
+            "--split",
+            str(split),
+            "--out",
+            str(tmp_path / "a"),
+            *small,
+            "--seed",
+            "3",
+            "--lr",
+            "0.005",
+            "--no-augment",
+            "--json",
+        ]
+    )
     assert first.exit_code == 0, first.output
     replay = _run(["train", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"), "--json"])
     assert replay.exit_code == 0, replay.output

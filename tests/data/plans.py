@@ -26,5 +26,7 @@ def make_plan_tree(root: Path, scale: float = 0.01, mags=("40X", "100X", "200X",
 
 def plan_records(scale: float = 1.0, mags=("200X",)) -> list[Record]:
     """The records a split of ``breastcnn synth --scale SCALE --mags MAGS`` sees, without drawing any image."""
-    return [Record(s.path, s.patient.label, s.patient.subtype, s.patient.folder, s.magnification)
-            for s in synth.plan(scale, mags)]
+    return [
+        Record(s.path, s.patient.label, s.patient.subtype, s.patient.folder, s.magnification)
+        for s in synth.plan(scale, mags)
+    ]

@@ -41,12 +41,14 @@ def split(tmp_path, make_breakhis_tree):
 
 def bomb_png(path: Path, side: int = 20000) -> Path:
     """A 60-byte PNG whose header claims side x side pixels (Pillow refuses it at open)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -95,8 +97,9 @@ def test_truncated_image_in_the_cache_build_names_the_file(split):
 
 def test_decompression_bomb_in_the_cache_build_is_a_user_error(split, tmp_path):
     victim = bomb_png(Path(split.root) / split.subset("train")[1].path)
-    result = _run(["train", "--split", str(split.dir), "--out", str(tmp_path / "run"), "--image-size", "64",
-                   "--jobs", "1"])
+    result = _run(
+        ["train", "--split", str(split.dir), "--out", str(tmp_path / "run"), "--image-size", "64", "--jobs", "1"]
+    )
     assert result.exit_code == 2, result.output
     assert str(victim) in result.stderr and "internal error" not in result.stderr
 
@@ -117,16 +120,35 @@ def test_decompression_bomb_as_featuremaps_image(tmp_path):
 
 def test_write_that_runs_out_of_space_names_the_file(split, tmp_path):
     """A real short write (RLIMIT_FSIZE, as a full disk gives): the message names the file being written."""
-    code = ("import resource, signal, sys\n"
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
-            "from breastcnn.cli.app import main\n"
-            "sys.argv = ['breastcnn'] + sys.argv[1:]\n"
-            "main()\n")
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "from breastcnn.cli.app import main\n"
+        "sys.argv = ['breastcnn'] + sys.argv[1:]\n"
+        "main()\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "BREASTCNN_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, "train", "--split", str(split.dir), "--out",
-                           str(tmp_path / "run"), "--image-size", "96", "--jobs", "1"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "train",
+            "--split",
+            str(split.dir),
+            "--out",
+            str(tmp_path / "run"),
+            "--image-size",
+            "96",
+            "--jobs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(error) == 1, proc.stderr

@@ -107,7 +107,9 @@ def test_cache_rebuilt_when_manifest_edited(breakhis_tree, tmp_path):
     split = load_split(out)
     load_subset(split, "test", 16)
     text = (out / "manifest.csv").read_text().splitlines()
-    dropped = [line for line in text if not line.endswith(",test")] + [line for line in text if line.endswith(",test")][1:]
+    dropped = [line for line in text if not line.endswith(",test")] + [line for line in text if line.endswith(",test")][
+        1:
+    ]
     (out / "manifest.csv").write_text("\n".join(dropped) + "\n")
     edited = load_split(out)
     x, y = load_subset(edited, "test", 16)

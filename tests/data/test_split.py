@@ -136,9 +136,11 @@ def test_kfold(breakhis_tree, tmp_path):
 
 
 def test_accession_grouping_keeps_shared_accessions_together():
-    recs = [Record(f"b/{p}/{i}.png", "benign", "a", p, "200X")
-            for p in ("SOB_B_A_14-22549AB", "SOB_B_A_14-22549G", "SOB_B_A_14-1", "SOB_B_A_14-2", "SOB_B_A_14-3")
-            for i in range(5)]
+    recs = [
+        Record(f"b/{p}/{i}.png", "benign", "a", p, "200X")
+        for p in ("SOB_B_A_14-22549AB", "SOB_B_A_14-22549G", "SOB_B_A_14-1", "SOB_B_A_14-2", "SOB_B_A_14-3")
+        for i in range(5)
+    ]
     for seed in range(5):
         rows = split_by_patient(recs, (0.6, 0.2, 0.2), seed=seed, group="accession")
         assert len({r.split for r in rows if "22549" in r.patient}) == 1

@@ -41,11 +41,21 @@ def _patients(rows, subtype: str, subset: str) -> int:
 # --------------------------------------------------------------------------- --mag parsing
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("all", ALL), ("ALL", ALL), ("200X", ("200X",)), ("200", ("200X",)), ("200x,40", ("40X", "200X")),
-    ("40X,200X", ("40X", "200X")), ("400X+40X", ("40X", "400X")), ("40X, 100X ,40X", ("40X", "100X")),
-    ("40X,100X,200X,400X", ALL), (["200X", "40X"], ("40X", "200X")),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("all", ALL),
+        ("ALL", ALL),
+        ("200X", ("200X",)),
+        ("200", ("200X",)),
+        ("200x,40", ("40X", "200X")),
+        ("40X,200X", ("40X", "200X")),
+        ("400X+40X", ("40X", "400X")),
+        ("40X, 100X ,40X", ("40X", "100X")),
+        ("40X,100X,200X,400X", ALL),
+        (["200X", "40X"], ("40X", "200X")),
+    ],
+)
 def test_parse_mags(text, expected):
     assert parse_mags(text) == expected
 
@@ -60,15 +70,22 @@ def test_parse_mags_rejects_naming_the_option_and_valid_values(bad):
 
 def test_mags_label_names_the_selection():
     assert [mags_label(m) for m in (("200X",), ALL, ("200X", "40X"), ("40X", "100X", "200X"))] == [
-        "200X", "all", "40X+200X", "40X+100X+200X"]
+        "200X",
+        "all",
+        "40X+200X",
+        "40X+100X+200X",
+    ]
     assert parse_mags(mags_label(("40X", "200X"))) == ("40X", "200X")  # the name reads back
 
 
 def test_scan_keeps_the_selected_magnifications(multimag_tree):
     found = scan(multimag_tree, "40X,400X", verify=False).records
     assert {r.magnification for r in found} == {"40X", "400X"} and len(found) == 2 * 82
-    assert len(scan(multimag_tree, None, verify=False).records) == 4 * 82 == len(scan(multimag_tree, "all",
-                                                                                      verify=False).records)
+    assert (
+        len(scan(multimag_tree, None, verify=False).records)
+        == 4 * 82
+        == len(scan(multimag_tree, "all", verify=False).records)
+    )
 
 
 # --------------------------------------------------------------------------- patient-wise over magnifications
@@ -85,7 +102,8 @@ def test_all_magnifications_one_subset_per_patient(multimag_tree, tmp_path):
     assert all(m == set(ALL) for m in mags_of.values())  # each patient's 4 magnifications, all in its subset
     for subset in SUBSETS:
         assert info["images_by_magnification"][subset] == {
-            m: sum(r.magnification == m for r in split.subset(subset)) for m in ALL}
+            m: sum(r.magnification == m for r in split.subset(subset)) for m in ALL
+        }
     saved = json.loads((tmp_path / "s" / "split.json").read_text())
     assert saved["magnification"] == "all" and saved["magnifications"] == list(ALL)
     assert saved["stratify"] == "subtype" and saved["manifest_hash"] == split.hash
@@ -287,11 +305,15 @@ def _records(spec: dict[tuple[str, str], list[int]]) -> list[Record]:
 
 
 def test_a_subtype_with_fewer_patients_than_subsets_goes_to_train_first():
-    records = _records({
-        ("benign", "adenosis"): [30, 5], ("benign", "fibroadenoma"): [20, 22, 18, 25, 9, 14, 30],
-        ("benign", "phyllodes_tumor"): [12],
-        ("malignant", "ductal_carcinoma"): [40, 3, 20, 33, 17, 9, 11], ("malignant", "lobular_carcinoma"): [8, 6],
-    })
+    records = _records(
+        {
+            ("benign", "adenosis"): [30, 5],
+            ("benign", "fibroadenoma"): [20, 22, 18, 25, 9, 14, 30],
+            ("benign", "phyllodes_tumor"): [12],
+            ("malignant", "ductal_carcinoma"): [40, 3, 20, 33, 17, 9, 11],
+            ("malignant", "lobular_carcinoma"): [8, 6],
+        }
+    )
     for seed in range(10):
         rows = split_by_patient(records, (0.8, 0.1, 0.1), seed=seed)
         for subtype in ("adenosis", "phyllodes_tumor", "lobular_carcinoma"):

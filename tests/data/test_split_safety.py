@@ -49,8 +49,12 @@ def clean_tree(tmp_path, make_breakhis_tree) -> Path:
 
 def _user_files(out: Path) -> dict[Path, str]:
     """User files placed exactly where a split would write its own (item 1 of issue 11)."""
-    files = {out / "test" / "mine.txt": "test notes", out / "cache" / "mine.txt": "cache notes",
-             out / "fold1" / "mine.txt": "fold notes", out / "train" / "benign" / "mine.png": "not ours"}
+    files = {
+        out / "test" / "mine.txt": "test notes",
+        out / "cache" / "mine.txt": "cache notes",
+        out / "fold1" / "mine.txt": "fold notes",
+        out / "train" / "benign" / "mine.png": "not ours",
+    }
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -80,7 +84,9 @@ def test_force_removes_our_previous_files_but_not_the_users(breakhis_tree, tmp_p
     files = _user_files(out)
     (out / "fold1" / "cache" / "notes.txt").write_text("mine")
     (out / "fold2" / "train" / "benign" / "keep.png").write_text("mine")
-    files.update({out / "fold1" / "cache" / "notes.txt": "mine", out / "fold2" / "train" / "benign" / "keep.png": "mine"})
+    files.update(
+        {out / "fold1" / "cache" / "notes.txt": "mine", out / "fold2" / "train" / "benign" / "keep.png": "mine"}
+    )
 
     create_split(breakhis_tree, "200X", out=out, seed=3, force=True)
     for path, text in files.items():
@@ -132,8 +138,9 @@ def test_out_containing_the_data_is_refused_and_source_images_survive(tmp_path, 
     x = tmp_path / "X"
     data = _folder_tree(x / "test")
     before = tree_digest(x)
-    result = _run(["split", "--data", str(data), "--mag", "200X", "--by", "image", "--out", str(x), "--force",
-                   "-j", "1"])
+    result = _run(
+        ["split", "--data", str(data), "--mag", "200X", "--by", "image", "--out", str(x), "--force", "-j", "1"]
+    )
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "--out" in result.stderr and str(data) in result.stderr
     assert tree_digest(x) == before
@@ -231,8 +238,9 @@ def test_one_class_data_warns_at_split(tmp_path):
 
 
 def test_negative_seed_names_the_option(clean_tree, tmp_path):
-    result = _run(["split", "--data", str(clean_tree), "--mag", "200X", "--out", str(tmp_path / "s"),
-                   "--seed", "-1", "-j", "1"])
+    result = _run(
+        ["split", "--data", str(clean_tree), "--mag", "200X", "--out", str(tmp_path / "s"), "--seed", "-1", "-j", "1"]
+    )
     assert result.exit_code == 2 and "--seed" in result.stderr and result.stderr.count("\n") == 1, result.output
     assert not (tmp_path / "s").exists()
 

@@ -336,15 +336,26 @@ def test_dict_round_trip_through_json(he_tiles, method):
 
 def _macenko_dict():
     return {
-        "method": "macenko", "version": 1, "alpha": 1.0, "beta": 0.15, "min_tissue_pixels": 256,
-        "keep_residual": True, "stain_matrix": [[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]],  # torchstain's
+        "method": "macenko",
+        "version": 1,
+        "alpha": 1.0,
+        "beta": 0.15,
+        "min_tissue_pixels": 256,
+        "keep_residual": True,
+        "stain_matrix": [[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]],  # torchstain's
         "max_concentrations": [1.9, 1.0],
     }
 
 
 def _reinhard_dict():
-    return {"method": "reinhard", "version": 1, "beta": 0.15, "min_tissue_pixels": 256,
-            "lab_mean": [60.0, 20.0, -10.0], "lab_std": [15.0, 8.0, 6.0]}
+    return {
+        "method": "reinhard",
+        "version": 1,
+        "beta": 0.15,
+        "min_tissue_pixels": 256,
+        "lab_mean": [60.0, 20.0, -10.0],
+        "lab_std": [15.0, 8.0, 6.0],
+    }
 
 
 def _with(base, **changes):
@@ -365,8 +376,10 @@ CORRUPT = [
     (_with(_macenko_dict, version=KeyError), "unsupported version None"),
     (_with(_macenko_dict, max_concentrations=KeyError), r"missing keys \['max_concentrations'\]"),
     (_with(_macenko_dict, extra=1), r"unknown keys \['extra'\]"),
-    (_with(_macenko_dict, stain_matrix=[[0.5626, 0.7201, float("nan")], [0.2159, 0.8012, 0.5581]]),
-     "'stain_matrix' must be finite"),
+    (
+        _with(_macenko_dict, stain_matrix=[[0.5626, 0.7201, float("nan")], [0.2159, 0.8012, 0.5581]]),
+        "'stain_matrix' must be finite",
+    ),
     (_with(_macenko_dict, stain_matrix=[[0.5626, 0.7201, 0.4062]]), r"shape \(2, 3\)"),
     (_with(_macenko_dict, stain_matrix="H&E"), "'stain_matrix' must be finite"),
     (_with(_macenko_dict, stain_matrix=[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "two distinct unit vectors"),

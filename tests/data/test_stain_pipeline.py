@@ -40,22 +40,33 @@ def test_stain_meta_round_trip_is_plain_json_and_rebuilds_the_same_normaliser(no
     np.testing.assert_array_equal(back.max_concentrations, normaliser.max_concentrations)
     assert meta["method"] == "macenko" and meta["target"] == TRAIN_TARGET
     assert stain_meta(None, None, None) is None
-    assert stain_meta(None, "ignored", HEDJitter()) == {"method": "none", "target": None, "normaliser": None,
-                                                       "augment": HEDJitter().to_dict()}
-    spec = ModelSpec.from_meta({"classes": ["benign", "malignant"], "preprocess": "caffe", "image_size": 8,
-                                "stain": meta}, framework="onnx")
+    assert stain_meta(None, "ignored", HEDJitter()) == {
+        "method": "none",
+        "target": None,
+        "normaliser": None,
+        "augment": HEDJitter().to_dict(),
+    }
+    spec = ModelSpec.from_meta(
+        {"classes": ["benign", "malignant"], "preprocess": "caffe", "image_size": 8, "stain": meta}, framework="onnx"
+    )
     np.testing.assert_array_equal(spec.normaliser.stain_matrix, normaliser.stain_matrix)
     assert ModelSpec("custom", "numpy", ("a", "b"), 8, "caffe").normaliser is None
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(method="vahadane"), "stain 'method' must be one of none, macenko, reinhard"),
-    (lambda m: m.update(method="reinhard"), "expected method 'reinhard', got 'macenko'"),
-    (lambda m: m.update(normaliser=None), "stain method 'macenko' has no fitted 'normaliser'"),
-    (lambda m: m["normaliser"].update(stain_matrix=[[1, 0, 0], [float("nan"), 1, 0]]), "'stain_matrix' must be finite"),
-    (lambda m: m.update(extra=1), r"'stain' has unknown keys \['extra'\]"),
-    (lambda m: m.update(augment={"scale": 2.0}), "HED jitter scale must be a number in"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(method="vahadane"), "stain 'method' must be one of none, macenko, reinhard"),
+        (lambda m: m.update(method="reinhard"), "expected method 'reinhard', got 'macenko'"),
+        (lambda m: m.update(normaliser=None), "stain method 'macenko' has no fitted 'normaliser'"),
+        (
+            lambda m: m["normaliser"].update(stain_matrix=[[1, 0, 0], [float("nan"), 1, 0]]),
+            "'stain_matrix' must be finite",
+        ),
+        (lambda m: m.update(extra=1), r"'stain' has unknown keys \['extra'\]"),
+        (lambda m: m.update(augment={"scale": 2.0}), "HED jitter scale must be a number in"),
+    ],
+)
 def test_bad_stain_metadata_is_one_error_naming_the_file(normaliser, change, message):
     meta = json.loads(json.dumps(stain_meta(normaliser, TRAIN_TARGET, None)))
     change(meta)
@@ -106,8 +117,9 @@ def test_a_normalised_cache_of_another_target_is_rebuilt_not_trusted(normaliser,
     np.testing.assert_array_equal(x, normalise_batch(normaliser, plain)[0])
 
 
-def test_background_images_fall_back_to_the_identity_with_a_count(normaliser, tmp_path, make_breakhis_tree,
-                                                                  synth_split):
+def test_background_images_fall_back_to_the_identity_with_a_count(
+    normaliser, tmp_path, make_breakhis_tree, synth_split
+):
     from PIL import Image
 
     from breastcnn.data.split import create_split
@@ -119,8 +131,11 @@ def test_background_images_fall_back_to_the_identity_with_a_count(normaliser, tm
     split = load_split(tmp_path / "s")
     n = len(split.subset("train"))
     for _ in range(2):  # built, then read from the cache: told both times
-        with pytest.warns(BreastCNNWarning, match=rf"macenko stain normalisation left {n} of {n} train images "
-                                                   "unchanged"):
+        with pytest.warns(
+            BreastCNNWarning,
+            match=rf"macenko stain normalisation left {n} of {n} train images "
+            "unchanged",
+        ):
             x, _ = load_subset(split, "train", 16, normaliser=normaliser)
         plain, _ = load_subset(split, "train", 16)
         np.testing.assert_array_equal(x, plain)

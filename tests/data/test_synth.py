@@ -30,16 +30,18 @@ def test_patients_match_real_counts_and_small_scales_keep_everyone():
         specs = synth.plan(scale, ("40X", "200X"))
         for mag in ("40X", "200X"):
             assert len({s.patient.index for s in specs if s.magnification == mag}) == 82
-    assert len(synth.plan(0.5, ("200X",))) == sum(max(n, round(c[2] * 0.5)) for n, c in
-                                                  zip(synth.REAL_PATIENTS.values(), synth.REAL_COUNTS.values()))
+    assert len(synth.plan(0.5, ("200X",))) == sum(
+        max(n, round(c[2] * 0.5)) for n, c in zip(synth.REAL_PATIENTS.values(), synth.REAL_COUNTS.values())
+    )
 
 
 def test_names_follow_breakhis():
     spec = synth.ImageSpec(synth.patients()[0], "200X", 1)
     assert spec.patient.folder == "SOB_B_A_14-22549AB"
     assert spec.file_name == "SOB_B_A-14-22549AB-200-001.png"
-    assert spec.path == ("histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-22549AB/200X/"
-                         "SOB_B_A-14-22549AB-200-001.png")
+    assert spec.path == (
+        "histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-22549AB/200X/SOB_B_A-14-22549AB-200-001.png"
+    )
     for s in synth.plan(0.05, ("100X",)):
         m = FILE_NAME_RE.match(s.file_name)
         assert m and SUBTYPES[m.group("tumour")] == (s.patient.label, s.patient.subtype)

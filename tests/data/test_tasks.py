@@ -26,8 +26,16 @@ from breastcnn.errors import UserInputError
 
 def test_vocabularies_in_the_issues_order():
     assert TASKS == ("binary", "subtype")
-    assert SUBTYPE_CLASSES == ("adenosis", "fibroadenoma", "phyllodes_tumor", "tubular_adenoma", "ductal_carcinoma",
-                               "lobular_carcinoma", "mucinous_carcinoma", "papillary_carcinoma")
+    assert SUBTYPE_CLASSES == (
+        "adenosis",
+        "fibroadenoma",
+        "phyllodes_tumor",
+        "tubular_adenoma",
+        "ductal_carcinoma",
+        "lobular_carcinoma",
+        "mucinous_carcinoma",
+        "papillary_carcinoma",
+    )
     assert SUBTYPE_CLASSES == tuple(name for _, name in SUBTYPES.values())  # the tumour codes' order, benign first
     assert TASK_CLASSES == {"binary": ("benign", "malignant"), "subtype": SUBTYPE_CLASSES}
     assert SUBTYPE_TO_CLASS == {name: label for label, name in SUBTYPES.values()}
@@ -45,8 +53,12 @@ def _rec(label, subtype, i=0):
 
 
 def test_label_indices_for_both_tasks():
-    recs = [_rec("malignant", "papillary_carcinoma"), _rec("benign", "adenosis"), _rec("benign", "tubular_adenoma"),
-            _rec("malignant", "ductal_carcinoma")]
+    recs = [
+        _rec("malignant", "papillary_carcinoma"),
+        _rec("benign", "adenosis"),
+        _rec("benign", "tubular_adenoma"),
+        _rec("malignant", "ductal_carcinoma"),
+    ]
     assert label_indices(recs).tolist() == [1, 0, 0, 1] and label_indices(recs).dtype == np.int64
     y = label_indices(recs, "subtype")
     assert y.tolist() == [7, 0, 3, 4] and y.dtype == np.int64
@@ -54,11 +66,17 @@ def test_label_indices_for_both_tasks():
     assert label_indices([], "subtype").shape == (0,)
 
 
-@pytest.mark.parametrize("record,message", [
-    (Record("benign/a.png", "benign", "", "", ""), "benign/a.png has no subtype"),
-    (Record("benign/a.png", "benign", "sclerosing", "P", "200X"), "has subtype 'sclerosing'"),
-    (Record("benign/a.png", "benign", "ductal_carcinoma", "P", "200X"), "is benign but its subtype ductal_carcinoma"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        (Record("benign/a.png", "benign", "", "", ""), "benign/a.png has no subtype"),
+        (Record("benign/a.png", "benign", "sclerosing", "P", "200X"), "has subtype 'sclerosing'"),
+        (
+            Record("benign/a.png", "benign", "ductal_carcinoma", "P", "200X"),
+            "is benign but its subtype ductal_carcinoma",
+        ),
+    ],
+)
 def test_label_indices_refuses_rows_without_a_known_subtype(record, message):
     with pytest.raises(UserInputError, match=message) as err:
         label_indices([record], "subtype", where="s/manifest.csv")

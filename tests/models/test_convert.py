@@ -100,8 +100,13 @@ def test_from_keras_expands_fused_activations(keras):
     out = keras.layers.Dense(3, activation="softmax")(h)
     kmodel = keras.Model(inputs, out)
     model = from_keras(kmodel)
-    assert [type(layer).__name__ for layer in model.layers] == ["Conv2D", "ReLU", "GlobalAveragePooling2D",
-                                                                 "Dense", "Softmax"]
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Conv2D",
+        "ReLU",
+        "GlobalAveragePooling2D",
+        "Dense",
+        "Softmax",
+    ]
     x = np.random.default_rng(0).normal(size=(4, 10, 10, 2)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x), kmodel(x).numpy(), atol=1e-5)
 

@@ -17,18 +17,41 @@ def test_report_parameter_counts_at_224():
 def test_architecture_matches_the_report():
     model = create_model("custom", seed=0)
     kinds = [type(layer) for layer in model.layers]
-    assert kinds == [Conv2D, BatchNorm, ReLU, Conv2D, BatchNorm, ReLU, MaxPool2D, Conv2D, BatchNorm, ReLU,
-                     Flatten, Dense, ReLU, Dense, Softmax]
+    assert kinds == [
+        Conv2D,
+        BatchNorm,
+        ReLU,
+        Conv2D,
+        BatchNorm,
+        ReLU,
+        MaxPool2D,
+        Conv2D,
+        BatchNorm,
+        ReLU,
+        Flatten,
+        Dense,
+        ReLU,
+        Dense,
+        Softmax,
+    ]
     convs = [layer for layer in model.layers if isinstance(layer, Conv2D)]
     assert [(c.filters, c.kernel_size, c.strides, c.padding, c.use_bias) for c in convs] == [
-        (16, 3, 4, "valid", True), (32, 3, 2, "valid", True), (64, 3, 2, "valid", True)]
+        (16, 3, 4, "valid", True),
+        (32, 3, 2, "valid", True),
+        (64, 3, 2, "valid", True),
+    ]
     assert model.layers[11].units == 128 and model.layers[13].units == 2
 
 
 def test_meta():
     model = create_model("custom", input_shape=(96, 96, 3), seed=0, activation="leaky_relu")
-    assert model.meta == {"arch": "custom", "classes": list(breastcnn.CLASSES), "preprocess": "caffe",
-                          "image_size": 96, "activation": "leaky_relu"}
+    assert model.meta == {
+        "arch": "custom",
+        "classes": list(breastcnn.CLASSES),
+        "preprocess": "caffe",
+        "image_size": 96,
+        "activation": "leaky_relu",
+    }
     assert model.framework == "numpy"
     assert sum(isinstance(layer, LeakyReLU) for layer in model.layers) == 4
 
@@ -57,6 +80,7 @@ def test_bad_options():
 
 # -- "custom-k4": 4x4/s4 first convolution (report defect 7: 3x3/s4 skips 7 of every 16 pixels) ---------------
 
+
 def _k4(**kwargs):
     from breastcnn.models.custom import create_custom_k4
 
@@ -71,16 +95,23 @@ def test_k4_parameter_counts_and_shapes_at_224():
     assert [layer.output_shape for layer in model.layers] == [layer.output_shape for layer in report.layers]
     convs = [(c.filters, c.kernel_size, c.strides) for c in model.layers if isinstance(c, Conv2D)]
     assert convs == [(16, 4, 4), (32, 3, 2), (64, 3, 2)]
-    assert model.meta == {"arch": "custom-k4", "classes": list(breastcnn.CLASSES), "preprocess": "caffe",
-                          "image_size": 224, "activation": "relu"}
+    assert model.meta == {
+        "arch": "custom-k4",
+        "classes": list(breastcnn.CLASSES),
+        "preprocess": "caffe",
+        "image_size": 224,
+        "activation": "relu",
+    }
 
 
 def test_k4_sees_every_pixel_once_and_custom_does_not():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 64, 64, 3)).astype(np.float32)
     seen = {}
-    for name, model in (("custom", create_model("custom", input_shape=(64, 64, 3))),
-                        ("custom-k4", _k4(input_shape=(64, 64, 3)))):
+    for name, model in (
+        ("custom", create_model("custom", input_shape=(64, 64, 3))),
+        ("custom-k4", _k4(input_shape=(64, 64, 3))),
+    ):
         conv = model.layers[0]
         conv.params["W"][...] = 1.0
         out = conv.forward(x)

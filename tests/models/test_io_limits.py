@@ -151,8 +151,9 @@ def test_huge_dense_width_is_refused(good, tmp_path):
 def test_too_many_layers_and_huge_config_are_refused(good, tmp_path):
     members = _members(good)
     config = _config(members)
-    config["layers"] = config["layers"][:-1] + [{"class": "ReLU", "name": f"r{i}"} for i in range(5000)] \
-        + config["layers"][-1:]
+    config["layers"] = (
+        config["layers"][:-1] + [{"class": "ReLU", "name": f"r{i}"} for i in range(5000)] + config["layers"][-1:]
+    )
     bad = tmp_path / "deep.npz"
     _write(bad, _with_config(members, config))
     _refused_cheaply(bad, "deep.npz: .*layers")
@@ -190,9 +191,11 @@ def test_parameter_shapes_match_what_build_allocates():
 
     layers = [layer for arch in ("custom", "custom-k4") for layer in create_model(arch, input_shape=(64, 64, 3)).layers]
     rng = np.random.default_rng(0)
-    for cfg, shape in (({"class": "Conv2D", "filters": 5, "kernel_size": 3, "use_bias": False}, (9, 9, 2)),
-                       ({"class": "Dense", "units": 7, "use_bias": False}, (11,)),
-                       ({"class": "Dense", "units": 7}, (11,))):
+    for cfg, shape in (
+        ({"class": "Conv2D", "filters": 5, "kernel_size": 3, "use_bias": False}, (9, 9, 2)),
+        ({"class": "Dense", "units": 7, "use_bias": False}, (11,)),
+        ({"class": "Dense", "units": 7}, (11,)),
+    ):
         layer = layer_from_config(cfg)
         layer.build(shape, rng)
         layers.append(layer)
@@ -221,8 +224,10 @@ def test_negative_moving_variance_is_refused(good, tmp_path):
         load_model(bad)
     image = tmp_path / "x.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
-    for args in (["predict", "--model", str(bad), str(image), "--json"],
-                 ["featuremaps", "--model", str(bad), str(image), "--out", str(tmp_path / "maps")]):
+    for args in (
+        ["predict", "--model", str(bad), str(image), "--json"],
+        ["featuremaps", "--model", str(bad), str(image), "--out", str(tmp_path / "maps")],
+    ):
         result = _run(args)
         assert result.exit_code == 2, result.output
         assert "NaN" not in result.stdout and result.stderr.count("\n") <= 2

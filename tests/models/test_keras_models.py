@@ -145,7 +145,9 @@ def test_saving_a_compiled_model_leaves_out_the_optimizer(km, keras, tmp_path):
     compiled = tmp_path / "b" / "model.keras"
     clf.save(compiled)
     assert abs(compiled.stat().st_size - plain.stat().st_size) < 20_000  # no Adam moments (2 x 1.3 MB)
-    np.testing.assert_allclose(km.load_keras_model(compiled).predict(_images(2, 64)), clf.predict(_images(2, 64)), atol=1e-6)
+    np.testing.assert_allclose(
+        km.load_keras_model(compiled).predict(_images(2, 64)), clf.predict(_images(2, 64)), atol=1e-6
+    )
 
 
 def test_legacy_breastcnn_json_sidecars_still_load(km, custom_keras, tmp_path):
@@ -240,8 +242,9 @@ def test_cached_imagenet_file_is_used_without_download(km, keras, tmp_path, monk
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("tried to download"))
     clf = km.create_vgg16(SMALL, 2, seed=5, weights="imagenet")
-    np.testing.assert_array_equal(clf.model.get_layer("block5_conv3").get_weights()[0],
-                                  donor.get_layer("block5_conv3").get_weights()[0])
+    np.testing.assert_array_equal(
+        clf.model.get_layer("block5_conv3").get_weights()[0], donor.get_layer("block5_conv3").get_weights()[0]
+    )
     assert clf.meta["weights"] == "imagenet"
 
 
@@ -266,6 +269,11 @@ def test_require_keras_without_tensorflow_says_how_to_install():
         "from breastcnn.errors import MissingDependencyError\n"
         "try:\n    require_keras()\nexcept MissingDependencyError as e:\n    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert out.stdout.startswith("TensorFlow is not installed: pip install 'breastcnn[keras]'")

@@ -37,25 +37,33 @@ def export_and_load(model, path, **kwargs):
 # ------------------------------------------------------------------- same probabilities as predict
 
 
-@pytest.mark.parametrize("arch,size,activation", [
-    ("custom", 64, "relu"), ("custom-k4", 64, "relu"), ("custom", 80, "leaky_relu"), ("custom-k4", 72, "leaky_relu"),
-    ("custom", 224, "relu"), ("custom-k4", 224, "relu"),
-])
-def test_onnx_runtime_gives_the_numpy_probabilities(onnxruntime, tmp_path, arch, size, activation, randomize_batchnorm,
-                                                    unsaturate):
+@pytest.mark.parametrize(
+    "arch,size,activation",
+    [
+        ("custom", 64, "relu"),
+        ("custom-k4", 64, "relu"),
+        ("custom", 80, "leaky_relu"),
+        ("custom-k4", 72, "leaky_relu"),
+        ("custom", 224, "relu"),
+        ("custom-k4", 224, "relu"),
+    ],
+)
+def test_onnx_runtime_gives_the_numpy_probabilities(
+    onnxruntime, tmp_path, arch, size, activation, randomize_batchnorm, unsaturate
+):
     model = randomize_batchnorm(create_model(arch, (size, size, 3), 2, seed=3, activation=activation), seed=size)
     model.meta["preprocess"] = "minmax"
-    rng = np.random.default_rng(7)   # a colour cast per image + noise: images that differ, so do the outputs
+    rng = np.random.default_rng(7)  # a colour cast per image + noise: images that differ, so do the outputs
     x = (rng.uniform(0.0, 0.7, (5, 1, 1, 3)) + rng.uniform(0.0, 0.3, (5, size, size, 3))).astype(np.float32)
     unsaturate(model, x)
     classifier = export_and_load(model, tmp_path / "m.onnx", threads=1)
     expected = model.predict(x)
-    assert np.ptp(expected[:, 1]) > 0.2   # informative: not a constant (saturated) output
+    assert np.ptp(expected[:, 1]) > 0.2  # informative: not a constant (saturated) output
     for batch in (1, 5):
         got = classifier.predict(x[:batch], batch_size=batch)
         assert got.dtype == np.float32 and got.shape == (batch, 2)
         np.testing.assert_allclose(got, expected[:batch], atol=1e-4)
-    np.testing.assert_allclose(classifier.predict(x, batch_size=2), expected, atol=1e-4)   # uneven last batch
+    np.testing.assert_allclose(classifier.predict(x, batch_size=2), expected, atol=1e-4)  # uneven last batch
 
 
 def _general_model(randomize_batchnorm, input_shape=(30, 23, 3)) -> Sequential:
@@ -63,16 +71,27 @@ def _general_model(randomize_batchnorm, input_shape=(30, 23, 3)) -> Sequential:
     before it and with and without a ReLU after, LeakyReLU, overlapping pooling, Flatten of a non-square map,
     Dropout, GAP-free dense head; a non-square input so that any NHWC/NCHW mix-up shows."""
     layers = [
-        L.Conv2D(6, 4, strides=3, padding="same", use_bias=False), L.BatchNorm(), L.LeakyReLU(0.2),
-        L.Conv2D(5, 3, strides=1, padding="same"), L.BatchNorm(),                      # no ReLU after this BN
+        L.Conv2D(6, 4, strides=3, padding="same", use_bias=False),
+        L.BatchNorm(),
+        L.LeakyReLU(0.2),
+        L.Conv2D(5, 3, strides=1, padding="same"),
+        L.BatchNorm(),  # no ReLU after this BN
         L.MaxPool2D(3, strides=2),
-        L.BatchNorm(), L.ReLU(),                                                          # BN without a conv
-        L.Conv2D(7, 2, strides=1, padding="same"), L.ReLU(),                         # 4x3x7 map
-        L.Flatten(), L.Dropout(0.5), L.BatchNorm(),                                       # BN on flat features
-        L.Dense(9), L.ReLU(), L.Dense(3), L.Softmax(),
+        L.BatchNorm(),
+        L.ReLU(),  # BN without a conv
+        L.Conv2D(7, 2, strides=1, padding="same"),
+        L.ReLU(),  # 4x3x7 map
+        L.Flatten(),
+        L.Dropout(0.5),
+        L.BatchNorm(),  # BN on flat features
+        L.Dense(9),
+        L.ReLU(),
+        L.Dense(3),
+        L.Softmax(),
     ]
-    model = Sequential(layers, input_shape=input_shape, seed=2, meta={"preprocess": "minmax",
-                                                                       "classes": ["a", "b", "c"]})
+    model = Sequential(
+        layers, input_shape=input_shape, seed=2, meta={"preprocess": "minmax", "classes": ["a", "b", "c"]}
+    )
     return randomize_batchnorm(model, seed=5)
 
 
@@ -88,7 +107,7 @@ def test_every_layer_kind_and_same_padding_match(onnxruntime, randomize_batchnor
         np.testing.assert_allclose(ort_outputs(proto, x[:batch]), expected[:batch], atol=1e-5)
     ops = [n.op_type for n in proto.graph.node]
     assert "Dropout" not in ops and "BatchNormalization" not in ops
-    assert ops.count("Conv") == 3 and ops.count("Mul") == 2   # two convs folded their BN; two BNs stand alone
+    assert ops.count("Conv") == 3 and ops.count("Mul") == 2  # two convs folded their BN; two BNs stand alone
     pads = [list(a.ints) for n in proto.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads"]
     # TF "same" [top, left, bottom, right]: 30 rows / 3 -> 10 need 1 more (after), 23 cols -> 8 need 2 (1 + 1)
     assert pads[0] == [0, 1, 1, 1] and pads[2] == [0, 0, 1, 1]
@@ -98,12 +117,28 @@ def test_gap_head_and_feature_map_output(onnxruntime, randomize_batchnorm):
     from breastcnn.models.onnx_export import to_onnx
 
     rng = np.random.default_rng(1)
-    gap = randomize_batchnorm(Sequential([
-        L.Conv2D(8, 3, strides=2), L.BatchNorm(), L.ReLU(), L.GlobalAveragePooling2D(), L.BatchNorm(),
-        L.Dense(2), L.Softmax()], input_shape=(20, 20, 3), seed=1), seed=1)
+    gap = randomize_batchnorm(
+        Sequential(
+            [
+                L.Conv2D(8, 3, strides=2),
+                L.BatchNorm(),
+                L.ReLU(),
+                L.GlobalAveragePooling2D(),
+                L.BatchNorm(),
+                L.Dense(2),
+                L.Softmax(),
+            ],
+            input_shape=(20, 20, 3),
+            seed=1,
+        ),
+        seed=1,
+    )
     # a model ending on feature maps (softmax over channels): handed back NHWC like the engine
-    maps = randomize_batchnorm(Sequential([
-        L.Conv2D(4, 3, strides=2, padding="same"), L.BatchNorm(), L.Softmax()], input_shape=(9, 11, 3), seed=1))
+    maps = randomize_batchnorm(
+        Sequential(
+            [L.Conv2D(4, 3, strides=2, padding="same"), L.BatchNorm(), L.Softmax()], input_shape=(9, 11, 3), seed=1
+        )
+    )
     for model, shape in ((gap, (5, 20, 20, 3)), (maps, (5, 9, 11, 3))):
         x = rng.normal(0.0, 1.0, shape).astype(np.float32)
         expected = model.predict(x)
@@ -127,8 +162,9 @@ def test_folding_uses_the_moving_statistics(onnxruntime, randomize_batchnorm):
     from onnx import numpy_helper
 
     scale, _ = bn.inference_affine()
-    np.testing.assert_allclose(numpy_helper.to_array(w_before) - numpy_helper.to_array(w_after), 3.0 * scale,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        numpy_helper.to_array(w_before) - numpy_helper.to_array(w_after), 3.0 * scale, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(ort_outputs(after, x), model.predict(x), atol=1e-4)
 
 
@@ -147,7 +183,7 @@ def test_checker_opset_and_metadata_round_trip(onnxruntime, tmp_path):
     written = export_onnx(model, path, source="runs/x/model.npz")
     assert written["opset"] == OPSET == 17 and written["size_bytes"] == path.stat().st_size
     assert written["max_abs_diff"] is not None and written["max_abs_diff"] <= 1e-4
-    assert not list(tmp_path.glob(".*.tmp"))   # written atomically
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
@@ -155,14 +191,14 @@ def test_checker_opset_and_metadata_round_trip(onnxruntime, tmp_path):
     assert proto.ir_version == onnx.helper.find_min_ir_version_for(proto.opset_import)
     assert proto.producer_name == "breastcnn" and proto.producer_version == __version__
     dims = proto.graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [64, 64, 3]   # dynamic batch, NHWC
+    assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [64, 64, 3]  # dynamic batch, NHWC
     assert "NHWC" in proto.doc_string and "divided by 255" not in proto.doc_string
-    assert "ImageNet mean [103.939, 116.779, 123.68]" in proto.doc_string   # caffe, spelled out
+    assert "ImageNet mean [103.939, 116.779, 123.68]" in proto.doc_string  # caffe, spelled out
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["input_layout"] == "NHWC" and props["preprocess"] == "caffe" and props["image_size"] == "64"
     assert json.loads(props["classes"]) == ["benign", "malignant"] and props["arch"] == "custom-k4"
 
-    classifier = load_model(path)   # models.load_model dispatches .onnx
+    classifier = load_model(path)  # models.load_model dispatches .onnx
     assert classifier.framework == "onnx"
     meta = classifier.meta
     assert meta["classes"] == ["benign", "malignant"] and meta["image_size"] == 64 and meta["preprocess"] == "caffe"
@@ -192,13 +228,16 @@ def test_unknown_layers_are_refused_by_name(onnxruntime, tmp_path):
         def forward(self, x, training=False, cache=True):
             return x / (1.0 + np.exp(-x))
 
-    class MyReLU(L.ReLU):   # a subclass could compute anything: exact classes only
+    class MyReLU(L.ReLU):  # a subclass could compute anything: exact classes only
         pass
 
     for odd, cls in ((Swish(name="swish_1"), "Swish"), (MyReLU(name="my_relu"), "MyReLU")):
         model = Sequential([L.Conv2D(4, 3), odd, L.Flatten(), L.Dense(2), L.Softmax()], input_shape=(8, 8, 3))
-        with pytest.raises(UserInputError, match=rf"cannot export layer 1 '{odd.name}' \({cls}\) to ONNX; "
-                                                 r"supported layers: BatchNorm, Conv2D"):
+        with pytest.raises(
+            UserInputError,
+            match=rf"cannot export layer 1 '{odd.name}' \({cls}\) to ONNX; "
+            r"supported layers: BatchNorm, Conv2D",
+        ):
             export_onnx(model, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(UserInputError, match="takes a NumPy breastcnn model"):
@@ -303,8 +342,9 @@ def test_loader_accepts_external_data_inside_its_folder(onnxruntime, exported, t
     model, proto = exported
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    onnx.save_model(copy, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.weights",
-                    size_threshold=0)
+    onnx.save_model(
+        copy, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.weights", size_threshold=0
+    )
     classifier = load_onnx_model(tmp_path / "big.onnx", threads=1)
     x = np.random.default_rng(0).normal(0.0, 20.0, (2, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(classifier.predict(x), model.predict(x), atol=1e-4)
@@ -320,7 +360,7 @@ def test_predict_contract_and_threads(onnxruntime, exported, tmp_path):
     one = classifier.predict(x)
     classifier.set_threads(2, inter_op_threads=1)
     assert classifier.threads == 2 and classifier.session.get_session_options().intra_op_num_threads == 2
-    np.testing.assert_allclose(classifier.predict(x.astype(np.float64)), one, atol=1e-6)   # dtype cast like numpy
+    np.testing.assert_allclose(classifier.predict(x.astype(np.float64)), one, atol=1e-6)  # dtype cast like numpy
     seen = []
     classifier.predict(x, batch_size=2, progress=seen.append)
     assert seen == [2, 1]
@@ -356,8 +396,13 @@ def test_onnx_is_imported_lazily_and_its_absence_is_explained(tmp_path):
         "        print(exc)\n"
     )
     (tmp_path / "x.onnx").write_bytes(b"")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 2 and all("pip install 'breastcnn[onnx]'" in line for line in lines)

@@ -43,7 +43,9 @@ def test_bad_arguments_are_user_errors():
 
 
 def test_listing_and_custom_never_import_tensorflow():
-    code = ("import sys; from breastcnn.models import create_model, list_models; list_models(); "
-            "create_model('custom', input_shape=(64, 64, 3)); "
-            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    code = (
+        "import sys; from breastcnn.models import create_model, list_models; list_models(); "
+        "create_model('custom', input_shape=(64, 64, 3)); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -26,13 +26,23 @@ from breastcnn.nn import Dense, Flatten, Sequential, Softmax
 
 
 def test_from_meta_reads_every_field_and_round_trips():
-    meta = {"arch": "custom-k4", "classes": ["benign", "malignant"], "image_size": 96, "preprocess": "minmax",
-            "split_hash": "abc", "seed": 3}
+    meta = {
+        "arch": "custom-k4",
+        "classes": ["benign", "malignant"],
+        "image_size": 96,
+        "preprocess": "minmax",
+        "split_hash": "abc",
+        "seed": 3,
+    }
     spec = ModelSpec.from_meta(meta, framework="numpy", source="m.npz", input_shape=(96, 96, 3), num_classes=2)
     assert spec == ModelSpec("custom-k4", "numpy", ("benign", "malignant"), 96, "minmax", "binary", None)
     assert spec.num_classes == 2 and spec.capabilities is CAPABILITIES["numpy"]
-    assert spec.to_meta() == {"arch": "custom-k4", "classes": ["benign", "malignant"], "image_size": 96,
-                              "preprocess": "minmax"}   # task/stain only when set: files stay as they were
+    assert spec.to_meta() == {
+        "arch": "custom-k4",
+        "classes": ["benign", "malignant"],
+        "image_size": 96,
+        "preprocess": "minmax",
+    }  # task/stain only when set: files stay as they were
     with_options = ModelSpec("custom", "numpy", ("a", "b"), 64, "caffe", task="binary", stain={"method": "macenko"})
     assert with_options.to_meta()["stain"] == {"method": "macenko"} and "task" not in with_options.to_meta()
 
@@ -44,32 +54,58 @@ def test_a_numpy_model_s_missing_fields_come_from_the_model():
     assert default_classes(2) == breastcnn.CLASSES
 
 
-@pytest.mark.parametrize("meta, framework, message", [
-    ({"classes": ["benign"], "preprocess": "caffe"}, "keras", "'classes' must be a list of at least two distinct"),
-    ({"classes": ["a", "a"], "preprocess": "caffe"}, "keras", "'classes' must be a list of at least two distinct"),
-    ({"classes": ["a", "b", "c"], "preprocess": "caffe"}, "keras", "names 3 classes but the model has 2 outputs"),
-    ({"classes": ["a", "b"], "preprocess": "zscore"}, "keras",
-     "'preprocess' must be caffe or minmax, received 'zscore'"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "image_size": 32}, "keras",
-     r"image_size 32 does not match the model's input shape \[64, 64, 3\]"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "image_size": "64"}, "keras", "'image_size' must be a positive"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "task": "tumour"}, "keras",
-     "'task' must be one of binary, subtype, received 'tumour'"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "task": "subtype"}, "keras",
-     r"a subtype model's 'classes' must be \['adenosis'"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "stain": {"method": "macenko"}}, "keras",
-     "stain method 'macenko' has no fitted 'normaliser'"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "stain": {"method": "none", "colour": 1}}, "keras",
-     r"'stain' has unknown keys \['colour'\]"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "stain": "macenko"}, "keras", "'stain' must be a JSON object"),
-    ({"classes": ["a", "b"], "preprocess": "caffe", "arch": ""}, "keras", "'arch' must be a non-empty string"),
-    ({"preprocess": "caffe"}, "keras", "lacks classes"),
-    ({"classes": ["a", "b"]}, "onnx", "lacks image_size, preprocess"),
-])
+@pytest.mark.parametrize(
+    "meta, framework, message",
+    [
+        ({"classes": ["benign"], "preprocess": "caffe"}, "keras", "'classes' must be a list of at least two distinct"),
+        ({"classes": ["a", "a"], "preprocess": "caffe"}, "keras", "'classes' must be a list of at least two distinct"),
+        ({"classes": ["a", "b", "c"], "preprocess": "caffe"}, "keras", "names 3 classes but the model has 2 outputs"),
+        (
+            {"classes": ["a", "b"], "preprocess": "zscore"},
+            "keras",
+            "'preprocess' must be caffe or minmax, received 'zscore'",
+        ),
+        (
+            {"classes": ["a", "b"], "preprocess": "caffe", "image_size": 32},
+            "keras",
+            r"image_size 32 does not match the model's input shape \[64, 64, 3\]",
+        ),
+        (
+            {"classes": ["a", "b"], "preprocess": "caffe", "image_size": "64"},
+            "keras",
+            "'image_size' must be a positive",
+        ),
+        (
+            {"classes": ["a", "b"], "preprocess": "caffe", "task": "tumour"},
+            "keras",
+            "'task' must be one of binary, subtype, received 'tumour'",
+        ),
+        (
+            {"classes": ["a", "b"], "preprocess": "caffe", "task": "subtype"},
+            "keras",
+            r"a subtype model's 'classes' must be \['adenosis'",
+        ),
+        (
+            {"classes": ["a", "b"], "preprocess": "caffe", "stain": {"method": "macenko"}},
+            "keras",
+            "stain method 'macenko' has no fitted 'normaliser'",
+        ),
+        (
+            {"classes": ["a", "b"], "preprocess": "caffe", "stain": {"method": "none", "colour": 1}},
+            "keras",
+            r"'stain' has unknown keys \['colour'\]",
+        ),
+        ({"classes": ["a", "b"], "preprocess": "caffe", "stain": "macenko"}, "keras", "'stain' must be a JSON object"),
+        ({"classes": ["a", "b"], "preprocess": "caffe", "arch": ""}, "keras", "'arch' must be a non-empty string"),
+        ({"preprocess": "caffe"}, "keras", "lacks classes"),
+        ({"classes": ["a", "b"]}, "onnx", "lacks image_size, preprocess"),
+    ],
+)
 def test_bad_metadata_is_one_error_naming_the_file(meta, framework, message):
     with pytest.raises(UserInputError, match=r"^runs/x/model\.keras\.json: .*" + message):
-        ModelSpec.from_meta(meta, framework=framework, source="runs/x/model.keras.json", input_shape=(64, 64, 3),
-                            num_classes=2)
+        ModelSpec.from_meta(
+            meta, framework=framework, source="runs/x/model.keras.json", input_shape=(64, 64, 3), num_classes=2
+        )
 
 
 def test_without_an_input_shape_the_image_size_is_required():
@@ -94,16 +130,21 @@ def _rewrite_npz_meta(path: Path, change) -> None:
     np.savez(path, **arrays)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(preprocess="zscore"), "'preprocess' must be caffe or minmax"),
-    (lambda m: m.update(classes=["benign"]), "'classes' must be a list of at least two"),
-    (lambda m: m.update(classes=["a", "b", "c"]), "names 3 classes but the model has 2 outputs"),
-    (lambda m: m.update(task="subtype"), "a subtype model's 'classes' must be"),
-    (lambda m: m.update(task="grade"), "'task' must be one of"),
-    (lambda m: m.update(stain={"method": "reinhard", "normaliser": {"method": "reinhard", "version": 1}}),
-     r"stain normaliser \(reinhard\): missing keys"),
-    (lambda m: m.update(image_size=128), "image_size 128 does not match"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(preprocess="zscore"), "'preprocess' must be caffe or minmax"),
+        (lambda m: m.update(classes=["benign"]), "'classes' must be a list of at least two"),
+        (lambda m: m.update(classes=["a", "b", "c"]), "names 3 classes but the model has 2 outputs"),
+        (lambda m: m.update(task="subtype"), "a subtype model's 'classes' must be"),
+        (lambda m: m.update(task="grade"), "'task' must be one of"),
+        (
+            lambda m: m.update(stain={"method": "reinhard", "normaliser": {"method": "reinhard", "version": 1}}),
+            r"stain normaliser \(reinhard\): missing keys",
+        ),
+        (lambda m: m.update(image_size=128), "image_size 128 does not match"),
+    ],
+)
 def test_a_npz_with_bad_metadata_is_refused_naming_it(tmp_path, change, message):
     path = tmp_path / "bad.npz"
     save_model(create_model("custom", input_shape=(64, 64, 3)), path)
@@ -154,15 +195,25 @@ def test_a_keras_sidecar_with_bad_metadata_is_refused_naming_it(keras, tmp_path)
 def test_create_model_checks_the_spec_and_the_registered_framework(monkeypatch):
     from breastcnn.models import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))      # registrations end with the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registrations end with the test
     monkeypatch.setattr(registry, "_FRAMEWORKS", dict(registry._FRAMEWORKS))
     layers = lambda: [Flatten(), Dense(2), Softmax()]  # noqa: E731
-    register_model("spec-test-bad", lambda input_shape, num_classes, seed: NumpyClassifier(
-        layers(), input_shape=input_shape, meta={"preprocess": "zscore"}), overwrite=True, framework="numpy")
+    register_model(
+        "spec-test-bad",
+        lambda input_shape, num_classes, seed: NumpyClassifier(
+            layers(), input_shape=input_shape, meta={"preprocess": "zscore"}
+        ),
+        overwrite=True,
+        framework="numpy",
+    )
     with pytest.raises(UserInputError, match="model 'spec-test-bad' was built with bad metadata: .*'zscore'"):
         create_model("spec-test-bad", input_shape=(8, 8, 3))
-    register_model("spec-test-liar", lambda input_shape, num_classes, seed: NumpyClassifier(
-        layers(), input_shape=input_shape), overwrite=True, framework="keras")
+    register_model(
+        "spec-test-liar",
+        lambda input_shape, num_classes, seed: NumpyClassifier(layers(), input_shape=input_shape),
+        overwrite=True,
+        framework="keras",
+    )
     with pytest.raises(ValueError, match="registered as a keras model but built a numpy one"):
         create_model("spec-test-liar", input_shape=(8, 8, 3))
 
@@ -224,7 +275,7 @@ def test_what_is_not_a_classifier_and_the_stand_ins_that_are_read_alike():
     assert not isinstance(Predicts(), Classifier) and not isinstance(object(), Classifier)
     # a stand-in with only the classifier's meta (as the inference tests use) has the same spec
     assert model_spec(Predicts()) == ModelSpec("unknown", "keras", breastcnn.CLASSES, 16, "minmax")
-    plain = Sequential([Flatten(), Dense(2), Softmax()], input_shape=(8, 8, 3))   # built by hand: no spec
+    plain = Sequential([Flatten(), Dense(2), Softmax()], input_shape=(8, 8, 3))  # built by hand: no spec
     assert model_spec(plain).image_size == 8 and not hasattr(plain, "spec")
 
 

@@ -53,6 +53,5 @@ def check_layer(layer, x, rng, training=True, count=25, rtol=1e-5, atol=1e-7, fi
     assert_close_grads([dx[i] for i in idx], numeric_grad(loss, x, idx), rtol, atol, "dL/dx")
     for key, p in layer.params.items():
         idx = sample_indices(p.shape, rng, count)
-        assert_close_grads([layer.grads[key][i] for i in idx], numeric_grad(loss, p, idx), rtol, atol,
-                           f"dL/d{key}")
+        assert_close_grads([layer.grads[key][i] for i in idx], numeric_grad(loss, p, idx), rtol, atol, f"dL/d{key}")
     return dx

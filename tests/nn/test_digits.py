@@ -12,13 +12,27 @@ from breastcnn.nn import Adam, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReL
 def test_small_convnet_learns_digits():
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.25, random_state=0,
-                                                        stratify=digits.target)
-    model = Sequential([
-        Conv2D(16, 3, padding="same", kernel_initializer="he_normal"), BatchNorm(), ReLU(),
-        Conv2D(32, 3, padding="same", kernel_initializer="he_normal"), BatchNorm(), ReLU(),
-        MaxPool2D(2), Flatten(), Dense(64, kernel_initializer="he_normal"), ReLU(), Dense(10), Softmax(),
-    ], input_shape=(8, 8, 1), seed=0)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target, test_size=0.25, random_state=0, stratify=digits.target
+    )
+    model = Sequential(
+        [
+            Conv2D(16, 3, padding="same", kernel_initializer="he_normal"),
+            BatchNorm(),
+            ReLU(),
+            Conv2D(32, 3, padding="same", kernel_initializer="he_normal"),
+            BatchNorm(),
+            ReLU(),
+            MaxPool2D(2),
+            Flatten(),
+            Dense(64, kernel_initializer="he_normal"),
+            ReLU(),
+            Dense(10),
+            Softmax(),
+        ],
+        input_shape=(8, 8, 1),
+        seed=0,
+    )
     model.compile(optimizer=Adam(3e-3))
     rng = np.random.default_rng(0)
     start = time.perf_counter()

@@ -4,8 +4,19 @@ import pytest
 from breastcnn.nn import functional as F
 
 
-@pytest.mark.parametrize("k,s,pad", [(3, 1, "valid"), (3, 2, "valid"), (3, 4, "valid"), (3, 1, "same"),
-                                     (3, 2, "same"), (2, 2, "same"), (2, 1, "valid"), (3, 4, "same")])
+@pytest.mark.parametrize(
+    "k,s,pad",
+    [
+        (3, 1, "valid"),
+        (3, 2, "valid"),
+        (3, 4, "valid"),
+        (3, 1, "same"),
+        (3, 2, "same"),
+        (2, 2, "same"),
+        (2, 1, "valid"),
+        (3, 4, "same"),
+    ],
+)
 def test_im2col_gemm_matches_reference(k, s, pad):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 11, 10, 3)).astype(np.float32)
@@ -52,8 +63,16 @@ def test_softmax_is_stable():
     np.testing.assert_allclose(p, [[1.0, 0.0], [0.5, 0.5]])
 
 
-@pytest.mark.parametrize("shape,k,s", [((2, 11, 10, 3), 3, 1), ((2, 11, 10, 3), 3, 2), ((2, 13, 12, 3), 3, 4),
-                                       ((2, 9, 9, 2), 2, 2), ((2, 12, 13, 3), 4, 3)])
+@pytest.mark.parametrize(
+    "shape,k,s",
+    [
+        ((2, 11, 10, 3), 3, 1),
+        ((2, 11, 10, 3), 3, 2),
+        ((2, 13, 12, 3), 3, 4),
+        ((2, 9, 9, 2), 2, 2),
+        ((2, 12, 13, 3), 4, 3),
+    ],
+)
 def test_fused_conv_input_grad_equals_col2im(shape, k, s):
     rng = np.random.default_rng(3)
     n, h, w, c = shape
@@ -69,7 +88,7 @@ def test_channel_moments_combined_over_chunks_match_numpy(offset):
     large mean (a one-pass E[x^2] - E[x]^2 in float32 would lose every digit at offset 1e3)."""
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(7, 5, 6, 3)) * [1.0, 2.0, 0.5] + offset).astype(np.float32)
-    rows = x.reshape(-1, 6 * 3)                           # (N*H, W*C), channel vector repeated W = 6 times
+    rows = x.reshape(-1, 6 * 3)  # (N*H, W*C), channel vector repeated W = 6 times
     parts = [F.channel_moments(rows[a:b], 6) for a, b in [(0, 4), (4, 5), (5, 20), (20, 35)]]
     mean, var = F.combine_moments(parts)
     ref = x.astype(np.float64).reshape(-1, 3)

@@ -15,8 +15,20 @@ from tests.nn.gradcheck import assert_close_grads, numeric_grad, sample_indices
 
 
 def _model(seed=0, shape=(12, 12, 3), frozen_bn=False):
-    layers = [Conv2D(4, 3, strides=2), BatchNorm(), ReLU(), Conv2D(6, 3), BatchNorm(), ReLU(),
-              Flatten(), Dense(5), BatchNorm(), ReLU(), Dense(2), Softmax()]
+    layers = [
+        Conv2D(4, 3, strides=2),
+        BatchNorm(),
+        ReLU(),
+        Conv2D(6, 3),
+        BatchNorm(),
+        ReLU(),
+        Flatten(),
+        Dense(5),
+        BatchNorm(),
+        ReLU(),
+        Dense(2),
+        Softmax(),
+    ]
     m = Sequential(layers, input_shape=shape, seed=seed)
     if frozen_bn:
         m.layers[4].trainable = False
@@ -24,7 +36,7 @@ def _model(seed=0, shape=(12, 12, 3), frozen_bn=False):
 
 
 def _unfused(m):
-    m.fuse = False   # instance override: every layer runs on its own
+    m.fuse = False  # instance override: every layer runs on its own
     return m
 
 
@@ -44,19 +56,22 @@ def _close(a, b, dtype, scale=None, err_msg=""):
 @pytest.mark.parametrize("frozen_bn", [False, True])
 @pytest.mark.parametrize("big", [False, True])
 def test_fused_equals_unfused(training, frozen_bn, big, dtype, monkeypatch):
-    fills = Counter()   # pending BatchNorm passes: written in the consumer's chunks (take) or on their own
+    fills = Counter()  # pending BatchNorm passes: written in the consumer's chunks (take) or on their own
     for name in ("take", "complete"):
         orig = getattr(P.Pending, name)
-        monkeypatch.setattr(P.Pending, name, lambda self, _o=orig, _n=name: (
-            fills.update([_n] if self.fill is not None else []), _o(self))[1])
-    shape = (60, 60, 3) if big else (12, 12, 3)   # big: tiled BN views and several chunks
+        monkeypatch.setattr(
+            P.Pending,
+            name,
+            lambda self, _o=orig, _n=name: (fills.update([_n] if self.fill is not None else []), _o(self))[1],
+        )
+    shape = (60, 60, 3) if big else (12, 12, 3)  # big: tiled BN views and several chunks
     rng = np.random.default_rng(1)
     x = rng.normal(size=(7, *shape)).astype(dtype)
     fused = _model(shape=shape, frozen_bn=frozen_bn).astype(dtype)
     plain = _unfused(_model(shape=shape, frozen_bn=frozen_bn).astype(dtype))
     assert [type(s) for s in fused.steps] == [ConvBNReLU, ConvBNReLU, Single, Single, BNReLU, Single, Single]
     assert [type(s) for s in plain.steps] == [Single] * len(plain.layers)
-    for _ in range(2):   # twice: running statistics updated from updated ones
+    for _ in range(2):  # twice: running statistics updated from updated ones
         with engine_threads(2):
             fills.clear()
             out_f = fused.logits(x, training=training)
@@ -118,7 +133,7 @@ def test_fused_forward_leaves_caches_for_the_separate_backward():
     acts_f = fused.activations(x, training=False)
     acts_p = plain.activations(x, training=False)
     assert len(acts_f) == len(fused.layers)
-    for a, b in zip(acts_f, acts_p):   # moving statistics differ by rounding (training step above)
+    for a, b in zip(acts_f, acts_p):  # moving statistics differ by rounding (training step above)
         _close(a, b, np.float32)
 
 
@@ -160,29 +175,40 @@ def test_predict_folds_batchnorm_into_conv(padding, use_bias, monkeypatch):
     """predict() runs Conv2D + BatchNorm (+ ReLU) as one conv with folded weights (nn/inference.py), folded
     once and kept: same probabilities as the separate inference layers, whether a ReLU follows or not."""
     rng = np.random.default_rng(4)
-    layers = [Conv2D(4, 3, strides=2, padding=padding, use_bias=use_bias), BatchNorm(), ReLU(),
-              Conv2D(6, 3, padding=padding, use_bias=use_bias), BatchNorm(),          # no ReLU after this one
-              Flatten(), Dense(2), Softmax()]
+    layers = [
+        Conv2D(4, 3, strides=2, padding=padding, use_bias=use_bias),
+        BatchNorm(),
+        ReLU(),
+        Conv2D(6, 3, padding=padding, use_bias=use_bias),
+        BatchNorm(),  # no ReLU after this one
+        Flatten(),
+        Dense(2),
+        Softmax(),
+    ]
     m = _with_moving_stats(Sequential(layers, input_shape=(13, 13, 3), seed=0), rng)
     x = rng.normal(size=(5, 13, 13, 3)).astype(np.float32)
     folded = []
     orig = inference.fold_batchnorm
-    monkeypatch.setattr(inference, "fold_batchnorm",
-                        lambda conv, bn: (folded.append((conv.name, bn.name)), orig(conv, bn))[1])
+    monkeypatch.setattr(
+        inference, "fold_batchnorm", lambda conv, bn: (folded.append((conv.name, bn.name)), orig(conv, bn))[1]
+    )
     assert [repr(op) for op in m.predict_plan().ops] == [
-        "ConvOp(conv2d_1, batch_norm_1, relu_1)", "ConvOp(conv2d_2, batch_norm_2)", "DenseOp(flatten_1, dense_1)",
-        "LayerOp(softmax_1)"]
-    expected = m.forward(x, training=False)           # cached forward: the separate layers
+        "ConvOp(conv2d_1, batch_norm_1, relu_1)",
+        "ConvOp(conv2d_2, batch_norm_2)",
+        "DenseOp(flatten_1, dense_1)",
+        "LayerOp(softmax_1)",
+    ]
+    expected = m.forward(x, training=False)  # cached forward: the separate layers
     assert folded == []
     got = m.predict(x, batch_size=2)
-    assert folded == [("conv2d_1", "batch_norm_1"), ("conv2d_2", "batch_norm_2")]   # once for three batches
+    assert folded == [("conv2d_1", "batch_norm_1"), ("conv2d_2", "batch_norm_2")]  # once for three batches
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(m.predict(x, batch_size=2), got)
-    assert len(folded) == 2                           # kept: the weights did not change
+    assert len(folded) == 2  # kept: the weights did not change
     # in float64 the folding is exact up to float64 rounding (predict returns float32)
     m.astype(np.float64)
     np.testing.assert_allclose(m.predict(x), m.forward(x).astype(np.float32), rtol=2e-7, atol=1e-8)
-    assert len(folded) == 4                           # folded again for the new dtype
+    assert len(folded) == 4  # folded again for the new dtype
 
 
 @pytest.mark.parametrize("upto", [1, 3, 4])
@@ -206,9 +232,18 @@ def test_fused_with_frozen_layers_equals_unfused(upto):
 def test_same_padding_convs_get_moments_but_no_chunk_hooks():
     """A "same"-padded conv pads a copy of its input, so it takes no before hook; its batch moments still feed the
     BatchNorm after it. Fused equals separate layers (float64)."""
+
     def build():
-        layers = [Conv2D(4, 3, padding="same"), BatchNorm(), ReLU(), Conv2D(5, 3, strides=2, padding="same"),
-                  BatchNorm(), ReLU(), Flatten(), Dense(2)]
+        layers = [
+            Conv2D(4, 3, padding="same"),
+            BatchNorm(),
+            ReLU(),
+            Conv2D(5, 3, strides=2, padding="same"),
+            BatchNorm(),
+            ReLU(),
+            Flatten(),
+            Dense(2),
+        ]
         return Sequential(layers, input_shape=(9, 9, 3), seed=0).astype(np.float64)
 
     rng = np.random.default_rng(8)
@@ -221,7 +256,12 @@ def test_same_padding_convs_get_moments_but_no_chunk_hooks():
     g = rng.normal(size=out_f.shape)
     _close(fused.backward(g), plain.backward(g), np.float64)
     for k in fused.gradients():
-        _close(fused.gradients()[k], plain.gradients()[k], np.float64,
-               scale=max(float(np.abs(v).max()) for v in plain.gradients().values()), err_msg=k)
+        _close(
+            fused.gradients()[k],
+            plain.gradients()[k],
+            np.float64,
+            scale=max(float(np.abs(v).max()) for v in plain.gradients().values()),
+            err_msg=k,
+        )
     for k in fused.buffers():
         _close(fused.buffers()[k], plain.buffers()[k], np.float64, err_msg=k)

@@ -74,8 +74,11 @@ def test_maxpool_routes_ties_to_one_element():
     assert dx.sum() == 1.0 and dx[0, 0, 0, 0] == 1.0
 
 
-@pytest.mark.parametrize("layer", [ReLU(), LeakyReLU(0.2), GlobalAveragePooling2D(), Flatten(), Softmax()],
-                         ids=lambda layer: type(layer).__name__)
+@pytest.mark.parametrize(
+    "layer",
+    [ReLU(), LeakyReLU(0.2), GlobalAveragePooling2D(), Flatten(), Softmax()],
+    ids=lambda layer: type(layer).__name__,
+)
 def test_parameter_free_layer_gradients(layer):
     rng = np.random.default_rng(7)
     shape = (3, 4, 5) if not isinstance(layer, Softmax) else (5,)
@@ -148,8 +151,7 @@ def test_whole_custom_model_gradients_with_l2_and_class_weights():
 
     for key, p in params.items():
         idx = sample_indices(p.shape, rng, 6)
-        assert_close_grads([grads[key][i] for i in idx], numeric_grad(loss, p, idx), rtol=1e-4, atol=1e-7,
-                           what=key)
+        assert_close_grads([grads[key][i] for i in idx], numeric_grad(loss, p, idx), rtol=1e-4, atol=1e-7, what=key)
 
 
 def test_l2_penalty_value_and_gradient():
@@ -166,5 +168,6 @@ def test_l2_penalty_value_and_gradient():
     model.l2 = 0.0
     without = model.compute_gradients(x, y)
     assert with_l2 == pytest.approx(without + expected, rel=1e-5)
-    np.testing.assert_allclose(g_l2 - model.gradients()["layers.13.W"], 0.2 * model.layers[13].params["W"],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        g_l2 - model.gradients()["layers.13.W"], 0.2 * model.layers[13].params["W"], rtol=1e-4, atol=1e-6
+    )

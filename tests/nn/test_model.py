@@ -108,8 +108,16 @@ def test_batchnorm_moving_statistics_follow_keras_rule():
 
 def test_summary_lists_layers_shapes_and_counts():
     text = create_model("custom", seed=0).summary()
-    for needle in ("conv2d_1 (Conv2D)", "(None, 56, 56, 16)", "(None, 6, 6, 64)", "(None, 2304)", "295,040",
-                   "Trainable params: 319,106", "Non-trainable params: 224", "softmax_1 (Softmax)"):
+    for needle in (
+        "conv2d_1 (Conv2D)",
+        "(None, 56, 56, 16)",
+        "(None, 6, 6, 64)",
+        "(None, 2304)",
+        "295,040",
+        "Trainable params: 319,106",
+        "Non-trainable params: 224",
+        "softmax_1 (Softmax)",
+    ):
         assert needle in text, needle
 
 

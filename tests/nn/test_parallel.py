@@ -19,7 +19,7 @@ from tests.nn.gradcheck import check_layer
 def tiny_chunks(monkeypatch):
     """Force many chunks (1 image / a few rows each) so that tiny test arrays take the chunked paths."""
     monkeypatch.setattr(L, "chunk_size", lambda bytes_per_sample, budget=0: 1)
-    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)   # predict's images
+    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)  # predict's images
 
 
 def _built(layer, shape, seed=0):
@@ -56,7 +56,7 @@ def test_map_chunks_order_threads_and_errors():
 def test_chunk_ranges_cover_everything_in_even_balanced_parts(n, chunk):
     ranges = P.chunk_ranges(n, chunk)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))      # contiguous, in order
+    assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))  # contiguous, in order
     sizes = [b - a for a, b in ranges]
     assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     assert len(ranges) % 2 == 0 or len(ranges) == n
@@ -74,16 +74,18 @@ def test_im2col_into_a_buffer_matches_reference(k, s):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 17, 18, 3))
     w = rng.normal(size=(k, k, 3, 4))
-    buf = np.full((3 * F.conv_output_size(17, k, s, "valid") * F.conv_output_size(18, k, s, "valid"), k * k * 3),
-                  np.nan)
+    buf = np.full(
+        (3 * F.conv_output_size(17, k, s, "valid") * F.conv_output_size(18, k, s, "valid"), k * k * 3), np.nan
+    )
     cols = F.im2col(x, k, k, s, out=buf)
     assert cols is buf
     ref = F.conv2d_reference(x, w, None, s)
     np.testing.assert_allclose((cols @ w.reshape(-1, 4)).reshape(ref.shape), ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape,k,s", [((2, 13, 12, 3), 3, 4), ((2, 16, 16, 3), 4, 4), ((2, 11, 10, 3), 3, 2),
-                                       ((2, 12, 13, 3), 2, 3)])
+@pytest.mark.parametrize(
+    "shape,k,s", [((2, 13, 12, 3), 3, 4), ((2, 16, 16, 3), 4, 4), ((2, 11, 10, 3), 3, 2), ((2, 12, 13, 3), 2, 3)]
+)
 def test_conv_input_grad_into_out_equals_col2im(shape, k, s):
     # stride > kernel leaves some phases untouched: they must come back as zeros, not garbage
     rng = np.random.default_rng(3)
@@ -97,8 +99,7 @@ def test_conv_input_grad_into_out_equals_col2im(shape, k, s):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kernel,strides,padding", [(3, 4, "valid"), (4, 4, "valid"), (3, 2, "valid"),
-                                                    (3, 1, "same")])
+@pytest.mark.parametrize("kernel,strides,padding", [(3, 4, "valid"), (4, 4, "valid"), (3, 2, "valid"), (3, 1, "same")])
 def test_chunked_conv2d_gradients(tiny_chunks, threads, kernel, strides, padding):
     rng = np.random.default_rng(kernel * 10 + strides)
     layer = _built(Conv2D(4, kernel, strides, padding), (13, 12, 3))
@@ -123,7 +124,7 @@ def test_chunked_batchnorm_relu_maxpool_gradients(tiny_chunks, threads, training
 
 def test_chunked_relu_on_large_input_matches_plain(tiny_chunks):
     rng = np.random.default_rng(5)
-    x = rng.normal(size=(3, 64, 64, 4)).astype(np.float32)   # above the small-array shortcut
+    x = rng.normal(size=(3, 64, 64, 4)).astype(np.float32)  # above the small-array shortcut
     g = rng.normal(size=x.shape).astype(np.float32)
     relu = ReLU()
     with P.engine_threads(2):
@@ -135,7 +136,7 @@ def test_chunked_relu_on_large_input_matches_plain(tiny_chunks):
 
 def test_batchnorm_large_input_matches_two_pass_reference():
     rng = np.random.default_rng(6)
-    x = (20 + 3 * rng.normal(size=(4, 20, 24, 8))).astype(np.float32)   # large enough to take the tiled path
+    x = (20 + 3 * rng.normal(size=(4, 20, 24, 8))).astype(np.float32)  # large enough to take the tiled path
     bn = _built(BatchNorm(), (20, 24, 8))
     out = bn.forward(x, training=True)
     flat = x.reshape(-1, 8).astype(np.float64)
@@ -184,7 +185,7 @@ def test_chunked_gradients_match_unchunked(monkeypatch):
     # gradients that are 0 up to round-off, hence the tolerance relative to each array's scale
     loss_plain, g_plain = _gradients(1)
     monkeypatch.setattr(L, "chunk_size", lambda bytes_per_sample, budget=0: 1)
-    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)   # predict's images
+    monkeypatch.setattr(I, "chunk_size", lambda bytes_per_sample, budget=0: 1)  # predict's images
     loss_chunk, g_chunk = _gradients(2)
     assert loss_chunk == pytest.approx(loss_plain, rel=1e-5)
     for key, ref in g_plain.items():
@@ -208,7 +209,7 @@ def test_conv_batch_in_one_chunk_is_split_in_two_deterministically():
     x = rng.normal(size=(32, 13, 13, 32)).astype(np.float32)
     g = rng.normal(size=(32, 6, 6, 64)).astype(np.float32)
     assert conv._chunk(x.shape, np.float32) == 16
-    assert conv._chunk((4, 13, 13, 32), np.float32) >= 4   # small batch: one chunk
+    assert conv._chunk((4, 13, 13, 32), np.float32) >= 4  # small batch: one chunk
     results = []
     for threads in (1, 2, 1):
         with P.engine_threads(threads):
@@ -218,9 +219,10 @@ def test_conv_batch_in_one_chunk_is_split_in_two_deterministically():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(results[0][0], F.conv2d_reference(x, conv.params["W"], conv.params["b"], 2),
-                               rtol=1e-4, atol=1e-4)
-    with P.engine_threads(2):   # float64: twice the bytes, still split; finite differences
+    np.testing.assert_allclose(
+        results[0][0], F.conv2d_reference(x, conv.params["W"], conv.params["b"], 2), rtol=1e-4, atol=1e-4
+    )
+    with P.engine_threads(2):  # float64: twice the bytes, still split; finite differences
         conv64 = _built(Conv2D(64, 3, strides=2), (13, 13, 32))
         assert conv64._chunk((20, 13, 13, 32), np.float64) == 10
         check_layer(conv64, x[:20], rng, count=10)
@@ -237,13 +239,13 @@ def test_blas_threads_limits_and_restores():
     with threadpool_limits(2, user_api="blas"):
         with P.blas_threads(1):
             assert blas() == [1] * len(blas())
-            with P.blas_threads(1):          # already there: nothing to change or restore
+            with P.blas_threads(1):  # already there: nothing to change or restore
                 assert set(blas()) == {1}
             assert set(blas()) == {1}
             with P.blas_threads(None):
                 assert set(blas()) == {1}
         assert set(blas()) == {2}
-        with pytest.raises(RuntimeError):    # restored on errors too
+        with pytest.raises(RuntimeError):  # restored on errors too
             with P.blas_threads(1):
                 raise RuntimeError("boom")
         assert set(blas()) == {2}
@@ -257,9 +259,10 @@ def test_batch_one_inference_skips_chunking_but_matches_batches():
 
 # -- thread settings: an instance setting of each model, observed through the engine's own bookkeeping --------------
 
+
 def test_observe_chunks_records_the_threads_map_chunks_ran_on():
     with P.observe_chunks() as log:
-        P.map_chunks(lambda a, b: None, 3, 5)                 # one chunk: no bookkeeping, nothing to record
+        P.map_chunks(lambda a, b: None, 3, 5)  # one chunk: no bookkeeping, nothing to record
         assert (log.calls, log.max_threads) == (0, 0)
         with P.engine_threads(1):
             P.map_chunks(lambda a, b: None, 8, 2)
@@ -268,7 +271,7 @@ def test_observe_chunks_records_the_threads_map_chunks_ran_on():
             P.map_chunks(lambda a, b: None, 8, 2)
             P.map_chunks(lambda a, b: None, 8, 8)
         assert (log.calls, log.max_threads) == (2, 2)
-    P.map_chunks(lambda a, b: None, 8, 2)                     # outside the block: not recorded
+    P.map_chunks(lambda a, b: None, 8, 2)  # outside the block: not recorded
     assert log.calls == 2
 
 
@@ -278,11 +281,11 @@ def test_threads_are_a_setting_of_each_model(tiny_chunks):
     assert "threads" not in vars(Sequential) and "blas_threads" not in vars(Sequential)
     one = create_model("custom", input_shape=(64, 64, 3), seed=0)
     two = create_model("custom", input_shape=(64, 64, 3), seed=0)
-    assert one.threads is None                                      # default: all available cores
+    assert one.threads is None  # default: all available cores
     assert one.thread_settings() == {"engine": P.available_cores(), "blas": 1}
     one.threads, two.threads = 1, 2
     assert one.thread_settings()["engine"] == 1 and two.thread_settings()["engine"] == 2
-    assert P.current_threads() == 1                                 # the caller's own setting is untouched
+    assert P.current_threads() == 1  # the caller's own setting is untouched
     x = np.random.default_rng(0).normal(0, 30, size=(4, 64, 64, 3)).astype(np.float32)
     y = np.array([0, 1, 0, 1])
     for model, expected in ((one, 1), (two, 2)):
@@ -292,11 +295,11 @@ def test_threads_are_a_setting_of_each_model(tiny_chunks):
         assert log.calls > 0 and log.max_threads == expected
     with two.using_threads(1), P.observe_chunks() as log:
         two.predict(x, batch_size=4)
-    assert log.max_threads == 1 and two.threads == 2                # restored after the block
+    assert log.max_threads == 1 and two.threads == 2  # restored after the block
     with P.observe_chunks() as log:
-        two.predict(x, batch_size=2, jobs=2)                        # joblib shards: one engine thread each
+        two.predict(x, batch_size=2, jobs=2)  # joblib shards: one engine thread each
     assert log.calls > 0 and log.max_threads == 1
-    np.testing.assert_array_equal(one.predict(x), two.predict(x))   # the setting never changes the values
+    np.testing.assert_array_equal(one.predict(x), two.predict(x))  # the setting never changes the values
 
 
 def test_available_cores_is_the_default_everywhere():

@@ -17,9 +17,15 @@ def _names(model):
 def test_custom_model_compiles_to_three_conv_steps():
     m = create_model("custom", input_shape=(64, 64, 3), seed=0)
     assert _names(m) == [
-        "ConvBNReLU(conv2d_1, batch_norm_1, relu_1)", "ConvBNReLU(conv2d_2, batch_norm_2, relu_2)",
-        "Single(max_pool2d_1)", "ConvBNReLU(conv2d_3, batch_norm_3, relu_3)", "Single(flatten_1)",
-        "Single(dense_1)", "Single(relu_4)", "Single(dense_2)", "Single(softmax_1)",
+        "ConvBNReLU(conv2d_1, batch_norm_1, relu_1)",
+        "ConvBNReLU(conv2d_2, batch_norm_2, relu_2)",
+        "Single(max_pool2d_1)",
+        "ConvBNReLU(conv2d_3, batch_norm_3, relu_3)",
+        "Single(flatten_1)",
+        "Single(dense_1)",
+        "Single(relu_4)",
+        "Single(dense_2)",
+        "Single(softmax_1)",
     ]
     assert [s.start for s in m.steps] == [0, 3, 6, 7, 10, 11, 12, 13, 14]
     # the first conv reads the image (nothing pending), the second conv and the pool take the chunks of the
@@ -31,8 +37,20 @@ def test_custom_model_compiles_to_three_conv_steps():
 
 
 def test_patterns_first_match_wins():
-    layers = [BatchNorm(), ReLU(), Conv2D(2, 3), BatchNorm(), BatchNorm(), ReLU(), Conv2D(2, 1), ReLU(),
-              Conv2D(2, 1, padding="same"), BatchNorm(), Flatten(), Dense(2)]
+    layers = [
+        BatchNorm(),
+        ReLU(),
+        Conv2D(2, 3),
+        BatchNorm(),
+        BatchNorm(),
+        ReLU(),
+        Conv2D(2, 1),
+        ReLU(),
+        Conv2D(2, 1, padding="same"),
+        BatchNorm(),
+        Flatten(),
+        Dense(2),
+    ]
     m = Sequential(layers, input_shape=(9, 9, 3))
     assert [type(s) for s in m.steps] == [BNReLU, ConvBNReLU, BNReLU, Single, Single, ConvBNReLU, Single, Single]
     assert [len(s.layers) for s in m.steps] == [2, 2, 2, 1, 1, 2, 1, 1]
@@ -83,7 +101,7 @@ def test_plan_follows_the_layer_list_and_fuse():
     x = rng.normal(size=(4, 15, 15, 3)).astype(np.float32)
     m = _conv_bn_model(BatchNorm)
     before = m.steps
-    assert m.steps is before                       # compiled once, kept
+    assert m.steps is before  # compiled once, kept
     m.fuse = False
     assert [type(s) for s in m.steps] == [Single] * 8
     m.fuse = True
@@ -111,7 +129,7 @@ def test_layer_hooks_have_fixed_return_types():
     with engine_threads(2):
         y = conv.forward(x, training=True, after=seen)
         assert isinstance(y, np.ndarray) and y.shape == (6, 8, 8, 4)
-        assert seen.ordered()[0][0] == 0 and seen.ordered()[-1][1] == 6     # every image, in chunk order
+        assert seen.ordered()[0][0] == 0 and seen.ordered()[-1][1] == 6  # every image, in chunk order
         out = bn.forward_deferred(y, training=True, relu=True)
         assert isinstance(out, Pending) and out.fill is not None
         flat = y.reshape(-1, 4).astype(np.float64)
@@ -123,7 +141,7 @@ def test_layer_hooks_have_fixed_return_types():
         assert isinstance(dx, Pending)
         np.testing.assert_array_equal(dx.complete(), bn.backward(g))
         sums = ChunkResults(lambda d, a, b: float(d[a:b].sum()))
-        dconv = conv.backward(g, need_input_grad=False, after=sums)   # an after hook needs the input gradient
+        dconv = conv.backward(g, need_input_grad=False, after=sums)  # an after hook needs the input gradient
         assert isinstance(dconv, np.ndarray) and dconv.shape == x.shape
         assert sum(sums.ordered()) == pytest.approx(float(dconv.sum()), rel=1e-4)
 
@@ -139,7 +157,7 @@ def test_pending_fills_once_by_whoever_takes_it():
     p = Pending(arr, fill, chunk=2)
     array, taken = p.take()
     assert array is arr and taken is fill and p.fill is None
-    assert p.complete() is arr and calls == []          # taken: the consumer fills it, complete() does nothing
+    assert p.complete() is arr and calls == []  # taken: the consumer fills it, complete() does nothing
     q = Pending(arr, fill, chunk=4)
     q.complete()
     q.complete()
@@ -148,11 +166,28 @@ def test_pending_fills_once_by_whoever_takes_it():
 
 def test_overlapping_pool_completes_the_pending_batchnorm_pass():
     """A BatchNorm before an overlapping pool (stride < pool) completes its own pass: no hooks there."""
-    layers = [Conv2D(3, 3), BatchNorm(), ReLU(), MaxPool2D(3, strides=2), Conv2D(2, 3), BatchNorm(), ReLU(),
-              MaxPool2D(2), Flatten(), Dense(2), Softmax()]
+    layers = [
+        Conv2D(3, 3),
+        BatchNorm(),
+        ReLU(),
+        MaxPool2D(3, strides=2),
+        Conv2D(2, 3),
+        BatchNorm(),
+        ReLU(),
+        MaxPool2D(2),
+        Flatten(),
+        Dense(2),
+        Softmax(),
+    ]
     m = Sequential(layers, input_shape=(21, 21, 3), seed=3).astype(np.float64)
-    plain = Sequential([type(layer)(**{k: v for k, v in layer.get_config().items() if k not in ("class", "name")})
-                        for layer in layers], input_shape=(21, 21, 3), seed=3).astype(np.float64)
+    plain = Sequential(
+        [
+            type(layer)(**{k: v for k, v in layer.get_config().items() if k not in ("class", "name")})
+            for layer in layers
+        ],
+        input_shape=(21, 21, 3),
+        seed=3,
+    ).astype(np.float64)
     plain.fuse = False
     assert [s.hooked for s in m.steps] == [True, False, True, True, False, False, False]
     x = np.random.default_rng(4).normal(size=(5, 21, 21, 3))

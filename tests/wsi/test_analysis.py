@@ -21,7 +21,7 @@ def test_layout_of_the_generated_pyramid_is_exact(pyramid_tiff):
     np.testing.assert_array_equal(layout.thumbnail.pixels, levels[1])
     expected = np.zeros((768, 1024), bool)
     for y0, y1, x0, x1 in (TISSUE, HALF_TISSUE):
-        expected[y0 // 2:y1 // 2, x0 // 2:x1 // 2] = True
+        expected[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2] = True
     np.testing.assert_array_equal(layout.mask, expected)
     np.testing.assert_array_equal(layout.fractions, [[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0.5]])
     np.testing.assert_array_equal(layout.tissue, [5, 6, 11])
@@ -37,4 +37,8 @@ def test_settings_are_validated_once():
 
 def test_output_folders_are_unique_per_slide(tmp_path):
     assert output_dirs(["a/s1.svs", "b/s1.tif", "b/S1.ndpi", "c/s2.png"], tmp_path) == [
-        tmp_path / "s1", tmp_path / "s1-2", tmp_path / "S1-3", tmp_path / "s2"]
+        tmp_path / "s1",
+        tmp_path / "s1-2",
+        tmp_path / "S1-3",
+        tmp_path / "s2",
+    ]

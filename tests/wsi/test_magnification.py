@@ -20,8 +20,9 @@ from breastcnn.wsi.magnification import (
 )
 
 
-@pytest.mark.parametrize("text, value", [("200X", 200.0), ("200x", 200.0), (" 40 ", 40.0), ("400", 400.0),
-                                         ("12.5X", 12.5)])
+@pytest.mark.parametrize(
+    "text, value", [("200X", 200.0), ("200x", 200.0), (" 40 ", 40.0), ("400", 400.0), ("12.5X", 12.5)]
+)
 def test_parse_magnification(text, value):
     assert parse_magnification(text) == value
 
@@ -37,16 +38,26 @@ def test_breakhis_magnifications_map_to_scanner_microns_per_pixel():
     assert [magnification_to_mpp(m) for m in (40, 100, 200, 400)] == [2.5, 1.0, 0.5, 0.25]
 
 
-@pytest.mark.parametrize("scale, level", [
-    (1.0, 0), (1.002, 0), (1.99, 1), (2.0, 1), (3.9, 1),   # 4 > 3.9 x 1.02: read level 1, downsample
-    (3.95, 2), (4.0, 2), (100.0, 3), (0.5, 0),              # coarser than every level: level 0 (upsampled)
-])
+@pytest.mark.parametrize(
+    "scale, level",
+    [
+        (1.0, 0),
+        (1.002, 0),
+        (1.99, 1),
+        (2.0, 1),
+        (3.9, 1),  # 4 > 3.9 x 1.02: read level 1, downsample
+        (3.95, 2),
+        (4.0, 2),
+        (100.0, 3),
+        (0.5, 0),  # coarser than every level: level 0 (upsampled)
+    ],
+)
 def test_choose_level_is_the_coarsest_not_coarser_than_needed(scale, level):
     assert choose_level([1.0, 2.0, 4.0, 16.0], scale) == level
 
 
 def test_choose_level_tolerates_openslides_inexact_downsamples():
-    assert choose_level([1.0, 4.000226, 16.0018], 4.0) == 1   # a scanner pyramid is never exactly 4x
+    assert choose_level([1.0, 4.000226, 16.0018], 4.0) == 1  # a scanner pyramid is never exactly 4x
     assert choose_level([1.0, 4.000226, 16.0018], 3.0) == 0
 
 
@@ -54,7 +65,7 @@ def test_plan_tiles_at_40x_for_a_200x_model():
     plan = plan_tiles((2048, 1536), [1.0, 2.0, 4.0], slide_mpp=0.25, model_mpp=0.5, tile=224, stride=224)
     assert (plan.level, plan.downsample, plan.scale) == (1, 2.0, 2.0)
     assert (plan.tile0, plan.stride0, plan.read_size) == (448, 448, 224)
-    assert (plan.columns, plan.rows, plan.count) == (4, 3, 12)   # full tiles only: 4 x 448 <= 2048 < 5 x 448
+    assert (plan.columns, plan.rows, plan.count) == (4, 3, 12)  # full tiles only: 4 x 448 <= 2048 < 5 x 448
     np.testing.assert_array_equal(plan.origins([0, 3, 4, 11]), [[0, 0], [1344, 0], [0, 448], [1344, 896]])
 
 
@@ -105,7 +116,7 @@ def test_training_records_the_splits_magnification_in_the_model(synth_split, sma
     from breastcnn.models import load_model
     from breastcnn.training.numpy_run import run_training
 
-    split = synth_split   # a 200X split
+    split = synth_split  # a 200X split
     run_training(small_config(split, tmp_path / "run", epochs=1, evals_per_epoch=1))
     model = load_model(tmp_path / "run" / "model.npz")
     assert model.meta["magnification"] == "200X"

@@ -24,7 +24,7 @@ def test_pyramid_tiff_levels_resolution_and_exact_regions(pyramid_tiff):
         for level, d in enumerate((1, 2, 4)):
             # a region straddling several 128-px TIFF tiles, (x, y) in level-0 pixels
             x, y, w, h = 200 * d, 250 * d, 157, 93
-            expected = levels[level][250:250 + h, 200:200 + w]
+            expected = levels[level][250 : 250 + h, 200 : 200 + w]
             np.testing.assert_array_equal(slide.read_region(x, y, level, w, h), expected)
         # beyond the right/bottom edge and before the origin: white, like bare glass
         corner = slide.read_region(2048 - 10, 1536 - 5, 0, 30, 20)
@@ -33,8 +33,9 @@ def test_pyramid_tiff_levels_resolution_and_exact_regions(pyramid_tiff):
         assert (slide.read_region(-50, -50, 0, 40, 40) == 255).all()
 
 
-@pytest.mark.parametrize("options", [{"rowsperstrip": 16, "compression": "zlib"}, {}],
-                         ids=["compressed-strips", "uncompressed-memmap"])
+@pytest.mark.parametrize(
+    "options", [{"rowsperstrip": 16, "compression": "zlib"}, {}], ids=["compressed-strips", "uncompressed-memmap"]
+)
 def test_stripped_tiff_regions(tmp_path, slide_deps, options):
     import tifffile
 
@@ -43,7 +44,7 @@ def test_stripped_tiff_regions(tmp_path, slide_deps, options):
     tifffile.imwrite(path, image, photometric="rgb", **options)
     with open_slide(path) as slide:
         assert slide.level_dimensions == [(500, 300)] and slide.mpp is None  # no resolution tags
-        np.testing.assert_array_equal(slide.read_region(37, 41, 0, 111, 222)[:259 - 41], image[41:259, 37:148])
+        np.testing.assert_array_equal(slide.read_region(37, 41, 0, 111, 222)[: 259 - 41], image[41:259, 37:148])
 
 
 def test_greyscale_and_alpha_tiffs_become_rgb_on_white(tmp_path, slide_deps):
@@ -58,7 +59,7 @@ def test_greyscale_and_alpha_tiffs_become_rgb_on_white(tmp_path, slide_deps):
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., :3] = (100, 0, 200)
-    rgba[:, 16:, 3] = 255           # right half opaque, left half transparent
+    rgba[:, 16:, 3] = 255  # right half opaque, left half transparent
     tifffile.imwrite(tmp_path / "rgba.tif", rgba, tile=(16, 16), photometric="rgb", extrasamples=["unassalpha"])
     with open_slide(tmp_path / "rgba.tif") as slide:
         out = slide.read_region(0, 0, 0, 32, 32)
@@ -95,13 +96,16 @@ def test_plain_image_above_pillows_bomb_limit_opens_up_to_our_cap(tmp_path, monk
         open_slide(tmp_path / "plain.png")
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("missing.svs", None, "no such file"),
-    ("empty.tif", b"", "cannot open as a slide"),
-    ("notes.png", b"just some text, not an image", "cannot open as a slide"),
-    ("truncated.tif", b"II*\x00\x08\x00\x00\x00\x99", "unsupported TIFF"),
-    ("fake.svs", b"II*\x00" + b"\x00" * 64, "the TIFF holds no image"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.svs", None, "no such file"),
+        ("empty.tif", b"", "cannot open as a slide"),
+        ("notes.png", b"just some text, not an image", "cannot open as a slide"),
+        ("truncated.tif", b"II*\x00\x08\x00\x00\x00\x99", "unsupported TIFF"),
+        ("fake.svs", b"II*\x00" + b"\x00" * 64, "the TIFF holds no image"),
+    ],
+)
 def test_bad_files_raise_one_line_naming_the_file(tmp_path, slide_deps, name, content, message):
     path = tmp_path / name
     if content is not None:
@@ -126,8 +130,14 @@ def test_missing_openslide_names_the_install_command(tmp_path, monkeypatch):
 def test_tiff_without_resolution_and_72_dpi_default_have_unknown_mpp(tmp_path, slide_deps):
     import tifffile
 
-    tifffile.imwrite(tmp_path / "dpi.tif", tissue_image()[:64, :64], tile=(32, 32), photometric="rgb",
-                     resolution=(72, 72), resolutionunit="INCH")
+    tifffile.imwrite(
+        tmp_path / "dpi.tif",
+        tissue_image()[:64, :64],
+        tile=(32, 32),
+        photometric="rgb",
+        resolution=(72, 72),
+        resolutionunit="INCH",
+    )
     with open_slide(tmp_path / "dpi.tif") as slide:
         assert slide.mpp is None  # 353 um/px is a default tag, not a microscope
     write_pyramid_tiff(tmp_path / "inch.tif", tissue_image()[:256, :256], downsamples=(1,), mpp=None)
@@ -138,7 +148,7 @@ def test_tiff_without_resolution_and_72_dpi_default_have_unknown_mpp(tmp_path, s
 def test_big_endian_uncompressed_16_bit_tiff_is_memory_mapped_right(tmp_path, slide_deps):
     import tifffile
 
-    grey = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 31)
+    grey = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 31
     tifffile.imwrite(tmp_path / "be.tif", grey, byteorder=">", photometric="minisblack")
     with open_slide(tmp_path / "be.tif") as slide:
         out = slide.read_region(5, 7, 0, 20, 10)
@@ -159,5 +169,7 @@ def test_missing_tifffile_and_scikit_image_name_the_install_command(tmp_path, py
         open_slide(pyramid_tiff[0])
     for module in ("skimage", "skimage.filters"):
         monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(MissingDependencyError, match=r"scikit-image is not installed: pip install 'breastcnn\[slide\]'"):
+    with pytest.raises(
+        MissingDependencyError, match=r"scikit-image is not installed: pip install 'breastcnn\[slide\]'"
+    ):
         require_skimage()

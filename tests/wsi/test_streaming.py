@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SIDE = 12288          # 12288^2 RGB = 432 MiB decoded, no pyramid: the thumbnail is streamed from level 0
+SIDE = 12288  # 12288^2 RGB = 432 MiB decoded, no pyramid: the thumbnail is streamed from level 0
 TISSUE = (2048, 4096)  # a tissue square [2048, 4096)^2 in level-0 pixels
 
 SCRIPT = r"""
@@ -45,10 +45,17 @@ print(json.dumps(out))
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units and meaning are Linux's here")
 def test_peak_memory_does_not_grow_with_the_slide(tmp_path, tile_model, slide_deps):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(SIDE), *map(str, TISSUE), str(tile_model), str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(SIDE), *map(str, TISSUE), str(tile_model), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     decoded = SIDE * SIDE * 3

@@ -63,13 +63,16 @@ def _fractions_by_loop(mask, downsample, plan):
     return out
 
 
-@pytest.mark.parametrize("downsample, tile, stride", [(28.0, 224, 224), (7.3, 224, 112), (2.0, 100, 37),
-                                                      (40.0, 16, 16)])
+@pytest.mark.parametrize(
+    "downsample, tile, stride", [(28.0, 224, 224), (7.3, 224, 112), (2.0, 100, 37), (40.0, 16, 16)]
+)
 def test_tile_fractions_match_the_direct_definition(downsample, tile, stride):
     rng = np.random.default_rng(0)
     plan = plan_tiles((2048, 1536), [1.0], 0.5, 1.0, tile, stride)  # 2 level-0 px per model px
     mask = rng.random((int(np.ceil(1536 / downsample)), int(np.ceil(2048 / downsample)))) < 0.4
-    np.testing.assert_allclose(tile_tissue_fractions(mask, downsample, plan), _fractions_by_loop(mask, downsample, plan))
+    np.testing.assert_allclose(
+        tile_tissue_fractions(mask, downsample, plan), _fractions_by_loop(mask, downsample, plan)
+    )
 
 
 class _ArrayReader:
@@ -85,8 +88,8 @@ class _ArrayReader:
     def read_region(self, x, y, level, width, height):
         self.reads.append((width, height))
         out = np.full((height, width, 3), 255, np.uint8)
-        part = self.image[y:y + height, x:x + width]
-        out[:part.shape[0], :part.shape[1]] = part
+        part = self.image[y : y + height, x : x + width]
+        out[: part.shape[0], : part.shape[1]] = part
         return out
 
 
@@ -95,16 +98,20 @@ def test_thumbnail_is_streamed_in_blocks_and_equals_the_whole_reduce():
     reader = _ArrayReader(image)
     settings = TissueSettings(block=200, thumbnail_side=100)
     thumb = read_thumbnail(reader, tile0=224, settings=settings)
-    assert (thumb.level, thumb.factor, thumb.downsample) == (0, 13, 13.0)   # 1300 / 100 px side
+    assert (thumb.level, thumb.factor, thumb.downsample) == (0, 13, 13.0)  # 1300 / 100 px side
     np.testing.assert_array_equal(thumb.pixels, np.asarray(Image.fromarray(image).reduce(13)))
     assert max(w * h for w, h in reader.reads) <= 195 * 195  # blocks of 15 x 13 px, never the whole level
 
 
 def test_thumbnail_plan_uses_the_pyramid_and_caps_the_side():
-    slide = SimpleNamespace(dimensions=(100_000, 80_000), level_dimensions=[(100_000, 80_000), (25_000, 20_000),
-                            (6250, 5000)], level_downsamples=[1.0, 4.0, 16.0])
-    level, factor = thumbnail_plan(slide, tile0=448)             # 28 px per mask px wanted, 4096 side max
-    assert (level, factor) == (2, 2) and 6250 / factor <= 4096   # 16 x 2 = 32 >= 100000 / 4096
-    small = SimpleNamespace(dimensions=(2048, 1536), level_dimensions=[(2048, 1536), (1024, 768)],
-                            level_downsamples=[1.0, 2.0])
-    assert thumbnail_plan(small, tile0=448) == (1, 1)            # 2048 / 1024 px side
+    slide = SimpleNamespace(
+        dimensions=(100_000, 80_000),
+        level_dimensions=[(100_000, 80_000), (25_000, 20_000), (6250, 5000)],
+        level_downsamples=[1.0, 4.0, 16.0],
+    )
+    level, factor = thumbnail_plan(slide, tile0=448)  # 28 px per mask px wanted, 4096 side max
+    assert (level, factor) == (2, 2) and 6250 / factor <= 4096  # 16 x 2 = 32 >= 100000 / 4096
+    small = SimpleNamespace(
+        dimensions=(2048, 1536), level_dimensions=[(2048, 1536), (1024, 768)], level_downsamples=[1.0, 2.0]
+    )
+    assert thumbnail_plan(small, tile0=448) == (1, 1)  # 2048 / 1024 px side
