@@ -36,10 +36,12 @@ McNemar).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +54,14 @@ from breastcnn.cluster import LocalExecutor, connect, scheduler_address
 from breastcnn.data.breakhis import check_outside_data, locate_data
 from breastcnn.data.images import DEFAULT_JOBS
 from breastcnn.data.split import create_split, fold_dirs, load_split, manifest_text
+from breastcnn.data.stain_options import DEFAULT_STAIN_NORM, check_stain_options
+from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES, check_task
 from breastcnn.errors import UserInputError
 from breastcnn.evaluation import evaluate_model
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, locked_directory
 from breastcnn.models import load_model
 from breastcnn.plots import plot_folds, plot_pareto
-from breastcnn.stats import FoldPredictions, StatsOptions, comparison_statistics, markdown_report
+from breastcnn.stats import FoldPredictions, StatsOptions, comparison_statistics, markdown_report, mcnemar_exact
 from breastcnn.training.common import CHECKPOINT_NAME
 from breastcnn.training.config import TrainConfig
 from breastcnn.training.data import carve_validation
@@ -74,6 +78,10 @@ CELL_FILE = "cell.json"
 OUTPUTS = ("compare.json", "compare.md", "pareto.png", "folds.png")
 CELL_FORMAT = 1
 THRESHOLD = 0.5
+SUBTYPE_METRICS = ("subtype_accuracy", "balanced_accuracy", "macro_f1")
+"""Per-fold extras of a ``--task subtype`` comparison (scikit-learn, on the 8-class prediction)."""
+LEGACY_KEY = {"task": DEFAULT_TASK, "stain_norm": DEFAULT_STAIN_NORM, "stain_target": None, "stain_augment": None}
+"""Key entries of cells written before compare had task/stain options: those cells ran with these values."""
 
 
 @dataclass
@@ -83,6 +91,11 @@ class CompareOptions:
     ``epochs``/``weights`` ``None``: each model's default (NumPy 5 epochs, vgg16/resnet50 200 epochs with
     early stopping and ImageNet weights, custom-keras 5 epochs and no weights). ``trainable_layers`` applies
     to vgg16/resnet50; 0 is the linear probe on cached features.
+
+    ``task``/``stain_norm``/``stain_target``/``stain_augment``: as ``breastcnn train``
+    (:mod:`breastcnn.data.tasks`, :mod:`breastcnn.data.stain_options`), for every cell; ``stain_augment``
+    None: each model's default (NumPy models and custom-keras: the default recipe's, on; vgg16/resnet50: off).
+    The linear probe (``trainable_layers`` 0) supports neither stain normalisation nor the subtype task.
     """
 
     data: str | None = None
@@ -100,6 +113,10 @@ class CompareOptions:
     n_resamples: int = 10_000
     jobs: int = DEFAULT_JOBS
     scheduler: str | None = None
+    task: str = DEFAULT_TASK
+    stain_norm: str = DEFAULT_STAIN_NORM
+    stain_target: str | None = None
+    stain_augment: bool | None = None
 
     DEFAULT_FOLDS = 5
 
@@ -138,6 +155,17 @@ class CompareOptions:
             and not Path(self.weights).is_file()
         ):
             raise UserInputError(f"--weights {self.weights}: no such file (expected imagenet, none or a weights file)")
+        check_task(self.task)
+        check_stain_options(self.stain_norm, self.stain_target, bool(self.stain_augment))
+        probes = [m for m in models if m in PROBE_ARCHS] if self.trainable_layers == 0 else []
+        if probes and (self.stain_norm != DEFAULT_STAIN_NORM or self.task != DEFAULT_TASK):
+            given = f"--stain-norm {self.stain_norm}" if self.stain_norm != DEFAULT_STAIN_NORM else "--task subtype"
+            raise UserInputError(
+                f"{given}: not supported by the linear probe of {', '.join(probes)} (--trainable-layers 0, cached "
+                "features of the raw binary task); use --trainable-layers 1 or more, or leave those models out"
+            )
+        if self.stain_target is not None:
+            self.stain_target = str(Path(self.stain_target).resolve())
         self.models = models
         return self
 
@@ -276,6 +304,11 @@ class CellSpec:
     feature_dir: str
     feature_images: tuple[str, ...] = ()
     split_hash: str = ""
+    task: str = DEFAULT_TASK
+    stain_norm: str = DEFAULT_STAIN_NORM
+    stain_target: str | None = None
+    stain_target_sha256: str | None = None
+    stain_augment: bool | None = None
 
     @property
     def mode(self) -> str:
@@ -297,6 +330,19 @@ class CellSpec:
             "trainable_layers": self.trainable_layers if self.mode != "numpy" else None,
             "weights": self.weights,
             "seed": self.seed,
+            "task": self.task,
+            "stain_norm": self.stain_norm,
+            "stain_target": self.stain_target_sha256,
+            "stain_augment": self.stain_augment,
+        }
+
+    def stain_and_task(self) -> dict:
+        """``task``, ``stain_norm``, ``stain_target``, ``stain_augment`` as ``TrainConfig``/``finetune_keras`` take them."""
+        return {
+            "task": self.task,
+            "stain_norm": self.stain_norm,
+            "stain_target": self.stain_target,
+            "stain_augment": self.stain_augment,
         }
 
 
@@ -336,14 +382,20 @@ def run_cell(spec: CellSpec) -> dict:
 
 
 def _test_predictions(model, split_dir: str, jobs: int) -> dict:
+    """The cell's test predictions: binary truth and P(malignant) (a subtype model's: the sum over the malignant
+    subtypes), and for a subtype model ``subtype_true``/``subtype_pred`` (class indices of ``SUBTYPE_CLASSES``)."""
     split = load_split(split_dir)
     _, rows = evaluate_model(model, split, "test", threshold=THRESHOLD, jobs=jobs)
-    return {
+    predictions = {
         "paths": [r["path"] for r in rows],
         "y_true": split.labels("test").tolist(),
         "p_malignant": [r["probability"] for r in rows],
         "patients": [r["patient"] for r in rows],
     }
+    if rows and "true_class" in rows[0]:  # a subtype model: labels are subtype names
+        predictions["subtype_true"] = [SUBTYPE_CLASSES.index(r["true_label"]) for r in rows]
+        predictions["subtype_pred"] = [SUBTYPE_CLASSES.index(r["predicted_label"]) for r in rows]
+    return predictions
 
 
 def _fresh(run_dir: Path) -> None:
@@ -363,6 +415,7 @@ def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:
         image_size=spec.image_size,
         seed=spec.seed,
         jobs=spec.jobs,
+        **spec.stain_and_task(),
         **({"epochs": spec.epochs} if spec.epochs else {}),
     )
     start = time.perf_counter()
@@ -394,6 +447,7 @@ def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
         image_size=spec.image_size,
         seed=spec.seed,
         jobs=spec.jobs,
+        **spec.stain_and_task(),
         **kwargs,
     )
     if summary["stopped"] == "interrupted":
@@ -497,6 +551,9 @@ class _Progress:
 def _cell_specs(options: CompareOptions, carved: list[Path], kfold: Path, owned: Ownership) -> list[CellSpec]:
     images = tuple(sorted({r.path for f in fold_dirs(kfold) for r in load_split(f).rows}))
     feature_dir = owned.claim("features")
+    target_sha = None
+    if options.stain_target is not None:
+        target_sha = hashlib.sha256(Path(options.stain_target).read_bytes()).hexdigest()
     specs = []
     for k, split_dir in enumerate(carved, start=1):
         split_hash = load_split(split_dir).hash
@@ -517,6 +574,11 @@ def _cell_specs(options: CompareOptions, carved: list[Path], kfold: Path, owned:
                     feature_dir=str(feature_dir.resolve()),
                     feature_images=images,
                     split_hash=split_hash,
+                    task=options.task,
+                    stain_norm=options.stain_norm,
+                    stain_target=options.stain_target,
+                    stain_target_sha256=target_sha,
+                    stain_augment=options.stain_augment,
                 )
             )
     return specs
@@ -526,8 +588,9 @@ def _finished(spec: CellSpec) -> dict | None:
     cell = read_cell(Path(spec.cell_dir))
     if cell is None:
         return None
-    if cell["key"] != spec.key():
-        changed = sorted(k for k in spec.key() if cell["key"].get(k) != spec.key()[k])
+    stored = {**LEGACY_KEY, **cell["key"]}
+    if stored != spec.key():
+        changed = sorted(k for k in spec.key() if stored.get(k) != spec.key()[k])
         raise UserInputError(
             f"{spec.cell_dir} was computed with other options ({', '.join(changed)} differ); "
             "pass --force to recompute the comparison, or choose another --out"
@@ -569,7 +632,55 @@ def _statistics(options: CompareOptions, cells: list[dict]) -> dict:
                 image_ids=p["paths"],
             )
         )
-    return comparison_statistics(predictions, StatsOptions(n_resamples=options.n_resamples, seed=options.seed))
+    stats = comparison_statistics(predictions, StatsOptions(n_resamples=options.n_resamples, seed=options.seed))
+    if options.task == "subtype":
+        _subtype_statistics(stats, cells)
+    return stats
+
+
+def _subtype_scores(predictions: dict) -> dict:
+    """``subtype_accuracy``, ``balanced_accuracy``, ``macro_f1`` (scikit-learn) of one cell's subtype predictions."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    y, pred = predictions["subtype_true"], predictions["subtype_pred"]
+    # the definitions of evaluate's subtype metrics (breastcnn.metrics.subtype_metrics)
+    with warnings.catch_warnings():  # balanced accuracy warns when pred has subtypes y lacks
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, pred))
+    labels = list(range(len(SUBTYPE_CLASSES)))
+    return {
+        "subtype_accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": balanced,
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+    }
+
+
+def _subtype_statistics(stats: dict, cells: list[dict]) -> None:
+    """Add the subtype metrics to ``stats`` in place: per fold (:data:`SUBTYPE_METRICS`), their mean/std over folds
+    (``subtype_mean``/``subtype_std``), and per pair ``subtype_mcnemar`` (exact McNemar on subtype correctness,
+    discordant images pooled over folds, as the binary ``mcnemar``)."""
+    by_cell = {(c["model"], c["fold"]): c["predictions"] for c in cells}
+    for entry in stats["models"]:
+        for fold in entry["folds"]:
+            fold.update(_subtype_scores(by_cell[entry["model"], fold["fold"]]))
+        values = {m: [f[m] for f in entry["folds"]] for m in SUBTYPE_METRICS}
+        entry["subtype_mean"] = {m: float(np.mean(v)) for m, v in values.items()}
+        entry["subtype_std"] = {m: float(np.std(v, ddof=1)) if len(v) > 1 else None for m, v in values.items()}
+    folds = sorted({c["fold"] for c in cells})
+    for pair in stats["pairwise"]:
+        a_only = b_only = 0
+        for k in folds:
+            # same images in the same order for every model (checked by comparison_statistics)
+            a, b = by_cell[pair["a"], k], by_cell[pair["b"], k]
+            right_a = np.equal(a["subtype_true"], a["subtype_pred"])
+            right_b = np.equal(b["subtype_true"], b["subtype_pred"])
+            a_only += int(np.sum(right_a & ~right_b))
+            b_only += int(np.sum(~right_a & right_b))
+        pair["subtype_mcnemar"] = {
+            "a_right_b_wrong": a_only,
+            "a_wrong_b_right": b_only,
+            "p_value": mcnemar_exact(a_only, b_only),
+        }
 
 
 def _model_entries(
@@ -618,7 +729,15 @@ def _document(options: CompareOptions, kfold: Path, stats: dict, models: list[di
         "epochs": options.epochs,
         "weights": options.weights,
         "threshold": THRESHOLD,
+        "task": options.task,
+        "stain_norm": options.stain_norm,
+        "stain_target": options.stain_target,
+        "stain_augment": options.stain_augment,
     }
+    if options.task == "subtype":
+        protocol["binary_outcome"] = (
+            "benign/malignant derived from the subtype prediction (P(malignant) = sum of the malignant subtypes)"
+        )
     # the folds are independent 70/30 draws (Spanhol et al.): a patient can be in several folds' test sets
     by_fold = {}
     for c in cells:
@@ -652,7 +771,26 @@ def markdown(document: dict) -> str:
         f"# Model comparison\n\n{p['folds']} patient-wise folds ({p['by']}, {p['mag']}, seed {p['seed']}), "
         f"{p['image_size']} px, trainable layers {p['trainable_layers']}; split {p['split']}.\n\n"
     )
+    if p.get("task", DEFAULT_TASK) != DEFAULT_TASK or p.get("stain_norm", DEFAULT_STAIN_NORM) != DEFAULT_STAIN_NORM:
+        head += f"Task {p.get('task')}, stain normalisation {p.get('stain_norm')}.\n\n"
+    if p.get("task") == "subtype":
+        head += _subtype_table(document["models"])
     return head + markdown_report(document)
+
+
+def _subtype_table(models: list[dict]) -> str:
+    """The subtype metrics (mean ± std over folds) as a markdown table; the tables below are benign/malignant."""
+    lines = [
+        "| Model | Subtype accuracy | Balanced accuracy | Macro F1 |",
+        "|---|---|---|---|",
+    ]
+    for m in models:
+        cells = []
+        for metric in SUBTYPE_METRICS:
+            std = m["subtype_std"][metric]
+            cells.append(f"{m['subtype_mean'][metric]:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
+        lines.append(f"| {m['model']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n\nBelow: the benign/malignant outcome derived from the subtype prediction.\n\n"
 
 
 def run_compare(options: CompareOptions, message: Callable[[str], None] | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import binomtest
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from typer.testing import CliRunner
 
 from breastcnn import comparison
 from breastcnn.cli.app import app
 from breastcnn.data.split import load_split
+from breastcnn.data.stain import HEDJitter
+from breastcnn.data.tasks import SUBTYPE_BINARY, SUBTYPE_CLASSES
 from breastcnn.evaluation import evaluate_model
 from breastcnn.models import load_model
 from breastcnn.models.keras_models import create_resnet50, create_vgg16
@@ -288,6 +291,33 @@ def test_a_users_file_where_compare_writes_is_refused_even_with_force(tmp_path, 
         (["--split", "{split}", "--models", "custom,vgg16", "--json", "--markdown"], "exclusive"),
         (["--split", "{split}", "--models", "custom,vgg16", "--weights", "/no/such.h5"], "--weights /no/such.h5"),
         (["--split", "{data}", "--models", "custom,vgg16"], "not a k-fold split"),
+        (["--split", "{split}", "--models", "custom,custom-k4", "--task", "multiclass"], "--task must be one of"),
+        (["--split", "{split}", "--models", "custom,custom-k4", "--stain-norm", "vahadane"], "--stain-norm must be"),
+        (
+            [
+                "--split",
+                "{split}",
+                "--models",
+                "custom,custom-k4",
+                "--stain-norm",
+                "macenko",
+                "--stain-target",
+                "/no.png",
+            ],
+            "--stain-target /no.png: no such image file",
+        ),
+        (
+            ["--split", "{split}", "--models", "custom,custom-k4", "--stain-target", "{split}/split.json"],
+            "needs --stain-norm",
+        ),
+        (
+            ["--split", "{split}", "--models", "custom,vgg16", "--trainable-layers", "0", "--stain-norm", "reinhard"],
+            "--stain-norm reinhard: not supported by the linear probe of vgg16",
+        ),
+        (
+            ["--split", "{split}", "--models", "custom,resnet50", "--trainable-layers", "0", "--task", "subtype"],
+            "--task subtype: not supported by the linear probe of resnet50",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, synth_kfold_split, synth_data):
@@ -493,3 +523,142 @@ def test_ctrl_c_keeps_finished_cells_and_the_rerun_continues(tmp_path, synth_kfo
     assert calls == [("custom-k4", 1), ("custom", 2), ("custom-k4", 2)]
     assert result.stderr.count("already done") == 1
     assert [m["model"] for m in json.loads(result.stdout)["models"]] == ["custom", "custom-k4"]
+
+
+# --------------------------------------------------------------------------- --task subtype and the stain options
+
+
+@pytest.fixture(scope="module")
+def subtype_compared(tmp_path_factory, synth_kfold_split, keras):
+    """custom vs custom-keras on the 8 subtypes, Macenko-normalised, with HED jitter (2 folds, 64 px): (out, doc)."""
+    out = tmp_path_factory.mktemp("compare-subtype") / "out"
+    args = ["compare", "--split", synth_kfold_split, "--models", "custom,custom-keras", "--epochs", "1"]
+    args += ["--image-size", "64", "--resamples", RESAMPLES, "--out", out, "--json"]
+    result = _run([*args, "--task", "subtype", "--stain-norm", "macenko", "--stain-augment"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout), args
+
+
+@pytest.mark.slow
+def test_task_and_stain_options_reach_every_cell_and_compare_json(subtype_compared):
+    out, doc, _ = subtype_compared
+    protocol = doc["protocol"]
+    assert (protocol["task"], protocol["stain_norm"], protocol["stain_augment"]) == ("subtype", "macenko", True)
+    assert protocol["stain_target"] is None
+    cells = _cells(out)
+    assert len(cells) == 4
+    for (model, _fold), cell in cells.items():
+        assert cell["key"]["task"] == "subtype" and cell["key"]["stain_norm"] == "macenko"
+        assert cell["key"]["stain_augment"] is True
+        trained = load_model(out / "cells" / _fold / model / cell["model_path"])
+        assert trained.spec.task == "subtype" and tuple(trained.spec.classes) == SUBTYPE_CLASSES
+        assert trained.meta["stain"]["method"] == "macenko" and trained.meta["stain"]["target"] == "training subset"
+        assert trained.meta["stain"]["augment"] == HEDJitter().to_dict()
+        assert len(cell["predictions"]["subtype_pred"]) == len(cell["predictions"]["y_true"])
+    assert "Subtype accuracy" in (out / "compare.md").read_text()
+
+
+@pytest.mark.slow
+def test_subtype_fold_metrics_agree_with_scikit_learn(subtype_compared):
+    out, doc, _ = subtype_compared
+    cells = _cells(out)
+    for entry in doc["models"]:
+        for fold in entry["folds"]:
+            p = cells[entry["model"], f"fold{fold['fold']}"]["predictions"]
+            y, pred = np.array(p["subtype_true"]), np.array(p["subtype_pred"])
+            # the binary outcome is the subtype's class; P(malignant) the malignant subtypes' sum
+            assert p["y_true"] == SUBTYPE_BINARY[y].tolist()
+            assert {*METRICS, "subtype_accuracy", "balanced_accuracy", "macro_f1"} <= set(fold)
+            binary_pred = (np.array(p["p_malignant"]) >= 0.5).astype(int)
+            assert fold["accuracy"] == pytest.approx(accuracy_score(p["y_true"], binary_pred))
+            assert fold["subtype_accuracy"] == pytest.approx(accuracy_score(y, pred))
+            with pytest.warns(UserWarning) if set(pred) - set(y) else contextlib.nullcontext():
+                balanced = balanced_accuracy_score(y, pred)
+            assert fold["balanced_accuracy"] == pytest.approx(balanced)
+            assert fold["macro_f1"] == pytest.approx(
+                f1_score(y, pred, labels=range(8), average="macro", zero_division=0)
+            )
+        assert entry["subtype_mean"]["macro_f1"] == pytest.approx(np.mean([f["macro_f1"] for f in entry["folds"]]))
+    [pair] = doc["pairwise"]
+    right = {
+        m: np.concatenate(
+            [
+                np.equal(cells[m, k]["predictions"]["subtype_true"], cells[m, k]["predictions"]["subtype_pred"])
+                for k in ("fold1", "fold2")
+            ]
+        )
+        for m in ("custom", "custom-keras")
+    }
+    b, c = int(np.sum(right["custom"] & ~right["custom-keras"])), int(np.sum(~right["custom"] & right["custom-keras"]))
+    assert pair["subtype_mcnemar"]["a_right_b_wrong"] == b and pair["subtype_mcnemar"]["a_wrong_b_right"] == c
+    expected = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    assert pair["subtype_mcnemar"]["p_value"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "differ"),
+    [
+        (["--task", "subtype", "--stain-norm", "reinhard", "--stain-augment"], "stain_norm"),
+        (["--task", "subtype", "--stain-norm", "macenko", "--no-stain-augment"], "stain_augment"),
+        (["--stain-norm", "macenko", "--stain-augment"], "task"),
+    ],
+)
+def test_a_rerun_with_other_task_or_stain_options_is_refused(subtype_compared, change, differ):
+    out, _, args = subtype_compared
+    before = {k: c["cell_seconds"] for k, c in _cells(out).items()}
+    result = _run([*args, *change])
+    assert result.exit_code == 2 and differ in result.stderr and "--force" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {k: c["cell_seconds"] for k, c in _cells(out).items()} == before
+
+
+def _fake_cell(spec, run_dir):
+    """A cell without training: random predictions of the fold's test images."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "model.npz").write_bytes(b"")
+    split = load_split(spec.split_dir)
+    y = split.labels("test")
+    p = np.random.default_rng(spec.fold).uniform(size=y.size)
+    return {
+        "model_path": str(run_dir / "model.npz"),
+        "train_seconds": 0.0,
+        "predictions": {
+            "paths": [r.path for r in split.subset("test")],
+            "y_true": y.tolist(),
+            "p_malignant": p.tolist(),
+            "patients": split.patients("test"),
+        },
+    }
+
+
+def test_cells_from_before_the_stain_options_are_reused_and_a_stain_change_is_not(
+    tmp_path, synth_kfold_split, monkeypatch
+):
+    """A cell.json written before compare had --task/--stain-* (no such keys) ran with the defaults: reused at the
+    defaults, refused (not silently reused) with another stain option, recomputed with --force."""
+    calls = []
+    monkeypatch.setattr(
+        comparison, "_numpy_cell", lambda spec, run_dir: calls.append(spec) or _fake_cell(spec, run_dir)
+    )
+    monkeypatch.setattr(
+        comparison, "model_cost", lambda *a, **k: {"params_total": 1, "size_kb": 1.0, "latency_ms_p50": 1.0}
+    )
+    out = tmp_path / "out"
+    args = ["compare", "--split", synth_kfold_split, "--models", "custom,custom-k4", "--resamples", "200"]
+    args += ["--out", out, "--image-size", "64"]
+    assert _run(args).exit_code == 0
+    assert len(calls) == 4 and all(s.stain_norm == "none" and s.stain_augment is None for s in calls)
+    for path in out.glob("cells/*/*/cell.json"):
+        cell = json.loads(path.read_text())
+        for name in ("task", "stain_norm", "stain_target", "stain_augment"):
+            del cell["key"][name]
+        path.write_text(json.dumps(cell))
+    result = _run(args)
+    assert result.exit_code == 0 and result.stderr.count("already done") == 4 and len(calls) == 4
+    result = _run([*args, "--stain-norm", "reinhard"])
+    assert result.exit_code == 2 and "(stain_norm differ)" in result.stderr and len(calls) == 4
+    result = _run([*args, "--stain-norm", "reinhard", "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 8 and all(s.stain_norm == "reinhard" for s in calls[4:])
+    assert json.loads(result.stdout)["protocol"]["stain_norm"] == "reinhard"

@@ -13,11 +13,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from breastcnn.cli.common import info, jobs_option, print_json, print_table, stdout
+from breastcnn.cli.common import info, jobs_option, print_json, print_table, stain_options, stdout, task_option
 from breastcnn.comparison import DEFAULT_MODELS, CompareOptions, markdown, run_compare
 from breastcnn.errors import UserInputError
 
 _DEFAULTS = CompareOptions()
+_STAIN = stain_options()
 
 
 def compare(
@@ -52,6 +53,10 @@ def compare(
     weights: str | None = typer.Option(
         None, "--weights", help="vgg16/resnet50 weights: imagenet (default), none or PATH."
     ),
+    task: str = task_option(),
+    stain_norm: str = _STAIN["stain_norm"],
+    stain_target: Path | None = _STAIN["stain_target"],
+    stain_augment: bool | None = _STAIN["stain_augment"],
     seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Seed of the split, training and bootstrap."),
     out: Path = typer.Option(
         Path(_DEFAULTS.out),
@@ -81,7 +86,10 @@ def compare(
     evaluation), stores each fold x model cell as it finishes (a rerun skips
     finished cells), then writes compare.json, compare.md, pareto.png and
     folds.png. CIs come from a bootstrap over patients; p-values from a paired
-    patient bootstrap of the accuracy difference (Holm-corrected).
+    patient bootstrap of the accuracy difference (Holm-corrected). With --task
+    subtype every model predicts the 8 subtypes; the statistics are those of the
+    benign/malignant outcome derived from them, and each fold adds
+    subtype_accuracy, balanced_accuracy and macro_f1.
     """
     if json_output and markdown_output:
         raise UserInputError("--json and --markdown are exclusive; pick one")
@@ -96,6 +104,10 @@ def compare(
         trainable_layers=trainable_layers,
         weights=weights,
         seed=seed,
+        task=task,
+        stain_norm=stain_norm,
+        stain_target=None if stain_target is None else str(stain_target),
+        stain_augment=stain_augment,
         out=str(out),
         force=force,
         n_resamples=resamples,
