@@ -19,38 +19,51 @@ fold's mean, std and bootstrap alike; ``None`` when undefined in every fold.
 
 ``ci95`` (per model and metric) is a **stratified patient bootstrap**. Images of
 one patient come from the same slides and are strongly correlated, so the
-unit of resampling is the patient: within each fold's test set, patients are
-drawn with replacement separately within each class (benign patients, malignant
-patients; a patient with both labels would form a third group), keeping the
-number of patients of each class per fold; every image of a drawn patient comes
-along, and a patient drawn twice counts twice (also in ``patient_accuracy``).
-On each resample the metric is recomputed per fold and averaged over folds,
-which is the same statistic as the reported ``mean``, so the interval brackets
-it (pooling the resampled images of all folds into one metric would estimate a
-different quantity: for ROC AUC or precision it would mix the scores of K
-differently calibrated models, and weigh folds by their size). Because each
-class is resampled separately, a resample of a fold that has both classes has
-both classes too, so no metric becomes undefined by resampling. The interval
-is the percentile interval read from order statistics (see
-:func:`percentile_interval`). Folds' groups with a single patient cannot vary
-and are kept fixed; ``statistics.notes`` lists them.
+unit of resampling is the patient. The ``split --folds`` protocol (Spanhol et
+al.) draws K independent 70/30 patient-wise splits, so the folds' test sets
+**overlap**: one patient can be in the test set of several folds. A patient is
+therefore one unit however many folds it is in: patients are identified across
+folds by id, and each resample draws the *distinct* patients with replacement,
+separately within each class (benign, malignant; a patient with both labels
+would form a third group), keeping the number of distinct patients of each
+class. Every fold the patient is in gets the patient's multiplicity: every image
+of a drawn patient comes along in each of those folds, and a patient drawn twice
+counts twice (also in ``patient_accuracy``). Resampling each fold's patients on
+their own instead would treat a patient's repeated appearances as independent
+and make the intervals too narrow (with K identical folds, by about sqrt(K)); with
+disjoint folds the two schemes differ only in that a fold's class counts vary
+from resample to resample here. On each resample the metric is recomputed per
+fold and averaged over folds, which is the same statistic as the reported
+``mean``, so the interval brackets it (pooling the resampled images of all folds
+into one metric would estimate a different quantity: for ROC AUC or precision it
+would mix the scores of K differently calibrated models, and weigh folds by their
+size). A fold whose share of a resample lacks a class its test set has (or has
+no patient at all, which happens when few of its patients are drawn) is left out
+of that resample's mean, for every metric and model alike; such resamples are
+rare at BreakHis sizes. The interval is the percentile interval read from order
+statistics (see :func:`percentile_interval`). A class with a single distinct
+patient cannot vary and is kept fixed; ``statistics.notes`` says so.
+``statistics.distinct_patients`` is the number of distinct patients resampled.
 
 ``pairwise``: the models predict the same test images (checked: same image ids
 per fold, same labels and patients). ``accuracy_diff`` is a minus b, mean over
 folds. Its ``ci95`` comes from a **paired** patient bootstrap (the same
 resampled patients for both models, from the same resamples as the per-model
-intervals), and ``p_value`` from inverting that interval (:func:`bootstrap_p_value`):
-``ci95`` excludes 0 exactly when ``p_value < 0.05``. We do not make exact
-McNemar the headline test, because it counts every image as an independent
-trial: with ~400 images from ~16-25 patients per fold, images of a patient tend
-to be right or wrong together, so McNemar's p-values are too small. It is still
-reported (``mcnemar``: discordant counts pooled over folds, one exact two-sided
-binomial test; the folds' test sets are disjoint, so pooling is valid and keeps
-the direction, which combining per-fold two-sided p-values would lose) for
-comparison with the literature. A paired t-test over folds was not chosen
-either: K-1 = 4 degrees of freedom, and the folds' training sets overlap so their
-differences are correlated (the Nadeau-Bengio correction is a heuristic for
-that, needs the training-set sizes, and leaves very little power at K=5).
+intervals; a fold left out of a resample is left out for both), and ``p_value``
+from inverting that interval (:func:`bootstrap_p_value`): ``ci95`` excludes 0
+exactly when ``p_value < 0.05``. We do not make exact McNemar the headline test,
+because it counts every image as an independent trial: with ~400 images from
+~16-25 patients per fold, images of a patient tend to be right or wrong together,
+so McNemar's p-values are too small. It is still reported (``mcnemar``: image-level
+discordant counts pooled over folds, one exact two-sided binomial test; pooling
+keeps the direction, which combining per-fold two-sided p-values would lose) for
+comparison with the literature only. Because the folds' test sets overlap, an
+image in the test set of several folds is counted once per fold (each time as
+predicted by that fold's model), which makes McNemar more optimistic still. A
+paired t-test over folds was not chosen either: K-1 = 4 degrees of freedom, and
+the folds' training sets overlap so their differences are correlated (the
+Nadeau-Bengio correction is a heuristic for that, needs the training-set sizes,
+and leaves very little power at K=5).
 
 Multiple comparisons: with M models there are M(M-1)/2 pairs. ``p_value`` is
 per comparison; ``p_value_holm`` is Holm-adjusted over the pairs (family-wise
@@ -399,45 +412,65 @@ def _align(predictions: Mapping[str, Sequence[FoldPredictions]]) -> list[_Fold]:
 # --------------------------------------------------------------------------- the bootstrap
 
 
-def _strata(folds: list[_Fold]) -> tuple[list[np.ndarray], np.ndarray, list[slice], list[str]]:
-    """Resampling groups: per fold, the patients of each class (global patient numbers).
+def _strata(folds: list[_Fold]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[slice], list[str]]:
+    """Resampling groups: the distinct patients of each class, over all folds.
 
-    Returns (groups with >= 2 patients, to resample; a ``(P_total,)`` 0/1 vector of
-    the patients in single-patient groups, kept fixed; each fold's slice of the
-    global patient numbers; notes on the fixed groups).
+    A patient in the test set of several folds (independent 70/30 splits) is one
+    patient: it is identified by its id and drawn once per resample, and every
+    fold it is in gets its multiplicity. Its class is its label if all its images
+    (in every fold) agree, else "mixed" (not the case in BreakHis).
+
+    Returns (groups with >= 2 distinct patients, as distinct-patient numbers, to
+    resample; a ``(D,)`` 0/1 vector of the distinct patients in single-patient
+    groups, kept fixed; a ``(P_slots,)`` index from each fold's patient slot to its
+    distinct patient; each fold's slice of the slots; notes on the fixed groups).
     """
-    groups, fixed, slices, notes = [], [], [], []
-    offset = 0
+    distinct = np.unique(np.concatenate([f.patient_ids for f in folds]))
+    slot_to_distinct = np.concatenate([np.searchsorted(distinct, f.patient_ids) for f in folds])
+    labels: list[set[int]] = [set() for _ in distinct]
     for f in folds:
-        n_patients = f.patient_ids.size
-        # a patient's class: its label if all its images agree, else "mixed" (not the case in BreakHis)
-        labels_per_patient = [np.unique(f.y[f.patient_index == i]) for i in range(n_patients)]
-        stratum = np.array([str(int(lab[0])) if lab.size == 1 else "mixed" for lab in labels_per_patient])
-        fixed_f = np.zeros(n_patients)
-        for name in sorted(set(stratum.tolist())):
-            members = np.flatnonzero(stratum == name)
-            if members.size >= 2:
-                groups.append(members + offset)
-            else:
-                fixed_f[members] = 1.0
-                label = {"0": "benign", "1": "malignant"}.get(name, "mixed-label")
-                notes.append(f"fold {f.fold}: the {label} class has 1 test patient; it is kept in every resample")
-        fixed.append(fixed_f)
-        slices.append(slice(offset, offset + n_patients))
-        offset += n_patients
-    return groups, np.concatenate(fixed), slices, notes
+        for d, label in zip(np.searchsorted(distinct, f.patients).tolist(), f.y.tolist()):
+            labels[d].add(label)
+    stratum = np.array([str(next(iter(lab))) if len(lab) == 1 else "mixed" for lab in labels])
+    groups, notes = [], []
+    fixed = np.zeros(distinct.size)
+    for name in sorted(set(stratum.tolist())):
+        members = np.flatnonzero(stratum == name)
+        if members.size >= 2:
+            groups.append(members)
+        else:
+            fixed[members] = 1.0
+            label = {"0": "benign", "1": "malignant"}.get(name, "mixed-label")
+            notes.append(f"the {label} class has 1 distinct test patient; it is kept in every resample")
+    bounds = np.cumsum([0] + [f.patient_ids.size for f in folds])
+    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return groups, fixed, slot_to_distinct, slices, notes
+
+
+def _covers_classes(scorer: _FoldScorer, multiplicity: np.ndarray) -> np.ndarray:
+    """``(R, P)`` -> ``(R,)`` True where the resample drew an image of every class the fold's test set has.
+
+    With patients shared across folds, a fold's share of a resample is not stratified:
+    it can lack a class (or every patient). Its metrics then describe another kind of
+    test set (or nothing), so that fold is left out of that resample's mean over folds.
+    """
+    covered = np.ones(multiplicity.shape[0], dtype=bool)
+    for per_patient in (scorer.positives, scorer.negatives):
+        if per_patient.sum() > 0:
+            covered &= multiplicity @ per_patient > 0
+    return covered
 
 
 def _bootstrap_distribution(
     folds: list[_Fold], models: list[str], pairs: list[tuple[str, str]], options: StatsOptions
-) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], np.ndarray], list[str]]:
+) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], np.ndarray], list[str], int]:
     """Replicates of every model's fold-mean metrics and every pair's accuracy difference.
 
-    Returns ({(model, metric): (B,)}, {(a, b): (B,)}, notes). All come from the same
-    patient resamples, so the pairs are paired.
+    Returns ({(model, metric): (B,)}, {(a, b): (B,)}, notes, number of distinct
+    patients). All come from the same patient resamples, so the pairs are paired.
     """
-    groups, fixed, slices, notes = _strata(folds)
-    n_total = fixed.size
+    groups, fixed, slot_to_distinct, slices, notes = _strata(folds)
+    n_distinct = fixed.size
     scorers = {
         (m, i): _FoldScorer(f.y, f.p[m], f.threshold[m], f.patient_index, f.patient_ids.size)
         for m in models
@@ -445,23 +478,30 @@ def _bootstrap_distribution(
     }
 
     def statistic(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
-        # resampled[g]: (R, n_g) drawn patient numbers of group g -> multiplicities (R, P_total)
+        # resampled[g]: (R, n_g) drawn distinct-patient numbers of group g -> multiplicities (R, D)
         drawn = np.concatenate([np.asarray(r, dtype=np.int64) for r in resampled], axis=-1)
         n_rows = drawn.shape[0]
-        flat = (drawn + n_total * np.arange(n_rows)[:, None]).ravel()
-        multiplicity = np.bincount(flat, minlength=n_rows * n_total).reshape(n_rows, n_total) + fixed
+        flat = (drawn + n_distinct * np.arange(n_rows)[:, None]).ravel()
+        multiplicity = np.bincount(flat, minlength=n_rows * n_distinct).reshape(n_rows, n_distinct) + fixed
         return _statistic_rows(multiplicity)
 
-    def _statistic_rows(multiplicity: np.ndarray) -> np.ndarray:
+    def _statistic_rows(multiplicity_distinct: np.ndarray) -> np.ndarray:
+        multiplicity = multiplicity_distinct[:, slot_to_distinct]  # (R, P_slots): each slot its patient's draw
+        covered = [_covers_classes(scorers[models[0], i], multiplicity[:, s]) for i, s in enumerate(slices)]
         rows = []
         accuracy = {}
         for m in models:
             per_fold = [scorers[m, i].scores(multiplicity[:, s]) for i, s in enumerate(slices)]
-            accuracy[m] = np.stack([scores["accuracy"] for scores in per_fold])  # (K, R)
-            for metric in METRICS:
-                rows.append(_mean_over_defined(np.stack([scores[metric] for scores in per_fold])))
+            # {metric: (K, R)}, NaN where a fold's resample lacks a class of its test set
+            by_metric = {
+                metric: np.stack([np.where(c, scores[metric], np.nan) for c, scores in zip(covered, per_fold)])
+                for metric in METRICS
+            }
+            accuracy[m] = by_metric["accuracy"]
+            rows.extend(_mean_over_defined(by_metric[metric]) for metric in METRICS)
         for a, b in pairs:
-            rows.append((accuracy[a] - accuracy[b]).mean(axis=0))
+            # the same folds are left out for both models (coverage depends on the resample only)
+            rows.append(_mean_over_defined(accuracy[a] - accuracy[b]))
         return np.stack(rows)  # (models * metrics + pairs, R)
 
     if groups:
@@ -469,14 +509,14 @@ def _bootstrap_distribution(
             # scipy computes its own interval too and warns when a replicate is NaN
             # (an undefined metric); we read intervals from the replicates ourselves.
             warnings.simplefilter("ignore", DegenerateDataWarning)
-            with np.errstate(invalid="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore"):
                 result = bootstrap(
                     tuple(groups),
                     statistic,
                     n_resamples=options.n_resamples,
                     batch=_BATCH,
                     vectorized=True,
-                    paired=False,  # each group resampled on its own: stratified by fold and class
+                    paired=False,  # each group resampled on its own: stratified by class
                     method="percentile",
                     rng=np.random.default_rng(options.seed),
                 )
@@ -493,7 +533,7 @@ def _bootstrap_distribution(
     for pair in pairs:
         per_pair[pair] = replicates[row]
         row += 1
-    return per_metric, per_pair, notes
+    return per_metric, per_pair, notes, n_distinct
 
 
 # --------------------------------------------------------------------------- the document
@@ -545,7 +585,10 @@ def comparison_statistics(
                            "p_value_holm", "significant_unadjusted", "fold_accuracy_diffs",
                            "mcnemar": {"a_right_b_wrong", "a_wrong_b_right", "p_value"}}, ...],
              "statistics": {"n_resamples", "seed", "alpha", "std_ddof", "ci_method",
-                            "p_value_method", "multiple_comparisons", "notes"}}
+                            "p_value_method", "distinct_patients", "multiple_comparisons", "notes"}}
+
+        ``n_patients`` (per model) counts test-patient slots over folds; ``distinct_patients``
+        counts each patient once, however many folds' test sets it is in.
 
     Raises:
         UserInputError: a model misses a fold, models' test images differ, or bad values.
@@ -554,7 +597,7 @@ def comparison_statistics(
     folds = _align(predictions)
     models = list(predictions)
     pairs = list(itertools.combinations(models, 2))
-    per_metric, per_pair, notes = _bootstrap_distribution(folds, models, pairs, options)
+    per_metric, per_pair, notes, n_distinct = _bootstrap_distribution(folds, models, pairs, options)
 
     model_entries = []
     for m in models:
@@ -612,10 +655,13 @@ def comparison_statistics(
             "seed": options.seed,
             "alpha": ALPHA,
             "std_ddof": STD_DDOF,
-            "ci_method": "percentile interval of a patient bootstrap stratified by fold and class "
-            "(metric recomputed per fold, averaged over folds)",
+            "ci_method": "percentile interval of a patient bootstrap stratified by class: distinct patients "
+            "(by id, over all folds) drawn once per resample, every fold a patient is in gets its multiplicity; "
+            "metric recomputed per fold and averaged over the folds whose resample has each of their classes",
             "p_value_method": "paired patient bootstrap of the accuracy difference, inverted percentile "
-            "interval (p < alpha exactly when ci95 excludes 0); mcnemar: exact, discordant pairs pooled over folds",
+            "interval (p < alpha exactly when ci95 excludes 0); mcnemar: exact, image-level, discordant pairs "
+            "pooled over folds (an image in several folds' test sets counts once per fold), for comparison only",
+            "distinct_patients": n_distinct,
             "multiple_comparisons": f"holm over {len(pairs)} pairs: significant = p_value_holm < {ALPHA}",
             "notes": notes,
         },

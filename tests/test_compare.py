@@ -142,23 +142,26 @@ def test_statistics_agree_with_an_independent_computation(compared):
     expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
     assert pair["mcnemar"]["p_value"] == pytest.approx(expected)
 
-    # stratified patient bootstrap by hand: per fold and class draw patients with replacement, all their images
+    # patient bootstrap by hand: the distinct patients of both folds (a patient can be in both test
+    # sets) drawn with replacement per class, each fold taking the drawn patients it holds
     rng = np.random.default_rng(12345)
     replicates = []
     folds = [cells["custom", f]["predictions"] for f in ("fold1", "fold2")]
-    groups = []
+    right_by_patient, label = [], {}
     for p in folds:
         patients = np.array(p["patients"])
         y = np.array(p["y_true"])
         ok = (np.array(p["p_malignant"]) >= 0.5) == (y == 1)
-        by_patient = {q: ok[patients == q] for q in np.unique(patients)}
-        label = {q: int(y[patients == q][0]) for q in by_patient}
-        groups.append([[by_patient[q] for q in by_patient if label[q] == k] for k in (0, 1)])
+        right_by_patient.append({q: ok[patients == q] for q in np.unique(patients)})
+        label.update({q: int(y[patients == q][0]) for q in np.unique(patients)})
+    classes = [sorted(q for q in label if label[q] == k) for k in (0, 1)]
     for _ in range(2000):
+        drawn = [grp[i] for grp in classes for i in rng.integers(0, len(grp), len(grp))]
         accs = []
-        for classes in groups:
-            drawn = [grp[i] for grp in classes for i in rng.integers(0, len(grp), len(grp))]
-            accs.append(np.concatenate(drawn).mean())
+        for by_patient in right_by_patient:
+            rows = [by_patient[q] for q in drawn if q in by_patient]
+            if {label[q] for q in drawn if q in by_patient} == {label[q] for q in by_patient}:
+                accs.append(np.concatenate(rows).mean())
         replicates.append(np.mean(accs))
     low, high = np.percentile(replicates, [2.5, 97.5])
     got_low, got_high = doc["models"][0]["ci95"]["accuracy"]

@@ -15,6 +15,8 @@ from breastcnn.stats import (
     METRICS,
     FoldPredictions,
     StatsOptions,
+    _align,
+    _bootstrap_distribution,
     _FoldScorer,
     bootstrap_p_value,
     comparison_statistics,
@@ -154,50 +156,112 @@ def test_interval_and_p_value_edge_cases():
 # --------------------------------------------------------------------------- the patient bootstrap
 
 
+def _overlapping_predictions(skills: dict[str, float], n_folds=3, seed=0, n_pool=16, n_test=8):
+    """Folds as ``split --folds`` makes them: each fold's test set is drawn from one pool of
+    patients on its own, so a patient is in several folds' test sets (same images, but
+    predicted by each fold's own model; a patient hard for one fold's model is hard for all)."""
+    rng = np.random.default_rng(seed)
+    pool = _fold_data(rng, "pool", n_patients=n_pool)
+    difficulty = {name: rng.normal(0.0, 1.0, n_pool) for name in skills}
+    out = {name: [] for name in skills}
+    for fold in range(n_folds):
+        # stratified: half the test patients from each class, so every fold has both
+        malignant = np.flatnonzero(np.bincount(pool["patient_index"], weights=pool["y"]) > 0)
+        benign = np.setdiff1d(np.arange(n_pool), malignant)
+        chosen = np.r_[
+            rng.choice(malignant, n_test // 2, replace=False), rng.choice(benign, n_test // 2, replace=False)
+        ]
+        rows = np.flatnonzero(np.isin(pool["patient_index"], chosen))
+        y, index = pool["y"][rows], pool["patient_index"][rows]
+        for name, skill in skills.items():
+            p = _model_p(rng, y, index, skill + difficulty[name][index], patient_sd=0.3)
+            out[name].append(FoldPredictions(fold, y, p, pool["patients"][rows], 0.5, pool["ids"][rows]))
+    return out
+
+
 def _hand_loop_bootstrap(preds: list[FoldPredictions], n_resamples: int, seed: int) -> dict[str, np.ndarray]:
-    """An independent bootstrap: plain loops over resamples, patients drawn per fold and class."""
+    """An independent bootstrap in plain loops: the distinct patients of all folds (by id) drawn
+    per class, each fold taking the drawn patients it holds; a fold that drew no patient of
+    one of its classes is left out of that resample's mean."""
     rng = np.random.default_rng(seed)
     out = {"accuracy": [], "patient_accuracy": [], "roc_auc": []}
-    prepared = []
+    by_class = {}
     for fp in preds:
-        y, p, patients = np.asarray(fp.y_true), np.asarray(fp.p_malignant), np.asarray(fp.patients)
-        by_class = {}
-        for patient in np.unique(patients):
-            rows = np.flatnonzero(patients == patient)
-            by_class.setdefault(int(y[rows[0]]), []).append(rows)
-        prepared.append((y, p >= fp.threshold, p, by_class))
+        for patient, label in zip(np.asarray(fp.patients), np.asarray(fp.y_true)):
+            by_class.setdefault(int(label), set()).add(str(patient))
+    by_class = [sorted(members) for members in by_class.values()]
     for _ in range(n_resamples):
+        drawn = [group[i] for group in by_class for i in rng.integers(0, len(group), len(group))]
         acc, pacc, auc = [], [], []
-        for y, pred, p, by_class in prepared:
-            drawn = [group[i] for group in by_class.values() for i in rng.integers(0, len(group), len(group))]
-            rows = np.concatenate(drawn)
+        for fp in preds:
+            y, p, patients = np.asarray(fp.y_true), np.asarray(fp.p_malignant), np.asarray(fp.patients)
+            pred = p >= fp.threshold
+            groups = [np.flatnonzero(patients == q) for q in drawn if q in set(patients.tolist())]
+            if not groups or set(y[np.concatenate(groups)].tolist()) != set(y.tolist()):
+                continue
+            rows = np.concatenate(groups)
             acc.append(np.mean(pred[rows] == y[rows]))
-            pacc.append(np.mean([np.mean(pred[r] == y[r]) for r in drawn]))
+            pacc.append(np.mean([np.mean(pred[r] == y[r]) for r in groups]))
             # ROC AUC by its definition: malignant-benign image pairs ranked right, ties 1/2
             pos, neg = p[rows][y[rows] == 1], p[rows][y[rows] == 0]
             auc.append(np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])))
-        out["accuracy"].append(np.mean(acc))
-        out["patient_accuracy"].append(np.mean(pacc))
-        out["roc_auc"].append(np.mean(auc))
+        out["accuracy"].append(np.mean(acc) if acc else np.nan)
+        out["patient_accuracy"].append(np.mean(pacc) if pacc else np.nan)
+        out["roc_auc"].append(np.mean(auc) if auc else np.nan)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def test_patient_bootstrap_agrees_with_an_independent_hand_loop():
-    preds = _predictions({"m": 0.8}, n_folds=2, seed=5, n_patients=14)
+@pytest.mark.parametrize(
+    "make, overlapping",
+    [
+        (lambda: _predictions({"m": 0.8}, n_folds=2, seed=5, n_patients=14), False),
+        (lambda: _overlapping_predictions({"m": 0.8}, n_folds=3, seed=5, n_pool=14, n_test=10), True),
+    ],
+    ids=["disjoint", "overlapping"],
+)
+def test_patient_bootstrap_agrees_with_an_independent_hand_loop(make, overlapping):
+    preds = make()
     n = 2000
     result = comparison_statistics(preds, StatsOptions(n_resamples=n, seed=1))
     entry = result["models"][0]
+    patients = {str(q) for fp in preds["m"] for q in np.asarray(fp.patients)}
+    assert result["statistics"]["distinct_patients"] == len(patients)
+    assert (entry["n_patients"] > len(patients)) == overlapping  # test-patient slots over folds
     hand = _hand_loop_bootstrap(preds["m"], n, seed=2)
     for metric, replicates in hand.items():
         low, high = entry["ci95"][metric]
-        hand_low, hand_high = np.percentile(replicates, [2.5, 97.5])
+        hand_low, hand_high = np.nanpercentile(replicates, [2.5, 97.5])
         width = hand_high - hand_low
         assert width > 0.05  # a real interval, so the comparison means something
         # different random streams: the endpoints agree up to Monte Carlo error
         assert low == pytest.approx(hand_low, abs=0.08 * width), metric
         assert high == pytest.approx(hand_high, abs=0.08 * width), metric
         # both bootstraps centre on the reported mean
-        assert np.mean(replicates) == pytest.approx(entry["mean"][metric], abs=0.05 * width), metric
+        assert np.nanmean(replicates) == pytest.approx(entry["mean"][metric], abs=0.05 * width), metric
+
+
+def test_a_patient_in_two_identical_folds_is_one_patient():
+    # fold 1 is fold 0 again (same patients, images and predictions): nothing new is learnt
+    (fp,) = _predictions({"m": 0.8}, n_folds=1, seed=6, n_patients=14)["m"]
+    single = comparison_statistics({"m": [fp]}, StatsOptions(n_resamples=2000, seed=3))
+    twice = comparison_statistics({"m": [fp, _replace(fp, fold=1)]}, StatsOptions(n_resamples=2000, seed=3))
+    assert twice["statistics"]["distinct_patients"] == single["statistics"]["distinct_patients"] == 14
+    assert twice["models"][0]["n_patients"] == 28  # test-patient slots
+    for metric in METRICS:
+        # the same draws give the same patients to both folds: the same replicates exactly
+        assert twice["models"][0]["ci95"][metric] == pytest.approx(single["models"][0]["ci95"][metric]), metric
+    # resampling each fold's patients on its own (the old scheme) narrows the interval by ~sqrt(2)
+    rng = np.random.default_rng(0)
+    patients, ok = np.asarray(fp.patients), (np.asarray(fp.p_malignant) >= 0.5) == (np.asarray(fp.y_true) == 1)
+    classes = [[ok[patients == q] for q in np.unique(patients[np.asarray(fp.y_true) == k])] for k in (0, 1)]
+
+    def per_fold_draw():
+        return np.concatenate([grp[i] for grp in classes for i in rng.integers(0, len(grp), len(grp))]).mean()
+
+    old = [(per_fold_draw() + per_fold_draw()) / 2 for _ in range(2000)]
+    old_width = np.subtract(*np.percentile(old, [97.5, 2.5]))
+    low, high = twice["models"][0]["ci95"]["accuracy"]
+    assert old_width < 0.85 * (high - low)
 
 
 def test_patient_ci_is_wider_than_an_image_level_ci_when_a_patients_images_agree():
@@ -282,25 +346,50 @@ def test_metric_undefined_in_every_fold_is_none_everywhere():
     assert "| a | " in markdown_report(result) and "n/a" in markdown_report(result)
 
 
+def test_a_fold_whose_resample_lacks_a_class_is_left_out_for_both_models():
+    # fold 0: patients A, C benign and B, D malignant, both models right everywhere;
+    # fold 1: only A and B, model a right and model b wrong on every image -> difference 1
+    def fold(number, patients, b_right):
+        y = np.array([0 if q in "AC" else 1 for q in patients])
+        right = {"a": np.ones(y.size, bool), "b": np.full(y.size, b_right)}
+        return {
+            m: FoldPredictions(number, y, np.where(r == (y == 1), 0.9, 0.1), list(patients), 0.5)
+            for m, r in right.items()
+        }
+
+    folds = [fold(0, "AABBCCDD", True), fold(1, "AABB", False)]
+    preds = {m: [f[m] for f in folds] for m in ("a", "b")}
+    _, per_pair, _, n_distinct = _bootstrap_distribution(_align(preds), ["a", "b"], [("a", "b")], FAST)
+    replicates = per_pair["a", "b"]
+    assert n_distinct == 4
+    # fold 1 drew A and B: mean of 0 and 1; it missed one: fold 0 alone (never NaN, never 1)
+    assert set(np.unique(replicates).tolist()) == {0.0, 0.5}
+    assert np.mean(replicates == 0.0) == pytest.approx(1 - 0.75**2, abs=0.08)  # P(A or B not drawn)
+
+
 def test_single_patient_class_is_kept_fixed_and_noted():
     preds = _predictions({"a": 1.0, "b": 0.5}, n_folds=2, seed=1, n_patients=6, malignant_share=5 / 6)
+    for folds in preds.values():  # both folds' benign patient is the same patient
+        for k, fp in enumerate(folds):
+            patients = np.where(np.asarray(fp.y_true) == 0, "benign-patient", np.asarray(fp.patients))
+            folds[k] = _replace(fp, patients=patients)
     result = comparison_statistics(preds, FAST)
-    notes = result["statistics"]["notes"]
-    assert notes == [
-        "fold 0: the benign class has 1 test patient; it is kept in every resample",
-        "fold 1: the benign class has 1 test patient; it is kept in every resample",
+    assert result["statistics"]["notes"] == [
+        "the benign class has 1 distinct test patient; it is kept in every resample"
     ]
+    assert result["statistics"]["distinct_patients"] == 11
     low, high = result["models"][0]["ci95"]["accuracy"]
     assert low < high  # the malignant patients still vary
 
 
 def test_nothing_to_resample_gives_a_point_interval():
-    # one patient per class per fold: no group can vary
-    preds = _predictions({"a": 1.0, "b": 0.0}, n_folds=2, seed=1, n_patients=2, malignant_share=0.5)
+    # one patient per class, in both folds: no group can vary
+    preds = _predictions({"a": 1.0, "b": 0.0}, n_folds=1, seed=1, n_patients=2, malignant_share=0.5)
+    preds = {m: [fp, _replace(fp, fold=1, p_malignant=np.asarray(fp.p_malignant)[::-1])] for m, (fp,) in preds.items()}
     result = comparison_statistics(preds, FAST)
     entry = result["models"][0]
     assert entry["ci95"]["accuracy"] == [pytest.approx(entry["mean"]["accuracy"])] * 2
-    assert len(result["statistics"]["notes"]) == 4
+    assert len(result["statistics"]["notes"]) == 2 and result["statistics"]["distinct_patients"] == 2
 
 
 # --------------------------------------------------------------------------- pairwise
@@ -353,10 +442,15 @@ def test_mcnemar_pools_discordant_pairs_over_folds():
     assert pair["fold_accuracy_diffs"] == pytest.approx([-3 / 30, -5 / 30])
 
 
-def test_ci_and_p_value_agree_on_random_comparisons():
+@pytest.mark.parametrize("overlapping", [False, True], ids=["disjoint", "overlapping"])
+def test_ci_and_p_value_agree_on_random_comparisons(overlapping):
     seen = set()
     for seed in range(12):
-        preds = _predictions({"a": 0.6, "b": 0.6 + 0.08 * seed}, n_folds=2, seed=seed, n_patients=10)
+        skills = {"a": 0.6, "b": 0.6 + 0.08 * seed}
+        if overlapping:
+            preds = _overlapping_predictions(skills, n_folds=3, seed=seed, n_pool=12, n_test=8)
+        else:
+            preds = _predictions(skills, n_folds=2, seed=seed, n_patients=10)
         (pair,) = comparison_statistics(preds, StatsOptions(n_resamples=400, seed=seed))["pairwise"]
         low, high = pair["ci95"]
         excludes_zero = low > 0 or high < 0
@@ -537,6 +631,7 @@ def test_output_follows_the_compare_json_contract():
         assert isinstance(pair["significant"], bool) and len(pair["ci95"]) == 2
     assert result["statistics"]["n_resamples"] == 400 and result["statistics"]["seed"] == 0
     assert result["statistics"]["std_ddof"] == 1
+    assert result["statistics"]["distinct_patients"] == sum(m["n_patients"] for m in result["models"][:1])
 
 
 def test_markdown_report_tables():
@@ -567,6 +662,6 @@ def test_a_patient_with_both_labels_forms_its_own_group():
     patients[[np.flatnonzero(y == 0)[0], np.flatnonzero(y == 1)[0]]] = "both"
     result = comparison_statistics({"a": [_replace(fp, patients=patients)]}, FAST)
     assert result["statistics"]["notes"] == [
-        "fold 0: the mixed-label class has 1 test patient; it is kept in every resample"
+        "the mixed-label class has 1 distinct test patient; it is kept in every resample"
     ]
     assert result["models"][0]["n_patients"] == 9
