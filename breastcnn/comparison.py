@@ -59,6 +59,7 @@ from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES, check_task
 from breastcnn.errors import UserInputError
 from breastcnn.evaluation import evaluate_model
 from breastcnn.fsutil import atomic_write_json, atomic_write_text, locked_directory
+from breastcnn.metrics import degenerate_model_warnings
 from breastcnn.models import load_model
 from breastcnn.plots import plot_folds, plot_pareto
 from breastcnn.stats import FoldPredictions, StatsOptions, comparison_statistics, markdown_report, mcnemar_exact
@@ -713,6 +714,17 @@ def _model_entries(
     return entries
 
 
+def one_class_warnings(cells: list[dict]) -> list[str]:
+    """``metrics.degenerate_model_warnings`` of every cell on its test subset: a model that answers (almost) one
+    class, or no better than the majority class, must not sit silently in the table."""
+    lines = []
+    for c in sorted(cells, key=lambda c: (c["model"], c["fold"])):
+        p = c["predictions"]
+        for line in degenerate_model_warnings(p["y_true"], p["p_malignant"], "test", threshold=THRESHOLD):
+            lines.append(f"{c['model']} fold {c['fold']}: {line}")
+    return lines
+
+
 def _document(options: CompareOptions, kfold: Path, stats: dict, models: list[dict], cells: list[dict]) -> dict:
     info = json.loads((kfold / "split.json").read_text(encoding="utf-8"))
     protocol = {
@@ -760,6 +772,7 @@ def _document(options: CompareOptions, kfold: Path, stats: dict, models: list[di
         "pairwise": stats["pairwise"],
         "statistics": stats["statistics"],
         "cells": timing,
+        "warnings": one_class_warnings(cells),
         "created_by": f"breastcnn {__version__}",
     }
 
@@ -775,7 +788,8 @@ def markdown(document: dict) -> str:
         head += f"Task {p.get('task')}, stain normalisation {p.get('stain_norm')}.\n\n"
     if p.get("task") == "subtype":
         head += _subtype_table(document["models"])
-    return head + markdown_report(document)
+    warned = "".join(f"- warning: {line}\n" for line in document.get("warnings", []))
+    return head + (warned + "\n" if warned else "") + markdown_report(document)
 
 
 def _subtype_table(models: list[dict]) -> str:
@@ -813,6 +827,8 @@ def run_compare(options: CompareOptions, message: Callable[[str], None] | None =
         stats = _statistics(options, cells)
         models = _model_entries(options, stats, cells, owned, message)
         document = _document(options, kfold, stats, models, cells)
+        for line in document["warnings"]:
+            message(f"warning: {line}")
         paths = {name: owned.claim(name) for name in OUTPUTS}
         atomic_write_json(paths["compare.json"], document)
         atomic_write_text(paths["compare.md"], markdown(document))

@@ -665,3 +665,19 @@ def test_cells_from_before_the_stain_options_are_reused_and_a_stain_change_is_no
     assert result.exit_code == 0, result.output
     assert len(calls) == 8 and all(s.stain_norm == "reinhard" for s in calls[4:])
     assert json.loads(result.stdout)["protocol"]["stain_norm"] == "reinhard"
+
+
+def test_a_one_class_cell_is_named_in_the_warnings():
+    """A degenerate model (one class for every test image) must not sit silently in the comparison."""
+    from breastcnn.comparison import one_class_warnings
+
+    y = [0, 0, 1, 1, 1, 1]
+    cells = [
+        {"model": "vgg16", "fold": 2, "predictions": {"y_true": y, "p_malignant": [0.1] * 6}},
+        {"model": "custom", "fold": 1, "predictions": {"y_true": y, "p_malignant": [0.2, 0.3, 0.9, 0.8, 0.7, 0.6]}},
+    ]
+    [line, worse_than_majority] = one_class_warnings(cells)
+    assert line.startswith("vgg16 fold 2: the model predicts benign for 100% of the 6 test images")
+    assert "vgg16 fold 2: test accuracy 0.333 is no better than always answering the majority class" in (
+        worse_than_majority
+    )

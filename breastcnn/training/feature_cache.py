@@ -47,6 +47,7 @@ from breastcnn.data.images import decode_many, load_subset, preprocess
 from breastcnn.data.split import load_split
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write, atomic_write_json
+from breastcnn.metrics import degenerate_model_warnings
 from breastcnn.models.io import save_model
 from breastcnn.models.keras_models import BUILDERS, _resolve_weights, require_keras
 from breastcnn.nn.schedules import BestScore
@@ -461,7 +462,9 @@ def run_linear_probe(
         "weights": str(weights),
         "linear_probe": True,
         "feature_cache": {"status": table.status, "seconds": round(table.seconds, 3), "file": table.file.name},
-        "warnings": [],
+        "warnings": degenerate_model_warnings(
+            split.labels("val"), head_probabilities(trained["head"], features["val"]), "validation"
+        ),
     }
     atomic_write_json(Path(run_dir) / "summary.json", summary)
     return {**summary, "_probe": (trained["head"], table, features)}

@@ -42,8 +42,8 @@ from breastcnn.data.augment import class_weights as compute_class_weights
 from breastcnn.data.breakhis import check_outside_data
 from breastcnn.data.images import load_subset, preprocess
 from breastcnn.data.split import DEFAULT_SPLIT_DIR, load_split
-from breastcnn.data.stain_options import check_stain_options, training_stain
-from breastcnn.data.tasks import TASK_CLASSES, check_task
+from breastcnn.data.stain_options import DEFAULT_STAIN_NORM, check_stain_options, training_stain
+from breastcnn.data.tasks import DEFAULT_TASK, TASK_CLASSES, check_task
 from breastcnn.errors import UserInputError
 from breastcnn.fsutil import atomic_write_json
 from breastcnn.metrics import degenerate_model_warnings
@@ -303,29 +303,36 @@ def finetune_keras(
     check_stain_options(stain_norm, stain_target, stain_augment)
     stain_target = stain_target and str(Path(stain_target).resolve())  # recorded: a replay finds it
     hooks = callback if callback is not None else TrainingCallback()
-    # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable
-    summary = frozen_shortcut(
-        arch,
-        split_dir,
-        out,
-        weights=weights,
-        trainable_layers=trainable_layers,
-        dropout=dropout,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        patience=patience,
-        monitor=monitor,
-        image_size=image_size,
-        seed=seed,
-        augment=augment,
-        class_weights=class_weights,
-        strategy=strategy,
-        recipe=recipe,
-        jobs=jobs,
-        force=force,
-        callback=hooks,
-        runs_root=runs_root,
+    # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable.
+    # Those shortcuts train a binary head on unnormalised images, so a subtype task or a stain normalisation
+    # takes the regular loop (slower, the same frozen layers) rather than being ignored.
+    plain = task == DEFAULT_TASK and (stain_norm or DEFAULT_STAIN_NORM) == DEFAULT_STAIN_NORM
+    summary = (
+        None
+        if not plain
+        else frozen_shortcut(
+            arch,
+            split_dir,
+            out,
+            weights=weights,
+            trainable_layers=trainable_layers,
+            dropout=dropout,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            monitor=monitor,
+            image_size=image_size,
+            seed=seed,
+            augment=augment,
+            class_weights=class_weights,
+            strategy=strategy,
+            recipe=recipe,
+            jobs=jobs,
+            force=force,
+            callback=hooks,
+            runs_root=runs_root,
+        )
     )
     if summary is not None:
         return summary

@@ -350,3 +350,42 @@ def test_featuremaps_on_real_tissue_shows_the_normalised_image(real_tissue, tmp_
     expected = model.predict(preprocess(normalised, "caffe"))[0]
     np.testing.assert_allclose(list(summary["probabilities"].values()), expected, rtol=1e-5)
     assert all((tmp_path / "f" / name).is_file() for name in ("input.png", "gradcam.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable, extra", [("0", []), ("2", ["--no-augment"])])
+def test_linear_probe_and_cached_prefix_do_not_ignore_the_task_and_stain(
+    keras, synth_split, synth_image_size, tmp_path, trainable, extra
+):
+    """The feature/activation caches train a binary head on unnormalised images: with --task subtype and
+    --stain-norm, finetune must take the regular loop (the model says subtype and macenko), not ignore them."""
+    out = tmp_path / f"probe{trainable}"
+    result = _run(
+        [
+            "finetune",
+            "--model",
+            "resnet50",
+            "--weights",
+            "none",
+            "--trainable-layers",
+            trainable,
+            *extra,
+            "--split",
+            str(synth_split),
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--task",
+            "subtype",
+            "--stain-norm",
+            "macenko",
+            "--json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    model = load_model(out / "model.keras")
+    assert model.spec.task == "subtype" and model.spec.classes == SUBTYPE_CLASSES
+    assert model.meta["stain"]["method"] == "macenko"
