@@ -209,7 +209,7 @@ class Ownership:
                     f"{self.file}); move it away or choose another --out"
                 )
             self.paths.add(relative)
-            atomic_write_json(self.file, {"created_by": f"breastcnn {__version__}", "paths": sorted(self.paths)})
+            self._save()
         return path
 
     def remove(self, keep: Sequence[str] = ()) -> None:
@@ -221,6 +221,9 @@ class Ownership:
             elif path.exists() or path.is_symlink():
                 path.unlink()
             self.paths.discard(relative)
+        self._save()
+
+    def _save(self) -> None:
         atomic_write_json(self.file, {"created_by": f"breastcnn {__version__}", "paths": sorted(self.paths)})
 
 

@@ -668,7 +668,9 @@ def finetune_cached_prefix(
             "n_val": int(len(cached["val"][1])),
             "weights": str(weights),
             "prefix_cache": {"tensors": crossing, "seconds": round(prefix_seconds, 3)},
-            "warnings": [],
+            "warnings": degenerate_model_warnings(
+                cached["val"][1], head_probabilities(top, cached["val"][0]), "validation"
+            ),
         }
         atomic_write_json(run.path / "summary.json", summary)
     hooks.on_train_end(summary)
