@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -203,6 +204,13 @@ class _Coverage:
     need_all: bool
     reach: np.ndarray | None
     small: np.ndarray | None
+    total: float
+
+    def __post_init__(self) -> None:
+        # plain-Python copies for the greedy pass
+        self.wanted_list = self.wanted.tolist()
+        self.reach_list = self.reach.tolist() if self.reach is not None else None
+        self.small_list = self.small.tolist() if self.small is not None else None
 
     def broken(self, members: np.ndarray, seen: np.ndarray | None) -> int:
         """How many coverage rules an assignment breaks (``members`` groups per subset,
@@ -213,21 +221,47 @@ class _Coverage:
             count += int(np.maximum(self.reach - covered, 0).sum() + (self.small & (seen[:, 0] == 0)).sum())
         return count
 
-    def deficit(
-        self, targets: np.ndarray, filled: np.ndarray, members: np.ndarray, seen: np.ndarray | None, k: int | None
-    ) -> np.ndarray:
-        """Per subset, how much the next group (of stratum ``k``) is wanted there; the greedy pass takes the max."""
-        ratios = self.ratios
-        deficit = np.where(ratios > 0, (targets - filled) / np.maximum(targets, 1e-9), -np.inf)
+    def greedy(self, order: np.ndarray, counts: np.ndarray, strata: np.ndarray | None, n_strata: int) -> tuple:
+        """One greedy pass over the groups in ``order``: each goes to the subset where it is most wanted
+        (:meth:`deficit`). Returns ``(choice (G,), filled (S,) images, members (S,) groups, seen (K, S) or None)``.
+
+        Plain Python floats on purpose: the vectors have one entry per subset (3), where NumPy's
+        per-call overhead cost ~10x; the arithmetic is the same IEEE double arithmetic, ties go
+        to the first subset like ``np.argmax``, so a seed gives the same split as before.
+        """
+        n_subsets = len(self.ratios)
+        ratios = self.ratios.tolist()
+        filled = [0.0] * n_subsets
+        members = [0] * n_subsets
+        seen = [[0] * n_subsets for _ in range(n_strata)] if strata is not None else None
+        choice = np.empty(len(counts), dtype=np.int64)
+        count_of, stratum_of = counts.tolist(), (strata.tolist() if strata is not None else None)
+        targets = [r * float(self.total) for r in ratios]
+        for i in order.tolist():
+            k = stratum_of[i] if stratum_of is not None else None
+            scores = self.deficit(targets, filled, members, seen, k, ratios)
+            s = scores.index(max(scores))
+            choice[i] = s
+            filled[s] += count_of[i]
+            members[s] += 1
+            if seen is not None:
+                seen[k][s] += 1
+        seen_array = np.array(seen, dtype=np.int64).reshape(n_strata, n_subsets) if seen is not None else None
+        return choice, np.array(filled), np.array(members, dtype=np.int64), seen_array
+
+    def deficit(self, targets: list, filled: list, members: list, seen: list | None, k: int | None, ratios: list):
+        """Per subset, how much the next group (of stratum ``k``) is wanted there (a list; the greedy pass
+        takes the first max). Subsets with ratio 0 are never wanted."""
+        deficit = [(t - f) / max(t, 1e-9) if r > 0 else -math.inf for t, f, r in zip(targets, filled, ratios)]
         # a subset still empty comes first, so that val/test see every class
-        if self.need_all and (members[self.wanted] == 0).any():
-            deficit = np.where((members == 0) & (ratios > 0), deficit + 1e6, deficit)
+        if self.need_all and any(members[w] == 0 for w in self.wanted_list):
+            deficit = [d + 1e6 if m == 0 and r > 0 else d for d, m, r in zip(deficit, members, ratios)]
         if k is None:
             return deficit
-        lacking = (seen[k] == 0) & (ratios > 0)
-        if len(self.wanted) - lacking.sum() < self.reach[k]:  # ... and every subtype, where it has the patients
-            deficit = np.where(lacking, deficit + 1e6, deficit)
-            if self.small[k] and lacking[0]:
+        lacking = [c == 0 and r > 0 for c, r in zip(seen[k], ratios)]
+        if len(self.wanted_list) - sum(lacking) < self.reach_list[k]:  # ... and every subtype, where it has the patients
+            deficit = [d + 1e6 if lack else d for d, lack in zip(deficit, lacking)]
+            if self.small_list[k] and lacking[0]:
                 deficit[0] += 1e7  # too few for every subset: train sees it first
         return deficit
 
@@ -255,24 +289,13 @@ def _best_assignment(
     reach = np.minimum(np.bincount(strata, minlength=n_strata), len(wanted)) if strata is not None else None
     small = reach < len(wanted) if strata is not None else None
 
-    rules = _Coverage(ratios, wanted, need_all, reach, small)
+    rules = _Coverage(ratios, wanted, need_all, reach, small, total)
     broken = rules.broken
 
     best, best_score = None, np.inf
     for _ in range(trials):
         order = rng.permutation(len(counts))
-        filled = np.zeros(len(ratios))
-        members = np.zeros(len(ratios), dtype=np.int64)
-        choice = np.empty(len(counts), dtype=np.int64)
-        seen = np.zeros((n_strata, len(ratios)), dtype=np.int64) if strata is not None else None
-        for i in order:
-            k = strata[i] if strata is not None else None
-            s = int(np.argmax(rules.deficit(targets, filled, members, seen, k)))
-            choice[i] = s
-            filled[s] += counts[i]
-            members[s] += 1
-            if strata is not None:
-                seen[k, s] += 1
+        choice, filled, members, seen = rules.greedy(order, counts, strata, n_strata)
         score = np.abs(filled - targets).sum() + 1e9 * broken(members, seen)
         if strata is not None:
             score += SUBTYPE_WEIGHT * np.abs(_stratum_gaps(choice, counts, strata, ratios)).sum()
