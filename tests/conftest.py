@@ -30,10 +30,12 @@ SYNTH_IMAGE_SIZE = 64  # every training on the session split uses it, so its ima
 
 def pytest_collection_modifyitems(config, items):
     """A test that uses TensorFlow (the ``keras`` fixture, directly or through another fixture) gets the
-    ``keras`` mark, so ``pytest -m "not slow and not keras"`` leaves TensorFlow out altogether."""
+    ``keras`` mark and the ``slow`` mark: importing TensorFlow alone takes seconds, so the fast loop
+    ``pytest -m "not slow"`` leaves TensorFlow out altogether (``pytest -m keras`` runs only those)."""
     for item in items:
         if "keras" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.keras)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +77,7 @@ def _synth_split(tmp_path_factory, folds: int = 0) -> Path:
     split_dir = base / (f"split-k{folds}" if folds else "split")
     if not (split_dir / "split.json").is_file():
         # stratify="class": the step counts and trajectories asserted in the training tests were measured on it
-        create_split(data, out=split_dir, folds=folds, seed=0, jobs=1, stratify="class")
+        create_split(data, out=split_dir, folds=folds, seed=0, jobs=2, stratify="class")
     return split_dir
 
 

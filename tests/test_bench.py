@@ -131,6 +131,7 @@ def test_missing_dependency_is_reported_as_skipped(monkeypatch):
         raise MissingDependencyError("TensorFlow is not installed: pip install 'breastcnn[keras]'")
 
     monkeypatch.setattr(keras_models, "create_vgg16", missing)
+    monkeypatch.setattr(bench, "require_keras", missing)  # as without TensorFlow: its thread pools are not pinned
     result = bench.run_bench(["custom", "vgg16"], options=bench.BenchOptions(**{**TINY, "train_steps": 0}))
     custom, vgg = result["models"]
     assert custom["skipped"] is None and custom["latency_ms_p50"] > 0

@@ -53,6 +53,7 @@ def images(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow  # a LocalCluster (1 s)
 def test_predict_on_the_cluster_equals_the_local_run(cluster, images, tile_model):
     args = ["predict", *images, "--model", tile_model, "--csv", "--batch-size", "8"]
     local = _run(args)
@@ -127,6 +128,7 @@ def test_worker_loads_the_shipped_model_once_and_checks_the_version(tile_model):
         cluster_module.resolve_model(replace(payload, version="0.0.0-other"))
 
 
+@pytest.mark.slow  # waits for a connection timeout (1 s)
 def test_unreachable_scheduler_is_one_line_exit_2(tile_model, tmp_path, monkeypatch):
     from breastcnn import cluster as cluster_module
 
@@ -139,6 +141,7 @@ def test_unreachable_scheduler_is_one_line_exit_2(tile_model, tmp_path, monkeypa
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a Python subprocess (1.2 s)
 def test_without_scheduler_dask_is_never_imported(tile_model, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     code = (

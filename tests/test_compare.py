@@ -270,6 +270,7 @@ def test_other_options_are_refused_and_force_keeps_the_users_files(compared, tmp
 # --------------------------------------------------------------------------- bad input (fast)
 
 
+@pytest.mark.slow  # compare runs (1.4 s)
 def test_a_users_file_where_compare_writes_is_refused_even_with_force(tmp_path, synth_kfold_split):
     out = tmp_path / "out"
     (out / "cells" / "fold1").mkdir(parents=True)
@@ -472,6 +473,7 @@ def test_finetune_without_augmentation_trains_only_the_top_on_cached_activations
 # --------------------------------------------------------------------------- Ctrl-C (fast: cells faked)
 
 
+@pytest.mark.slow  # (0.8 s)
 def test_ctrl_c_keeps_finished_cells_and_the_rerun_continues(tmp_path, synth_kfold_split, monkeypatch):
     """Ctrl-C in the second cell: exit 130, the first cell's cell.json kept, nothing half-written marked finished,
     the directory unlocked; the rerun skips the first cell and computes the others."""
@@ -637,6 +639,7 @@ def _fake_cell(spec, run_dir):
     }
 
 
+@pytest.mark.slow  # three compare runs (2 s)
 def test_cells_from_before_the_stain_options_are_reused_and_a_stain_change_is_not(
     tmp_path, synth_kfold_split, monkeypatch
 ):

@@ -72,6 +72,7 @@ def test_the_library_imports_no_cli():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow  # trains one model per fold (1.6 s)
 def test_a_kfold_run_is_paired_fold_by_fold(synth_kfold_split, tmp_path, synth_image_size):
     run = tmp_path / "kfold-run"
     for k in (1, 2):

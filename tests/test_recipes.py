@@ -231,6 +231,7 @@ def _one_class_model(path, image_size=IMAGE_SIZE):
     return len(model.layers)
 
 
+@pytest.mark.slow  # trains until the model collapses (3 s)
 def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synth_kfold_split, tmp_path, small_config):
     """Every layer frozen on a model that answers malignant: the summary, stderr and k-fold runs say so."""
     from typer.testing import CliRunner

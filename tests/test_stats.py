@@ -219,6 +219,7 @@ def _hand_loop_bootstrap(preds: list[FoldPredictions], n_resamples: int, seed: i
     ],
     ids=["disjoint", "overlapping"],
 )
+@pytest.mark.slow  # a hand loop of bootstrap replicates (1 s each)
 def test_patient_bootstrap_agrees_with_an_independent_hand_loop(make, overlapping):
     preds = make()
     n = 2000

@@ -124,6 +124,7 @@ def test_training_learns_and_writes_run_outputs(split_dir, tmp_path, small_confi
     assert summary["warnings"] == []
 
 
+@pytest.mark.slow  # three trainings (2 s)
 def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, tmp_path, final_weights, small_config):
     from breastcnn.training.numpy_run import run_training
 
@@ -215,6 +216,7 @@ def test_nan_loss_stops_with_message_and_keeps_best_model(
     assert model.meta["image_size"] == synth_image_size
 
 
+@pytest.mark.slow  # three trainings (0.8 s)
 def test_class_weights_and_l2_change_training(split_dir, tmp_path, final_weights, small_config):
     from breastcnn.training.numpy_run import run_training
 
@@ -248,6 +250,7 @@ def test_kfold_split_trains_one_model_per_fold(tmp_path, small_config, synth_kfo
     assert any("no validation subset" in m for m in messages)
 
 
+@pytest.mark.slow  # (0.9 s)
 def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(
     split_dir, tmp_path, final_weights, small_config
 ):

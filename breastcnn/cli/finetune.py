@@ -243,7 +243,9 @@ class FinetuneOptions:
         """Refuse a bad ``--task``/``--stain-*`` value before anything slow (TensorFlow's import) starts."""
         check_task(self.task)
         stain_augment = False if self.stain_augment is None else self.stain_augment
-        check_stain_options(self.stain_norm, None if self.stain_target is None else str(self.stain_target), stain_augment)
+        check_stain_options(
+            self.stain_norm, None if self.stain_target is None else str(self.stain_target), stain_augment
+        )
 
     def or_default(self, defaults: dict) -> dict:
         """``defaults`` with the options given on the command line in place of them."""

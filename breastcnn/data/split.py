@@ -259,7 +259,9 @@ class _Coverage:
         if k is None:
             return deficit
         lacking = [c == 0 and r > 0 for c, r in zip(seen[k], ratios)]
-        if len(self.wanted_list) - sum(lacking) < self.reach_list[k]:  # ... and every subtype, where it has the patients
+        if (
+            len(self.wanted_list) - sum(lacking) < self.reach_list[k]
+        ):  # ... and every subtype, where it has the patients
             deficit = [d + 1e6 if lack else d for d, lack in zip(deficit, lacking)]
             if self.small_list[k] and lacking[0]:
                 deficit[0] += 1e7  # too few for every subset: train sees it first

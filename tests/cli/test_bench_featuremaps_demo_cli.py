@@ -219,6 +219,7 @@ def model_and_image(tmp_path):
     return model_file, image
 
 
+@pytest.mark.slow  # (0.9 s)
 def test_featuremaps_one_png_per_conv_layer_and_gradcam(runner, tmp_path, model_and_image):
     model_file, image = model_and_image
     out = tmp_path / "maps"

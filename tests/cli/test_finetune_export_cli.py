@@ -206,6 +206,7 @@ def test_missing_imagenet_weights_is_one_line_exit_2(keras, data, tmp_path):
         assert not (tmp_path / model).exists()  # nothing written before the error
 
 
+@pytest.mark.slow  # trains a model from a new tree (5 s)
 def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
     from breastcnn.models import create_model, save_model
 
@@ -240,12 +241,12 @@ def test_finetune_numpy_model_uses_the_numpy_defaults(data, tmp_path):
     assert result.exit_code == 2 and "--strategy applies to Keras models" in result.output
 
 
-def test_finetune_option_errors(data, tmp_path):
-    result = invoke("finetune", "--model", "alexnet", "--split", data["split"])
+def test_finetune_option_errors(synth_split, tmp_path):
+    result = invoke("finetune", "--model", "alexnet", "--split", synth_split)
     assert result.exit_code == 2 and "expected vgg16, resnet50, custom-keras or a NumPy model .npz" in result.output
-    result = invoke("finetune", "--model", "vgg16", "--freeze", 3, "--split", data["split"])
+    result = invoke("finetune", "--model", "vgg16", "--freeze", 3, "--split", synth_split)
     assert result.exit_code == 2 and "--freeze applies to NumPy .npz models" in result.output
-    result = invoke("finetune", "--model", "vgg16", "--threads", 1, "--split", data["split"])
+    result = invoke("finetune", "--model", "vgg16", "--threads", 1, "--split", synth_split)
     assert result.exit_code == 2 and "--threads applies to NumPy .npz models" in result.output
 
 
@@ -287,6 +288,7 @@ def test_cli_and_numpy_commands_never_import_tensorflow(data, tmp_path):
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.slow  # a Python subprocess (1 s)
 def test_keras_model_without_tensorflow_says_how_to_install(data):
     code = (
         "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"

@@ -29,6 +29,7 @@ def _tiles(folder):
     return [dict(zip(HEADER, r)) for r in rows[1:]]
 
 
+@pytest.mark.slow  # a whole pyramid (1.6 s)
 def test_generated_pyramid_exact_tiles_level_and_probabilities(pyramid_tiff, tile_model, tmp_path):
     path, levels = pyramid_tiff
     result = _run([path, "--model", tile_model, "--out", tmp_path, "--json"])
@@ -62,6 +63,7 @@ def test_generated_pyramid_exact_tiles_level_and_probabilities(pyramid_tiff, til
         assert heatmap.format == "PNG" and heatmap.width > 300
 
 
+@pytest.mark.slow  # (0.8 s)
 def test_engine_threads_do_not_change_the_probabilities(pyramid_tiff, tile_model, tmp_path):
     path, _ = pyramid_tiff
     for threads in ("1", "2"):
@@ -72,6 +74,7 @@ def test_engine_threads_do_not_change_the_probabilities(pyramid_tiff, tile_model
     ).read_text()
 
 
+@pytest.mark.slow  # (0.7 s)
 def test_tissue_threshold_stride_and_a_finer_level(pyramid_tiff, tile_model, tmp_path):
     path, _ = pyramid_tiff
     strict = _run([path, "--model", tile_model, "--out", tmp_path / "a", "--tissue-threshold", "0.6", "--json"])
@@ -105,6 +108,7 @@ def test_model_magnification_from_its_metadata(pyramid_tiff, tmp_path):
     assert "assumed" not in result.stderr
 
 
+@pytest.mark.slow  # the real slide at two levels (1.5 s)
 def test_real_aperio_slide(cmu_slide, tile_model, tmp_path):
     import openslide
 
@@ -147,6 +151,7 @@ def test_bad_slides_are_named_and_the_others_processed(pyramid_tiff, tile_model,
     assert not (tmp_path / "out" / "notes").exists() or not any((tmp_path / "out" / "notes").iterdir())
 
 
+@pytest.mark.slow  # (0.9 s)
 def test_outputs_are_not_overwritten_without_force_and_foreign_files_survive(pyramid_tiff, tile_model, tmp_path):
     path, _ = pyramid_tiff
     assert _run([path, "--model", tile_model, "--out", tmp_path]).exit_code == 0
@@ -167,6 +172,7 @@ def test_outputs_are_not_overwritten_without_force_and_foreign_files_survive(pyr
     ]  # no temporary file left
 
 
+@pytest.mark.slow  # (0.7 s)
 def test_two_slides_with_the_same_name_get_two_folders(pyramid_tiff, tile_model, tmp_path):
     import shutil
 
@@ -234,6 +240,7 @@ def test_missing_scikit_image_is_one_line_exit_2(pyramid_tiff, tile_model, tmp_p
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "generated").exists()
 
 
+@pytest.mark.slow  # (1.1 s)
 def test_a_stain_normalised_subtype_model_on_a_real_slide(cmu_slide, tmp_path):
     """slide applies the model's stain normalisation to every tile; a subtype model's heat map is P(malignant)."""
     import openslide

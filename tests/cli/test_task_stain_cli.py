@@ -154,6 +154,7 @@ def test_bad_task_and_stain_options_are_one_line_and_exit_2(args, message, synth
         assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # two trainings (1 s)
 def test_stain_target_image_and_finetune_of_a_numpy_model(synth_split, synth_image_size, tmp_path):
     split = load_split(synth_split)
     target = tmp_path / "target.png"

@@ -62,6 +62,7 @@ def test_end_to_end_split_train_evaluate_reaches_90_percent(synth_data, synth_im
     } <= set(metrics)
 
 
+@pytest.mark.slow  # two trainings (1 s)
 def test_config_replays_a_run_with_identical_weights(tmp_path, final_weights, small, synth_split):
     split = synth_split
     first = _run(

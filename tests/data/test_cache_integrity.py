@@ -118,6 +118,7 @@ def test_decompression_bomb_as_featuremaps_image(tmp_path):
 # --------------------------------------------------------------------------- item 10: full disk
 
 
+@pytest.mark.slow  # (1.2 s)
 def test_write_that_runs_out_of_space_names_the_file(split, tmp_path):
     """A real short write (RLIMIT_FSIZE, as a full disk gives): the message names the file being written."""
     code = (

@@ -117,6 +117,7 @@ def test_a_normalised_cache_of_another_target_is_rebuilt_not_trusted(normaliser,
     np.testing.assert_array_equal(x, normalise_batch(normaliser, plain)[0])
 
 
+@pytest.mark.slow  # builds a tree and a cache (1.6 s)
 def test_background_images_fall_back_to_the_identity_with_a_count(
     normaliser, tmp_path, make_breakhis_tree, synth_split
 ):

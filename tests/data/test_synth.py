@@ -110,6 +110,7 @@ def few_specs(monkeypatch):
     monkeypatch.setattr(synth, "plan", small)
 
 
+@pytest.mark.slow  # three trees (1.4 s)
 def test_generate_tree_scans_back_and_is_safe(tmp_path, few_specs):
     summary = synth.generate(tmp_path, scale=0.05, mags=("40X", "200X"), seed=0, jobs=1)
     root = tmp_path / "BreaKHis_v1"

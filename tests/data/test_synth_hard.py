@@ -50,6 +50,7 @@ def _class_gap(rows: dict, value) -> np.ndarray:
     return np.mean(per_patient, 0)
 
 
+@pytest.mark.slow  # renders hard images (2.5 s)
 def test_hard_layout_meets_its_composition(paired):
     """Every image hits its drawn nuclear-area and white-space fractions (all 8 layouts)."""
     for code in CODES:
@@ -132,6 +133,7 @@ def one_per_subtype(monkeypatch):
     monkeypatch.setattr(synth, "plan", small)
 
 
+@pytest.mark.slow  # two trees and splits (2 s)
 def test_stain_profiles_give_the_same_tree_and_split(tmp_path, one_per_subtype):
     """Trees of both profiles have the same files and patients: a split with the same seed puts every
     patient in the same subset; images differ in colour only; any --jobs gives the same bytes."""

@@ -100,6 +100,7 @@ def _refused_cheaply(path, match: str) -> tuple[float, int]:
 # --------------------------------------------------------------------------- item 8
 
 
+@pytest.mark.slow  # (0.8 s)
 def test_zip_bomb_member_is_refused_before_decompression(good, tmp_path):
     bad = tmp_path / "bomb.npz"
     _write(bad, _members(good), bomb=("extra.bomb.npy", 256 * 2**20))
@@ -107,6 +108,7 @@ def test_zip_bomb_member_is_refused_before_decompression(good, tmp_path):
     _refused_cheaply(bad, "bomb.npz: unexpected array.*extra.bomb")
 
 
+@pytest.mark.slow  # (0.8 s)
 def test_declared_zip_bomb_is_refused_by_the_caps(good, tmp_path):
     members = _members(good)
     config = _config(members)

@@ -376,6 +376,7 @@ def test_predict_contract_and_threads(onnxruntime, exported, tmp_path):
 # ------------------------------------------------------------------- optional dependency
 
 
+@pytest.mark.slow  # Python subprocesses (1 s)
 def test_onnx_is_imported_lazily_and_its_absence_is_explained(tmp_path):
     path = tmp_path / "m.npz"
     save_model(create_model("custom", (64, 64, 3), 2, seed=0), path)

@@ -3,12 +3,14 @@
 import time
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from breastcnn.nn import Adam, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, Softmax, blas_threads
 
 
+@pytest.mark.slow  # trains to 90% (0.9 s)
 def test_small_convnet_learns_digits():
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
