@@ -137,7 +137,7 @@ def keras_side(model, x, y, x1, repeats: int, keras_threads: int = 0) -> dict:
             probs = kmodel(xb, training=True)
             loss = loss_fn(yb, probs) + tf.add_n(kmodel.losses)
         grads = tape.gradient(loss, kmodel.trainable_variables)
-        optimizer.apply_gradients(zip(grads, kmodel.trainable_variables))
+        optimizer.apply_gradients(zip(grads, kmodel.trainable_variables, strict=True))
         return loss
 
     @tf.function

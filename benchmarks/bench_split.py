@@ -41,7 +41,7 @@ def records(mags) -> list[Record]:
 
 
 def measure(recs: list[Record], ratios, seeds: int, stratify: str) -> dict:
-    subsets = [s for s, q in zip(SUBSETS, ratios) if q > 0]
+    subsets = [s for s, q in zip(SUBSETS, ratios, strict=True) if q > 0]
     mags = sorted({r.magnification for r in recs}, key=MAGNIFICATIONS.index)
     share = {(c, s): [] for c in ("benign", "malignant") for s in subsets}
     class_err = mag_err = subtype_err = 0.0
@@ -50,7 +50,7 @@ def measure(recs: list[Record], ratios, seeds: int, stratify: str) -> dict:
         start = time.perf_counter()
         rows = split_by_patient(recs, ratios, seed=seed, stratify=stratify)
         seconds.append(time.perf_counter() - start)
-        for s, q in zip(SUBSETS, ratios):
+        for s, q in zip(SUBSETS, ratios, strict=True):
             if q == 0:
                 continue
             for label in ("benign", "malignant"):

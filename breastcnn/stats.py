@@ -429,7 +429,7 @@ def _strata(folds: list[_Fold]) -> tuple[list[np.ndarray], np.ndarray, np.ndarra
     slot_to_distinct = np.concatenate([np.searchsorted(distinct, f.patient_ids) for f in folds])
     labels: list[set[int]] = [set() for _ in distinct]
     for f in folds:
-        for d, label in zip(np.searchsorted(distinct, f.patients).tolist(), f.y.tolist()):
+        for d, label in zip(np.searchsorted(distinct, f.patients).tolist(), f.y.tolist(), strict=True):
             labels[d].add(label)
     stratum = np.array([str(next(iter(lab))) if len(lab) == 1 else "mixed" for lab in labels])
     groups, notes = [], []
@@ -443,7 +443,7 @@ def _strata(folds: list[_Fold]) -> tuple[list[np.ndarray], np.ndarray, np.ndarra
             label = {"0": "benign", "1": "malignant"}.get(name, "mixed-label")
             notes.append(f"the {label} class has 1 distinct test patient; it is kept in every resample")
     bounds = np.cumsum([0] + [f.patient_ids.size for f in folds])
-    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    slices = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     return groups, fixed, slot_to_distinct, slices, notes
 
 
@@ -494,7 +494,9 @@ def _bootstrap_distribution(
             per_fold = [scorers[m, i].scores(multiplicity[:, s]) for i, s in enumerate(slices)]
             # {metric: (K, R)}, NaN where a fold's resample lacks a class of its test set
             by_metric = {
-                metric: np.stack([np.where(c, scores[metric], np.nan) for c, scores in zip(covered, per_fold)])
+                metric: np.stack(
+                    [np.where(c, scores[metric], np.nan) for c, scores in zip(covered, per_fold, strict=True)]
+                )
                 for metric in METRICS
             }
             accuracy[m] = by_metric["accuracy"]
@@ -620,9 +622,9 @@ def comparison_statistics(
     pair_entries = []
     for a, b in pairs:
         right = {m: [(f.p[m] >= f.threshold[m]) == (f.y == 1) for f in folds] for m in (a, b)}
-        a_only = [int(np.sum(ra & ~rb)) for ra, rb in zip(right[a], right[b])]
-        b_only = [int(np.sum(~ra & rb)) for ra, rb in zip(right[a], right[b])]
-        fold_diffs = [float(ra.mean() - rb.mean()) for ra, rb in zip(right[a], right[b])]
+        a_only = [int(np.sum(ra & ~rb)) for ra, rb in zip(right[a], right[b], strict=True)]
+        b_only = [int(np.sum(~ra & rb)) for ra, rb in zip(right[a], right[b], strict=True)]
+        fold_diffs = [float(ra.mean() - rb.mean()) for ra, rb in zip(right[a], right[b], strict=True)]
         replicates = per_pair[a, b]
         p_value = bootstrap_p_value(replicates)
         pair_entries.append(
@@ -643,7 +645,7 @@ def comparison_statistics(
                 },
             }
         )
-    for entry, adjusted in zip(pair_entries, holm([e["p_value"] for e in pair_entries])):
+    for entry, adjusted in zip(pair_entries, holm([e["p_value"] for e in pair_entries]), strict=True):
         entry["p_value_holm"] = adjusted
         entry["significant"] = bool(adjusted < ALPHA)
 

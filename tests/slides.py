@@ -50,7 +50,7 @@ def write_pyramid_tiff(
 
     levels = [image if d == 1 else block_mean(image, d) for d in downsamples]
     with tifffile.TiffWriter(path) as writer:
-        for i, (d, level) in enumerate(zip(downsamples, levels)):
+        for i, (d, level) in enumerate(zip(downsamples, levels, strict=True)):
             extra = {"resolution": (1e4 / (mpp * d),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
             writer.write(
                 level,

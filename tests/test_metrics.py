@@ -33,8 +33,8 @@ def test_hand_computed_example():
     assert m["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
     assert m["benign_recall"] == pytest.approx(tn / (tn + fp))
     # AUC by counting ordered (malignant, benign) pairs: 21 of 24 pairs ranked right
-    pos = [pi for pi, yi in zip(p, y) if yi == 1]
-    neg = [pi for pi, yi in zip(p, y) if yi == 0]
+    pos = [pi for pi, yi in zip(p, y, strict=True) if yi == 1]
+    neg = [pi for pi, yi in zip(p, y, strict=True) if yi == 0]
     pairs = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
     assert m["roc_auc"] == pytest.approx(pairs / (len(pos) * len(neg)))
     assert m["threshold"] == 0.5

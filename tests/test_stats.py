@@ -187,7 +187,7 @@ def _hand_loop_bootstrap(preds: list[FoldPredictions], n_resamples: int, seed: i
     out = {"accuracy": [], "patient_accuracy": [], "roc_auc": []}
     by_class = {}
     for fp in preds:
-        for patient, label in zip(np.asarray(fp.patients), np.asarray(fp.y_true)):
+        for patient, label in zip(np.asarray(fp.patients), np.asarray(fp.y_true), strict=True):
             by_class.setdefault(int(label), set()).add(str(patient))
     by_class = [sorted(members) for members in by_class.values()]
     for _ in range(n_resamples):

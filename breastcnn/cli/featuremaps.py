@@ -94,7 +94,7 @@ def print_summary(summary: dict) -> None:
     table.add_column("file")
     files = list(summary["files"])
     table.add_row("input", files[0])
-    for layer, file in zip(summary["layers"], files[1:], strict=False):
+    for layer, file in zip(summary["layers"], files[1:], strict=True):
         table.add_row(f"feature maps {layer}", file)
     if summary.get("gradcam"):
         g = summary["gradcam"]

@@ -112,7 +112,7 @@ def slide(
     with contextlib.ExitStack() as stack:
         executor = stack.enter_context(connect(address)) if address else LocalExecutor()
         progress = stack.enter_context(make_progress(json_output))
-        for path, folder in zip(slides, folders):
+        for path, folder in zip(slides, folders, strict=True):
             task = progress.add_task(escape(path.name), total=None)
 
             def on_start(layout, task=task, path=path):

@@ -240,7 +240,7 @@ def class_weights(y: np.ndarray, mode: str | None = "balanced", num_classes: int
     present = np.unique(y)
     weights = compute_class_weight("balanced", classes=present, y=y)
     out = {c: 1.0 for c in range(num_classes)}
-    out.update({int(c): float(w) for c, w in zip(present, weights)})
+    out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
     return out
 
 
@@ -256,7 +256,7 @@ def oversample_indices(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     largest = counts.max()
     parts = []
-    for c, count in zip(classes, counts):
+    for c, count in zip(classes, counts, strict=True):
         idx = np.flatnonzero(y == c)
         extra = rng.choice(idx, size=largest - count, replace=True) if largest > count else idx[:0]
         parts.append(np.concatenate([idx, extra]))

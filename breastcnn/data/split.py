@@ -252,17 +252,19 @@ class _Coverage:
     def deficit(self, targets: list, filled: list, members: list, seen: list | None, k: int | None, ratios: list):
         """Per subset, how much the next group (of stratum ``k``) is wanted there (a list; the greedy pass
         takes the first max). Subsets with ratio 0 are never wanted."""
-        deficit = [(t - f) / max(t, 1e-9) if r > 0 else -math.inf for t, f, r in zip(targets, filled, ratios)]
+        deficit = [
+            (t - f) / max(t, 1e-9) if r > 0 else -math.inf for t, f, r in zip(targets, filled, ratios, strict=True)
+        ]
         # a subset still empty comes first, so that val/test see every class
         if self.need_all and any(members[w] == 0 for w in self.wanted_list):
-            deficit = [d + 1e6 if m == 0 and r > 0 else d for d, m, r in zip(deficit, members, ratios)]
+            deficit = [d + 1e6 if m == 0 and r > 0 else d for d, m, r in zip(deficit, members, ratios, strict=True)]
         if k is None:
             return deficit
-        lacking = [c == 0 and r > 0 for c, r in zip(seen[k], ratios)]
+        lacking = [c == 0 and r > 0 for c, r in zip(seen[k], ratios, strict=True)]
         if (
             len(self.wanted_list) - sum(lacking) < self.reach_list[k]
         ):  # ... and every subtype, where it has the patients
-            deficit = [d + 1e6 if lack else d for d, lack in zip(deficit, lacking)]
+            deficit = [d + 1e6 if lack else d for d, lack in zip(deficit, lacking, strict=True)]
             if self.small_list[k] and lacking[0]:
                 deficit[0] += 1e7  # too few for every subset: train sees it first
         return deficit

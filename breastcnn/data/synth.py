@@ -182,7 +182,7 @@ def plan(scale: float = DEFAULT_SCALE, mags: Sequence[str] = DEFAULT_MAGS) -> li
             group = [p for p in everyone if p.code == code]
             total = max(len(group), int(round(REAL_COUNTS[code][m] * scale)))
             counts = _share(total, weights[[p.index for p in group]])
-            for p, count in zip(group, counts):
+            for p, count in zip(group, counts, strict=True):
                 specs.extend(ImageSpec(p, mag, seq + 1) for seq in range(count))
     return specs
 
@@ -303,7 +303,7 @@ def _ellipses(draw: ImageDraw.ImageDraw, cx, cy, rx, ry, angle, fill) -> None:
     y = ry[:, None] * _POLY_SIN
     ca, sa = np.cos(angle)[:, None], np.sin(angle)[:, None]
     pts = np.stack([cx[:, None] + ca * x - sa * y, cy[:, None] + sa * x + ca * y], -1)  # (n, 14, 2)
-    for poly, value in zip(pts.reshape(len(pts), -1).tolist(), fill.tolist()):
+    for poly, value in zip(pts.reshape(len(pts), -1).tolist(), fill.tolist(), strict=True):
         draw.polygon(poly, fill=int(value))
 
 

@@ -435,7 +435,7 @@ def _nest(cv: Canvas, cx, cy, radius, aspect, angle, cap, halo=0.0, holes=0, kin
     cv.polygon("cyto", pts)
     hole_xy = star.inside(radius, holes, margin=0.6) if holes else np.zeros((0, 2))
     hole_r = rng.uniform(4, 8, holes) * cv.s
-    for (hx, hy), hr in zip(hole_xy, hole_r):
+    for (hx, hy), hr in zip(hole_xy, hole_r, strict=True):
         cv.ellipse("cyto", hx, hy, hr, hr, 0.0, fill=0)
         cv.ellipse("white", hx, hy, hr, hr, 0.0)
     rn = _NUCLEUS[kind][0] * cv.s

@@ -208,7 +208,7 @@ def from_keras(kmodel, meta: dict | None = None) -> Sequential:
             keys = [(layer.params, k) for k in ("W", "b") if k in layer.params]
         if len(weights) != len(keys):
             raise UserInputError(f"Keras layer {layer.name!r}: expected {len(keys)} weight arrays, got {len(weights)}")
-        for (store, key), w in zip(keys, weights):
+        for (store, key), w in zip(keys, weights, strict=True):
             if w.shape != store[key].shape:
                 raise UserInputError(
                     f"Keras layer {layer.name!r}: {key} has shape {w.shape}, expected {store[key].shape}"

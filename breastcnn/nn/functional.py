@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from itertools import pairwise
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -164,7 +165,7 @@ def matmul_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> 
     if parts <= 1:
         return np.matmul(a, b, out=out)
     bounds = [m * i // parts for i in range(parts + 1)]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in pairwise(bounds):
         np.matmul(a[lo:hi], b, out=out[lo:hi])
     return out
 

@@ -31,6 +31,8 @@ number of engine threads.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 from breastcnn.nn import functional as F
@@ -298,7 +300,7 @@ class PredictPlan:
 
     def __init__(self, steps: list[Step], input_shape: tuple):
         self.ops = compile_ops(steps)
-        for op, after in reversed(list(zip(self.ops, self.ops[1:]))):
+        for op, after in reversed(list(pairwise(self.ops))):
             if isinstance(op, ConvOp) and isinstance(after, ConvOp) and after.reads() is not None:
                 op.crop(*after.reads())  # skip outputs no later conv reads
                 op.hands_bias = True  # the next conv sees no padding: it can add this op's bias
@@ -343,7 +345,7 @@ class PredictPlan:
         k = self.image_ops
         if k:
             x = self._run_images(x, prepared)
-        for op, weights in zip(self.ops[k:], prepared[k:]):
+        for op, weights in zip(self.ops[k:], prepared[k:], strict=True):
             x = op.run(x, weights)
         return x
 
@@ -352,7 +354,7 @@ class PredictPlan:
 
         def chunk(a, b):
             h = x[a:b]
-            for op, w in zip(ops, weights):
+            for op, w in zip(ops, weights, strict=True):
                 h = op.run(h, w)
             return h
 

@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info
@@ -181,7 +182,7 @@ def chunk_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
     parts += parts % 2
     parts = min(parts, n)
     bounds = [n * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(pairwise(bounds))
 
 
 def map_chunks(fn: Callable[[int, int], object], n: int, chunk: int) -> list:

@@ -123,7 +123,8 @@ class TrainState:
         """Put the recorded generator states back into ``rngs`` and ``model``'s dropout layers."""
         for name, rng in rngs.items():
             rng.bit_generator.state = self.rngs[name]
-        for layer, rng_state in zip(dropout_layers(model), self.dropout_rngs):
+        # a checkpoint from before dropout states were recorded has none: those layers keep their seeds
+        for layer, rng_state in zip(dropout_layers(model), self.dropout_rngs, strict=False):
             layer.rng.bit_generator.state = rng_state
 
 

@@ -240,9 +240,9 @@ def analyse_slide(
         with atomic_write(out_dir / TILES_CSV, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(TILE_COLUMNS)
-            for batch, probs in zip(batches, executor.map(classify_tile_batch, tasks)):
+            for batch, probs in zip(batches, executor.map(classify_tile_batch, tasks), strict=True):
                 grid[batch] = probs
-                for (x, y), p in zip(plan.origins(batch), probs):
+                for (x, y), p in zip(plan.origins(batch), probs, strict=True):
                     label = CLASSES[int(p >= settings.threshold)]
                     malignant += label == CLASSES[1]
                     writer.writerow(

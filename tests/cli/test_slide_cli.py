@@ -26,7 +26,7 @@ def _tiles(folder):
     text = (folder / "tiles.csv").read_text()
     rows = list(csv.reader(io.StringIO(text)))
     assert rows[0] == HEADER
-    return [dict(zip(HEADER, r)) for r in rows[1:]]
+    return [dict(zip(HEADER, r, strict=True)) for r in rows[1:]]
 
 
 @pytest.mark.slow  # a whole pyramid (1.6 s)

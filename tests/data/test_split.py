@@ -41,7 +41,7 @@ def test_patient_split_is_disjoint_stratified_and_close_to_ratios():
     assert all(len(s) == 1 for s in subsets_of.values())  # no patient in two subsets
     for label in ("benign", "malignant"):
         part = [r for r in rows if r.label == label]
-        for subset, ratio in zip(("train", "val", "test"), (0.8, 0.1, 0.1)):
+        for subset, ratio in zip(("train", "val", "test"), (0.8, 0.1, 0.1), strict=True):
             share = sum(r.split == subset for r in part) / len(part)
             assert abs(share - ratio) < 0.03, (label, subset, share)
             assert any(r.split == subset for r in part)  # every subset sees every class

@@ -207,11 +207,11 @@ def test_every_subset_gets_every_subtype_and_ratios_hold(mags, seed):
     for subset in ("val", "test"):
         assert 0.1 <= sum(r.split == subset for r in benign) / len(benign) < 0.115
     malignant = [r for r in rows if r.label == "malignant"]
-    for subset, ratio in zip(SUBSETS, (0.8, 0.1, 0.1)):
+    for subset, ratio in zip(SUBSETS, (0.8, 0.1, 0.1), strict=True):
         assert abs(sum(r.split == subset for r in malignant) / len(malignant) - ratio) < 0.002
     for m in mags:  # a patient's magnifications travel together; each magnification is still split ~80/10/10
         at = [r for r in rows if r.magnification == m]
-        for subset, ratio in zip(SUBSETS, (0.8, 0.1, 0.1)):
+        for subset, ratio in zip(SUBSETS, (0.8, 0.1, 0.1), strict=True):
             assert abs(sum(r.split == subset for r in at) / len(at) - ratio) < 0.015
 
 

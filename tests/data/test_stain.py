@@ -458,7 +458,7 @@ def test_hed_jitter_keeps_white_white(he_tiles):
 def _recover_jitter(before: np.ndarray, after: np.ndarray, background_od: float) -> tuple[np.ndarray, np.ndarray]:
     """Per image and channel, least-squares ``hed_after = a * hed_before + b`` over unclipped tissue pixels."""
     alphas, betas = [], []
-    for x, y in zip(before, after):
+    for x, y in zip(before, after, strict=True):
         x, y = x.reshape(-1, 3), y.reshape(-1, 3)
         use = stain.tissue_mask(x, background_od) & (x.min(1) >= 2) & (y.min(1) >= 2) & (y.max(1) <= 253)
         hx, hy = rgb_to_hed(x[use]).astype(np.float64), rgb_to_hed(y[use]).astype(np.float64)

@@ -31,7 +31,7 @@ def test_patients_match_real_counts_and_small_scales_keep_everyone():
         for mag in ("40X", "200X"):
             assert len({s.patient.index for s in specs if s.magnification == mag}) == 82
     assert len(synth.plan(0.5, ("200X",))) == sum(
-        max(n, round(c[2] * 0.5)) for n, c in zip(synth.REAL_PATIENTS.values(), synth.REAL_COUNTS.values())
+        max(n, round(c[2] * 0.5)) for n, c in zip(synth.REAL_PATIENTS.values(), synth.REAL_COUNTS.values(), strict=True)
     )
 
 

@@ -58,13 +58,15 @@ def test_same_gradients_in_training_mode(keras):
     variables, keys = [], []
     for i, layer in enumerate(model.layers):
         kl = kmodel.get_layer(layer.name)
-        for key, var in zip([k for k in ("W", "b", "gamma", "beta") if k in layer.params], kl.trainable_weights):
+        for key, var in zip(
+            [k for k in ("W", "b", "gamma", "beta") if k in layer.params], kl.trainable_weights, strict=True
+        ):
             variables.append(var)
             keys.append(f"layers.{i}.{key}")
     k_grads = tape.gradient(k_loss, variables)
     assert loss == pytest.approx(float(k_loss), rel=1e-4)
     assert set(keys) == set(ours)
-    k_grads = {key: g.numpy() for key, g in zip(keys, k_grads)}
+    k_grads = {key: g.numpy() for key, g in zip(keys, k_grads, strict=True)}
     # conv biases before a training-mode BN have a true gradient of 0 (BN removes the mean): compare them
     # on the scale of their layer's kernel gradient, everything else on its own scale
     for key, g in k_grads.items():

@@ -89,9 +89,9 @@ def test_fused_equals_unfused(training, frozen_bn, big, dtype, monkeypatch):
         _close(out_f, out_p, dtype)
         _close(dx_f, dx_p, dtype)
         grad_scale = max((float(np.abs(v).max()) for v in plain.gradients().values()), default=1.0)
-        for (k, a), (_, b) in zip(fused.gradients().items(), plain.gradients().items()):
+        for (k, a), (_, b) in zip(fused.gradients().items(), plain.gradients().items(), strict=True):
             _close(a, b, dtype, scale=grad_scale, err_msg=k)
-        for (k, a), (_, b) in zip(fused.buffers().items(), plain.buffers().items()):
+        for (k, a), (_, b) in zip(fused.buffers().items(), plain.buffers().items(), strict=True):
             _close(a, b, dtype, err_msg=k)
     assert [layer.get_config() for layer in fused.layers] == [layer.get_config() for layer in plain.layers]
 
@@ -128,12 +128,12 @@ def test_fused_forward_leaves_caches_for_the_separate_backward():
         gs = np.broadcast_to(gs, (3, *gs.shape)).copy()
         _close(fused.backward(gs, start=start, stop=stop), plain.backward(gs, start=start, stop=stop), np.float32)
         grad_scale = max((float(np.abs(v).max()) for v in plain.gradients().values()), default=1.0)
-        for (k, a), (_, b) in zip(fused.gradients().items(), plain.gradients().items()):
+        for (k, a), (_, b) in zip(fused.gradients().items(), plain.gradients().items(), strict=True):
             _close(a, b, np.float32, scale=grad_scale, err_msg=k)
     acts_f = fused.activations(x, training=False)
     acts_p = plain.activations(x, training=False)
     assert len(acts_f) == len(fused.layers)
-    for a, b in zip(acts_f, acts_p):  # moving statistics differ by rounding (training step above)
+    for a, b in zip(acts_f, acts_p, strict=True):  # moving statistics differ by rounding (training step above)
         _close(a, b, np.float32)
 
 

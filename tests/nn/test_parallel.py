@@ -2,6 +2,7 @@
 bit-identical results for any thread count (fixed chunking, partials summed in chunk order)."""
 
 import threading
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_map_chunks_order_threads_and_errors():
 def test_chunk_ranges_cover_everything_in_even_balanced_parts(n, chunk):
     ranges = P.chunk_ranges(n, chunk)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))  # contiguous, in order
+    assert all(b == c for (_, b), (c, _) in pairwise(ranges))  # contiguous, in order
     sizes = [b - a for a, b in ranges]
     assert max(sizes) <= chunk and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     assert len(ranges) % 2 == 0 or len(ranges) == n
@@ -217,7 +218,7 @@ def test_conv_batch_in_one_chunk_is_split_in_two_deterministically():
             dx = conv.backward(g)
         results.append((out, dx, conv.grads["W"].copy(), conv.grads["b"].copy()))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(
         results[0][0], F.conv2d_reference(x, conv.params["W"], conv.params["b"], 2), rtol=1e-4, atol=1e-4

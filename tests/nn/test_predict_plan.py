@@ -347,7 +347,7 @@ def _logits(m, x):
     """The plan's output before its final Softmax (probabilities saturate), checked against the layers."""
     plan = m.predict_plan()
     out = x
-    for op, weights in zip(plan.ops[:-1], plan.prepare(m.dtype)[:-1]):
+    for op, weights in zip(plan.ops[:-1], plan.prepare(m.dtype)[:-1], strict=True):
         out = op.run(out, weights)
     np.testing.assert_allclose(
         out, _reference(m, x, m.logits_index + 1), rtol=1e-4, atol=1e-5 * float(np.abs(out).max())
