@@ -201,8 +201,8 @@ def test_nan_loss_stops_with_message_and_keeps_best_model(
 
     def exploding_step(model, xb, yb, class_weights):
         calls["n"] += 1
-        loss, accuracy = real_step(model, xb, yb, class_weights)
-        return (float("nan") if calls["n"] == 5 else loss), accuracy
+        scores = real_step(model, xb, yb, class_weights)
+        return scores._replace(loss=float("nan")) if calls["n"] == 5 else scores
 
     monkeypatch.setattr(loop, "train_step", exploding_step)
     out = tmp_path / "run"

@@ -17,7 +17,7 @@ from breastcnn.nn.layers import (
     layer_from_config,
 )
 from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
-from breastcnn.nn.model import Sequential
+from breastcnn.nn.model import Sequential, StepResult
 from breastcnn.nn.optim import SGD, Adam, optimizer_from_state
 from breastcnn.nn.parallel import blas_threads
 from breastcnn.nn.schedules import BestScore, CosineDecay, EarlyStopping, ReduceOnPlateau, StepDecay
@@ -39,6 +39,7 @@ __all__ = [
     "layer_from_config",
     "WeightedSoftmaxCrossEntropy",
     "Sequential",
+    "StepResult",
     "SGD",
     "Adam",
     "optimizer_from_state",

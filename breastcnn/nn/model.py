@@ -20,7 +20,7 @@ The layer list is compiled into steps (``nn/steps.py``: Conv2D + BatchNorm (+ Re
 BatchNorm (+ ReLU), single layers) for each range of layers a pass runs; the plans
 are kept and compiled again when the layer list or ``fuse`` changes.
 
-Threads: ``predict``, ``compute_gradients`` and ``train_on_batch`` run with this
+Threads: ``predict``, ``compute_gradients``, ``train_step`` and ``train_on_batch`` run with this
 model's ``threads`` engine threads (None: all available cores) and ``blas_threads``
 BLAS threads (1; None: the process setting); ``forward``/``backward`` run with the
 caller's ``engine_threads`` setting.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,6 +61,21 @@ _DEFAULT_NAMES = {
 
 def _snake(name: str) -> str:
     return _DEFAULT_NAMES.get(name) or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().replace("2_d", "2d")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step computed (:meth:`Sequential.train_step`).
+
+    ``loss``: the compiled loss plus ``l2_penalty`` (what the gradient follows);
+    ``logits`` ``(N, C)``: the forward pass's logits (training mode), for batch
+    scores without a second forward pass (read them before the model's next pass:
+    the engine may reuse the array).
+    """
+
+    loss: float
+    l2_penalty: float
+    logits: np.ndarray
 
 
 class Sequential:
@@ -304,6 +320,9 @@ class Sequential:
 
     def compute_gradients(self, x, y, class_weights=None, training: bool = True) -> float:
         """Forward + loss + backward (gradients include the L2 term); returns the loss (incl. L2)."""
+        return self._forward_backward(x, y, class_weights, training).loss
+
+    def _forward_backward(self, x, y, class_weights, training: bool) -> StepResult:
         if self.loss is None:
             self.compile()
         # Everything inside the BLAS limit, the L2 penalty's dot products too: a BLAS call made with the
@@ -313,22 +332,28 @@ class Sequential:
             logits = self.logits(x, training=training)
             loss, grad_logits = self.loss(logits, y, class_weights)
             self.backward(grad_logits, need_input_grad=False)
+            penalty = 0.0
             if self.l2:
                 for layer in self.layers:
                     if layer.trainable:
                         for key in layer.regularized:
                             layer.grads[key] += (2.0 * self.l2) * layer.params[key]
-                loss += self.l2_penalty()
-        return loss
+                penalty = self.l2_penalty()
+                loss += penalty
+        return StepResult(loss=float(loss), l2_penalty=float(penalty), logits=logits)
+
+    def train_step(self, x, y, class_weights=None) -> StepResult:
+        """One optimizer step on (x (N, *input_shape) float32, y (N,) int): its loss, L2 penalty and logits."""
+        if self.optimizer is None:
+            self.compile()
+        result = self._forward_backward(x, y, class_weights, training=True)
+        with blas_threads(self.blas_threads), engine_threads(resolve_jobs(self.threads)):
+            self.optimizer.step(self.parameters(), self.gradients())
+        return result
 
     def train_on_batch(self, x, y, class_weights=None) -> float:
         """One optimizer step on (x (N, *input_shape) float32, y (N,) int); returns the loss incl. L2."""
-        if self.optimizer is None:
-            self.compile()
-        loss = self.compute_gradients(x, y, class_weights)
-        with blas_threads(self.blas_threads), engine_threads(resolve_jobs(self.threads)):
-            self.optimizer.step(self.parameters(), self.gradients())
-        return loss
+        return self.train_step(x, y, class_weights).loss
 
     # -- parameters -----------------------------------------------------------
     def parameters(self) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,51 +56,31 @@ from breastcnn.training.data import TrainData
 from breastcnn.training.state import TrainState
 
 
-class RecordingLoss:
-    """Wraps the model's loss to record batch scores from the logits it already computes.
+class BatchScores(NamedTuple):
+    """One training step's numbers for the history: ``loss`` (class-weighted cross-entropy + L2, what the
+    gradient follows), ``accuracy`` (training mode), ``data_loss`` (unweighted cross-entropy, the definition
+    of ``val_loss``) and ``l2_penalty``."""
 
-    ``Sequential.train_on_batch`` returns only the loss (class-weighted
-    cross-entropy + L2 penalty); this avoids a second forward pass for the
-    running training accuracy and keeps the parts of that loss apart:
-    ``last_loss`` (class-weighted cross-entropy, what the gradient follows) and
-    ``last_data_loss`` (unweighted cross-entropy, the definition of ``val_loss``).
-    """
-
-    def __init__(self, loss):
-        self.loss = loss
-        self.last_accuracy = float("nan")
-        self.last_loss = float("nan")
-        self.last_data_loss = float("nan")
-
-    def __call__(self, logits, y, class_weights=None):
-        y = np.asarray(y)
-        self.last_accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        self.last_data_loss = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(y.size), y]))
-        loss, grad = self.loss(logits, y, class_weights)
-        self.last_loss = float(loss)
-        return loss, grad
-
-    def get_config(self) -> dict:
-        return self.loss.get_config()
+    loss: float
+    accuracy: float
+    data_loss: float
+    l2_penalty: float
 
 
 def compile_model(model, optimizer, l2: float) -> None:
-    """Compile ``model`` for this loop: weighted softmax cross-entropy (recorded), ``optimizer``, L2 factor."""
-    model.compile(optimizer=optimizer, loss=RecordingLoss(WeightedSoftmaxCrossEntropy()), l2=l2)
+    """Compile ``model`` for this loop: weighted softmax cross-entropy, ``optimizer``, L2 factor."""
+    model.compile(optimizer=optimizer, loss=WeightedSoftmaxCrossEntropy(), l2=l2)
 
 
-def train_step(model, xb: np.ndarray, yb: np.ndarray, class_weights) -> tuple[float, float]:
-    """One optimizer step; returns the batch loss (incl. L2) and the batch accuracy (training mode)."""
-    loss = model.train_on_batch(xb, yb, class_weights=class_weights)
-    return float(loss), getattr(model.loss, "last_accuracy", float("nan"))
-
-
-def loss_parts(model, loss: float) -> tuple[float, float]:
-    """``(data_loss, l2_penalty)`` of the step that returned ``loss`` (see :class:`RecordingLoss`)."""
-    recorder = model.loss
-    return recorder.last_data_loss, loss - recorder.last_loss
+def train_step(model, xb: np.ndarray, yb: np.ndarray, class_weights) -> BatchScores:
+    """One optimizer step; its scores from the logits the step computed (no second forward pass)."""
+    step = model.train_step(xb, yb, class_weights=class_weights)
+    y = np.asarray(yb)
+    accuracy = float(np.mean(np.argmax(step.logits, axis=1) == y))
+    z = step.logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    data_loss = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(y.size), y]))
+    return BatchScores(step.loss, accuracy, data_loss, step.l2_penalty)
 
 
 class DeferredInterrupt:
@@ -280,8 +261,7 @@ class TrainingLoop:
         xb = preprocess(xb, config.preprocess)
         yb = self.data.y_train[idx]
         t1 = time.perf_counter()
-        loss, accuracy = train_step(self.model, xb, yb, self.class_weights)
-        data_loss, l2_penalty = loss_parts(self.model, loss)
+        loss, accuracy, data_loss, l2_penalty = train_step(self.model, xb, yb, self.class_weights)
         self.timing["data_s"] += t1 - t0
         self.timing["step_s"] += time.perf_counter() - t1
         if not math.isfinite(loss):

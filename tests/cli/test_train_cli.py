@@ -107,7 +107,7 @@ def test_resume_of_a_finished_run_has_nothing_to_do(tmp_path, small, synth_split
 def test_nan_loss_exits_1_with_a_clear_message(tmp_path, monkeypatch, small, synth_split):
     from breastcnn.training import loop
 
-    monkeypatch.setattr(loop, "train_step", lambda *args: (float("inf"), 0.5))
+    monkeypatch.setattr(loop, "train_step", lambda *args: loop.BatchScores(float("inf"), 0.5, float("inf"), 0.0))
     split = synth_split
     result = _run(["train", "--split", str(split), "--out", str(tmp_path / "run"), *small])
     assert result.exit_code == 1

@@ -3,7 +3,8 @@ import pytest
 
 from breastcnn.errors import UserInputError
 from breastcnn.models import create_model
-from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax
+from breastcnn.nn import BatchNorm, Conv2D, Dense, Flatten, ReLU, Sequential, Softmax, StepResult
+from breastcnn.nn.losses import WeightedSoftmaxCrossEntropy
 from tests.nn.gradcheck import assert_close_grads, numeric_grad, sample_indices
 
 
@@ -92,6 +93,34 @@ def test_train_on_batch_reduces_loss_and_is_deterministic():
     assert losses == losses2
     for k in w1:
         np.testing.assert_array_equal(w1[k], w2[k])
+
+
+def test_train_step_reports_its_loss_parts_and_logits_and_steps_like_train_on_batch():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 51, 51, 3)).astype(np.float32) * 30
+    y = np.array([0, 1, 1, 0, 1, 1])
+    weights = np.array([1.5, 0.75])
+
+    def fresh():
+        model = create_model("custom", input_shape=(51, 51, 3), seed=2)
+        model.compile(l2=0.01)
+        return model
+
+    reference = fresh()
+    logits = reference.logits(x, training=True)  # what the step's forward pass computes
+    data_loss, _ = WeightedSoftmaxCrossEntropy()(logits, y, weights)
+    penalty = reference.l2_penalty()
+
+    model = fresh()
+    step = model.train_step(x, y, class_weights=weights)
+    assert isinstance(step, StepResult) and step.l2_penalty > 0
+    np.testing.assert_array_equal(step.logits, logits)
+    assert step.l2_penalty == penalty and step.loss == float(data_loss) + penalty
+
+    other = fresh()
+    assert other.train_on_batch(x, y, class_weights=weights) == step.loss
+    for key, value in model.get_weights().items():
+        np.testing.assert_array_equal(value, other.get_weights()[key])
 
 
 def test_batchnorm_moving_statistics_follow_keras_rule():
