@@ -284,11 +284,10 @@ def compile_ops(steps: list[Step]) -> list[Op]:
     return ops
 
 
-#: working set per chunk of images in the depth-first part (the first conv's input and output of a 224x224
-#: image are ~1 MB: one image per chunk, which stays in a 1-2 MB L2 cache)
-_CHUNK_BYTES = 1 << 20
-#: a batch that fits one chunk is still cut in two (one part per engine thread) from this working set on
-_SPLIT_BYTES = 1 << 18
+#: working set per chunk of images in the depth-first part: 4 images of the custom model at 224 px. Measured
+#: on the 2-core machine (batches 2-64 at 64 and 224 px, 1 and 2 threads), 1 MiB (one image per chunk) was
+#: 20-45% slower from batch 8 on: per chunk, each op pays its call overheads and runs smaller GEMMs.
+_CHUNK_BYTES = 4 << 20
 
 
 class PredictPlan:
@@ -361,9 +360,9 @@ class PredictPlan:
         n = x.shape[0]
         size = self.chunk
         if n <= size:
-            if n < 2 or n * self.per_image < _SPLIT_BYTES:
-                return chunk(0, n)
-            size = -(-n // 2)  # a batch that fits one chunk but is not tiny: two, one per engine thread
+            # one chunk: a batch this small is done before a second thread has woken up (measured: cutting
+            # 2-4 images at 224 px, or 4-32 at 64 px, in two for two threads was slower than one thread)
+            return chunk(0, n)
         out = np.empty((n, *ops[-1].output_shape), x.dtype)
 
         def write(a, b):

@@ -139,10 +139,11 @@ def test_missing_split_and_bad_options_exit_2(trained, tmp_path):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_reach_the_engine_in_evaluate_and_predict(trained, tmp_path, monkeypatch, threads):
     """--threads N: the NumPy engine's own chunk bookkeeping shows N threads (chunks forced small)."""
-    from breastcnn.nn import layers
+    from breastcnn.nn import inference, layers
     from breastcnn.nn.parallel import observe_chunks
 
-    monkeypatch.setattr(layers, "chunk_size", lambda bytes_per_sample, budget=0: 1)
+    for module in (layers, inference):  # training layers and the predict plan
+        monkeypatch.setattr(module, "chunk_size", lambda bytes_per_sample, budget=0: 1)
     split, run_dir = trained
     run = shutil.copytree(run_dir, tmp_path / "run")
     with observe_chunks() as log:

@@ -114,7 +114,7 @@ def test_custom_model_plan():
     assert (conv1.size, conv1.output_shape) == ((53, 53), (53, 53, 16))
     assert conv3.size == (6, 6)
     assert [op.hands_bias for op in plan.ops[:3]] == [True, True, False]  # conv3 feeds Dense, not a conv
-    assert plan.image_ops == 3 and plan.chunk == 1  # one 224x224 image per chunk
+    assert plan.image_ops == 3 and plan.chunk == 4  # four 224x224 images per chunk
     assert m.predict_plan() is plan  # compiled once, kept
 
 
@@ -298,17 +298,23 @@ def test_predict_is_bit_identical_for_1_and_2_threads(monkeypatch):
     np.testing.assert_array_equal(m.predict(x, batch_size=3, jobs=2), m.predict(x, batch_size=3, jobs=1))
 
 
-def test_a_batch_that_fits_one_chunk_is_still_cut_in_two():
+def test_a_batch_that_fits_one_chunk_runs_as_one_and_a_larger_one_on_both_threads():
     m = create_model("custom", input_shape=(64, 64, 3), seed=0)
     m.threads = 2
     x = np.zeros((8, 64, 64, 3), np.float32)
-    with P.observe_chunks() as log:
-        m.predict(x[:1], batch_size=1)
-    assert log.calls == 0  # one image: no chunk bookkeeping
     assert m.predict_plan().chunk >= 8
     with P.observe_chunks() as log:
+        m.predict(x[:1], batch_size=1)
         m.predict(x, batch_size=8)
-    assert log.calls == 1 and log.max_threads == 2
+    assert log.calls == 0  # no chunk bookkeeping: done before a second thread would wake up
+    big = create_model("custom", input_shape=(224, 224, 3), seed=0)
+    big.threads = 2
+    images = np.random.default_rng(0).normal(0, 50, size=(8, 224, 224, 3)).astype(np.float32)
+    with P.observe_chunks() as log:
+        both = big.predict(images, batch_size=8)
+    assert big.predict_plan().chunk == 4 and log.calls == 1 and log.max_threads == 2
+    big.threads = 1
+    np.testing.assert_array_equal(big.predict(images, batch_size=8), both)  # the chunks do not depend on threads
 
 
 # -- the folded weights are kept while their sources stay the same ----------------------------------------------------
