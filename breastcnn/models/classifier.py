@@ -10,10 +10,12 @@ classifiers do) and branch on ``spec.capabilities``, not on names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from breastcnn.errors import UserInputError
 from breastcnn.models.spec import CAPABILITIES, Capabilities, ModelSpec
 
 
@@ -76,4 +78,35 @@ def model_spec(model) -> ModelSpec:
     )
 
 
-__all__ = ["Classifier", "capabilities", "framework_of", "model_source", "model_spec"]
+def predict_in_batches(
+    x,
+    *,
+    input_shape: tuple,
+    num_classes: int,
+    batch_size: int,
+    run: Callable[[np.ndarray], np.ndarray],
+    progress: Callable[[int], None] | None = None,
+    what: str = "model",
+) -> np.ndarray:
+    """float32 ``(N, num_classes)`` of ``x`` ``(N, *input_shape)`` by ``run(batch)`` on float32 C-contiguous
+    batches of ``batch_size``, ``progress(n)`` after each: the batching of the Keras and ONNX classifiers.
+
+    A wrong image shape or batch size is a ``UserInputError`` naming ``what`` and the shapes.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise UserInputError(
+            f"{what} expects images of shape (N, {', '.join(map(str, input_shape))}), received {tuple(x.shape)}"
+        )
+    if batch_size < 1:
+        raise UserInputError(f"batch_size must be >= 1, received {batch_size}")
+    out = np.empty((x.shape[0], num_classes), dtype=np.float32)
+    for start in range(0, x.shape[0], batch_size):
+        batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        out[start : start + len(batch)] = run(batch)
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+__all__ = ["Classifier", "capabilities", "framework_of", "model_source", "model_spec", "predict_in_batches"]

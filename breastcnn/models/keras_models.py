@@ -38,7 +38,7 @@ import numpy as np
 from breastcnn import __version__
 from breastcnn.errors import MissingDependencyError, UserInputError
 from breastcnn.fsutil import atomic_write_json, default_mode
-from breastcnn.models.classifier import model_spec
+from breastcnn.models.classifier import model_spec, predict_in_batches
 from breastcnn.models.convert import from_keras, to_keras
 from breastcnn.models.registry import create_model, list_models
 from breastcnn.models.spec import DEFAULT_INPUT_SHAPE, DEFAULT_PREPROCESS, ModelSpec, default_classes
@@ -255,22 +255,16 @@ class KerasClassifier:
         Returns:
             float32 ``(N, num_classes)``.
         """
-        x = np.asarray(x)
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise UserInputError(
-                f"{self.meta.get('arch', 'keras')} model expects images of shape "
-                f"(N, {', '.join(map(str, self.input_shape))}), received {tuple(x.shape)}"
-            )
-        if batch_size < 1:
-            raise UserInputError(f"batch_size must be >= 1, received {batch_size}")
         infer = self._inference_fn()
-        out = np.empty((x.shape[0], self.output_shape[-1]), dtype=np.float32)
-        for start in range(0, x.shape[0], batch_size):
-            batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-            out[start : start + len(batch)] = infer(batch).numpy()
-            if progress is not None:
-                progress(len(batch))
-        return out
+        return predict_in_batches(
+            x,
+            input_shape=self.input_shape,
+            num_classes=self.output_shape[-1],
+            batch_size=batch_size,
+            run=lambda batch: infer(batch).numpy(),
+            progress=progress,
+            what=f"{self.meta.get('arch', 'keras')} model",
+        )
 
     # -- introspection ---------------------------------------------------------------
 

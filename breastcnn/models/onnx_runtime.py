@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from breastcnn.errors import MissingDependencyError, UserInputError
+from breastcnn.models.classifier import predict_in_batches
 from breastcnn.models.onnx_export import (
     FORMAT,
     FORMAT_VERSION,
@@ -280,21 +281,15 @@ class OnnxClassifier:
         Returns:
             float32 ``(N, num_classes)``.
         """
-        x = np.asarray(x)
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise UserInputError(
-                f"{self.meta.get('arch', 'onnx')} ONNX model expects images of shape "
-                f"(N, {', '.join(map(str, self.input_shape))}), received {tuple(x.shape)}"
-            )
-        if batch_size < 1:
-            raise UserInputError(f"batch_size must be >= 1, received {batch_size}")
-        out = np.empty((x.shape[0], *self.output_shape), dtype=np.float32)
-        for start in range(0, x.shape[0], batch_size):
-            batch = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-            out[start : start + len(batch)] = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-            if progress is not None:
-                progress(len(batch))
-        return out
+        return predict_in_batches(
+            x,
+            input_shape=self.input_shape,
+            num_classes=self.output_shape[-1],
+            batch_size=batch_size,
+            run=lambda batch: self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0],
+            progress=progress,
+            what=f"{self.meta.get('arch', 'onnx')} ONNX model",
+        )
 
     def count_params(self) -> dict:
         """``{"trainable", "non_trainable"}`` of the source model (recorded at export; folding merges BN)."""

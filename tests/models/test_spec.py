@@ -16,7 +16,7 @@ import breastcnn
 from breastcnn.data.images import preprocess
 from breastcnn.errors import UserInputError
 from breastcnn.models import Classifier, ModelSpec, create_model, list_models, load_model, model_spec, save_model
-from breastcnn.models.classifier import capabilities
+from breastcnn.models.classifier import capabilities, predict_in_batches
 from breastcnn.models.io import NumpyClassifier
 from breastcnn.models.registry import model_framework, register_model
 from breastcnn.models.spec import CAPABILITIES, DEFAULT_IMAGE_SIZE, default_classes
@@ -291,3 +291,25 @@ def test_save_model_is_the_only_save_path_of_a_numpy_model(tmp_path):
 
 def test_the_default_image_size_is_the_registry_default():
     assert create_model("custom").spec.image_size == DEFAULT_IMAGE_SIZE == 224
+
+
+def test_predict_in_batches_checks_the_input_and_reports_progress():
+    seen = []
+
+    def run(batch):
+        assert batch.dtype == np.float32 and batch.flags.c_contiguous
+        seen.append(len(batch))
+        return np.stack([batch.mean(axis=(1, 2, 3)), -batch.mean(axis=(1, 2, 3))], axis=1)
+
+    x = np.arange(5 * 2 * 2 * 3, dtype=np.float64).reshape(5, 2, 2, 3)
+    advanced = []
+    out = predict_in_batches(x, input_shape=(2, 2, 3), num_classes=2, batch_size=2, run=run, progress=advanced.append)
+    assert out.dtype == np.float32 and out.shape == (5, 2)
+    np.testing.assert_allclose(out[:, 0], x.mean(axis=(1, 2, 3)))
+    assert seen == advanced == [2, 2, 1]
+    with pytest.raises(
+        UserInputError, match=r"^vgg16 model expects images of shape \(N, 2, 2, 3\), received \(5, 2, 3\)"
+    ):
+        predict_in_batches(x[:, 0], input_shape=(2, 2, 3), num_classes=2, batch_size=2, run=run, what="vgg16 model")
+    with pytest.raises(UserInputError, match="batch_size must be >= 1, received 0"):
+        predict_in_batches(x, input_shape=(2, 2, 3), num_classes=2, batch_size=0, run=run)
