@@ -31,10 +31,14 @@ SYNTH_IMAGE_SIZE = 64  # every training on the session split uses it, so its ima
 def pytest_collection_modifyitems(config, items):
     """A test that uses TensorFlow (the ``keras`` fixture, directly or through another fixture) gets the
     ``keras`` mark and the ``slow`` mark: importing TensorFlow alone takes seconds, so the fast loop
-    ``pytest -m "not slow"`` leaves TensorFlow out altogether (``pytest -m keras`` runs only those)."""
+    ``pytest -m "not slow"`` leaves TensorFlow out altogether (``pytest -m keras`` runs only those).
+    A user of ``tests/test_cluster.py``'s ``cluster`` fixture (a LocalCluster) is slow too."""
     for item in items:
-        if "keras" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "keras" in fixtures:
             item.add_marker(pytest.mark.keras)
+            item.add_marker(pytest.mark.slow)
+        if "cluster" in fixtures:  # a dask LocalCluster with 2 worker processes: seconds to start
             item.add_marker(pytest.mark.slow)
 
 

@@ -201,6 +201,7 @@ def test_onnx_model_file_is_timed_without_a_train_step(onnxruntime, tmp_path):
 
 
 # ------------------------------------------------------------ issue 16: caps, defaults, progress, slow batches
+@pytest.mark.slow  # sleeps (0.55 s)
 def test_time_calls_budget_includes_warm_up_after_the_first_call():
     ticks = []
     times = bench.time_calls(

@@ -117,6 +117,7 @@ def test_resolve_fills_from_the_recipe_and_overrides_single_values():
 # --------------------------------------------------------------------------- training runs
 
 
+@pytest.mark.slow  # (0.55 s)
 def test_report_recipe_reproduces_the_old_lr_column_and_records_the_recipe(split_dir, tmp_path):
     """The report's schedule: 20 evaluations per epoch, x0.8 every 5 evaluations from 0.01, patience 10 evaluations."""
     from breastcnn.runs import read_history
@@ -193,6 +194,7 @@ def test_default_recipe_never_stops_within_30_percent_and_stops_by_epochs(split_
     assert stop == positions[-1]
 
 
+@pytest.mark.slow  # (0.55 s)
 def test_new_monitors_select_the_best_model_and_history_separates_l2(split_dir, tmp_path, small_config):
     from breastcnn.runs import HISTORY_COLUMNS, read_history
     from breastcnn.training.numpy_run import run_training
@@ -276,6 +278,7 @@ def test_a_model_that_cannot_learn_ends_with_a_one_class_warning(split_dir, synt
     assert [w[:7] for w in folds["warnings"]] == ["fold 1:", "fold 1:", "fold 2:", "fold 2:"]
 
 
+@pytest.mark.slow  # (0.6 s)
 def test_a_model_that_learns_has_no_warning(split_dir, tmp_path, small_config):
     from breastcnn.training.numpy_run import run_training
 

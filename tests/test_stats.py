@@ -444,6 +444,7 @@ def test_mcnemar_pools_discordant_pairs_over_folds():
 
 
 @pytest.mark.parametrize("overlapping", [False, True], ids=["disjoint", "overlapping"])
+@pytest.mark.slow  # bootstraps of random comparisons (0.5-0.65 s each)
 def test_ci_and_p_value_agree_on_random_comparisons(overlapping):
     seen = set()
     for seed in range(12):

@@ -155,6 +155,7 @@ def test_same_seed_gives_identical_weights_and_resume_ends_the_same(split_dir, t
     assert not np.array_equal(final_weights(tmp_path / "a")["layers.0.W"], final_weights(tmp_path / "d")["layers.0.W"])
 
 
+@pytest.mark.slow  # (0.75 s)
 def test_early_stopping_really_stops_and_lr_decay_spans_epochs(split_dir, tmp_path, small_config):
     from breastcnn.runs import read_history
     from breastcnn.training.numpy_run import run_training
@@ -232,6 +233,7 @@ def test_class_weights_and_l2_change_training(split_dir, tmp_path, final_weights
     )
 
 
+@pytest.mark.slow  # two trainings on the k-fold split (2.6 s)
 def test_kfold_split_trains_one_model_per_fold(tmp_path, small_config, synth_kfold_split):
     from breastcnn.training.numpy_run import run_training
 
@@ -274,6 +276,7 @@ def test_threads_reach_the_engine_and_resume_takes_them_from_the_command(
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
 
 
+@pytest.mark.slow  # (0.55 s)
 def test_finetune_numpy_freezes_layers(split_dir, tmp_path, small_config):
     from breastcnn.models import load_model
     from breastcnn.training.numpy_run import finetune_numpy, run_training
@@ -329,6 +332,7 @@ def test_ctrl_c_is_deferred_to_the_end_of_the_step(split_dir, tmp_path, small_co
     assert resumed["stopped"] == "completed" and resumed["steps"] == 12
 
 
+@pytest.mark.slow  # (0.75 s)
 def test_resume_of_a_finetune_that_crashed_before_its_first_checkpoint(split_dir, tmp_path, small_config):
     """A fine-tuning run killed before any checkpoint restarts from its source model, frozen layers and all."""
     from breastcnn.models import load_model

@@ -96,6 +96,7 @@ def _interrupted_run(split, run_dir, **overrides) -> dict:
 # --------------------------------------------------------------------------- item 3
 
 
+@pytest.mark.slow  # (0.65 s)
 def test_resume_from_another_directory_uses_the_recorded_split(tree, tmp_path, monkeypatch):
     a, b = tmp_path / "A", tmp_path / "B"
     create_split(tree, "200X", out=a / "s", seed=0)
@@ -124,6 +125,7 @@ def test_resume_refuses_a_split_whose_manifest_changed(tree, tmp_path):
     assert old_hash[:12] in message and new_hash[:12] in message and str(split.resolve()) in message
 
 
+@pytest.mark.slow  # (0.6 s)
 def test_old_relative_config_resumes_only_where_unambiguous(tree, tmp_path, monkeypatch):
     a, b = tmp_path / "A", tmp_path / "B"
     create_split(tree, "200X", out=a / "s", seed=0)
@@ -168,6 +170,7 @@ def test_second_run_into_a_busy_run_dir_names_the_holder(split_dir, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 0
 
 
+@pytest.mark.slow  # a child process (0.5 s)
 def test_lock_of_a_killed_process_does_not_block(split_dir, tmp_path):
     """flock is released by the kernel when its holder dies: a SIGKILLed run never blocks the next."""
     run_dir = tmp_path / "run"
@@ -261,6 +264,7 @@ def test_summary_json_that_is_not_an_object(split_dir, tmp_path):
 # --------------------------------------------------------------------------- item 12
 
 
+@pytest.mark.slow  # (0.8 s)
 def test_failed_starts_leave_no_run_dir_and_latest_keeps_the_last_model(
     tree, split_dir, tmp_path, monkeypatch, make_breakhis_tree
 ):
@@ -342,6 +346,7 @@ def test_negative_seed_names_the_option(split_dir, tmp_path):
         TrainConfig(seed=-1).validate()
 
 
+@pytest.mark.slow  # (0.5 s)
 def test_resume_removes_our_stale_temporary_files(split_dir, tmp_path):
     run_dir = tmp_path / "run"
     _interrupted_run(split_dir, run_dir)

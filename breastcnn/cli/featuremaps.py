@@ -94,7 +94,8 @@ def print_summary(summary: dict) -> None:
     table.add_column("file")
     files = list(summary["files"])
     table.add_row("input", files[0])
-    for layer, file in zip(summary["layers"], files[1:], strict=True):
+    # files: the input, one per layer, then the Grad-CAM overlay when asked for (its own row below)
+    for layer, file in zip(summary["layers"], files[1:], strict=False):
         table.add_row(f"feature maps {layer}", file)
     if summary.get("gradcam"):
         g = summary["gradcam"]

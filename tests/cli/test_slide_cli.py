@@ -207,6 +207,7 @@ def test_bad_options_exit_2_with_one_line(pyramid_tiff, tile_model, tmp_path, ar
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # (0.7 s)
 def test_plain_png_slide_assumes_the_models_magnification(tile_model, tmp_path):
     from tests.slides import tissue_image
 

@@ -216,6 +216,7 @@ def test_every_subset_gets_every_subtype_and_ratios_hold(mags, seed):
 
 
 @pytest.mark.parametrize("mags", [("200X",), ALL], ids=["200X", "all"])
+@pytest.mark.slow  # five-fold splits of every magnification (0.7 s)
 def test_folds_keep_each_subtypes_image_ratio(mags):
     """70/30 (the Spanhol protocol): each subtype's images are split close to 70/30 too (0.1.0: up to 59 points
     off), while the class ratios stay within 0.2 points."""
@@ -273,6 +274,7 @@ def test_class_only_stratification_misses_subtypes_that_subtype_stratification_c
         assert any(_patients(old, t, s) == 0 for t in SUBTYPE_CLASSES for s in SUBSETS)
 
 
+@pytest.mark.slow  # (0.6 s)
 def test_stratify_class_reproduces_the_splits_of_0_1_0():
     """Same data, same seed, ``stratify="class"``: the manifests breastcnn 0.1.0 wrote, byte for byte."""
     pinned = {

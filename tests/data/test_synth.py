@@ -72,6 +72,7 @@ EASY_HASHES = {
 }
 
 
+@pytest.mark.slow  # renders 24 images (0.7 s)
 def test_easy_images_unchanged():
     """The default difficulty draws exactly the images it drew before hard data existed (all 8 subtypes, 3 mags)."""
     import hashlib

@@ -59,6 +59,7 @@ def test_hard_layout_meets_its_composition(paired):
             assert abs(tissue.white_fraction - tissue.target.white) < 0.006, code
 
 
+@pytest.mark.slow  # renders 64 hard and easy images (2.6 s)
 def test_hard_classes_have_the_same_colour_and_composition(paired):
     """Same patient nuisance, benign vs malignant subtypes: mean colour within 1 grey level, nuclear
     and white fractions within 0.003; on easy data the same comparison shows the colour shortcut."""
@@ -70,6 +71,7 @@ def test_hard_classes_have_the_same_colour_and_composition(paired):
     assert easy_gap.min() < -8.0, easy_gap  # easy malignant images are much darker
 
 
+@pytest.mark.slow  # the rendered images of the test above
 def test_hard_classes_differ_in_nuclear_size(paired):
     """Same nuclear area, so malignant images have fewer, larger nuclei (mean area > 1.8x benign)."""
     size = _class_gap(paired["hard"], lambda row: np.log(row[1].nuclear_fraction * AREA / row[1].nuclei))
