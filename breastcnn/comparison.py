@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import tempfile
 import time
 import warnings
@@ -53,12 +52,19 @@ from breastcnn.bench import BenchOptions, bench_model
 from breastcnn.cluster import LocalExecutor, connect, scheduler_address
 from breastcnn.data.breakhis import check_outside_data, locate_data
 from breastcnn.data.images import DEFAULT_JOBS
-from breastcnn.data.split import create_split, fold_dirs, load_split, manifest_text
+from breastcnn.data.split import create_split, fold_dirs, load_split, manifest_text, recorded_split_files
 from breastcnn.data.stain_options import DEFAULT_STAIN_NORM, check_stain_options
 from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES, check_task
 from breastcnn.errors import UserInputError
 from breastcnn.evaluation import evaluate_model
-from breastcnn.fsutil import atomic_write_json, atomic_write_text, locked_directory
+from breastcnn.fsutil import (
+    LOCK_NAME,
+    atomic_write_json,
+    atomic_write_text,
+    is_our_file,
+    locked_directory,
+    remove_recorded,
+)
 from breastcnn.metrics import degenerate_model_warnings
 from breastcnn.models import load_model
 from breastcnn.plots import plot_folds, plot_pareto
@@ -200,7 +206,8 @@ class Ownership:
                 ) from None
 
     def claim(self, relative: str) -> Path:
-        """Record ``relative`` as ours before creating it; refuse when something we did not write is there."""
+        """Record ``relative`` as ours before creating it (its folder is made); refuse when something we did
+        not write is there."""
         path = self.out / relative
         if relative not in self.paths:
             if path.exists() or path.is_symlink():
@@ -210,21 +217,53 @@ class Ownership:
                 )
             self.paths.add(relative)
             self._save()
+        path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def remove(self, keep: Sequence[str] = ()) -> None:
-        """``--force``: delete every recorded path except ``keep`` (caches), nothing else."""
+    def remove(self, keep: Sequence[str] = ()) -> list[Path]:
+        """``--force``: delete what compare recorded except ``keep`` (caches); return the folders kept.
+
+        A recorded file goes; in a recorded folder only the files breastcnn wrote there go
+        (:func:`_written_in`), then the folders left empty. A folder that still holds someone
+        else's files stays (and stays recorded).
+        """
+        kept: list[Path] = []
         for relative in sorted(self.paths - set(keep), reverse=True):
             path = self.out / relative
             if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+                kept += remove_recorded(path, _written_in(path), remove_root=True)
+                if path.is_dir() and not any(path.iterdir()):  # made, nothing written in it yet
+                    path.rmdir()
             elif path.exists() or path.is_symlink():
                 path.unlink()
-            self.paths.discard(relative)
+            if not (path.exists() or path.is_symlink()):
+                self.paths.discard(relative)
+                for parent in path.parents:  # the folders claim() made for it (cells/foldK), once empty
+                    if parent == self.out or self.out not in parent.parents:
+                        break
+                    if parent.is_dir():
+                        if any(parent.iterdir()):
+                            break
+                        parent.rmdir()
         self._save()
+        return kept
 
     def _save(self) -> None:
         atomic_write_json(self.file, {"created_by": f"breastcnn {__version__}", "paths": sorted(self.paths)})
+
+
+def _written_in(folder: Path) -> set[str]:
+    """The files (POSIX paths relative to ``folder``) that breastcnn wrote in a folder compare created:
+    a split's, as its ``split.json`` records them (with its image caches), or a cell's ``cell.json`` and
+    run files (and their temporary files); nothing else is ours."""
+    if (folder / "split.json").is_file():
+        return recorded_split_files(folder)[0]
+    names = (CELL_FILE, LOCK_NAME, *runs.RUN_FILES)
+    return {
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if (path.is_file() or path.is_symlink()) and is_our_file(path.name, names)
+    }
 
 
 # --------------------------------------------------------------------------- the split
@@ -403,9 +442,10 @@ def _test_predictions(model, split_dir: str, jobs: int) -> dict:
 
 
 def _fresh(run_dir: Path) -> None:
-    """An unfinished run of this cell (ours: the cell directory is recorded) starts again."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    """An unfinished run of this cell (ours: the cell directory is recorded) starts again: its files go
+    (only those a run writes)."""
+    if run_dir.is_dir() and not run_dir.is_symlink():
+        remove_recorded(run_dir, _written_in(run_dir), remove_root=True)
 
 
 def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:
@@ -821,7 +861,8 @@ def run_compare(options: CompareOptions, message: Callable[[str], None] | None =
     with locked_directory(out, "compare directory", removable=(OWNED_FILE,)):
         owned = Ownership(out)
         if options.force:
-            owned.remove(keep=("features",))
+            for folder in owned.remove(keep=("features",)):
+                message(f"--force kept {folder}: it holds files that breastcnn did not write")
         kfold = _kfold_dir(options, owned, message)
         carved = _carved_folds(kfold, owned, options.seed)
         specs = _cell_specs(options, carved, kfold, owned)

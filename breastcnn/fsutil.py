@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -226,3 +226,52 @@ def remove_stale_temps(directory: str | os.PathLike, names: Collection[str]) -> 
                 path.unlink()
             removed.append(path)
     return removed
+
+
+def is_our_file(name: str, names: Collection[str]) -> bool:
+    """Whether a file called ``name`` is one of ``names`` or a temporary file :func:`atomic_write` left for one."""
+    if name in names:
+        return True
+    match = _TEMP_RE.match(name)
+    wanted = set(names) | {Path(n).stem for n in names if n.endswith(".keras")}
+    return bool(match and match.group("name") in wanted)
+
+
+def remove_recorded(
+    root: str | os.PathLike, owned: Iterable[str], protected: Sequence[Path] = (), remove_root: bool = False
+) -> list[Path]:
+    """Delete the files in ``owned`` (POSIX paths relative to ``root``) and then the folders they leave empty.
+
+    The one deletion routine behind ``--force`` (``split``, ``compare``): only files recorded as
+    ours are deleted, never a folder with anything else in it (``root`` itself only with
+    ``remove_root``). A path whose folder resolves outside ``root`` (a symlinked folder) or into a
+    ``protected`` tree (resolved paths: the data a split reads) is left alone. Returns the folders
+    that still hold someone else's files.
+    """
+    root = Path(root)
+    root_real = root.resolve()
+    emptied: set[Path] = set()
+    for rel in sorted(set(owned)):
+        path = root / rel
+        folder = path.parent.resolve()
+        if folder != root_real and root_real not in folder.parents:
+            continue
+        real = folder / path.name
+        if any(real == tree or tree in real.parents for tree in protected):
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            emptied.add(path.parent)
+    kept: list[Path] = []
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        while root in folder.parents or (remove_root and folder == root):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # an earlier chain removed it
+                break
+            except OSError:  # not empty: someone's files are in it (named once, at the deepest folder)
+                if not any(folder in k.parents for k in kept):
+                    kept.append(folder)
+                break
+            folder = folder.parent
+    return kept

@@ -83,6 +83,7 @@ RUN_FILES = (
     "history.csv",
     "model.npz",
     "model.keras",
+    "model.keras.json",
     "breastcnn.json",
     "last.npz",
     "training.png",

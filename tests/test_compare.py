@@ -267,6 +267,36 @@ def test_other_options_are_refused_and_force_keeps_the_users_files(compared, tmp
     assert len(list((copy / "features").glob("*.npz"))) == 1  # the feature cache is kept
 
 
+def test_force_keeps_a_users_files_inside_the_folders_compare_made(tmp_path, synth_kfold_split):
+    """--force deletes the files compare wrote in its cell and split folders, never a file a user put there."""
+    out = tmp_path / "out"
+    owned = comparison.Ownership(out)
+    cell, split_dir = owned.claim("cells/fold1/custom"), owned.claim("splits/fold1")
+    shutil.copytree(Path(synth_kfold_split) / "fold1", split_dir)  # a split: its split.json records its files
+    run = cell / "run"
+    run.mkdir(parents=True)
+    for name in ("model.npz", "history.csv", "config.json", ".model.npz.x1y2.tmp", "model.keras.json"):
+        (run / name).write_text("ours")
+    (cell / "cell.json").write_text("{}")
+    (run / "notes.txt").write_text("the user's")
+    (split_dir / "my-annotations.csv").write_text("the user's too")
+    other = owned.claim("cells/fold2/custom")
+    (other / "run").mkdir(parents=True)
+    (other / "run" / "model.npz").write_text("ours")
+    owned.claim("cells/fold3/custom").mkdir()  # made, nothing written yet
+    owned.claim("cost/custom.json")  # claimed, never written
+
+    kept = owned.remove()
+    assert sorted(kept) == [run, split_dir]
+    assert (run / "notes.txt").read_text() == "the user's" and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in split_dir.iterdir()) == ["my-annotations.csv"]
+    assert not (cell / "cell.json").exists() and not other.exists() and not (out / "cells" / "fold2").exists()
+    assert not (out / "cells" / "fold3").exists() and not (out / "cost").exists()
+    assert comparison.Ownership(out).paths == {"cells/fold1/custom", "splits/fold1"}  # still ours, kept
+    comparison._fresh(run)  # a cell that starts again
+    assert (run / "notes.txt").read_text() == "the user's"
+
+
 # --------------------------------------------------------------------------- bad input (fast)
 
 

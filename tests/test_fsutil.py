@@ -100,3 +100,31 @@ def test_atomic_write_failure_leaves_the_target_untouched(tmp_path):
             raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_remove_recorded_deletes_only_what_is_recorded_and_empty_folders(tmp_path):
+    from breastcnn.fsutil import remove_recorded
+
+    root = tmp_path / "out"
+    for rel in ("a/ours.txt", "a/b/ours.txt", "c/ours.txt", "c/theirs.txt", "top.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "image.png").write_text("source")
+    (root / "linked").symlink_to(data, target_is_directory=True)  # a folder that resolves outside root
+    owned = ["a/ours.txt", "a/b/ours.txt", "c/ours.txt", "top.txt", "linked/image.png", "missing.txt"]
+    kept = remove_recorded(root, owned)
+    assert kept == [root / "c"] and (root / "c" / "theirs.txt").read_text() == "c/theirs.txt"
+    assert not (root / "a").exists() and not (root / "top.txt").exists() and not (root / "c" / "ours.txt").exists()
+    assert (data / "image.png").read_text() == "source" and root.is_dir()  # root stays without remove_root
+    protected = tmp_path / "protected"
+    (protected / "x").mkdir(parents=True)
+    (protected / "x" / "f.txt").write_text("keep")
+    assert remove_recorded(tmp_path, ["protected/x/f.txt"], protected=[protected.resolve()]) == []
+    assert (protected / "x" / "f.txt").read_text() == "keep"
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "ours.txt").write_text("x")
+    remove_recorded(lone, ["ours.txt"], remove_root=True)
+    assert not lone.exists()

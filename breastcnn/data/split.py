@@ -46,7 +46,7 @@ from breastcnn.data.breakhis import (
 from breastcnn.data.images import owned_cache_files
 from breastcnn.data.tasks import DEFAULT_TASK, SUBTYPE_CLASSES, label_indices
 from breastcnn.errors import UserInputError
-from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory
+from breastcnn.fsutil import atomic_write_json, atomic_write_text, check_overwrite, locked_directory, remove_recorded
 
 MANIFEST_COLUMNS = ("path", "label", "subtype", "patient", "magnification", "split")
 SUBSETS = ("train", "val", "test")
@@ -612,7 +612,7 @@ def _recorded_by(split_dir: Path) -> tuple[set[str], Path | None]:
     return files, root
 
 
-def _previous_split(out: Path) -> tuple[set[str], list[Path]]:
+def recorded_split_files(out: Path) -> tuple[set[str], list[Path]]:
     """What earlier splits wrote in ``out`` (relative POSIX paths) and the data roots they read.
 
     The split in ``out`` and every ``foldN/`` split, each by its own ``split.json``,
@@ -630,35 +630,6 @@ def _previous_split(out: Path) -> tuple[set[str], list[Path]]:
         if root is not None:
             roots.append(root)
     return owned, roots
-
-
-def _remove_recorded(out: Path, owned: set[str], protected: Sequence[Path]) -> None:
-    """Delete the files in ``owned`` (relative to ``out``) and the folders they leave empty.
-
-    A path whose folder resolves outside ``out`` (a symlinked folder) or into a
-    ``protected`` data tree is left alone; directories are removed only when empty.
-    """
-    out_real = out.resolve()
-    trees = [image_tree(Path(p)).resolve() for p in protected]
-    emptied: set[Path] = set()
-    for rel in sorted(owned):
-        path = out / rel
-        folder = path.parent.resolve()
-        if folder != out_real and out_real not in folder.parents:
-            continue
-        real = folder / path.name
-        if any(real == tree or tree in real.parents for tree in trees):
-            continue
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-            emptied.add(path.parent)
-    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
-        while folder != out and out in folder.parents:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: someone's files are in it
-                break
-            folder = folder.parent
 
 
 def _materialize_plan(rows: Sequence[Row]) -> dict[Row, str]:
@@ -883,7 +854,7 @@ def _create_locked(
     for name, rows in parts.items():
         planned += [f"{name}/{f}" if name else f for f in _files_of(rows, materialize)[0]]
 
-    owned, previous_roots = _previous_split(out) if force else (set(), [])
+    owned, previous_roots = recorded_split_files(out) if force else (set(), [])
     foreign = sorted(p for p in planned if ((out / p).exists() or (out / p).is_symlink()) and p not in owned)
     if foreign:
         raise UserInputError(
@@ -892,7 +863,7 @@ def _create_locked(
             "move it away or choose another --out"
         )
     if force:
-        _remove_recorded(out, owned, [root, *previous_roots])
+        remove_recorded(out, owned, [image_tree(Path(p)).resolve() for p in (root, *previous_roots)])
 
     if not folds:
         info = _write_one(out, root, parts[""], {**base_info, "kind": "split"}, materialize)
