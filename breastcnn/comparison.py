@@ -455,6 +455,7 @@ def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:
     config = TrainConfig(
         split=spec.split_dir,
         out=str(run_dir),
+        force=True,  # the cell's folder: _fresh removed our files, a file of the user's may stay beside the run
         arch=spec.model,
         image_size=spec.image_size,
         seed=spec.seed,
@@ -491,6 +492,7 @@ def _keras_cell(spec: CellSpec, run_dir: Path) -> dict:
         image_size=spec.image_size,
         seed=spec.seed,
         jobs=spec.jobs,
+        force=True,  # as in _numpy_cell
         **spec.stain_and_task(),
         **kwargs,
     )
@@ -511,7 +513,7 @@ def _probe_cell(spec: CellSpec, run_dir: Path) -> dict:
     split = load_split(spec.split_dir)
     _fresh(run_dir)
     settings = ProbeSettings(**({"epochs": spec.epochs} if spec.epochs else {}))
-    with runs.run_directory(spec.model, run_dir) as run:
+    with runs.run_directory(spec.model, run_dir, force=True) as run:  # as in _numpy_cell
         summary = run_linear_probe(
             spec.model,
             split,

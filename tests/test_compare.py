@@ -297,6 +297,22 @@ def test_force_keeps_a_users_files_inside_the_folders_compare_made(tmp_path, syn
     assert (run / "notes.txt").read_text() == "the user's"
 
 
+@pytest.mark.slow  # two small compare runs (about 10 s)
+def test_a_cell_that_starts_again_keeps_a_users_file_in_its_run_folder(tmp_path, synth_kfold_split):
+    out = tmp_path / "out"
+    args = ["compare", "--split", synth_kfold_split, "--models", "custom,custom-k4", "--epochs", "1"]
+    args += ["--image-size", "64", "--resamples", "200", "--out", out]
+    assert _run(args).exit_code == 0
+    run = out / "cells" / "fold1" / "custom" / "run"
+    (run / "notes.txt").write_text("the user's")
+    for name in ("cell.json", "run/last.npz"):  # an unfinished cell without a checkpoint: it starts again
+        (run.parent / name).unlink()
+    again = _run(args)
+    assert again.exit_code == 0, again.output
+    assert (run / "notes.txt").read_text() == "the user's" and (run / "model.npz").is_file()
+    assert (run.parent / "cell.json").is_file() and again.stderr.count("already done") == 3
+
+
 # --------------------------------------------------------------------------- bad input (fast)
 
 
