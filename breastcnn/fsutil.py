@@ -270,7 +270,7 @@ def remove_recorded(
             except FileNotFoundError:  # an earlier chain removed it
                 break
             except OSError:  # not empty: someone's files are in it (named once, at the deepest folder)
-                if not any(folder in k.parents for k in kept):
+                if not any(k == folder or folder in k.parents for k in kept):
                     kept.append(folder)
                 break
             folder = folder.parent

@@ -106,16 +106,17 @@ def test_remove_recorded_deletes_only_what_is_recorded_and_empty_folders(tmp_pat
     from breastcnn.fsutil import remove_recorded
 
     root = tmp_path / "out"
-    for rel in ("a/ours.txt", "a/b/ours.txt", "c/ours.txt", "c/theirs.txt", "top.txt"):
+    for rel in ("a/ours.txt", "a/b/ours.txt", "c/ours.txt", "c/theirs.txt", "c/cache/ours.npy", "top.txt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(rel)
     data = tmp_path / "data"
     data.mkdir()
     (data / "image.png").write_text("source")
     (root / "linked").symlink_to(data, target_is_directory=True)  # a folder that resolves outside root
-    owned = ["a/ours.txt", "a/b/ours.txt", "c/ours.txt", "top.txt", "linked/image.png", "missing.txt"]
+    owned = ["a/ours.txt", "a/b/ours.txt", "c/ours.txt", "c/cache/ours.npy", "top.txt", "linked/image.png", "no.txt"]
     kept = remove_recorded(root, owned)
-    assert kept == [root / "c"] and (root / "c" / "theirs.txt").read_text() == "c/theirs.txt"
+    assert kept == [root / "c"] and (root / "c" / "theirs.txt").read_text() == "c/theirs.txt"  # named once
+    assert sorted(p.name for p in (root / "c").iterdir()) == ["theirs.txt"]
     assert not (root / "a").exists() and not (root / "top.txt").exists() and not (root / "c" / "ours.txt").exists()
     assert (data / "image.png").read_text() == "source" and root.is_dir()  # root stays without remove_root
     protected = tmp_path / "protected"
