@@ -34,6 +34,7 @@ from breastcnn import CLASSES, __version__
 from breastcnn.data.breakhis import (
     MAGNIFICATIONS,
     Record,
+    ScanResult,
     accession,
     check_outside_data,
     image_tree,
@@ -718,42 +719,65 @@ def create_split(
     (and the image caches next to them); any other file in ``out`` is kept.
     """
     mags = parse_mags(mag)
-    if by not in ("patient", "image"):
-        raise UserInputError(f"--by must be 'patient' or 'image', got {by!r}")
-    if materialize not in ("copy", "link", "none"):
-        raise UserInputError(f"--materialize must be copy, link or none, got {materialize!r}")
-    if group not in ("patient", "accession"):
-        raise UserInputError(f"--group must be 'patient' or 'accession', got {group!r}")
-    if stratify not in STRATIFY:
-        raise UserInputError(f"--stratify must be one of {', '.join(STRATIFY)}, got {stratify!r}")
-    if folds < 0 or folds == 1 or folds > 100:
-        raise UserInputError(f"--folds must be 0 (no folds) or between 2 and 100, got {folds}")
-    if seed < 0:
-        raise UserInputError(f"--seed must be >= 0, got {seed}")
-    ratios = parse_ratios(ratios) if ratios is not None else (DEFAULT_FOLD_RATIOS if folds else DEFAULT_RATIOS)
-    out = Path(out) if out is not None else Path("splits") / mags_label(mags)
-
+    request = SplitRequest(
+        mags=mags,
+        out=Path(out) if out is not None else Path("splits") / mags_label(mags),
+        by=by,
+        ratios=parse_ratios(ratios) if ratios is not None else (DEFAULT_FOLD_RATIOS if folds else DEFAULT_RATIOS),
+        folds=folds,
+        seed=seed,
+        materialize=materialize,
+        strict=strict,
+        force=force,
+        group=group,
+        stratify=stratify,
+        jobs=jobs,
+    ).checked()
+    out = request.out
     data_root, _ = locate_data(data)  # cheap: where the images are, none opened yet
     check_outside_data(out, data_root, "--out", containing=(data_root, data))
     check_overwrite(out, force)
     with locked_directory(out, "split directory"):
-        return _create_locked(
-            data,
-            mags,
-            out,
-            by,
-            ratios,
-            folds,
-            seed,
-            materialize,
-            strict,
-            force,
-            group,
-            stratify,
-            jobs,
-            progress,
-            on_scanned,
-        )
+        return _create_locked(data, request, progress, on_scanned)
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """The options of one :func:`create_split` call, checked once (:meth:`checked`)."""
+
+    mags: tuple[str, ...]
+    out: Path
+    by: str
+    ratios: tuple[float, ...]
+    folds: int
+    seed: int
+    materialize: str
+    strict: bool
+    force: bool
+    group: str
+    stratify: str
+    jobs: int
+
+    def checked(self) -> SplitRequest:
+        """``self``, or a UserInputError naming the option and the value received."""
+        checks = [
+            (self.by in ("patient", "image"), f"--by must be 'patient' or 'image', got {self.by!r}"),
+            (
+                self.materialize in ("copy", "link", "none"),
+                f"--materialize must be copy, link or none, got {self.materialize!r}",
+            ),
+            (self.group in ("patient", "accession"), f"--group must be 'patient' or 'accession', got {self.group!r}"),
+            (self.stratify in STRATIFY, f"--stratify must be one of {', '.join(STRATIFY)}, got {self.stratify!r}"),
+            (
+                self.folds == 0 or 2 <= self.folds <= 100,
+                f"--folds must be 0 (no folds) or between 2 and 100, got {self.folds}",
+            ),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserInputError(message)
+        return self
 
 
 def _effective_by(result, by: str, mags: tuple[str, ...], warnings: list[str]) -> str:
@@ -790,70 +814,86 @@ def found_magnifications(records) -> list[str]:
 
 
 def _create_locked(
-    data,
-    mags: tuple[str, ...],
-    out: Path,
-    by,
-    ratios,
-    folds,
-    seed,
-    materialize,
-    strict,
-    force,
-    group,
-    stratify,
-    jobs,
-    progress,
-    on_scanned,
+    data, request: SplitRequest, progress: Callable[[int], None] | None, on_scanned: Callable[[int], None] | None
 ) -> dict:
     """:func:`create_split` once ``out`` is checked and locked: walk, decode-check, assign, write."""
-    listing = scan(data, mags, verify=False)  # the cheap walk: the count before decoding every image
+    result, warnings = _scan_checked(data, request, progress, on_scanned)
+    effective_by = _effective_by(result, request.by, request.mags, warnings)
+    base_info = _base_info(result, request, effective_by)
+    parts, fold_seeds = _assign_parts(result.records, request, effective_by)
+    out, folds, materialize = request.out, request.folds, request.materialize
+    planned = ["split.json"] if folds else []
+    for name, rows in parts.items():
+        planned += [f"{name}/{f}" if name else f for f in _files_of(rows, materialize)[0]]
+    _clear_for(out, planned, request.force, result.root)
+
+    if not folds:
+        info = _write_one(out, result.root, parts[""], {**base_info, "kind": "split"}, materialize)
+        return {**_public(info), "out": str(out), "warnings": warnings}
+    fold_infos = []
+    for k, (name, rows) in enumerate(parts.items()):
+        fold_info = {**base_info, "kind": "fold", "fold": k + 1, "folds": folds, "fold_seed": fold_seeds[k]}
+        info = _write_one(out / name, result.root, rows, fold_info, materialize)
+        fold_infos.append({**_public(info), "dir": name})
+    top = {**base_info, "kind": "kfold", "folds": folds, "fold_dirs": list(parts), "files": planned}
+    atomic_write_json(out / "split.json", top)
+    return {**_public(top), "fold_infos": fold_infos, "out": str(out), "warnings": warnings}
+
+
+def _scan_checked(data, request: SplitRequest, progress, on_scanned) -> tuple[ScanResult, list[str]]:
+    """The readable images of ``data`` at the request's magnifications and the scan's warnings."""
+    listing = scan(data, request.mags, verify=False)  # the cheap walk: the count before decoding every image
     if on_scanned is not None:
         on_scanned(len(listing.records))
-    result = verify_images(listing, jobs, progress)
-    warnings = list(result.warnings)
-    if result.unreadable and strict:
+    result = verify_images(listing, request.jobs, progress)
+    if result.unreadable and request.strict:
         raise UserInputError(
             f"{len(result.unreadable)} unreadable image(s) under {result.root} (--strict), "
             f"first: {result.unreadable[0]}"
         )
     if not result.records:
-        raise UserInputError(f"no readable images for --mag {mags_label(mags)} under {result.root}")
-    root = result.root
-    effective_by = _effective_by(result, by, mags, warnings)
-    found_mags = found_magnifications(result.records)
-    base_info = {
+        raise UserInputError(f"no readable images for --mag {mags_label(request.mags)} under {result.root}")
+    return result, list(result.warnings)
+
+
+def _base_info(result: ScanResult, request: SplitRequest, effective_by: str) -> dict:
+    """The ``split.json`` fields every split (and fold) of this request shares."""
+    return {
         "format": FORMAT_VERSION,
         "created_by": f"breastcnn {__version__}",
-        "data_root": str(root),
+        "data_root": str(result.root),
         "layout": result.layout,
-        "magnification": mags_label(mags),
-        "magnifications": found_mags,
+        "magnification": mags_label(request.mags),
+        "magnifications": found_magnifications(result.records),
         "by": effective_by,
-        "group": group if effective_by == "patient" else None,
-        "stratify": stratify if effective_by == "patient" else None,
-        "ratios": list(ratios),
-        "seed": seed,
-        "materialize": materialize,
+        "group": request.group if effective_by == "patient" else None,
+        "stratify": request.stratify if effective_by == "patient" else None,
+        "ratios": list(request.ratios),
+        "seed": request.seed,
+        "materialize": request.materialize,
         "leaks_patients": effective_by == "image" and result.layout == "breakhis",
         "unreadable": result.unreadable,
         "ignored_files": result.ignored,
     }
 
-    def assign(fold_seed: int) -> list[Row]:
+
+def _assign_parts(records, request: SplitRequest, effective_by: str) -> tuple[dict[str, list[Row]], list[int]]:
+    """``({"": rows} or {"fold1": rows, ...}, the folds' seeds)``: each fold draws its own seed from ``seed``."""
+
+    def assign(seed: int) -> list[Row]:
         if effective_by == "patient":
-            return split_by_patient(result.records, ratios, fold_seed, group, stratify=stratify)
-        return split_by_image(result.records, ratios, fold_seed)
+            return split_by_patient(records, request.ratios, seed, request.group, stratify=request.stratify)
+        return split_by_image(records, request.ratios, seed)
 
-    if not folds:
-        parts = {"": assign(seed)}
-    else:
-        fold_seeds = np.random.SeedSequence(seed).generate_state(folds)
-        parts = {f"fold{k + 1}": assign(int(fold_seeds[k])) for k in range(folds)}
-    planned = ["split.json"] if folds else []
-    for name, rows in parts.items():
-        planned += [f"{name}/{f}" if name else f for f in _files_of(rows, materialize)[0]]
+    if not request.folds:
+        return {"": assign(request.seed)}, []
+    fold_seeds = [int(s) for s in np.random.SeedSequence(request.seed).generate_state(request.folds)]
+    return {f"fold{k + 1}": assign(fold_seeds[k]) for k in range(request.folds)}, fold_seeds
 
+
+def _clear_for(out: Path, planned: list[str], force: bool, root: Path) -> None:
+    """Refuse a file where the split writes (``planned``) that no earlier split recorded; with ``force``,
+    delete what earlier splits recorded (never inside the data they read, nor ``root``)."""
     owned, previous_roots = recorded_split_files(out) if force else (set(), [])
     foreign = sorted(p for p in planned if ((out / p).exists() or (out / p).is_symlink()) and p not in owned)
     if foreign:
@@ -864,18 +904,6 @@ def _create_locked(
         )
     if force:
         remove_recorded(out, owned, [image_tree(Path(p)).resolve() for p in (root, *previous_roots)])
-
-    if not folds:
-        info = _write_one(out, root, parts[""], {**base_info, "kind": "split"}, materialize)
-        return {**_public(info), "out": str(out), "warnings": warnings}
-    fold_infos = []
-    for k, (name, rows) in enumerate(parts.items()):
-        fold_info = {**base_info, "kind": "fold", "fold": k + 1, "folds": folds, "fold_seed": int(fold_seeds[k])}
-        info = _write_one(out / name, root, rows, fold_info, materialize)
-        fold_infos.append({**_public(info), "dir": name})
-    top = {**base_info, "kind": "kfold", "folds": folds, "fold_dirs": list(parts), "files": planned}
-    atomic_write_json(out / "split.json", top)
-    return {**_public(top), "fold_infos": fold_infos, "out": str(out), "warnings": warnings}
 
 
 def _public(info: dict) -> dict:
