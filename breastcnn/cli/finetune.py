@@ -19,11 +19,9 @@ import typer
 
 from breastcnn.cli.common import jobs_option, print_json, stain_options, stderr, task_option
 from breastcnn.cli.display import TrainingDisplay
-from breastcnn.data.stain_options import check_stain_options
-from breastcnn.data.tasks import check_task
 from breastcnn.errors import UserInputError
 from breastcnn.models import list_models, load_model
-from breastcnn.models.keras_models import DEFAULT_TRAINABLE_LAYERS, require_keras
+from breastcnn.models.keras_models import DEFAULT_TRAINABLE_LAYERS
 from breastcnn.models.spec import DEFAULT_IMAGE_SIZE
 from breastcnn.runs import resolve_model_path
 from breastcnn.training.common import EXIT_DIVERGED, TrainingDiverged
@@ -239,14 +237,6 @@ class FinetuneOptions:
             "stain_augment": self.stain_augment,
         }
 
-    def check_task_and_stain(self) -> None:
-        """Refuse a bad ``--task``/``--stain-*`` value before anything slow (TensorFlow's import) starts."""
-        check_task(self.task)
-        stain_augment = False if self.stain_augment is None else self.stain_augment
-        check_stain_options(
-            self.stain_norm, None if self.stain_target is None else str(self.stain_target), stain_augment
-        )
-
     def or_default(self, defaults: dict) -> dict:
         """``defaults`` with the options given on the command line in place of them."""
         return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
@@ -282,8 +272,6 @@ def _refuse_options(opts: FinetuneOptions, arch: str) -> None:
 def _run_keras(opts: FinetuneOptions, display) -> dict:
     arch = opts.model
     _refuse_options(opts, arch)
-    opts.check_task_and_stain()
-    require_keras()  # MissingDependencyError (exit 2) with the install command when TF is absent
     if arch in RECIPE_MODELS:
         resolved = opts.or_default(CUSTOM_KERAS_DEFAULTS)
         resolved.update(

@@ -301,6 +301,9 @@ def finetune_keras(
     _check_options(arch, epochs, batch_size, lr, patience, monitor, strategy, image_size, seed)
     check_task(task)
     check_stain_options(stain_norm, stain_target, stain_augment)
+    # after the cheap option checks (TensorFlow takes seconds to import), before any data work: the
+    # feature-cache shortcuts below decode and cache images first
+    require_keras()
     stain_target = stain_target and str(Path(stain_target).resolve())  # recorded: a replay finds it
     hooks = callback if callback is not None else TrainingCallback()
     # a frozen part whose output can be cached (linear probe; no augmentation): train only what is trainable.

@@ -146,7 +146,7 @@ def test_bad_task_and_stain_options_are_one_line_and_exit_2(args, message, synth
         raise AssertionError("TensorFlow was reached before the options were checked")
 
     # a bad option is named before finetune imports TensorFlow (seconds), with or without TensorFlow installed
-    monkeypatch.setattr("breastcnn.cli.finetune.require_keras", no_tensorflow_yet)
+    monkeypatch.setattr("breastcnn.training.keras_loop.require_keras", no_tensorflow_yet)
     for command in (["train"], ["finetune", "--model", "custom-keras"]):
         result = _run([*command, "--split", str(synth_split), "--out", str(tmp_path / "r"), *args])
         assert result.exit_code == 2, result.output
