@@ -227,24 +227,18 @@ class Ownership:
         (:func:`_written_in`), then the folders left empty. A folder that still holds someone
         else's files stays (and stays recorded).
         """
-        kept: list[Path] = []
-        for relative in sorted(self.paths - set(keep), reverse=True):
+        owned: set[str] = set()
+        folders: list[str] = []
+        for relative in self.paths - set(keep):
             path = self.out / relative
             if path.is_dir() and not path.is_symlink():
-                kept += remove_recorded(path, _written_in(path), remove_root=True)
-                if path.is_dir() and not any(path.iterdir()):  # made, nothing written in it yet
-                    path.rmdir()
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-            if not (path.exists() or path.is_symlink()):
-                self.paths.discard(relative)
-                for parent in path.parents:  # the folders claim() made for it (cells/foldK), once empty
-                    if parent == self.out or self.out not in parent.parents:
-                        break
-                    if parent.is_dir():
-                        if any(parent.iterdir()):
-                            break
-                        parent.rmdir()
+                owned.update(f"{relative}/{name}" for name in _written_in(path))
+                folders.append(relative)
+            else:
+                owned.add(relative)
+                folders.append(Path(relative).parent.as_posix())  # made by claim() even if never written
+        kept = remove_recorded(self.out, owned, folders=[f for f in folders if f != "."])
+        self.paths = {r for r in self.paths if r in keep or (self.out / r).exists() or (self.out / r).is_symlink()}
         self._save()
         return kept
 
@@ -445,7 +439,8 @@ def _fresh(run_dir: Path) -> None:
     """An unfinished run of this cell (ours: the cell directory is recorded) starts again: its files go
     (only those a run writes)."""
     if run_dir.is_dir() and not run_dir.is_symlink():
-        remove_recorded(run_dir, _written_in(run_dir), remove_root=True)
+        names = {f"{run_dir.name}/{name}" for name in _written_in(run_dir)}
+        remove_recorded(run_dir.parent, names, folders=[run_dir.name])
 
 
 def _numpy_cell(spec: CellSpec, run_dir: Path) -> dict:

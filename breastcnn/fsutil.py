@@ -238,40 +238,43 @@ def is_our_file(name: str, names: Collection[str]) -> bool:
 
 
 def remove_recorded(
-    root: str | os.PathLike, owned: Iterable[str], protected: Sequence[Path] = (), remove_root: bool = False
+    root: str | os.PathLike, owned: Iterable[str], protected: Sequence[Path] = (), folders: Iterable[str] = ()
 ) -> list[Path]:
     """Delete the files in ``owned`` (POSIX paths relative to ``root``) and then the folders they leave empty.
 
     The one deletion routine behind ``--force`` (``split``, ``compare``): only files recorded as
-    ours are deleted, never a folder with anything else in it (``root`` itself only with
-    ``remove_root``). A path whose folder resolves outside ``root`` (a symlinked folder) or into a
-    ``protected`` tree (resolved paths: the data a split reads) is left alone. Returns the folders
-    that still hold someone else's files.
+    ours are deleted, never a folder with anything else in it, never ``root`` itself. ``folders``:
+    folders (relative) that are ours too, removed (with the parents they leave empty) when nothing
+    else is in them, also when no file of ``owned`` was in them. A path whose folder resolves outside
+    ``root`` (a symlinked folder) or into a ``protected`` tree (resolved paths: the data a split
+    reads) is left alone. Returns the deepest folders that still hold someone else's files.
     """
     root = Path(root)
     root_real = root.resolve()
-    emptied: set[Path] = set()
-    for rel in sorted(set(owned)):
-        path = root / rel
+
+    def inside(path: Path) -> bool:
         folder = path.parent.resolve()
         if folder != root_real and root_real not in folder.parents:
-            continue
+            return False
         real = folder / path.name
-        if any(real == tree or tree in real.parents for tree in protected):
-            continue
-        if path.is_symlink() or path.is_file():
+        return not any(real == tree or tree in real.parents for tree in protected)
+
+    emptied = {root / rel for rel in folders if (root / rel).is_dir() and inside(root / rel)}
+    for rel in sorted(set(owned)):
+        path = root / rel
+        if inside(path) and (path.is_symlink() or path.is_file()):
             path.unlink()
             emptied.add(path.parent)
-    kept: list[Path] = []
+    full: set[Path] = set()
     for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
-        while root in folder.parents or (remove_root and folder == root):
+        while root in folder.parents:
             try:
                 folder.rmdir()
             except FileNotFoundError:  # an earlier chain removed it
                 break
-            except OSError:  # not empty: someone's files are in it (named once, at the deepest folder)
-                if not any(k == folder or folder in k.parents for k in kept):
-                    kept.append(folder)
+            except OSError:  # not empty: someone's files are in it
+                full.add(folder)
                 break
             folder = folder.parent
-    return kept
+    # each kept place named once, at the deepest folder (its parents are full because of it)
+    return sorted(f for f in full if not any(f in other.parents for other in full))

@@ -118,7 +118,7 @@ def test_remove_recorded_deletes_only_what_is_recorded_and_empty_folders(tmp_pat
     assert kept == [root / "c"] and (root / "c" / "theirs.txt").read_text() == "c/theirs.txt"  # named once
     assert sorted(p.name for p in (root / "c").iterdir()) == ["theirs.txt"]
     assert not (root / "a").exists() and not (root / "top.txt").exists() and not (root / "c" / "ours.txt").exists()
-    assert (data / "image.png").read_text() == "source" and root.is_dir()  # root stays without remove_root
+    assert (data / "image.png").read_text() == "source" and root.is_dir()  # root itself stays
     protected = tmp_path / "protected"
     (protected / "x").mkdir(parents=True)
     (protected / "x" / "f.txt").write_text("keep")
@@ -127,5 +127,7 @@ def test_remove_recorded_deletes_only_what_is_recorded_and_empty_folders(tmp_pat
     lone = tmp_path / "lone"
     lone.mkdir()
     (lone / "ours.txt").write_text("x")
-    remove_recorded(lone, ["ours.txt"], remove_root=True)
+    remove_recorded(tmp_path, ["lone/ours.txt"])
     assert not lone.exists()
+    (tmp_path / "made" / "empty").mkdir(parents=True)  # a folder of ours with nothing written in it yet
+    assert remove_recorded(tmp_path, [], folders=["made/empty"]) == [] and not (tmp_path / "made").exists()
