@@ -209,6 +209,8 @@ class _Coverage:
 
     def __post_init__(self) -> None:
         # plain-Python copies for the greedy pass
+        self.ratio_list = self.ratios.tolist()
+        self.target_list = [r * float(self.total) for r in self.ratio_list]
         self.wanted_list = self.wanted.tolist()
         self.reach_list = self.reach.tolist() if self.reach is not None else None
         self.small_list = self.small.tolist() if self.small is not None else None
@@ -231,16 +233,14 @@ class _Coverage:
         to the first subset like ``np.argmax``, so a seed gives the same split as before.
         """
         n_subsets = len(self.ratios)
-        ratios = self.ratios.tolist()
         filled = [0.0] * n_subsets
         members = [0] * n_subsets
         seen = [[0] * n_subsets for _ in range(n_strata)] if strata is not None else None
         choice = np.empty(len(counts), dtype=np.int64)
         count_of, stratum_of = counts.tolist(), (strata.tolist() if strata is not None else None)
-        targets = [r * float(self.total) for r in ratios]
         for i in order.tolist():
             k = stratum_of[i] if stratum_of is not None else None
-            scores = self.deficit(targets, filled, members, seen, k, ratios)
+            scores = self.deficit(filled, members, seen, k)
             s = scores.index(max(scores))
             choice[i] = s
             filled[s] += count_of[i]
@@ -250,11 +250,13 @@ class _Coverage:
         seen_array = np.array(seen, dtype=np.int64).reshape(n_strata, n_subsets) if seen is not None else None
         return choice, np.array(filled), np.array(members, dtype=np.int64), seen_array
 
-    def deficit(self, targets: list, filled: list, members: list, seen: list | None, k: int | None, ratios: list):
+    def deficit(self, filled: list, members: list, seen: list | None, k: int | None) -> list:
         """Per subset, how much the next group (of stratum ``k``) is wanted there (a list; the greedy pass
         takes the first max). Subsets with ratio 0 are never wanted."""
+        ratios = self.ratio_list
         deficit = [
-            (t - f) / max(t, 1e-9) if r > 0 else -math.inf for t, f, r in zip(targets, filled, ratios, strict=True)
+            (t - f) / max(t, 1e-9) if r > 0 else -math.inf
+            for t, f, r in zip(self.target_list, filled, ratios, strict=True)
         ]
         # a subset still empty comes first, so that val/test see every class
         if self.need_all and any(members[w] == 0 for w in self.wanted_list):
@@ -262,9 +264,8 @@ class _Coverage:
         if k is None:
             return deficit
         lacking = [c == 0 and r > 0 for c, r in zip(seen[k], ratios, strict=True)]
-        if (
-            len(self.wanted_list) - sum(lacking) < self.reach_list[k]
-        ):  # ... and every subtype, where it has the patients
+        # ... and every subtype, where it has the patients
+        if len(self.wanted_list) - sum(lacking) < self.reach_list[k]:
             deficit = [d + 1e6 if lack else d for d, lack in zip(deficit, lacking, strict=True)]
             if self.small_list[k] and lacking[0]:
                 deficit[0] += 1e7  # too few for every subset: train sees it first
