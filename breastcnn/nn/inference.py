@@ -315,7 +315,6 @@ class PredictPlan:
         for op in self.ops[: self.image_ops]:  # largest input + output of an image op, in float32 bytes
             per_image = max(per_image, 4 * (int(np.prod(shape)) + 2 * int(np.prod(op.output_shape))))
             shape = op.output_shape
-        self.per_image = per_image
         self.chunk = chunk_size(per_image, _CHUNK_BYTES)
         self._sources = [ref for op in self.ops for ref in op.sources()]
         self._settings = [ref for op in self.ops for ref in op.settings()]
